@@ -1,0 +1,372 @@
+//! The book's blocking echo client: send a message, read its echo back, `count` times.
+//!
+//! This is the client from the Winsock chapter, on plain blocking `std::net` sockets, so it can check
+//! any echo server (ours on any backend, or someone else's) without the port involved.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use super::errors::describe;
+
+/// How many messages the book's client sends by default.
+pub const DEFAULT_COUNT: u32 = 20;
+
+/// The book's default message.
+pub const DEFAULT_MESSAGE: &str = "A test message from client";
+
+/// How long the client waits to connect, and for each read or write, before giving up.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the book's client does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BookOptions {
+    /// The echo server to connect to.
+    pub addr: SocketAddr,
+    /// How many times to send the message (default [`DEFAULT_COUNT`]).
+    pub count: u32,
+    /// The message to send (default [`DEFAULT_MESSAGE`]).
+    pub message: String,
+    /// Only send; do not read the echoes back.
+    pub send_only: bool,
+}
+
+impl BookOptions {
+    /// Returns the book's defaults for a server at `addr`: 20 times the default message, reading
+    /// each echo back.
+    pub fn new(addr: SocketAddr) -> BookOptions {
+        BookOptions {
+            addr,
+            count: DEFAULT_COUNT,
+            message: DEFAULT_MESSAGE.to_owned(),
+            send_only: false,
+        }
+    }
+}
+
+/// What a successful run of the book's client did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BookReport {
+    /// Messages sent in full.
+    pub sent: u64,
+    /// Messages whose echo came back in full and matched (0 with `send_only`).
+    pub received: u64,
+}
+
+/// Why the book's client failed; the message names the server and what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BookError {
+    /// The full message, such as `127.0.0.1:5150: connection refused (ECONNREFUSED)`.
+    pub message: String,
+}
+
+impl fmt::Display for BookError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BookError {}
+
+impl From<BookError> for io::Error {
+    fn from(err: BookError) -> io::Error {
+        io::Error::other(err.message)
+    }
+}
+
+/// Runs the book's client: connect, then `count` times send the message and (unless `send_only`)
+/// read its echo back and check it, printing a `Sent ...` and a `Received ...` line each time.
+///
+/// Every read, write and the connect time out after [`IO_TIMEOUT`], so the client never hangs.
+/// At the end it shuts down its sending side and closes the connection.
+///
+/// # Errors
+///
+/// Fails, with a message naming the server address, when the connection cannot be made, a send or
+/// receive fails or times out, the server closes the connection before the whole echo is back, the
+/// echo differs from the message, or writing to `out` fails.
+pub fn run(opts: &BookOptions, out: &mut dyn Write) -> Result<BookReport, BookError> {
+    run_with_timeout(opts, out, IO_TIMEOUT)
+}
+
+/// [`run`] with a chosen I/O timeout, so tests need not wait the full [`IO_TIMEOUT`].
+fn run_with_timeout(
+    opts: &BookOptions,
+    out: &mut dyn Write,
+    timeout: Duration,
+) -> Result<BookReport, BookError> {
+    let addr = opts.addr;
+    let fail = |what: String| BookError {
+        message: format!("{addr}: {what}"),
+    };
+    let io_fail = |what: &str, err: &io::Error| fail(format!("{what}: {}", describe(err)));
+    let print_fail = |err: io::Error| BookError {
+        message: format!("writing output: {}", describe(&err)),
+    };
+
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| fail(describe(&e)))?;
+    // One small message per round trip: do not let Nagle hold it back.
+    stream
+        .set_nodelay(true)
+        .map_err(|e| io_fail("set TCP_NODELAY", &e))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| io_fail("set read timeout", &e))?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| io_fail("set write timeout", &e))?;
+
+    let message = opts.message.as_bytes();
+    let len = message.len();
+    let mut echo = vec![0u8; len];
+    let mut report = BookReport::default();
+
+    for round in 1..=opts.count {
+        stream.write_all(message).map_err(|e| {
+            if is_timeout(&e) {
+                fail(format!("send timed out after {} s", timeout.as_secs_f64()))
+            } else {
+                io_fail("send", &e)
+            }
+        })?;
+        report.sent += 1;
+        writeln!(out, "Sent {len} bytes: '{}'", opts.message).map_err(print_fail)?;
+
+        if opts.send_only {
+            continue;
+        }
+
+        // The echo may come back in several pieces: read until all of it is here.
+        let mut filled = 0;
+        while filled < len {
+            match stream.read(&mut echo[filled..]) {
+                Ok(0) => {
+                    return Err(fail(format!(
+                        "server closed the connection after {filled} of {len} bytes"
+                    )))
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    return Err(fail(format!(
+                        "receive timed out after {} s with {filled} of {len} bytes echoed",
+                        timeout.as_secs_f64()
+                    )))
+                }
+                Err(e) => return Err(io_fail("receive", &e)),
+            }
+        }
+        if let Some(at) = message.iter().zip(&echo).position(|(m, e)| m != e) {
+            return Err(fail(format!(
+                "echo mismatch at byte {at} of message {round}: sent 0x{:02x}, got 0x{:02x}",
+                message[at], echo[at]
+            )));
+        }
+        report.received += 1;
+        writeln!(
+            out,
+            "Received {len} bytes: '{}'",
+            String::from_utf8_lossy(&echo)
+        )
+        .map_err(print_fail)?;
+    }
+
+    match stream.shutdown(Shutdown::Write) {
+        // The server may have closed first; the conversation is over either way.
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(io_fail("shutdown", &e)),
+        _ => {}
+    }
+    Ok(report)
+}
+
+/// Returns `true` for the errors a socket timeout produces (`EAGAIN` on Linux).
+fn is_timeout(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::thread::{self, JoinHandle};
+
+    /// Starts a one-connection server on 127.0.0.1 that runs `serve` on the accepted stream.
+    fn server<T: Send + 'static>(
+        serve: impl FnOnce(TcpStream) -> T + Send + 'static,
+    ) -> (SocketAddr, JoinHandle<T>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            serve(stream)
+        });
+        (addr, handle)
+    }
+
+    /// Echoes everything back one byte at a time, so the client sees the echo in pieces.
+    fn echo_in_pieces(mut stream: TcpStream) -> u64 {
+        stream.set_nodelay(true).unwrap();
+        let mut total = 0;
+        let mut buf = [0u8; 64];
+        loop {
+            let n = match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => n,
+            };
+            for b in &buf[..n] {
+                if stream.write_all(std::slice::from_ref(b)).is_err() {
+                    return total;
+                }
+            }
+            total += n as u64;
+        }
+    }
+
+    fn run_to_string(opts: &BookOptions) -> (Result<BookReport, BookError>, String) {
+        let mut out = Vec::new();
+        let result = run_with_timeout(opts, &mut out, Duration::from_secs(5));
+        (result, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn echoes_twenty_messages() {
+        let (addr, server) = server(echo_in_pieces);
+        let opts = BookOptions::new(addr);
+        let (result, text) = run_to_string(&opts);
+        assert_eq!(
+            result,
+            Ok(BookReport {
+                sent: 20,
+                received: 20
+            })
+        );
+        let sent = "Sent 26 bytes: 'A test message from client'";
+        let received = "Received 26 bytes: 'A test message from client'";
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 40, "{text}");
+        for pair in lines.chunks(2) {
+            assert_eq!(pair, [sent, received]);
+        }
+        // The server saw every byte, then our shutdown as end of stream.
+        assert_eq!(server.join().unwrap(), 20 * 26);
+    }
+
+    #[test]
+    fn send_only_skips_reading() {
+        let (addr, server) = server(|mut stream| {
+            let mut all = Vec::new();
+            stream.read_to_end(&mut all).unwrap();
+            all
+        });
+        let opts = BookOptions {
+            count: 3,
+            message: "hi".to_owned(),
+            send_only: true,
+            ..BookOptions::new(addr)
+        };
+        let (result, text) = run_to_string(&opts);
+        assert_eq!(
+            result,
+            Ok(BookReport {
+                sent: 3,
+                received: 0
+            })
+        );
+        assert_eq!(text, "Sent 2 bytes: 'hi'\n".repeat(3));
+        assert_eq!(server.join().unwrap(), b"hihihi");
+    }
+
+    #[test]
+    fn flipped_byte_is_a_mismatch() {
+        let (addr, _server) = server(|mut stream| {
+            let mut buf = [0u8; 26];
+            stream.read_exact(&mut buf).unwrap();
+            buf[5] ^= 0x20;
+            stream.write_all(&buf).unwrap();
+            // Hold the connection until the client gives up on it.
+            let _ = stream.read(&mut buf);
+        });
+        let (result, text) = run_to_string(&BookOptions::new(addr));
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{addr}: echo mismatch at byte 5 of message 1")),
+            "{err}"
+        );
+        assert_eq!(text, "Sent 26 bytes: 'A test message from client'\n");
+    }
+
+    #[test]
+    fn early_close_is_reported() {
+        let (addr, _server) = server(|mut stream| {
+            let mut buf = [0u8; 26];
+            stream.read_exact(&mut buf).unwrap();
+            stream.write_all(&buf[..13]).unwrap();
+            // Dropping the stream closes it cleanly: nothing unread, so a FIN, not a reset.
+        });
+        let err = run_to_string(&BookOptions::new(addr)).0.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{addr}: server closed the connection after 13 of 26 bytes")
+        );
+        assert!(err.to_string().contains("closed"));
+    }
+
+    #[test]
+    fn reset_is_named() {
+        let (addr, _server) = server(|mut stream| {
+            let mut buf = [0u8; 26];
+            stream.read_exact(&mut buf).unwrap();
+            // A zero linger makes close send a reset.
+            socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        });
+        let err = run_to_string(&BookOptions::new(addr)).0.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("connection reset by peer (ECONNRESET)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn silent_server_times_out() {
+        let (addr, server) = server(|mut stream| {
+            // Read the message but never answer; wait for the client to hang up.
+            let mut all = Vec::new();
+            let _ = stream.read_to_end(&mut all);
+        });
+        let opts = BookOptions::new(addr);
+        let mut out = Vec::new();
+        let err = run_with_timeout(&opts, &mut out, Duration::from_millis(100)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{addr}: receive timed out after 0.1 s")),
+            "{err}"
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn refused_connection_names_the_address() {
+        // Bind and drop a listener: nothing listens on that port any more.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut out = Vec::new();
+        let err = run(&BookOptions::new(addr), &mut out).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{addr}: connection refused (ECONNREFUSED)")
+        );
+        assert!(out.is_empty());
+        let io: io::Error = err.into();
+        assert!(io.to_string().contains("connection refused"));
+    }
+}

@@ -1,0 +1,170 @@
+//! `ringport`: the RFC 862 echo server and its client, built on the ringport completion port.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+mod client;
+mod serve;
+
+/// A completion-port TCP echo server (RFC 862) and client for Linux.
+#[derive(Debug, Parser)]
+#[command(name = "ringport", version, about, propagate_version = true)]
+struct Cli {
+    /// More logging: -v for one line per connection event, -vv for every completion.
+    /// RUST_LOG, when set, takes precedence.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the echo server: every byte received is sent back, in order.
+    Serve(ServeArgs),
+    /// Run the echo client: the book's client by default, or a verifying load generator.
+    Client(ClientArgs),
+}
+
+/// Options of `ringport serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (IPv4 or IPv6, e.g. [::1]:5150).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5150")]
+    pub listen: SocketAddr,
+
+    /// Worker threads, each with its own ring [default: the number of available cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+
+    /// On SIGINT/SIGTERM, how long to keep echoing what was already received before closing
+    /// the remaining connections, in seconds (e.g. 5, 0.5).
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
+    pub drain_timeout: Duration,
+}
+
+/// Options of `ringport client`.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Address of the echo server.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5150")]
+    pub connect: SocketAddr,
+
+    /// Book mode: how many times to send the message.
+    #[arg(long, value_name = "N", default_value_t = client::book::DEFAULT_COUNT)]
+    pub count: u32,
+
+    /// Book mode: the message to send.
+    #[arg(
+        long,
+        value_name = "TEXT",
+        default_value = "A test message from client"
+    )]
+    pub message: String,
+
+    /// Book mode: only send, do not read the echoes back.
+    #[arg(long)]
+    pub send_only: bool,
+
+    /// Load mode: concurrent connections [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub connections: Option<u32>,
+
+    /// Load mode: bytes per message, random and verified [default: 64].
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..=64 << 20))]
+    pub size: Option<u32>,
+
+    /// Load mode: messages per connection [default: 1000 unless --duration is given].
+    #[arg(long, value_name = "M", conflicts_with = "duration")]
+    pub messages: Option<u64>,
+
+    /// Load mode: send for this many seconds, then wait for the last echoes.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub duration: Option<Duration>,
+
+    /// Load mode: messages in flight per connection [default: 1].
+    #[arg(long, value_name = "D", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub pipeline: Option<u32>,
+
+    /// Load mode: worker threads [default: the number of available cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+
+    /// Load mode: print the summary as one line of JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ClientArgs {
+    /// Whether any load-generator flag was given.
+    fn is_load(&self) -> bool {
+        self.connections.is_some()
+            || self.size.is_some()
+            || self.messages.is_some()
+            || self.duration.is_some()
+            || self.pipeline.is_some()
+            || self.json
+    }
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a valid duration"))
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Raises the soft descriptor limit to the hard one: each connection is a descriptor.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the local struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    raise_nofile_limit();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(&args),
+        Command::Client(args) if args.is_load() => client::load::run(&args),
+        Command::Client(args) => client::run_book(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ringport: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Sockets associated with a port, and their completion keys.
+
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A socket associated with a [`Port`](crate::Port), with its completion key (the per-handle
+/// data of the completion-port model).
+///
+/// Cloning is cheap (a reference count). Every operation in flight holds a clone, so the
+/// descriptor stays open, and its number cannot be reused by another socket, until the last
+/// clone is dropped *and* every operation on it has completed; only then is it closed.
+///
+/// Each handle belongs to one worker (its *home*, see [`Handle::worker`]): operations on it run
+/// on that worker's ring and their completions are dequeued by that worker.
+pub struct Handle<K> {
+    pub(crate) inner: Arc<Inner<K>>,
+}
+
+pub(crate) struct Inner<K> {
+    fd: OwnedFd,
+    key: K,
+    worker: usize,
+    closed: AtomicBool,
+    /// The home worker's count of live handles, for least-loaded placement.
+    load: Arc<AtomicUsize>,
+}
+
+impl<K> Handle<K> {
+    pub(crate) fn new(fd: OwnedFd, key: K, worker: usize, load: Arc<AtomicUsize>) -> Self {
+        load.fetch_add(1, Ordering::Relaxed);
+        Handle {
+            inner: Arc::new(Inner {
+                fd,
+                key,
+                worker,
+                closed: AtomicBool::new(false),
+                load,
+            }),
+        }
+    }
+
+    /// The completion key given when the socket was associated.
+    pub fn key(&self) -> &K {
+        &self.inner.key
+    }
+
+    /// The index of the worker that runs this socket's operations and dequeues their
+    /// completions.
+    pub fn worker(&self) -> usize {
+        self.inner.worker
+    }
+
+    /// Whether a close was posted for this socket. Operations posted after that complete at
+    /// once with `EBADF`.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_closed(&self) -> bool {
+        !self.inner.closed.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether two handles refer to the same association.
+    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+        Arc::ptr_eq(&a.inner, &b.inner)
+    }
+}
+
+impl<K> Clone for Handle<K> {
+    fn clone(&self) -> Self {
+        Handle {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<K> AsFd for Handle<K> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.fd.as_fd()
+    }
+}
+
+impl<K> AsRawFd for Handle<K> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.fd.as_raw_fd()
+    }
+}
+
+impl<K: fmt::Debug> fmt::Debug for Handle<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle")
+            .field("fd", &self.inner.fd.as_raw_fd())
+            .field("worker", &self.inner.worker)
+            .field("key", &self.inner.key)
+            .finish()
+    }
+}
+
+impl<K> Drop for Inner<K> {
+    fn drop(&mut self) {
+        self.load.fetch_sub(1, Ordering::Relaxed);
+    }
+}

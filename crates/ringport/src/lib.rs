@@ -1,0 +1,124 @@
+//! ringport: a completion port for TCP on Linux, in the model of Windows I/O completion ports.
+//!
+//! # The model
+//!
+//! * [`Port::associate`] ties a socket to the port with a *completion key* of your own type `K`
+//!   (the per-handle data) and gives back a [`Handle`].
+//! * [`Worker::submit`] (or, from any thread, [`Port::submit`]) posts an overlapped [`Op`]:
+//!   accept, connect, recv, send, close or timeout, with *per-I/O data* of your own type `D`.
+//!   It returns at once. The operation owns its buffer until it completes; the buffer comes
+//!   back in the [`Completion`], on success and on error alike, so a buffer the kernel may still
+//!   write is never reachable from safe code. Several operations may be outstanding on one
+//!   socket; they execute in the order posted.
+//! * Worker threads call [`Worker::dequeue`] (`GetQueuedCompletionStatus`) or
+//!   [`Worker::dequeue_batch`] with a timeout (`Some(ZERO)` polls, `None` waits forever) and get
+//!   the byte count or the errno, the key (via [`Completion::handle`]), and the per-I/O data. A
+//!   timeout ([`WaitError::TimedOut`]) is not a failed operation (a completion whose `result` is
+//!   `Err`).
+//! * [`Port::post`] sends a custom [`Packet`] to a worker from any thread
+//!   (`PostQueuedCompletionStatus`).
+//! * [`Worker::cancel`] cancels one operation, [`Worker::cancel_all`] every operation of a socket
+//!   (`CancelIoEx`); cancelled operations still complete, with `ECANCELED`.
+//! * [`Port::shutdown`] cancels everything in flight; each worker delivers those completions,
+//!   then reports [`WaitError::Shutdown`]. Dropping a [`Worker`] cancels and *waits for* its
+//!   operations before their memory is freed (and leaks rather than frees, should the kernel
+//!   never give one back).
+//!
+//! # Threads
+//!
+//! A port has `n` workers (default: one per available core); give each [`Worker`] to a thread.
+//! Each worker owns one io_uring instance, since a ring's submission queue has a single issuer.
+//! Every [`Handle`] has a *home* worker, chosen when it is associated: the worker with the fewest
+//! live handles at that moment ([`Port::associate`]), or one you name
+//! ([`Port::associate_with`]). A listener's accepted connections are therefore spread evenly
+//! when the accepting code associates each one with [`Port::associate`]: placement is decided
+//! by load, not by the kernel's `SO_REUSEPORT` hash.
+//!
+//! All operations on a socket run on its home worker's ring, and that worker alone dequeues
+//! their completions, so per-connection state needs no locks when it is only touched from
+//! completions. An operation posted from another thread or worker is forwarded: it is put in
+//! the home worker's mailbox and the worker is woken through an eventfd on which its ring
+//! always has a read outstanding. Posted packets travel the same way.
+//!
+//! # Backends
+//!
+//! | backend | kernel | what it does |
+//! |---|---|---|
+//! | `io_uring` | Linux 5.19+ (`EXT_ARG`, `NODROP`, `ASYNC_CANCEL` by fd and "any") | one ring per worker; each operation is one SQE whose `user_data` is its [`OpId`]; each CQE is one completion |
+//!
+//! # Example: the book's echo server
+//!
+//! ```no_run
+//! use std::net::TcpListener;
+//! use ringport::{Op, OpKind, Port, Worker};
+//!
+//! fn main() -> std::io::Result<()> {
+//!     let listener = TcpListener::bind("127.0.0.1:5150")?;
+//!     // Completion key: none needed beyond the socket; per-I/O data: bytes already sent.
+//!     let (port, workers) = Port::builder().build::<(), usize>()?;
+//!     let listener = port.associate(listener, ())?;
+//!     let mut threads = Vec::new();
+//!     for mut worker in workers {
+//!         let listener = listener.clone();
+//!         threads.push(std::thread::spawn(move || {
+//!             if worker.index() == listener.worker() {
+//!                 worker.submit(Op::accept(&listener), 0);
+//!             }
+//!             serve(&mut worker)
+//!         }));
+//!     }
+//!     for t in threads {
+//!         t.join().expect("worker panicked")?;
+//!     }
+//!     Ok(())
+//! }
+//!
+//! fn serve(worker: &mut Worker<(), usize>) -> std::io::Result<()> {
+//!     let port = worker.port();
+//!     loop {
+//!         let c = worker.dequeue(None)?;
+//!         let Some(handle) = c.handle.clone() else { continue };
+//!         match (c.kind, c.result) {
+//!             (OpKind::Accept, Ok(_)) => {
+//!                 worker.submit(Op::accept(&handle), 0);
+//!                 if let Some(stream) = c.accepted {
+//!                     let conn = port.associate(stream, ())?;
+//!                     worker.submit(Op::recv(&conn, Vec::with_capacity(8192)), 0);
+//!                 }
+//!             }
+//!             // Something arrived: echo it back.
+//!             (OpKind::Recv, Ok(n)) if n > 0 => {
+//!                 let buf = c.buf.expect("a receive gives its buffer back");
+//!                 worker.submit(Op::send(&handle, buf, 0), 0);
+//!             }
+//!             // A short send: post the rest.
+//!             (OpKind::Send, Ok(n)) if c.data + n < c.buf.as_ref().map_or(0, Vec::len) => {
+//!                 let buf = c.buf.expect("a send gives its buffer back");
+//!                 worker.submit(Op::send(&handle, buf, c.data + n), c.data + n);
+//!             }
+//!             // All sent: receive again, into the same buffer.
+//!             (OpKind::Send, Ok(_)) => {
+//!                 let mut buf = c.buf.expect("a send gives its buffer back");
+//!                 buf.clear();
+//!                 worker.submit(Op::recv(&handle, buf), 0);
+//!             }
+//!             // Peer closed (0 bytes) or an error: close this socket only.
+//!             (OpKind::Recv | OpKind::Send, _) => {
+//!                 worker.submit(Op::close(&handle), 0);
+//!             }
+//!             _ => {}
+//!         }
+//!     }
+//! }
+//! ```
+
+#![deny(missing_docs)]
+
+mod handle;
+mod op;
+mod port;
+mod sys;
+
+pub use handle::Handle;
+pub use op::{Completion, Op, OpId, OpKind, Packet};
+pub use port::{Builder, Port, WaitError, Worker};

@@ -1,0 +1,179 @@
+//! Operations (the overlapped requests) and their completions.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::handle::Handle;
+use crate::sys::OpBody;
+
+/// Identifies one posted operation, for [`Worker::cancel`](crate::Worker::cancel) and to match
+/// a completion with what was posted. Unique within a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OpId(pub(crate) u64);
+
+impl OpId {
+    /// The id as a number.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// What kind of operation a completion is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OpKind {
+    /// [`Op::accept`]: on success, [`Completion::accepted`] holds the new connection.
+    Accept,
+    /// [`Op::connect`].
+    Connect,
+    /// [`Op::recv`]: the byte count was appended to the buffer; `0` means the peer closed.
+    Recv,
+    /// [`Op::send`]: the byte count may be less than what was asked (a short send).
+    Send,
+    /// [`Op::close`].
+    Close,
+    /// [`Op::timeout`]: `Ok(0)` when it expired.
+    Timeout,
+    /// A packet posted with [`Port::post`](crate::Port::post) or
+    /// [`Worker::post`](crate::Worker::post).
+    Packet,
+}
+
+/// An operation to post: built without side effects, then handed to
+/// [`Worker::submit`](crate::Worker::submit) or [`Port::submit`](crate::Port::submit) together
+/// with its per-I/O data. An operation owns its buffer until it completes; the buffer comes back
+/// in the [`Completion`], on success and on error alike.
+#[must_use = "an operation does nothing until it is submitted"]
+pub struct Op<K> {
+    pub(crate) handle: Option<Handle<K>>,
+    pub(crate) kind: OpKind,
+    pub(crate) body: Option<OpBody>,
+}
+
+impl<K> Op<K> {
+    fn new(handle: Option<&Handle<K>>, kind: OpKind, body: Option<OpBody>) -> Self {
+        Op {
+            handle: handle.cloned(),
+            kind,
+            body,
+        }
+    }
+
+    /// Accept one connection on a listening socket. Post several to keep a pool of pending
+    /// accepts (the `AcceptEx` pattern).
+    pub fn accept(listener: &Handle<K>) -> Self {
+        Op::new(Some(listener), OpKind::Accept, Some(OpBody::Accept))
+    }
+
+    /// Connect a stream socket to `addr`.
+    pub fn connect(socket: &Handle<K>, addr: SocketAddr) -> Self {
+        let addr = socket2::SockAddr::from(addr);
+        Op::new(Some(socket), OpKind::Connect, Some(OpBody::Connect(addr)))
+    }
+
+    /// Receive into the spare capacity of `buf` (`buf.len()..buf.capacity()`); the bytes
+    /// received are appended to `buf`. A buffer without spare capacity completes at once with
+    /// `InvalidInput` (a zero-length receive could not be told apart from the peer closing).
+    pub fn recv(socket: &Handle<K>, buf: Vec<u8>) -> Self {
+        Op::new(Some(socket), OpKind::Recv, Some(OpBody::Recv(buf)))
+    }
+
+    /// Send `buf[offset..]`. The completion's byte count says how much of it was sent; it may
+    /// be less than asked, and the rest is the caller's to post again.
+    pub fn send(socket: &Handle<K>, buf: Vec<u8>, offset: usize) -> Self {
+        Op::new(Some(socket), OpKind::Send, Some(OpBody::Send(buf, offset)))
+    }
+
+    /// Close: cancel every operation still outstanding on the socket (each completes with
+    /// `ECANCELED`), refuse new ones (`EBADF`), and release the descriptor (FIN) once the last
+    /// [`Handle`] clone is dropped and every operation holding one has completed.
+    pub fn close(socket: &Handle<K>) -> Self {
+        Op::new(Some(socket), OpKind::Close, None)
+    }
+
+    /// Complete after `after`, with `Ok(0)`; `ECANCELED` when cancelled first.
+    pub fn timeout(after: Duration) -> Self {
+        let ts = io_uring::types::Timespec::new()
+            .sec(after.as_secs())
+            .nsec(after.subsec_nanos());
+        Op::new(None, OpKind::Timeout, Some(OpBody::Timeout(ts)))
+    }
+
+    /// The kind of this operation.
+    pub fn kind(&self) -> OpKind {
+        self.kind
+    }
+}
+
+impl<K> fmt::Debug for Op<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Op").field("kind", &self.kind).finish()
+    }
+}
+
+/// A packet for [`Port::post`](crate::Port::post): the `PostQueuedCompletionStatus` analog. It is
+/// dequeued as a [`Completion`] of kind [`OpKind::Packet`] with `result == Ok(bytes)`.
+pub struct Packet<K, D> {
+    /// Reported as the completion's byte count.
+    pub bytes: usize,
+    /// Reported as the completion's key, if any.
+    pub handle: Option<Handle<K>>,
+    /// Reported as the completion's per-I/O data.
+    pub data: D,
+}
+
+impl<K, D> Packet<K, D> {
+    /// A packet carrying only `data`.
+    pub fn new(data: D) -> Self {
+        Packet {
+            bytes: 0,
+            handle: None,
+            data,
+        }
+    }
+}
+
+/// One dequeued completion: what `GetQueuedCompletionStatus` returns.
+#[must_use = "a completion carries the operation's buffer and per-I/O data"]
+pub struct Completion<K, D> {
+    /// The operation this completes.
+    pub id: OpId,
+    /// What kind of operation it was.
+    pub kind: OpKind,
+    /// Bytes transferred, or the operation's error (`raw_os_error()` is the errno).
+    pub result: io::Result<usize>,
+    /// The socket and its completion key (`None` for timeouts and key-less packets).
+    pub handle: Option<Handle<K>>,
+    /// The per-I/O data given when the operation was posted.
+    pub data: D,
+    /// The buffer of a receive or send, given back on success and on error.
+    pub buf: Option<Vec<u8>>,
+    /// For a successful accept: the new connection, not yet associated with the port.
+    pub accepted: Option<TcpStream>,
+}
+
+impl<K, D> Completion<K, D> {
+    /// The completion key, if the operation was on a socket.
+    pub fn key(&self) -> Option<&K> {
+        self.handle.as_ref().map(Handle::key)
+    }
+
+    /// Whether the operation was cancelled (`ECANCELED`).
+    pub fn is_cancelled(&self) -> bool {
+        matches!(&self.result, Err(e) if e.raw_os_error() == Some(libc::ECANCELED))
+    }
+}
+
+impl<K, D> fmt::Debug for Completion<K, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Completion")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("result", &self.result)
+            .field("buf_len", &self.buf.as_ref().map(Vec::len))
+            .field("accepted", &self.accepted)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,809 @@
+//! The port, its workers, and the routing of operations between them.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::handle::Handle;
+use crate::op::{Completion, Op, OpId, OpKind, Packet};
+use crate::sys::{self, Cancel, Driver, Event, OpBody};
+
+/// Bits of an [`OpId`] below the worker index.
+const ID_WORKER_SHIFT: u32 = 48;
+/// How long dropping a worker waits for the kernel to give back cancelled operations before it
+/// leaks their memory rather than free it under the kernel.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Why [`Worker::dequeue`] returned without a completion.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WaitError {
+    /// The timeout passed with no completion: nothing failed.
+    TimedOut,
+    /// [`Port::shutdown`] was called and this worker has delivered every completion it owed.
+    Shutdown,
+    /// Waiting on the kernel failed.
+    Io(io::Error),
+}
+
+impl fmt::Display for WaitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaitError::TimedOut => f.write_str("timed out waiting for a completion"),
+            WaitError::Shutdown => f.write_str("the port is shut down"),
+            WaitError::Io(e) => write!(f, "waiting for completions failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for WaitError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            WaitError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<WaitError> for io::Error {
+    fn from(e: WaitError) -> io::Error {
+        match e {
+            WaitError::TimedOut => io::Error::new(io::ErrorKind::TimedOut, e),
+            WaitError::Shutdown => io::Error::new(io::ErrorKind::NotConnected, e),
+            WaitError::Io(e) => e,
+        }
+    }
+}
+
+fn shut_down_error() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the port is shut down")
+}
+
+/// Configures and creates a [`Port`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    workers: usize,
+    entries: u32,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            workers: 0,
+            entries: 256,
+        }
+    }
+}
+
+impl Builder {
+    /// The number of workers (the port's concurrency); `0`, the default, means one per
+    /// available core.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Submission-queue slots per worker ring (default 256; the completion queue has 8x).
+    /// More operations than this may be in flight: the queue is flushed when full.
+    pub fn entries(mut self, n: u32) -> Self {
+        self.entries = n.max(8);
+        self
+    }
+
+    /// Creates the port and its workers; give each [`Worker`] to a thread of its own.
+    ///
+    /// # Errors
+    /// Creating a worker's eventfd or ring failed: see [`crate`] docs for what each backend
+    /// needs from the kernel.
+    #[allow(clippy::type_complexity)] // The pair is the API: one port, its workers.
+    pub fn build<K, D>(self) -> io::Result<(Port<K, D>, Vec<Worker<K, D>>)>
+    where
+        K: Send + Sync + 'static,
+        D: Send + 'static,
+    {
+        let n = if self.workers == 0 {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        } else {
+            self.workers
+        };
+        if n >= 1 << (64 - ID_WORKER_SHIFT) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{n} workers is more than a port supports"),
+            ));
+        }
+        let mut slots = Vec::with_capacity(n);
+        for _ in 0..n {
+            slots.push(Slot::new()?);
+        }
+        let mut drivers: Vec<Box<dyn Driver>> = Vec::with_capacity(n);
+        for slot in &slots {
+            drivers.push(Box::new(sys::uring::Uring::new(
+                self.entries,
+                slot.wake.as_raw_fd(),
+            )?));
+        }
+        let backend = drivers[0].name();
+        let shared = Arc::new(Shared {
+            slots,
+            next_seq: AtomicU64::new(1),
+            shutdown: AtomicBool::new(false),
+            backend,
+        });
+        let workers = drivers
+            .into_iter()
+            .enumerate()
+            .map(|(index, driver)| Worker {
+                index,
+                shared: Arc::clone(&shared),
+                driver,
+                inflight: HashMap::default(),
+                ready: VecDeque::new(),
+                events: Vec::new(),
+                shutting_down: false,
+            })
+            .collect();
+        Ok((Port { shared }, workers))
+    }
+}
+
+/// The completion port: associate sockets, post operations and packets from any thread, shut
+/// down. Cheap to clone; `Send + Sync`.
+///
+/// `K` is the completion key (per-handle data) type, `D` the per-I/O data type.
+pub struct Port<K, D> {
+    shared: Arc<Shared<K, D>>,
+}
+
+impl<K, D> Clone for Port<K, D> {
+    fn clone(&self) -> Self {
+        Port {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<K, D> fmt::Debug for Port<K, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Port")
+            .field("backend", &self.shared.backend)
+            .field("workers", &self.shared.slots.len())
+            .finish()
+    }
+}
+
+impl Port<(), ()> {
+    /// A builder with the defaults: one worker per core.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+}
+
+impl<K, D> Port<K, D>
+where
+    K: Send + Sync + 'static,
+    D: Send + 'static,
+{
+    /// The number of workers.
+    pub fn workers(&self) -> usize {
+        self.shared.slots.len()
+    }
+
+    /// The backend in use: `"io_uring"`.
+    pub fn backend(&self) -> &'static str {
+        self.shared.backend
+    }
+
+    /// Associates a socket with the port under completion key `key`, on the worker with the
+    /// fewest live handles (ties go to the lowest index). The port takes ownership of the
+    /// descriptor.
+    ///
+    /// # Errors
+    /// Only when the descriptor's flags cannot be read or set.
+    pub fn associate(&self, socket: impl Into<OwnedFd>, key: K) -> io::Result<Handle<K>> {
+        let worker = self.shared.least_loaded();
+        self.associate_with(worker, socket, key)
+    }
+
+    /// Associates a socket with a chosen worker (`worker % workers()`).
+    ///
+    /// # Errors
+    /// Only when the descriptor's flags cannot be read or set.
+    pub fn associate_with(
+        &self,
+        worker: usize,
+        socket: impl Into<OwnedFd>,
+        key: K,
+    ) -> io::Result<Handle<K>> {
+        let fd: OwnedFd = socket.into();
+        // io_uring waits on a blocking socket itself; on an O_NONBLOCK one it could hand back
+        // EAGAIN instead.
+        set_nonblocking(&fd, false)?;
+        let worker = worker % self.shared.slots.len();
+        let load = Arc::clone(&self.shared.slots[worker].load);
+        Ok(Handle::new(fd, key, worker, load))
+    }
+
+    /// Posts an operation from any thread. It runs on its socket's home worker (a timeout on
+    /// the least-loaded one), which also dequeues its completion.
+    ///
+    /// # Errors
+    /// The target worker has been dropped; the operation and `data` are dropped unstarted.
+    pub fn submit(&self, op: Op<K>, data: D) -> io::Result<OpId> {
+        let worker = match &op.handle {
+            Some(h) => h.worker(),
+            None => self.shared.least_loaded(),
+        };
+        let pending = self.shared.pending(worker, op, data);
+        let id = OpId(pending.id);
+        self.shared
+            .send(worker, Remote::Op(pending))
+            .map_err(|_| shut_down_error())?;
+        Ok(id)
+    }
+
+    /// Posts a custom packet to worker `worker % workers()`, from any thread: the
+    /// `PostQueuedCompletionStatus` analog. It reaches the worker through its eventfd.
+    ///
+    /// # Errors
+    /// The worker has been dropped.
+    pub fn post(&self, worker: usize, packet: Packet<K, D>) -> io::Result<()> {
+        let worker = worker % self.shared.slots.len();
+        let completion = self.shared.packet(worker, packet);
+        self.shared
+            .send(worker, Remote::Done(completion))
+            .map_err(|_| shut_down_error())
+    }
+
+    /// Cancels one operation, from any thread. It still completes: with `ECANCELED`, or with
+    /// its own result if it had already finished.
+    pub fn cancel(&self, id: OpId) {
+        let worker = (id.0 >> ID_WORKER_SHIFT) as usize;
+        if worker < self.shared.slots.len() {
+            let _ = self.shared.send(worker, Remote::Cancel(id.0));
+        }
+    }
+
+    /// Cancels every operation outstanding on `socket`, from any thread.
+    pub fn cancel_all(&self, socket: &Handle<K>) {
+        let _ = self
+            .shared
+            .send(socket.worker(), Remote::CancelAll(socket.clone()));
+    }
+
+    /// Shuts the port down: every worker cancels what it has in flight, delivers those
+    /// completions (with `ECANCELED`), and then answers [`WaitError::Shutdown`]. Operations
+    /// posted afterwards complete at once with `ECANCELED`.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        for slot in &self.shared.slots {
+            slot.wake();
+        }
+    }
+
+    /// Whether [`Port::shutdown`] was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.shared.shutdown.load(Ordering::Acquire)
+    }
+
+    /// Live handles per worker, in worker order.
+    pub fn loads(&self) -> Vec<usize> {
+        self.shared
+            .slots
+            .iter()
+            .map(|s| s.load.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// One worker: a ring of its own, the operations in flight on it, and the completions it has
+/// to hand out. `Send`, not `Sync`: it lives on one thread, which posts and dequeues.
+///
+/// Operations posted here on a socket whose home is another worker are forwarded to that
+/// worker (through its queue and eventfd), and complete there.
+pub struct Worker<K, D> {
+    index: usize,
+    shared: Arc<Shared<K, D>>,
+    driver: Box<dyn Driver>,
+    /// Every operation the driver has started and not yet reported, by id. Its body (buffer,
+    /// address, timespec) stays boxed here, at a fixed address, until its event arrives.
+    inflight: HashMap<u64, Pending<K, D>, BuildHasherDefault<IdHasher>>,
+    /// Completions ready to hand out.
+    ready: VecDeque<Completion<K, D>>,
+    events: Vec<Event>,
+    shutting_down: bool,
+}
+
+impl<K, D> fmt::Debug for Worker<K, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("index", &self.index)
+            .field("in_flight", &self.inflight.len())
+            .field("ready", &self.ready.len())
+            .finish()
+    }
+}
+
+impl<K, D> Worker<K, D>
+where
+    K: Send + Sync + 'static,
+    D: Send + 'static,
+{
+    /// This worker's index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// A handle to the port this worker belongs to.
+    pub fn port(&self) -> Port<K, D> {
+        Port {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Operations started on this worker's ring and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Posts an operation with its per-I/O data. Returns at once; the result arrives as a
+    /// [`Completion`] on the socket's home worker (this one for timeouts). Never fails here:
+    /// a failure to start is reported as that operation's completion, with its buffer.
+    pub fn submit(&mut self, op: Op<K>, data: D) -> OpId {
+        let worker = op.handle.as_ref().map_or(self.index, Handle::worker);
+        let pending = self.shared.pending(worker, op, data);
+        let id = OpId(pending.id);
+        if worker == self.index {
+            self.start(pending);
+        } else if let Err(Remote::Op(pending)) = self.shared.send(worker, Remote::Op(pending)) {
+            // The home worker is gone: the operation fails here, and gives its buffer back.
+            self.ready
+                .push_back(pending.into_completion(Err(errno(libc::ECANCELED))));
+        }
+        id
+    }
+
+    /// Posts a packet to worker `worker % workers()` (this one included).
+    ///
+    /// # Errors
+    /// The target worker has been dropped.
+    pub fn post(&mut self, worker: usize, packet: Packet<K, D>) -> io::Result<()> {
+        let worker = worker % self.shared.slots.len();
+        let completion = self.shared.packet(worker, packet);
+        if worker == self.index {
+            self.ready.push_back(completion);
+            Ok(())
+        } else {
+            self.shared
+                .send(worker, Remote::Done(completion))
+                .map_err(|_| shut_down_error())
+        }
+    }
+
+    /// Cancels one operation; it still completes (with `ECANCELED` unless already finished).
+    pub fn cancel(&mut self, id: OpId) {
+        let worker = (id.0 >> ID_WORKER_SHIFT) as usize;
+        if worker == self.index {
+            if self.inflight.contains_key(&id.0) {
+                self.driver.cancel(Cancel::Op(id.0));
+            }
+        } else if worker < self.shared.slots.len() {
+            let _ = self.shared.send(worker, Remote::Cancel(id.0));
+        }
+    }
+
+    /// Cancels every operation outstanding on `socket`.
+    pub fn cancel_all(&mut self, socket: &Handle<K>) {
+        if socket.worker() == self.index {
+            self.driver.cancel(Cancel::Fd(socket.as_raw_fd()));
+        } else {
+            let _ = self
+                .shared
+                .send(socket.worker(), Remote::CancelAll(socket.clone()));
+        }
+    }
+
+    /// Waits up to `timeout` (`Some(ZERO)`: poll; `None`: forever) for the next completion.
+    ///
+    /// A failed operation is a successful dequeue whose [`Completion::result`] is the error;
+    /// [`WaitError::TimedOut`] means only that nothing completed in time.
+    ///
+    /// # Errors
+    /// [`WaitError::TimedOut`], [`WaitError::Shutdown`] once the port is shut down and drained,
+    /// or [`WaitError::Io`] when waiting on the kernel fails.
+    pub fn dequeue(&mut self, timeout: Option<Duration>) -> Result<Completion<K, D>, WaitError> {
+        self.fill(timeout)?;
+        Ok(self.ready.pop_front().expect("fill leaves a completion"))
+    }
+
+    /// Like [`Worker::dequeue`], but moves up to `max` completions (at least one) into `out`,
+    /// and returns how many.
+    ///
+    /// # Errors
+    /// As [`Worker::dequeue`].
+    pub fn dequeue_batch(
+        &mut self,
+        out: &mut Vec<Completion<K, D>>,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize, WaitError> {
+        self.fill(timeout)?;
+        let n = self.ready.len().min(max.max(1));
+        out.extend(self.ready.drain(..n));
+        Ok(n)
+    }
+
+    /// Waits until `ready` holds at least one completion.
+    fn fill(&mut self, timeout: Option<Duration>) -> Result<(), WaitError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            self.take_remote();
+            if self.shared.shutdown.load(Ordering::Acquire) && !self.shutting_down {
+                self.shutting_down = true;
+                self.driver.cancel(Cancel::All);
+            }
+            if !self.ready.is_empty() {
+                return Ok(());
+            }
+            if self.shutting_down && self.inflight.is_empty() {
+                return Err(WaitError::Shutdown);
+            }
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            self.driver
+                .wait(remaining, &mut self.events)
+                .map_err(WaitError::Io)?;
+            self.complete_events();
+            if self.ready.is_empty() && remaining.is_some_and(|r| r.is_zero()) {
+                self.take_remote();
+                if self.ready.is_empty() {
+                    return Err(WaitError::TimedOut);
+                }
+            }
+        }
+    }
+
+    fn complete_events(&mut self) {
+        for ev in self.events.drain(..) {
+            if let Some(p) = self.inflight.remove(&ev.id) {
+                let result = p.result(ev.res);
+                self.ready.push_back(p.into_completion(result));
+            }
+        }
+    }
+
+    fn take_remote(&mut self) {
+        let slot = &self.shared.slots[self.index];
+        if !slot.pending.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let items = std::mem::take(&mut *lock(&slot.queue));
+        for item in items {
+            match item {
+                Remote::Op(p) => self.start(p),
+                Remote::Done(c) => self.ready.push_back(c),
+                Remote::Cancel(id) => {
+                    if self.inflight.contains_key(&id) {
+                        self.driver.cancel(Cancel::Op(id));
+                    }
+                }
+                Remote::CancelAll(h) => self.driver.cancel(Cancel::Fd(h.as_raw_fd())),
+            }
+        }
+    }
+
+    /// Starts an operation on this worker's ring, or completes it at once when it cannot start.
+    fn start(&mut self, mut p: Pending<K, D>) {
+        if self.shutting_down {
+            return self
+                .ready
+                .push_back(p.into_completion(Err(errno(libc::ECANCELED))));
+        }
+        let fd = p.handle.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        if p.kind == OpKind::Close {
+            if let Some(h) = &p.handle {
+                if h.mark_closed() {
+                    self.driver.cancel(Cancel::Fd(fd));
+                }
+            }
+            return self.ready.push_back(p.into_completion(Ok(0)));
+        }
+        if p.handle.as_ref().is_some_and(Handle::is_closed) {
+            return self
+                .ready
+                .push_back(p.into_completion(Err(errno(libc::EBADF))));
+        }
+        let Some(body) = p.body.as_deref_mut() else {
+            return self.ready.push_back(p.into_completion(Ok(0)));
+        };
+        if matches!(body, OpBody::Recv(buf) if buf.len() == buf.capacity()) {
+            let e = io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "receive buffer has no spare capacity",
+            );
+            return self.ready.push_back(p.into_completion(Err(e)));
+        }
+        match self.driver.start(p.id, fd, body) {
+            Ok(()) => {
+                self.inflight.insert(p.id, p);
+            }
+            Err(e) => self.ready.push_back(p.into_completion(Err(e))),
+        }
+    }
+}
+
+impl<K, D> Drop for Worker<K, D> {
+    fn drop(&mut self) {
+        let slot = &self.shared.slots[self.index];
+        // Refuse further forwarded work; what was queued never reached the kernel.
+        let queued = {
+            let mut q = lock(&slot.queue);
+            slot.alive.store(false, Ordering::Release);
+            std::mem::take(&mut *q)
+        };
+        drop(queued);
+        // Cancel everything, including the driver's own wake-up read, and wait for the kernel
+        // to give each operation back before its memory is freed.
+        self.driver.cancel(Cancel::All);
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        while !(self.inflight.is_empty() && self.driver.idle()) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            if let Err(e) = self.driver.wait(Some(wait), &mut self.events) {
+                tracing::warn!(
+                    "worker {}: waiting for cancelled operations: {e}",
+                    self.index
+                );
+                break;
+            }
+            for ev in self.events.drain(..) {
+                self.inflight.remove(&ev.id);
+            }
+        }
+        if !self.inflight.is_empty() {
+            tracing::error!(
+                "worker {}: {} operations were not given back by the kernel; leaking their \
+                 buffers instead of freeing them",
+                self.index,
+                self.inflight.len()
+            );
+            for (_, p) in self.inflight.drain() {
+                std::mem::forget(p);
+            }
+        }
+    }
+}
+
+/// An operation between `submit` and its completion.
+struct Pending<K, D> {
+    id: u64,
+    kind: OpKind,
+    handle: Option<Handle<K>>,
+    body: Option<Box<OpBody>>,
+    data: D,
+}
+
+impl<K, D> Pending<K, D> {
+    /// Turns the driver's raw result into the operation's result.
+    fn result(&self, res: i32) -> io::Result<usize> {
+        match (self.kind, res) {
+            (OpKind::Timeout, r) if r == -libc::ETIME => Ok(0),
+            (_, r) if r < 0 => Err(errno(-r)),
+            (_, r) => Ok(r as usize),
+        }
+    }
+
+    fn into_completion(self, mut result: io::Result<usize>) -> Completion<K, D> {
+        let mut buf = None;
+        let mut accepted = None;
+        match self.body.map(|b| *b) {
+            Some(OpBody::Recv(mut b)) => {
+                if let Ok(n) = result {
+                    let n = n.min(b.capacity() - b.len());
+                    // SAFETY: the kernel reported writing `n` bytes into the spare capacity
+                    // starting at `len`, and `n` is clamped to that capacity.
+                    unsafe { b.set_len(b.len() + n) };
+                }
+                buf = Some(b);
+            }
+            Some(OpBody::Send(b, _)) => buf = Some(b),
+            Some(OpBody::Accept) => {
+                if let Ok(fd) = result {
+                    // SAFETY: a successful accept returns a new descriptor that nothing else
+                    // owns; it is wrapped exactly once, here.
+                    accepted = Some(unsafe { TcpStream::from_raw_fd(fd as i32) });
+                    result = Ok(0);
+                }
+            }
+            _ => {}
+        }
+        Completion {
+            id: OpId(self.id),
+            kind: self.kind,
+            result,
+            handle: self.handle,
+            data: self.data,
+            buf,
+            accepted,
+        }
+    }
+}
+
+/// Work forwarded to a worker from another thread.
+enum Remote<K, D> {
+    Op(Pending<K, D>),
+    Done(Completion<K, D>),
+    Cancel(u64),
+    CancelAll(Handle<K>),
+}
+
+struct Shared<K, D> {
+    slots: Vec<Slot<K, D>>,
+    next_seq: AtomicU64,
+    shutdown: AtomicBool,
+    backend: &'static str,
+}
+
+impl<K, D> Shared<K, D> {
+    fn least_loaded(&self) -> usize {
+        let mut best = (usize::MAX, 0);
+        for (i, slot) in self.slots.iter().enumerate() {
+            let load = slot.load.load(Ordering::Relaxed);
+            if load < best.0 {
+                best = (load, i);
+            }
+        }
+        best.1
+    }
+
+    fn next_id(&self, worker: usize) -> u64 {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed) & ((1 << ID_WORKER_SHIFT) - 1);
+        ((worker as u64) << ID_WORKER_SHIFT) | seq
+    }
+
+    fn pending(&self, worker: usize, op: Op<K>, data: D) -> Pending<K, D> {
+        Pending {
+            id: self.next_id(worker),
+            kind: op.kind,
+            handle: op.handle,
+            body: op.body.map(Box::new),
+            data,
+        }
+    }
+
+    fn packet(&self, worker: usize, packet: Packet<K, D>) -> Completion<K, D> {
+        Completion {
+            id: OpId(self.next_id(worker)),
+            kind: OpKind::Packet,
+            result: Ok(packet.bytes),
+            handle: packet.handle,
+            data: packet.data,
+            buf: None,
+            accepted: None,
+        }
+    }
+
+    /// Queues work for `worker` and wakes it; gives the work back if the worker is gone.
+    fn send(&self, worker: usize, item: Remote<K, D>) -> Result<(), Remote<K, D>> {
+        let slot = &self.slots[worker];
+        {
+            let mut q = lock(&slot.queue);
+            if !slot.alive.load(Ordering::Acquire) {
+                return Err(item);
+            }
+            q.push(item);
+        }
+        slot.wake();
+        Ok(())
+    }
+}
+
+/// A worker's mailbox, shared with every thread that forwards work to it.
+struct Slot<K, D> {
+    queue: Mutex<Vec<Remote<K, D>>>,
+    /// Set when the queue may hold work or the port changed state; cleared by the worker.
+    pending: AtomicBool,
+    alive: AtomicBool,
+    /// An eventfd the worker's ring always has a read posted on.
+    wake: OwnedFd,
+    load: Arc<AtomicUsize>,
+}
+
+impl<K, D> Slot<K, D> {
+    fn new() -> io::Result<Self> {
+        // SAFETY: eventfd(2) has no memory arguments; a non-negative return is a new descriptor
+        // that only this `OwnedFd` owns.
+        let wake = unsafe {
+            let fd = libc::eventfd(0, libc::EFD_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            OwnedFd::from_raw_fd(fd)
+        };
+        Ok(Slot {
+            queue: Mutex::new(Vec::new()),
+            pending: AtomicBool::new(false),
+            alive: AtomicBool::new(true),
+            wake,
+            load: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Marks the mailbox and, unless it was already marked, writes the eventfd.
+    fn wake(&self) {
+        if self.pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to an eventfd this slot owns.
+        let n = unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                std::ptr::from_ref(&one).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+        if n < 0 {
+            tracing::warn!("waking a worker failed: {}", io::Error::last_os_error());
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves only a Vec behind, which is still consistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// Sets or clears `O_NONBLOCK`.
+pub(crate) fn set_nonblocking(fd: &OwnedFd, on: bool) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on a descriptor owned by the caller; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(raw, libc::F_GETFL);
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let new = if on {
+            flags | libc::O_NONBLOCK
+        } else {
+            flags & !libc::O_NONBLOCK
+        };
+        if new != flags && libc::fcntl(raw, libc::F_SETFL, new) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Operation ids are unique integers: hashing them is the identity.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        // Spread the sequential low bits over the whole word for hashbrown's top-bit groups.
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}

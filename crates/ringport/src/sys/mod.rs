@@ -1,0 +1,77 @@
+//! The backends behind the port.
+//!
+//! Every backend supplies a [`Driver`]: it starts operations described by an [`OpBody`], cancels
+//! them, and reports each one's result exactly once as an [`Event`] (`id`, `res`: a byte count or
+//! a negated errno, the io_uring CQE convention). The port above the driver owns every operation
+//! record and keeps it, with its buffer, at a stable address until the driver has reported it;
+//! that is the whole memory-safety contract between the two layers:
+//!
+//! * [`Driver::start`] may keep raw pointers into the `OpBody` it is given, until it reports that
+//!   operation's [`Event`].
+//! * A started operation is reported exactly once, whether it succeeds, fails or is cancelled.
+//! * [`Driver::wait`] submits whatever was queued, then waits for events, a wake-up of the
+//!   port's waker, or the timeout, whichever comes first.
+//! * Dropping a driver with operations still started is allowed only after the port has given
+//!   up on them and leaked their records (see `Worker`'s `Drop`).
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+pub(crate) mod uring;
+
+/// What an operation does, and the memory it hands to the kernel. Lives in a `Box` owned by the
+/// port's in-flight table from `start` until its event is reported.
+#[derive(Debug)]
+pub(crate) enum OpBody {
+    /// Accept one connection on a listening socket.
+    Accept,
+    /// Connect a stream socket to this address.
+    Connect(socket2::SockAddr),
+    /// Receive into the spare capacity of the buffer (`len..capacity`).
+    Recv(Vec<u8>),
+    /// Send `buf[offset..]`.
+    Send(Vec<u8>, usize),
+    /// Complete after this long.
+    Timeout(io_uring::types::Timespec),
+}
+
+/// One finished operation: its id and its result (`>= 0` bytes or a new descriptor, `< 0` errno).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Event {
+    pub(crate) id: u64,
+    pub(crate) res: i32,
+}
+
+/// What to cancel.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Cancel {
+    /// The operation with this id.
+    Op(u64),
+    /// Every operation on this descriptor.
+    Fd(RawFd),
+    /// Every operation of this driver.
+    All,
+}
+
+/// The contract of a backend (see the module docs).
+pub(crate) trait Driver: Send {
+    /// Queues the operation `id` on descriptor `fd` (`-1` for none). On `Err` nothing was
+    /// started and no event will be reported.
+    fn start(&mut self, id: u64, fd: RawFd, body: &mut OpBody) -> io::Result<()>;
+
+    /// Asks for cancellation; the cancelled operations still report an event (`-ECANCELED`
+    /// unless they had already finished).
+    fn cancel(&mut self, what: Cancel);
+
+    /// Submits queued work and waits up to `timeout` (`None`: forever) for at least one event
+    /// or a wake-up; appends the events to `out`.
+    fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()>;
+
+    /// Whether the driver has no internal operation of its own left in the kernel (checked
+    /// after `Cancel::All` before the driver is dropped).
+    fn idle(&self) -> bool;
+
+    /// The backend's name, as shown in logs.
+    fn name(&self) -> &'static str;
+}

@@ -1,0 +1,439 @@
+//! The port's completion-port semantics, one test per behaviour.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringport::{Completion, Handle, Op, OpKind, Packet, Port, WaitError, Worker};
+
+const WAIT: Option<Duration> = Some(Duration::from_secs(10));
+
+/// A connected pair: (our end, the peer's end).
+fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (b, _) = l.accept().unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (a, b)
+}
+
+fn one_worker<K: Send + Sync + 'static, D: Send + 'static>() -> (Port<K, D>, Worker<K, D>) {
+    let (port, mut workers) = Port::builder().workers(1).build::<K, D>().unwrap();
+    (port, workers.pop().unwrap())
+}
+
+fn next<K: Send + Sync + 'static, D: Send + 'static>(w: &mut Worker<K, D>) -> Completion<K, D> {
+    w.dequeue(WAIT).expect("a completion within 10 s")
+}
+
+#[test]
+fn types_cross_threads() {
+    fn send<T: Send>() {}
+    fn sync<T: Sync>() {}
+    send::<Port<u64, Vec<u8>>>();
+    sync::<Port<u64, Vec<u8>>>();
+    send::<Worker<u64, Vec<u8>>>();
+    send::<Handle<u64>>();
+    sync::<Handle<u64>>();
+    send::<Completion<u64, Vec<u8>>>();
+}
+
+#[test]
+fn recv_and_send_carry_key_data_and_buffer() {
+    let (port, mut w) = one_worker::<&'static str, u32>();
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, "conn-1").unwrap();
+
+    peer.write_all(b"hello").unwrap();
+    let id = w.submit(Op::recv(&h, Vec::with_capacity(64)), 7);
+    let c = next(&mut w);
+    assert_eq!(c.id, id);
+    assert_eq!(c.kind, OpKind::Recv);
+    assert_eq!(c.result.as_ref().unwrap(), &5);
+    assert_eq!(c.key(), Some(&"conn-1"));
+    assert_eq!(c.data, 7);
+    assert_eq!(c.buf.as_deref(), Some(&b"hello"[..]));
+
+    let c = {
+        w.submit(Op::send(&h, b"xxworld".to_vec(), 2), 8);
+        next(&mut w)
+    };
+    assert_eq!(c.kind, OpKind::Send);
+    assert_eq!(c.result.unwrap(), 5);
+    assert_eq!(c.data, 8);
+    let mut got = [0u8; 5];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"world");
+}
+
+#[test]
+fn peer_close_is_a_zero_byte_receive() {
+    let (port, mut w) = one_worker::<(), ()>();
+    let (ours, peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    w.submit(Op::recv(&h, Vec::with_capacity(16)), ());
+    drop(peer);
+    let c = next(&mut w);
+    assert_eq!(c.result.unwrap(), 0);
+    assert!(c.buf.unwrap().is_empty());
+}
+
+#[test]
+fn timeout_is_not_a_failure() {
+    let (port, mut w) = one_worker::<(), ()>();
+    // Nothing posted: polling and a short wait both time out.
+    assert!(matches!(
+        w.dequeue(Some(Duration::ZERO)),
+        Err(WaitError::TimedOut)
+    ));
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(20))),
+        Err(WaitError::TimedOut)
+    ));
+    // A failed operation is a completion carrying the errno.
+    let (ours, peer) = pair();
+    socket2::SockRef::from(&peer)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(peer); // RST
+    let h = port.associate(ours, ()).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    w.submit(Op::recv(&h, Vec::with_capacity(16)), ());
+    let c = next(&mut w);
+    let err = c.result.unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNRESET), "{err}");
+    assert!(c.buf.is_some(), "the buffer comes back on error too");
+}
+
+#[test]
+fn timeout_operation_expires_with_zero() {
+    let (_port, mut w) = one_worker::<(), u8>();
+    w.submit(Op::timeout(Duration::from_millis(5)), 3);
+    let c = next(&mut w);
+    assert_eq!(c.kind, OpKind::Timeout);
+    assert_eq!(c.result.unwrap(), 0);
+    assert_eq!(c.data, 3);
+    assert!(c.handle.is_none());
+}
+
+#[test]
+fn batch_dequeue_returns_many() {
+    let (port, mut w) = one_worker::<(), usize>();
+    for i in 0..32 {
+        port.post(0, Packet::new(i)).unwrap();
+    }
+    let mut out = Vec::new();
+    let n = w.dequeue_batch(&mut out, 64, WAIT).unwrap();
+    assert_eq!(n, 32);
+    let data: Vec<usize> = out.iter().map(|c| c.data).collect();
+    assert_eq!(data, (0..32).collect::<Vec<_>>());
+    // `max` bounds a batch.
+    for i in 0..10 {
+        w.post(0, Packet::new(i)).unwrap();
+    }
+    out.clear();
+    assert_eq!(w.dequeue_batch(&mut out, 4, WAIT).unwrap(), 4);
+}
+
+#[test]
+fn packets_posted_from_other_threads_wake_a_waiting_worker() {
+    let (port, mut w) = one_worker::<&'static str, u64>();
+    let (ours, _peer) = pair();
+    let h = port.associate(ours, "key").unwrap();
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let port = port.clone();
+            let h = h.clone();
+            std::thread::spawn(move || {
+                for i in 0..250u64 {
+                    let packet = Packet {
+                        bytes: 42,
+                        handle: Some(h.clone()),
+                        data: t * 1000 + i,
+                    };
+                    port.post(0, packet).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    while seen.len() < 1000 {
+        let c = w.dequeue(None).unwrap();
+        assert_eq!(c.kind, OpKind::Packet);
+        assert_eq!(*c.result.as_ref().unwrap(), 42);
+        assert_eq!(c.key(), Some(&"key"));
+        seen.push(c.data);
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    seen.sort_unstable();
+    let want: Vec<u64> = (0..4u64)
+        .flat_map(|t| (0..250).map(move |i| t * 1000 + i))
+        .collect();
+    assert_eq!(seen, want);
+}
+
+#[test]
+fn several_receives_outstanding_on_one_socket_fill_in_order() {
+    let (port, mut w) = one_worker::<(), usize>();
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let ids: Vec<_> = (0..3)
+        .map(|i| w.submit(Op::recv(&h, Vec::with_capacity(4)), i))
+        .collect();
+    // Data arrives in one piece after all three are posted.
+    peer.write_all(b"aaaabbbbcccc").unwrap();
+    let mut got = vec![Vec::new(); 3];
+    let mut total = 0;
+    while total < 12 {
+        let c = next(&mut w);
+        let n = c.result.unwrap();
+        assert!(n > 0);
+        total += n;
+        got[c.data] = c.buf.unwrap();
+        if total < 12 && got.iter().all(|b| !b.is_empty()) {
+            break;
+        }
+    }
+    assert_eq!(ids.len(), 3);
+    // Posted order is execution order: concatenating by posting order restores the stream.
+    assert_eq!(got.concat(), b"aaaabbbbcccc");
+}
+
+#[test]
+fn cancel_one_operation_and_all_of_a_socket() {
+    let (port, mut w) = one_worker::<(), &'static str>();
+    let (ours, _peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let id = w.submit(Op::recv(&h, Vec::with_capacity(8)), "one");
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(20))),
+        Err(WaitError::TimedOut)
+    ));
+    w.cancel(id);
+    let c = next(&mut w);
+    assert_eq!(c.id, id);
+    assert!(c.is_cancelled(), "{:?}", c.result);
+    assert_eq!(c.buf.unwrap().capacity(), 8);
+
+    w.submit(Op::recv(&h, Vec::with_capacity(8)), "a");
+    w.submit(Op::recv(&h, Vec::with_capacity(8)), "b");
+    let t = w.submit(Op::timeout(Duration::from_secs(60)), "timer");
+    w.cancel_all(&h);
+    let mut cancelled = [next(&mut w), next(&mut w)];
+    cancelled.sort_by_key(|c| c.data);
+    assert!(cancelled.iter().all(Completion::is_cancelled));
+    assert_eq!(cancelled[0].data, "a");
+    assert_eq!(cancelled[1].data, "b");
+    // The timer was not on that socket and is still pending; cancel it from another thread.
+    let port2 = port.clone();
+    std::thread::spawn(move || port2.cancel(t)).join().unwrap();
+    let c = next(&mut w);
+    assert_eq!(c.data, "timer");
+    assert!(c.is_cancelled());
+}
+
+#[test]
+fn close_cancels_outstanding_refuses_new_and_releases_the_socket() {
+    let (port, mut w) = one_worker::<(), u8>();
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    w.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
+    w.submit(Op::close(&h), 2);
+    let mut got: Vec<_> = (0..2).map(|_| next(&mut w)).collect();
+    got.sort_by_key(|c| c.data);
+    assert!(got[0].is_cancelled());
+    assert_eq!(got[1].kind, OpKind::Close);
+    assert!(got[1].result.is_ok());
+    assert!(h.is_closed());
+    w.submit(Op::recv(&h, Vec::with_capacity(8)), 3);
+    let c = next(&mut w);
+    assert_eq!(
+        c.result.as_ref().unwrap_err().raw_os_error(),
+        Some(libc::EBADF)
+    );
+    drop((got, c, h));
+    // The last handle is gone and nothing is in flight: the peer sees EOF.
+    let mut buf = [0u8; 8];
+    assert_eq!(peer.read(&mut buf).unwrap(), 0);
+}
+
+#[test]
+fn short_send_is_reported() {
+    let (port, mut w) = one_worker::<(), ()>();
+    let (ours, peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let big = vec![7u8; 64 << 20];
+    w.submit(Op::send(&h, big, 0), ());
+    let c = next(&mut w);
+    let n = c.result.unwrap();
+    assert!(
+        n > 0 && n < 64 << 20,
+        "sent {n} of 64 MiB to a peer that reads nothing"
+    );
+    assert_eq!(c.buf.unwrap().len(), 64 << 20);
+    drop(peer);
+}
+
+#[test]
+fn accept_and_connect() {
+    let (port, mut w) = one_worker::<&'static str, ()>();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let l = port.associate(listener, "listener").unwrap();
+    w.submit(Op::accept(&l), ());
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let s = port.associate(sock, "client").unwrap();
+    w.submit(Op::connect(&s, addr), ());
+    let mut kinds = Vec::new();
+    let mut accepted = None;
+    for _ in 0..2 {
+        let c = next(&mut w);
+        c.result.as_ref().unwrap();
+        kinds.push((c.kind, *c.key().unwrap()));
+        if let Some(a) = c.accepted {
+            accepted = Some(a);
+        }
+    }
+    kinds.sort_by_key(|k| k.1);
+    assert_eq!(
+        kinds,
+        vec![(OpKind::Connect, "client"), (OpKind::Accept, "listener")]
+    );
+    let mut a = accepted.unwrap();
+    w.submit(Op::send(&s, b"ping".to_vec(), 0), ());
+    assert_eq!(next(&mut w).result.unwrap(), 4);
+    let mut got = [0u8; 4];
+    a.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+}
+
+#[test]
+fn connect_refused_is_named() {
+    let (port, mut w) = one_worker::<(), ()>();
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let s = port.associate(sock, ()).unwrap();
+    w.submit(Op::connect(&s, addr), ());
+    let e = next(&mut w).result.unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
+}
+
+#[test]
+fn operations_run_on_the_home_worker() {
+    let (port, workers) = Port::builder().workers(2).build::<usize, ()>().unwrap();
+    let [mut w0, mut w1]: [Worker<usize, ()>; 2] = workers.try_into().unwrap();
+    let (a, mut pa) = pair();
+    let (b, mut pb) = pair();
+    // Least-loaded placement spreads two sockets over two workers.
+    let ha = port.associate(a, 0).unwrap();
+    let hb = port.associate(b, 1).unwrap();
+    assert_ne!(ha.worker(), hb.worker());
+    assert_eq!(port.loads(), vec![1, 1]);
+    let (on0, on1) = if ha.worker() == 0 { (ha, hb) } else { (hb, ha) };
+    // Worker 0 posts a receive on worker 1's socket: it completes on worker 1.
+    w0.submit(Op::recv(&on1, Vec::with_capacity(8)), ());
+    w1.submit(Op::recv(&on0, Vec::with_capacity(8)), ());
+    pa.write_all(b"x").unwrap();
+    pb.write_all(b"y").unwrap();
+    let c1 = w1.dequeue(WAIT).unwrap();
+    assert!(Handle::ptr_eq(c1.handle.as_ref().unwrap(), &on1));
+    let c0 = w0.dequeue(WAIT).unwrap();
+    assert!(Handle::ptr_eq(c0.handle.as_ref().unwrap(), &on0));
+    drop((c0, c1, on0, on1));
+    assert_eq!(port.loads(), vec![0, 0]);
+}
+
+#[test]
+fn shutdown_completes_in_flight_operations_then_reports_shutdown() {
+    let (port, mut w) = one_worker::<(), u8>();
+    let (ours, _peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    w.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
+    w.submit(Op::recv(&h, Vec::with_capacity(8)), 2);
+    w.submit(Op::timeout(Duration::from_secs(60)), 3);
+    let p = port.clone();
+    std::thread::spawn(move || p.shutdown()).join().unwrap();
+    let mut seen = Vec::new();
+    loop {
+        match w.dequeue(WAIT) {
+            Ok(c) => {
+                assert!(c.is_cancelled(), "{:?}", c.result);
+                seen.push(c.data);
+            }
+            Err(WaitError::Shutdown) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, vec![1, 2, 3]);
+    // Posting after shutdown completes at once, buffer included.
+    w.submit(Op::recv(&h, Vec::with_capacity(8)), 4);
+    let c = next(&mut w);
+    assert!(c.is_cancelled());
+    assert!(c.buf.is_some());
+}
+
+/// Per-I/O data that counts its drops.
+struct Tracked(Arc<AtomicUsize>);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn dropping_a_worker_with_receives_in_flight_waits_for_the_kernel() {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let (port, mut w) = one_worker::<(), Tracked>();
+    let (ours, mut peer) = pair();
+    // Keep our own descriptor for the socket, to look at it after the port is gone.
+    let probe = TcpStream::from(ours.as_fd().try_clone_to_owned().unwrap());
+    probe
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let h = port.associate(ours, ()).unwrap();
+    for _ in 0..8 {
+        w.submit(
+            Op::recv(&h, Vec::with_capacity(1 << 16)),
+            Tracked(drops.clone()),
+        );
+    }
+    assert_eq!(w.in_flight(), 8);
+    drop(w);
+    // Every operation was given back by the kernel before its buffer and data were freed.
+    assert_eq!(drops.load(Ordering::SeqCst), 8);
+    // No receive is left in the kernel: bytes sent now are still in the socket for us, not
+    // written into a freed buffer.
+    peer.write_all(b"after drop").unwrap();
+    let mut got = [0u8; 10];
+    (&probe).read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"after drop");
+    // Posting to a dropped worker is refused.
+    assert!(port
+        .submit(Op::recv(&h, Vec::with_capacity(8)), Tracked(drops.clone()))
+        .is_err());
+    assert!(port.post(0, Packet::new(Tracked(drops.clone()))).is_err());
+    peer.shutdown(Shutdown::Both).unwrap();
+}
+
+#[test]
+fn receive_without_spare_capacity_is_refused() {
+    let (port, mut w) = one_worker::<(), ()>();
+    let (ours, _peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    w.submit(Op::recv(&h, Vec::new()), ());
+    let c = next(&mut w);
+    assert_eq!(
+        c.result.unwrap_err().kind(),
+        std::io::ErrorKind::InvalidInput
+    );
+}
