@@ -42,6 +42,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
 
+    /// Completion backend: auto (io_uring, or epoll where io_uring is refused), uring or epoll.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "auto",
+        env = "RINGPORT_BACKEND"
+    )]
+    pub backend: ringport::Backend,
+
     /// On SIGINT/SIGTERM, how long to keep echoing what was already received before closing
     /// the remaining connections, in seconds (e.g. 5, 0.5).
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
@@ -94,6 +103,15 @@ pub struct ClientArgs {
     /// Load mode: worker threads [default: the number of available cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
+
+    /// Load mode: completion backend: auto, uring or epoll.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "auto",
+        env = "RINGPORT_BACKEND"
+    )]
+    pub backend: ringport::Backend,
 
     /// Load mode: print the summary as one line of JSON.
     #[arg(long)]

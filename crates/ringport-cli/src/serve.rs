@@ -77,8 +77,9 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     let workers = args.workers.map_or(0, usize::from);
     let (port, workers) = Port::builder()
         .workers(workers)
+        .backend(args.backend)
         .build::<Key, Io>()
-        .map_err(|e| format!("cannot start the completion port: {}", describe(&e)))?;
+        .map_err(|e| port_error(&e))?;
     let listener = port
         .associate_with(0, listener, Key::Listener)
         .map_err(|e| format!("{local}: {}", describe(&e)))?;
@@ -142,6 +143,15 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Names why the port could not start, and what to do about it.
+pub fn port_error(e: &io::Error) -> String {
+    let mut msg = format!("cannot start the completion port: {}", describe(e));
+    if msg.contains("io_uring is not available") {
+        msg.push_str(" (run with --backend auto or --backend epoll)");
+    }
+    msg
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {

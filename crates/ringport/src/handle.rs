@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// A socket associated with a [`Port`](crate::Port), with its completion key (the per-handle
@@ -20,6 +20,8 @@ pub struct Handle<K> {
 
 pub(crate) struct Inner<K> {
     fd: OwnedFd,
+    /// Unique for the life of the process: tells a reused descriptor number from the old one.
+    serial: u64,
     key: K,
     worker: usize,
     closed: AtomicBool,
@@ -29,10 +31,12 @@ pub(crate) struct Inner<K> {
 
 impl<K> Handle<K> {
     pub(crate) fn new(fd: OwnedFd, key: K, worker: usize, load: Arc<AtomicUsize>) -> Self {
+        static SERIAL: AtomicU64 = AtomicU64::new(1);
         load.fetch_add(1, Ordering::Relaxed);
         Handle {
             inner: Arc::new(Inner {
                 fd,
+                serial: SERIAL.fetch_add(1, Ordering::Relaxed),
                 key,
                 worker,
                 closed: AtomicBool::new(false),
@@ -56,6 +60,10 @@ impl<K> Handle<K> {
     /// once with `EBADF`.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn serial(&self) -> u64 {
+        self.inner.serial
     }
 
     pub(crate) fn mark_closed(&self) -> bool {

@@ -27,7 +27,8 @@
 //! # Threads
 //!
 //! A port has `n` workers (default: one per available core); give each [`Worker`] to a thread.
-//! Each worker owns one io_uring instance, since a ring's submission queue has a single issuer.
+//! Each worker owns one io_uring instance (or one epoll instance), since a ring's submission
+//! queue has a single issuer.
 //! Every [`Handle`] has a *home* worker, chosen when it is associated: the worker with the fewest
 //! live handles at that moment ([`Port::associate`]), or one you name
 //! ([`Port::associate_with`]). A listener's accepted connections are therefore spread evenly
@@ -42,9 +43,21 @@
 //!
 //! # Backends
 //!
-//! | backend | kernel | what it does |
-//! |---|---|---|
-//! | `io_uring` | Linux 5.19+ (`EXT_ARG`, `NODROP`, `ASYNC_CANCEL` by fd and "any") | one ring per worker; each operation is one SQE whose `user_data` is its [`OpId`]; each CQE is one completion |
+//! Both backends produce the same completions through the same API; [`Port::backend`] says which
+//! one runs. [`Builder::backend`] chooses: [`Backend::Auto`] (the default) probes io_uring when
+//! the port is built (ring creation, the `EXT_ARG` and `NODROP` features, and every opcode the
+//! port uses) and falls back to epoll when it is refused, logging the reason once.
+//!
+//! | backend | kernel | how | known differences |
+//! |---|---|---|---|
+//! | `io_uring` | Linux 5.19+ (`EXT_ARG`, `NODROP`, `ASYNC_CANCEL` by fd and "any") | one ring per worker; each operation is one SQE whose `user_data` is its [`OpId`]; each CQE is one completion; sockets are kept in blocking mode (the ring waits on them) | the kernel owns an operation's buffer until its CQE: cancellation and shutdown wait for it |
+//! | `epoll` | any Linux | one epoll instance per worker; each socket registered once, edge-triggered for both directions (no `epoll_ctl` per message); per socket, one queue of operations per direction, run in posting order until `EAGAIN`; timeouts from a timer heap; sockets are put in non-blocking mode | an operation that can finish at once does so inside `submit` (its completion is still queued, never skipped); cancellation is immediate |
+//!
+//! Where io_uring is refused: Docker's default seccomp profile (`EPERM`), the sysctl
+//! `kernel.io_uring_disabled` (Linux 6.6+), kernels older than the features above (`ENOSYS`,
+//! `EINVAL`, missing opcodes), or a low `RLIMIT_MEMLOCK` on kernels before 5.12 (`ENOMEM`). The
+//! environment variable named by [`FAULT_URING_SETUP_ENV`] makes the probe fail on purpose, to
+//! test the fallback.
 //!
 //! # Example: the book's echo server
 //!
@@ -121,4 +134,4 @@ mod sys;
 
 pub use handle::Handle;
 pub use op::{Completion, Op, OpId, OpKind, Packet};
-pub use port::{Builder, Port, WaitError, Worker};
+pub use port::{Backend, Builder, Port, WaitError, Worker, FAULT_URING_SETUP_ENV};

@@ -98,7 +98,7 @@ impl<K> Op<K> {
         let ts = io_uring::types::Timespec::new()
             .sec(after.as_secs())
             .nsec(after.subsec_nanos());
-        Op::new(None, OpKind::Timeout, Some(OpBody::Timeout(ts)))
+        Op::new(None, OpKind::Timeout, Some(OpBody::Timeout(after, ts)))
     }
 
     /// The kind of this operation.

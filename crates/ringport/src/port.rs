@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::handle::Handle;
 use crate::op::{Completion, Op, OpId, OpKind, Packet};
-use crate::sys::{self, Cancel, Driver, Event, OpBody};
+use crate::sys::{self, Cancel, Driver, Event, OpBody, Target};
 
 /// Bits of an [`OpId`] below the worker index.
 const ID_WORKER_SHIFT: u32 = 48;
@@ -65,11 +65,63 @@ fn shut_down_error() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "the port is shut down")
 }
 
+/// Which kernel interface produces the completions. See the backend table in the [`crate`]
+/// docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Backend {
+    /// io_uring when the kernel allows it, else epoll (logged once, with the reason).
+    #[default]
+    Auto,
+    /// io_uring, or an error saying why it cannot start.
+    Uring,
+    /// epoll readiness plus non-blocking system calls.
+    Epoll,
+}
+
+impl Backend {
+    /// The name used on command lines and in logs: `auto`, `uring`, `epoll`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Uring => "uring",
+            Backend::Epoll => "epoll",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "uring" | "io_uring" | "io-uring" => Ok(Backend::Uring),
+            "epoll" => Ok(Backend::Epoll),
+            _ => Err(format!(
+                "unknown backend `{s}` (expected auto, uring or epoll)"
+            )),
+        }
+    }
+}
+
+/// The environment variable that makes io_uring setup fail with the errno it names (`EPERM`,
+/// `ENOSYS`, `ENOMEM`, or a number), as a container or kernel that refuses io_uring would: a
+/// fault-injection hook to exercise the fallback to epoll.
+pub const FAULT_URING_SETUP_ENV: &str = "RINGPORT_FAULT_URING_SETUP";
+
 /// Configures and creates a [`Port`].
 #[derive(Debug, Clone)]
 pub struct Builder {
     workers: usize,
     entries: u32,
+    backend: Backend,
 }
 
 impl Default for Builder {
@@ -77,6 +129,7 @@ impl Default for Builder {
         Builder {
             workers: 0,
             entries: 256,
+            backend: Backend::Auto,
         }
     }
 }
@@ -96,11 +149,18 @@ impl Builder {
         self
     }
 
+    /// The backend (default [`Backend::Auto`]).
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
     /// Creates the port and its workers; give each [`Worker`] to a thread of its own.
     ///
     /// # Errors
-    /// Creating a worker's eventfd or ring failed: see [`crate`] docs for what each backend
-    /// needs from the kernel.
+    /// Creating a worker's eventfd, ring or epoll instance failed. With [`Backend::Uring`], the
+    /// error says why io_uring was refused (`EPERM` from a seccomp profile or
+    /// `kernel.io_uring_disabled`, `ENOSYS`, `ENOMEM` from `RLIMIT_MEMLOCK`, a missing opcode).
     #[allow(clippy::type_complexity)] // The pair is the API: one port, its workers.
     pub fn build<K, D>(self) -> io::Result<(Port<K, D>, Vec<Worker<K, D>>)>
     where
@@ -122,19 +182,14 @@ impl Builder {
         for _ in 0..n {
             slots.push(Slot::new()?);
         }
-        let mut drivers: Vec<Box<dyn Driver>> = Vec::with_capacity(n);
-        for slot in &slots {
-            drivers.push(Box::new(sys::uring::Uring::new(
-                self.entries,
-                slot.wake.as_raw_fd(),
-            )?));
-        }
+        let drivers = self.drivers(&slots)?;
         let backend = drivers[0].name();
         let shared = Arc::new(Shared {
             slots,
             next_seq: AtomicU64::new(1),
             shutdown: AtomicBool::new(false),
             backend,
+            nonblocking: backend == "epoll",
         });
         let workers = drivers
             .into_iter()
@@ -151,6 +206,66 @@ impl Builder {
             .collect();
         Ok((Port { shared }, workers))
     }
+}
+
+impl Builder {
+    fn drivers<K, D>(&self, slots: &[Slot<K, D>]) -> io::Result<Vec<Box<dyn Driver>>> {
+        let uring = || -> io::Result<Vec<Box<dyn Driver>>> {
+            fault_injected_uring_error()?;
+            slots
+                .iter()
+                .map(|s| {
+                    sys::uring::Uring::new(self.entries, s.wake.as_raw_fd())
+                        .map(|d| Box::new(d) as Box<dyn Driver>)
+                })
+                .collect()
+        };
+        let epoll = || -> io::Result<Vec<Box<dyn Driver>>> {
+            slots
+                .iter()
+                .map(|s| {
+                    sys::epoll::Epoll::new(s.wake.as_raw_fd())
+                        .map(|d| Box::new(d) as Box<dyn Driver>)
+                })
+                .collect()
+        };
+        match self.backend {
+            Backend::Epoll => epoll(),
+            Backend::Uring => uring().map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "io_uring is not available: {e}; it may be blocked by a seccomp profile \
+                         (containers), disabled by the sysctl kernel.io_uring_disabled, or short \
+                         of locked memory (RLIMIT_MEMLOCK); the epoll backend works there"
+                    ),
+                )
+            }),
+            Backend::Auto => match uring() {
+                Ok(d) => Ok(d),
+                Err(e) => {
+                    tracing::warn!("io_uring is not available ({e}); using the epoll backend");
+                    epoll()
+                }
+            },
+        }
+    }
+}
+
+/// Fails the way a kernel that refuses io_uring would, when [`FAULT_URING_SETUP_ENV`] is set.
+fn fault_injected_uring_error() -> io::Result<()> {
+    let Ok(v) = std::env::var(FAULT_URING_SETUP_ENV) else {
+        return Ok(());
+    };
+    let code = match v.trim() {
+        "" => return Ok(()),
+        "EPERM" => libc::EPERM,
+        "ENOSYS" => libc::ENOSYS,
+        "ENOMEM" => libc::ENOMEM,
+        "EINVAL" => libc::EINVAL,
+        other => other.parse().unwrap_or(libc::EPERM),
+    };
+    Err(io::Error::from_raw_os_error(code))
 }
 
 /// The completion port: associate sockets, post operations and packets from any thread, shut
@@ -195,7 +310,7 @@ where
         self.shared.slots.len()
     }
 
-    /// The backend in use: `"io_uring"`.
+    /// The backend in use: `"io_uring"` or `"epoll"`.
     pub fn backend(&self) -> &'static str {
         self.shared.backend
     }
@@ -222,9 +337,9 @@ where
         key: K,
     ) -> io::Result<Handle<K>> {
         let fd: OwnedFd = socket.into();
-        // io_uring waits on a blocking socket itself; on an O_NONBLOCK one it could hand back
-        // EAGAIN instead.
-        set_nonblocking(&fd, false)?;
+        // io_uring waits on a blocking socket itself (on an O_NONBLOCK one it could hand back
+        // EAGAIN); the epoll backend needs O_NONBLOCK.
+        set_nonblocking(&fd, self.shared.nonblocking)?;
         let worker = worker % self.shared.slots.len();
         let load = Arc::clone(&self.shared.slots[worker].load);
         Ok(Handle::new(fd, key, worker, load))
@@ -504,7 +619,11 @@ where
                 .ready
                 .push_back(p.into_completion(Err(errno(libc::ECANCELED))));
         }
-        let fd = p.handle.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        let target = Target {
+            fd: p.handle.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+            serial: p.handle.as_ref().map_or(0, Handle::serial),
+        };
+        let fd = target.fd;
         if p.kind == OpKind::Close {
             if let Some(h) = &p.handle {
                 if h.mark_closed() {
@@ -528,7 +647,7 @@ where
             );
             return self.ready.push_back(p.into_completion(Err(e)));
         }
-        match self.driver.start(p.id, fd, body) {
+        match self.driver.start(p.id, target, body) {
             Ok(()) => {
                 self.inflight.insert(p.id, p);
             }
@@ -650,6 +769,8 @@ struct Shared<K, D> {
     next_seq: AtomicU64,
     shutdown: AtomicBool,
     backend: &'static str,
+    /// Whether associated sockets are put in non-blocking mode (the epoll backend).
+    nonblocking: bool,
 }
 
 impl<K, D> Shared<K, D> {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringport::{Completion, Handle, Op, OpKind, Packet, Port, WaitError, Worker};
+use ringport::{Backend, Completion, Handle, Op, OpKind, Packet, Port, WaitError, Worker};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 
@@ -20,14 +20,59 @@ fn pair() -> (TcpStream, TcpStream) {
     (a, b)
 }
 
-fn one_worker<K: Send + Sync + 'static, D: Send + 'static>() -> (Port<K, D>, Worker<K, D>) {
-    let (port, mut workers) = Port::builder().workers(1).build::<K, D>().unwrap();
+fn one_worker<K: Send + Sync + 'static, D: Send + 'static>(
+    b: Backend,
+) -> (Port<K, D>, Worker<K, D>) {
+    let (port, mut workers) = Port::builder()
+        .workers(1)
+        .backend(b)
+        .build::<K, D>()
+        .unwrap();
+    assert_eq!(port.backend(), expected_name(b));
     (port, workers.pop().unwrap())
 }
 
 fn next<K: Send + Sync + 'static, D: Send + 'static>(w: &mut Worker<K, D>) -> Completion<K, D> {
     w.dequeue(WAIT).expect("a completion within 10 s")
 }
+
+fn expected_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Epoll => "epoll",
+        _ => "io_uring",
+    }
+}
+
+/// Runs each listed test once per backend: `uring::name` and `epoll::name`.
+macro_rules! per_backend {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            $(#[test] fn $name() { super::$name(ringport::Backend::Uring) })*
+        }
+        mod epoll {
+            $(#[test] fn $name() { super::$name(ringport::Backend::Epoll) })*
+        }
+    };
+}
+
+per_backend!(
+    recv_and_send_carry_key_data_and_buffer,
+    peer_close_is_a_zero_byte_receive,
+    timeout_is_not_a_failure,
+    timeout_operation_expires_with_zero,
+    batch_dequeue_returns_many,
+    packets_posted_from_other_threads_wake_a_waiting_worker,
+    several_receives_outstanding_on_one_socket_fill_in_order,
+    cancel_one_operation_and_all_of_a_socket,
+    close_cancels_outstanding_refuses_new_and_releases_the_socket,
+    short_send_is_reported,
+    accept_and_connect,
+    connect_refused_is_named,
+    operations_run_on_the_home_worker,
+    shutdown_completes_in_flight_operations_then_reports_shutdown,
+    dropping_a_worker_with_receives_in_flight_waits_for_the_kernel,
+    receive_without_spare_capacity_is_refused,
+);
 
 #[test]
 fn types_cross_threads() {
@@ -41,9 +86,8 @@ fn types_cross_threads() {
     send::<Completion<u64, Vec<u8>>>();
 }
 
-#[test]
-fn recv_and_send_carry_key_data_and_buffer() {
-    let (port, mut w) = one_worker::<&'static str, u32>();
+fn recv_and_send_carry_key_data_and_buffer(b: Backend) {
+    let (port, mut w) = one_worker::<&'static str, u32>(b);
     let (ours, mut peer) = pair();
     let h = port.associate(ours, "conn-1").unwrap();
 
@@ -69,9 +113,8 @@ fn recv_and_send_carry_key_data_and_buffer() {
     assert_eq!(&got, b"world");
 }
 
-#[test]
-fn peer_close_is_a_zero_byte_receive() {
-    let (port, mut w) = one_worker::<(), ()>();
+fn peer_close_is_a_zero_byte_receive(b: Backend) {
+    let (port, mut w) = one_worker::<(), ()>(b);
     let (ours, peer) = pair();
     let h = port.associate(ours, ()).unwrap();
     w.submit(Op::recv(&h, Vec::with_capacity(16)), ());
@@ -81,9 +124,8 @@ fn peer_close_is_a_zero_byte_receive() {
     assert!(c.buf.unwrap().is_empty());
 }
 
-#[test]
-fn timeout_is_not_a_failure() {
-    let (port, mut w) = one_worker::<(), ()>();
+fn timeout_is_not_a_failure(b: Backend) {
+    let (port, mut w) = one_worker::<(), ()>(b);
     // Nothing posted: polling and a short wait both time out.
     assert!(matches!(
         w.dequeue(Some(Duration::ZERO)),
@@ -108,9 +150,8 @@ fn timeout_is_not_a_failure() {
     assert!(c.buf.is_some(), "the buffer comes back on error too");
 }
 
-#[test]
-fn timeout_operation_expires_with_zero() {
-    let (_port, mut w) = one_worker::<(), u8>();
+fn timeout_operation_expires_with_zero(b: Backend) {
+    let (_port, mut w) = one_worker::<(), u8>(b);
     w.submit(Op::timeout(Duration::from_millis(5)), 3);
     let c = next(&mut w);
     assert_eq!(c.kind, OpKind::Timeout);
@@ -119,9 +160,8 @@ fn timeout_operation_expires_with_zero() {
     assert!(c.handle.is_none());
 }
 
-#[test]
-fn batch_dequeue_returns_many() {
-    let (port, mut w) = one_worker::<(), usize>();
+fn batch_dequeue_returns_many(b: Backend) {
+    let (port, mut w) = one_worker::<(), usize>(b);
     for i in 0..32 {
         port.post(0, Packet::new(i)).unwrap();
     }
@@ -138,9 +178,8 @@ fn batch_dequeue_returns_many() {
     assert_eq!(w.dequeue_batch(&mut out, 4, WAIT).unwrap(), 4);
 }
 
-#[test]
-fn packets_posted_from_other_threads_wake_a_waiting_worker() {
-    let (port, mut w) = one_worker::<&'static str, u64>();
+fn packets_posted_from_other_threads_wake_a_waiting_worker(b: Backend) {
+    let (port, mut w) = one_worker::<&'static str, u64>(b);
     let (ours, _peer) = pair();
     let h = port.associate(ours, "key").unwrap();
     let threads: Vec<_> = (0..4u64)
@@ -177,9 +216,8 @@ fn packets_posted_from_other_threads_wake_a_waiting_worker() {
     assert_eq!(seen, want);
 }
 
-#[test]
-fn several_receives_outstanding_on_one_socket_fill_in_order() {
-    let (port, mut w) = one_worker::<(), usize>();
+fn several_receives_outstanding_on_one_socket_fill_in_order(b: Backend) {
+    let (port, mut w) = one_worker::<(), usize>(b);
     let (ours, mut peer) = pair();
     let h = port.associate(ours, ()).unwrap();
     let ids: Vec<_> = (0..3)
@@ -204,9 +242,8 @@ fn several_receives_outstanding_on_one_socket_fill_in_order() {
     assert_eq!(got.concat(), b"aaaabbbbcccc");
 }
 
-#[test]
-fn cancel_one_operation_and_all_of_a_socket() {
-    let (port, mut w) = one_worker::<(), &'static str>();
+fn cancel_one_operation_and_all_of_a_socket(b: Backend) {
+    let (port, mut w) = one_worker::<(), &'static str>(b);
     let (ours, _peer) = pair();
     let h = port.associate(ours, ()).unwrap();
     let id = w.submit(Op::recv(&h, Vec::with_capacity(8)), "one");
@@ -237,9 +274,8 @@ fn cancel_one_operation_and_all_of_a_socket() {
     assert!(c.is_cancelled());
 }
 
-#[test]
-fn close_cancels_outstanding_refuses_new_and_releases_the_socket() {
-    let (port, mut w) = one_worker::<(), u8>();
+fn close_cancels_outstanding_refuses_new_and_releases_the_socket(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
     let (ours, mut peer) = pair();
     let h = port.associate(ours, ()).unwrap();
     w.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
@@ -262,9 +298,8 @@ fn close_cancels_outstanding_refuses_new_and_releases_the_socket() {
     assert_eq!(peer.read(&mut buf).unwrap(), 0);
 }
 
-#[test]
-fn short_send_is_reported() {
-    let (port, mut w) = one_worker::<(), ()>();
+fn short_send_is_reported(b: Backend) {
+    let (port, mut w) = one_worker::<(), ()>(b);
     let (ours, peer) = pair();
     let h = port.associate(ours, ()).unwrap();
     let big = vec![7u8; 64 << 20];
@@ -279,9 +314,8 @@ fn short_send_is_reported() {
     drop(peer);
 }
 
-#[test]
-fn accept_and_connect() {
-    let (port, mut w) = one_worker::<&'static str, ()>();
+fn accept_and_connect(b: Backend) {
+    let (port, mut w) = one_worker::<&'static str, ()>(b);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let l = port.associate(listener, "listener").unwrap();
@@ -312,9 +346,8 @@ fn accept_and_connect() {
     assert_eq!(&got, b"ping");
 }
 
-#[test]
-fn connect_refused_is_named() {
-    let (port, mut w) = one_worker::<(), ()>();
+fn connect_refused_is_named(b: Backend) {
+    let (port, mut w) = one_worker::<(), ()>(b);
     let addr = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -326,9 +359,12 @@ fn connect_refused_is_named() {
     assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
 }
 
-#[test]
-fn operations_run_on_the_home_worker() {
-    let (port, workers) = Port::builder().workers(2).build::<usize, ()>().unwrap();
+fn operations_run_on_the_home_worker(b: Backend) {
+    let (port, workers) = Port::builder()
+        .workers(2)
+        .backend(b)
+        .build::<usize, ()>()
+        .unwrap();
     let [mut w0, mut w1]: [Worker<usize, ()>; 2] = workers.try_into().unwrap();
     let (a, mut pa) = pair();
     let (b, mut pb) = pair();
@@ -351,9 +387,8 @@ fn operations_run_on_the_home_worker() {
     assert_eq!(port.loads(), vec![0, 0]);
 }
 
-#[test]
-fn shutdown_completes_in_flight_operations_then_reports_shutdown() {
-    let (port, mut w) = one_worker::<(), u8>();
+fn shutdown_completes_in_flight_operations_then_reports_shutdown(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
     let (ours, _peer) = pair();
     let h = port.associate(ours, ()).unwrap();
     w.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
@@ -390,10 +425,9 @@ impl Drop for Tracked {
     }
 }
 
-#[test]
-fn dropping_a_worker_with_receives_in_flight_waits_for_the_kernel() {
+fn dropping_a_worker_with_receives_in_flight_waits_for_the_kernel(b: Backend) {
     let drops = Arc::new(AtomicUsize::new(0));
-    let (port, mut w) = one_worker::<(), Tracked>();
+    let (port, mut w) = one_worker::<(), Tracked>(b);
     let (ours, mut peer) = pair();
     // Keep our own descriptor for the socket, to look at it after the port is gone.
     let probe = TcpStream::from(ours.as_fd().try_clone_to_owned().unwrap());
@@ -425,9 +459,8 @@ fn dropping_a_worker_with_receives_in_flight_waits_for_the_kernel() {
     peer.shutdown(Shutdown::Both).unwrap();
 }
 
-#[test]
-fn receive_without_spare_capacity_is_refused() {
-    let (port, mut w) = one_worker::<(), ()>();
+fn receive_without_spare_capacity_is_refused(b: Backend) {
+    let (port, mut w) = one_worker::<(), ()>(b);
     let (ours, _peer) = pair();
     let h = port.associate(ours, ()).unwrap();
     w.submit(Op::recv(&h, Vec::new()), ());

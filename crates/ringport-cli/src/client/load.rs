@@ -97,8 +97,9 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     };
     let (port, workers) = Port::builder()
         .workers(plan.workers)
+        .backend(args.backend)
         .build::<u32, Io>()
-        .map_err(|e| format!("cannot start the completion port: {}", describe(&e)))?;
+        .map_err(|e| crate::serve::port_error(&e))?;
     let start = Instant::now();
     if let Until::Deadline(d) = plan.until {
         // Count the duration from here, after setup.

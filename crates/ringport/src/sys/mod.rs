@@ -18,6 +18,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
+pub(crate) mod epoll;
 pub(crate) mod uring;
 
 /// What an operation does, and the memory it hands to the kernel. Lives in a `Box` owned by the
@@ -32,8 +33,8 @@ pub(crate) enum OpBody {
     Recv(Vec<u8>),
     /// Send `buf[offset..]`.
     Send(Vec<u8>, usize),
-    /// Complete after this long.
-    Timeout(io_uring::types::Timespec),
+    /// Complete after this long (the io_uring backend points the kernel at the timespec).
+    Timeout(Duration, io_uring::types::Timespec),
 }
 
 /// One finished operation: its id and its result (`>= 0` bytes or a new descriptor, `< 0` errno).
@@ -41,6 +42,14 @@ pub(crate) enum OpBody {
 pub(crate) struct Event {
     pub(crate) id: u64,
     pub(crate) res: i32,
+}
+
+/// The socket an operation is on: its descriptor, and the serial number of the handle that
+/// holds it (descriptor numbers are reused after a close; serials are not).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target {
+    pub(crate) fd: RawFd,
+    pub(crate) serial: u64,
 }
 
 /// What to cancel.
@@ -56,9 +65,9 @@ pub(crate) enum Cancel {
 
 /// The contract of a backend (see the module docs).
 pub(crate) trait Driver: Send {
-    /// Queues the operation `id` on descriptor `fd` (`-1` for none). On `Err` nothing was
+    /// Starts the operation `id` on `target` (`fd == -1` for none). On `Err` nothing was
     /// started and no event will be reported.
-    fn start(&mut self, id: u64, fd: RawFd, body: &mut OpBody) -> io::Result<()>;
+    fn start(&mut self, id: u64, target: Target, body: &mut OpBody) -> io::Result<()>;
 
     /// Asks for cancellation; the cancelled operations still report an event (`-ECANCELED`
     /// unless they had already finished).

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{Cancel, Driver, Event, OpBody};
+use super::{Cancel, Driver, Event, OpBody, Target};
 
 /// `user_data` of the internal read on the worker's eventfd (the cross-thread wake-up).
 const WAKE: u64 = u64::MAX;
@@ -130,8 +130,8 @@ impl Uring {
 }
 
 impl Driver for Uring {
-    fn start(&mut self, id: u64, fd: RawFd, body: &mut OpBody) -> io::Result<()> {
-        let fd = types::Fd(fd);
+    fn start(&mut self, id: u64, target: Target, body: &mut OpBody) -> io::Result<()> {
+        let fd = types::Fd(target.fd);
         let sqe = match body {
             OpBody::Accept => opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
                 .flags(libc::SOCK_CLOEXEC)
@@ -151,7 +151,7 @@ impl Driver for Uring {
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
             }
-            OpBody::Timeout(ts) => opcode::Timeout::new(ts).build(),
+            OpBody::Timeout(_, ts) => opcode::Timeout::new(ts).build(),
         };
         // SAFETY: the port keeps `body` (the buffer, address or timespec the SQE points into)
         // boxed in its in-flight table, untouched, until this id's event has been reaped.

@@ -1,0 +1,431 @@
+//! The epoll backend: the same completions, produced from readiness.
+//!
+//! One epoll instance per worker. A socket is registered once, edge-triggered for both
+//! directions, the first time an operation is started on it, and stays registered: no
+//! `epoll_ctl` per message. Each socket has two queues of operations in posting order, one per
+//! direction (accept and receive read; connect and send write). A started operation is tried at
+//! once when it is first in its queue; otherwise, and after `EAGAIN`, it waits for the next edge,
+//! at which the queue is run in order until an operation would block again. A finished operation
+//! becomes an [`Event`] with the same `res` an io_uring CQE would carry.
+//!
+//! Nothing here hands memory to the kernel beyond the duration of one system call, so the
+//! driver is idle at any time and cancellation is immediate.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use super::{Cancel, Driver, Event, OpBody, Target};
+
+/// `epoll_event.u64` of the worker's eventfd.
+const WAKE: u64 = u64::MAX;
+/// Readiness events taken per `epoll_wait`.
+const EVENTS: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Read,
+    Write,
+}
+
+/// An operation waiting for readiness. `body` points into the port's boxed operation record,
+/// which stays put until this driver reports the operation's event.
+struct Waiting {
+    fd: RawFd,
+    side: Side,
+    body: *mut OpBody,
+    /// A connect whose `connect(2)` returned `EINPROGRESS`.
+    connecting: bool,
+}
+
+#[derive(Default)]
+struct FdState {
+    /// The handle this registration belongs to; a different serial on the same descriptor
+    /// number means the old socket was closed and the number reused.
+    serial: u64,
+    registered: bool,
+    read: VecDeque<u64>,
+    write: VecDeque<u64>,
+}
+
+pub(crate) struct Epoll {
+    epfd: OwnedFd,
+    wake_fd: RawFd,
+    fds: HashMap<RawFd, FdState>,
+    ops: HashMap<u64, Waiting>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Events produced outside `wait` (immediate results, cancellations).
+    done: Vec<Event>,
+    buf: Vec<libc::epoll_event>,
+}
+
+// SAFETY: the raw `OpBody` pointers refer to heap records owned by the same `Worker` that owns
+// this driver; both move between threads together and are only used by the owning thread.
+unsafe impl Send for Epoll {}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn last_errno() -> i32 {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+impl Epoll {
+    pub(crate) fn new(wake_fd: RawFd) -> io::Result<Self> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new descriptor
+        // owned only by the `OwnedFd`.
+        let epfd = unsafe { OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: WAKE,
+        };
+        // SAFETY: `ev` is a live local; both descriptors are open.
+        cvt(unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, wake_fd, &mut ev) })?;
+        Ok(Epoll {
+            epfd,
+            wake_fd,
+            fds: HashMap::new(),
+            ops: HashMap::new(),
+            timers: BinaryHeap::new(),
+            done: Vec::new(),
+            buf: Vec::with_capacity(EVENTS),
+        })
+    }
+
+    fn register(&mut self, target: Target) -> io::Result<()> {
+        let state = self.fds.entry(target.fd).or_default();
+        if state.registered && state.serial == target.serial {
+            return Ok(());
+        }
+        state.serial = target.serial;
+        state.read.clear();
+        state.write.clear();
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: target.fd as u64,
+        };
+        // SAFETY: `ev` is a live local; `target.fd` is an open descriptor held by a handle.
+        let add = unsafe {
+            libc::epoll_ctl(
+                self.epfd.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                target.fd,
+                &mut ev,
+            )
+        };
+        if add < 0 {
+            if last_errno() != libc::EEXIST {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: as above.
+            cvt(unsafe {
+                libc::epoll_ctl(
+                    self.epfd.as_raw_fd(),
+                    libc::EPOLL_CTL_MOD,
+                    target.fd,
+                    &mut ev,
+                )
+            })?;
+        }
+        state.registered = true;
+        Ok(())
+    }
+
+    /// Runs one queue of a descriptor in order until an operation would block.
+    fn run(&mut self, fd: RawFd, side: Side) {
+        loop {
+            let Some(state) = self.fds.get_mut(&fd) else {
+                return;
+            };
+            let queue = match side {
+                Side::Read => &mut state.read,
+                Side::Write => &mut state.write,
+            };
+            let Some(&id) = queue.front() else { return };
+            let Some(op) = self.ops.get_mut(&id) else {
+                queue.pop_front();
+                continue;
+            };
+            match attempt(op) {
+                Some(res) => {
+                    queue.pop_front();
+                    self.ops.remove(&id);
+                    self.done.push(Event { id, res });
+                }
+                None => return,
+            }
+        }
+    }
+
+    fn cancel_op(&mut self, id: u64) {
+        if let Some(op) = self.ops.remove(&id) {
+            if let Some(state) = self.fds.get_mut(&op.fd) {
+                let queue = match op.side {
+                    Side::Read => &mut state.read,
+                    Side::Write => &mut state.write,
+                };
+                queue.retain(|&x| x != id);
+            }
+            self.done.push(Event {
+                id,
+                res: -libc::ECANCELED,
+            });
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if self.ops.remove(&id).is_some() {
+                self.done.push(Event {
+                    id,
+                    res: -libc::ETIME,
+                });
+            }
+        }
+    }
+
+    fn next_timer(&mut self) -> Option<Instant> {
+        // Drop cancelled timers from the top so they do not shorten the wait.
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if self.ops.contains_key(&id) {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+}
+
+/// Tries the operation once. `None`: it would block; `Some(res)`: it finished with `res`.
+fn attempt(op: &mut Waiting) -> Option<i32> {
+    // SAFETY: `op.body` points into the port's boxed record of this operation, which lives,
+    // unmoved and not otherwise borrowed, until the driver reports the operation.
+    let body = unsafe { &mut *op.body };
+    let r = match body {
+        // SAFETY: accept4 with null address arguments writes no memory of ours.
+        OpBody::Accept => unsafe {
+            libc::accept4(
+                op.fd,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        },
+        OpBody::Recv(buf) => {
+            let spare = buf.spare_capacity_mut();
+            // SAFETY: recv writes at most `spare.len()` bytes into the buffer's spare capacity.
+            unsafe { libc::recv(op.fd, spare.as_mut_ptr().cast(), spare.len(), 0) as i32 }
+        }
+        OpBody::Send(buf, offset) => {
+            let rest = buf.get(*offset..).unwrap_or_default();
+            // SAFETY: send reads `rest.len()` initialized bytes from `rest`.
+            unsafe {
+                libc::send(op.fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) as i32
+            }
+        }
+        OpBody::Connect(addr) => {
+            if op.connecting {
+                let mut err: libc::c_int = 0;
+                let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                // SAFETY: getsockopt writes one c_int into `err` and its size into `len`.
+                let r = unsafe {
+                    libc::getsockopt(
+                        op.fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_ERROR,
+                        std::ptr::from_mut(&mut err).cast(),
+                        &mut len,
+                    )
+                };
+                if r < 0 {
+                    return Some(-last_errno());
+                }
+                if err == 0 && !is_connected(op.fd) {
+                    return None;
+                }
+                return Some(-err);
+            }
+            // SAFETY: connect reads `addr.len()` bytes of the address owned by the record.
+            let r = unsafe { libc::connect(op.fd, addr.as_ptr().cast(), addr.len()) };
+            if r < 0 && last_errno() == libc::EINPROGRESS {
+                op.connecting = true;
+                return None;
+            }
+            r
+        }
+        OpBody::Timeout(..) => return None,
+    };
+    if r >= 0 {
+        return Some(r);
+    }
+    match last_errno() {
+        libc::EAGAIN => None,
+        libc::EINTR => attempt(op),
+        e => Some(-e),
+    }
+}
+
+fn is_connected(fd: RawFd) -> bool {
+    // SAFETY: getpeername writes at most `len` bytes into the zeroed local storage.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        libc::getpeername(fd, std::ptr::from_mut(&mut storage).cast(), &mut len) == 0
+    }
+}
+
+impl Driver for Epoll {
+    fn start(&mut self, id: u64, target: Target, body: &mut OpBody) -> io::Result<()> {
+        if let OpBody::Timeout(after, _) = body {
+            self.timers.push(Reverse((Instant::now() + *after, id)));
+            self.ops.insert(
+                id,
+                Waiting {
+                    fd: -1,
+                    side: Side::Read,
+                    body,
+                    connecting: false,
+                },
+            );
+            return Ok(());
+        }
+        let side = match body {
+            OpBody::Accept | OpBody::Recv(_) => Side::Read,
+            _ => Side::Write,
+        };
+        let mut op = Waiting {
+            fd: target.fd,
+            side,
+            body,
+            connecting: false,
+        };
+        let first = self.fds.get(&target.fd).is_none_or(|s| {
+            s.serial != target.serial
+                || match side {
+                    Side::Read => s.read.is_empty(),
+                    Side::Write => s.write.is_empty(),
+                }
+        });
+        if first {
+            // Alone in its queue: try it now (a connect must be issued before it is watched).
+            if let Some(res) = attempt(&mut op) {
+                self.done.push(Event { id, res });
+                return Ok(());
+            }
+        }
+        self.register(target)?;
+        let state = self.fds.get_mut(&target.fd).expect("registered above");
+        match side {
+            Side::Read => state.read.push_back(id),
+            Side::Write => state.write.push_back(id),
+        }
+        self.ops.insert(id, op);
+        Ok(())
+    }
+
+    fn cancel(&mut self, what: Cancel) {
+        match what {
+            Cancel::Op(id) => self.cancel_op(id),
+            Cancel::Fd(fd) => {
+                let ids: Vec<u64> = self
+                    .fds
+                    .get(&fd)
+                    .map(|s| s.read.iter().chain(s.write.iter()).copied().collect())
+                    .unwrap_or_default();
+                for id in ids {
+                    self.cancel_op(id);
+                }
+            }
+            Cancel::All => {
+                let ids: Vec<u64> = self.ops.keys().copied().collect();
+                for id in ids {
+                    self.cancel_op(id);
+                }
+            }
+        }
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {
+        let now = Instant::now();
+        let mut deadline = timeout.map(|t| now + t);
+        if let Some(t) = self.next_timer() {
+            deadline = Some(deadline.map_or(t, |d| d.min(t)));
+        }
+        let ms = if !self.done.is_empty() {
+            0
+        } else {
+            match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(now);
+                    // Round up, so a timer never fires early and the loop never spins.
+                    i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+                }
+            }
+        };
+        self.buf.clear();
+        // SAFETY: epoll_wait writes at most `capacity` events into the vector's spare capacity.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epfd.as_raw_fd(),
+                self.buf.as_mut_ptr(),
+                self.buf.capacity() as i32,
+                ms,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        } else {
+            // SAFETY: the kernel initialized the first `n` entries.
+            unsafe { self.buf.set_len(n as usize) };
+        }
+        let ready: Vec<(u64, u32)> = self.buf.iter().map(|e| (e.u64, e.events)).collect();
+        for (data, events) in ready {
+            if data == WAKE {
+                let mut count = 0u64;
+                // SAFETY: reads 8 bytes into a live local; the eventfd is readable (level
+                // triggered), so this does not block.
+                unsafe {
+                    libc::read(self.wake_fd, std::ptr::from_mut(&mut count).cast(), 8);
+                }
+                continue;
+            }
+            let fd = data as RawFd;
+            let err = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
+            if events & (libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32 | err) != 0 {
+                self.run(fd, Side::Read);
+            }
+            if events & (libc::EPOLLOUT as u32 | err) != 0 {
+                self.run(fd, Side::Write);
+            }
+        }
+        self.fire_timers();
+        out.append(&mut self.done);
+        Ok(())
+    }
+
+    fn idle(&self) -> bool {
+        true
+    }
+
+    fn name(&self) -> &'static str {
+        "epoll"
+    }
+}
