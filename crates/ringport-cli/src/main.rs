@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod client;
 mod serve;
+mod udp;
 
 /// A completion-port TCP echo server (RFC 862) and client for Linux.
 #[derive(Debug, Parser)]
@@ -50,6 +51,32 @@ pub struct ServeArgs {
         env = "RINGPORT_BACKEND"
     )]
     pub backend: ringport::Backend,
+
+    /// Close connections that have neither received nor sent anything for this long, in
+    /// seconds (slowloris protection) [default: off].
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub idle_timeout: Option<Duration>,
+
+    /// Connections open at once; more are closed as soon as they are accepted, counted, and
+    /// logged at most once a second [default: 0, no limit].
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Echo bytes a connection may have waiting to be sent before the server stops reading
+    /// from it (a peer that sends without reading cannot make the server buffer more).
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024,
+          value_parser = clap::value_parser!(usize))]
+    pub conn_buffer: usize,
+
+    /// Also echo UDP datagrams (RFC 862), on the same address as --listen. Off by default: UDP
+    /// echo can be abused as a reflection amplifier.
+    #[arg(long)]
+    pub udp: bool,
+
+    /// UDP: datagrams per second echoed to one source address; the rest are dropped and
+    /// counted (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub udp_rate: u32,
 
     /// On SIGINT/SIGTERM, how long to keep echoing what was already received before closing
     /// the remaining connections, in seconds (e.g. 5, 0.5).

@@ -1,27 +1,35 @@
 //! `ringport serve`: the book's completion-port echo server.
 //!
-//! The listener lives on one worker, which keeps a pool of accepts posted. Each accepted
+//! The listener lives on worker 0, which keeps a pool of accepts posted. Each accepted
 //! connection is associated with the least-loaded worker and handed to it with a posted packet;
-//! from then on only that worker touches the connection, so its state needs no lock. Each
-//! connection has one operation outstanding at a time: a receive, or the send echoing what that
-//! receive brought (re-posted until every byte is out), so bytes go back in the order they came.
+//! from then on only that worker touches the connection, so its state needs no lock.
+//!
+//! Each connection has one pooled multishot receive armed: an idle connection holds no buffer.
+//! What arrives is queued and echoed from the same buffer, one send at a time and in arrival
+//! order (a short send is re-posted from where it stopped), and the buffer goes back to the pool
+//! when it has been sent. When a connection has `--conn-buffer` bytes waiting to go out (its peer
+//! is not reading), its receive is cancelled until the queue has half drained: backpressure.
+//! The pool bounds what a worker buffers in total; a receive that finds the pool empty ends with
+//! `ENOBUFS` and is re-armed when buffers come back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringport::{Completion, Handle, Op, OpId, Packet, Port, Worker};
+use ringport::{Completion, Handle, Op, OpId, Packet, PoolBuf, Port, WaitError, Worker};
 use tracing::{debug, info, trace, warn};
 
 use crate::client::errors::describe;
 use crate::ServeArgs;
 
-/// Receive buffer per connection, as in the book.
+/// Receive buffer size, as in the book.
 const BUFFER_SIZE: usize = 8192;
+/// Buffers in each worker's receive pool.
+const POOL_BUFFERS: u16 = 2048;
 /// Accepts kept posted on the listener.
 const ACCEPT_POOL: usize = 16;
 /// Pause before accepting again after running out of descriptors or memory.
@@ -30,17 +38,19 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const BATCH: usize = 64;
 /// After the drain timeout, how long to wait for the forced closes to complete.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
+/// At most one warning per this long about refused connections.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// The completion key: which socket this is.
 #[derive(Debug)]
-enum Key {
+pub enum Key {
     Listener,
     Conn(u64),
 }
 
 /// The per-I/O data.
-#[derive(Debug)]
-enum Io {
+#[derive(Debug, Clone)]
+pub enum Io {
     Accept,
     /// A pause before re-posting an accept.
     AcceptBackoff,
@@ -48,25 +58,52 @@ enum Io {
     Adopt,
     /// Start draining (a posted packet).
     Drain,
+    /// The idle-timeout sweep.
+    Sweep,
     Recv,
-    /// Echoing a received buffer; `sent` bytes of it are out.
+    /// Echoing a pool buffer from this offset.
     Send {
-        sent: usize,
+        offset: usize,
     },
     Close,
 }
 
-struct Conn {
-    handle: Handle<Key>,
-    /// The receive outstanding, if any (during a drain it is cancelled).
-    recv: Option<OpId>,
+/// The server's limits, from the command line.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    drain_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    max_connections: usize,
+    conn_buffer: usize,
 }
 
-/// Totals for the exit summary.
+struct Conn {
+    handle: Handle<Key>,
+    /// The armed pooled receive, if any.
+    recv: Option<OpId>,
+    /// Received and not yet sent, in order.
+    queue: VecDeque<PoolBuf>,
+    /// Bytes in `queue` plus the buffer being sent.
+    pending: usize,
+    sending: bool,
+    /// The receive was cancelled because `pending` reached the bound.
+    paused: bool,
+    /// A cancel of the armed receive was requested (draining).
+    cancelling: bool,
+    /// The peer closed its side: close once everything is echoed.
+    eof: bool,
+    last_active: Instant,
+}
+
+/// Counters shared by the workers, for the exit summary and `--max-connections`.
 #[derive(Default)]
 struct Totals {
     connections: AtomicU64,
     bytes: AtomicU64,
+    refused: AtomicU64,
+    idle_closed: AtomicU64,
+    /// Connections open right now.
+    live: AtomicUsize,
 }
 
 pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
@@ -74,23 +111,38 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     let local = listener
         .local_addr()
         .map_err(|e| format!("{}: {}", args.listen, describe(&e)))?;
+    // Signals are caught from here on: none can kill the server once it says it listens.
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let workers = args.workers.map_or(0, usize::from);
     let (port, workers) = Port::builder()
         .workers(workers)
         .backend(args.backend)
+        .recv_pool(BUFFER_SIZE, POOL_BUFFERS)
         .build::<Key, Io>()
         .map_err(|e| port_error(&e))?;
     let listener = port
         .associate_with(0, listener, Key::Listener)
         .map_err(|e| format!("{local}: {}", describe(&e)))?;
+    let limits = Limits {
+        drain_timeout: args.drain_timeout,
+        idle_timeout: args.idle_timeout.filter(|d| !d.is_zero()),
+        max_connections: args.max_connections,
+        conn_buffer: args.conn_buffer.max(1),
+    };
+    let udp = if args.udp {
+        let bound = crate::udp::start(local, args.udp_rate)
+            .map_err(|e| format!("{local} (UDP): {}", describe(&e)))?;
+        Some(bound)
+    } else {
+        None
+    };
     info!(
         "listening on {local} backend={} workers={}",
         port.backend(),
         port.workers()
     );
 
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let signal_port = port.clone();
     std::thread::Builder::new()
         .name("signals".into())
@@ -114,10 +166,9 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     for worker in workers {
         let listener = listener.clone();
         let totals = Arc::clone(&totals);
-        let drain_timeout = args.drain_timeout;
         let t = std::thread::Builder::new()
             .name(format!("worker-{}", worker.index()))
-            .spawn(move || Server::new(worker, listener, drain_timeout).run(&totals))
+            .spawn(move || Server::new(worker, listener, limits, totals).run())
             .map_err(|e| format!("cannot start a worker thread: {e}"))?;
         threads.push(t);
     }
@@ -133,11 +184,27 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
             Err(_) => failed = true,
         }
     }
-    println!(
+    let mut summary = format!(
         "ringport: served {} connections, echoed {} bytes",
         totals.connections.load(Ordering::Relaxed),
         totals.bytes.load(Ordering::Relaxed)
     );
+    let refused = totals.refused.load(Ordering::Relaxed);
+    if refused > 0 {
+        summary.push_str(&format!(", refused {refused} over --max-connections"));
+    }
+    let idle = totals.idle_closed.load(Ordering::Relaxed);
+    if idle > 0 {
+        summary.push_str(&format!(", closed {idle} idle"));
+    }
+    if let Some(udp) = udp {
+        let s = udp.stop();
+        summary.push_str(&format!(
+            ", UDP: echoed {} datagrams, dropped {} over the rate limit",
+            s.echoed, s.limited
+        ));
+    }
+    println!("{summary}");
     Ok(if failed {
         ExitCode::FAILURE
     } else {
@@ -171,13 +238,14 @@ struct Server {
     worker: Worker<Key, Io>,
     port: Port<Key, Io>,
     listener: Option<Handle<Key>>,
-    /// Accepts outstanding (on the listener's worker).
+    /// Accepts (or accept back-offs) outstanding, on the listener's worker.
     accepts: usize,
     conns: HashMap<u64, Conn>,
+    /// Connections whose pooled receive ended with `ENOBUFS`, to re-arm.
+    starved: Vec<u64>,
     next_id: u64,
-    /// Spare receive buffers.
-    buffers: Vec<Vec<u8>>,
-    drain_timeout: Duration,
+    limits: Limits,
+    totals: Arc<Totals>,
     /// Set once draining; past it, remaining connections are closed.
     deadline: Option<Instant>,
     forced: bool,
@@ -185,10 +253,17 @@ struct Server {
     bytes: u64,
     /// Whether the current run of accept failures was already logged.
     accept_failing: bool,
+    /// Refusals since the last warning, and when that was.
+    refusals: (u64, Option<Instant>),
 }
 
 impl Server {
-    fn new(worker: Worker<Key, Io>, listener: Handle<Key>, drain_timeout: Duration) -> Self {
+    fn new(
+        worker: Worker<Key, Io>,
+        listener: Handle<Key>,
+        limits: Limits,
+        totals: Arc<Totals>,
+    ) -> Self {
         let owns_listener = listener.worker() == worker.index();
         Server {
             port: worker.port(),
@@ -197,22 +272,28 @@ impl Server {
             listener: owns_listener.then_some(listener),
             accepts: 0,
             conns: HashMap::new(),
-            buffers: Vec::new(),
-            drain_timeout,
+            starved: Vec::new(),
+            limits,
+            totals,
             deadline: None,
             forced: false,
             connections: 0,
             bytes: 0,
             accept_failing: false,
+            refusals: (0, None),
         }
     }
 
-    fn run(mut self, totals: &Totals) -> io::Result<()> {
+    fn run(mut self) -> io::Result<()> {
         if let Some(l) = self.listener.clone() {
             for _ in 0..ACCEPT_POOL {
                 self.worker.submit(Op::accept(&l), Io::Accept);
                 self.accepts += 1;
             }
+        }
+        if let Some(idle) = self.limits.idle_timeout {
+            self.worker
+                .submit(Op::timeout(sweep_period(idle)), Io::Sweep);
         }
         let mut batch = Vec::with_capacity(BATCH);
         let result = loop {
@@ -227,8 +308,9 @@ impl Server {
                     for c in batch.drain(..) {
                         self.complete(c);
                     }
+                    self.rearm_starved();
                 }
-                Err(ringport::WaitError::TimedOut) => {}
+                Err(WaitError::TimedOut) => {}
                 Err(e) => break Err(io::Error::from(e)),
             }
             if self.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -239,10 +321,11 @@ impl Server {
                 self.force_close();
             }
         };
-        totals
+        self.flush_refusals();
+        self.totals
             .connections
             .fetch_add(self.connections, Ordering::Relaxed);
-        totals.bytes.fetch_add(self.bytes, Ordering::Relaxed);
+        self.totals.bytes.fetch_add(self.bytes, Ordering::Relaxed);
         result
     }
 
@@ -260,8 +343,9 @@ impl Server {
             }
             Io::Adopt => self.adopt(c),
             Io::Drain => self.drain(),
+            Io::Sweep => self.sweep(),
             Io::Recv => self.received(c),
-            Io::Send { sent } => self.sent(c, sent),
+            Io::Send { offset } => self.sent(c, offset),
             Io::Close => {}
         }
     }
@@ -314,11 +398,17 @@ impl Server {
         if self.deadline.is_some() {
             return; // Draining: the connection is closed at once.
         }
+        let max = self.limits.max_connections;
+        if max > 0 && self.totals.live.load(Ordering::Relaxed) >= max {
+            self.refuse(stream);
+            return;
+        }
         let _ = stream.set_nodelay(true);
         let id = self.next_id;
         self.next_id += self.port.workers() as u64;
         match self.port.associate(stream, Key::Conn(id)) {
             Ok(h) => {
+                self.totals.live.fetch_add(1, Ordering::Relaxed);
                 let home = h.worker();
                 let packet = Packet {
                     bytes: 0,
@@ -326,10 +416,37 @@ impl Server {
                     data: Io::Adopt,
                 };
                 if let Err(e) = self.worker.post(home, packet) {
+                    self.totals.live.fetch_sub(1, Ordering::Relaxed);
                     warn!("socket {id}: cannot hand to worker {home}: {e}");
                 }
             }
             Err(e) => warn!("socket {id}: cannot associate: {}", describe(&e)),
+        }
+    }
+
+    /// Closes a connection over `--max-connections` at once, and says so at a bounded rate.
+    fn refuse(&mut self, stream: std::net::TcpStream) {
+        drop(stream);
+        self.totals.refused.fetch_add(1, Ordering::Relaxed);
+        self.refusals.0 += 1;
+        let now = Instant::now();
+        if self
+            .refusals
+            .1
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY)
+        {
+            self.flush_refusals();
+            self.refusals.1 = Some(now);
+        }
+    }
+
+    fn flush_refusals(&mut self) {
+        if self.refusals.0 > 0 {
+            warn!(
+                "refused {} connections over --max-connections {}",
+                self.refusals.0, self.limits.max_connections
+            );
+            self.refusals.0 = 0;
         }
     }
 
@@ -338,76 +455,194 @@ impl Server {
         let Key::Conn(id) = *handle.key() else { return };
         if self.deadline.is_some() {
             debug!("closing socket {id} (draining)");
+            self.totals.live.fetch_sub(1, Ordering::Relaxed);
             return;
         }
         debug!("socket {id} connected");
         self.connections += 1;
-        let buf = self.buffers.pop().unwrap_or_default();
-        let mut conn = Conn { handle, recv: None };
-        post_recv(&mut self.worker, &mut conn, buf);
+        let mut conn = Conn {
+            handle,
+            recv: None,
+            queue: VecDeque::new(),
+            pending: 0,
+            sending: false,
+            paused: false,
+            cancelling: false,
+            eof: false,
+            last_active: Instant::now(),
+        };
+        self.arm(&mut conn);
         self.conns.insert(id, conn);
+    }
+
+    fn arm(&mut self, conn: &mut Conn) {
+        conn.recv = Some(
+            self.worker
+                .submit_multishot(Op::recv_pooled(&conn.handle), Io::Recv),
+        );
     }
 
     fn received(&mut self, c: Completion<Key, Io>) {
         let Some(id) = conn_id(&c) else { return };
-        let Some(conn) = self.conns.get_mut(&id) else {
+        let Some(mut conn) = self.conns.remove(&id) else {
             return;
         };
-        conn.recv = None;
-        let cancelled = c.is_cancelled();
-        let buf = c.buf.unwrap_or_default();
+        if !c.more {
+            conn.recv = None;
+            conn.cancelling = false;
+        }
         match c.result {
             Ok(n) if n > 0 => {
                 trace!("socket {id}: received {n} bytes");
-                let h = conn.handle.clone();
-                self.worker
-                    .submit(Op::send(&h, buf, 0), Io::Send { sent: 0 });
+                conn.last_active = Instant::now();
+                if let Some(buf) = c.pooled {
+                    conn.pending += buf.len();
+                    conn.queue.push_back(buf);
+                }
+                self.pump(&mut conn);
+                if conn.pending >= self.limits.conn_buffer && !conn.paused {
+                    // The peer is not reading: stop receiving until the echo drains.
+                    conn.paused = true;
+                    if let Some(op) = conn.recv {
+                        self.worker.cancel(op);
+                    }
+                }
+                if conn.recv.is_none() && !conn.paused && self.deadline.is_none() {
+                    // The kernel ended the receive after data (e.g. no buffer for more).
+                    self.starved.push(id);
+                }
             }
-            Ok(_) => {
-                self.recycle(buf);
-                self.close(id, "peer closed");
+            Ok(_) => conn.eof = true,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                // The pool ran dry: re-armed when buffers come back.
+                self.starved.push(id);
+                return self.keep(id, conn);
             }
-            Err(_) if cancelled && self.deadline.is_some() => {
-                self.recycle(buf);
-                self.close(id, "draining");
+            Err(_) if c.is_cancelled() => self.maybe_resume(&mut conn),
+            Err(e) => return self.close_conn(id, conn, &describe(&e)),
+        }
+        self.settle(id, conn);
+    }
+
+    /// Decides, after an event, whether a connection goes on or is closed: it closes once it
+    /// has nothing left to echo and its peer closed, or, while draining, once no input is left.
+    /// A receive still armed is cancelled first, so that data it already took is not lost.
+    fn settle(&mut self, id: u64, mut conn: Conn) {
+        if !self.idle(&conn) {
+            return self.keep(id, conn);
+        }
+        if conn.eof {
+            return self.close_conn(id, conn, "peer closed");
+        }
+        if self.deadline.is_some() {
+            match conn.recv {
+                Some(op) => {
+                    if !conn.cancelling {
+                        conn.cancelling = true;
+                        self.worker.cancel(op);
+                    }
+                }
+                None if self.nothing_waiting(&conn) => {
+                    return self.close_conn(id, conn, "draining");
+                }
+                // Input is waiting: take what is there, then stop.
+                None => self.arm_once(&mut conn),
             }
-            Err(e) => {
-                self.recycle(buf);
-                self.close(id, &describe(&e));
+        }
+        self.keep(id, conn)
+    }
+
+    /// Arms the receive and cancels it at once: it takes what is already in the socket.
+    fn arm_once(&mut self, conn: &mut Conn) {
+        self.arm(conn);
+        if let Some(op) = conn.recv {
+            conn.cancelling = true;
+            self.worker.cancel(op);
+        }
+    }
+
+    /// Starts sending the next queued buffer, if no send is in flight.
+    fn pump(&mut self, conn: &mut Conn) {
+        if conn.sending {
+            return;
+        }
+        if let Some(buf) = conn.queue.pop_front() {
+            conn.sending = true;
+            self.worker.submit(
+                Op::send_pooled(&conn.handle, buf, 0),
+                Io::Send { offset: 0 },
+            );
+        }
+    }
+
+    fn sent(&mut self, c: Completion<Key, Io>, offset: usize) {
+        let Some(id) = conn_id(&c) else { return };
+        let Some(mut conn) = self.conns.remove(&id) else {
+            return;
+        };
+        let Some(buf) = c.pooled else {
+            return self.close_conn(id, conn, "send gave no buffer back");
+        };
+        let n = match c.result {
+            Ok(n) if n > 0 || buf.len() == offset => n,
+            Ok(_) => return self.close_conn(id, conn, "send made no progress"),
+            Err(e) => return self.close_conn(id, conn, &describe(&e)),
+        };
+        self.bytes += n as u64;
+        conn.last_active = Instant::now();
+        let offset = offset + n;
+        if offset < buf.len() {
+            // A short send: post the rest.
+            self.worker.submit(
+                Op::send_pooled(&conn.handle, buf, offset),
+                Io::Send { offset },
+            );
+            return self.keep(id, conn);
+        }
+        conn.pending -= buf.len();
+        drop(buf);
+        conn.sending = false;
+        self.pump(&mut conn);
+        self.maybe_resume(&mut conn);
+        self.settle(id, conn);
+    }
+
+    /// Re-arms a paused receive once the echo has drained to half the bound.
+    fn maybe_resume(&mut self, conn: &mut Conn) {
+        if conn.paused && conn.recv.is_none() && conn.pending <= self.limits.conn_buffer / 2 {
+            conn.paused = false;
+            if !conn.eof {
+                self.arm(conn);
             }
         }
     }
 
-    fn sent(&mut self, c: Completion<Key, Io>, before: usize) {
-        let Some(id) = conn_id(&c) else { return };
-        let buf = c.buf.unwrap_or_default();
-        match c.result {
-            Ok(n) => {
-                let sent = before + n;
-                self.bytes += n as u64;
-                let Some(conn) = self.conns.get_mut(&id) else {
-                    return;
-                };
-                if n > 0 && sent < buf.len() {
-                    // A short send: post the rest.
-                    let h = conn.handle.clone();
-                    self.worker
-                        .submit(Op::send(&h, buf, sent), Io::Send { sent });
-                } else if n == 0 && sent < buf.len() {
-                    self.recycle(buf);
-                    self.close(id, "send made no progress");
-                } else if self.deadline.is_some() {
-                    self.recycle(buf);
-                    self.close(id, "draining");
-                } else {
-                    let mut buf = buf;
-                    buf.clear();
-                    post_recv(&mut self.worker, conn, buf);
+    fn keep(&mut self, id: u64, conn: Conn) {
+        self.conns.insert(id, conn);
+    }
+
+    /// Whether the connection has nothing queued or in flight to send.
+    fn idle(&self, conn: &Conn) -> bool {
+        !conn.sending && conn.queue.is_empty()
+    }
+
+    /// Whether the peer has no input waiting in the socket (during a drain).
+    fn nothing_waiting(&self, conn: &Conn) -> bool {
+        conn.handle.readable_bytes().map_or(true, |n| n == 0)
+    }
+
+    fn rearm_starved(&mut self) {
+        while !self.starved.is_empty() && self.worker.pool_available() > 0 {
+            let id = self.starved.pop().expect("checked non-empty");
+            if let Some(mut conn) = self.conns.remove(&id) {
+                if conn.recv.is_none() && !conn.paused && !conn.eof {
+                    if self.deadline.is_some() {
+                        self.arm_once(&mut conn);
+                    } else {
+                        self.arm(&mut conn);
+                    }
                 }
-            }
-            Err(e) => {
-                self.recycle(buf);
-                self.close(id, &describe(&e));
+                self.conns.insert(id, conn);
             }
         }
     }
@@ -416,15 +651,40 @@ impl Server {
         if self.deadline.is_some() {
             return;
         }
-        self.deadline = Some(Instant::now() + self.drain_timeout);
+        self.deadline = Some(Instant::now() + self.limits.drain_timeout);
         if let Some(l) = self.listener.take() {
             self.worker.submit(Op::close(&l), Io::Close);
         }
-        // Connections waiting for input are done; those echoing finish their send first.
-        for conn in self.conns.values_mut() {
-            if let Some(op) = conn.recv.take() {
-                self.worker.cancel(op);
+        // Connections with nothing to echo and no input waiting are done; the others keep
+        // echoing until they are (or the drain times out).
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(conn) = self.conns.remove(&id) {
+                self.settle(id, conn);
             }
+        }
+    }
+
+    fn sweep(&mut self) {
+        let Some(idle) = self.limits.idle_timeout else {
+            return;
+        };
+        let now = Instant::now();
+        let stale: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.last_active) >= idle)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            if let Some(conn) = self.conns.remove(&id) {
+                self.totals.idle_closed.fetch_add(1, Ordering::Relaxed);
+                self.close_conn(id, conn, "idle timeout");
+            }
+        }
+        if self.deadline.is_none() {
+            self.worker
+                .submit(Op::timeout(sweep_period(idle)), Io::Sweep);
         }
     }
 
@@ -439,34 +699,24 @@ impl Server {
             );
         }
         for id in ids {
-            self.close(id, "drain timeout");
-        }
-    }
-
-    fn close(&mut self, id: u64, why: &str) {
-        if let Some(conn) = self.conns.remove(&id) {
-            debug!("closing socket {id} ({why})");
-            if self.deadline.is_some() {
-                // Send FIN now, after everything already echoed, even if input is unread.
-                let _ = socket2::SockRef::from(&conn.handle).shutdown(Shutdown::Write);
+            if let Some(conn) = self.conns.remove(&id) {
+                self.close_conn(id, conn, "drain timeout");
             }
-            self.worker.submit(Op::close(&conn.handle), Io::Close);
         }
     }
 
-    fn recycle(&mut self, mut buf: Vec<u8>) {
-        if buf.capacity() == BUFFER_SIZE && self.buffers.len() < 1024 {
-            buf.clear();
-            self.buffers.push(buf);
-        }
+    fn close_conn(&mut self, id: u64, conn: Conn, why: &str) {
+        debug!("closing socket {id} ({why})");
+        // FIN now, after everything already echoed, even if input is still unread.
+        let _ = socket2::SockRef::from(&conn.handle).shutdown(Shutdown::Write);
+        self.worker.submit(Op::close(&conn.handle), Io::Close);
+        self.totals.live.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-fn post_recv(worker: &mut Worker<Key, Io>, conn: &mut Conn, mut buf: Vec<u8>) {
-    if buf.capacity() < BUFFER_SIZE {
-        buf = Vec::with_capacity(BUFFER_SIZE);
-    }
-    conn.recv = Some(worker.submit(Op::recv(&conn.handle, buf), Io::Recv));
+/// How often idle connections are looked for: a quarter of the timeout, at least every 10 ms.
+fn sweep_period(idle: Duration) -> Duration {
+    (idle / 4).max(Duration::from_millis(10))
 }
 
 fn conn_id(c: &Completion<Key, Io>) -> Option<u64> {

@@ -70,6 +70,21 @@ impl<K> Handle<K> {
         !self.inner.closed.swap(true, Ordering::AcqRel)
     }
 
+    /// Bytes received by the kernel and not yet read from the socket (`FIONREAD`): lets a
+    /// server that is shutting down tell whether a peer still has input waiting.
+    ///
+    /// # Errors
+    /// The `ioctl` failed (e.g. not a socket).
+    pub fn readable_bytes(&self) -> std::io::Result<usize> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int into `n`; the descriptor is open while `self` lives.
+        let r = unsafe { libc::ioctl(self.as_raw_fd(), libc::FIONREAD, &mut n) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
     /// Whether two handles refer to the same association.
     pub fn ptr_eq(a: &Self, b: &Self) -> bool {
         Arc::ptr_eq(&a.inner, &b.inner)

@@ -129,9 +129,11 @@
 
 mod handle;
 mod op;
+mod pool;
 mod port;
 mod sys;
 
 pub use handle::Handle;
 pub use op::{Completion, Op, OpId, OpKind, Packet};
+pub use pool::PoolBuf;
 pub use port::{Backend, Builder, Port, WaitError, Worker, FAULT_URING_SETUP_ENV};

@@ -6,6 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::handle::Handle;
+use crate::pool::PoolBuf;
 use crate::sys::OpBody;
 
 /// Identifies one posted operation, for [`Worker::cancel`](crate::Worker::cancel) and to match
@@ -30,8 +31,12 @@ pub enum OpKind {
     Connect,
     /// [`Op::recv`]: the byte count was appended to the buffer; `0` means the peer closed.
     Recv,
-    /// [`Op::send`]: the byte count may be less than what was asked (a short send).
+    /// [`Op::send`] or [`Op::send_pooled`]: the byte count may be less than what was asked (a
+    /// short send).
     Send,
+    /// [`Op::recv_pooled`]: each completion carries [`Completion::pooled`]; `0` means the peer
+    /// closed; `ENOBUFS` means the pool ran dry (post it again later).
+    RecvPooled,
     /// [`Op::close`].
     Close,
     /// [`Op::timeout`]: `Ok(0)` when it expired.
@@ -84,6 +89,25 @@ impl<K> Op<K> {
     /// be less than asked, and the rest is the caller's to post again.
     pub fn send(socket: &Handle<K>, buf: Vec<u8>, offset: usize) -> Self {
         Op::new(Some(socket), OpKind::Send, Some(OpBody::Send(buf, offset)))
+    }
+
+    /// Receive whenever data arrives, each time into a buffer of the worker's receive pool
+    /// ([`Builder::recv_pool`](crate::Builder::recv_pool)), until the peer closes, an error, a
+    /// cancel, or the pool runs dry (`ENOBUFS`). Post it with
+    /// [`Worker::submit_multishot`](crate::Worker::submit_multishot). A connection waiting for
+    /// input holds no buffer.
+    pub fn recv_pooled(socket: &Handle<K>) -> Self {
+        Op::new(Some(socket), OpKind::RecvPooled, Some(OpBody::RecvPooled))
+    }
+
+    /// Send `buf[offset..]` of a pool buffer; the buffer comes back in
+    /// [`Completion::pooled`].
+    pub fn send_pooled(socket: &Handle<K>, buf: PoolBuf, offset: usize) -> Self {
+        Op::new(
+            Some(socket),
+            OpKind::Send,
+            Some(OpBody::SendPooled(buf, offset)),
+        )
     }
 
     /// Close: cancel every operation still outstanding on the socket (each completes with
@@ -150,8 +174,12 @@ pub struct Completion<K, D> {
     pub data: D,
     /// The buffer of a receive or send, given back on success and on error.
     pub buf: Option<Vec<u8>>,
+    /// The pool buffer of a pooled receive (the data received) or of a pooled send.
+    pub pooled: Option<PoolBuf>,
     /// For a successful accept: the new connection, not yet associated with the port.
     pub accepted: Option<TcpStream>,
+    /// A multishot operation that stays armed: more completions will follow.
+    pub more: bool,
 }
 
 impl<K, D> Completion<K, D> {

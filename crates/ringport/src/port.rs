@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::handle::Handle;
 use crate::op::{Completion, Op, OpId, OpKind, Packet};
+use crate::pool::Pool;
 use crate::sys::{self, Cancel, Driver, Event, OpBody, Target};
 
 /// Bits of an [`OpId`] below the worker index.
@@ -122,6 +123,7 @@ pub struct Builder {
     workers: usize,
     entries: u32,
     backend: Backend,
+    pool: Option<(usize, u16)>,
 }
 
 impl Default for Builder {
@@ -130,6 +132,7 @@ impl Default for Builder {
             workers: 0,
             entries: 256,
             backend: Backend::Auto,
+            pool: None,
         }
     }
 }
@@ -146,6 +149,15 @@ impl Builder {
     /// More operations than this may be in flight: the queue is flushed when full.
     pub fn entries(mut self, n: u32) -> Self {
         self.entries = n.max(8);
+        self
+    }
+
+    /// Gives each worker a receive pool of `buffers` buffers of `size` bytes, for
+    /// [`Op::recv_pooled`]: the kernel takes a buffer from the pool only when data arrives, so
+    /// a connection waiting for input holds none (on io_uring, a provided-buffer ring with a
+    /// multishot receive, Linux 6.0+). Without a pool, pooled receives fail with `EINVAL`.
+    pub fn recv_pool(mut self, size: usize, buffers: u16) -> Self {
+        self.pool = Some((size, buffers));
         self
     }
 
@@ -182,7 +194,7 @@ impl Builder {
         for _ in 0..n {
             slots.push(Slot::new()?);
         }
-        let drivers = self.drivers(&slots)?;
+        let (drivers, pools) = self.drivers(&slots)?;
         let backend = drivers[0].name();
         let shared = Arc::new(Shared {
             slots,
@@ -193,9 +205,11 @@ impl Builder {
         });
         let workers = drivers
             .into_iter()
+            .zip(pools)
             .enumerate()
-            .map(|(index, driver)| Worker {
+            .map(|(index, (driver, pool))| Worker {
                 index,
+                pool,
                 shared: Arc::clone(&shared),
                 driver,
                 inflight: HashMap::default(),
@@ -208,26 +222,48 @@ impl Builder {
     }
 }
 
+/// Each worker's driver and receive pool.
+type Drivers = (Vec<Box<dyn Driver>>, Vec<Option<Arc<Pool>>>);
+
 impl Builder {
-    fn drivers<K, D>(&self, slots: &[Slot<K, D>]) -> io::Result<Vec<Box<dyn Driver>>> {
-        let uring = || -> io::Result<Vec<Box<dyn Driver>>> {
+    /// Gives each driver its pool, if one is configured.
+    fn with_pools(&self, mut drivers: Vec<Box<dyn Driver>>) -> io::Result<Drivers> {
+        let mut pools = Vec::with_capacity(drivers.len());
+        for d in &mut drivers {
+            let pool = match self.pool {
+                Some((size, count)) => {
+                    let pool = Pool::new(size, count)?;
+                    d.set_pool(Arc::clone(&pool))?;
+                    Some(pool)
+                }
+                None => None,
+            };
+            pools.push(pool);
+        }
+        Ok((drivers, pools))
+    }
+
+    fn drivers<K, D>(&self, slots: &[Slot<K, D>]) -> io::Result<Drivers> {
+        let uring = || -> io::Result<Drivers> {
             fault_injected_uring_error()?;
-            slots
+            let drivers = slots
                 .iter()
                 .map(|s| {
                     sys::uring::Uring::new(self.entries, s.wake.as_raw_fd())
                         .map(|d| Box::new(d) as Box<dyn Driver>)
                 })
-                .collect()
+                .collect::<io::Result<_>>()?;
+            self.with_pools(drivers)
         };
-        let epoll = || -> io::Result<Vec<Box<dyn Driver>>> {
-            slots
+        let epoll = || -> io::Result<Drivers> {
+            let drivers = slots
                 .iter()
                 .map(|s| {
                     sys::epoll::Epoll::new(s.wake.as_raw_fd())
                         .map(|d| Box::new(d) as Box<dyn Driver>)
                 })
-                .collect()
+                .collect::<io::Result<_>>()?;
+            self.with_pools(drivers)
         };
         match self.backend {
             Backend::Epoll => epoll(),
@@ -355,7 +391,7 @@ where
             Some(h) => h.worker(),
             None => self.shared.least_loaded(),
         };
-        let pending = self.shared.pending(worker, op, data);
+        let pending = self.shared.pending(worker, op, data, None);
         let id = OpId(pending.id);
         self.shared
             .send(worker, Remote::Op(pending))
@@ -424,6 +460,8 @@ where
 /// worker (through its queue and eventfd), and complete there.
 pub struct Worker<K, D> {
     index: usize,
+    /// The receive pool, when the port has one.
+    pool: Option<Arc<Pool>>,
     shared: Arc<Shared<K, D>>,
     driver: Box<dyn Driver>,
     /// Every operation the driver has started and not yet reported, by id. Its body (buffer,
@@ -472,7 +510,32 @@ where
     /// a failure to start is reported as that operation's completion, with its buffer.
     pub fn submit(&mut self, op: Op<K>, data: D) -> OpId {
         let worker = op.handle.as_ref().map_or(self.index, Handle::worker);
-        let pending = self.shared.pending(worker, op, data);
+        let pending = self.shared.pending(worker, op, data, None);
+        self.submit_pending(worker, pending)
+    }
+
+    /// Posts an operation that may complete many times, such as [`Op::recv_pooled`]: every
+    /// completion but the last has [`Completion::more`] set and carries a clone of `data`.
+    pub fn submit_multishot(&mut self, op: Op<K>, data: D) -> OpId
+    where
+        D: Clone,
+    {
+        let worker = op.handle.as_ref().map_or(self.index, Handle::worker);
+        let pending = self
+            .shared
+            .pending(worker, op, data, Some(<D as Clone>::clone));
+        self.submit_pending(worker, pending)
+    }
+
+    /// Buffers of this worker's receive pool not in user hands (0 without a pool). Pooled
+    /// receives that ended with `ENOBUFS` can be posted again once this is non-zero.
+    pub fn pool_available(&self) -> usize {
+        self.pool
+            .as_ref()
+            .map_or(0, |p| usize::from(p.count()).saturating_sub(p.out()))
+    }
+
+    fn submit_pending(&mut self, worker: usize, pending: Pending<K, D>) -> OpId {
         let id = OpId(pending.id);
         if worker == self.index {
             self.start(pending);
@@ -585,9 +648,41 @@ where
 
     fn complete_events(&mut self) {
         for ev in self.events.drain(..) {
-            if let Some(p) = self.inflight.remove(&ev.id) {
+            let pooled = match (ev.bid, &self.pool) {
+                (Some(bid), Some(pool)) if ev.res > 0 => {
+                    // SAFETY: the driver reported that the kernel (or its recv) wrote `res`
+                    // bytes into buffer `bid`, which left the kernel's ring with this event.
+                    Some(unsafe { pool.buf(bid, ev.res as usize) })
+                }
+                _ => None,
+            };
+            if ev.more {
+                let Some(p) = self.inflight.get(&ev.id) else {
+                    continue;
+                };
+                let data = match p.clone {
+                    Some(clone) => clone(&p.data),
+                    // Not submitted as multishot: only the last completion is reported.
+                    None => continue,
+                };
+                self.ready.push_back(Completion {
+                    id: OpId(p.id),
+                    kind: p.kind,
+                    result: p.result(ev.res),
+                    handle: p.handle.clone(),
+                    data,
+                    buf: None,
+                    pooled,
+                    accepted: None,
+                    more: true,
+                });
+            } else if let Some(p) = self.inflight.remove(&ev.id) {
                 let result = p.result(ev.res);
-                self.ready.push_back(p.into_completion(result));
+                let mut c = p.into_completion(result);
+                if pooled.is_some() {
+                    c.pooled = pooled;
+                }
+                self.ready.push_back(c);
             }
         }
     }
@@ -640,6 +735,13 @@ where
         let Some(body) = p.body.as_deref_mut() else {
             return self.ready.push_back(p.into_completion(Ok(0)));
         };
+        if matches!(body, OpBody::RecvPooled) && self.pool.is_none() {
+            let e = io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "pooled receive on a port without a receive pool (Builder::recv_pool)",
+            );
+            return self.ready.push_back(p.into_completion(Err(e)));
+        }
         if matches!(body, OpBody::Recv(buf) if buf.len() == buf.capacity()) {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -697,6 +799,10 @@ impl<K, D> Drop for Worker<K, D> {
             for (_, p) in self.inflight.drain() {
                 std::mem::forget(p);
             }
+            self.driver.abandon();
+            if let Some(pool) = self.pool.take() {
+                std::mem::forget(pool);
+            }
         }
     }
 }
@@ -708,6 +814,8 @@ struct Pending<K, D> {
     handle: Option<Handle<K>>,
     body: Option<Box<OpBody>>,
     data: D,
+    /// For multishot operations: how to give each intermediate completion its data.
+    clone: Option<fn(&D) -> D>,
 }
 
 impl<K, D> Pending<K, D> {
@@ -722,6 +830,7 @@ impl<K, D> Pending<K, D> {
 
     fn into_completion(self, mut result: io::Result<usize>) -> Completion<K, D> {
         let mut buf = None;
+        let mut pooled = None;
         let mut accepted = None;
         match self.body.map(|b| *b) {
             Some(OpBody::Recv(mut b)) => {
@@ -734,6 +843,7 @@ impl<K, D> Pending<K, D> {
                 buf = Some(b);
             }
             Some(OpBody::Send(b, _)) => buf = Some(b),
+            Some(OpBody::SendPooled(b, _)) => pooled = Some(b),
             Some(OpBody::Accept) => {
                 if let Ok(fd) = result {
                     // SAFETY: a successful accept returns a new descriptor that nothing else
@@ -751,7 +861,9 @@ impl<K, D> Pending<K, D> {
             handle: self.handle,
             data: self.data,
             buf,
+            pooled,
             accepted,
+            more: false,
         }
     }
 }
@@ -790,13 +902,20 @@ impl<K, D> Shared<K, D> {
         ((worker as u64) << ID_WORKER_SHIFT) | seq
     }
 
-    fn pending(&self, worker: usize, op: Op<K>, data: D) -> Pending<K, D> {
+    fn pending(
+        &self,
+        worker: usize,
+        op: Op<K>,
+        data: D,
+        clone: Option<fn(&D) -> D>,
+    ) -> Pending<K, D> {
         Pending {
             id: self.next_id(worker),
             kind: op.kind,
             handle: op.handle,
             body: op.body.map(Box::new),
             data,
+            clone,
         }
     }
 
@@ -808,7 +927,9 @@ impl<K, D> Shared<K, D> {
             handle: packet.handle,
             data: packet.data,
             buf: None,
+            pooled: None,
             accepted: None,
+            more: false,
         }
     }
 

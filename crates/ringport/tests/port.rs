@@ -72,6 +72,9 @@ per_backend!(
     shutdown_completes_in_flight_operations_then_reports_shutdown,
     dropping_a_worker_with_receives_in_flight_waits_for_the_kernel,
     receive_without_spare_capacity_is_refused,
+    pooled_receive_completes_many_times_and_holds_no_buffer_while_idle,
+    pooled_receive_ends_with_enobufs_when_the_pool_runs_dry,
+    pooled_receive_without_a_pool_is_refused,
 );
 
 #[test]
@@ -464,6 +467,111 @@ fn receive_without_spare_capacity_is_refused(b: Backend) {
     let (ours, _peer) = pair();
     let h = port.associate(ours, ()).unwrap();
     w.submit(Op::recv(&h, Vec::new()), ());
+    let c = next(&mut w);
+    assert_eq!(
+        c.result.unwrap_err().kind(),
+        std::io::ErrorKind::InvalidInput
+    );
+}
+
+fn pooled_worker(b: Backend, size: usize, count: u16) -> (Port<u8, u8>, Worker<u8, u8>) {
+    let (port, mut workers) = Port::builder()
+        .workers(1)
+        .backend(b)
+        .recv_pool(size, count)
+        .build::<u8, u8>()
+        .unwrap();
+    (port, workers.pop().unwrap())
+}
+
+fn pooled_receive_completes_many_times_and_holds_no_buffer_while_idle(b: Backend) {
+    let (port, mut w) = pooled_worker(b, 64, 8);
+    let mut peers = Vec::new();
+    let mut handles = Vec::new();
+    for i in 0..6 {
+        let (ours, peer) = pair();
+        let h = port.associate(ours, i).unwrap();
+        w.submit_multishot(Op::recv_pooled(&h), i);
+        handles.push(h);
+        peers.push(peer);
+    }
+    // Six connections waiting for input: no buffer taken.
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(20))),
+        Err(WaitError::TimedOut)
+    ));
+    assert_eq!(w.pool_available(), 8);
+
+    let mut got = Vec::new();
+    for chunk in [&b"abc"[..], b"defgh", b"ij"] {
+        peers[2].write_all(chunk).unwrap();
+        let c = next(&mut w);
+        assert_eq!(c.kind, OpKind::RecvPooled);
+        assert!(c.more, "a pooled receive stays armed");
+        assert_eq!(c.data, 2);
+        assert_eq!(c.key(), Some(&2));
+        let buf = c.pooled.expect("data comes in a pool buffer");
+        assert_eq!(c.result.unwrap(), buf.len());
+        got.extend_from_slice(&buf);
+        // Echo it straight from the pool buffer.
+        w.submit(Op::send_pooled(&handles[2], buf, 0), 99);
+        let s = next(&mut w);
+        assert_eq!(s.kind, OpKind::Send);
+        assert!(s.pooled.is_some(), "a pooled send gives its buffer back");
+    }
+    assert!(got.starts_with(b"abc"));
+    assert_eq!(got, b"abcdefghij");
+    let mut echoed = [0u8; 10];
+    peers[2].read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"abcdefghij");
+    // Every buffer is back once the completions are dropped.
+    assert_eq!(w.pool_available(), 8);
+
+    drop(peers.remove(2));
+    let c = next(&mut w);
+    assert_eq!(c.result.unwrap(), 0, "the peer closed");
+    assert!(!c.more, "end of stream ends the multishot receive");
+}
+
+fn pooled_receive_ends_with_enobufs_when_the_pool_runs_dry(b: Backend) {
+    let (port, mut w) = pooled_worker(b, 16, 2);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, 0).unwrap();
+    w.submit_multishot(Op::recv_pooled(&h), 0);
+    let mut held = Vec::new();
+    let mut ended = None;
+    for _ in 0..3 {
+        peer.write_all(b"0123456789abcdef").unwrap();
+        let c = next(&mut w);
+        match c.result {
+            Ok(n) => {
+                assert_eq!(n, 16);
+                held.push(c.pooled.unwrap());
+            }
+            Err(e) => {
+                ended = Some((e, c.more));
+                break;
+            }
+        }
+    }
+    let (e, more) = ended.expect("the third receive finds no buffer");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOBUFS));
+    assert!(!more);
+    assert_eq!(held.len(), 2);
+    assert_eq!(w.pool_available(), 0);
+    // Give the buffers back, post again: the data still waiting in the socket arrives intact.
+    drop(held);
+    assert_eq!(w.pool_available(), 2);
+    w.submit_multishot(Op::recv_pooled(&h), 1);
+    let c = next(&mut w);
+    assert_eq!(c.pooled.as_deref(), Some(&b"0123456789abcdef"[..]));
+}
+
+fn pooled_receive_without_a_pool_is_refused(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (ours, _peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    w.submit_multishot(Op::recv_pooled(&h), 0);
     let c = next(&mut w);
     assert_eq!(
         c.result.unwrap_err().kind(),

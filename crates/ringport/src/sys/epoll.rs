@@ -17,7 +17,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use super::{Cancel, Driver, Event, OpBody, Target};
+use crate::pool::Pool;
 
 /// `epoll_event.u64` of the worker's eventfd.
 const WAKE: u64 = u64::MAX;
@@ -59,6 +62,32 @@ pub(crate) struct Epoll {
     /// Events produced outside `wait` (immediate results, cancellations).
     done: Vec<Event>,
     buf: Vec<libc::epoll_event>,
+    pool: Option<PoolState>,
+}
+
+/// The worker's receive pool and the buffers in it that are free.
+struct PoolState {
+    pool: Arc<Pool>,
+    free: Vec<u16>,
+}
+
+impl PoolState {
+    fn take(&mut self) -> Option<u16> {
+        if self.free.is_empty() {
+            self.pool.take_returned(&mut self.free);
+        }
+        self.free.pop()
+    }
+}
+
+/// What one attempt at an operation did.
+enum Outcome {
+    /// It would block: wait for the next edge.
+    Blocked,
+    /// It finished with this result.
+    Done(i32),
+    /// A multishot receive got data into a pool buffer and stays armed.
+    More(i32, u16),
 }
 
 // SAFETY: the raw `OpBody` pointers refer to heap records owned by the same `Worker` that owns
@@ -98,6 +127,7 @@ impl Epoll {
             timers: BinaryHeap::new(),
             done: Vec::new(),
             buf: Vec::with_capacity(EVENTS),
+            pool: None,
         })
     }
 
@@ -155,13 +185,19 @@ impl Epoll {
                 queue.pop_front();
                 continue;
             };
-            match attempt(op) {
-                Some(res) => {
+            match attempt(op, self.pool.as_mut()) {
+                Outcome::Done(res) => {
                     queue.pop_front();
                     self.ops.remove(&id);
-                    self.done.push(Event { id, res });
+                    self.done.push(Event::done(id, res));
                 }
-                None => return,
+                Outcome::More(res, bid) => self.done.push(Event {
+                    id,
+                    res,
+                    more: true,
+                    bid: Some(bid),
+                }),
+                Outcome::Blocked => return,
             }
         }
     }
@@ -175,10 +211,7 @@ impl Epoll {
                 };
                 queue.retain(|&x| x != id);
             }
-            self.done.push(Event {
-                id,
-                res: -libc::ECANCELED,
-            });
+            self.done.push(Event::done(id, -libc::ECANCELED));
         }
     }
 
@@ -190,10 +223,7 @@ impl Epoll {
             }
             self.timers.pop();
             if self.ops.remove(&id).is_some() {
-                self.done.push(Event {
-                    id,
-                    res: -libc::ETIME,
-                });
+                self.done.push(Event::done(id, -libc::ETIME));
             }
         }
     }
@@ -210,12 +240,20 @@ impl Epoll {
     }
 }
 
-/// Tries the operation once. `None`: it would block; `Some(res)`: it finished with `res`.
-fn attempt(op: &mut Waiting) -> Option<i32> {
+/// Tries the operation once.
+fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
     // SAFETY: `op.body` points into the port's boxed record of this operation, which lives,
     // unmoved and not otherwise borrowed, until the driver reports the operation.
     let body = unsafe { &mut *op.body };
     let r = match body {
+        OpBody::RecvPooled => return recv_pooled(op.fd, pool),
+        OpBody::SendPooled(buf, offset) => {
+            let rest = buf.get(*offset..).unwrap_or_default();
+            // SAFETY: send reads `rest.len()` initialized bytes from `rest`.
+            unsafe {
+                libc::send(op.fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) as i32
+            }
+        }
         // SAFETY: accept4 with null address arguments writes no memory of ours.
         OpBody::Accept => unsafe {
             libc::accept4(
@@ -252,31 +290,65 @@ fn attempt(op: &mut Waiting) -> Option<i32> {
                     )
                 };
                 if r < 0 {
-                    return Some(-last_errno());
+                    return Outcome::Done(-last_errno());
                 }
                 if err == 0 && !is_connected(op.fd) {
-                    return None;
+                    return Outcome::Blocked;
                 }
-                return Some(-err);
+                return Outcome::Done(-err);
             }
             // SAFETY: connect reads `addr.len()` bytes of the address owned by the record.
             let r = unsafe { libc::connect(op.fd, addr.as_ptr().cast(), addr.len()) };
             if r < 0 && last_errno() == libc::EINPROGRESS {
                 op.connecting = true;
-                return None;
+                return Outcome::Blocked;
             }
             r
         }
-        OpBody::Timeout(..) => return None,
+        OpBody::Timeout(..) => return Outcome::Blocked,
     };
     if r >= 0 {
-        return Some(r);
+        return Outcome::Done(r);
     }
     match last_errno() {
-        libc::EAGAIN => None,
-        libc::EINTR => attempt(op),
-        e => Some(-e),
+        libc::EAGAIN => Outcome::Blocked,
+        libc::EINTR => attempt(op, pool),
+        e => Outcome::Done(-e),
     }
+}
+
+/// One receive into a free pool buffer. Without a free buffer the operation ends with
+/// `ENOBUFS`, as io_uring's multishot receive does.
+fn recv_pooled(fd: RawFd, pool: Option<&mut PoolState>) -> Outcome {
+    let Some(pool) = pool else {
+        return Outcome::Done(-libc::EINVAL);
+    };
+    let Some(bid) = pool.take() else {
+        return Outcome::Done(-libc::ENOBUFS);
+    };
+    loop {
+        // SAFETY: buffer `bid` is free (no `PoolBuf` exists for it), so nothing else reads or
+        // writes it; recv writes at most the pool's buffer size into it.
+        let r = unsafe { libc::recv(fd, pool.pool.addr(bid).cast(), pool.pool.size(), 0) };
+        if r > 0 {
+            return Outcome::More(r as i32, bid);
+        }
+        let e = if r == 0 { 0 } else { last_errno() };
+        if e == libc::EINTR {
+            continue;
+        }
+        pool.free.push(bid);
+        return match e {
+            0 => Outcome::Done(0),
+            libc::EAGAIN => Outcome::Blocked,
+            e => Outcome::Done(-e),
+        };
+    }
+}
+
+fn body_kind(op: &Waiting) -> &OpBody {
+    // SAFETY: as in `attempt`: the record outlives the operation and is not borrowed elsewhere.
+    unsafe { &*op.body }
 }
 
 fn is_connected(fd: RawFd) -> bool {
@@ -304,9 +376,10 @@ impl Driver for Epoll {
             return Ok(());
         }
         let side = match body {
-            OpBody::Accept | OpBody::Recv(_) => Side::Read,
+            OpBody::Accept | OpBody::Recv(_) | OpBody::RecvPooled => Side::Read,
             _ => Side::Write,
         };
+        let pooled = matches!(body, OpBody::RecvPooled);
         let mut op = Waiting {
             fd: target.fd,
             side,
@@ -320,10 +393,10 @@ impl Driver for Epoll {
                     Side::Write => s.write.is_empty(),
                 }
         });
-        if first {
+        if first && !matches!(body_kind(&op), OpBody::RecvPooled) {
             // Alone in its queue: try it now (a connect must be issued before it is watched).
-            if let Some(res) = attempt(&mut op) {
-                self.done.push(Event { id, res });
+            if let Outcome::Done(res) = attempt(&mut op, self.pool.as_mut()) {
+                self.done.push(Event::done(id, res));
                 return Ok(());
             }
         }
@@ -334,6 +407,10 @@ impl Driver for Epoll {
             Side::Write => state.write.push_back(id),
         }
         self.ops.insert(id, op);
+        if pooled {
+            // A multishot receive reads what is already there at once, then on each edge.
+            self.run(target.fd, side);
+        }
         Ok(())
     }
 
@@ -420,6 +497,14 @@ impl Driver for Epoll {
         out.append(&mut self.done);
         Ok(())
     }
+
+    fn set_pool(&mut self, pool: Arc<Pool>) -> io::Result<()> {
+        let free = (0..pool.count()).rev().collect();
+        self.pool = Some(PoolState { pool, free });
+        Ok(())
+    }
+
+    fn abandon(&mut self) {}
 
     fn idle(&self) -> bool {
         true

@@ -16,7 +16,10 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::pool::{Pool, PoolBuf};
 
 pub(crate) mod epoll;
 pub(crate) mod uring;
@@ -33,15 +36,36 @@ pub(crate) enum OpBody {
     Recv(Vec<u8>),
     /// Send `buf[offset..]`.
     Send(Vec<u8>, usize),
+    /// Receive, again and again, each time into a buffer the driver takes from the worker's
+    /// pool; reports [`Event::more`] while it stays armed.
+    RecvPooled,
+    /// Send `buf[offset..]` of a pool buffer.
+    SendPooled(PoolBuf, usize),
     /// Complete after this long (the io_uring backend points the kernel at the timespec).
     Timeout(Duration, io_uring::types::Timespec),
 }
 
-/// One finished operation: its id and its result (`>= 0` bytes or a new descriptor, `< 0` errno).
+/// One finished operation (or one result of a multishot one): its id and its result (`>= 0`
+/// bytes or a new descriptor, `< 0` errno).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Event {
     pub(crate) id: u64,
     pub(crate) res: i32,
+    /// The operation stays armed and will report again (multishot).
+    pub(crate) more: bool,
+    /// The pool buffer the data was received into.
+    pub(crate) bid: Option<u16>,
+}
+
+impl Event {
+    pub(crate) fn done(id: u64, res: i32) -> Event {
+        Event {
+            id,
+            res,
+            more: false,
+            bid: None,
+        }
+    }
 }
 
 /// The socket an operation is on: its descriptor, and the serial number of the handle that
@@ -76,6 +100,13 @@ pub(crate) trait Driver: Send {
     /// Submits queued work and waits up to `timeout` (`None`: forever) for at least one event
     /// or a wake-up; appends the events to `out`.
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()>;
+
+    /// Gives the driver the worker's receive pool, before any operation starts.
+    fn set_pool(&mut self, pool: Arc<Pool>) -> io::Result<()>;
+
+    /// Called when operations were leaked because the kernel did not give them back: the
+    /// driver must then leak whatever the kernel may still write (its pool, rings).
+    fn abandon(&mut self);
 
     /// Whether the driver has no internal operation of its own left in the kernel (checked
     /// after `Cancel::All` before the driver is dropped).

@@ -1,13 +1,62 @@
 //! The io_uring backend: one ring per worker; every operation is one SQE whose `user_data` is the
 //! operation's id, and every CQE is one [`Event`].
 
+use std::alloc::{self, Layout};
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::{Cancel, Driver, Event, OpBody, Target};
+use crate::pool::Pool;
+
+/// The buffer group id of the worker's receive pool.
+const POOL_GROUP: u16 = 0;
+
+/// A provided-buffer ring registered with the kernel: the kernel takes buffers at its head, we
+/// give them back at its tail.
+struct BufRing {
+    pool: Arc<Pool>,
+    entries: *mut types::BufRingEntry,
+    layout: Layout,
+    mask: u16,
+    tail: u16,
+    scratch: Vec<u16>,
+}
+
+impl BufRing {
+    /// Puts buffers back in the ring for the kernel to use.
+    fn give(&mut self, bids: &[u16]) {
+        for &bid in bids {
+            // SAFETY: the index is masked into the ring's `mask + 1` entries; the entry at the
+            // tail is not one the kernel reads until the tail is published below.
+            let e = unsafe { &mut *self.entries.add(usize::from(self.tail & self.mask)) };
+            e.set_addr(self.pool.addr(bid) as u64);
+            e.set_len(u32::try_from(self.pool.size()).unwrap_or(u32::MAX));
+            e.set_bid(bid);
+            self.tail = self.tail.wrapping_add(1);
+        }
+        // SAFETY: `entries` is the ring's first entry, whose reserved field is the shared tail;
+        // publishing it with release ordering makes the entries written above visible first.
+        unsafe {
+            let tail = types::BufRingEntry::tail(self.entries).cast::<AtomicU16>();
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    fn recycle(&mut self) {
+        let mut bids = std::mem::take(&mut self.scratch);
+        self.pool.take_returned(&mut bids);
+        if !bids.is_empty() {
+            self.give(&bids);
+            bids.clear();
+        }
+        self.scratch = bids;
+    }
+}
 
 /// `user_data` of the internal read on the worker's eventfd (the cross-thread wake-up).
 const WAKE: u64 = u64::MAX;
@@ -39,7 +88,14 @@ pub(crate) struct Uring {
     quiescing: bool,
     /// Events reaped while making room in a full submission queue.
     stash: Vec<Event>,
+    bufs: Option<BufRing>,
+    /// Set when the kernel may still write memory we hold: leak instead of freeing.
+    abandoned: bool,
 }
+
+// SAFETY: the buffer ring's raw pointer refers to memory owned by this driver (and the pool it
+// holds); it moves between threads together with the driver and is used by one thread at a time.
+unsafe impl Send for Uring {}
 
 impl Uring {
     /// Creates a ring of `entries` submission slots that wakes up when `wake_fd` is written.
@@ -106,6 +162,8 @@ impl Uring {
             wake_armed: false,
             quiescing: false,
             stash: Vec::new(),
+            bufs: None,
+            abandoned: false,
         })
     }
 
@@ -166,6 +224,8 @@ impl Uring {
                 id => out.push(Event {
                     id,
                     res: cqe.result(),
+                    more: cqueue::more(cqe.flags()),
+                    bid: cqueue::buffer_select(cqe.flags()),
                 }),
             }
         }
@@ -195,6 +255,14 @@ impl Driver for Uring {
                     .build()
             }
             OpBody::Timeout(_, ts) => opcode::Timeout::new(ts).build(),
+            OpBody::RecvPooled => opcode::RecvMulti::new(fd, POOL_GROUP).build(),
+            OpBody::SendPooled(buf, offset) => {
+                let rest = buf.get(*offset..).unwrap_or_default();
+                let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+                opcode::Send::new(fd, rest.as_ptr(), len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            }
         };
         // SAFETY: the port keeps `body` (the buffer, address or timespec the SQE points into)
         // boxed in its in-flight table, untouched, until this id's event has been reaped.
@@ -220,6 +288,9 @@ impl Driver for Uring {
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {
         self.enable()?;
         self.arm_wake()?;
+        if let Some(b) = &mut self.bufs {
+            b.recycle();
+        }
         out.append(&mut self.stash);
         let ready = !out.is_empty() || !self.ring.completion().is_empty();
         let res = match timeout {
@@ -249,6 +320,48 @@ impl Driver for Uring {
         Ok(())
     }
 
+    fn set_pool(&mut self, pool: Arc<Pool>) -> io::Result<()> {
+        // Registered while the ring may still be disabled: enabling it would make this thread,
+        // not the worker's, its single issuer.
+        let entries = pool.count().next_power_of_two().min(32768);
+        let bytes = usize::from(entries) * std::mem::size_of::<types::BufRingEntry>();
+        let layout = Layout::from_size_align(bytes, 4096)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: the layout has a non-zero size; zeroed memory is a valid empty ring.
+        let ring = unsafe { alloc::alloc_zeroed(layout) }.cast::<types::BufRingEntry>();
+        if ring.is_null() {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        // SAFETY: `ring` is a page-aligned allocation of `entries` entries that stays alive
+        // (or is leaked) until the ring is unregistered in `Drop`.
+        let registered = unsafe {
+            self.ring
+                .submitter()
+                .register_buf_ring_with_flags(ring as u64, entries, POOL_GROUP, 0)
+        };
+        if let Err(e) = registered {
+            // SAFETY: allocated above with this layout, never shared with the kernel.
+            unsafe { alloc::dealloc(ring.cast(), layout) };
+            return Err(e);
+        }
+        let mut bufs = BufRing {
+            entries: ring,
+            layout,
+            mask: entries - 1,
+            tail: 0,
+            scratch: Vec::new(),
+            pool,
+        };
+        let all: Vec<u16> = (0..bufs.pool.count().min(entries)).collect();
+        bufs.give(&all);
+        self.bufs = Some(bufs);
+        Ok(())
+    }
+
+    fn abandon(&mut self) {
+        self.abandoned = true;
+    }
+
     fn idle(&self) -> bool {
         !self.wake_armed
     }
@@ -260,6 +373,21 @@ impl Driver for Uring {
 
 impl Drop for Uring {
     fn drop(&mut self) {
+        if let Some(b) = self.bufs.take() {
+            if self.abandoned
+                || self
+                    .ring
+                    .submitter()
+                    .unregister_buf_ring(POOL_GROUP)
+                    .is_err()
+            {
+                // The kernel may still pick buffers from this ring: never free it.
+                std::mem::forget(b);
+            } else {
+                // SAFETY: unregistered above, so the kernel no longer reads the ring.
+                unsafe { alloc::dealloc(b.entries.cast(), b.layout) };
+            }
+        }
         if self.wake_armed {
             // The kernel may still complete the read into this buffer while the ring is torn
             // down; eight bytes leaked once per worker are the price of never freeing it early.

@@ -1,0 +1,337 @@
+//! The echo checks every peer server must pass: one file, included by each peer's `tests/echo.rs`
+//! (`peer-monoio` and `peer-compio` reach it with `#[path]`), so all three are held to literally
+//! the same code.
+//!
+//! A [`Server`] is the peer binary on `127.0.0.1:0`, its address read from its `listening on ADDR`
+//! stderr line and the process killed when the `Server` drops. Every wait here is bounded by
+//! [`WAIT`]: socket reads and writes by timeouts, the startup line and exits by deadlines.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The longest any single wait may take: a read, a write, a connect, the server's start or exit.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A running peer server; killed (and reaped) on drop.
+pub struct Server {
+    child: KillOnDrop,
+    addr: SocketAddr,
+}
+
+/// Kills and reaps the child when dropped, also while a test unwinds.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Server {
+    /// Starts `bin --listen 127.0.0.1:0 --workers WORKERS` and waits for its `listening on ADDR`
+    /// line.
+    ///
+    /// The server's stderr is forwarded to the test's, prefixed, for the log of a failing test.
+    ///
+    /// # Panics
+    ///
+    /// If the server cannot start, exits, or prints no such line within [`WAIT`].
+    pub fn start(bin: &str, workers: usize) -> Server {
+        let workers = workers.to_string();
+        let mut child = Command::new(bin)
+            .args(["--listen", "127.0.0.1:0", "--workers", &workers])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{bin}: cannot start: {e}"));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let mut child = KillOnDrop(child);
+        let (lines_tx, lines_rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[server] {line}");
+                let _ = lines_tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        let addr = loop {
+            let line =
+                match lines_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(line) => line,
+                    Err(RecvTimeoutError::Timeout) => {
+                        panic!("{bin}: no 'listening on' line within {WAIT:?}")
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        let status = wait_exit(&mut child.0, deadline);
+                        panic!("{bin}: exited before listening: {status:?}");
+                    }
+                };
+            if let Some(rest) = line.strip_prefix("listening on ") {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                break addr
+                    .parse::<SocketAddr>()
+                    .unwrap_or_else(|e| panic!("{bin}: bad address in {line:?}: {e}"));
+            }
+        };
+        assert_ne!(
+            addr.port(),
+            0,
+            "{bin}: printed the requested port 0, not the bound one"
+        );
+        Server { child, addr }
+    }
+
+    /// The address the server is bound to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Panics if the server has exited: a check passed by a server that then died has not passed.
+    pub fn assert_running(&mut self) {
+        let status = self.child.0.try_wait().expect("try_wait on the server");
+        assert!(status.is_none(), "server exited: {status:?}");
+    }
+}
+
+/// Waits for `child` to exit until `deadline`; `None` if it is still running then.
+fn wait_exit(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A connection to `addr` whose every read and write times out after [`WAIT`].
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream =
+        TcpStream::connect_timeout(&addr, WAIT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(WAIT))
+        .expect("set_read_timeout");
+    stream
+        .set_write_timeout(Some(WAIT))
+        .expect("set_write_timeout");
+    stream.set_nodelay(true).expect("set_nodelay");
+    stream
+}
+
+/// `len` pseudo-random bytes (xorshift64 from `seed`): reordered, dropped or repeated bytes show.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// Reads until EOF, failing on a timeout, on an error, or once more than `limit` bytes came.
+fn read_to_eof(stream: &mut TcpStream, limit: usize) -> io::Result<Vec<u8>> {
+    let deadline = Instant::now() + WAIT;
+    let mut got = Vec::with_capacity(limit);
+    let mut chunk = vec![0; 64 * 1024];
+    loop {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(got);
+        }
+        got.extend_from_slice(&chunk[..n]);
+        if got.len() > limit {
+            return Err(io::Error::other(format!(
+                "{} bytes back, more than the {limit} sent",
+                got.len()
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no EOF within the deadline",
+            ));
+        }
+    }
+}
+
+/// Asserts that `got` is `want`, naming the first differing offset rather than printing megabytes.
+fn assert_echo(want: &[u8], got: &[u8], what: &str) {
+    if want == got {
+        return;
+    }
+    let first = want.iter().zip(got).position(|(w, g)| w != g);
+    panic!(
+        "{what}: sent {} bytes, got {} back; first difference at {}",
+        want.len(),
+        got.len(),
+        first.map_or("the end of the shorter".to_owned(), |i| format!(
+            "offset {i}"
+        )),
+    );
+}
+
+/// Sends `data` on `stream` from a writer thread, then half-closes; returns all that came back
+/// before EOF, read on this thread meanwhile (so neither side stalls on full socket buffers).
+fn send_all_then_read_to_eof(stream: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    let mut writer = stream.try_clone().expect("try_clone");
+    thread::scope(|scope| {
+        let sent = scope.spawn(move || -> io::Result<()> {
+            writer.write_all(data)?;
+            writer.shutdown(Shutdown::Write)
+        });
+        let echoed = read_to_eof(stream, data.len());
+        sent.join()
+            .expect("writer thread panicked")
+            .expect("write, then shutdown(Write)");
+        echoed.expect("read the echo up to EOF")
+    })
+}
+
+/// One connection: `len` bytes written by a writer thread while this thread reads them back
+/// exactly; then the client's half-close must bring the server's EOF.
+pub fn check_payload(addr: SocketAddr, len: usize) {
+    let data = payload(len, len as u64);
+    let mut stream = connect(addr);
+    let mut echoed = vec![0; len];
+    let mut writer = stream.try_clone().expect("try_clone");
+    thread::scope(|scope| {
+        let data = &data;
+        let sent = scope.spawn(move || writer.write_all(data));
+        let read = stream.read_exact(&mut echoed);
+        sent.join()
+            .expect("writer thread panicked")
+            .expect("write the payload");
+        read.unwrap_or_else(|e| panic!("{len} bytes: read the echo: {e}"));
+    });
+    assert_echo(&data, &echoed, &format!("{len}-byte payload"));
+    stream.shutdown(Shutdown::Write).expect("shutdown(Write)");
+    let extra = read_to_eof(&mut stream, 0)
+        .unwrap_or_else(|e| panic!("{len} bytes: EOF after half-close: {e}"));
+    assert!(
+        extra.is_empty(),
+        "{len} bytes: {} bytes more than sent",
+        extra.len()
+    );
+}
+
+/// `connections` connections open at once, each (on its own thread) echoing `messages` messages of
+/// different sizes, every one read back exactly before the next is sent.
+pub fn check_concurrent(addr: SocketAddr, connections: usize, messages: usize) {
+    let streams: Vec<TcpStream> = (0..connections).map(|_| connect(addr)).collect();
+    let failures: Vec<String> = thread::scope(|scope| {
+        let workers: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(conn, mut stream)| {
+                scope.spawn(move || -> Result<(), String> {
+                    for message in 0..messages {
+                        let len = 1 + (conn * 7919 + message * 1031) % 20_000;
+                        let data = payload(len, (conn * 1000 + message) as u64);
+                        stream.write_all(&data).map_err(|e| {
+                            format!("connection {conn} message {message}: write: {e}")
+                        })?;
+                        let mut echoed = vec![0; len];
+                        stream.read_exact(&mut echoed).map_err(|e| {
+                            format!("connection {conn} message {message}: read: {e}")
+                        })?;
+                        if echoed != data {
+                            return Err(format!(
+                                "connection {conn} message {message}: wrong bytes back"
+                            ));
+                        }
+                    }
+                    stream
+                        .shutdown(Shutdown::Write)
+                        .map_err(|e| format!("connection {conn}: shutdown(Write): {e}"))?;
+                    match read_to_eof(&mut stream, 0) {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(format!("connection {conn}: EOF after half-close: {e}")),
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .filter_map(|worker| worker.join().expect("connection thread panicked").err())
+            .collect()
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {connections} connections failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Half-close: what the client sent before `shutdown(Write)` all comes back, then EOF; the server
+/// must neither close early nor hold the connection open after echoing.
+pub fn check_half_close(addr: SocketAddr) {
+    // Small: written in three pieces, nothing read until after the half-close.
+    let mut stream = connect(addr);
+    for piece in [&b"hello, "[..], b"half-", b"closed world"] {
+        stream.write_all(piece).expect("write");
+    }
+    stream.shutdown(Shutdown::Write).expect("shutdown(Write)");
+    let echoed = read_to_eof(&mut stream, 64).expect("read the echo up to EOF");
+    assert_echo(
+        b"hello, half-closed world",
+        &echoed,
+        "small write before half-close",
+    );
+
+    // Larger than the socket buffers hold: the echo must keep flowing after the client's FIN is
+    // queued.
+    let data = payload(1 << 20, 862);
+    let mut stream = connect(addr);
+    let echoed = send_all_then_read_to_eof(&mut stream, &data);
+    assert_echo(&data, &echoed, "1 MiB then half-close");
+}
+
+/// Bad command lines: each must end the program with status 2 and a message on stderr.
+pub fn check_bad_args(bin: &str) {
+    let cases: [&[&str]; 5] = [
+        &["--workers", "0"],
+        &["--workers", "many"],
+        &["--listen", "not-an-address"],
+        &["--listen"],
+        &["--no-such-flag"],
+    ];
+    for args in cases {
+        let mut child = KillOnDrop(
+            Command::new(bin)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{bin}: cannot start: {e}")),
+        );
+        let status = wait_exit(&mut child.0, Instant::now() + WAIT);
+        let mut stderr = String::new();
+        if status.is_some() {
+            let mut pipe = child.0.stderr.take().expect("stderr is piped");
+            pipe.read_to_string(&mut stderr).expect("read stderr");
+        }
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(2),
+            "{bin} {args:?}: {status:?}, stderr: {stderr:?}"
+        );
+        assert!(
+            !stderr.trim().is_empty(),
+            "{bin} {args:?}: exit 2 without a message"
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! Command-line surface: help, version, bad input (exit 2), address in use (exit 1), log format.
+
+mod util;
+
+use std::net::TcpListener;
+
+use util::{run_cli, Output, Server, CLI_TIMEOUT};
+
+fn assert_usage_error(args: &[&str]) {
+    let output = run_cli(args, CLI_TIMEOUT);
+    output.assert_no_panic();
+    assert_eq!(
+        output.code(),
+        Some(2),
+        "`ringport {}` should be a usage error (exit 2)\n{}",
+        args.join(" "),
+        output.describe()
+    );
+    assert!(
+        !output.stderr.trim().is_empty(),
+        "`ringport {}`: no error message on stderr\n{}",
+        args.join(" "),
+        output.describe()
+    );
+}
+
+fn serve_unparsable_listen_address_is_exit_2() {
+    assert_usage_error(&["serve", "--listen", "nonsense"]);
+}
+
+fn serve_listen_address_without_port_is_exit_2() {
+    assert_usage_error(&["serve", "--listen", "1.2.3.4"]);
+}
+
+fn serve_non_numeric_workers_is_exit_2() {
+    assert_usage_error(&["serve", "--listen", "127.0.0.1:0", "--workers", "abc"]);
+}
+
+fn serve_zero_workers_is_exit_2() {
+    assert_usage_error(&["serve", "--listen", "127.0.0.1:0", "--workers", "0"]);
+}
+
+fn serve_non_numeric_drain_timeout_is_exit_2() {
+    assert_usage_error(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "soon",
+    ]);
+}
+
+fn serve_unknown_flag_is_exit_2() {
+    assert_usage_error(&["serve", "--listen", "127.0.0.1:0", "--no-such-flag"]);
+}
+
+fn unknown_top_level_flag_is_exit_2() {
+    assert_usage_error(&["--no-such-flag"]);
+}
+
+fn client_unknown_flag_is_exit_2() {
+    assert_usage_error(&["client", "--no-such-flag"]);
+}
+
+fn client_unparsable_connect_address_is_exit_2() {
+    assert_usage_error(&["client", "--connect", "nonsense"]);
+}
+
+fn address_in_use_is_exit_1_with_named_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let output = run_cli(&["serve", "--listen", &addr.to_string()], CLI_TIMEOUT);
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(1), "{}", output.describe());
+    let want = format!("127.0.0.1:{}: address already in use", addr.port());
+    assert!(
+        output.stderr.contains(&want),
+        "stderr lacks {want:?}\n{}",
+        output.describe()
+    );
+    drop(taken);
+}
+
+fn help(args: &[&str]) -> Output {
+    let output = run_cli(args, CLI_TIMEOUT);
+    output.assert_no_panic();
+    assert_eq!(
+        output.code(),
+        Some(0),
+        "`ringport {}`\n{}",
+        args.join(" "),
+        output.describe()
+    );
+    output
+}
+
+fn assert_mentions(output: &Output, what: &str, words: &[&str]) {
+    let text = output.combined();
+    let missing: Vec<&str> = words
+        .iter()
+        .copied()
+        .filter(|w| !text.contains(w))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{what} does not mention {missing:?}\n{}",
+        output.describe()
+    );
+}
+
+fn top_level_help_lists_subcommands() {
+    let output = help(&["--help"]);
+    assert_mentions(&output, "`ringport --help`", &["serve", "client"]);
+}
+
+fn serve_help_lists_flags_and_default_port() {
+    let output = help(&["serve", "--help"]);
+    assert_mentions(
+        &output,
+        "`ringport serve --help`",
+        &["--listen", "--workers", "--drain-timeout", "5150"],
+    );
+}
+
+fn client_help_lists_flags_and_default_port() {
+    let output = help(&["client", "--help"]);
+    assert_mentions(
+        &output,
+        "`ringport client --help`",
+        &[
+            "--connect",
+            "--count",
+            "--connections",
+            "--size",
+            "--messages",
+            "--duration",
+            "--pipeline",
+            "--json",
+            "5150",
+        ],
+    );
+}
+
+fn version_prints_name_and_version() {
+    let output = run_cli(&["--version"], CLI_TIMEOUT);
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    assert_eq!(
+        output.stdout.trim(),
+        format!("ringport {}", env!("CARGO_PKG_VERSION")),
+        "{}",
+        output.describe()
+    );
+}
+
+fn listening_line_reports_actual_port_without_colours() {
+    let server = Server::start();
+    assert_ne!(
+        server.addr.port(),
+        0,
+        "reported port 0: {}",
+        server.listening_line
+    );
+    assert!(
+        server.addr.ip().is_loopback(),
+        "reported {} for --listen 127.0.0.1:0",
+        server.addr
+    );
+    assert!(
+        !server.listening_line.contains('\u{1b}'),
+        "ANSI escapes in the log although stderr is not a tty: {:?}",
+        server.listening_line
+    );
+    // The reported address is the one that accepts connections.
+    util::echo_exact(server.addr, b"ping");
+}
+
+fn serve_accepts_verbose_flags() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "-v", "-v"]);
+    util::echo_exact(server.addr, b"verbose");
+}
+
+per_backend!(
+    serve_unparsable_listen_address_is_exit_2,
+    serve_listen_address_without_port_is_exit_2,
+    serve_non_numeric_workers_is_exit_2,
+    serve_zero_workers_is_exit_2,
+    serve_non_numeric_drain_timeout_is_exit_2,
+    serve_unknown_flag_is_exit_2,
+    unknown_top_level_flag_is_exit_2,
+    client_unknown_flag_is_exit_2,
+    client_unparsable_connect_address_is_exit_2,
+    address_in_use_is_exit_1_with_named_error,
+    top_level_help_lists_subcommands,
+    serve_help_lists_flags_and_default_port,
+    client_help_lists_flags_and_default_port,
+    version_prints_name_and_version,
+    listening_line_reports_actual_port_without_colours,
+    serve_accepts_verbose_flags,
+);

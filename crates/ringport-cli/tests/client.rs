@@ -1,0 +1,319 @@
+//! `ringport client`: book mode, load mode with `--json`, and named errors against bad servers.
+
+mod util;
+
+use std::time::Duration;
+
+use util::{
+    json_num, json_report, number_between, run_cli, unused_port, BadServer, Json, Output, Server,
+    BOOK_MESSAGE, CLI_TIMEOUT, JSON_KEYS,
+};
+
+/// Hang guard for load runs (they take well under a second when things work).
+const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Stops `server` with SIGTERM and returns its `(served, echoed)` summary.
+fn stop_and_summarize(server: Server) -> (u64, u64, Output) {
+    server.signal(libc::SIGTERM);
+    let output = server.wait_exit(Duration::from_secs(15));
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "server exit\n{}", output.describe());
+    let served = number_between(&output.stdout, "served ", " connections")
+        .unwrap_or_else(|| panic!("no `served N connections`\n{}", output.describe()));
+    let echoed = number_between(&output.stdout, "echoed ", " bytes")
+        .unwrap_or_else(|| panic!("no `echoed B bytes`\n{}", output.describe()));
+    (served, echoed, output)
+}
+
+fn count_lines(text: &str, line: &str) -> usize {
+    text.lines().filter(|l| l.trim_end() == line).count()
+}
+
+fn assert_book_run(output: &Output, count: usize) {
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    let sent = format!("Sent 26 bytes: '{BOOK_MESSAGE}'");
+    let received = format!("Received 26 bytes: '{BOOK_MESSAGE}'");
+    assert_eq!(
+        count_lines(&output.stdout, &sent),
+        count,
+        "lines {sent:?} on stdout\n{}",
+        output.describe()
+    );
+    assert_eq!(
+        count_lines(&output.stdout, &received),
+        count,
+        "lines {received:?} on stdout\n{}",
+        output.describe()
+    );
+}
+
+fn book_mode_sends_and_receives_20_messages() {
+    let server = Server::start();
+    let addr = server.addr.to_string();
+    let output = run_cli(&["client", "--connect", &addr], CLI_TIMEOUT);
+    assert_book_run(&output, 20);
+    let (served, echoed, summary) = stop_and_summarize(server);
+    assert_eq!(
+        (served, echoed),
+        (1, 20 * 26),
+        "server summary after one book client\n{}",
+        summary.describe()
+    );
+}
+
+fn book_mode_honours_count() {
+    let server = Server::start();
+    let addr = server.addr.to_string();
+    let output = run_cli(&["client", "--connect", &addr, "--count", "3"], CLI_TIMEOUT);
+    assert_book_run(&output, 3);
+}
+
+fn assert_report_shape(report: &Json, output: &Output) {
+    let missing: Vec<&str> = JSON_KEYS
+        .iter()
+        .copied()
+        .filter(|k| report.get(k).is_none())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "JSON report lacks {missing:?}\n{}",
+        output.describe()
+    );
+    assert!(
+        matches!(report.get("errors"), Some(Json::Obj(_))),
+        "\"errors\" is not an object\n{}",
+        output.describe()
+    );
+    assert!(
+        report.get("ok").and_then(Json::as_bool).is_some(),
+        "\"ok\" is not a boolean\n{}",
+        output.describe()
+    );
+}
+
+fn load_mode_json_reports_every_message_verified() {
+    let server = Server::start();
+    let addr = server.addr.to_string();
+    let output = run_cli(
+        &[
+            "client",
+            "--connect",
+            &addr,
+            "--connections",
+            "50",
+            "--size",
+            "512",
+            "--messages",
+            "200",
+            "--pipeline",
+            "4",
+            "--json",
+        ],
+        LOAD_TIMEOUT,
+    );
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    let report = json_report(&output);
+    assert_report_shape(&report, &output);
+    let d = output.describe();
+    assert_eq!(report.get("ok"), Some(&Json::Bool(true)), "{d}");
+    assert_eq!(json_num(&report, "connections"), 50.0, "{d}");
+    assert_eq!(json_num(&report, "messages"), (50 * 200) as f64, "{d}");
+    assert_eq!(json_num(&report, "mismatches"), 0.0, "{d}");
+    assert_eq!(json_num(&report, "error_total"), 0.0, "{d}");
+    assert!(
+        json_num(&report, "bytes") >= (50 * 200 * 512) as f64,
+        "bytes below messages * size\n{d}"
+    );
+    assert!(
+        json_num(&report, "p50_us") <= json_num(&report, "p99_us")
+            && json_num(&report, "p99_us") <= json_num(&report, "p999_us")
+            && json_num(&report, "p999_us") <= json_num(&report, "max_us"),
+        "latency percentiles out of order\n{d}"
+    );
+
+    let (served, echoed, summary) = stop_and_summarize(server);
+    assert_eq!(
+        (served, echoed),
+        (50, 50 * 200 * 512),
+        "server summary after the load run\n{}",
+        summary.describe()
+    );
+}
+
+fn load_mode_duration_is_bounded() {
+    let server = Server::start();
+    let addr = server.addr.to_string();
+    // A 1 s run; the 60 s guard only catches a client that never stops.
+    let output = run_cli(
+        &[
+            "client",
+            "--connect",
+            &addr,
+            "--connections",
+            "4",
+            "--size",
+            "256",
+            "--duration",
+            "1",
+            "--json",
+        ],
+        LOAD_TIMEOUT,
+    );
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    let report = json_report(&output);
+    assert_report_shape(&report, &output);
+    let d = output.describe();
+    assert_eq!(report.get("ok"), Some(&Json::Bool(true)), "{d}");
+    assert!(
+        json_num(&report, "messages") > 0.0,
+        "no messages in 1 s\n{d}"
+    );
+    assert_eq!(json_num(&report, "mismatches"), 0.0, "{d}");
+    assert_eq!(json_num(&report, "connections"), 4.0, "{d}");
+}
+
+fn book_mode_names_connection_refused() {
+    let addr = unused_port().to_string();
+    let output = run_cli(&["client", "--connect", &addr], CLI_TIMEOUT);
+    output.assert_no_panic();
+    assert_ne!(output.code(), Some(0), "{}", output.describe());
+    assert!(
+        output.combined().contains("connection refused"),
+        "output does not name \"connection refused\"\n{}",
+        output.describe()
+    );
+}
+
+fn load_mode_names_connection_refused() {
+    let addr = unused_port().to_string();
+    let output = run_cli(
+        &[
+            "client",
+            "--connect",
+            &addr,
+            "--connections",
+            "2",
+            "--messages",
+            "5",
+            "--json",
+        ],
+        LOAD_TIMEOUT,
+    );
+    output.assert_no_panic();
+    assert_ne!(output.code(), Some(0), "{}", output.describe());
+    assert!(
+        output.combined().contains("connection refused"),
+        "output does not name \"connection refused\"\n{}",
+        output.describe()
+    );
+}
+
+fn book_mode_against_resetting_server_fails_and_names_the_reset() {
+    let bad = BadServer::resetting();
+    let addr = bad.addr.to_string();
+    let output = run_cli(&["client", "--connect", &addr], CLI_TIMEOUT);
+    output.assert_no_panic();
+    assert_ne!(output.code(), Some(0), "{}", output.describe());
+    assert!(
+        output
+            .combined()
+            .contains("connection reset by peer (ECONNRESET)"),
+        "output does not name the reset\n{}",
+        output.describe()
+    );
+}
+
+fn load_mode_counts_resets() {
+    let bad = BadServer::resetting();
+    let addr = bad.addr.to_string();
+    let output = run_cli(
+        &[
+            "client",
+            "--connect",
+            &addr,
+            "--connections",
+            "2",
+            "--size",
+            "64",
+            "--messages",
+            "10",
+            "--pipeline",
+            "1",
+            "--json",
+        ],
+        LOAD_TIMEOUT,
+    );
+    output.assert_no_panic();
+    assert_ne!(output.code(), Some(0), "{}", output.describe());
+    assert!(
+        output
+            .combined()
+            .contains("connection reset by peer (ECONNRESET)"),
+        "output does not name the reset\n{}",
+        output.describe()
+    );
+    let report = json_report(&output);
+    assert_report_shape(&report, &output);
+    let d = output.describe();
+    assert_eq!(report.get("ok"), Some(&Json::Bool(false)), "{d}");
+    assert!(
+        json_num(&report, "error_total") >= 1.0,
+        "no errors counted\n{d}"
+    );
+    let Some(Json::Obj(kinds)) = report.get("errors") else {
+        unreachable!("checked by assert_report_shape")
+    };
+    let counted: f64 = kinds.iter().filter_map(|(_, v)| v.as_f64()).sum();
+    assert_eq!(
+        counted,
+        json_num(&report, "error_total"),
+        "\"errors\" counts do not add up to \"error_total\"\n{d}"
+    );
+}
+
+fn load_mode_detects_corrupted_echo() {
+    let bad = BadServer::corrupting();
+    let addr = bad.addr.to_string();
+    let output = run_cli(
+        &[
+            "client",
+            "--connect",
+            &addr,
+            "--connections",
+            "1",
+            "--size",
+            "512",
+            "--messages",
+            "10",
+            "--pipeline",
+            "1",
+            "--json",
+        ],
+        LOAD_TIMEOUT,
+    );
+    output.assert_no_panic();
+    assert_ne!(output.code(), Some(0), "{}", output.describe());
+    let report = json_report(&output);
+    assert_report_shape(&report, &output);
+    let d = output.describe();
+    assert!(
+        json_num(&report, "mismatches") > 0.0,
+        "no mismatch counted\n{d}"
+    );
+    assert_eq!(report.get("ok"), Some(&Json::Bool(false)), "{d}");
+}
+
+per_backend!(
+    book_mode_sends_and_receives_20_messages,
+    book_mode_honours_count,
+    load_mode_json_reports_every_message_verified,
+    load_mode_duration_is_bounded,
+    book_mode_names_connection_refused,
+    load_mode_names_connection_refused,
+    book_mode_against_resetting_server_fails_and_names_the_reset,
+    load_mode_counts_resets,
+    load_mode_detects_corrupted_echo,
+);

@@ -1,0 +1,186 @@
+//! Shutdown: SIGTERM / SIGINT stop the server gracefully (echo what was sent, FIN every
+//! connection, exit 0, print a summary), and `--drain-timeout` bounds the wait.
+
+mod util;
+
+use std::io::{self, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use util::{
+    assert_bytes_eq, connect, number_between, pattern, read_to_eof, round_trip, Output, Server,
+};
+
+/// Default drain timeout (5 s) plus a generous margin: a hang guard only.
+const EXIT_GUARD: Duration = Duration::from_secs(15);
+
+fn summary(output: &Output) -> (u64, u64) {
+    let served = number_between(&output.stdout, "served ", " connections")
+        .unwrap_or_else(|| panic!("stdout lacks `served N connections`\n{}", output.describe()));
+    let echoed = number_between(&output.stdout, "echoed ", " bytes")
+        .unwrap_or_else(|| panic!("stdout lacks `echoed B bytes`\n{}", output.describe()));
+    (served, echoed)
+}
+
+/// Opens `busy + 1` connections (the last one idle), round-trips a message on each so the server
+/// has surely accepted them, leaves a final chunk unread on the busy ones, sends `sig`, and checks
+/// that every client reads its data and then a clean EOF, that the server exits 0, and that the
+/// summary counts every connection and byte.
+fn graceful_shutdown(sig: libc::c_int, busy: usize) {
+    let server = Server::start();
+    let addr = server.addr;
+    let mut streams: Vec<TcpStream> = (0..=busy).map(|_| connect(addr)).collect();
+    let mut total = 0u64;
+    for (i, s) in streams.iter_mut().enumerate() {
+        let msg = pattern(i as u64, 1000);
+        round_trip(s, &msg);
+        total += msg.len() as u64;
+    }
+    // Data in flight at the moment of the signal: written, not yet read back. 16 KiB fits the
+    // loopback buffers, so the write completes at once.
+    let finals: Vec<Vec<u8>> = (0..busy)
+        .map(|i| pattern(100 + i as u64, 16 * 1024))
+        .collect();
+    for (s, data) in streams.iter_mut().zip(&finals) {
+        s.write_all(data).unwrap();
+        total += data.len() as u64;
+    }
+
+    server.signal(sig);
+
+    for (i, mut s) in streams.into_iter().enumerate() {
+        let got = read_to_eof(&mut s);
+        let want: &[u8] = finals.get(i).map_or(&[], Vec::as_slice);
+        assert_bytes_eq(
+            &got,
+            want,
+            &format!("connection {i}: data after the signal"),
+        );
+    }
+
+    let output = server.wait_exit(EXIT_GUARD);
+    output.assert_no_panic();
+    assert_eq!(
+        output.code(),
+        Some(0),
+        "exit status after signal {sig}\n{}",
+        output.describe()
+    );
+    let (served, echoed) = summary(&output);
+    assert_eq!(
+        served,
+        busy as u64 + 1,
+        "served count\n{}",
+        output.describe()
+    );
+    assert_eq!(echoed, total, "echoed byte count\n{}", output.describe());
+
+    // Nothing listens there any more.
+    let err = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .expect_err("the server's port still accepts connections after exit");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+}
+
+fn sigterm_with_open_connections_drains_and_exits_0() {
+    graceful_shutdown(libc::SIGTERM, 3);
+}
+
+fn sigint_with_open_connections_drains_and_exits_0() {
+    graceful_shutdown(libc::SIGINT, 1);
+}
+
+fn sigterm_when_idle_exits_0_with_zero_summary() {
+    let server = Server::start();
+    server.signal(libc::SIGTERM);
+    let output = server.wait_exit(EXIT_GUARD);
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    assert_eq!(summary(&output), (0, 0), "{}", output.describe());
+}
+
+fn sigterm_echoes_backlogged_data_sent_before_the_signal() {
+    // The client writes without reading until its socket would block, so that at the moment of
+    // the signal the server surely has input it has not echoed yet (it cannot send while our
+    // receive buffer is full). All of it was sent before the signal, so all of it must come back
+    // once we read, followed by a FIN.
+    let server = Server::start();
+    let mut stream = connect(server.addr);
+    round_trip(&mut stream, b"accepted?");
+    stream.set_nonblocking(true).unwrap();
+    // (Capped at 32 MiB; the loopback buffers hold a few MiB.)
+    let burst = pattern(77, 32 * 1024 * 1024);
+    let mut written = 0usize;
+    while written < burst.len() {
+        match stream.write(&burst[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write failed: {e}"),
+        }
+    }
+    assert!(written > 0, "could not write anything");
+    println!(
+        "{written} of {} bytes written before the signal",
+        burst.len()
+    );
+    stream.set_nonblocking(false).unwrap();
+
+    server.signal(libc::SIGTERM);
+
+    let got = read_to_eof(&mut stream);
+    assert_bytes_eq(
+        &got,
+        &burst[..written],
+        "echo of the data sent before SIGTERM",
+    );
+    drop(stream);
+    let output = server.wait_exit(EXIT_GUARD);
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    assert_eq!(
+        summary(&output),
+        (1, written as u64 + 9),
+        "{}",
+        output.describe()
+    );
+}
+
+fn drain_timeout_bounds_shutdown_when_a_client_never_reads() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--drain-timeout", "1"]);
+    let mut stuck = connect(server.addr);
+    round_trip(&mut stuck, b"hello");
+    // Write without ever reading the echo, until every buffer on the way is full: the server
+    // cannot finish echoing this connection.
+    stuck.set_nonblocking(true).unwrap();
+    let chunk = pattern(9, 64 * 1024);
+    let mut written = 0usize;
+    while written < 64 * 1024 * 1024 {
+        match stuck.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write failed: {e}"),
+        }
+    }
+
+    server.signal(libc::SIGTERM);
+    // 1 s drain timeout plus a generous margin: a hang guard, not a timing assertion.
+    let output = server.wait_exit(Duration::from_secs(10));
+    output.assert_no_panic();
+    println!(
+        "drain timeout expired with {written} bytes unread by the client; exit status {:?}",
+        output.status
+    );
+    assert!(
+        output.status.code().is_some(),
+        "the server died of a signal instead of exiting\n{}",
+        output.describe()
+    );
+    drop(stuck);
+}
+
+per_backend!(
+    sigterm_with_open_connections_drains_and_exits_0,
+    sigint_with_open_connections_drains_and_exits_0,
+    sigterm_when_idle_exits_0_with_zero_summary,
+    sigterm_echoes_backlogged_data_sent_before_the_signal,
+    drain_timeout_bounds_shutdown_when_a_client_never_reads,
+);
