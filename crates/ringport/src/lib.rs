@@ -127,12 +127,14 @@
 
 #![deny(missing_docs)]
 
+mod fault;
 mod handle;
 mod op;
 mod pool;
 mod port;
 mod sys;
 
+pub use fault::FAULTS_ENV;
 pub use handle::Handle;
 pub use op::{Completion, Op, OpId, OpKind, Packet};
 pub use pool::PoolBuf;

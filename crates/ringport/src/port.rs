@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::fault::{Effect, Faults};
 use crate::handle::Handle;
 use crate::op::{Completion, Op, OpId, OpKind, Packet};
 use crate::pool::Pool;
@@ -194,6 +195,7 @@ impl Builder {
         for _ in 0..n {
             slots.push(Slot::new()?);
         }
+        let faults = Faults::from_env()?.map(Arc::new);
         let (drivers, pools) = self.drivers(&slots)?;
         let backend = drivers[0].name();
         let shared = Arc::new(Shared {
@@ -210,6 +212,7 @@ impl Builder {
             .map(|(index, (driver, pool))| Worker {
                 index,
                 pool,
+                faults: faults.clone(),
                 shared: Arc::clone(&shared),
                 driver,
                 inflight: HashMap::default(),
@@ -462,6 +465,8 @@ pub struct Worker<K, D> {
     index: usize,
     /// The receive pool, when the port has one.
     pool: Option<Arc<Pool>>,
+    /// Fault injection rules, when [`crate::FAULTS_ENV`] is set.
+    faults: Option<Arc<Faults>>,
     shared: Arc<Shared<K, D>>,
     driver: Box<dyn Driver>,
     /// Every operation the driver has started and not yet reported, by id. Its body (buffer,
@@ -748,6 +753,21 @@ where
                 "receive buffer has no spare capacity",
             );
             return self.ready.push_back(p.into_completion(Err(e)));
+        }
+        if let Some(effect) = self.faults.as_ref().and_then(|f| f.check(p.kind)) {
+            let res = match (effect, &*body) {
+                (Effect::Errno(e), _) => Some(Err(errno(e))),
+                (Effect::Short, OpBody::Send(buf, off)) => {
+                    sys::send_one(fd, buf.get(*off..).unwrap_or_default())
+                }
+                (Effect::Short, OpBody::SendPooled(buf, off)) => {
+                    sys::send_one(fd, buf.get(*off..).unwrap_or_default())
+                }
+                (Effect::Short, _) => None,
+            };
+            if let Some(res) = res {
+                return self.ready.push_back(p.into_completion(res));
+            }
         }
         match self.driver.start(p.id, target, body) {
             Ok(()) => {

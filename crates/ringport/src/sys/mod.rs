@@ -115,3 +115,24 @@ pub(crate) trait Driver: Send {
     /// The backend's name, as shown in logs.
     fn name(&self) -> &'static str;
 }
+
+/// Sends at most one byte of `bytes` at once, for fault injection's short sends. `None` when
+/// that would block or `bytes` has at most one byte: the send then goes ahead normally.
+pub(crate) fn send_one(fd: RawFd, bytes: &[u8]) -> Option<io::Result<usize>> {
+    if bytes.len() <= 1 {
+        return None;
+    }
+    // SAFETY: send reads one initialized byte from `bytes`.
+    let r = unsafe {
+        libc::send(
+            fd,
+            bytes.as_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    match r {
+        1 => Some(Ok(1)),
+        _ => None,
+    }
+}
