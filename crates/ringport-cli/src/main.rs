@@ -30,6 +30,22 @@ enum Command {
     Serve(ServeArgs),
     /// Run the echo client: the book's client by default, or a verifying load generator.
     Client(ClientArgs),
+    /// Benchmarks: `models` (the chapter's I/O models compared), `peers` (ringport against
+    /// tokio, monoio and compio), `scaling` (workers 1..8). `ringport bench MODE --help` lists
+    /// each mode's options.
+    Bench(BenchArgs),
+}
+
+/// Options of `ringport bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// models, peers or scaling.
+    #[arg(value_parser = ["models", "peers", "scaling"])]
+    pub mode: String,
+
+    /// The mode's own options (e.g. --quick).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
 }
 
 /// Options of `ringport serve`.
@@ -204,6 +220,14 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(&args),
         Command::Client(args) if args.is_load() => client::load::run(&args),
         Command::Client(args) => client::run_book(&args),
+        Command::Bench(args) => {
+            let code = match args.mode.as_str() {
+                "models" => ringport_bench::models_main(&args.args),
+                "peers" => ringport_bench::peers_main(&args.args),
+                _ => ringport_bench::scaling_main(&args.args),
+            };
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
     };
     match result {
         Ok(code) => code,

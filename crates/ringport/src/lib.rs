@@ -61,69 +61,27 @@
 //!
 //! # Example: the book's echo server
 //!
+//! One receive buffer per connection, as in the book (`examples/echo.rs`; `ringport serve` uses
+//! pooled receives instead, so that idle connections hold no buffer):
+//!
 //! ```no_run
-//! use std::net::TcpListener;
-//! use ringport::{Op, OpKind, Port, Worker};
-//!
-//! fn main() -> std::io::Result<()> {
-//!     let listener = TcpListener::bind("127.0.0.1:5150")?;
-//!     // Completion key: none needed beyond the socket; per-I/O data: bytes already sent.
-//!     let (port, workers) = Port::builder().build::<(), usize>()?;
-//!     let listener = port.associate(listener, ())?;
-//!     let mut threads = Vec::new();
-//!     for mut worker in workers {
-//!         let listener = listener.clone();
-//!         threads.push(std::thread::spawn(move || {
-//!             if worker.index() == listener.worker() {
-//!                 worker.submit(Op::accept(&listener), 0);
-//!             }
-//!             serve(&mut worker)
-//!         }));
-//!     }
-//!     for t in threads {
-//!         t.join().expect("worker panicked")?;
-//!     }
-//!     Ok(())
-//! }
-//!
-//! fn serve(worker: &mut Worker<(), usize>) -> std::io::Result<()> {
-//!     let port = worker.port();
-//!     loop {
-//!         let c = worker.dequeue(None)?;
-//!         let Some(handle) = c.handle.clone() else { continue };
-//!         match (c.kind, c.result) {
-//!             (OpKind::Accept, Ok(_)) => {
-//!                 worker.submit(Op::accept(&handle), 0);
-//!                 if let Some(stream) = c.accepted {
-//!                     let conn = port.associate(stream, ())?;
-//!                     worker.submit(Op::recv(&conn, Vec::with_capacity(8192)), 0);
-//!                 }
-//!             }
-//!             // Something arrived: echo it back.
-//!             (OpKind::Recv, Ok(n)) if n > 0 => {
-//!                 let buf = c.buf.expect("a receive gives its buffer back");
-//!                 worker.submit(Op::send(&handle, buf, 0), 0);
-//!             }
-//!             // A short send: post the rest.
-//!             (OpKind::Send, Ok(n)) if c.data + n < c.buf.as_ref().map_or(0, Vec::len) => {
-//!                 let buf = c.buf.expect("a send gives its buffer back");
-//!                 worker.submit(Op::send(&handle, buf, c.data + n), c.data + n);
-//!             }
-//!             // All sent: receive again, into the same buffer.
-//!             (OpKind::Send, Ok(_)) => {
-//!                 let mut buf = c.buf.expect("a send gives its buffer back");
-//!                 buf.clear();
-//!                 worker.submit(Op::recv(&handle, buf), 0);
-//!             }
-//!             // Peer closed (0 bytes) or an error: close this socket only.
-//!             (OpKind::Recv | OpKind::Send, _) => {
-//!                 worker.submit(Op::close(&handle), 0);
-//!             }
-//!             _ => {}
-//!         }
-//!     }
-//! }
+#![doc = include_str!("../examples/echo.rs")]
 //! ```
+//!
+//! # Receive pools and multishot receives
+//!
+//! [`Builder::recv_pool`] gives each worker a pool of buffers; [`Op::recv_pooled`], posted once
+//! with [`Worker::submit_multishot`], then completes every time data arrives, each time with a
+//! [`PoolBuf`] taken from the pool when the data arrived. A connection waiting for input holds
+//! no buffer, which is what lets one process hold tens of thousands of idle connections. The
+//! buffer can be echoed as it is with [`Op::send_pooled`] and goes back to the pool when dropped.
+//! When the pool is empty the receive ends with `ENOBUFS`; post it again once
+//! [`Worker::pool_available`] is non-zero.
+//!
+//! # Fault injection
+//!
+//! Setting [`FAULTS_ENV`] makes chosen operations fail with chosen errors (or sends short),
+//! so that an application's error paths can be tested against a real port.
 
 #![deny(missing_docs)]
 

@@ -1,0 +1,384 @@
+//! `ringport_bench`: compares echo servers that run as separate processes, driven by
+//! `ringport client` (the verifying load generator) as another process.
+//!
+//! Every figure of a report is measured in the same run, on the same machine, and reported
+//! next to ratios against the best peer of that run: the harness makes no claim about absolute
+//! numbers, and it never asserts timings.
+//!
+//! | mode | servers | what varies |
+//! |---|---|---|
+//! | [`peers_main`] | `ringport serve` (io_uring, epoll), tokio, monoio, compio | connections x message size x pipeline depth; idle connections; bulk streaming |
+//! | [`models_main`] | `ringport serve --model X` for six I/O models, and the completion port | connections x size x pipeline; idle connections |
+//! | [`scaling_main`] | the peers servers | worker threads |
+//!
+//! For every cell it records messages per second, p50/p99 round trip, the server's CPU time
+//! (user + system, from `/proc/PID/stat`) per message and its resident memory. Servers are
+//! pinned to `--server-cpus`, the load generator to `--load-cpus`. Rounds are interleaved
+//! (round 1 of every server, then round 2, ...) and the report shows the median.
+//! Before a server is measured, a short run checks that it echoes every byte faithfully.
+//!
+//! Each `*_main` parses its own arguments (without the program or mode name) and returns the
+//! process exit code: 0 when the harness ran (failed cells are reported, not fatal), 1 when a
+//! server echoed a wrong byte, 2 when the harness itself failed.
+//!
+//! ```no_run
+//! let code = ringport_bench::peers_main(&["--quick".to_owned()]);
+//! std::process::exit(code);
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod chart;
+pub mod matrix;
+pub mod models;
+pub mod peers;
+pub mod proc;
+pub mod report;
+pub mod scaling;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser};
+
+use crate::matrix::{Cell, Harness, Kind, Plan, Ready, ServerResults, ServerSpec, Skipped};
+use crate::report::Report;
+
+pub use models::models_main;
+pub use peers::peers_main;
+pub use scaling::scaling_main;
+
+/// Exit code: a server echoed a wrong byte.
+pub const EXIT_MISMATCH: i32 = 1;
+/// Exit code: the harness itself failed.
+pub const EXIT_HARNESS: i32 = 2;
+
+/// Options every mode takes.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Directory of `ringport` and the peer binaries [default: the directory of this executable].
+    #[arg(long, value_name = "DIR")]
+    pub bin_dir: Option<PathBuf>,
+
+    /// Where to write MODE.md, MODE.json and the SVG charts.
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    pub out: PathBuf,
+
+    /// CPUs the servers are pinned to, e.g. `0` or `0,2-3`.
+    #[arg(long, value_name = "LIST")]
+    pub server_cpus: Option<String>,
+
+    /// CPUs the load generator is pinned to [default: every CPU not serving].
+    #[arg(long, value_name = "LIST")]
+    pub load_cpus: Option<String>,
+
+    /// Seconds of load per cell [default: 3; 0.5 with --quick].
+    #[arg(long, value_name = "SECS")]
+    pub cell_secs: Option<f64>,
+
+    /// Rounds, interleaved across servers; the report shows the median [default: 3; 1 with --quick].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: Option<u32>,
+
+    /// A tiny matrix that runs in well under a minute (for CI); same report format.
+    #[arg(long)]
+    pub quick: bool,
+
+    /// Load-generator worker threads [default: the number of load CPUs].
+    #[arg(long, value_name = "N")]
+    pub client_workers: Option<u16>,
+
+    /// Run only these servers (labels, comma-separated).
+    #[arg(long, value_name = "LABELS", value_delimiter = ',')]
+    pub only: Vec<String>,
+
+    /// Connection counts to measure (comma-separated), instead of the mode's list.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub connections: Vec<u32>,
+
+    /// Message sizes in bytes (comma-separated), instead of the mode's list.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub sizes: Vec<u32>,
+
+    /// Pipeline depths (comma-separated), instead of the mode's list.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub pipelines: Vec<u32>,
+
+    /// Idle connections to open [default: as many as RLIMIT_NOFILE allows less 2000; 200 with
+    /// --quick]; 0 skips the idle measurement.
+    #[arg(long, value_name = "N")]
+    pub idle: Option<u64>,
+}
+
+impl CommonArgs {
+    fn rounds(&self) -> usize {
+        self.rounds
+            .map_or(if self.quick { 1 } else { 3 }, |r| r as usize)
+    }
+
+    fn cell_secs(&self) -> f64 {
+        self.cell_secs.unwrap_or(if self.quick { 0.5 } else { 3.0 })
+    }
+
+    /// `--connections` etc. when given, else the mode's default.
+    fn list(given: &[u32], default: &[u32]) -> Vec<u32> {
+        if given.is_empty() {
+            default.to_vec()
+        } else {
+            given.to_vec()
+        }
+    }
+}
+
+/// Parses `args` (without the program name) as `name`'s options; an `Err` is the exit code
+/// after the message (or the help) has been printed.
+fn parse_args<T: Parser>(name: &str, args: &[String]) -> Result<T, i32> {
+    let argv = std::iter::once(OsString::from(name)).chain(args.iter().map(OsString::from));
+    T::try_parse_from(argv).map_err(|e| {
+        let _ = e.print();
+        e.exit_code()
+    })
+}
+
+/// What every mode needs before it measures: the binaries, the CPU sets, the descriptor limit.
+#[derive(Debug, Clone)]
+struct Setup {
+    bin_dir: PathBuf,
+    harness: Harness,
+    machine: Vec<usize>,
+    server_cpus: Vec<usize>,
+    load_cpus: Vec<usize>,
+    nofile: u64,
+    notes: Vec<String>,
+}
+
+impl Setup {
+    /// `default_server` is the mode's server CPU set when `--server-cpus` is absent.
+    fn new(
+        common: &CommonArgs,
+        default_server: impl FnOnce(&[usize]) -> Vec<usize>,
+        specs: &[ServerSpec],
+    ) -> Result<Self, String> {
+        let (_, nofile) = proc::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
+        let machine = proc::available_cpus().map_err(|e| format!("sched_getaffinity: {e}"))?;
+        let mut notes = Vec::new();
+        let server_cpus = match &common.server_cpus {
+            Some(s) => proc::parse_cpu_list(s).map_err(|e| format!("--server-cpus {e}"))?,
+            None => default_server(&machine),
+        };
+        let outside: Vec<usize> = server_cpus
+            .iter()
+            .copied()
+            .filter(|c| !machine.contains(c))
+            .collect();
+        if !outside.is_empty() {
+            return Err(format!(
+                "--server-cpus: CPU(s) {} are not available here (this process may use {})",
+                proc::format_cpu_list(&outside),
+                proc::format_cpu_list(&machine)
+            ));
+        }
+        let load_cpus = match &common.load_cpus {
+            Some(s) => {
+                let load = proc::parse_cpu_list(s).map_err(|e| format!("--load-cpus {e}"))?;
+                let bad: Vec<usize> = load
+                    .iter()
+                    .copied()
+                    .filter(|c| !machine.contains(c))
+                    .collect();
+                if !bad.is_empty() {
+                    return Err(format!(
+                        "--load-cpus: CPU(s) {} are not available here (this process may use {})",
+                        proc::format_cpu_list(&bad),
+                        proc::format_cpu_list(&machine)
+                    ));
+                }
+                let shared: Vec<usize> = load
+                    .iter()
+                    .copied()
+                    .filter(|c| server_cpus.contains(c))
+                    .collect();
+                if !shared.is_empty() {
+                    return Err(format!(
+                        "--server-cpus {} and --load-cpus {} overlap on {}",
+                        proc::format_cpu_list(&server_cpus),
+                        proc::format_cpu_list(&load),
+                        proc::format_cpu_list(&shared)
+                    ));
+                }
+                load
+            }
+            None => {
+                let rest: Vec<usize> = machine
+                    .iter()
+                    .copied()
+                    .filter(|c| !server_cpus.contains(c))
+                    .collect();
+                if rest.is_empty() {
+                    notes.push(
+                        "no CPU is left for the load generator: it shares the servers' CPUs, so \
+                         the figures mix server and client work"
+                            .to_owned(),
+                    );
+                    server_cpus.clone()
+                } else {
+                    rest
+                }
+            }
+        };
+        let bin_dir = match &common.bin_dir {
+            Some(d) => d.clone(),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .ok_or_else(|| {
+                    "cannot find this executable's directory: pass --bin-dir".to_owned()
+                })?,
+        };
+        let mut packages: Vec<(&str, &str)> = vec![("ringport", "ringport-cli")];
+        packages.extend(
+            specs
+                .iter()
+                .map(|s| (s.program.as_str(), s.package.as_str())),
+        );
+        matrix::build_missing(&bin_dir, &packages);
+        let client = proc::find_binary(&bin_dir, "ringport").ok_or_else(|| {
+            format!(
+                "the load generator `ringport` is not in {}: build it with \
+                 `cargo build --release -p ringport-cli` (or pass --bin-dir)",
+                bin_dir.display()
+            )
+        })?;
+        Ok(Self {
+            bin_dir,
+            harness: Harness { client },
+            machine,
+            server_cpus,
+            load_cpus,
+            nofile,
+            notes,
+        })
+    }
+
+    /// The idle-connection target: `--idle`, 200 with `--quick`, else the limit less headroom.
+    fn idle_target(&self, common: &CommonArgs) -> u64 {
+        common.idle.unwrap_or(if common.quick {
+            200
+        } else if self.nofile > 2 * matrix::FD_HEADROOM {
+            self.nofile - matrix::FD_HEADROOM
+        } else {
+            self.nofile / 2
+        })
+    }
+
+    fn plan(&self, common: &CommonArgs, cells: Vec<Cell>, idle: u64, bulk_secs: f64) -> Plan {
+        Plan {
+            cells,
+            idle,
+            rounds: common.rounds(),
+            cell_secs: common.cell_secs(),
+            bulk_secs,
+            server_cpus: self.server_cpus.clone(),
+            load_cpus: self.load_cpus.clone(),
+            client_workers: common.client_workers.unwrap_or_else(|| {
+                u16::try_from(self.load_cpus.len())
+                    .unwrap_or(u16::MAX)
+                    .max(1)
+            }),
+            nofile: self.nofile,
+        }
+    }
+
+    /// Resolves `specs` (filtered by `--only`) into runnable and skipped servers.
+    fn resolve(&self, common: &CommonArgs, specs: &[ServerSpec]) -> (Vec<Ready>, Vec<Skipped>) {
+        let specs: Vec<ServerSpec> = specs
+            .iter()
+            .filter(|s| {
+                common.only.is_empty() || common.only.iter().any(|o| o == &s.label || o == &s.group)
+            })
+            .cloned()
+            .collect();
+        let (ready, skipped) = matrix::resolve(&specs, &self.bin_dir);
+        for s in &skipped {
+            eprintln!("ringport-bench: skipped: {}: {}", s.label, s.why);
+        }
+        (ready, skipped)
+    }
+}
+
+/// A chart to draw from the results: file suffix, title, axis names and how to read points.
+struct ChartSpec {
+    suffix: &'static str,
+    title: String,
+    x_desc: &'static str,
+    y_desc: &'static str,
+    series: Vec<chart::Series>,
+}
+
+/// The two standard charts (msgs/s and CPU per message) across connection counts, for the
+/// 64 B, pipeline 16 cells.
+fn connection_charts(mode: &str, servers: &[ServerResults]) -> Vec<ChartSpec> {
+    let x = |c: &Cell| {
+        (c.kind == Kind::PingPong && c.size == 64 && c.pipeline == 16)
+            .then_some(f64::from(c.connections))
+    };
+    vec![
+        ChartSpec {
+            suffix: "msgs",
+            title: format!("{mode}: messages/s, 64 B, pipeline 16 (higher is better)"),
+            x_desc: "connections",
+            y_desc: "messages/s",
+            series: chart::series_by_cell(servers, x, |s| s.msgs_per_s),
+        },
+        ChartSpec {
+            suffix: "cpu",
+            title: format!(
+                "{mode}: server CPU µs per message, 64 B, pipeline 16 (lower is better)"
+            ),
+            x_desc: "connections",
+            y_desc: "server CPU µs/msg",
+            series: chart::series_by_cell(servers, x, |s| s.cpu_us_per_msg),
+        },
+    ]
+}
+
+/// Prints the report, writes it and its charts to `--out`, and returns the exit code.
+fn finish(report: &Report, out: &Path, charts: Vec<ChartSpec>) -> i32 {
+    print!("{}", report.markdown());
+    let mut written = match report.write(out) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("ringport-bench: {e}");
+            return EXIT_HARNESS;
+        }
+    };
+    for c in charts {
+        let path = out.join(format!("{}-{}.svg", report.mode, c.suffix));
+        match chart::line_chart(&path, &c.title, c.x_desc, c.y_desc, &c.series) {
+            Ok(true) => written.push(path),
+            Ok(false) => eprintln!("ringport-bench: {}: no data to chart", path.display()),
+            Err(e) => {
+                eprintln!("ringport-bench: chart {e}");
+                return EXIT_HARNESS;
+            }
+        }
+    }
+    for w in &written {
+        eprintln!("ringport-bench: wrote {}", w.display());
+    }
+    let bad: Vec<&str> = report
+        .servers
+        .iter()
+        .filter(|s| s.mismatched)
+        .map(|s| s.spec.label.as_str())
+        .collect();
+    if bad.is_empty() {
+        0
+    } else {
+        eprintln!(
+            "ringport-bench: ECHO INTEGRITY FAILURE: {} returned bytes that differ from what was sent",
+            bad.join(", ")
+        );
+        EXIT_MISMATCH
+    }
+}

@@ -1,0 +1,32 @@
+//! `ringport-bench`: dispatches `peers`, `models` and `scaling` to the `ringport_bench` library.
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: ringport-bench <peers|models|scaling> [OPTIONS]   (--help after a mode for its options)
+
+  peers    ringport serve (io_uring, epoll) vs tokio, monoio, compio echo servers
+  models   ringport serve --model X (blocking, select, sigio, poll, epoll, uring) vs the completion port
+  scaling  every peers server with 1, 2, 4, 8 worker threads
+
+Every mode takes --quick for a tiny matrix that runs in well under a minute.";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match args.first().map(String::as_str) {
+        Some("peers") => ringport_bench::peers_main(&args[1..]),
+        Some("models") => ringport_bench::models_main(&args[1..]),
+        Some("scaling") => ringport_bench::scaling_main(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            0
+        }
+        other => {
+            if let Some(o) = other {
+                eprintln!("ringport-bench: unknown mode `{o}`");
+            }
+            eprintln!("{USAGE}");
+            ringport_bench::EXIT_HARNESS
+        }
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

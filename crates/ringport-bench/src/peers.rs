@@ -1,0 +1,128 @@
+//! `peers`: ringport serve (io_uring and epoll) against tokio, monoio and compio echo servers,
+//! each pinned to the server CPUs with one worker.
+
+use clap::Parser;
+
+use crate::matrix::{self, Cell, Kind, Role, ServerSpec};
+use crate::report::Report;
+use crate::{CommonArgs, Setup, EXIT_HARNESS};
+
+/// `ringport-bench peers`: the peer matrix.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ringport-bench peers",
+    about = "ringport serve against tokio, monoio and compio echo servers"
+)]
+struct PeersArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    /// Worker threads of every server.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    workers: u16,
+
+    /// Skip the bulk-streaming measurement.
+    #[arg(long)]
+    no_bulk: bool,
+}
+
+/// The peer table: label, role, binary, package and argv of each server.
+pub fn specs(workers: u16) -> Vec<ServerSpec> {
+    let serve = |backend: &str, label: &str| {
+        ServerSpec::new(
+            label,
+            Role::Subject,
+            "ringport",
+            "ringport-cli",
+            &[
+                "serve",
+                "--listen",
+                "{addr}",
+                "--workers",
+                "{workers}",
+                "--backend",
+                backend,
+            ],
+        )
+        .needs(&["serve", "--help"], &["--backend"])
+        .workers(workers)
+    };
+    let peer = |name: &str| {
+        let program = format!("peer-{name}");
+        ServerSpec::new(
+            name,
+            Role::Peer,
+            &program,
+            &program,
+            &["--listen", "{addr}", "--workers", "{workers}"],
+        )
+        .workers(workers)
+    };
+    vec![
+        serve("uring", "ringport-uring"),
+        serve("epoll", "ringport-epoll"),
+        peer("tokio"),
+        peer("monoio"),
+        peer("compio"),
+    ]
+}
+
+/// Runs `ringport-bench peers ARGS` (arguments without the program and mode names) and returns
+/// the exit code.
+pub fn peers_main(args: &[String]) -> i32 {
+    let args: PeersArgs = match crate::parse_args("ringport-bench peers", args) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    match run(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ringport-bench peers: {e}");
+            EXIT_HARNESS
+        }
+    }
+}
+
+fn run(args: &PeersArgs) -> Result<i32, String> {
+    let c = &args.common;
+    let specs = specs(args.workers);
+    let setup = Setup::new(c, |m| m.iter().copied().take(1).collect(), &specs)?;
+    let (ready, skipped) = setup.resolve(c, &specs);
+    let (conns, sizes, pipes): (&[u32], &[u32], &[u32]) = if c.quick {
+        (&[1, 50], &[64], &[1, 16])
+    } else {
+        (&[1, 50, 1000, 10_000], &[64, 512, 4096], &[1, 16])
+    };
+    let mut cells = matrix::ping_cells(
+        &CommonArgs::list(&c.connections, conns),
+        &CommonArgs::list(&c.sizes, sizes),
+        &CommonArgs::list(&c.pipelines, pipes),
+    );
+    if !args.no_bulk {
+        cells.push(Cell {
+            kind: Kind::Bulk,
+            connections: 4,
+            size: 1 << 20,
+            pipeline: 1,
+        });
+    }
+    let bulk_secs = if c.quick { 1.0 } else { c.cell_secs() };
+    let plan = setup.plan(c, cells, setup.idle_target(c), bulk_secs);
+    let servers = matrix::run(&setup.harness, &ready, &plan);
+    let report = Report {
+        mode: "peers".to_owned(),
+        title: format!(
+            "ringport-bench peers: ringport serve vs tokio, monoio, compio ({} worker(s) each)",
+            args.workers
+        ),
+        plan,
+        machine_cpus: setup.machine.clone(),
+        clock_ticks_per_sec: crate::proc::clock_ticks_per_sec(),
+        notes: setup.notes.clone(),
+        skipped,
+        compare_same_workers: false,
+        servers,
+    };
+    let charts = crate::connection_charts("peers", &report.servers);
+    Ok(crate::finish(&report, &c.out, charts))
+}

@@ -1,0 +1,523 @@
+//! The report: a Markdown table of figures and ratios, and the raw results as JSON.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::matrix::{Kind, Plan, Role, Sample, ServerResults, Skipped};
+
+/// Everything one run measured, as written to `MODE.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `peers`, `models` or `scaling`.
+    pub mode: String,
+    /// Heading of the Markdown report.
+    pub title: String,
+    /// The settings.
+    pub plan: Plan,
+    /// CPUs this process may use.
+    pub machine_cpus: Vec<usize>,
+    /// Clock ticks per second of the CPU-time readings.
+    pub clock_ticks_per_sec: u64,
+    /// Remarks about the run (e.g. worker counts left out).
+    pub notes: Vec<String>,
+    /// Servers that could not run, and why.
+    pub skipped: Vec<Skipped>,
+    /// Compare a subject only with peers running the same worker count.
+    pub compare_same_workers: bool,
+    /// The results.
+    pub servers: Vec<ServerResults>,
+}
+
+/// Formats a byte count as `64B`, `4KiB`, `1MiB` (exact units only, else bytes).
+pub fn fmt_size(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{}MiB", bytes >> 20)
+    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
+        format!("{}KiB", bytes >> 10)
+    } else {
+        format!("{bytes}B")
+    }
+}
+
+/// Formats a count with thousands separators: `1234567.8` as `1,234,568`.
+pub fn fmt_count(x: f64) -> String {
+    if !x.is_finite() {
+        return "n/a".to_owned();
+    }
+    let digits = format!("{:.0}", x.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if x < 0.0 && digits != "0" {
+        out.insert(0, '-');
+    }
+    out
+}
+
+/// Formats an axis value compactly: `1.2M`, `3.5k`, `2.5`.
+pub fn fmt_count_short(x: f64) -> String {
+    let a = x.abs();
+    if a >= 1e6 {
+        format!("{:.1}M", x / 1e6)
+    } else if a >= 1e4 {
+        format!("{:.0}k", x / 1e3)
+    } else if a >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else if a >= 10.0 || a == 0.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// Formats microseconds with about three significant digits (none after the point from 100).
+pub fn fmt_us(x: f64) -> String {
+    if !x.is_finite() {
+        "n/a".to_owned()
+    } else if x < 1.0 {
+        format!("{x:.3}")
+    } else if x < 10.0 {
+        format!("{x:.2}")
+    } else if x < 100.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+/// `a / b`, when both are known and `b` is positive.
+pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 && a.is_finite() && b.is_finite() => Some(a / b),
+        _ => None,
+    }
+}
+
+/// Formats a ratio as `1.23x`, or `n/a`.
+pub fn fmt_ratio(r: Option<f64>) -> String {
+    match r {
+        Some(r) if r >= 100.0 => format!("{r:.0}x"),
+        Some(r) => format!("{r:.2}x"),
+        None => "n/a".to_owned(),
+    }
+}
+
+/// Shortens `s` to `max` characters, marking the cut with `…`; `|` is escaped for tables.
+fn cell_text(s: &str, max: usize) -> String {
+    let s = s.replace('|', "/").replace('\n', " ");
+    if s.chars().count() <= max {
+        s
+    } else {
+        let cut: String = s.chars().take(max).collect();
+        format!("{cut}…")
+    }
+}
+
+/// The best peer figure for a cell: the highest msgs/s and the lowest CPU per message, each
+/// with the peer's label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Best {
+    /// Highest messages per second, and who.
+    pub msgs: Option<(f64, String)>,
+    /// Lowest CPU microseconds per message, and who.
+    pub cpu: Option<(f64, String)>,
+}
+
+/// Finds the best peer among `(label, sample)` pairs.
+pub fn best_peer<'a>(peers: impl IntoIterator<Item = (&'a str, Sample)>) -> Best {
+    let mut best = Best {
+        msgs: None,
+        cpu: None,
+    };
+    for (label, s) in peers {
+        if s.msgs_per_s.is_finite() && best.msgs.as_ref().is_none_or(|(m, _)| s.msgs_per_s > *m) {
+            best.msgs = Some((s.msgs_per_s, label.to_owned()));
+        }
+        if s.cpu_us_per_msg.is_finite()
+            && best.cpu.as_ref().is_none_or(|(c, _)| s.cpu_us_per_msg < *c)
+        {
+            best.cpu = Some((s.cpu_us_per_msg, label.to_owned()));
+        }
+    }
+    best
+}
+
+impl Report {
+    fn best_for(&self, subject: &ServerResults, index: usize) -> Best {
+        best_peer(
+            self.servers
+                .iter()
+                .filter(|s| s.spec.role == Role::Peer)
+                .filter(|s| !self.compare_same_workers || s.spec.workers == subject.spec.workers)
+                .filter_map(|s| Some((s.spec.label.as_str(), s.cells.get(index)?.median()?))),
+        )
+    }
+
+    fn subjects(&self) -> impl Iterator<Item = &ServerResults> {
+        self.servers.iter().filter(|s| s.spec.role == Role::Subject)
+    }
+
+    /// Renders the Markdown report.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let p = &self.plan;
+        let _ = writeln!(md, "# {}\n", self.title);
+        let _ = writeln!(
+            md,
+            "Median of {} interleaved round(s); {} s per cell; servers on CPU(s) {}, load \
+             (`ringport client`, {} worker(s)) on CPU(s) {}; RLIMIT_NOFILE {}; CPU time in \
+             {} Hz ticks. All figures come from this run on this machine: compare them with \
+             each other (the ratios), not with other machines.\n",
+            p.rounds,
+            p.cell_secs,
+            crate::proc::format_cpu_list(&p.server_cpus),
+            p.client_workers,
+            crate::proc::format_cpu_list(&p.load_cpus),
+            p.nofile,
+            self.clock_ticks_per_sec,
+        );
+        for n in &self.notes {
+            let _ = writeln!(md, "- note: {n}");
+        }
+        for s in &self.skipped {
+            let _ = writeln!(md, "- skipped: {}: {}", s.label, s.why);
+        }
+        for s in &self.servers {
+            let _ = writeln!(
+                md,
+                "- {} ({}): `{} {}`{}",
+                s.spec.label,
+                match s.spec.role {
+                    Role::Subject => "subject",
+                    Role::Peer => "peer",
+                },
+                s.spec.program,
+                s.spec.argv("ADDR").join(" "),
+                s.listen_line
+                    .as_deref()
+                    .and_then(|l| crate::proc::parse_key_value(l, "backend"))
+                    .map(|b| format!(", server reports backend={b}"))
+                    .unwrap_or_default(),
+            );
+            for f in &s.integrity_failures {
+                let _ = writeln!(md, "  - **INTEGRITY CHECK FAILED**: {}", cell_text(f, 300));
+            }
+        }
+        md.push('\n');
+        self.ping_table(&mut md);
+        self.ratio_table(&mut md);
+        self.bulk_table(&mut md);
+        self.idle_table(&mut md);
+        md
+    }
+
+    fn ping_table(&self, md: &mut String) {
+        let ping: Vec<usize> = (0..self.plan.cells.len())
+            .filter(|&i| self.plan.cells[i].kind == Kind::PingPong)
+            .collect();
+        if ping.is_empty() || self.servers.is_empty() {
+            return;
+        }
+        let _ = writeln!(md, "## Ping-pong\n");
+        let _ = writeln!(
+            md,
+            "| cell | server | msgs/s | CPU µs/msg | p50 µs | p99 µs | RSS MiB | msgs/s ÷ best peer \
+             (>1 faster) | CPU/msg ÷ best peer (<1 leaner) | note |"
+        );
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+        for &i in &ping {
+            let cell = self.plan.cells[i];
+            for (k, s) in self.servers.iter().enumerate() {
+                let r = &s.cells[i];
+                let label = if k == 0 { cell.label() } else { String::new() };
+                let (nfail, whys) = r.failures();
+                let note = if nfail > 0 && !r.rounds.is_empty() {
+                    format!("{nfail}/{} failed: {}", r.rounds.len(), whys.join("; "))
+                } else {
+                    String::new()
+                };
+                match r.median() {
+                    Some(m) => {
+                        let (rm, rc) = if s.spec.role == Role::Subject {
+                            let best = self.best_for(s, i);
+                            (
+                                ratio_with(Some(m.msgs_per_s), best.msgs.as_ref()),
+                                ratio_with(Some(m.cpu_us_per_msg), best.cpu.as_ref()),
+                            )
+                        } else {
+                            (String::new(), String::new())
+                        };
+                        let _ = writeln!(
+                            md,
+                            "| {label} | {} | {} | {} | {} | {} | {:.1} | {rm} | {rc} | {} |",
+                            s.spec.label,
+                            fmt_count(m.msgs_per_s),
+                            fmt_us(m.cpu_us_per_msg),
+                            fmt_us(m.p50_us),
+                            fmt_us(m.p99_us),
+                            m.rss_bytes / (1u64 << 20) as f64,
+                            cell_text(&note, 120),
+                        );
+                    }
+                    None => {
+                        let why = whys.join("; ");
+                        let _ = writeln!(
+                            md,
+                            "| {label} | {} | **failed** | | | | | | | {} |",
+                            s.spec.label,
+                            cell_text(&why, 160)
+                        );
+                    }
+                }
+            }
+        }
+        md.push('\n');
+    }
+
+    fn ratio_table(&self, md: &mut String) {
+        let subjects: Vec<&ServerResults> = self.subjects().collect();
+        if subjects.is_empty() || !self.servers.iter().any(|s| s.spec.role == Role::Peer) {
+            return;
+        }
+        let _ = writeln!(md, "## Ratios: subject ÷ best peer\n");
+        let mut head = String::from("| cell |");
+        let mut rule = String::from("|---|");
+        for s in &subjects {
+            let _ = write!(head, " {0} msgs/s | {0} CPU/msg |", s.spec.label);
+            rule.push_str("---:|---:|");
+        }
+        let _ = writeln!(md, "{head}\n{rule}");
+        for (i, cell) in self.plan.cells.iter().enumerate() {
+            let mut row = format!(
+                "| {}{} |",
+                cell.label(),
+                if cell.kind == Kind::Bulk { " bulk" } else { "" }
+            );
+            for s in &subjects {
+                let m = s.cells[i].median();
+                let best = self.best_for(s, i);
+                let _ = write!(
+                    row,
+                    " {} | {} |",
+                    ratio_with(m.map(|m| m.msgs_per_s), best.msgs.as_ref()),
+                    ratio_with(m.map(|m| m.cpu_us_per_msg), best.cpu.as_ref())
+                );
+            }
+            let _ = writeln!(md, "{row}");
+        }
+        md.push('\n');
+    }
+
+    fn bulk_table(&self, md: &mut String) {
+        let bulk: Vec<usize> = (0..self.plan.cells.len())
+            .filter(|&i| self.plan.cells[i].kind == Kind::Bulk)
+            .collect();
+        for &i in &bulk {
+            let cell = self.plan.cells[i];
+            let _ = writeln!(
+                md,
+                "## Bulk streaming: {} connections, {} messages, pipeline {}\n",
+                cell.connections,
+                fmt_size(u64::from(cell.size)),
+                cell.pipeline
+            );
+            let _ = writeln!(md, "| server | GB/s | CPU µs/MiB | RSS MiB | GB/s ÷ best peer | CPU ÷ best peer | note |");
+            let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---|");
+            for s in &self.servers {
+                let r = &s.cells[i];
+                let (nfail, whys) = r.failures();
+                let per_mib = f64::from(cell.size) / f64::from(1u32 << 20);
+                match r.median() {
+                    Some(m) => {
+                        let best = self.best_for(s, i);
+                        let subject = s.spec.role == Role::Subject;
+                        let note = if nfail > 0 {
+                            format!("{nfail}/{} failed: {}", r.rounds.len(), whys.join("; "))
+                        } else {
+                            String::new()
+                        };
+                        let _ = writeln!(
+                            md,
+                            "| {} | {:.2} | {} | {:.1} | {} | {} | {} |",
+                            s.spec.label,
+                            m.mb_per_s / 1000.0,
+                            fmt_us(m.cpu_us_per_msg / per_mib),
+                            m.rss_bytes / (1u64 << 20) as f64,
+                            if subject {
+                                ratio_with(Some(m.msgs_per_s), best.msgs.as_ref())
+                            } else {
+                                String::new()
+                            },
+                            if subject {
+                                ratio_with(Some(m.cpu_us_per_msg), best.cpu.as_ref())
+                            } else {
+                                String::new()
+                            },
+                            cell_text(&note, 120)
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(
+                            md,
+                            "| {} | **failed** | | | | | {} |",
+                            s.spec.label,
+                            cell_text(&whys.join("; "), 160)
+                        );
+                    }
+                }
+            }
+            md.push('\n');
+        }
+    }
+
+    fn idle_table(&self, md: &mut String) {
+        if self.plan.idle == 0 || self.servers.is_empty() {
+            return;
+        }
+        let _ = writeln!(md, "## Idle connections (asked for {})\n", self.plan.idle);
+        let _ = writeln!(
+            md,
+            "| server | opened | served | RSS before MiB | RSS after MiB | bytes/conn | ÷ best peer (<1 leaner) | note |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---|");
+        let best_peer = self
+            .servers
+            .iter()
+            .filter(|s| s.spec.role == Role::Peer)
+            .filter_map(|s| Some((s.idle_median().0?, s.spec.label.clone())))
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        for s in &self.servers {
+            let (per_conn, note) = s.idle_median();
+            let last = s.idle.iter().rev().find_map(|r| r.as_ref().ok());
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            let r = if s.spec.role == Role::Subject {
+                ratio_with(per_conn, best_peer.as_ref())
+            } else {
+                String::new()
+            };
+            match (per_conn, last) {
+                (Some(b), Some(l)) => {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | {:.1} | {:.1} | {} | {r} | {} |",
+                        s.spec.label,
+                        l.opened,
+                        l.answered,
+                        mib(l.rss_before),
+                        mib(l.rss_after),
+                        fmt_count(b),
+                        cell_text(note.as_deref().unwrap_or(""), 120)
+                    );
+                }
+                _ => {
+                    let _ = writeln!(
+                        md,
+                        "| {} | **failed** | | | | | | {} |",
+                        s.spec.label,
+                        cell_text(note.as_deref().unwrap_or("not measured"), 160)
+                    );
+                }
+            }
+        }
+        md.push('\n');
+    }
+
+    /// Writes `MODE.md` and `MODE.json` into `dir`; returns their paths.
+    ///
+    /// # Errors
+    ///
+    /// The directory or a file cannot be written.
+    pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let md = dir.join(format!("{}.md", self.mode));
+        std::fs::write(&md, self.markdown()).map_err(|e| format!("{}: {e}", md.display()))?;
+        let json = dir.join(format!("{}.json", self.mode));
+        let text = serde_json::to_string_pretty(self).map_err(|e| format!("JSON: {e}"))?;
+        std::fs::write(&json, text + "\n").map_err(|e| format!("{}: {e}", json.display()))?;
+        Ok(vec![md, json])
+    }
+}
+
+/// `a ÷ best` formatted with the best peer's name, e.g. `1.10x (tokio)`.
+fn ratio_with(a: Option<f64>, best: Option<&(f64, String)>) -> String {
+    match (ratio(a, best.map(|b| b.0)), best) {
+        (Some(r), Some((_, who))) => format!("{} ({who})", fmt_ratio(Some(r))),
+        _ => fmt_ratio(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios() {
+        assert_eq!(fmt_ratio(ratio(Some(150.0), Some(100.0))), "1.50x");
+        assert_eq!(fmt_ratio(ratio(Some(1.0), Some(3.0))), "0.33x");
+        assert_eq!(fmt_ratio(ratio(Some(5000.0), Some(2.0))), "2500x");
+        assert_eq!(fmt_ratio(ratio(Some(1.0), Some(0.0))), "n/a");
+        assert_eq!(fmt_ratio(ratio(None, Some(1.0))), "n/a");
+        assert_eq!(fmt_ratio(ratio(Some(f64::NAN), Some(1.0))), "n/a");
+        assert_eq!(
+            ratio_with(Some(90.0), Some(&(60.0, "tokio".to_owned()))),
+            "1.50x (tokio)"
+        );
+        assert_eq!(ratio_with(Some(90.0), None), "n/a");
+    }
+
+    #[test]
+    fn counts_sizes_and_micros() {
+        assert_eq!(fmt_count(1_234_567.8), "1,234,568");
+        assert_eq!(fmt_count(999.0), "999");
+        assert_eq!(fmt_count(1000.0), "1,000");
+        assert_eq!(fmt_count(0.2), "0");
+        assert_eq!(fmt_count(-1500.0), "-1,500");
+        assert_eq!(fmt_count(f64::NAN), "n/a");
+        assert_eq!(fmt_size(64), "64B");
+        assert_eq!(fmt_size(512), "512B");
+        assert_eq!(fmt_size(4096), "4KiB");
+        assert_eq!(fmt_size(1 << 20), "1MiB");
+        assert_eq!(fmt_size(1500), "1500B");
+        assert_eq!(fmt_us(12.345), "12.3");
+        assert_eq!(fmt_count_short(1_240_000.0), "1.2M");
+        assert_eq!(fmt_count_short(35_000.0), "35k");
+        assert_eq!(fmt_count_short(3_500.0), "3.5k");
+        assert_eq!(fmt_count_short(2.5), "2.50");
+        assert_eq!(fmt_count_short(0.0), "0");
+        assert_eq!(fmt_us(1234.5), "1234");
+        assert_eq!(fmt_us(0.4321), "0.432");
+        assert_eq!(fmt_us(2.345_6), "2.35");
+    }
+
+    #[test]
+    fn best_peer_picks_fastest_and_leanest_separately() {
+        let s = |m: f64, c: f64| Sample {
+            msgs_per_s: m,
+            mb_per_s: 0.0,
+            p50_us: 0.0,
+            p99_us: 0.0,
+            cpu_us_per_msg: c,
+            rss_bytes: 0.0,
+        };
+        let best = best_peer([
+            ("tokio", s(100.0, 3.0)),
+            ("monoio", s(120.0, 4.0)),
+            ("compio", s(90.0, 2.5)),
+        ]);
+        assert_eq!(best.msgs, Some((120.0, "monoio".to_owned())));
+        assert_eq!(best.cpu, Some((2.5, "compio".to_owned())));
+        assert_eq!(best_peer([]).msgs, None);
+    }
+
+    #[test]
+    fn long_notes_are_cut_and_pipes_escaped() {
+        assert_eq!(cell_text("a|b", 10), "a/b");
+        assert_eq!(cell_text("abcdef", 3), "abc…");
+    }
+}

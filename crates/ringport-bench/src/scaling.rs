@@ -1,0 +1,169 @@
+//! `scaling`: each peers server with 1, 2, 4, 8 workers on the server CPUs, one cell.
+
+use clap::Parser;
+
+use crate::chart::Series;
+use crate::matrix::{self, Cell, ServerResults, ServerSpec};
+use crate::report::Report;
+use crate::{ChartSpec, CommonArgs, Setup, EXIT_HARNESS};
+
+/// `ringport-bench scaling`: messages/s and CPU per message against worker threads.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ringport-bench scaling",
+    about = "every server with 1, 2, 4, 8 workers"
+)]
+struct ScalingArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    /// Worker counts to measure; counts above the number of server CPUs are left out.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "1,2,4,8"
+    )]
+    workers_list: Vec<u16>,
+}
+
+/// Runs `ringport-bench scaling ARGS` (arguments without the program and mode names) and
+/// returns the exit code.
+pub fn scaling_main(args: &[String]) -> i32 {
+    let args: ScalingArgs = match crate::parse_args("ringport-bench scaling", args) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    match run(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ringport-bench scaling: {e}");
+            EXIT_HARNESS
+        }
+    }
+}
+
+/// Worker counts that fit on `cpus` server CPUs, and a note about the others.
+pub fn fitting_workers(list: &[u16], cpus: usize) -> (Vec<u16>, Option<String>) {
+    let (fit, left): (Vec<u16>, Vec<u16>) = list
+        .iter()
+        .copied()
+        .filter(|&w| w > 0)
+        .partition(|&w| usize::from(w) <= cpus);
+    let note = (!left.is_empty()).then(|| {
+        format!(
+            "{} worker(s) left out: only {cpus} server CPU(s) here",
+            left.iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    });
+    (fit, note)
+}
+
+fn run(args: &ScalingArgs) -> Result<i32, String> {
+    let c = &args.common;
+    let base = crate::peers::specs(1);
+    // Default: the first half of the CPUs serve, the rest load.
+    let setup = Setup::new(c, |m| m[..(m.len() / 2).max(1)].to_vec(), &base)?;
+    let (workers, note) = fitting_workers(&args.workers_list, setup.server_cpus.len());
+    if workers.is_empty() {
+        return Err(note.unwrap_or_else(|| "--workers-list is empty".to_owned()));
+    }
+    let mut notes = setup.notes.clone();
+    notes.extend(note);
+    let specs: Vec<ServerSpec> = base
+        .iter()
+        .flat_map(|s| {
+            workers.iter().map(move |&w| {
+                let mut spec = s.clone().workers(w);
+                spec.label = format!("{} w{w}", s.label);
+                spec
+            })
+        })
+        .collect();
+    let (ready, skipped) = setup.resolve(c, &specs);
+    let default_conns = if c.quick { 100 } else { 1000 };
+    let cell = Cell::ping(
+        c.connections.first().copied().unwrap_or(default_conns),
+        c.sizes.first().copied().unwrap_or(64),
+        c.pipelines.first().copied().unwrap_or(16),
+    );
+    let plan = setup.plan(c, vec![cell], c.idle.unwrap_or(0), c.cell_secs());
+    let servers = matrix::run(&setup.harness, &ready, &plan);
+    let report = Report {
+        mode: "scaling".to_owned(),
+        title: format!("ringport-bench scaling: worker threads, {}", cell.label()),
+        plan,
+        machine_cpus: setup.machine.clone(),
+        clock_ticks_per_sec: crate::proc::clock_ticks_per_sec(),
+        notes,
+        skipped,
+        compare_same_workers: true,
+        servers,
+    };
+    let charts = vec![
+        ChartSpec {
+            suffix: "msgs",
+            title: format!(
+                "scaling: messages/s vs workers, {} (higher is better)",
+                cell.label()
+            ),
+            x_desc: "server workers",
+            y_desc: "messages/s",
+            series: by_workers(&report.servers, |s| s.msgs_per_s),
+        },
+        ChartSpec {
+            suffix: "cpu",
+            title: format!(
+                "scaling: server CPU µs/msg vs workers, {} (lower is better)",
+                cell.label()
+            ),
+            x_desc: "server workers",
+            y_desc: "server CPU µs/msg",
+            series: by_workers(&report.servers, |s| s.cpu_us_per_msg),
+        },
+    ];
+    Ok(crate::finish(&report, &c.out, charts))
+}
+
+/// One line per server group (label without the worker count), x = workers.
+fn by_workers(servers: &[ServerResults], y: fn(&matrix::Sample) -> f64) -> Vec<Series> {
+    let mut out: Vec<Series> = Vec::new();
+    for s in servers {
+        let Some(m) = s.cells.first().and_then(matrix::CellResult::median) else {
+            continue;
+        };
+        let point = (f64::from(s.spec.workers), y(&m));
+        match out.iter_mut().find(|x| x.label == s.spec.group) {
+            Some(series) => series.points.push(point),
+            None => out.push(Series {
+                label: s.spec.group.clone(),
+                points: vec![point],
+            }),
+        }
+    }
+    for s in &mut out {
+        s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_counts_beyond_the_server_cpus_are_left_out() {
+        let (fit, note) = fitting_workers(&[1, 2, 4, 8], 1);
+        assert_eq!(fit, vec![1]);
+        assert_eq!(
+            note.unwrap(),
+            "2, 4, 8 worker(s) left out: only 1 server CPU(s) here"
+        );
+        let (fit, note) = fitting_workers(&[1, 2, 4, 8], 8);
+        assert_eq!(fit, vec![1, 2, 4, 8]);
+        assert_eq!(note, None);
+    }
+}
