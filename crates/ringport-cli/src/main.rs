@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 mod client;
+mod echo_queue;
 mod serve;
 mod udp;
 
@@ -68,13 +69,20 @@ pub struct ServeArgs {
     )]
     pub backend: ringport::Backend,
 
+    /// I/O model: completion-port (ringport's port, N workers), or, to compare with the
+    /// chapter's other models, one of blocking (thread per connection), select, sigio
+    /// (signal-driven), poll, epoll, uring (io_uring on one thread).
+    #[arg(long, value_name = "NAME", default_value = "completion-port",
+          value_parser = ["completion-port", "blocking", "select", "sigio", "poll", "epoll", "uring"])]
+    pub model: String,
+
     /// Close connections that have neither received nor sent anything for this long, in
     /// seconds (slowloris protection) [default: off].
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub idle_timeout: Option<Duration>,
 
     /// Connections open at once; more are closed as soon as they are accepted, counted, and
-    /// logged at most once a second [default: 0, no limit].
+    /// logged at most once a second (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_connections: usize,
 

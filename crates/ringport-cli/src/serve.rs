@@ -12,7 +12,7 @@
 //! The pool bounds what a worker buffers in total; a receive that finds the pool empty ends with
 //! `ENOBUFS` and is re-armed when buffers come back.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::process::ExitCode;
@@ -24,6 +24,7 @@ use ringport::{Completion, Handle, Op, OpId, Packet, PoolBuf, Port, WaitError, W
 use tracing::{debug, info, trace, warn};
 
 use crate::client::errors::describe;
+use crate::echo_queue::{EchoQueue, Next};
 use crate::ServeArgs;
 
 /// Receive buffer size, as in the book.
@@ -81,11 +82,8 @@ struct Conn {
     handle: Handle<Key>,
     /// The armed pooled receive, if any.
     recv: Option<OpId>,
-    /// Received and not yet sent, in order.
-    queue: VecDeque<PoolBuf>,
-    /// Bytes in `queue` plus the buffer being sent.
-    pending: usize,
-    sending: bool,
+    /// Received and not yet echoed, in order.
+    out: EchoQueue<PoolBuf>,
     /// The receive was cancelled because `pending` reached the bound.
     paused: bool,
     /// A cancel of the armed receive was requested (draining).
@@ -107,7 +105,17 @@ struct Totals {
 }
 
 pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
+    let model = match args.model.as_str() {
+        "completion-port" => None,
+        name => Some(
+            name.parse::<ringport_models::Model>()
+                .map_err(|e| format!("--model {name}: {e} (or completion-port)"))?,
+        ),
+    };
     let listener = bind(args.listen).map_err(|e| format!("{}: {}", args.listen, describe(&e)))?;
+    if let Some(model) = model {
+        return run_model(model, listener, args);
+    }
     let local = listener
         .local_addr()
         .map_err(|e| format!("{}: {}", args.listen, describe(&e)))?;
@@ -210,6 +218,50 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Serves with one of the chapter's other I/O models (`--model`).
+fn run_model(
+    model: ringport_models::Model,
+    listener: TcpListener,
+    args: &ServeArgs,
+) -> Result<ExitCode, String> {
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("{}: {}", args.listen, describe(&e)))?;
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let stop = ringport_models::Stop::new().map_err(|e| format!("cannot start: {e}"))?;
+    let trigger = stop.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut forever = signals.forever();
+            if let Some(sig) = forever.next() {
+                info!("signal {sig}: draining (stopped accepting; a second signal exits at once)");
+                trigger.trigger();
+            }
+            if let Some(sig) = forever.next() {
+                eprintln!("ringport: signal {sig} during the drain: exiting now");
+                std::process::exit(130);
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    info!("listening on {local} model={model} workers=1");
+    let config = ringport_models::Config {
+        drain_timeout: args.drain_timeout,
+    };
+    let stats = ringport_models::serve(model, listener, &config, &stop)
+        .map_err(|e| format!("{local}: {model}: {}", describe(&e)))?;
+    let mut summary = format!(
+        "ringport: served {} connections, echoed {} bytes",
+        stats.connections, stats.bytes
+    );
+    if stats.refused > 0 {
+        summary.push_str(&format!(", refused {} ({model} limits)", stats.refused));
+    }
+    println!("{summary}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Names why the port could not start, and what to do about it.
@@ -463,9 +515,7 @@ impl Server {
         let mut conn = Conn {
             handle,
             recv: None,
-            queue: VecDeque::new(),
-            pending: 0,
-            sending: false,
+            out: EchoQueue::new(),
             paused: false,
             cancelling: false,
             eof: false,
@@ -495,12 +545,10 @@ impl Server {
             Ok(n) if n > 0 => {
                 trace!("socket {id}: received {n} bytes");
                 conn.last_active = Instant::now();
-                if let Some(buf) = c.pooled {
-                    conn.pending += buf.len();
-                    conn.queue.push_back(buf);
+                if let Some(buf) = c.pooled.and_then(|b| conn.out.push(b)) {
+                    self.send(&conn, buf, 0);
                 }
-                self.pump(&mut conn);
-                if conn.pending >= self.limits.conn_buffer && !conn.paused {
+                if conn.out.pending() >= self.limits.conn_buffer && !conn.paused {
                     // The peer is not reading: stop receiving until the echo drains.
                     conn.paused = true;
                     if let Some(op) = conn.recv {
@@ -561,18 +609,11 @@ impl Server {
         }
     }
 
-    /// Starts sending the next queued buffer, if no send is in flight.
-    fn pump(&mut self, conn: &mut Conn) {
-        if conn.sending {
-            return;
-        }
-        if let Some(buf) = conn.queue.pop_front() {
-            conn.sending = true;
-            self.worker.submit(
-                Op::send_pooled(&conn.handle, buf, 0),
-                Io::Send { offset: 0 },
-            );
-        }
+    fn send(&mut self, conn: &Conn, buf: PoolBuf, offset: usize) {
+        self.worker.submit(
+            Op::send_pooled(&conn.handle, buf, offset),
+            Io::Send { offset },
+        );
     }
 
     fn sent(&mut self, c: Completion<Key, Io>, offset: usize) {
@@ -590,26 +631,22 @@ impl Server {
         };
         self.bytes += n as u64;
         conn.last_active = Instant::now();
-        let offset = offset + n;
-        if offset < buf.len() {
+        match conn.out.sent(buf, offset, n) {
             // A short send: post the rest.
-            self.worker.submit(
-                Op::send_pooled(&conn.handle, buf, offset),
-                Io::Send { offset },
-            );
-            return self.keep(id, conn);
+            Next::Resend(buf, offset) => {
+                self.send(&conn, buf, offset);
+                return self.keep(id, conn);
+            }
+            Next::Done(Some(buf)) => self.send(&conn, buf, 0),
+            Next::Done(None) => {}
         }
-        conn.pending -= buf.len();
-        drop(buf);
-        conn.sending = false;
-        self.pump(&mut conn);
         self.maybe_resume(&mut conn);
         self.settle(id, conn);
     }
 
     /// Re-arms a paused receive once the echo has drained to half the bound.
     fn maybe_resume(&mut self, conn: &mut Conn) {
-        if conn.paused && conn.recv.is_none() && conn.pending <= self.limits.conn_buffer / 2 {
+        if conn.paused && conn.recv.is_none() && conn.out.pending() <= self.limits.conn_buffer / 2 {
             conn.paused = false;
             if !conn.eof {
                 self.arm(conn);
@@ -623,7 +660,7 @@ impl Server {
 
     /// Whether the connection has nothing queued or in flight to send.
     fn idle(&self, conn: &Conn) -> bool {
-        !conn.sending && conn.queue.is_empty()
+        conn.out.is_idle()
     }
 
     /// Whether the peer has no input waiting in the socket (during a drain).

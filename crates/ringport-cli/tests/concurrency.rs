@@ -89,3 +89,5 @@ fn thousand_concurrent_connections_each_echo_a_few_messages() {
 }
 
 per_backend!(thousand_concurrent_connections_each_echo_a_few_messages,);
+
+per_model!(thousand_concurrent_connections_each_echo_a_few_messages,);

@@ -120,3 +120,16 @@ per_backend!(
     half_close_with_nothing_sent_gives_eof,
     ipv6_loopback_echo,
 );
+
+per_model!(
+    echo_1_byte,
+    echo_1_kib,
+    echo_64_kib,
+    echo_1_mib,
+    echo_8_mib,
+    echo_every_size_on_one_server_in_sequence,
+    pipelined_small_writes_then_read_everything,
+    half_close_echoes_everything_then_eof,
+    half_close_with_nothing_sent_gives_eof,
+    ipv6_loopback_echo,
+);

@@ -75,3 +75,8 @@ per_backend!(
     client_reset_mid_stream_leaves_other_connections_working,
     many_resets_in_a_row_do_not_disturb_the_server,
 );
+
+per_model!(
+    client_reset_mid_stream_leaves_other_connections_working,
+    many_resets_in_a_row_do_not_disturb_the_server,
+);

@@ -163,6 +163,42 @@ thread_local! {
     static BACKEND: std::cell::Cell<&'static str> = const { std::cell::Cell::new("auto") };
 }
 
+thread_local! {
+    /// The I/O model the current test runs `ringport serve` with (see [`per_model!`]).
+    static MODEL: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `test` with every `ringport serve` this thread starts using `--model model`.
+pub fn with_model(model: &'static str, test: fn()) {
+    MODEL.with(|m| m.set(Some(model)));
+    eprintln!("model: {model}");
+    test();
+}
+
+/// Turns each listed function into one test per I/O model of `ringport serve --model`:
+/// `models::blocking::NAME`, `models::select::NAME`, ... (the completion port runs them through
+/// [`per_backend!`]).
+#[macro_export]
+macro_rules! per_model {
+    ($($name:ident),* $(,)?) => {
+        mod models {
+            $crate::per_model!(@one blocking; $($name),*);
+            $crate::per_model!(@one select; $($name),*);
+            $crate::per_model!(@one sigio; $($name),*);
+            $crate::per_model!(@one poll; $($name),*);
+            $crate::per_model!(@one epoll; $($name),*);
+            $crate::per_model!(@one uring; $($name),*);
+        }
+    };
+    (@one $model:ident; $($name:ident),*) => {
+        mod $model {
+            $(#[test] fn $name() {
+                $crate::util::with_model(stringify!($model), super::super::$name)
+            })*
+        }
+    };
+}
+
 /// Runs `test` with every `ringport` this thread starts using `backend`.
 pub fn with_backend(backend: &'static str, test: fn()) {
     BACKEND.with(|b| b.set(backend));
@@ -273,9 +309,14 @@ impl Server {
     /// Like [`Server::start_with`], but returns what the child printed when it exits (or is
     /// killed after [`STARTUP_TIMEOUT`]) without reporting a listening address.
     pub fn try_start_with(args: &[&str]) -> Result<Server, Output> {
+        let model: Vec<&str> = MODEL
+            .with(|m| m.get())
+            .map(|m| vec!["--model", m])
+            .unwrap_or_default();
         let mut child = Command::new(BIN)
             .arg("serve")
             .args(args)
+            .args(model)
             .env("RINGPORT_BACKEND", backend())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -809,3 +850,299 @@ pub const JSON_KEYS: &[&str] = &[
     "mismatches",
     "ok",
 ];
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for the limits, fault, soak and backend tests: children started with a custom
+// environment or resource limits, and what /proc says about a running server.
+// ---------------------------------------------------------------------------------------------
+
+impl Server {
+    /// Like [`Server::start_with`], but lets `configure` adjust the command first (extra
+    /// environment variables, a `pre_exec` hook that sets resource limits or a seccomp filter).
+    #[track_caller]
+    pub fn start_configured(args: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
+        match Server::try_start_configured(args, configure) {
+            Ok(server) => server,
+            Err(output) => panic!(
+                "`ringport serve {}` did not report `listening on ADDR`\n{}",
+                args.join(" "),
+                output.describe()
+            ),
+        }
+    }
+
+    /// Like [`Server::try_start_with`], with `configure` applied to the command before spawning.
+    pub fn try_start_configured(
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Server, Output> {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .args(args)
+            .env("RINGPORT_BACKEND", backend())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        configure(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn `ringport serve`");
+        let (tx, rx) = mpsc::channel();
+        let mut out = Drain::spawn(child.stdout.take().unwrap(), None);
+        let mut err = Drain::spawn(child.stderr.take().unwrap(), Some(tx));
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = parse_listening_line(&line) {
+                        return Ok(Server {
+                            child: Some(child),
+                            addr,
+                            listening_line: line,
+                            out,
+                            err,
+                        });
+                    }
+                }
+                Err(_) => {
+                    let grace = Instant::now() + Duration::from_secs(2);
+                    return Err(match wait_deadline(&mut child, &mut out, &mut err, grace) {
+                        Ok(output) | Err(output) => output,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Stdout so far.
+    pub fn stdout_so_far(&self) -> String {
+        self.out.text()
+    }
+
+    /// Waits (bounded) until the server's stderr contains `needle`; returns whether it did.
+    pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if strip_ansi(&self.err.text()).contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Like [`run_cli`], with `configure` applied to the command before spawning.
+pub fn run_cli_configured(
+    args: &[&str],
+    timeout: Duration,
+    configure: impl FnOnce(&mut Command),
+) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("RINGPORT_BACKEND", backend())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    configure(&mut cmd);
+    let mut child = cmd.spawn().expect("spawn the ringport binary");
+    let mut out = Drain::spawn(child.stdout.take().unwrap(), None);
+    let mut err = Drain::spawn(child.stderr.take().unwrap(), None);
+    match wait_deadline(&mut child, &mut out, &mut err, Instant::now() + timeout) {
+        Ok(output) => output,
+        Err(output) => panic!(
+            "`ringport {}` did not exit within {:?}; killed it\n{}",
+            args.join(" "),
+            timeout,
+            output.describe()
+        ),
+    }
+}
+
+/// A field of `/proc/PID/status` in bytes (`VmRSS`, `VmHWM`: the kernel reports kB).
+#[track_caller]
+pub fn proc_status_bytes(pid: i32, field: &str) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let prefix = format!("{field}:");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("{path} has no {field} line"));
+    let kib: u64 = line[prefix.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: bad {field} line {line:?}: {e}"));
+    kib * 1024
+}
+
+/// The resident set size of `pid`, in bytes.
+#[track_caller]
+pub fn rss_bytes(pid: i32) -> u64 {
+    proc_status_bytes(pid, "VmRSS")
+}
+
+/// How many descriptors `pid` has open (entries of `/proc/PID/fd`).
+#[track_caller]
+pub fn fd_count(pid: i32) -> usize {
+    let path = format!("/proc/{pid}/fd");
+    std::fs::read_dir(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .count()
+}
+
+/// CPU time `pid` has used (user + system, from `/proc/PID/stat`), in seconds.
+#[track_caller]
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // The command name (field 2) may contain spaces: count fields after its closing paren.
+    let after = &text[text.rfind(')').expect("stat has a (comm)") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the paren: state is field 3, so utime (14) and stime (15) are at 11 and 12 here.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf takes a plain integer and reads no memory of ours.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(hz > 0, "sysconf(_SC_CLK_TCK) = {hz}");
+    ticks as f64 / hz as f64
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to at least `want` (up to the hard limit);
+/// returns the soft limit after.
+pub fn raise_own_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the local struct passed by pointer.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    assert_eq!(rc, 0, "getrlimit: {}", io::Error::last_os_error());
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want.min(lim.rlim_max);
+        // SAFETY: setrlimit reads the local struct passed by pointer.
+        let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+        assert_eq!(rc, 0, "setrlimit: {}", io::Error::last_os_error());
+    }
+    lim.rlim_cur
+}
+
+/// Whether `e` says the peer reset the connection (what a cut connection may show instead of
+/// a clean EOF).
+pub fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// How a stream read back by [`read_prefix_of`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    Eof,
+    Reset,
+}
+
+/// Reads until EOF or a reset, checking as it goes that what arrives is a prefix of
+/// `sent`; returns how many bytes arrived and how the stream ended. Panics on anything else
+/// (garbage, more than was sent, a timeout).
+#[track_caller]
+pub fn read_prefix_of(stream: &mut TcpStream, sent: &[u8], what: &str) -> (usize, StreamEnd) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (got, StreamEnd::Eof),
+            Ok(n) => {
+                assert!(
+                    got + n <= sent.len(),
+                    "{what}: received {} bytes, more than the {} sent",
+                    got + n,
+                    sent.len()
+                );
+                if buf[..n] != sent[got..got + n] {
+                    let at = buf[..n]
+                        .iter()
+                        .zip(&sent[got..])
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(0);
+                    panic!(
+                        "{what}: the echo differs from what was sent at offset {}",
+                        got + at
+                    );
+                }
+                got += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_reset(&e) => return (got, StreamEnd::Reset),
+            Err(e) => panic!(
+                "{what}: read failed after {got} bytes: {e} ({:?})",
+                e.kind()
+            ),
+        }
+    }
+}
+
+/// Fills `buf` with the bytes at `offset..offset + buf.len()` of an endless deterministic stream
+/// (different per `seed`): unlike [`pattern`], any part of it can be made without the rest, so
+/// a test can stream hundreds of MiB without holding them.
+pub fn fill_stream(seed: u64, offset: u64, buf: &mut [u8]) {
+    let mut pos = offset;
+    let mut i = 0;
+    while i < buf.len() {
+        let word = pos / 8;
+        // splitmix64 of the word index: cheap, and every word is independent of the others.
+        let mut z = (word ^ seed.rotate_left(32)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let bytes = z.to_le_bytes();
+        let from = (pos % 8) as usize;
+        let n = (8 - from).min(buf.len() - i);
+        buf[i..i + n].copy_from_slice(&bytes[from..from + n]);
+        i += n;
+        pos += n as u64;
+    }
+}
+
+/// Checks, chunk by chunk, that what a connection reads back is the stream [`fill_stream`] made
+/// for `seed`.
+pub struct StreamChecker {
+    seed: u64,
+    /// Bytes checked so far.
+    pub offset: u64,
+    scratch: Vec<u8>,
+}
+
+impl StreamChecker {
+    pub fn new(seed: u64) -> StreamChecker {
+        StreamChecker {
+            seed,
+            offset: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Checks the next `got` bytes; panics naming the first differing offset.
+    #[track_caller]
+    pub fn check(&mut self, got: &[u8], what: &str) {
+        self.scratch.resize(got.len(), 0);
+        fill_stream(self.seed, self.offset, &mut self.scratch);
+        if got != &self.scratch[..] {
+            let at = got
+                .iter()
+                .zip(&self.scratch)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            panic!(
+                "{what}: the echo differs from what was sent at stream offset {}",
+                self.offset + at as u64
+            );
+        }
+        self.offset += got.len() as u64;
+    }
+}

@@ -1,0 +1,226 @@
+//! `blocking`: blocking sockets, a thread per connection.
+//!
+//! Each connection's thread runs the simplest echo there is: a blocking `read`, then `write`
+//! until all it read is out, again, until the peer closes. The kernel does the backpressure: a
+//! thread blocked in `write` reads nothing.
+//!
+//! The only wait that is not a plain blocking call is the acceptor's: it `poll`s the listener
+//! together with the [`Stop`]'s descriptor, since a thread blocked in `accept` cannot be told to
+//! stop. To stop, the acceptor shuts down the read side of every connection, which wakes a
+//! thread blocked in `read` with end-of-file; a thread that is writing finishes, and looks at
+//! the stop before it reads again. At the drain deadline it shuts down both sides of the
+//! connections still open, which fails their writes. Then it joins every thread.
+//!
+//! The limit is threads: each costs a stack ([`STACK_SIZE`]) and a kernel task. A connection
+//! whose thread cannot be spawned is closed at once, counted in
+//! [`Stats::refused`](crate::Stats::refused), and reported by a rate-limited warning.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+
+use crate::conn::{Acceptor, RateLimit};
+use crate::sys;
+use crate::{Config, Stats, Stop, READ_SIZE};
+
+/// A connection thread's stack: the echo needs little, its buffer is on the heap.
+const STACK_SIZE: usize = 256 * 1024;
+
+/// What the acceptor and the connection threads share.
+struct Shared {
+    /// The open connections, so that the acceptor can shut them down when stopping.
+    conns: Mutex<HashMap<u64, Arc<TcpStream>>>,
+    /// Notified when a connection leaves `conns`.
+    closed: Condvar,
+    bytes: AtomicU64,
+    stop: Stop,
+}
+
+impl Shared {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, Arc<TcpStream>>> {
+        // A thread that panicked while holding the lock left the map consistent (every
+        // critical section is a single insert, remove or iteration).
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::Result<Stats> {
+    // Accepted sockets are blocking; only the listener is not (see the module docs).
+    let mut acceptor = Acceptor::new("blocking", listener, false)?;
+    let shared = Arc::new(Shared {
+        conns: Mutex::new(HashMap::new()),
+        closed: Condvar::new(),
+        bytes: AtomicU64::new(0),
+        stop: stop.clone(),
+    });
+    let mut stats = Stats::default();
+    let mut threads = Vec::new();
+    let result = accept_loop(&mut acceptor, &shared, &mut stats, &mut threads);
+    drop(acceptor);
+    drain(&shared, config);
+    for t in threads {
+        if t.join().is_err() {
+            warn!("blocking: a connection thread panicked");
+        }
+    }
+    stats.bytes = shared.bytes.load(Ordering::Relaxed);
+    result.map(|()| stats)
+}
+
+/// Accepts and spawns until the stop (or a listener error).
+fn accept_loop(
+    acceptor: &mut Acceptor,
+    shared: &Arc<Shared>,
+    stats: &mut Stats,
+    threads: &mut Vec<JoinHandle<()>>,
+) -> io::Result<()> {
+    let mut refusals = RateLimit::new();
+    let mut next_id = 0u64;
+    loop {
+        if shared.stop.is_triggered() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let listener_fd = if acceptor.paused(now) {
+            -1
+        } else {
+            acceptor.fd()
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: shared.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: listener_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        sys::poll(&mut fds, sys::until(now, [acceptor.paused_until()]))?;
+        if fds[1].revents == 0 {
+            continue;
+        }
+        while let Some(stream) = acceptor.accept()? {
+            let fd = stream.as_raw_fd();
+            debug!("socket {fd} connected");
+            let stream = Arc::new(stream);
+            let id = next_id;
+            next_id += 1;
+            shared.conns().insert(id, Arc::clone(&stream));
+            let thread_shared = Arc::clone(shared);
+            let spawned = thread::Builder::new()
+                .name(format!("echo-{fd}"))
+                .stack_size(STACK_SIZE)
+                .spawn(move || connection(id, stream, &thread_shared));
+            match spawned {
+                Ok(t) => {
+                    stats.connections += 1;
+                    threads.push(t);
+                }
+                Err(e) => {
+                    // The closure, and its reference to the socket, is gone: this closes it.
+                    shared.conns().remove(&id);
+                    stats.refused += 1;
+                    if let Some(suppressed) = refusals.check() {
+                        warn!(suppressed, "blocking: refusing socket {fd}: no thread: {e}");
+                    }
+                }
+            }
+        }
+        // Join the threads that are done, so that finished ones do not pile up.
+        if threads.iter().any(JoinHandle::is_finished) {
+            let (done, running) = threads
+                .drain(..)
+                .partition::<Vec<_>, _>(JoinHandle::is_finished);
+            *threads = running;
+            for t in done {
+                if t.join().is_err() {
+                    warn!("blocking: a connection thread panicked");
+                }
+            }
+        }
+    }
+}
+
+/// A connection's thread.
+fn connection(id: u64, stream: Arc<TcpStream>, shared: &Shared) {
+    let fd = stream.as_raw_fd();
+    match echo(&stream, shared) {
+        Ok(()) => {
+            debug!("closing socket {fd}");
+            sys::finish(&stream);
+        }
+        Err(e) => debug!("closing socket {fd}: {e}"),
+    }
+    shared.conns().remove(&id);
+    shared.closed.notify_all();
+    // The last reference: this closes the socket.
+    drop(stream);
+}
+
+/// Echoes until the peer closes or the server stops.
+fn echo(stream: &TcpStream, shared: &Shared) -> io::Result<()> {
+    let mut buf = vec![0u8; READ_SIZE];
+    let mut stream = stream;
+    // Stopping: finish the echo of what was read, read nothing more.
+    while !shared.stop.is_triggered() {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut sent = 0;
+        while sent < n {
+            match stream.write(&buf[sent..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => {
+                    sent += k;
+                    shared.bytes.fetch_add(k as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Wakes the readers, waits for the connections to finish until the drain deadline, then
+/// shuts down those still open.
+fn drain(shared: &Shared, config: &Config) {
+    let deadline = Instant::now() + config.drain_timeout;
+    let mut conns = shared.conns();
+    info!("blocking: stopping, draining {} connections", conns.len());
+    for stream in conns.values() {
+        // Wakes a thread blocked in `read` with end-of-file (Linux).
+        let _ = stream.shutdown(Shutdown::Read);
+    }
+    while !conns.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            warn!(
+                "blocking: drain timeout, closing {} connections",
+                conns.len()
+            );
+            for stream in conns.values() {
+                // Fails a thread blocked in `write` with EPIPE.
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            return;
+        }
+        conns = match shared.closed.wait_timeout(conns, left) {
+            Ok((guard, _)) => guard,
+            Err(e) => e.into_inner().0,
+        };
+    }
+}

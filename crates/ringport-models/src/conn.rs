@@ -1,0 +1,328 @@
+//! What the four readiness models (`select`, `sigio`, `poll`, `epoll`) share: the echo state of
+//! one non-blocking connection, the accepting half, and a rate limit for warnings.
+//!
+//! The contract between a readiness loop and a [`Conn`]:
+//!
+//! * The loop records what the kernel reported ([`Conn::readable`], [`Conn::writable`]);
+//!   [`Conn::drive`] clears a flag only when a call on the socket returned `EAGAIN`. A flag that
+//!   is wrongly set costs one `EAGAIN`; a flag that is wrongly clear would lose the connection,
+//!   so when in doubt the loop sets it.
+//! * [`Conn::drive`] makes progress until the socket would block, and returns the [`Step`]
+//!   that says what the connection now waits for. Level-triggered loops (`select`, `poll`) turn
+//!   that into the next wait's interest; edge-triggered ones (`epoll`, `sigio`) register both
+//!   directions once and only need [`Step::Yield`], which means "more may be readable, drive me
+//!   again after the others had their turn".
+//! * While a connection has unsent bytes it does not read (backpressure): a peer that sends
+//!   without reading makes the server hold at most one read's worth ([`SCRATCH`]) for it.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::sys::{self, AcceptError};
+
+/// The size of one read. One buffer of this size serves every connection of a loop; a
+/// connection holds bytes of its own only while the peer is not reading its echo.
+pub(crate) const SCRATCH: usize = crate::READ_SIZE;
+
+/// Reads one connection may do in one turn before the loop serves the others.
+const READS_PER_TURN: usize = 16;
+
+/// How long accepting pauses after the process ran out of descriptors or memory.
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What a connection waits for after [`Conn::drive`].
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// For the socket to become readable.
+    Read,
+    /// For the socket to become writable (it has unsent bytes and reads nothing meanwhile).
+    Write,
+    /// Nothing: it used its turn and may have more to read.
+    Yield,
+    /// To be closed, for this reason.
+    Close(Closing),
+}
+
+/// Why a connection is closed.
+#[derive(Debug)]
+pub(crate) enum Closing {
+    /// The peer closed its side and everything it sent was echoed: close with a FIN.
+    Peer,
+    /// The server is stopping and everything received was echoed: close with a FIN.
+    Drained,
+    /// The socket failed (reset, broken pipe, ...): just close it.
+    Failed(io::Error),
+}
+
+/// One connection of a readiness loop.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    stream: TcpStream,
+    /// Received bytes not yet echoed, and how many of them are out. Empty (no allocation)
+    /// unless the peer is slow to read.
+    unsent: Vec<u8>,
+    sent: usize,
+    /// What the kernel last said about the socket (see the module docs).
+    pub(crate) readable: bool,
+    pub(crate) writable: bool,
+    /// The server is stopping: finish sending, read nothing more.
+    draining: bool,
+}
+
+impl Conn {
+    /// A connection just accepted (non-blocking). Both flags start set: a client may have sent
+    /// its request before the socket was added to any wait, and an edge-triggered mechanism
+    /// would never report data that arrived before it was watching.
+    pub(crate) fn new(stream: TcpStream) -> Conn {
+        debug!("socket {} connected", stream.as_raw_fd());
+        Conn {
+            stream,
+            unsent: Vec::new(),
+            sent: 0,
+            readable: true,
+            writable: true,
+            draining: false,
+        }
+    }
+
+    /// The socket's descriptor.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Whether some received bytes are not echoed yet.
+    pub(crate) fn has_unsent(&self) -> bool {
+        self.sent < self.unsent.len()
+    }
+
+    /// Stops reading: from now on the connection only sends what it holds, then asks to be
+    /// closed ([`Closing::Drained`]).
+    pub(crate) fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Echoes as much as the socket allows without blocking; adds the bytes sent to `bytes`.
+    pub(crate) fn drive(&mut self, scratch: &mut [u8], bytes: &mut u64) -> Step {
+        for _ in 0..READS_PER_TURN {
+            if let Some(step) = self.flush(bytes) {
+                return step;
+            }
+            if self.draining {
+                return Step::Close(Closing::Drained);
+            }
+            if !self.readable {
+                return Step::Read;
+            }
+            let n = match (&self.stream).read(scratch) {
+                Ok(0) => return Step::Close(Closing::Peer),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    return Step::Read;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Step::Close(Closing::Failed(e)),
+            };
+            // Send straight from the scratch buffer; keep only what the socket did not take.
+            let mut sent = 0;
+            if self.writable {
+                match write_some(&self.stream, &scratch[..n]) {
+                    Ok(k) => sent = k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
+                    Err(e) => return Step::Close(Closing::Failed(e)),
+                }
+            }
+            *bytes += sent as u64;
+            if sent < n {
+                self.unsent.extend_from_slice(&scratch[sent..n]);
+                self.sent = 0;
+            }
+        }
+        match self.flush(bytes) {
+            Some(step) => step,
+            None => Step::Yield,
+        }
+    }
+
+    /// Sends the unsent bytes. `None` when all are out; otherwise the step to return.
+    fn flush(&mut self, bytes: &mut u64) -> Option<Step> {
+        while self.has_unsent() {
+            if !self.writable {
+                return Some(Step::Write);
+            }
+            match write_some(&self.stream, &self.unsent[self.sent..]) {
+                Ok(k) => {
+                    self.sent += k;
+                    *bytes += k as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    return Some(Step::Write);
+                }
+                Err(e) => return Some(Step::Close(Closing::Failed(e))),
+            }
+        }
+        if !self.unsent.is_empty() {
+            // Give the memory back: an idle connection holds no buffer.
+            self.unsent = Vec::new();
+            self.sent = 0;
+        }
+        None
+    }
+
+    /// Closes the connection: with a FIN unless it failed.
+    pub(crate) fn close(self, why: Closing) {
+        let fd = self.fd();
+        match why {
+            Closing::Failed(e) => {
+                debug!("closing socket {fd}: {e}");
+                drop(self.stream);
+            }
+            Closing::Peer | Closing::Drained => {
+                debug!("closing socket {fd}");
+                sys::close_gracefully(self.stream);
+            }
+        }
+    }
+
+    /// Closes the connection at the drain deadline, with a FIN after whatever did get out.
+    pub(crate) fn close_unfinished(self) {
+        let unsent = self.unsent.len() - self.sent;
+        debug!(
+            "closing socket {}: drain timeout, {unsent} bytes unsent",
+            self.fd()
+        );
+        sys::close_gracefully(self.stream);
+    }
+}
+
+/// One `write` that may send less than asked; `EINTR` is retried.
+fn write_some(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // `TcpStream::write` sends with `MSG_NOSIGNAL`: a reset peer is an `EPIPE`, not a
+        // `SIGPIPE` that would kill the process.
+        match (&*stream).write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(k) => return Ok(k),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The accepting half of a loop: the listener, and the pause after running out of resources.
+#[derive(Debug)]
+pub(crate) struct Acceptor {
+    /// The model's name, for the logs.
+    model: &'static str,
+    listener: std::net::TcpListener,
+    nonblocking: bool,
+    paused_until: Option<Instant>,
+    warn: RateLimit,
+}
+
+impl Acceptor {
+    /// Makes the listener non-blocking; accepted sockets are non-blocking if `nonblocking`.
+    pub(crate) fn new(
+        model: &'static str,
+        listener: std::net::TcpListener,
+        nonblocking: bool,
+    ) -> io::Result<Acceptor> {
+        listener.set_nonblocking(true)?;
+        Ok(Acceptor {
+            model,
+            listener,
+            nonblocking,
+            paused_until: None,
+            warn: RateLimit::new(),
+        })
+    }
+
+    /// The listener's descriptor.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    /// Until when accepting is paused, if it is.
+    pub(crate) fn paused_until(&self) -> Option<Instant> {
+        self.paused_until
+    }
+
+    /// Whether accepting is paused at `now` (the pause ends by itself when it expires).
+    pub(crate) fn paused(&mut self, now: Instant) -> bool {
+        match self.paused_until {
+            Some(t) if now < t => true,
+            Some(_) => {
+                self.paused_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Accepts one connection. `Ok(None)`: nothing to accept now, or accepting is paused (see
+    /// [`Acceptor::paused_until`]). An error means the listener is unusable.
+    ///
+    /// Linux takes the new descriptor before it looks at the backlog, so at the descriptor
+    /// limit `accept` fails with `EMFILE` even when nothing is waiting: a server at the limit
+    /// pauses after each burst of accepts, which costs nothing it could have done anyway.
+    pub(crate) fn accept(&mut self) -> io::Result<Option<TcpStream>> {
+        loop {
+            if self.paused(Instant::now()) {
+                return Ok(None);
+            }
+            let err = match sys::accept(self.fd(), self.nonblocking) {
+                Ok(stream) => return Ok(Some(stream)),
+                Err(e) => e,
+            };
+            match sys::classify_accept_error(err.raw_os_error().unwrap_or(0)) {
+                AcceptError::Empty => return Ok(None),
+                AcceptError::Transient => continue,
+                AcceptError::Exhausted => {
+                    if let Some(suppressed) = self.warn.check() {
+                        warn!(
+                            suppressed,
+                            "{}: accept: {err}; pausing accepts for {ACCEPT_BACKOFF:?}", self.model
+                        );
+                    }
+                    self.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return Ok(None);
+                }
+                AcceptError::Fatal => return Err(err),
+            }
+        }
+    }
+}
+
+/// At most one warning a second for a repeated condition, with the count of those suppressed.
+#[derive(Debug)]
+pub(crate) struct RateLimit {
+    next: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    pub(crate) fn new() -> RateLimit {
+        RateLimit {
+            next: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)`: log now, `n` occurrences were not logged since the last time. `None`: don't.
+    pub(crate) fn check(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.next.is_some_and(|next| now < next) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.next = Some(now + Self::INTERVAL);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}

@@ -1,0 +1,229 @@
+//! `epoll`: one thread, edge-triggered `epoll(7)`.
+//!
+//! Every socket is registered once, when it is accepted, for both directions
+//! (`EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET`), with its descriptor as the token; nothing is
+//! ever modified afterwards, so an echo costs no `epoll_ctl`. Edge-triggered means an event
+//! says "this changed", not "this is ready": a connection records it
+//! ([`Conn::readable`], [`Conn::writable`]) and reads or writes until `EAGAIN` clears it. A
+//! connection that used up its turn while still readable goes on the `ready` queue, which is
+//! served after the next (then non-blocking) wait, so one busy peer cannot starve the others.
+//!
+//! There is no limit but descriptors, and a wait costs O(ready sockets), not O(connections).
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::conn::{Acceptor, Conn, Step, SCRATCH};
+use crate::sys::{self, syscall};
+use crate::{Config, Stats, Stop};
+
+const STOP: u64 = u64::MAX;
+const LISTENER: u64 = u64::MAX - 1;
+/// Events taken per `epoll_wait`.
+const EVENTS: usize = 256;
+
+const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+const READABLE: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+const WRITABLE: u32 = (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+
+pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::Result<Stats> {
+    let epoll = Epoll::new()?;
+    let mut acceptor = Some(Acceptor::new("epoll", listener, true)?);
+    let listener_fd = acceptor.as_ref().map_or(-1, Acceptor::fd);
+    epoll.add(
+        stop.as_raw_fd(),
+        (libc::EPOLLIN | libc::EPOLLET) as u32,
+        STOP,
+    )?;
+    epoll.add(
+        listener_fd,
+        (libc::EPOLLIN | libc::EPOLLET) as u32,
+        LISTENER,
+    )?;
+    // Edge-triggered: connections already waiting when the listener was registered produced
+    // no edge, so try to accept at once.
+    let mut accept_pending = true;
+
+    let mut conns: HashMap<RawFd, Conn> = HashMap::new();
+    let mut ready: VecDeque<RawFd> = VecDeque::new();
+    let mut events = Vec::with_capacity(EVENTS);
+    let mut stats = Stats::default();
+    let mut scratch = vec![0u8; SCRATCH];
+    let mut deadline: Option<Instant> = None;
+
+    loop {
+        let now = Instant::now();
+        if deadline.is_none() && stop.is_triggered() {
+            info!("epoll: stopping, draining {} connections", conns.len());
+            deadline = Some(now + config.drain_timeout);
+            if let Some(a) = acceptor.take() {
+                // Removed explicitly: closing it would not, were the listener duplicated.
+                epoll.delete(a.fd())?;
+            }
+            let fds: Vec<RawFd> = conns.keys().copied().collect();
+            for fd in fds {
+                if let Some(c) = conns.get_mut(&fd) {
+                    c.drain();
+                }
+                turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
+            }
+        }
+        if let Some(deadline) = deadline {
+            if conns.is_empty() {
+                break;
+            }
+            if now >= deadline {
+                warn!("epoll: drain timeout, closing {} connections", conns.len());
+                conns.drain().for_each(|(_, c)| c.close_unfinished());
+                break;
+            }
+        }
+
+        if let Some(a) = acceptor.as_mut() {
+            if accept_pending && !a.paused(now) {
+                while let Some(stream) = a.accept()? {
+                    let fd = stream.as_raw_fd();
+                    if let Err(e) = epoll.add(fd, CONN_EVENTS, fd as u64) {
+                        // ENOMEM, or ENOSPC: past /proc/sys/fs/epoll/max_user_watches.
+                        warn!("epoll: refusing socket {fd}: cannot watch it: {e}");
+                        stats.refused += 1;
+                        continue;
+                    }
+                    stats.connections += 1;
+                    conns.insert(fd, Conn::new(stream));
+                    turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
+                }
+                // Still pending if accepting was paused: no new edge will say so.
+                accept_pending = a.paused_until().is_some();
+            }
+        }
+
+        let timeout = if ready.is_empty() {
+            let paused = acceptor.as_ref().and_then(Acceptor::paused_until);
+            sys::until(now, [deadline, paused])
+        } else {
+            Some(Duration::ZERO)
+        };
+        epoll.wait(&mut events, timeout)?;
+
+        for event in &events {
+            let (bits, token) = (event.events, event.u64);
+            match token {
+                // The top of the loop sees the stop.
+                STOP => {}
+                LISTENER => accept_pending = true,
+                fd => {
+                    let fd = fd as RawFd;
+                    let Some(c) = conns.get_mut(&fd) else {
+                        continue;
+                    };
+                    c.readable |= bits & READABLE != 0;
+                    c.writable |= bits & WRITABLE != 0;
+                    turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
+                }
+            }
+        }
+        // The connections that yielded before this wait (not those queued just now).
+        for _ in 0..ready.len() {
+            let Some(fd) = ready.pop_front() else { break };
+            turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
+        }
+    }
+    Ok(stats)
+}
+
+/// Drives the connection on `fd` (if it is still open): queues it if it yielded, closes it if
+/// it is done. Closing the descriptor also removes it from the epoll set.
+fn turn(
+    conns: &mut HashMap<RawFd, Conn>,
+    ready: &mut VecDeque<RawFd>,
+    fd: RawFd,
+    scratch: &mut [u8],
+    stats: &mut Stats,
+) {
+    let Some(c) = conns.get_mut(&fd) else { return };
+    match c.drive(scratch, &mut stats.bytes) {
+        Step::Read | Step::Write => {}
+        Step::Yield => ready.push_back(fd),
+        Step::Close(why) => {
+            if let Some(c) = conns.remove(&fd) {
+                c.close(why);
+            }
+        }
+    }
+}
+
+/// An epoll instance.
+struct Epoll(OwnedFd);
+
+impl Epoll {
+    fn new() -> io::Result<Epoll> {
+        // SAFETY: no pointers are involved.
+        let fd = unsafe { syscall!(epoll_create1(libc::EPOLL_CLOEXEC))? };
+        // SAFETY: `epoll_create1` returned a new descriptor that nothing else owns.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn add(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: token };
+        // SAFETY: `event` is a live `epoll_event`; the kernel copies it.
+        unsafe {
+            syscall!(epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd,
+                &mut event
+            ))?
+        };
+        Ok(())
+    }
+
+    fn delete(&self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: a null event is allowed for `EPOLL_CTL_DEL` (since Linux 2.6.9).
+        unsafe {
+            syscall!(epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut()
+            ))?
+        };
+        Ok(())
+    }
+
+    /// Waits for events; `events` is cleared and refilled (up to its capacity). A wait
+    /// interrupted by a signal returns no events.
+    fn wait(
+        &self,
+        events: &mut Vec<libc::epoll_event>,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        events.clear();
+        let spare: &mut [MaybeUninit<libc::epoll_event>] = events.spare_capacity_mut();
+        // SAFETY: `spare` is writable memory for `spare.len()` events; the kernel fills the
+        // first `n` of them, which are then marked initialized.
+        let res = unsafe {
+            syscall!(epoll_wait(
+                self.0.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len().min(libc::c_int::MAX as usize) as libc::c_int,
+                sys::timeout_ms(timeout)
+            ))
+        };
+        match res {
+            Ok(n) => {
+                // SAFETY: the kernel initialized the first `n <= capacity` events.
+                unsafe { events.set_len(n as usize) };
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}

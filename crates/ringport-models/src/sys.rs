@@ -1,0 +1,171 @@
+//! The system calls more than one model needs, each behind a small safe function.
+//!
+//! Every raw call goes through [`syscall!`], which turns `-1` into the thread's `errno`; model
+//! modules keep only the calls that are the subject of their model (`select`, `epoll_wait`,
+//! `sigtimedwait`, `io_uring_enter`) and wrap those the same way.
+
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// Calls a `libc` function and maps a `-1` result to `io::Error::last_os_error()`.
+///
+/// The macro only names the call; the caller's `unsafe` block (and its `// SAFETY:` comment)
+/// covers the arguments.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        let res = libc::$fn($($arg),*);
+        if res == -1 {
+            Err(::std::io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+pub(crate) use syscall;
+
+/// Accepts one connection with `accept4(2)`, close-on-exec, non-blocking if asked.
+///
+/// The new socket's flags are set by the same call, so no window exists in which it is blocking
+/// (or inheritable).
+pub(crate) fn accept(listener: RawFd, nonblocking: bool) -> io::Result<TcpStream> {
+    let mut flags = libc::SOCK_CLOEXEC;
+    if nonblocking {
+        flags |= libc::SOCK_NONBLOCK;
+    }
+    // SAFETY: null address and length pointers are allowed (the peer address is not wanted);
+    // `listener` is only read.
+    let fd = unsafe {
+        syscall!(accept4(
+            listener,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            flags
+        ))?
+    };
+    // SAFETY: `accept4` returned a new descriptor that nothing else owns.
+    Ok(TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Creates an eventfd (close-on-exec, non-blocking) with a zero counter.
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: no pointers are involved.
+    let fd = unsafe { syscall!(eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))? };
+    // SAFETY: `eventfd` returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds 1 to an eventfd's counter, making it readable. Errors are ignored: the only one
+/// possible for a counter that is never read is an overflow after 2^64 - 2 signals, and then it
+/// is readable anyway.
+pub(crate) fn eventfd_signal(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: the buffer is a live 8-byte `u64`, the size an eventfd write requires.
+    let _ = unsafe { syscall!(write(fd, (&raw const one).cast(), 8)) };
+}
+
+/// `poll(2)` on a set of descriptors, retried on `EINTR`; `None` waits without a time limit.
+pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
+    let timeout = timeout_ms(timeout);
+    loop {
+        // SAFETY: `fds` is a live, exclusively borrowed slice of `pollfd`, and its length is
+        // passed with it.
+        match unsafe { syscall!(poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout)) } {
+            Ok(n) => return Ok(n as usize),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A timeout in whole milliseconds for `poll`/`epoll_wait`, rounded up so a wait never ends
+/// before the deadline it was computed from; `None` is `-1` (no limit).
+pub(crate) fn timeout_ms(timeout: Option<Duration>) -> libc::c_int {
+    match timeout {
+        None => -1,
+        Some(d) => {
+            let ms = d.as_nanos().div_ceil(1_000_000);
+            ms.min(libc::c_int::MAX as u128) as libc::c_int
+        }
+    }
+}
+
+/// How long to wait until the earliest of some deadlines (`None`: no deadline, wait forever).
+pub(crate) fn until(
+    now: Instant,
+    deadlines: impl IntoIterator<Item = Option<Instant>>,
+) -> Option<Duration> {
+    deadlines
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|d| d.saturating_duration_since(now))
+}
+
+/// Closes a connection with a FIN: [`finish`], then `close`.
+pub(crate) fn close_gracefully(stream: TcpStream) {
+    finish(&stream);
+    drop(stream);
+}
+
+/// The part of a graceful close that comes before `close`: `shutdown(Write)` (the FIN), then
+/// drop whatever the peer sent that was never read, so that the `close` that follows does not
+/// turn the FIN into a reset (which could destroy echoed bytes the peer has not read yet).
+pub(crate) fn finish(stream: &TcpStream) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut sink = [0u8; 4096];
+    // Bounded: a peer that keeps sending gets its reset after 64 KiB.
+    for _ in 0..16 {
+        // SAFETY: `sink` is a live, writable buffer of the length passed.
+        let res = unsafe {
+            syscall!(recv(
+                stream.as_raw_fd(),
+                sink.as_mut_ptr().cast(),
+                sink.len(),
+                libc::MSG_DONTWAIT
+            ))
+        };
+        match res {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+}
+
+/// What an `accept` error means for the accepting loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcceptError {
+    /// Nothing to accept now (`EAGAIN`).
+    Empty,
+    /// That one connection failed (aborted by the peer, a network error, a signal): go on
+    /// accepting.
+    Transient,
+    /// Out of descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`): the connection
+    /// stays in the backlog; pause accepting for a while instead of spinning on it.
+    Exhausted,
+    /// The listener itself is broken: give up.
+    Fatal,
+}
+
+/// Classifies an `accept(2)` errno (see its man page, "Error handling": Linux passes pending
+/// network errors of the new socket to `accept`).
+pub(crate) fn classify_accept_error(errno: i32) -> AcceptError {
+    match errno {
+        libc::EAGAIN => AcceptError::Empty,
+        libc::EINTR
+        | libc::ECONNABORTED
+        | libc::EPROTO
+        | libc::EPERM
+        | libc::ENETDOWN
+        | libc::ENOPROTOOPT
+        | libc::EHOSTDOWN
+        | libc::ENONET
+        | libc::EHOSTUNREACH
+        | libc::EOPNOTSUPP
+        | libc::ENETUNREACH
+        | libc::ETIMEDOUT => AcceptError::Transient,
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => AcceptError::Exhausted,
+        _ => AcceptError::Fatal,
+    }
+}

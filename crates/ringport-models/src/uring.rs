@@ -1,0 +1,478 @@
+//! `uring`: one thread, one io_uring: overlapped I/O with completion routines.
+//!
+//! Nothing waits for readiness: the thread hands operations to the kernel, which performs the
+//! transfer, and reacts to their completions, each tagged with its `user_data` (the overlapped
+//! structure's role): a connection's slot number, or one of the constants below. Each
+//! connection owns one buffer and has exactly one operation in flight at any time, a receive
+//! into the buffer or a send of what the receive brought (re-posted after a short send), so
+//! bytes go back in order and an unsent echo stops the reading. The listener has one multishot
+//! accept (one request, a completion per connection: a pool of `AcceptEx` in one), re-armed
+//! when the kernel ends it. The stop is a poll request on the [`Stop`]'s descriptor, the
+//! accept pause and the drain deadline are timeout requests: the thread only ever waits in
+//! `io_uring_enter`.
+//!
+//! Memory safety rests on one rule: a buffer the kernel may use is neither touched nor freed.
+//! A connection leaves the table only when its operation has completed ([`Conn::op`] is
+//! `None`); to end one early it is cancelled, and its completion awaited. A buffer is a
+//! `Box<[u8]>`, so moving the connection (the table grows) does not move the bytes.
+//!
+//! Limits: a full submission ring is submitted to make room; a full completion ring is not an
+//! error, since the kernel keeps the overflow (`IORING_FEAT_NODROP`, Linux 5.5) until it is
+//! reaped. Multishot accept needs Linux 5.19.
+
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use tracing::{debug, info, warn};
+
+use crate::conn::{RateLimit, ACCEPT_BACKOFF};
+use crate::sys::{self, AcceptError};
+use crate::{Config, Stats, Stop, READ_SIZE};
+
+const STOP: u64 = u64::MAX;
+const ACCEPT: u64 = u64::MAX - 1;
+const ACCEPT_RETRY: u64 = u64::MAX - 2;
+const DEADLINE: u64 = u64::MAX - 3;
+/// The completion of a cancel request itself (its target completes on its own).
+const CANCEL: u64 = u64::MAX - 4;
+
+/// Submission queue entries (the completion queue gets twice as many).
+const ENTRIES: u32 = 256;
+
+pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::Result<Stats> {
+    let ring =
+        IoUring::new(ENTRIES).map_err(|e| io::Error::new(e.kind(), format!("io_uring: {e}")))?;
+    let mut server = Server {
+        ring,
+        conns: Vec::new(),
+        free: Vec::new(),
+        live: 0,
+        listener: Some(listener),
+        accept: Accept::Off,
+        stopping: false,
+        deadline_passed: false,
+        stats: Stats::default(),
+        accept_warnings: RateLimit::new(),
+        backoff: Box::new(timespec(ACCEPT_BACKOFF)),
+        drain: Box::new(timespec(config.drain_timeout)),
+    };
+    server.run(stop)
+}
+
+/// The state of the listener's accept request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accept {
+    /// A multishot accept is in flight.
+    Armed,
+    /// Paused after running out of descriptors; an `ACCEPT_RETRY` timeout is in flight.
+    Backoff,
+    /// Nothing in flight.
+    Off,
+}
+
+/// The one operation a connection has in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Recv,
+    Send,
+}
+
+#[derive(Debug)]
+struct Conn {
+    stream: TcpStream,
+    buf: Box<[u8]>,
+    /// `buf[..filled]` came from the last receive; `buf[..sent]` of it is echoed.
+    filled: usize,
+    sent: usize,
+    op: Option<Op>,
+}
+
+struct Server {
+    ring: IoUring,
+    /// The connections by slot (a connection's operations carry its slot as `user_data`).
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    live: usize,
+    listener: Option<TcpListener>,
+    accept: Accept,
+    stopping: bool,
+    deadline_passed: bool,
+    stats: Stats,
+    accept_warnings: RateLimit,
+    /// Timeout lengths; the kernel reads them when their requests are submitted, so they live
+    /// (boxed, at a fixed address) as long as the server.
+    backoff: Box<types::Timespec>,
+    drain: Box<types::Timespec>,
+}
+
+impl Server {
+    fn run(&mut self, stop: &Stop) -> io::Result<Stats> {
+        self.arm_stop(stop)?;
+        self.arm_accept()?;
+
+        let mut completions: Vec<(u64, i32, u32)> = Vec::with_capacity(2 * ENTRIES as usize);
+        while !(self.stopping && self.live == 0 && self.accept == Accept::Off) {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                // EBUSY: completions are waiting to be reaped; reap them below.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
+            completions.clear();
+            completions.extend(
+                self.ring
+                    .completion()
+                    .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
+            );
+            for &(user_data, res, flags) in &completions {
+                match user_data {
+                    STOP => self.on_stop(stop)?,
+                    ACCEPT => self.on_accept(res, flags)?,
+                    ACCEPT_RETRY => self.on_accept_retry()?,
+                    DEADLINE => self.on_deadline()?,
+                    CANCEL => {}
+                    slot => self.on_conn(slot as usize, res)?,
+                }
+            }
+        }
+        // Still in flight: the stop's poll, if the server never stopped (it did), and the
+        // drain timeout if the connections finished first; neither points to our memory, and
+        // dropping the ring cancels them.
+        Ok(self.stats)
+    }
+
+    /// Queues an entry, submitting the queue first if it is full.
+    ///
+    /// # Safety
+    ///
+    /// Every buffer the entry points to stays valid, and is not used by anything else, until
+    /// its completion has been reaped (for a timeout: until it has been submitted).
+    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: the caller's promise is the one `push` requires.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    fn cancel(&mut self, user_data: u64) -> io::Result<()> {
+        let cancel = opcode::AsyncCancel::new(user_data)
+            .build()
+            .user_data(CANCEL);
+        // SAFETY: a cancel request points to no memory of ours.
+        unsafe { self.push(&cancel) }
+    }
+
+    fn arm_stop(&mut self, stop: &Stop) -> io::Result<()> {
+        let poll = opcode::PollAdd::new(types::Fd(stop.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(STOP);
+        // SAFETY: a poll request points to no memory of ours.
+        unsafe { self.push(&poll) }
+    }
+
+    fn arm_accept(&mut self) -> io::Result<()> {
+        let Some(listener) = &self.listener else {
+            return Ok(());
+        };
+        let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(ACCEPT);
+        // SAFETY: a multishot accept points to no memory of ours (no peer address).
+        unsafe { self.push(&accept)? };
+        self.accept = Accept::Armed;
+        Ok(())
+    }
+
+    fn on_stop(&mut self, stop: &Stop) -> io::Result<()> {
+        if self.stopping {
+            return Ok(());
+        }
+        if !stop.is_triggered() {
+            // Cannot happen (the flag is set before the eventfd is written); wait again.
+            return self.arm_stop(stop);
+        }
+        info!("uring: stopping, draining {} connections", self.live);
+        self.stopping = true;
+        match self.accept {
+            // Its last completion (ECANCELED) closes the listener: closing it now would not
+            // stop the accept, which holds a reference to it.
+            Accept::Armed => self.cancel(ACCEPT)?,
+            Accept::Backoff | Accept::Off => {
+                self.accept = Accept::Off;
+                self.listener = None;
+            }
+        }
+        let deadline = opcode::Timeout::new(&*self.drain)
+            .build()
+            .user_data(DEADLINE);
+        // SAFETY: `self.drain` is boxed and lives as long as the server.
+        unsafe { self.push(&deadline)? };
+        // Receives are cancelled (a receive that completes with data anyway is echoed); sends
+        // go on until the deadline.
+        for slot in 0..self.conns.len() {
+            if self.conns[slot]
+                .as_ref()
+                .is_some_and(|c| c.op == Some(Op::Recv))
+            {
+                self.cancel(slot as u64)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_deadline(&mut self) -> io::Result<()> {
+        if self.live == 0 {
+            return Ok(());
+        }
+        warn!("uring: drain timeout, closing {} connections", self.live);
+        self.deadline_passed = true;
+        for slot in 0..self.conns.len() {
+            if self.conns[slot].as_ref().is_some_and(|c| c.op.is_some()) {
+                self.cancel(slot as u64)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_accept(&mut self, res: i32, flags: u32) -> io::Result<()> {
+        let more = cqueue::more(flags);
+        if !more {
+            self.accept = Accept::Off;
+        }
+        if res >= 0 {
+            // SAFETY: a successful accept completion is a new descriptor that nothing else owns.
+            let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(res) });
+            if self.stopping {
+                // Accepted before the cancel took effect.
+                sys::close_gracefully(stream);
+            } else {
+                self.add(stream)?;
+            }
+        } else if !(self.stopping && -res == libc::ECANCELED) {
+            let err = io::Error::from_raw_os_error(-res);
+            match sys::classify_accept_error(-res) {
+                AcceptError::Empty | AcceptError::Transient => {}
+                AcceptError::Exhausted => {
+                    if let Some(suppressed) = self.accept_warnings.check() {
+                        warn!(
+                            suppressed,
+                            "uring: accept: {err}; pausing accepts for {ACCEPT_BACKOFF:?}"
+                        );
+                    }
+                    if !more {
+                        let retry = opcode::Timeout::new(&*self.backoff)
+                            .build()
+                            .user_data(ACCEPT_RETRY);
+                        // SAFETY: `self.backoff` is boxed and lives as long as the server.
+                        unsafe { self.push(&retry)? };
+                        self.accept = Accept::Backoff;
+                    }
+                }
+                AcceptError::Fatal => {
+                    return Err(io::Error::new(err.kind(), format!("uring: accept: {err}")))
+                }
+            }
+        }
+        if self.accept == Accept::Off {
+            if self.stopping {
+                self.listener = None;
+            } else {
+                self.arm_accept()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_accept_retry(&mut self) -> io::Result<()> {
+        if self.accept == Accept::Backoff {
+            self.accept = Accept::Off;
+            self.arm_accept()?;
+        }
+        Ok(())
+    }
+
+    /// Takes a new connection and posts its first receive.
+    fn add(&mut self, stream: TcpStream) -> io::Result<()> {
+        debug!("socket {} connected", stream.as_raw_fd());
+        self.stats.connections += 1;
+        let conn = Conn {
+            stream,
+            buf: vec![0u8; READ_SIZE].into_boxed_slice(),
+            filled: 0,
+            sent: 0,
+            op: None,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.conns[slot] = Some(conn);
+                slot
+            }
+            None => {
+                self.conns.push(Some(conn));
+                self.conns.len() - 1
+            }
+        };
+        self.live += 1;
+        self.post_recv(slot)
+    }
+
+    fn post_recv(&mut self, slot: usize) -> io::Result<()> {
+        let c = self.conns[slot].as_mut().expect("a live slot");
+        c.filled = 0;
+        c.sent = 0;
+        let recv = opcode::Recv::new(
+            types::Fd(c.stream.as_raw_fd()),
+            c.buf.as_mut_ptr(),
+            c.buf.len() as u32,
+        )
+        .build()
+        .user_data(slot as u64);
+        c.op = Some(Op::Recv);
+        // SAFETY: `c.buf` is a heap allocation owned by the connection, which stays in the
+        // table (and nothing touches the buffer) until this receive's completion clears `op`.
+        unsafe { self.push(&recv) }
+    }
+
+    fn post_send(&mut self, slot: usize) -> io::Result<()> {
+        let c = self.conns[slot].as_mut().expect("a live slot");
+        let rest = &c.buf[c.sent..c.filled];
+        let send = opcode::Send::new(
+            types::Fd(c.stream.as_raw_fd()),
+            rest.as_ptr(),
+            rest.len() as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(slot as u64);
+        c.op = Some(Op::Send);
+        // SAFETY: as for the receive: the buffer stays put, unchanged, until the completion.
+        unsafe { self.push(&send) }
+    }
+
+    fn on_conn(&mut self, slot: usize, res: i32) -> io::Result<()> {
+        let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            warn!("uring: completion for unknown slot {slot}");
+            return Ok(());
+        };
+        let op = c.op.take();
+        let error = || io::Error::from_raw_os_error(-res);
+        match op {
+            Some(Op::Recv) if res > 0 => {
+                if self.deadline_passed {
+                    self.close(slot, Some(error_unsent()));
+                    return Ok(());
+                }
+                c.filled = res as usize;
+                c.sent = 0;
+                self.post_send(slot)
+            }
+            // The peer closed.
+            Some(Op::Recv) if res == 0 => {
+                self.close(slot, None);
+                Ok(())
+            }
+            // Cancelled by the stop: nothing was received.
+            Some(Op::Recv) if self.stopping && -res == libc::ECANCELED => {
+                self.close(slot, None);
+                Ok(())
+            }
+            Some(Op::Send) if res > 0 => {
+                c.sent += res as usize;
+                self.stats.bytes += res as u64;
+                if c.sent < c.filled {
+                    if self.deadline_passed {
+                        self.close(slot, Some(error_unsent()));
+                        return Ok(());
+                    }
+                    self.post_send(slot)
+                } else if self.stopping {
+                    self.close(slot, None);
+                    Ok(())
+                } else {
+                    self.post_recv(slot)
+                }
+            }
+            Some(Op::Send) if res == 0 => {
+                self.close(slot, Some(io::ErrorKind::WriteZero.into()));
+                Ok(())
+            }
+            Some(_) => {
+                let e = if self.deadline_passed && -res == libc::ECANCELED {
+                    error_unsent()
+                } else {
+                    error()
+                };
+                self.close(slot, Some(e));
+                Ok(())
+            }
+            None => {
+                warn!(
+                    "uring: completion for socket {} with nothing in flight",
+                    c.stream.as_raw_fd()
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes a connection whose operation has completed: with a FIN unless it failed (a
+    /// connection cut at the drain deadline gets its FIN too).
+    fn close(&mut self, slot: usize, error: Option<io::Error>) {
+        let c = self.conns[slot].take().expect("a live slot");
+        debug_assert!(
+            c.op.is_none(),
+            "closing a connection with an operation in flight"
+        );
+        self.free.push(slot);
+        self.live -= 1;
+        let fd = c.stream.as_raw_fd();
+        match error {
+            None => {
+                debug!("closing socket {fd}");
+                sys::close_gracefully(c.stream);
+            }
+            Some(e) if self.deadline_passed => {
+                debug!("closing socket {fd}: {e}");
+                sys::close_gracefully(c.stream);
+            }
+            Some(e) => {
+                debug!("closing socket {fd}: {e}");
+                drop(c.stream);
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    /// Only reached with connections left when `run` failed (the ring refused a submission):
+    /// their operations may still be in the kernel, which would write into freed memory, so
+    /// their buffers are leaked, never freed. Then the ring is dropped, which cancels them.
+    fn drop(&mut self) {
+        for c in self.conns.iter_mut().flatten() {
+            if c.op.is_some() {
+                warn!(
+                    "uring: leaking the buffer of socket {}: its operation is still in flight",
+                    c.stream.as_raw_fd()
+                );
+                Box::leak(std::mem::take(&mut c.buf));
+            }
+        }
+    }
+}
+
+fn error_unsent() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "drain timeout, echo unsent")
+}
+
+fn timespec(d: Duration) -> types::Timespec {
+    types::Timespec::new()
+        .sec(d.as_secs())
+        .nsec(d.subsec_nanos())
+}

@@ -1,0 +1,59 @@
+//! The public API: names, parsing, the stop, the types that cross threads.
+
+use std::os::fd::AsRawFd;
+
+use ringport_models::{Config, Model, ParseModelError, Stats, Stop};
+
+const fn assert_send_sync<T: Send + Sync>() {}
+const _: () = assert_send_sync::<Stop>();
+const _: () = assert_send_sync::<Model>();
+const _: () = assert_send_sync::<Config>();
+const _: () = assert_send_sync::<Stats>();
+
+#[test]
+fn names_round_trip() {
+    let names: Vec<String> = Model::ALL.iter().map(Model::to_string).collect();
+    assert_eq!(
+        names,
+        ["blocking", "select", "sigio", "poll", "epoll", "uring"]
+    );
+    for m in Model::ALL {
+        assert_eq!(m.to_string().parse::<Model>(), Ok(m));
+    }
+}
+
+#[test]
+fn unknown_name_is_an_error_that_lists_the_models() {
+    let err: ParseModelError = "iocp".parse::<Model>().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unknown I/O model `iocp` (expected one of: blocking, select, sigio, poll, epoll, uring)"
+    );
+    let io: std::io::Error = err.into();
+    assert_eq!(io.kind(), std::io::ErrorKind::InvalidInput);
+}
+
+#[test]
+fn stop_is_shared_by_clones_and_its_fd_becomes_readable() {
+    let stop = Stop::new().expect("Stop::new");
+    let clone = stop.clone();
+    assert!(!readable(&stop));
+    assert!(!clone.is_triggered());
+    clone.trigger();
+    clone.trigger();
+    assert!(stop.is_triggered());
+    assert!(readable(&stop), "triggered: readable");
+    assert!(readable(&stop), "and stays readable");
+}
+
+fn readable(stop: &Stop) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: stop.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live `pollfd`, and its count; a zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+    n == 1
+}
