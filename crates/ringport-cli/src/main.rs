@@ -92,6 +92,12 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(usize))]
     pub conn_buffer: usize,
 
+    /// Receive buffers (8 KiB each) in each worker's pool: they bound what a worker holds in
+    /// total; connections waiting for input hold none.
+    #[arg(long, value_name = "N", default_value_t = 2048,
+          value_parser = clap::value_parser!(u16).range(16..=32768))]
+    pub pool_buffers: u16,
+
     /// Also echo UDP datagrams (RFC 862), on the same address as --listen. Off by default: UDP
     /// echo can be abused as a reflection amplifier.
     #[arg(long)]

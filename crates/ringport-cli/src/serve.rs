@@ -29,8 +29,6 @@ use crate::ServeArgs;
 
 /// Receive buffer size, as in the book.
 const BUFFER_SIZE: usize = 8192;
-/// Buffers in each worker's receive pool.
-const POOL_BUFFERS: u16 = 2048;
 /// Accepts kept posted on the listener.
 const ACCEPT_POOL: usize = 16;
 /// Pause before accepting again after running out of descriptors or memory.
@@ -126,7 +124,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     let (port, workers) = Port::builder()
         .workers(workers)
         .backend(args.backend)
-        .recv_pool(BUFFER_SIZE, POOL_BUFFERS)
+        .recv_pool(BUFFER_SIZE, args.pool_buffers)
         .build::<Key, Io>()
         .map_err(|e| port_error(&e))?;
     let listener = port
@@ -373,6 +371,20 @@ impl Server {
                 self.force_close();
             }
         };
+        // Completions of operations cut short by the closes still say what went out.
+        let until = Instant::now() + FORCE_GRACE;
+        loop {
+            // Wait only while operations are in flight; otherwise take what is ready.
+            let wait = if self.worker.in_flight() > 0 {
+                until.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            match self.worker.dequeue(Some(wait)) {
+                Ok(c) => self.complete(c),
+                Err(_) => break,
+            }
+        }
         self.flush_refusals();
         self.totals
             .connections
@@ -618,6 +630,10 @@ impl Server {
 
     fn sent(&mut self, c: Completion<Key, Io>, offset: usize) {
         let Some(id) = conn_id(&c) else { return };
+        if let Ok(n) = c.result {
+            // Counted even when the connection was closed meanwhile: the bytes went out.
+            self.bytes += n as u64;
+        }
         let Some(mut conn) = self.conns.remove(&id) else {
             return;
         };
@@ -629,7 +645,6 @@ impl Server {
             Ok(_) => return self.close_conn(id, conn, "send made no progress"),
             Err(e) => return self.close_conn(id, conn, &describe(&e)),
         };
-        self.bytes += n as u64;
         conn.last_active = Instant::now();
         match conn.out.sent(buf, offset, n) {
             // A short send: post the rest.

@@ -1,0 +1,151 @@
+//! Backpressure: a client that sends without reading cannot make the server buffer without
+//! bound (`--conn-buffer`); once it reads, it gets back exactly what it sent, in order.
+
+mod util;
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use util::{connect, echo_exact, fill_stream, pattern, rss_bytes, Server, StreamChecker};
+
+/// How long the client writes without reading, in the normal suite.
+const WRITE_WINDOW: Duration = Duration::from_secs(3);
+/// The same, in the long (`--ignored`) variant the issue asks for.
+const LONG_WRITE_WINDOW: Duration = Duration::from_secs(20);
+/// The stream the client would send if nothing pushed back.
+const STREAM_LEN: u64 = 256 * 1024 * 1024;
+/// How much the server's resident memory may grow over its baseline while the client sends.
+const RSS_GROWTH_LIMIT: u64 = 64 * 1024 * 1024;
+/// How often the server's RSS is sampled during the window.
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(50);
+/// Hang guard for the exit after SIGTERM (default drain timeout plus margin).
+const EXIT_GUARD: Duration = Duration::from_secs(15);
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn writer_that_never_reads_is_held_back(window: Duration) {
+    let server = Server::start();
+    let pid = server.pid();
+    // A first echo, so that what the server sets up lazily is in the baseline.
+    echo_exact(server.addr, &pattern(1, 64 * 1024));
+    let baseline = rss_bytes(pid);
+
+    let mut stream = connect(server.addr);
+    stream.set_nonblocking(true).unwrap();
+    let seed = 0xBAC4_9E55;
+    let mut chunk = vec![0u8; 256 * 1024];
+    // The stream offset `chunk` was filled from (none yet).
+    let mut chunk_at = u64::MAX;
+    let mut written = 0u64;
+    let mut peak = baseline;
+    let start = Instant::now();
+    let mut next_sample = start;
+    while start.elapsed() < window && written < STREAM_LEN {
+        let len = (chunk.len() as u64).min(STREAM_LEN - written) as usize;
+        if chunk_at != written {
+            fill_stream(seed, written, &mut chunk[..len]);
+            chunk_at = written;
+        }
+        match stream.write(&chunk[..len]) {
+            Ok(n) => written += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("write failed after {written} bytes: {e}"),
+        }
+        if Instant::now() >= next_sample {
+            peak = peak.max(rss_bytes(pid));
+            next_sample += RSS_SAMPLE_EVERY;
+        }
+    }
+    peak = peak.max(rss_bytes(pid));
+    println!(
+        "wrote {:.1} MiB of {} MiB in {:?} without reading; server RSS {:.1} MiB at baseline, \
+         {:.1} MiB at peak",
+        written as f64 / MIB,
+        STREAM_LEN / 1024 / 1024,
+        window,
+        baseline as f64 / MIB,
+        peak as f64 / MIB
+    );
+    assert!(
+        written < STREAM_LEN,
+        "all {STREAM_LEN} bytes were accepted without the client reading anything: nothing \
+         pushed back"
+    );
+    assert!(
+        peak < baseline + RSS_GROWTH_LIMIT,
+        "the server's RSS grew by {:.1} MiB (from {:.1} to {:.1} MiB) while a client sent \
+         without reading; the bound is {} MiB",
+        (peak - baseline) as f64 / MIB,
+        baseline as f64 / MIB,
+        peak as f64 / MIB,
+        RSS_GROWTH_LIMIT / 1024 / 1024
+    );
+
+    // Now read everything back: exactly the bytes written, in order, then EOF.
+    stream.set_nonblocking(false).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut checker = StreamChecker::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                assert!(
+                    checker.offset + n as u64 <= written,
+                    "read back {} bytes, more than the {written} written",
+                    checker.offset + n as u64
+                );
+                checker.check(&buf[..n], "echo after backpressure");
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!(
+                "read failed after {} of {written} bytes: {e} ({:?})",
+                checker.offset,
+                e.kind()
+            ),
+        }
+    }
+    assert_eq!(
+        checker.offset, written,
+        "EOF after {} of the {written} bytes written",
+        checker.offset
+    );
+    drop(stream);
+
+    let mut server = server;
+    server.assert_running();
+    server.signal(libc::SIGTERM);
+    let output = server.wait_exit(EXIT_GUARD);
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+}
+
+fn sender_without_reading_bounded_rss_then_exact_echo() {
+    writer_that_never_reads_is_held_back(WRITE_WINDOW);
+}
+
+per_backend!(sender_without_reading_bounded_rss_then_exact_echo);
+
+/// The issue's 20-second version: `cargo test -p ringport-cli --test backpressure -- --ignored`.
+mod long {
+    #[test]
+    #[ignore = "20 s per backend; run with --ignored"]
+    fn uring_sender_without_reading_for_20_s() {
+        crate::util::with_backend("uring", || {
+            super::writer_that_never_reads_is_held_back(super::LONG_WRITE_WINDOW)
+        });
+    }
+
+    #[test]
+    #[ignore = "20 s per backend; run with --ignored"]
+    fn epoll_sender_without_reading_for_20_s() {
+        crate::util::with_backend("epoll", || {
+            super::writer_that_never_reads_is_held_back(super::LONG_WRITE_WINDOW)
+        });
+    }
+}

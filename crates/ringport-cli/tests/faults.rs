@@ -1,0 +1,187 @@
+//! Injected faults (`RINGPORT_FAULTS`): a send or receive that fails cuts that one connection
+//! cleanly (what came back is an exact prefix of what was sent, then EOF or a reset), a short
+//! send loses nothing, and the server keeps serving the others and exits 0.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use util::{connect, number_between, pattern, read_prefix_of, Server, StreamEnd};
+
+/// Connections streaming at once.
+const CONNECTIONS: usize = 50;
+/// Chunks each connection writes, and their size (irregular, so that nothing lines up with the
+/// server's 8 KiB buffers).
+const CHUNKS: usize = 8;
+const CHUNK: usize = 8 * 1024 + 123;
+/// Hang guard for the exit after SIGTERM (default drain timeout plus margin).
+const EXIT_GUARD: Duration = Duration::from_secs(15);
+/// Fresh connections tried after the run (a fault may hit one of them too).
+const FRESH_TRIES: usize = 20;
+
+/// What one connection saw.
+#[derive(Debug)]
+struct Outcome {
+    got: usize,
+    end: StreamEnd,
+    /// Whether the writer sent everything (it stops at the first error).
+    wrote_all: bool,
+}
+
+/// Writes `data` in chunks from a writer thread, then half-closes, while this thread reads the
+/// echo back; checks it is a prefix of `data`.
+fn stream_one(addr: SocketAddr, data: Vec<u8>, what: String) -> Outcome {
+    let mut stream = connect(addr);
+    let mut writer = stream.try_clone().unwrap();
+    let sent = data.clone();
+    let w = thread::spawn(move || -> bool {
+        for chunk in data.chunks(CHUNK) {
+            if writer.write_all(chunk).is_err() {
+                return false;
+            }
+        }
+        let _ = writer.shutdown(Shutdown::Write);
+        true
+    });
+    let (got, end) = read_prefix_of(&mut stream, &sent, &what);
+    let wrote_all = w.join().expect("writer thread panicked");
+    Outcome {
+        got,
+        end,
+        wrote_all,
+    }
+}
+
+/// One small round trip on a new connection; `Err` if a fault cut it.
+fn fresh_echo(addr: SocketAddr) -> Result<(), String> {
+    let mut s = connect(addr);
+    let msg = pattern(999, 100);
+    s.write_all(&msg).map_err(|e| format!("write: {e}"))?;
+    s.shutdown(Shutdown::Write).map_err(|e| format!("{e}"))?;
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) if util::is_reset(&e) => return Err(format!("reset after {} bytes", got.len())),
+        Err(e) => panic!("fresh connection: read failed: {e}"),
+    }
+    assert!(
+        msg.starts_with(&got),
+        "fresh connection: the echo is not a prefix of what was sent"
+    );
+    if got.len() == msg.len() {
+        Ok(())
+    } else {
+        Err(format!("EOF after {} of {} bytes", got.len(), msg.len()))
+    }
+}
+
+fn faulty_streams(spec: &str) {
+    let server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
+        cmd.env("RINGPORT_FAULTS", spec);
+    });
+    let addr = server.addr;
+    let len = CHUNKS * CHUNK;
+    let handles: Vec<_> = (0..CONNECTIONS)
+        .map(|i| {
+            let data = pattern(7000 + i as u64, len);
+            let what = format!("connection {i} ({spec})");
+            thread::spawn(move || stream_one(addr, data, what))
+        })
+        .collect();
+    let outcomes: Vec<Outcome> = handles
+        .into_iter()
+        .map(|h| h.join().expect("a connection's check failed"))
+        .collect();
+
+    let complete = outcomes
+        .iter()
+        .filter(|o| o.got == len && o.end == StreamEnd::Eof)
+        .count();
+    let cut: Vec<&Outcome> = outcomes.iter().filter(|o| o.got < len).collect();
+    let resets = outcomes
+        .iter()
+        .filter(|o| o.end == StreamEnd::Reset)
+        .count();
+    let short_writes = outcomes.iter().filter(|o| !o.wrote_all).count();
+    println!(
+        "{spec}: {complete} of {CONNECTIONS} connections echoed everything, {} were cut \
+         ({resets} ended with a reset, {short_writes} writers stopped early)",
+        cut.len()
+    );
+    assert!(
+        complete >= 1,
+        "{spec}: no connection got its whole stream back: {outcomes:?}"
+    );
+    assert!(
+        !cut.is_empty(),
+        "{spec}: every connection got its whole stream back: the fault never hit"
+    );
+
+    let mut server = server;
+    server.assert_running();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut errors = Vec::new();
+    let served = (0..FRESH_TRIES).any(|_| {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        match fresh_echo(addr) {
+            Ok(()) => true,
+            Err(e) => {
+                errors.push(e);
+                false
+            }
+        }
+    });
+    assert!(
+        served,
+        "{spec}: no fresh connection was served after the run: {errors:?}"
+    );
+    drop(errors);
+
+    server.signal(libc::SIGTERM);
+    let output = server.wait_exit(EXIT_GUARD);
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    let served = number_between(&output.stdout, "served ", " connections")
+        .unwrap_or_else(|| panic!("no summary\n{}", output.describe()));
+    assert!(
+        served > CONNECTIONS as u64,
+        "served {served} connections, want more than {CONNECTIONS}\n{}",
+        output.describe()
+    );
+}
+
+fn failing_and_short_sends_cut_only_their_connection() {
+    faulty_streams("send=EPIPE/37,send=short/5");
+}
+
+fn failing_receives_cut_only_their_connection() {
+    faulty_streams("recv=ECONNRESET/3");
+}
+
+fn bad_fault_spec_is_named() {
+    let output = util::run_cli_configured(
+        &["serve", "--listen", "127.0.0.1:0"],
+        util::CLI_TIMEOUT,
+        |cmd| {
+            cmd.env("RINGPORT_FAULTS", "recv=EWHAT/3");
+        },
+    );
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(1), "{}", output.describe());
+    assert!(
+        output.stderr.contains("RINGPORT_FAULTS"),
+        "the error does not name RINGPORT_FAULTS\n{}",
+        output.describe()
+    );
+}
+
+per_backend!(
+    failing_and_short_sends_cut_only_their_connection,
+    failing_receives_cut_only_their_connection,
+    bad_fault_spec_is_named,
+);

@@ -1,0 +1,275 @@
+//! Limits: `--max-connections` refuses the excess and recovers, `--idle-timeout` closes idle
+//! connections only, and running out of descriptors (EMFILE) neither kills the server nor makes
+//! it spin.
+
+mod util;
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use util::{
+    connect, cpu_seconds, fd_count, is_reset, number_between, pattern, raise_own_nofile,
+    read_exact_len, round_trip, Output, Server,
+};
+
+/// Hang guard for the exit after SIGTERM (default drain timeout plus margin).
+const EXIT_GUARD: Duration = Duration::from_secs(15);
+/// How long a connection over the limit (or an idle one) may take to be closed: a hang guard.
+const CLOSE_GUARD: Duration = Duration::from_secs(5);
+/// How long to keep retrying a connection that the server should accept again.
+const RECOVERY_GUARD: Duration = Duration::from_secs(10);
+
+/// The server's descriptor limit (soft and hard) in the EMFILE test.
+const SERVER_NOFILE: u64 = 256;
+/// Connections the EMFILE test opens: well past [`SERVER_NOFILE`].
+const EMFILE_CONNECTIONS: usize = 400;
+/// Of which the test closes this many to let the server recover.
+const EMFILE_CLOSED: usize = 300;
+/// Window over which the server's CPU time is measured while it is out of descriptors.
+const SATURATED_WINDOW: Duration = Duration::from_secs(2);
+/// The most CPU (fraction of one core) a server that backs off may use in that window.
+const SATURATED_CPU_LIMIT: f64 = 0.30;
+
+fn stop(server: Server) -> Output {
+    server.signal(libc::SIGTERM);
+    let output = server.wait_exit(EXIT_GUARD);
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    output
+}
+
+/// Reads from `stream` until the server closes it; panics if it stays open or sends data.
+#[track_caller]
+fn expect_closed_by_server(stream: &mut TcpStream, what: &str) {
+    stream.set_read_timeout(Some(CLOSE_GUARD)).unwrap();
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{what}: got {n} bytes instead of being closed"),
+        Err(e) if is_reset(&e) => {}
+        Err(e) => panic!("{what}: not closed by the server within {CLOSE_GUARD:?}: {e}"),
+    }
+}
+
+/// Connects and round-trips `msg`; `Err` (with why) if the server closes the connection instead.
+fn try_round_trip(addr: SocketAddr, msg: &[u8]) -> Result<TcpStream, String> {
+    let mut s = TcpStream::connect_timeout(&addr, CLOSE_GUARD).map_err(|e| format!("{e}"))?;
+    s.set_read_timeout(Some(CLOSE_GUARD)).unwrap();
+    s.set_write_timeout(Some(CLOSE_GUARD)).unwrap();
+    s.write_all(msg).map_err(|e| format!("write: {e}"))?;
+    let mut got = vec![0u8; msg.len()];
+    let mut n = 0;
+    while n < msg.len() {
+        match s.read(&mut got[n..]) {
+            Ok(0) => return Err(format!("EOF after {n} bytes")),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read after {n} bytes: {e}")),
+        }
+    }
+    assert_eq!(got, msg, "round trip on a connection the server accepted");
+    Ok(s)
+}
+
+/// [`try_round_trip`], retried until it works or [`RECOVERY_GUARD`] passes.
+#[track_caller]
+fn round_trip_eventually(addr: SocketAddr, msg: &[u8], what: &str) -> TcpStream {
+    let deadline = Instant::now() + RECOVERY_GUARD;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match try_round_trip(addr, msg) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("{what}: still not served after {tries} tries ({RECOVERY_GUARD:?}): {e}")
+            }
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn max_connections_refuses_the_excess_and_recovers() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--max-connections", "5"]);
+    let addr = server.addr;
+    let mut first: Vec<TcpStream> = (0..5).map(|_| connect(addr)).collect();
+    for (i, s) in first.iter_mut().enumerate() {
+        round_trip(s, &pattern(i as u64, 100));
+    }
+
+    // Three more: each is closed at once.
+    for i in 0..3 {
+        let mut extra = connect(addr);
+        expect_closed_by_server(&mut extra, &format!("connection {} over the limit", 6 + i));
+    }
+
+    // The five accepted ones are unaffected.
+    for (i, s) in first.iter_mut().enumerate() {
+        round_trip(s, &pattern(10 + i as u64, 4096));
+    }
+
+    // Close two: two new connections are served again (once the server has seen the closes).
+    first.truncate(3);
+    let a = round_trip_eventually(addr, b"room again?", "first connection after closing two");
+    let b = round_trip_eventually(addr, b"and another?", "second connection after closing two");
+    for (i, s) in first.iter_mut().enumerate() {
+        round_trip(s, &pattern(20 + i as u64, 100));
+    }
+    drop((first, a, b));
+
+    let output = stop(server);
+    let refused = number_between(&output.stdout, "refused ", " over --max-connections")
+        .unwrap_or_else(|| {
+            panic!(
+                "summary lacks `refused N over --max-connections`\n{}",
+                output.describe()
+            )
+        });
+    assert!(refused >= 3, "refused {refused} < 3\n{}", output.describe());
+    assert!(
+        output.stderr.contains("--max-connections"),
+        "no warning about refused connections\n{}",
+        output.describe()
+    );
+}
+
+fn idle_timeout_closes_idle_connections_only() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--idle-timeout", "0.5"]);
+    let addr = server.addr;
+    let mut idle = connect(addr);
+    round_trip(&mut idle, b"then silence");
+    let mut active = connect(addr);
+    round_trip(&mut active, b"keep-alive");
+
+    // The active connection sends every 100 ms for 1.5 s (three idle timeouts) on its own thread.
+    let keeper = thread::spawn(move || {
+        let start = Instant::now();
+        let mut i = 0u64;
+        while start.elapsed() < Duration::from_millis(1500) {
+            round_trip(&mut active, &pattern(i, 32));
+            i += 1;
+            thread::sleep(Duration::from_millis(100));
+        }
+        (active, i)
+    });
+
+    expect_closed_by_server(&mut idle, "idle connection");
+    let (mut active, rounds) = keeper.join().expect("the active connection failed");
+    println!("active connection: {rounds} round trips over 1.5 s");
+    round_trip(&mut active, b"still here");
+    drop((idle, active));
+
+    let output = stop(server);
+    let closed = number_between(&output.stdout, "closed ", " idle")
+        .unwrap_or_else(|| panic!("summary lacks `closed N idle`\n{}", output.describe()));
+    assert_eq!(
+        closed,
+        1,
+        "only the idle connection should have been closed\n{}",
+        output.describe()
+    );
+}
+
+fn out_of_descriptors_backs_off_warns_once_and_recovers() {
+    let own = raise_own_nofile(4096);
+    assert!(
+        own >= EMFILE_CONNECTIONS as u64 + 100,
+        "this test needs {} descriptors; RLIMIT_NOFILE allows {own}",
+        EMFILE_CONNECTIONS + 100
+    );
+    let server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
+        // SAFETY: the hook runs in the forked child before exec; it only calls setrlimit(2), which
+        // is async-signal-safe, on a struct on its own stack, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: SERVER_NOFILE,
+                    rlim_max: SERVER_NOFILE,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let addr = server.addr;
+    let pid = server.pid();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        nofile.split_whitespace().nth(3) == Some("256"),
+        "the server's descriptor limit is not 256: {nofile}"
+    );
+    println!("server descriptors at start: {}", fd_count(pid));
+
+    let mut conns: Vec<TcpStream> = (0..EMFILE_CONNECTIONS).map(|_| connect(addr)).collect();
+    let warned = server.wait_for_stderr("too many open files", CLOSE_GUARD);
+    assert!(
+        warned,
+        "no `too many open files` warning with {EMFILE_CONNECTIONS} connections and a limit of \
+         {SERVER_NOFILE}; descriptors: {}\n{}",
+        fd_count(pid),
+        server.stderr_so_far()
+    );
+    // Give the server a moment to fill its descriptor table and settle into backing off.
+    thread::sleep(Duration::from_millis(300));
+    let mut server = server;
+    server.assert_running();
+    let fds = fd_count(pid);
+
+    let cpu_before = cpu_seconds(pid);
+    let t0 = Instant::now();
+    thread::sleep(SATURATED_WINDOW);
+    let cpu = (cpu_seconds(pid) - cpu_before) / t0.elapsed().as_secs_f64();
+    println!(
+        "out of descriptors ({fds} open): server CPU {:.1}% of one core over {:?}",
+        cpu * 100.0,
+        SATURATED_WINDOW
+    );
+    assert!(
+        cpu < SATURATED_CPU_LIMIT,
+        "the server used {:.0}% of a core while out of descriptors (limit {:.0}%): it spins \
+         instead of backing off",
+        cpu * 100.0,
+        SATURATED_CPU_LIMIT * 100.0
+    );
+    server.assert_running();
+    let stderr = util::strip_ansi(&server.stderr_so_far());
+    let warnings = stderr.matches("too many open files").count();
+    assert!(
+        (1..5).contains(&warnings),
+        "{warnings} `too many open files` warnings for one episode (want 1, fewer than 5)\n{stderr}"
+    );
+
+    // Free descriptors: the backlog drains, and a new connection is served.
+    conns.drain(..EMFILE_CLOSED);
+    let mut fresh = round_trip_eventually(addr, b"after EMFILE", "new connection after EMFILE");
+    assert!(
+        server.wait_for_stderr("accepting again", CLOSE_GUARD),
+        "no `accepting again` after recovering\n{}",
+        server.stderr_so_far()
+    );
+    // The connections that waited in the backlog are served too.
+    for (i, s) in conns.iter_mut().enumerate().step_by(10) {
+        let msg = pattern(i as u64, 64);
+        s.write_all(&msg).unwrap();
+        let got = read_exact_len(s, msg.len());
+        assert_eq!(got, msg, "backlogged connection {i}");
+    }
+    round_trip(&mut fresh, b"still fine");
+    drop((conns, fresh));
+    stop(server);
+}
+
+per_backend!(
+    max_connections_refuses_the_excess_and_recovers,
+    idle_timeout_closes_idle_connections_only,
+    out_of_descriptors_backs_off_warns_once_and_recovers,
+);

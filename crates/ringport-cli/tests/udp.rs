@@ -1,0 +1,193 @@
+//! UDP echo (`--udp`): datagrams come back whole, `--udp-rate` drops and counts the excess, and
+//! without `--udp` nothing answers on UDP.
+
+mod util;
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use util::{number_between, pattern, Output, Server};
+
+/// Hang guard for the exit after SIGTERM (default drain timeout plus margin).
+const EXIT_GUARD: Duration = Duration::from_secs(15);
+/// How long to wait for one echoed datagram before sending it again (loopback loses none in
+/// practice; the retry only keeps a lost datagram from failing the test).
+const ECHO_WAIT: Duration = Duration::from_secs(2);
+/// Datagrams sent in a burst at the rate-limited server.
+const BURST: usize = 100;
+/// How long to keep collecting echoes of the burst after the last one arrived.
+const QUIET: Duration = Duration::from_millis(500);
+
+fn stop(server: Server) -> Output {
+    server.signal(libc::SIGTERM);
+    let output = server.wait_exit(EXIT_GUARD);
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    output
+}
+
+/// A UDP socket on the loopback of the server's family, connected to it.
+fn udp_client(server: SocketAddr) -> UdpSocket {
+    let local: SocketAddr = if server.is_ipv6() {
+        "[::1]:0".parse().unwrap()
+    } else {
+        "127.0.0.1:0".parse().unwrap()
+    };
+    let sock = UdpSocket::bind(local).unwrap();
+    sock.connect(server).unwrap();
+    sock
+}
+
+/// Summary counts: (echoed, dropped).
+fn udp_summary(output: &Output) -> (u64, u64) {
+    let echoed =
+        number_between(&output.stdout, "UDP: echoed ", " datagrams").unwrap_or_else(|| {
+            panic!(
+                "summary lacks `UDP: echoed N datagrams`\n{}",
+                output.describe()
+            )
+        });
+    let dropped = number_between(&output.stdout, "dropped ", " over the rate limit")
+        .unwrap_or_else(|| {
+            panic!(
+                "summary lacks `dropped M over the rate limit`\n{}",
+                output.describe()
+            )
+        });
+    (echoed, dropped)
+}
+
+fn datagrams_of_every_size_echo_exactly() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--udp", "--udp-rate", "0"]);
+    let sock = udp_client(server.addr);
+    sock.set_read_timeout(Some(ECHO_WAIT)).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let sizes = [1usize, 1000, 60_000];
+    for (i, &len) in sizes.iter().enumerate() {
+        let msg = pattern(500 + i as u64, len);
+        let mut echoed = None;
+        for _attempt in 0..3 {
+            sock.send(&msg).unwrap();
+            match sock.recv(&mut buf) {
+                Ok(n) => {
+                    echoed = Some(buf[..n].to_vec());
+                    break;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("UDP receive of the {len}-byte echo: {e}"),
+            }
+        }
+        let echoed =
+            echoed.unwrap_or_else(|| panic!("no echo of a {len}-byte datagram in 3 tries"));
+        assert_eq!(
+            echoed.len(),
+            len,
+            "the echo of a {len}-byte datagram has {} bytes",
+            echoed.len()
+        );
+        assert!(echoed == msg, "the echo of a {len}-byte datagram differs");
+    }
+    let output = stop(server);
+    let (echoed, dropped) = udp_summary(&output);
+    assert!(echoed >= sizes.len() as u64, "{}", output.describe());
+    assert_eq!(
+        dropped,
+        0,
+        "--udp-rate 0 dropped datagrams\n{}",
+        output.describe()
+    );
+}
+
+fn rate_limit_drops_and_counts_the_excess() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--udp", "--udp-rate", "10"]);
+    let sock = udp_client(server.addr);
+    for i in 0..BURST {
+        sock.send(&pattern(i as u64, 32)).unwrap();
+    }
+    // Collect echoes until none has come for a while (bounded overall).
+    sock.set_read_timeout(Some(QUIET)).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let mut received = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                assert_eq!(n, 32, "an echoed datagram changed size");
+                received += 1;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => panic!("UDP receive: {e}"),
+        }
+    }
+    println!("{received} of {BURST} datagrams echoed at --udp-rate 10");
+    assert!(received >= 1, "nothing was echoed at --udp-rate 10");
+    assert!(
+        received <= BURST / 2,
+        "{received} of {BURST} datagrams sent at once were echoed at --udp-rate 10"
+    );
+    let output = stop(server);
+    let (echoed, dropped) = udp_summary(&output);
+    assert!(
+        dropped > 0,
+        "the summary counts no dropped datagrams\n{}",
+        output.describe()
+    );
+    assert!(
+        echoed >= received as u64 && echoed + dropped <= BURST as u64,
+        "summary echoed {echoed} + dropped {dropped}, but {received} of {BURST} came back\n{}",
+        output.describe()
+    );
+}
+
+fn without_udp_nothing_answers() {
+    let server = Server::start();
+    let sock = udp_client(server.addr);
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    for _ in 0..3 {
+        // A connected UDP socket reports the ICMP port-unreachable as ECONNREFUSED, on the
+        // send or the receive after it.
+        match sock.send(b"anyone?") {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+            Err(e) => panic!("UDP send: {e}"),
+        }
+        match sock.recv(&mut buf) {
+            Ok(n) => panic!("got a {n}-byte UDP answer from a server started without --udp"),
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ),
+                "UDP receive: {e}"
+            ),
+        }
+    }
+    let output = stop(server);
+    assert!(
+        !output.stdout.contains("UDP"),
+        "a server without --udp reports UDP\n{}",
+        output.describe()
+    );
+}
+
+per_backend!(
+    datagrams_of_every_size_echo_exactly,
+    rate_limit_drops_and_counts_the_excess,
+    without_udp_nothing_answers,
+);
