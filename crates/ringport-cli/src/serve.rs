@@ -37,6 +37,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const BATCH: usize = 64;
 /// After the drain timeout, how long to wait for the forced closes to complete.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
+/// Draining: how long a connection must stay quiet, with an empty socket, before its FIN.
+const DRAIN_QUIET: Duration = Duration::from_millis(50);
+/// Draining: how often connections are looked at again.
+const DRAIN_TICK: Duration = Duration::from_millis(20);
 /// At most one warning per this long about refused connections.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
@@ -59,6 +63,8 @@ pub enum Io {
     Drain,
     /// The idle-timeout sweep.
     Sweep,
+    /// A look at every connection while draining.
+    DrainTick,
     Recv,
     /// Echoing a pool buffer from this offset.
     Send {
@@ -86,6 +92,8 @@ struct Conn {
     paused: bool,
     /// A cancel of the armed receive was requested (draining).
     cancelling: bool,
+    /// Draining: since when the connection has had nothing to echo and received nothing.
+    quiet_since: Option<Instant>,
     /// The peer closed its side: close once everything is echoed.
     eof: bool,
     last_active: Instant,
@@ -408,6 +416,7 @@ impl Server {
             Io::Adopt => self.adopt(c),
             Io::Drain => self.drain(),
             Io::Sweep => self.sweep(),
+            Io::DrainTick => self.drain_tick(),
             Io::Recv => self.received(c),
             Io::Send { offset } => self.sent(c, offset),
             Io::Close => {}
@@ -530,6 +539,7 @@ impl Server {
             out: EchoQueue::new(),
             paused: false,
             cancelling: false,
+            quiet_since: None,
             eof: false,
             last_active: Instant::now(),
         };
@@ -557,6 +567,7 @@ impl Server {
             Ok(n) if n > 0 => {
                 trace!("socket {id}: received {n} bytes");
                 conn.last_active = Instant::now();
+                conn.quiet_since = None;
                 if let Some(buf) = c.pooled.and_then(|b| conn.out.push(b)) {
                     self.send(&conn, buf, 0);
                 }
@@ -595,29 +606,38 @@ impl Server {
             return self.close_conn(id, conn, "peer closed");
         }
         if self.deadline.is_some() {
+            // A peer may still hold bytes it wrote before the signal in its own send buffer,
+            // sent only once our window opens: an empty socket is final only after a quiet
+            // spell, or closing would reset the connection and lose that echo.
+            let now = Instant::now();
+            let quiet = now.duration_since(*conn.quiet_since.get_or_insert(now)) >= DRAIN_QUIET;
             match conn.recv {
                 Some(op) => {
-                    if !conn.cancelling {
+                    if quiet && !conn.cancelling {
                         conn.cancelling = true;
                         self.worker.cancel(op);
                     }
                 }
-                None if self.nothing_waiting(&conn) => {
+                None if quiet && self.nothing_waiting(&conn) => {
                     return self.close_conn(id, conn, "draining");
                 }
-                // Input is waiting: take what is there, then stop.
-                None => self.arm_once(&mut conn),
+                // Take what comes; the drain tick looks again.
+                None => self.arm(&mut conn),
             }
         }
         self.keep(id, conn)
     }
 
-    /// Arms the receive and cancels it at once: it takes what is already in the socket.
-    fn arm_once(&mut self, conn: &mut Conn) {
-        self.arm(conn);
-        if let Some(op) = conn.recv {
-            conn.cancelling = true;
-            self.worker.cancel(op);
+    /// While draining, looks at every connection again (for the quiet spell to end).
+    fn drain_tick(&mut self) {
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(conn) = self.conns.remove(&id) {
+                self.settle(id, conn);
+            }
+        }
+        if !self.conns.is_empty() && !self.forced {
+            self.worker.submit(Op::timeout(DRAIN_TICK), Io::DrainTick);
         }
     }
 
@@ -688,11 +708,7 @@ impl Server {
             let id = self.starved.pop().expect("checked non-empty");
             if let Some(mut conn) = self.conns.remove(&id) {
                 if conn.recv.is_none() && !conn.paused && !conn.eof {
-                    if self.deadline.is_some() {
-                        self.arm_once(&mut conn);
-                    } else {
-                        self.arm(&mut conn);
-                    }
+                    self.arm(&mut conn);
                 }
                 self.conns.insert(id, conn);
             }
@@ -707,14 +723,9 @@ impl Server {
         if let Some(l) = self.listener.take() {
             self.worker.submit(Op::close(&l), Io::Close);
         }
-        // Connections with nothing to echo and no input waiting are done; the others keep
+        // Connections with nothing to echo and no input coming are done; the others keep
         // echoing until they are (or the drain times out).
-        let ids: Vec<u64> = self.conns.keys().copied().collect();
-        for id in ids {
-            if let Some(conn) = self.conns.remove(&id) {
-                self.settle(id, conn);
-            }
-        }
+        self.drain_tick();
     }
 
     fn sweep(&mut self) {

@@ -184,3 +184,11 @@ per_backend!(
     sigterm_echoes_backlogged_data_sent_before_the_signal,
     drain_timeout_bounds_shutdown_when_a_client_never_reads,
 );
+
+per_model!(
+    sigterm_with_open_connections_drains_and_exits_0,
+    sigint_with_open_connections_drains_and_exits_0,
+    sigterm_when_idle_exits_0_with_zero_summary,
+    sigterm_echoes_backlogged_data_sent_before_the_signal,
+    drain_timeout_bounds_shutdown_when_a_client_never_reads,
+);

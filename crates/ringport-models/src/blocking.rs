@@ -1,34 +1,41 @@
 //! `blocking`: blocking sockets, a thread per connection.
 //!
-//! Each connection's thread runs the simplest echo there is: a blocking `read`, then `write`
+//! Each connection's thread runs the simplest echo there is: `read`, then a blocking `write`
 //! until all it read is out, again, until the peer closes. The kernel does the backpressure: a
 //! thread blocked in `write` reads nothing.
 //!
-//! The only wait that is not a plain blocking call is the acceptor's: it `poll`s the listener
-//! together with the [`Stop`]'s descriptor, since a thread blocked in `accept` cannot be told to
-//! stop. To stop, the acceptor shuts down the read side of every connection, which wakes a
-//! thread blocked in `read` with end-of-file; a thread that is writing finishes, and looks at
-//! the stop before it reads again. At the drain deadline it shuts down both sides of the
-//! connections still open, which fails their writes. Then it joins every thread.
+//! The waits for input are not plain blocking calls, since a thread blocked in `accept` or
+//! `read` cannot be told to stop. The acceptor `poll`s the listener together with the
+//! [`Stop`]'s descriptor. A connection's thread reads without waiting (`MSG_DONTWAIT`), so that
+//! while its peer keeps sending each read is one call, as in the plain blocking echo; only when
+//! there is nothing to read does it wait, in `poll` on its socket and the stop. (Waking a
+//! blocked `read` with `shutdown(Read)` instead would throw away what the peer had sent.)
+//!
+//! Once stopped, a thread goes on echoing until its connection is idle: all it read is sent,
+//! nothing is left to read (`FIONREAD` is 0), and no input came for [`DRAIN_QUIET`] (it waits
+//! for that in `poll` on its socket alone). Then it closes the connection with a FIN. The
+//! acceptor closes the listener and waits for the threads until the drain deadline, then shuts
+//! down both sides of the connections still open, which fails their writes and ends their
+//! reads. Then it joins every thread.
 //!
 //! The limit is threads: each costs a stack ([`STACK_SIZE`]) and a kernel task. A connection
 //! whose thread cannot be spawned is closed at once, counted in
 //! [`Stats::refused`](crate::Stats::refused), and reported by a rate-limited warning.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
 use crate::conn::{Acceptor, RateLimit};
 use crate::sys;
-use crate::{Config, Stats, Stop, READ_SIZE};
+use crate::{Config, Stats, Stop, DRAIN_QUIET, READ_SIZE};
 
 /// A connection thread's stack: the echo needs little, its buffer is on the heap.
 const STACK_SIZE: usize = 256 * 1024;
@@ -167,15 +174,25 @@ fn connection(id: u64, stream: Arc<TcpStream>, shared: &Shared) {
     drop(stream);
 }
 
-/// Echoes until the peer closes or the server stops.
+/// Echoes until the peer closes, or, once the server stops, until the connection is idle.
 fn echo(stream: &TcpStream, shared: &Shared) -> io::Result<()> {
     let mut buf = vec![0u8; READ_SIZE];
     let mut stream = stream;
-    // Stopping: finish the echo of what was read, read nothing more.
-    while !shared.stop.is_triggered() {
-        let n = match stream.read(&mut buf) {
+    loop {
+        let n = match sys::recv_nowait(stream, &mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !shared.stop.is_triggered() {
+                    wait_for_input(stream, Some(&shared.stop), None)?;
+                } else if !wait_for_input(stream, None, Some(DRAIN_QUIET))?
+                    && sys::unread(stream)? == 0
+                {
+                    // Stopping, everything read is echoed, and no more input came.
+                    return Ok(());
+                }
+                continue;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
@@ -192,19 +209,35 @@ fn echo(stream: &TcpStream, shared: &Shared) -> io::Result<()> {
             }
         }
     }
-    Ok(())
 }
 
-/// Wakes the readers, waits for the connections to finish until the drain deadline, then
-/// shuts down those still open.
+/// Blocks until `stream` has input (or an error, or end-of-file), the stop (if given) is
+/// triggered, or the timeout (if given) expires. Returns whether `stream` is ready.
+fn wait_for_input(
+    stream: &TcpStream,
+    stop: Option<&Stop>,
+    timeout: Option<Duration>,
+) -> io::Result<bool> {
+    let pollfd = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // A negative descriptor is ignored by `poll`.
+    let mut fds = [
+        pollfd(stream.as_raw_fd()),
+        pollfd(stop.map_or(-1, AsRawFd::as_raw_fd)),
+    ];
+    sys::poll(&mut fds, timeout)?;
+    Ok(fds[0].revents != 0)
+}
+
+/// Waits for the connections to finish until the drain deadline, then shuts down those still
+/// open. (The threads see the stop themselves.)
 fn drain(shared: &Shared, config: &Config) {
     let deadline = Instant::now() + config.drain_timeout;
     let mut conns = shared.conns();
     info!("blocking: stopping, draining {} connections", conns.len());
-    for stream in conns.values() {
-        // Wakes a thread blocked in `read` with end-of-file (Linux).
-        let _ = stream.shutdown(Shutdown::Read);
-    }
     while !conns.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {

@@ -14,6 +14,11 @@
 //!   again after the others had their turn".
 //! * While a connection has unsent bytes it does not read (backpressure): a peer that sends
 //!   without reading makes the server hold at most one read's worth ([`SCRATCH`]) for it.
+//! * Once the server stops ([`Conn::drain`]), a connection goes on reading and echoing until
+//!   it is idle: nothing left to send, nothing unread in the socket (`FIONREAD`), and no input
+//!   for [`DRAIN_QUIET`]. While it waits for that, [`Conn::quiet_until`] says until when; the
+//!   loop must then drive it again even if the kernel reported nothing, and [`Conn::drive`]
+//!   returns [`Step::Close`].
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -23,6 +28,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use crate::sys::{self, AcceptError};
+use crate::DRAIN_QUIET;
 
 /// The size of one read. One buffer of this size serves every connection of a loop; a
 /// connection holds bytes of its own only while the peer is not reading its echo.
@@ -37,7 +43,8 @@ pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// What a connection waits for after [`Conn::drive`].
 #[derive(Debug)]
 pub(crate) enum Step {
-    /// For the socket to become readable.
+    /// For the socket to become readable; while draining, at most until
+    /// [`Conn::quiet_until`].
     Read,
     /// For the socket to become writable (it has unsent bytes and reads nothing meanwhile).
     Write,
@@ -52,7 +59,8 @@ pub(crate) enum Step {
 pub(crate) enum Closing {
     /// The peer closed its side and everything it sent was echoed: close with a FIN.
     Peer,
-    /// The server is stopping and everything received was echoed: close with a FIN.
+    /// The server is stopping, and everything the peer had sent was read and echoed: close
+    /// with a FIN.
     Drained,
     /// The socket failed (reset, broken pipe, ...): just close it.
     Failed(io::Error),
@@ -69,8 +77,10 @@ pub(crate) struct Conn {
     /// What the kernel last said about the socket (see the module docs).
     pub(crate) readable: bool,
     pub(crate) writable: bool,
-    /// The server is stopping: finish sending, read nothing more.
+    /// The server is stopping: close as soon as the connection is idle.
     draining: bool,
+    /// Draining and idle: when to close unless input comes first.
+    quiet_until: Option<Instant>,
 }
 
 impl Conn {
@@ -86,6 +96,7 @@ impl Conn {
             readable: true,
             writable: true,
             draining: false,
+            quiet_until: None,
         }
     }
 
@@ -99,30 +110,58 @@ impl Conn {
         self.sent < self.unsent.len()
     }
 
-    /// Stops reading: from now on the connection only sends what it holds, then asks to be
-    /// closed ([`Closing::Drained`]).
+    /// The server is stopping: from now on the connection echoes what the peer has sent so
+    /// far, and asks to be closed ([`Closing::Drained`]) once it is idle (see the module docs).
     pub(crate) fn drain(&mut self) {
         self.draining = true;
     }
 
+    /// While draining, idle, and waiting for input (see the module docs): when to drive the
+    /// connection again, which then closes it unless input came.
+    pub(crate) fn quiet_until(&self) -> Option<Instant> {
+        self.quiet_until
+    }
+
     /// Echoes as much as the socket allows without blocking; adds the bytes sent to `bytes`.
     pub(crate) fn drive(&mut self, scratch: &mut [u8], bytes: &mut u64) -> Step {
-        for _ in 0..READS_PER_TURN {
+        let mut reads = 0;
+        loop {
             if let Some(step) = self.flush(bytes) {
                 return step;
             }
-            if self.draining {
-                return Step::Close(Closing::Drained);
+            // Nothing to send. When stopping, ask the kernel whether anything is left to read
+            // whenever the connection would wait or yield: `readable` only says "maybe".
+            if self.draining && (!self.readable || reads == READS_PER_TURN) {
+                match sys::unread(&self.stream) {
+                    Ok(0) => {
+                        // Idle; what the peer sent before the stop may still be on its way.
+                        let now = Instant::now();
+                        let until = *self.quiet_until.get_or_insert(now + DRAIN_QUIET);
+                        if now < until {
+                            return Step::Read;
+                        }
+                        return Step::Close(Closing::Drained);
+                    }
+                    Ok(_) => self.readable = true,
+                    Err(e) => return Step::Close(Closing::Failed(e)),
+                }
             }
             if !self.readable {
                 return Step::Read;
             }
+            if reads == READS_PER_TURN {
+                return Step::Yield;
+            }
+            reads += 1;
             let n = match (&self.stream).read(scratch) {
                 Ok(0) => return Step::Close(Closing::Peer),
-                Ok(n) => n,
+                Ok(n) => {
+                    self.quiet_until = None;
+                    n
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.readable = false;
-                    return Step::Read;
+                    continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Step::Close(Closing::Failed(e)),
@@ -141,10 +180,6 @@ impl Conn {
                 self.unsent.extend_from_slice(&scratch[sent..n]);
                 self.sent = 0;
             }
-        }
-        match self.flush(bytes) {
-            Some(step) => step,
-            None => Step::Yield,
         }
     }
 

@@ -106,7 +106,9 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
 
         let timeout = if ready.is_empty() {
             let paused = acceptor.as_ref().and_then(Acceptor::paused_until);
-            sys::until(now, [deadline, paused])
+            // While draining (only then: it is a scan), when the first quiet period ends.
+            let quiet = deadline.and_then(|_| conns.values().filter_map(Conn::quiet_until).min());
+            sys::until(now, [deadline, paused, quiet])
         } else {
             Some(Duration::ZERO)
         };
@@ -134,8 +136,24 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
             let Some(fd) = ready.pop_front() else { break };
             turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
         }
+        // While draining: the connections whose quiet period is over.
+        if deadline.is_some() {
+            for fd in quiet_over(&conns) {
+                turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
+            }
+        }
     }
     Ok(stats)
+}
+
+/// The draining connections whose quiet period is over: driven without an event, they close.
+fn quiet_over(conns: &HashMap<RawFd, Conn>) -> Vec<RawFd> {
+    let now = Instant::now();
+    conns
+        .iter()
+        .filter(|(_, c)| c.quiet_until().is_some_and(|t| t <= now))
+        .map(|(&fd, _)| fd)
+        .collect()
 }
 
 /// Drives the connection on `fd` (if it is still open): queues it if it yielded, closes it if

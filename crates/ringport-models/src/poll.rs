@@ -70,13 +70,18 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
             None => -1,
         };
         let paused = acceptor.as_ref().and_then(Acceptor::paused_until);
-        sys::poll(&mut fds, sys::until(now, [deadline, paused]))?;
+        // While draining (only then: it is a scan), when the first quiet period ends.
+        let quiet = deadline.and_then(|_| conns.iter().filter_map(Conn::quiet_until).min());
+        sys::poll(&mut fds, sys::until(now, [deadline, paused, quiet]))?;
 
-        // Connections first: a socket accepted this turn has no `revents` yet.
+        // Connections first: a socket accepted this turn has no `revents` yet. While draining,
+        // a connection whose quiet period is over is driven too (to be closed).
+        let now = Instant::now();
         let mut i = 0;
         while i < conns.len() {
             let revents = fds[CONNS + i].revents;
-            if revents == 0 {
+            let quiet_over = conns[i].quiet_until().is_some_and(|t| t <= now);
+            if revents == 0 && !quiet_over {
                 i += 1;
                 continue;
             }

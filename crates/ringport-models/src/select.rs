@@ -94,15 +94,23 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
             }
         }
         let paused = acceptor.as_ref().and_then(Acceptor::paused_until);
-        select(&mut read, &mut write, sys::until(now, [deadline, paused]))?;
+        // While draining (only then: it is a scan), when the first quiet period ends.
+        let quiet = deadline.and_then(|_| conns.iter().filter_map(Conn::quiet_until).min());
+        select(
+            &mut read,
+            &mut write,
+            sys::until(now, [deadline, paused, quiet]),
+        )?;
 
         // Connections first: closing them frees descriptor numbers for the accepts below, and
-        // a socket accepted this turn is not mistaken for one the sets speak about.
+        // a socket accepted this turn is not mistaken for one the sets speak about. While
+        // draining, a connection whose quiet period is over is driven too (to be closed).
+        let now = Instant::now();
         let mut i = 0;
         while i < conns.len() {
             let c = &mut conns[i];
             let (r, w) = (read.contains(c.fd()), write.contains(c.fd()));
-            if !(r || w) {
+            if !(r || w || c.quiet_until().is_some_and(|t| t <= now)) {
                 i += 1;
                 continue;
             }

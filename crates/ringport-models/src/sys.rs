@@ -103,6 +103,19 @@ pub(crate) fn until(
         .map(|d| d.saturating_duration_since(now))
 }
 
+/// How many bytes the kernel has received on `stream` that were not read yet (`FIONREAD`).
+///
+/// A stopping server asks this of a connection that went idle: `0` means everything the peer
+/// sent so far was read (and, once sent, echoed), so the connection can be closed without
+/// dropping input; more means input arrived after the read that found none.
+pub(crate) fn unread(stream: &TcpStream) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: `FIONREAD` writes one `c_int` through its pointer, which points to `n`, live and
+    // exclusively borrowed; `stream` keeps the descriptor open.
+    unsafe { syscall!(ioctl(stream.as_raw_fd(), libc::FIONREAD, &raw mut n))? };
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// Closes a connection with a FIN: [`finish`], then `close`.
 pub(crate) fn close_gracefully(stream: TcpStream) {
     finish(&stream);
@@ -117,20 +130,27 @@ pub(crate) fn finish(stream: &TcpStream) {
     let mut sink = [0u8; 4096];
     // Bounded: a peer that keeps sending gets its reset after 64 KiB.
     for _ in 0..16 {
-        // SAFETY: `sink` is a live, writable buffer of the length passed.
-        let res = unsafe {
-            syscall!(recv(
-                stream.as_raw_fd(),
-                sink.as_mut_ptr().cast(),
-                sink.len(),
-                libc::MSG_DONTWAIT
-            ))
-        };
-        match res {
+        match recv_nowait(stream, &mut sink) {
             Ok(n) if n > 0 => continue,
             _ => break,
         }
     }
+}
+
+/// One `recv` that does not wait (`MSG_DONTWAIT`), also on a blocking socket: `WouldBlock`
+/// when nothing is there to read. Like `read`, it may return `Interrupted`.
+pub(crate) fn recv_nowait(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a live, exclusively borrowed buffer of the length passed; `stream`
+    // keeps the descriptor open.
+    let n = unsafe {
+        syscall!(recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT
+        ))?
+    };
+    Ok(n as usize)
 }
 
 /// What an `accept` error means for the accepting loop.

@@ -11,6 +11,16 @@
 //! accept pause and the drain deadline are timeout requests: the thread only ever waits in
 //! `io_uring_enter`.
 //!
+//! The stop cancels the accept (its last completion closes the listener) and every pending
+//! receive: a connection waiting for input is idle. From then on every receive is linked to a
+//! timeout ([`DRAIN_QUIET`]): input the peer sent before the stop may still be on its way (see
+//! the crate docs). A receive cancelled by the stop, or an echo that is out, posts such a
+//! receive; when one is cancelled by its timeout, the connection is closed with a FIN unless
+//! `FIONREAD` says input came after all (then it gets another receive, which takes that input
+//! at once). So everything a peer sent before the stop is echoed, and input that arrived just
+//! as a receive was cancelled is not dropped. The drain deadline cancels whatever is still in
+//! flight.
+//!
 //! Memory safety rests on one rule: a buffer the kernel may use is neither touched nor freed.
 //! A connection leaves the table only when its operation has completed ([`Conn::op`] is
 //! `None`); to end one early it is cancelled, and its completion awaited. A buffer is a
@@ -30,7 +40,7 @@ use tracing::{debug, info, warn};
 
 use crate::conn::{RateLimit, ACCEPT_BACKOFF};
 use crate::sys::{self, AcceptError};
-use crate::{Config, Stats, Stop, READ_SIZE};
+use crate::{Config, Stats, Stop, DRAIN_QUIET, READ_SIZE};
 
 const STOP: u64 = u64::MAX;
 const ACCEPT: u64 = u64::MAX - 1;
@@ -38,6 +48,8 @@ const ACCEPT_RETRY: u64 = u64::MAX - 2;
 const DEADLINE: u64 = u64::MAX - 3;
 /// The completion of a cancel request itself (its target completes on its own).
 const CANCEL: u64 = u64::MAX - 4;
+/// The completion of a receive's linked timeout (the receive completes on its own).
+const QUIET: u64 = u64::MAX - 5;
 
 /// Submission queue entries (the completion queue gets twice as many).
 const ENTRIES: u32 = 256;
@@ -58,6 +70,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
         accept_warnings: RateLimit::new(),
         backoff: Box::new(timespec(ACCEPT_BACKOFF)),
         drain: Box::new(timespec(config.drain_timeout)),
+        quiet: Box::new(timespec(DRAIN_QUIET)),
     };
     server.run(stop)
 }
@@ -77,6 +90,8 @@ enum Accept {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Recv,
+    /// A receive while stopping, linked to a [`DRAIN_QUIET`] timeout.
+    QuietRecv,
     Send,
 }
 
@@ -106,6 +121,7 @@ struct Server {
     /// (boxed, at a fixed address) as long as the server.
     backoff: Box<types::Timespec>,
     drain: Box<types::Timespec>,
+    quiet: Box<types::Timespec>,
 }
 
 impl Server {
@@ -133,7 +149,7 @@ impl Server {
                     ACCEPT => self.on_accept(res, flags)?,
                     ACCEPT_RETRY => self.on_accept_retry()?,
                     DEADLINE => self.on_deadline()?,
-                    CANCEL => {}
+                    CANCEL | QUIET => {}
                     slot => self.on_conn(slot as usize, res)?,
                 }
             }
@@ -144,16 +160,17 @@ impl Server {
         Ok(self.stats)
     }
 
-    /// Queues an entry, submitting the queue first if it is full.
+    /// Queues entries, all together (a linked pair must not be split by a submission),
+    /// submitting the queue first if they do not fit.
     ///
     /// # Safety
     ///
-    /// Every buffer the entry points to stays valid, and is not used by anything else, until
+    /// Every buffer the entries point to stays valid, and is not used by anything else, until
     /// its completion has been reaped (for a timeout: until it has been submitted).
-    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+    unsafe fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
         loop {
-            // SAFETY: the caller's promise is the one `push` requires.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+            // SAFETY: the caller's promise is the one `push_multiple` requires.
+            if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
                 return Ok(());
             }
             self.ring.submit()?;
@@ -165,7 +182,7 @@ impl Server {
             .build()
             .user_data(CANCEL);
         // SAFETY: a cancel request points to no memory of ours.
-        unsafe { self.push(&cancel) }
+        unsafe { self.push(&[cancel]) }
     }
 
     fn arm_stop(&mut self, stop: &Stop) -> io::Result<()> {
@@ -173,7 +190,7 @@ impl Server {
             .build()
             .user_data(STOP);
         // SAFETY: a poll request points to no memory of ours.
-        unsafe { self.push(&poll) }
+        unsafe { self.push(&[poll]) }
     }
 
     fn arm_accept(&mut self) -> io::Result<()> {
@@ -185,7 +202,7 @@ impl Server {
             .build()
             .user_data(ACCEPT);
         // SAFETY: a multishot accept points to no memory of ours (no peer address).
-        unsafe { self.push(&accept)? };
+        unsafe { self.push(&[accept])? };
         self.accept = Accept::Armed;
         Ok(())
     }
@@ -213,9 +230,9 @@ impl Server {
             .build()
             .user_data(DEADLINE);
         // SAFETY: `self.drain` is boxed and lives as long as the server.
-        unsafe { self.push(&deadline)? };
-        // Receives are cancelled (a receive that completes with data anyway is echoed); sends
-        // go on until the deadline.
+        unsafe { self.push(&[deadline])? };
+        // Receives are cancelled: a connection waiting for input is idle (a receive that
+        // completes with data anyway is echoed). Sends go on until the deadline.
         for slot in 0..self.conns.len() {
             if self.conns[slot]
                 .as_ref()
@@ -271,7 +288,7 @@ impl Server {
                             .build()
                             .user_data(ACCEPT_RETRY);
                         // SAFETY: `self.backoff` is boxed and lives as long as the server.
-                        unsafe { self.push(&retry)? };
+                        unsafe { self.push(&[retry])? };
                         self.accept = Accept::Backoff;
                     }
                 }
@@ -323,6 +340,7 @@ impl Server {
         self.post_recv(slot)
     }
 
+    /// Posts a receive; while stopping, one that gives up after [`DRAIN_QUIET`].
     fn post_recv(&mut self, slot: usize) -> io::Result<()> {
         let c = self.conns[slot].as_mut().expect("a live slot");
         c.filled = 0;
@@ -334,10 +352,20 @@ impl Server {
         )
         .build()
         .user_data(slot as u64);
-        c.op = Some(Op::Recv);
-        // SAFETY: `c.buf` is a heap allocation owned by the connection, which stays in the
-        // table (and nothing touches the buffer) until this receive's completion clears `op`.
-        unsafe { self.push(&recv) }
+        if !self.stopping {
+            c.op = Some(Op::Recv);
+            // SAFETY: `c.buf` is a heap allocation owned by the connection, which stays in the
+            // table (and nothing touches the buffer) until this receive's completion clears
+            // `op`.
+            return unsafe { self.push(&[recv]) };
+        }
+        c.op = Some(Op::QuietRecv);
+        let timeout = opcode::LinkTimeout::new(&*self.quiet)
+            .build()
+            .user_data(QUIET);
+        // SAFETY: the receive's buffer as above; `self.quiet` is boxed and lives as long as
+        // the server.
+        unsafe { self.push(&[recv.flags(squeue::Flags::IO_LINK), timeout]) }
     }
 
     fn post_send(&mut self, slot: usize) -> io::Result<()> {
@@ -353,7 +381,7 @@ impl Server {
         .user_data(slot as u64);
         c.op = Some(Op::Send);
         // SAFETY: as for the receive: the buffer stays put, unchanged, until the completion.
-        unsafe { self.push(&send) }
+        unsafe { self.push(&[send]) }
     }
 
     fn on_conn(&mut self, slot: usize, res: i32) -> io::Result<()> {
@@ -364,7 +392,7 @@ impl Server {
         let op = c.op.take();
         let error = || io::Error::from_raw_os_error(-res);
         match op {
-            Some(Op::Recv) if res > 0 => {
+            Some(Op::Recv | Op::QuietRecv) if res > 0 => {
                 if self.deadline_passed {
                     self.close(slot, Some(error_unsent()));
                     return Ok(());
@@ -374,14 +402,13 @@ impl Server {
                 self.post_send(slot)
             }
             // The peer closed.
-            Some(Op::Recv) if res == 0 => {
+            Some(Op::Recv | Op::QuietRecv) if res == 0 => {
                 self.close(slot, None);
                 Ok(())
             }
-            // Cancelled by the stop: nothing was received.
-            Some(Op::Recv) if self.stopping && -res == libc::ECANCELED => {
-                self.close(slot, None);
-                Ok(())
+            // Cancelled by the stop, by its timeout, or by the deadline: nothing was received.
+            Some(recv @ (Op::Recv | Op::QuietRecv)) if self.stopping && -res == libc::ECANCELED => {
+                self.on_idle(slot, recv == Op::QuietRecv)
             }
             Some(Op::Send) if res > 0 => {
                 c.sent += res as usize;
@@ -393,8 +420,7 @@ impl Server {
                     }
                     self.post_send(slot)
                 } else if self.stopping {
-                    self.close(slot, None);
-                    Ok(())
+                    self.on_idle(slot, false)
                 } else {
                     self.post_recv(slot)
                 }
@@ -420,6 +446,24 @@ impl Server {
                 Ok(())
             }
         }
+    }
+
+    /// A connection of a stopping server has nothing in flight and nothing to send. Unless
+    /// it has `waited` for input in vain (its receive timed out), it gets a receive that
+    /// waits for [`DRAIN_QUIET`]; if it has, it is closed with a FIN, unless input came just
+    /// then (`FIONREAD`): another receive takes it.
+    fn on_idle(&mut self, slot: usize, waited: bool) -> io::Result<()> {
+        if !waited && !self.deadline_passed {
+            return self.post_recv(slot);
+        }
+        let c = self.conns[slot].as_ref().expect("a live slot");
+        match sys::unread(&c.stream) {
+            Ok(0) => self.close(slot, None),
+            Ok(_) if self.deadline_passed => self.close(slot, Some(error_unsent())),
+            Ok(_) => return self.post_recv(slot),
+            Err(e) => self.close(slot, Some(e)),
+        }
+        Ok(())
     }
 
     /// Closes a connection whose operation has completed: with a FIN unless it failed (a

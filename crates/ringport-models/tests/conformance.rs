@@ -193,7 +193,8 @@ mod cases {
         let payload = pattern(4 << 20, 9);
         let mut writer = stream.try_clone().expect("try_clone");
         let to_send = payload.clone();
-        // It may fail once the server closes: the server stops reading when it stops.
+        // It may fail: once stopped, the server closes as soon as it has caught up with this
+        // writer, which may still be writing then.
         let sender = thread::spawn(move || {
             let _ = writer.write_all(&to_send);
         });
@@ -223,6 +224,42 @@ mod cases {
             "{model}: stats count what was echoed"
         );
         sender.join().expect("writer thread");
+    }
+
+    pub fn stop_echoes_everything_sent_before_it(model: Model) {
+        let Some(server) = start(model) else { return };
+        let mut stream = server.connect();
+        round_trip(&mut stream, b"accepted?");
+        // Written without reading until the socket would block: at the stop the server holds
+        // echo it cannot send, and input it has not read yet (megabytes of it).
+        let written = fill(&stream, 5);
+        server.stop.trigger();
+        // All of it was sent before the stop, so all of it comes back, then a FIN.
+        stream.set_nonblocking(false).expect("blocking");
+        let (got, end) = read_until_end(&mut stream);
+        if let Err(e) = end {
+            panic!(
+                "{model}: the echo ended with `{e}`, not EOF, after {} of {} bytes",
+                got.len(),
+                written.len()
+            );
+        }
+        assert_eq!(
+            got.len(),
+            written.len(),
+            "{model}: echo length after the stop"
+        );
+        assert!(got == written, "{model}: the echo after the stop differs");
+        let stats = server.stop();
+        assert_eq!(
+            stats,
+            Stats {
+                connections: 1,
+                bytes: written.len() as u64 + 9,
+                refused: 0
+            },
+            "{model}"
+        );
     }
 
     pub fn drain_timeout_bounds_the_stop(model: Model) {
@@ -348,6 +385,10 @@ macro_rules! conformance {
                 #[test]
                 fn stop_finishes_the_echo() {
                     cases::stop_finishes_the_echo(MODEL);
+                }
+                #[test]
+                fn stop_echoes_everything_sent_before_it() {
+                    cases::stop_echoes_everything_sent_before_it(MODEL);
                 }
                 #[test]
                 fn drain_timeout_bounds_the_stop() {

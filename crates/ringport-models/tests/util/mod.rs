@@ -100,6 +100,7 @@ fn unsupported(model: Model) -> Option<String> {
                     io_uring::opcode::PollAdd::CODE,
                     io_uring::opcode::Timeout::CODE,
                     io_uring::opcode::AsyncCancel::CODE,
+                    io_uring::opcode::LinkTimeout::CODE,
                 ];
                 needed
                     .iter()
