@@ -38,7 +38,7 @@ const BATCH: usize = 64;
 /// After the drain timeout, how long to wait for the forced closes to complete.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
 /// Draining: how long a connection must stay quiet, with an empty socket, before its FIN.
-const DRAIN_QUIET: Duration = Duration::from_millis(50);
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
 /// Draining: how often connections are looked at again.
 const DRAIN_TICK: Duration = Duration::from_millis(20);
 /// At most one warning per this long about refused connections.

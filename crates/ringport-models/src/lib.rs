@@ -33,7 +33,7 @@
 //! * [`Stop::trigger`] stops the server gracefully: it stops accepting (closes the listener),
 //!   and goes on reading and echoing on every open connection until that connection is idle:
 //!   nothing left to send, nothing unread in its socket (`ioctl(FIONREAD)` is 0, asked whenever
-//!   the connection would wait for input), and no input for a short quiet period (50 ms, see
+//!   the connection would wait for input), and no input for a short quiet period (250 ms, see
 //!   below). So everything a peer sent before the stop comes back (backpressure still holds: a
 //!   connection with unsent bytes reads nothing). Then the connection is closed with a FIN
 //!   (`shutdown(Write)`, then `close`). Connections still busy after [`Config::drain_timeout`]
@@ -101,7 +101,7 @@ const READ_SIZE: usize = 8192;
 /// more input before it is closed: input the peer sent before the stop may still be on its way
 /// (see the crate docs). Far above the gaps measured on loopback, far below any drain timeout
 /// worth setting.
-const DRAIN_QUIET: Duration = Duration::from_millis(50);
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
 
 mod blocking;
 mod epoll;
