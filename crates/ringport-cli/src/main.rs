@@ -60,14 +60,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
 
-    /// Completion backend: auto (io_uring, or epoll where io_uring is refused), uring or epoll.
-    #[arg(
-        long,
-        value_name = "NAME",
-        default_value = "auto",
-        env = "RINGPORT_BACKEND"
-    )]
-    pub backend: ringport::Backend,
+    #[command(flatten)]
+    pub backend: BackendArg,
 
     /// I/O model: completion-port (ringport's port, N workers), or, to compare with the
     /// chapter's other models, one of blocking (thread per connection), select, sigio
@@ -112,6 +106,19 @@ pub struct ServeArgs {
     /// the remaining connections, in seconds (e.g. 5, 0.5).
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
     pub drain_timeout: Duration,
+}
+
+/// The `--backend` option, shared by `serve` and `client`.
+#[derive(Debug, Args)]
+pub struct BackendArg {
+    /// Completion backend: auto (io_uring, or epoll where io_uring is refused), uring or epoll.
+    #[arg(
+        long = "backend",
+        value_name = "NAME",
+        default_value = "auto",
+        env = "RINGPORT_BACKEND"
+    )]
+    pub get: ringport::Backend,
 }
 
 /// Options of `ringport client`.
@@ -161,14 +168,8 @@ pub struct ClientArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
 
-    /// Load mode: completion backend: auto, uring or epoll.
-    #[arg(
-        long,
-        value_name = "NAME",
-        default_value = "auto",
-        env = "RINGPORT_BACKEND"
-    )]
-    pub backend: ringport::Backend,
+    #[command(flatten)]
+    pub backend: BackendArg,
 
     /// Load mode: print the summary as one line of JSON.
     #[arg(long)]

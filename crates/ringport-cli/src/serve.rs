@@ -126,12 +126,12 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         .local_addr()
         .map_err(|e| format!("{}: {}", args.listen, describe(&e)))?;
     // Signals are caught from here on: none can kill the server once it says it listens.
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+    let signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let workers = args.workers.map_or(0, usize::from);
     let (port, workers) = Port::builder()
         .workers(workers)
-        .backend(args.backend)
+        .backend(args.backend.get)
         .recv_pool(BUFFER_SIZE, args.pool_buffers)
         .build::<Key, Io>()
         .map_err(|e| port_error(&e))?;
@@ -158,22 +158,11 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     );
 
     let signal_port = port.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut forever = signals.forever();
-            if let Some(sig) = forever.next() {
-                info!("signal {sig}: draining (stopped accepting; a second signal exits at once)");
-                for w in 0..signal_port.workers() {
-                    let _ = signal_port.post(w, Packet::new(Io::Drain));
-                }
-            }
-            if let Some(sig) = forever.next() {
-                eprintln!("ringport: signal {sig} during the drain: exiting now");
-                std::process::exit(130);
-            }
-        })
-        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    on_signals(signals, move || {
+        for w in 0..signal_port.workers() {
+            let _ = signal_port.post(w, Packet::new(Io::Drain));
+        }
+    })?;
 
     let totals = Arc::new(Totals::default());
     let mut threads = Vec::new();
@@ -235,24 +224,11 @@ fn run_model(
     let local = listener
         .local_addr()
         .map_err(|e| format!("{}: {}", args.listen, describe(&e)))?;
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+    let signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let stop = ringport_models::Stop::new().map_err(|e| format!("cannot start: {e}"))?;
     let trigger = stop.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut forever = signals.forever();
-            if let Some(sig) = forever.next() {
-                info!("signal {sig}: draining (stopped accepting; a second signal exits at once)");
-                trigger.trigger();
-            }
-            if let Some(sig) = forever.next() {
-                eprintln!("ringport: signal {sig} during the drain: exiting now");
-                std::process::exit(130);
-            }
-        })
-        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    on_signals(signals, move || trigger.trigger())?;
     info!("listening on {local} model={model} workers=1");
     let config = ringport_models::Config {
         drain_timeout: args.drain_timeout,
@@ -268,6 +244,28 @@ fn run_model(
     }
     println!("{summary}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `drain` on the first SIGINT/SIGTERM; a second one exits at once, with status 130.
+fn on_signals(
+    mut signals: signal_hook::iterator::Signals,
+    drain: impl FnOnce() + Send + 'static,
+) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut forever = signals.forever();
+            if let Some(sig) = forever.next() {
+                info!("signal {sig}: draining (stopped accepting; a second signal exits at once)");
+                drain();
+            }
+            if let Some(sig) = forever.next() {
+                eprintln!("ringport: signal {sig} during the drain: exiting now");
+                std::process::exit(130);
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the signal thread: {e}"))
 }
 
 /// Names why the port could not start, and what to do about it.

@@ -97,7 +97,7 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     };
     let (port, workers) = Port::builder()
         .workers(plan.workers)
-        .backend(args.backend)
+        .backend(args.backend.get)
         .build::<u32, Io>()
         .map_err(|e| crate::serve::port_error(&e))?;
     let start = Instant::now();
