@@ -132,6 +132,16 @@ mod tests {
         assert_eq!(f.check(OpKind::Accept), None);
     }
 
+    proptest::proptest! {
+        /// Any specification either parses or is refused with an error naming the variable.
+        #[test]
+        fn any_spec_parses_or_is_named(spec in "[a-zA-Z=/,0-9 ]{0,40}") {
+            if let Err(e) = Faults::parse(&spec) {
+                proptest::prop_assert!(e.to_string().contains(FAULTS_ENV));
+            }
+        }
+    }
+
     #[test]
     fn bad_rules_are_named() {
         for spec in [

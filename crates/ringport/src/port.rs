@@ -418,7 +418,7 @@ where
     /// Cancels one operation, from any thread. It still completes: with `ECANCELED`, or with
     /// its own result if it had already finished.
     pub fn cancel(&self, id: OpId) {
-        let worker = (id.0 >> ID_WORKER_SHIFT) as usize;
+        let worker = id_worker(id.0);
         if worker < self.shared.slots.len() {
             let _ = self.shared.send(worker, Remote::Cancel(id.0));
         }
@@ -571,7 +571,7 @@ where
 
     /// Cancels one operation; it still completes (with `ECANCELED` unless already finished).
     pub fn cancel(&mut self, id: OpId) {
-        let worker = (id.0 >> ID_WORKER_SHIFT) as usize;
+        let worker = id_worker(id.0);
         if worker == self.index {
             if self.inflight.contains_key(&id.0) {
                 self.driver.cancel(Cancel::Op(id.0));
@@ -841,11 +841,7 @@ struct Pending<K, D> {
 impl<K, D> Pending<K, D> {
     /// Turns the driver's raw result into the operation's result.
     fn result(&self, res: i32) -> io::Result<usize> {
-        match (self.kind, res) {
-            (OpKind::Timeout, r) if r == -libc::ETIME => Ok(0),
-            (_, r) if r < 0 => Err(errno(-r)),
-            (_, r) => Ok(r as usize),
-        }
+        decode_result(self.kind, res)
     }
 
     fn into_completion(self, mut result: io::Result<usize>) -> Completion<K, D> {
@@ -918,8 +914,7 @@ impl<K, D> Shared<K, D> {
     }
 
     fn next_id(&self, worker: usize) -> u64 {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed) & ((1 << ID_WORKER_SHIFT) - 1);
-        ((worker as u64) << ID_WORKER_SHIFT) | seq
+        pack_id(worker, self.next_seq.fetch_add(1, Ordering::Relaxed))
     }
 
     fn pending(
@@ -1019,6 +1014,25 @@ impl<K, D> Slot<K, D> {
     }
 }
 
+/// An operation id: the worker that runs it in the top bits, a sequence number below.
+fn pack_id(worker: usize, seq: u64) -> u64 {
+    ((worker as u64) << ID_WORKER_SHIFT) | (seq & ((1 << ID_WORKER_SHIFT) - 1))
+}
+
+/// The worker an operation id belongs to.
+fn id_worker(id: u64) -> usize {
+    (id >> ID_WORKER_SHIFT) as usize
+}
+
+/// A driver's result (bytes, or a negated errno) as the operation's result.
+fn decode_result(kind: OpKind, res: i32) -> io::Result<usize> {
+    match (kind, res) {
+        (OpKind::Timeout, r) if r == -libc::ETIME => Ok(0),
+        (_, r) if r < 0 => Err(errno(-r)),
+        (_, r) => Ok(r as usize),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves only a Vec behind, which is still consistent.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -1067,5 +1081,37 @@ impl Hasher for IdHasher {
 
     fn write_u64(&mut self, n: u64) {
         self.0 = n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The worker packed into an id comes back out, whatever the sequence number, and
+        /// different sequence numbers (below the wrap) give different ids.
+        #[test]
+        fn ids_carry_their_worker(worker in 0usize..(1 << 16), seq in any::<u64>(), other in any::<u64>()) {
+            let id = pack_id(worker, seq);
+            prop_assert_eq!(id_worker(id), worker);
+            let mask = (1u64 << ID_WORKER_SHIFT) - 1;
+            prop_assert_eq!(pack_id(worker, other) == id, other & mask == seq & mask);
+        }
+
+        /// Non-negative results are byte counts; negative ones are the errno, except a timeout's
+        /// expiry, which is its success.
+        #[test]
+        fn results_decode(res in any::<i32>(), timeout in any::<bool>()) {
+            let kind = if timeout { OpKind::Timeout } else { OpKind::Recv };
+            match decode_result(kind, res) {
+                Ok(n) => prop_assert!(res >= 0 && n == res as usize || timeout && res == -libc::ETIME && n == 0),
+                Err(e) => {
+                    prop_assert!(res < 0);
+                    prop_assert_eq!(e.raw_os_error(), Some(-res));
+                }
+            }
+        }
     }
 }
