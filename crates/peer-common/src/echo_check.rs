@@ -1,6 +1,5 @@
-//! The echo checks every peer server must pass: one file, included by each peer's `tests/echo.rs`
-//! (`peer-monoio` and `peer-compio` reach it with `#[path]`), so all three are held to literally
-//! the same code.
+//! The echo checks every peer server must pass, run by each peer's `tests/echo.rs` through
+//! [`echo_tests!`](crate::echo_tests), so all three are held to literally the same code.
 //!
 //! A [`Server`] is the peer binary on `127.0.0.1:0`, its address read from its `listening on ADDR`
 //! stderr line and the process killed when the `Server` drops. Every wait here is bounded by
@@ -334,4 +333,57 @@ pub fn check_bad_args(bin: &str) {
             "{bin} {args:?}: exit 2 without a message"
         );
     }
+}
+
+/// The echo suite of one peer binary, as `#[test]` functions in the calling test crate:
+///
+/// ```text
+/// peer_common::echo_tests! {
+///     bin: env!("CARGO_BIN_EXE_peer-tokio"),
+///     two_workers: echoes_on_50_concurrent_connections_with_2_workers,
+/// }
+/// ```
+///
+/// `two_workers` names the test that runs the server with `--workers 2` (what two workers are
+/// differs between the peers).
+#[macro_export]
+macro_rules! echo_tests {
+    (bin: $bin:expr, two_workers: $two_workers:ident $(,)?) => {
+        const BIN: &str = $bin;
+
+        #[test]
+        fn echoes_1_byte_64_kib_and_4_mib_exactly() {
+            let mut server = $crate::echo_check::Server::start(BIN, 1);
+            for len in [1, 64 << 10, 4 << 20] {
+                $crate::echo_check::check_payload(server.addr(), len);
+            }
+            server.assert_running();
+        }
+
+        #[test]
+        fn echoes_on_50_concurrent_connections() {
+            let mut server = $crate::echo_check::Server::start(BIN, 1);
+            $crate::echo_check::check_concurrent(server.addr(), 50, 8);
+            server.assert_running();
+        }
+
+        #[test]
+        fn $two_workers() {
+            let mut server = $crate::echo_check::Server::start(BIN, 2);
+            $crate::echo_check::check_concurrent(server.addr(), 50, 8);
+            server.assert_running();
+        }
+
+        #[test]
+        fn half_close_gets_everything_back_then_eof() {
+            let mut server = $crate::echo_check::Server::start(BIN, 1);
+            $crate::echo_check::check_half_close(server.addr());
+            server.assert_running();
+        }
+
+        #[test]
+        fn bad_arguments_exit_2() {
+            $crate::echo_check::check_bad_args(BIN);
+        }
+    };
 }

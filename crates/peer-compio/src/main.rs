@@ -12,13 +12,12 @@
 use std::io;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::mpsc;
-use std::thread;
 
 use compio::io::{AsyncRead, AsyncWriteExt};
 use compio::net::{TcpListener, TcpSocket, TcpStream};
 use compio::runtime::Runtime;
 use compio::BufResult;
+use peer_common::{Bound, Cli};
 
 /// Receive buffer per connection; the same size as `ringport serve`'s.
 const BUFFER_SIZE: usize = 8 * 1024;
@@ -30,133 +29,29 @@ const BACKLOG: i32 = 1024;
 
 const NAME: &str = "peer-compio";
 
-const USAGE: &str = "\
-usage: peer-compio [--listen ADDR] [--workers N]
-  --listen ADDR  address to listen on (default 127.0.0.1:5150; port 0 picks one)
-  --workers N    threads, each with a compio runtime and a SO_REUSEPORT listener (default 1)";
-
-/// The command line.
-struct Args {
-    listen: SocketAddr,
-    workers: usize,
-}
-
-/// Parses the arguments after the program name; `Ok(None)` asks for the usage text.
-fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Option<Args>, String> {
-    let mut parsed = Args {
-        listen: SocketAddr::from(([127, 0, 0, 1], 5150)),
-        workers: 1,
-    };
-    let args = args
-        .into_iter()
-        .map(|arg| {
-            arg.into_string()
-                .map_err(|arg| format!("argument {arg:?} is not UTF-8"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_owned(), Some(value.to_owned()))
-            }
-            _ => (arg, None),
-        };
-        if flag == "-h" || flag == "--help" {
-            return Ok(None);
-        }
-        if flag != "--listen" && flag != "--workers" {
-            return Err(format!("unknown argument '{flag}'"));
-        }
-        let value = match inline {
-            Some(value) => value,
-            None => args.next().ok_or_else(|| format!("{flag} needs a value"))?,
-        };
-        if flag == "--listen" {
-            parsed.listen = value.parse().map_err(|_| {
-                format!("--listen: '{value}' is not an address like 127.0.0.1:5150")
-            })?;
-        } else {
-            parsed.workers = match value.parse::<usize>() {
-                Ok(n) if n > 0 => n,
-                _ => return Err(format!("--workers: '{value}' is not a positive integer")),
-            };
-        }
-    }
-    Ok(Some(parsed))
-}
+const CLI: Cli = Cli {
+    name: NAME,
+    workers: "threads, each with a compio runtime and a SO_REUSEPORT listener",
+};
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args_os().skip(1)) {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(message) => {
-            eprintln!("{NAME}: {message}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    // Start the workers one at a time: each reports its bound address (or why it has none) before
-    // the next starts, so that with port 0 the first one picks the port and the rest join it.
-    let mut addr = args.listen;
-    let mut workers = Vec::with_capacity(args.workers);
-    for id in 0..args.workers {
-        let (bound_tx, bound_rx) = mpsc::channel();
-        let spawned = thread::Builder::new()
-            .name(format!("{NAME}-{id}"))
-            .spawn(move || worker(addr, bound_tx));
-        match spawned {
-            Ok(handle) => workers.push(handle),
-            Err(e) => {
-                eprintln!("{NAME}: cannot start worker thread {id}: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-        match bound_rx.recv() {
-            Ok(Ok(bound)) => addr = bound,
-            Ok(Err(e)) => {
-                eprintln!("{NAME}: worker {id}: {e}");
-                return ExitCode::FAILURE;
-            }
-            Err(mpsc::RecvError) => {
-                eprintln!("{NAME}: worker {id} died while starting");
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    eprintln!("listening on {addr}");
-    for handle in workers {
-        // Workers serve until the process is killed; one that returns has panicked (and said so).
-        let _ = handle.join();
-    }
-    ExitCode::FAILURE
+    peer_common::serve_thread_per_core(NAME, CLI.args(), |_id, addr, bound| worker(addr, bound))
 }
 
 /// One thread of the server: a runtime, a listener on `addr`, and its connections.
 ///
 /// Sends the listener's bound address, or the error that prevented it, on `bound`, then serves
 /// forever.
-fn worker(addr: SocketAddr, bound: mpsc::Sender<io::Result<SocketAddr>>) {
+fn worker(addr: SocketAddr, bound: Bound) {
     let runtime = match Runtime::new() {
         Ok(runtime) => runtime,
-        Err(e) => {
-            let message = format!("cannot start the compio runtime (io_uring): {e}");
-            let _ = bound.send(Err(io::Error::new(e.kind(), message)));
-            return;
-        }
+        Err(e) => return bound.fail("cannot start the compio runtime (io_uring)", e),
     };
     runtime.block_on(async move {
-        let listener = match bind(addr).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                let _ = bound.send(Err(io::Error::new(e.kind(), format!("{addr}: {e}"))));
-                return;
-            }
+        let listener = bind(addr).await;
+        let Some(listener) = bound.listening(addr, listener, TcpListener::local_addr) else {
+            return;
         };
-        let _ = bound.send(listener.local_addr());
-        drop(bound);
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {

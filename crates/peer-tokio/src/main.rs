@@ -9,6 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use peer_common::Cli;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -17,74 +18,13 @@ const BUFFER_SIZE: usize = 8 * 1024;
 
 const NAME: &str = "peer-tokio";
 
-const USAGE: &str = "\
-usage: peer-tokio [--listen ADDR] [--workers N]
-  --listen ADDR  address to listen on (default 127.0.0.1:5150; port 0 picks one)
-  --workers N    tokio worker threads (default 1)";
-
-/// The command line.
-struct Args {
-    listen: SocketAddr,
-    workers: usize,
-}
-
-/// Parses the arguments after the program name; `Ok(None)` asks for the usage text.
-fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Option<Args>, String> {
-    let mut parsed = Args {
-        listen: SocketAddr::from(([127, 0, 0, 1], 5150)),
-        workers: 1,
-    };
-    let args = args
-        .into_iter()
-        .map(|arg| {
-            arg.into_string()
-                .map_err(|arg| format!("argument {arg:?} is not UTF-8"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_owned(), Some(value.to_owned()))
-            }
-            _ => (arg, None),
-        };
-        if flag == "-h" || flag == "--help" {
-            return Ok(None);
-        }
-        if flag != "--listen" && flag != "--workers" {
-            return Err(format!("unknown argument '{flag}'"));
-        }
-        let value = match inline {
-            Some(value) => value,
-            None => args.next().ok_or_else(|| format!("{flag} needs a value"))?,
-        };
-        if flag == "--listen" {
-            parsed.listen = value.parse().map_err(|_| {
-                format!("--listen: '{value}' is not an address like 127.0.0.1:5150")
-            })?;
-        } else {
-            parsed.workers = match value.parse::<usize>() {
-                Ok(n) if n > 0 => n,
-                _ => return Err(format!("--workers: '{value}' is not a positive integer")),
-            };
-        }
-    }
-    Ok(Some(parsed))
-}
+const CLI: Cli = Cli {
+    name: NAME,
+    workers: "tokio worker threads",
+};
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args_os().skip(1)) {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(message) => {
-            eprintln!("{NAME}: {message}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = CLI.args();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.workers)
         .enable_io()

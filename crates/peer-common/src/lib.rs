@@ -1,0 +1,300 @@
+//! What the peer echo servers (`peer-tokio`, `peer-monoio`, `peer-compio`) share, so that each
+//! peer's `main.rs` holds only its runtime's serving code.
+//!
+//! - [`Cli`]: the command line every peer takes, `[--listen ADDR] [--workers N]`, with
+//!   [`parse_args`] behind it.
+//! - [`serve_thread_per_core`]: the startup of the thread-per-core peers, a thread per worker, each
+//!   with its own runtime and listener.
+//! - `echo_check` and `echo_tests!` (feature `testing`): the echo checks every peer's
+//!   `tests/echo.rs` runs, so that all three are held to literally the same code.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::process::{self, ExitCode};
+use std::sync::mpsc;
+use std::thread;
+
+#[cfg(feature = "testing")]
+pub mod echo_check;
+
+/// Where a peer listens without `--listen`.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1)),
+    5150,
+);
+
+/// A peer's command line, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Args {
+    /// `--listen ADDR`: the address to listen on (port 0 picks one); [`DEFAULT_LISTEN`] without it.
+    pub listen: SocketAddr,
+    /// `--workers N`: how many threads serve, at least 1; 1 without it.
+    pub workers: usize,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            listen: DEFAULT_LISTEN,
+            workers: 1,
+        }
+    }
+}
+
+/// Parses the arguments after the program name; `Ok(None)` asks for the usage text (`-h`,
+/// `--help`), `Err` is the message for a bad command line.
+///
+/// Flags take their value as the next argument or inline (`--workers=4`); a later one overrides
+/// an earlier one.
+pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, String> {
+    let mut parsed = Args::default();
+    let args = args
+        .into_iter()
+        .map(|arg| {
+            arg.into_string()
+                .map_err(|arg| format!("argument {arg:?} is not UTF-8"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
+            _ => (arg, None),
+        };
+        if flag == "-h" || flag == "--help" {
+            return Ok(None);
+        }
+        if flag != "--listen" && flag != "--workers" {
+            return Err(format!("unknown argument '{flag}'"));
+        }
+        let value = match inline {
+            Some(value) => value,
+            None => args.next().ok_or_else(|| format!("{flag} needs a value"))?,
+        };
+        if flag == "--listen" {
+            parsed.listen = value.parse().map_err(|_| {
+                format!("--listen: '{value}' is not an address like 127.0.0.1:5150")
+            })?;
+        } else {
+            parsed.workers = match value.parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => return Err(format!("--workers: '{value}' is not a positive integer")),
+            };
+        }
+    }
+    Ok(Some(parsed))
+}
+
+/// A peer's command-line interface: its name and what its `--workers` counts.
+#[derive(Debug, Clone, Copy)]
+pub struct Cli {
+    /// The program's name, which starts its messages, e.g. `peer-tokio`.
+    pub name: &'static str,
+    /// What `--workers N` sets, for the usage text, e.g. `tokio worker threads`.
+    pub workers: &'static str,
+}
+
+impl Cli {
+    /// The usage text, without a final newline.
+    pub fn usage(&self) -> String {
+        format!(
+            "usage: {} [--listen ADDR] [--workers N]\n  \
+             --listen ADDR  address to listen on (default {DEFAULT_LISTEN}; port 0 picks one)\n  \
+             --workers N    {} (default 1)",
+            self.name, self.workers
+        )
+    }
+
+    /// The process's command line, parsed; with `-h` or `--help`, prints the usage on stdout and
+    /// exits 0; when the command line is bad, [exits 2](Cli::usage_exit).
+    pub fn args(&self) -> Args {
+        match parse_args(std::env::args_os().skip(1)) {
+            Ok(Some(args)) => args,
+            Ok(None) => {
+                println!("{}", self.usage());
+                process::exit(0)
+            }
+            Err(message) => self.usage_exit(&message),
+        }
+    }
+
+    /// Prints `NAME: MESSAGE` and the usage on stderr, then exits with status 2.
+    pub fn usage_exit(&self, message: &str) -> ! {
+        eprintln!("{}: {message}\n{}", self.name, self.usage());
+        process::exit(2)
+    }
+}
+
+/// Where a thread-per-core worker reports, once, that it is listening (and on which address) or
+/// why it cannot: [`serve_thread_per_core`] waits for that before it starts the next worker.
+#[derive(Debug)]
+pub struct Bound(mpsc::Sender<io::Result<SocketAddr>>);
+
+impl Bound {
+    /// Reports that the worker cannot serve: `what: error`, of the error's kind.
+    pub fn fail(self, what: impl fmt::Display, error: io::Error) {
+        let error = io::Error::new(error.kind(), format!("{what}: {error}"));
+        // The receiver is gone only if the server is already failing; nothing to add then.
+        let _ = self.0.send(Err(error));
+    }
+
+    /// Reports the outcome of binding a listener to `addr`: on success the address it got (from
+    /// `local_addr`), and the listener comes back to be served; on failure the error, prefixed
+    /// with `addr`, and `None`.
+    pub fn listening<L>(
+        self,
+        addr: SocketAddr,
+        listener: io::Result<L>,
+        local_addr: impl FnOnce(&L) -> io::Result<SocketAddr>,
+    ) -> Option<L> {
+        match listener {
+            Ok(listener) => {
+                let _ = self.0.send(local_addr(&listener));
+                Some(listener)
+            }
+            Err(e) => {
+                self.fail(addr, e);
+                None
+            }
+        }
+    }
+}
+
+/// Runs a thread-per-core server: `workers` threads named `NAME-ID`, each running
+/// `worker(id, addr, bound)` with its own runtime and its own `SO_REUSEPORT` listener on `addr`.
+///
+/// The workers start one at a time: each reports its bound address (or the error that prevented
+/// it) through `bound` before the next starts, so that with port 0 the first one picks the port and the
+/// rest join it. Once all are listening, prints `listening on ADDR` on stderr and waits for them.
+///
+/// Workers serve until the process is killed, so this returns only on failure: a worker that could
+/// not start (said on stderr) or one that returned (panicked, and said so).
+pub fn serve_thread_per_core<W>(name: &str, args: Args, worker: W) -> ExitCode
+where
+    W: Fn(usize, SocketAddr, Bound) + Clone + Send + 'static,
+{
+    let mut addr = args.listen;
+    let mut workers = Vec::with_capacity(args.workers);
+    for id in 0..args.workers {
+        let (bound_tx, bound_rx) = mpsc::channel();
+        let worker = worker.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("{name}-{id}"))
+            .spawn(move || worker(id, addr, Bound(bound_tx)));
+        match spawned {
+            Ok(handle) => workers.push(handle),
+            Err(e) => {
+                eprintln!("{name}: cannot start worker thread {id}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        match bound_rx.recv() {
+            Ok(Ok(bound)) => addr = bound,
+            Ok(Err(e)) => {
+                eprintln!("{name}: worker {id}: {e}");
+                return ExitCode::FAILURE;
+            }
+            Err(mpsc::RecvError) => {
+                eprintln!("{name}: worker {id} died while starting");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    eprintln!("listening on {addr}");
+    for handle in workers {
+        // Workers serve until the process is killed; one that returns has panicked (and said so).
+        let _ = handle.join();
+    }
+    ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<Args>, String> {
+        parse_args(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn defaults() {
+        let args = parse(&[]).unwrap().unwrap();
+        assert_eq!(args.listen, "127.0.0.1:5150".parse().unwrap());
+        assert_eq!(args.workers, 1);
+    }
+
+    #[test]
+    fn values_separate_or_inline() {
+        let want = Args {
+            listen: "[::1]:0".parse().unwrap(),
+            workers: 4,
+        };
+        let separate = parse(&["--listen", "[::1]:0", "--workers", "4"]);
+        assert_eq!(separate, Ok(Some(want)));
+        assert_eq!(parse(&["--listen=[::1]:0", "--workers=4"]), Ok(Some(want)));
+        assert_eq!(
+            parse(&["--workers", "2", "--workers", "4"])
+                .unwrap()
+                .unwrap()
+                .workers,
+            4
+        );
+    }
+
+    #[test]
+    fn help_asks_for_usage() {
+        assert_eq!(parse(&["-h"]), Ok(None));
+        assert_eq!(parse(&["--workers", "2", "--help"]), Ok(None));
+    }
+
+    #[test]
+    fn bad_command_lines_say_why() {
+        let cases: [(&[&str], &str); 6] = [
+            (
+                &["--workers", "0"],
+                "--workers: '0' is not a positive integer",
+            ),
+            (
+                &["--workers=many"],
+                "--workers: 'many' is not a positive integer",
+            ),
+            (
+                &["--listen", "nowhere"],
+                "--listen: 'nowhere' is not an address like 127.0.0.1:5150",
+            ),
+            (&["--listen"], "--listen needs a value"),
+            (&["--no-such-flag"], "unknown argument '--no-such-flag'"),
+            (&["-w=2"], "unknown argument '-w=2'"),
+        ];
+        for (args, message) in cases {
+            assert_eq!(parse(args), Err(message.to_owned()), "{args:?}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn non_utf8_argument_is_an_error() {
+        use std::os::unix::ffi::OsStringExt;
+        let args = [OsString::from("--listen"), OsString::from_vec(vec![0xff])];
+        let err = parse_args(args).unwrap_err();
+        assert!(err.ends_with("is not UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn usage_names_the_peer_and_its_workers() {
+        let cli = Cli {
+            name: "peer-tokio",
+            workers: "tokio worker threads",
+        };
+        assert_eq!(
+            cli.usage(),
+            "usage: peer-tokio [--listen ADDR] [--workers N]
+  --listen ADDR  address to listen on (default 127.0.0.1:5150; port 0 picks one)
+  --workers N    tokio worker threads (default 1)"
+        );
+    }
+}
