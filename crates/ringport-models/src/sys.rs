@@ -45,7 +45,11 @@ pub(crate) fn accept(listener: RawFd, nonblocking: bool) -> io::Result<TcpStream
         ))?
     };
     // SAFETY: `accept4` returned a new descriptor that nothing else owns.
-    Ok(TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // Echoes go out at once, as in `ringport serve` (the comparison is of I/O models, not of
+    // Nagle's algorithm).
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// Creates an eventfd (close-on-exec, non-blocking) with a zero counter.

@@ -266,6 +266,7 @@ impl Server {
         if res >= 0 {
             // SAFETY: a successful accept completion is a new descriptor that nothing else owns.
             let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(res) });
+            let _ = stream.set_nodelay(true);
             if self.stopping {
                 // Accepted before the cancel took effect.
                 sys::close_gracefully(stream);
