@@ -9,7 +9,10 @@
 //!   It returns at once. The operation owns its buffer until it completes; the buffer comes
 //!   back in the [`Completion`], on success and on error alike, so a buffer the kernel may still
 //!   write is never reachable from safe code. Several operations may be outstanding on one
-//!   socket; they execute in the order posted.
+//!   socket; they execute in the order posted. (A short send leaves the rest of its buffer to
+//!   the caller: with several sends outstanding on one socket, the rest would follow the later
+//!   sends, so keep one send in flight per socket when the byte order matters, as
+//!   `ringport serve` does.)
 //! * Worker threads call [`Worker::dequeue`] (`GetQueuedCompletionStatus`) or
 //!   [`Worker::dequeue_batch`] with a timeout (`Some(ZERO)` polls, `None` waits forever) and get
 //!   the byte count or the errno, the key (via [`Completion::handle`]), and the per-I/O data. A
@@ -27,8 +30,9 @@
 //! # Threads
 //!
 //! A port has `n` workers (default: one per available core); give each [`Worker`] to a thread.
-//! Each worker owns one io_uring instance (or one epoll instance), since a ring's submission
-//! queue has a single issuer.
+//! Each worker owns one io_uring instance (or one epoll instance): a ring's submission queue
+//! wants a single issuer, and one ring per worker needs no lock. A [`Worker`] may move between
+//! threads, but is used by one at a time.
 //! Every [`Handle`] has a *home* worker, chosen when it is associated: the worker with the fewest
 //! live handles at that moment ([`Port::associate`]), or one you name
 //! ([`Port::associate_with`]). A listener's accepted connections are therefore spread evenly

@@ -28,6 +28,14 @@ unsafe impl Sync for Pool {}
 
 impl Pool {
     pub(crate) fn new(size: usize, count: u16) -> std::io::Result<Arc<Pool>> {
+        if count == 0 || count > 32768 || size > u32::MAX as usize {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "receive pool of {count} x {size} bytes: 1 to 32768 buffers of at most 4 GiB"
+                ),
+            ));
+        }
         let bytes = size.checked_mul(usize::from(count)).filter(|&b| b > 0);
         let layout = bytes
             .and_then(|b| Layout::from_size_align(b, 4096).ok())

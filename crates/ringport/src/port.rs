@@ -156,7 +156,8 @@ impl Builder {
     /// Gives each worker a receive pool of `buffers` buffers of `size` bytes, for
     /// [`Op::recv_pooled`]: the kernel takes a buffer from the pool only when data arrives, so
     /// a connection waiting for input holds none (on io_uring, a provided-buffer ring with a
-    /// multishot receive, Linux 6.0+). Without a pool, pooled receives fail with `EINVAL`.
+    /// multishot receive, Linux 6.0+). Without a pool, pooled receives fail with
+    /// `InvalidInput`; `buffers` must be 1 to 32768 (else [`Builder::build`] fails).
     pub fn recv_pool(mut self, size: usize, buffers: u16) -> Self {
         self.pool = Some((size, buffers));
         self
@@ -402,6 +403,29 @@ where
         Ok(id)
     }
 
+    /// Like [`Port::submit`], for an operation that completes many times, such as
+    /// [`Op::recv_pooled`] (see [`Worker::submit_multishot`]).
+    ///
+    /// # Errors
+    /// The target worker has been dropped; the operation and `data` are dropped unstarted.
+    pub fn submit_multishot(&self, op: Op<K>, data: D) -> io::Result<OpId>
+    where
+        D: Clone,
+    {
+        let worker = match &op.handle {
+            Some(h) => h.worker(),
+            None => self.shared.least_loaded(),
+        };
+        let pending = self
+            .shared
+            .pending(worker, op, data, Some(<D as Clone>::clone));
+        let id = OpId(pending.id);
+        self.shared
+            .send(worker, Remote::Op(pending))
+            .map_err(|_| shut_down_error())?;
+        Ok(id)
+    }
+
     /// Posts a custom packet to worker `worker % workers()`, from any thread: the
     /// `PostQueuedCompletionStatus` analog. It reaches the worker through its eventfd.
     ///
@@ -624,7 +648,8 @@ where
 
     /// Waits until `ready` holds at least one completion.
     fn fill(&mut self, timeout: Option<Duration>) -> Result<(), WaitError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long to represent waits forever.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             self.take_remote();
             if self.shared.shutdown.load(Ordering::Acquire) && !self.shutting_down {
@@ -654,10 +679,12 @@ where
     fn complete_events(&mut self) {
         for ev in self.events.drain(..) {
             let pooled = match (ev.bid, &self.pool) {
-                (Some(bid), Some(pool)) if ev.res > 0 => {
+                (Some(bid), Some(pool)) => {
                     // SAFETY: the driver reported that the kernel (or its recv) wrote `res`
                     // bytes into buffer `bid`, which left the kernel's ring with this event.
-                    Some(unsafe { pool.buf(bid, ev.res as usize) })
+                    let buf = unsafe { pool.buf(bid, ev.res.max(0) as usize) };
+                    // A buffer that came with no data goes straight back to the pool.
+                    (ev.res > 0).then_some(buf)
                 }
                 _ => None,
             };
@@ -737,9 +764,16 @@ where
                 .ready
                 .push_back(p.into_completion(Err(errno(libc::EBADF))));
         }
-        let Some(body) = p.body.as_deref_mut() else {
+        let Some(body) = p.body.as_mut().map(OpBox::get_mut) else {
             return self.ready.push_back(p.into_completion(Ok(0)));
         };
+        if matches!(body, OpBody::RecvPooled) && p.clone.is_none() {
+            let e = io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a pooled receive completes many times: post it with submit_multishot",
+            );
+            return self.ready.push_back(p.into_completion(Err(e)));
+        }
         if matches!(body, OpBody::RecvPooled) && self.pool.is_none() {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -806,7 +840,17 @@ impl<K, D> Drop for Worker<K, D> {
                 break;
             }
             for ev in self.events.drain(..) {
-                self.inflight.remove(&ev.id);
+                if let (Some(bid), Some(pool)) = (ev.bid, &self.pool) {
+                    // SAFETY: as in `complete_events`: the buffer left the kernel with this event.
+                    drop(unsafe { pool.buf(bid, 0) });
+                }
+                if !ev.more {
+                    if let Some(p) = self.inflight.remove(&ev.id) {
+                        // Dropping the completion also closes a connection accepted meanwhile.
+                        let result = p.result(ev.res);
+                        drop(p.into_completion(result));
+                    }
+                }
             }
         }
         if !self.inflight.is_empty() {
@@ -832,7 +876,7 @@ struct Pending<K, D> {
     id: u64,
     kind: OpKind,
     handle: Option<Handle<K>>,
-    body: Option<Box<OpBody>>,
+    body: Option<OpBox>,
     data: D,
     /// For multishot operations: how to give each intermediate completion its data.
     clone: Option<fn(&D) -> D>,
@@ -848,7 +892,7 @@ impl<K, D> Pending<K, D> {
         let mut buf = None;
         let mut pooled = None;
         let mut accepted = None;
-        match self.body.map(|b| *b) {
+        match self.body.map(OpBox::into_inner) {
             Some(OpBody::Recv(mut b)) => {
                 if let Ok(n) = result {
                     let n = n.min(b.capacity() - b.len());
@@ -881,6 +925,40 @@ impl<K, D> Pending<K, D> {
             accepted,
             more: false,
         }
+    }
+}
+
+/// An operation's body on the heap, held by a raw pointer so that moving the record (into the
+/// in-flight map, and within it when the map grows) never moves or re-borrows the memory the
+/// driver handed to the kernel.
+struct OpBox(std::ptr::NonNull<OpBody>);
+
+// SAFETY: an `OpBox` owns its `OpBody` like a `Box` does, and `OpBody` is `Send`.
+unsafe impl Send for OpBox {}
+
+impl OpBox {
+    fn new(body: OpBody) -> Self {
+        OpBox(std::ptr::NonNull::from(Box::leak(Box::new(body))))
+    }
+
+    fn get_mut(&mut self) -> &mut OpBody {
+        // SAFETY: the pointer came from `Box::leak` and is owned by `self`; the borrow is tied
+        // to `&mut self`.
+        unsafe { self.0.as_mut() }
+    }
+
+    fn into_inner(self) -> OpBody {
+        let ptr = self.0;
+        std::mem::forget(self);
+        // SAFETY: the pointer came from `Box::leak`; `self` was forgotten, so it is freed once.
+        *unsafe { Box::from_raw(ptr.as_ptr()) }
+    }
+}
+
+impl Drop for OpBox {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from `Box::leak` and is freed only here, once.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
     }
 }
 
@@ -928,7 +1006,7 @@ impl<K, D> Shared<K, D> {
             id: self.next_id(worker),
             kind: op.kind,
             handle: op.handle,
-            body: op.body.map(Box::new),
+            body: op.body.map(OpBox::new),
             data,
             clone,
         }

@@ -75,6 +75,10 @@ per_backend!(
     pooled_receive_completes_many_times_and_holds_no_buffer_while_idle,
     pooled_receive_ends_with_enobufs_when_the_pool_runs_dry,
     pooled_receive_without_a_pool_is_refused,
+    pooled_receive_posted_as_single_shot_is_refused,
+    wake_ups_are_not_lost_when_the_submission_queue_fills,
+    a_worker_moves_to_another_thread_after_use,
+    huge_timeouts_wait_instead_of_panicking,
 );
 
 #[test]
@@ -577,4 +581,93 @@ fn pooled_receive_without_a_pool_is_refused(b: Backend) {
         c.result.unwrap_err().kind(),
         std::io::ErrorKind::InvalidInput
     );
+}
+
+fn pooled_receive_posted_as_single_shot_is_refused(b: Backend) {
+    let (port, mut w) = pooled_worker(b, 64, 8);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, 0).unwrap();
+    w.submit(Op::recv_pooled(&h), 0);
+    let c = next(&mut w);
+    assert_eq!(
+        c.result.unwrap_err().kind(),
+        std::io::ErrorKind::InvalidInput
+    );
+    // Nothing was taken from the socket.
+    peer.write_all(b"kept").unwrap();
+    w.submit_multishot(Op::recv_pooled(&h), 1);
+    assert_eq!(next(&mut w).pooled.as_deref(), Some(&b"kept"[..]));
+}
+
+/// Many operations forwarded at once overflow a tiny submission queue while the worker takes
+/// them; the wake-up for work queued meanwhile must not be lost.
+fn wake_ups_are_not_lost_when_the_submission_queue_fills(b: Backend) {
+    let (port, mut workers) = Port::builder()
+        .workers(1)
+        .entries(8)
+        .backend(b)
+        .build::<(), u64>()
+        .unwrap();
+    let mut w = workers.pop().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || loop {
+        match w.dequeue(None) {
+            Ok(c) if c.kind == OpKind::Packet => tx.send(c.data).unwrap(),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    });
+    // Timers that stay in flight keep the small submission queue busy.
+    for round in 0..2000u64 {
+        for _ in 0..20 {
+            port.submit(Op::timeout(Duration::from_secs(3600)), 0)
+                .unwrap();
+        }
+        port.post(0, Packet::new(round)).unwrap();
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("round {round}: the posted packet was never dequeued"));
+        assert_eq!(got, round);
+    }
+    port.shutdown();
+    worker.join().unwrap();
+}
+
+fn a_worker_moves_to_another_thread_after_use(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    w.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
+    assert!(matches!(
+        w.dequeue(Some(Duration::ZERO)),
+        Err(WaitError::TimedOut)
+    ));
+    let t = std::thread::spawn(move || {
+        let c = w
+            .dequeue(WAIT)
+            .expect("the receive completes on the new thread");
+        (c.buf.unwrap(), w)
+    });
+    peer.write_all(b"moved").unwrap();
+    let (buf, w) = t.join().unwrap();
+    assert_eq!(buf, b"moved");
+    drop(w);
+}
+
+fn huge_timeouts_wait_instead_of_panicking(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    w.submit(Op::timeout(Duration::MAX), 1);
+    port.post(0, Packet::new(2)).unwrap();
+    let c = w.dequeue(Some(Duration::MAX)).unwrap();
+    assert_eq!(c.data, 2);
+}
+
+#[test]
+fn oversized_receive_pools_are_refused() {
+    let err = Port::builder()
+        .workers(1)
+        .recv_pool(64, 40000)
+        .build::<(), ()>()
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
 }

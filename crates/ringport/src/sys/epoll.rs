@@ -363,7 +363,10 @@ fn is_connected(fd: RawFd) -> bool {
 impl Driver for Epoll {
     fn start(&mut self, id: u64, target: Target, body: &mut OpBody) -> io::Result<()> {
         if let OpBody::Timeout(after, _) = body {
-            self.timers.push(Reverse((Instant::now() + *after, id)));
+            // A timeout too long to represent never fires.
+            if let Some(at) = Instant::now().checked_add(*after) {
+                self.timers.push(Reverse((at, id)));
+            }
             self.ops.insert(
                 id,
                 Waiting {
@@ -438,7 +441,7 @@ impl Driver for Epoll {
 
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {
         let now = Instant::now();
-        let mut deadline = timeout.map(|t| now + t);
+        let mut deadline = timeout.and_then(|t| now.checked_add(t));
         if let Some(t) = self.next_timer() {
             deadline = Some(deadline.map_or(t, |d| d.min(t)));
         }

@@ -62,6 +62,8 @@ impl BufRing {
 const WAKE: u64 = u64::MAX;
 /// `user_data` of internal cancel requests; their own CQEs are not reported.
 const CANCEL: u64 = u64::MAX - 1;
+/// `user_data` of the feature probe made when a ring is created.
+const PROBE: u64 = u64::MAX - 2;
 
 /// The opcodes this backend needs; checked once when a ring is created.
 const REQUIRED: [(u8, &str); 7] = [
@@ -76,9 +78,8 @@ const REQUIRED: [(u8, &str); 7] = [
 
 pub(crate) struct Uring {
     ring: IoUring,
-    /// Created disabled (single issuer): the first thread to use it enables it and becomes
-    /// its only submitter.
-    disabled: bool,
+    /// The wake-up read completed since the last wait: other threads queued work.
+    woken: bool,
     /// The eventfd that other threads write to wake this worker.
     wake_fd: RawFd,
     /// Target of the read on `wake_fd`; the kernel may write it while `wake_armed`.
@@ -105,43 +106,29 @@ impl Uring {
     /// `ENOSYS` on old kernels, `ENOMEM` under a low `RLIMIT_MEMLOCK`), or `Unsupported` when an
     /// opcode or feature this backend needs is missing.
     pub(crate) fn new(entries: u32, wake_fd: RawFd) -> io::Result<Self> {
-        // Fastest first: task work deferred to our own waits, on a ring only the worker's thread
-        // drives (it is created disabled and enabled by that thread on first use); then
-        // cooperative task work; then the plain ring.
+        // Cooperative task work (no interrupt of the worker for each completion), else the plain
+        // ring. Not SINGLE_ISSUER/DEFER_TASKRUN: they pin a ring to the first thread that
+        // submits, while a `Worker` may be moved between threads, and they measured no gain here
+        // (BENCHMARKS.md).
         let cq = entries.saturating_mul(8);
-        let (ring, deferred) = match IoUring::builder()
+        let mut ring = match IoUring::builder()
             .setup_cqsize(cq)
             .setup_clamp()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
+            .setup_coop_taskrun()
             .setup_taskrun_flag()
-            .setup_r_disabled()
             .build(entries)
         {
-            Ok(ring) => (ring, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let ring = match IoUring::builder()
-                    .setup_cqsize(cq)
-                    .setup_clamp()
-                    .setup_coop_taskrun()
-                    .setup_taskrun_flag()
-                    .build(entries)
-                {
-                    Ok(ring) => ring,
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
-                        .setup_cqsize(cq)
-                        .setup_clamp()
-                        .build(entries)?,
-                    Err(e) => return Err(e),
-                };
-                (ring, false)
-            }
+            Ok(ring) => ring,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
+                .setup_cqsize(cq)
+                .setup_clamp()
+                .build(entries)?,
             Err(e) => return Err(e),
         };
         if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_nodrop() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "io_uring lacks EXT_ARG or NODROP (Linux 5.11 or later is needed)",
+                "io_uring lacks EXT_ARG or NODROP (Linux 5.19 or later is needed)",
             ));
         }
         let mut probe = io_uring::Probe::new();
@@ -154,9 +141,10 @@ impl Uring {
                 ));
             }
         }
+        probe_cancel_any(&mut ring)?;
         Ok(Uring {
             ring,
-            disabled: deferred,
+            woken: false,
             wake_fd,
             wake_buf: Box::new(0),
             wake_armed: false,
@@ -167,21 +155,11 @@ impl Uring {
         })
     }
 
-    /// Enables a ring created disabled, from the thread that will drive it.
-    fn enable(&mut self) -> io::Result<()> {
-        if self.disabled {
-            self.ring.submitter().register_enable_rings()?;
-            self.disabled = false;
-        }
-        Ok(())
-    }
-
     /// Queues one SQE, making room first when the submission queue is full.
     ///
     /// # Safety
     /// Every pointer in `sqe` must stay valid until its CQE is reaped.
     unsafe fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
-        self.enable()?;
         loop {
             // SAFETY: the caller guarantees that what `sqe` points to outlives the operation.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
@@ -210,7 +188,8 @@ impl Uring {
             .build()
             .user_data(WAKE);
         // SAFETY: `wake_buf` is a heap allocation owned by `self`; while `wake_armed` is set,
-        // `Drop` leaks it instead of freeing it, and the eventfd outlives the worker.
+        // `Drop` leaks it instead of freeing it. (The kernel holds its own reference to the
+        // eventfd's file while the read is pending.)
         unsafe { self.push(&sqe)? };
         self.wake_armed = true;
         Ok(())
@@ -219,7 +198,12 @@ impl Uring {
     fn reap(&mut self, out: &mut Vec<Event>) {
         for cqe in self.ring.completion() {
             match cqe.user_data() {
-                WAKE => self.wake_armed = false,
+                WAKE => {
+                    // Remembered even when reaped while making room in the submission queue:
+                    // the next wait must not block, or the queued work would wait with it.
+                    self.wake_armed = false;
+                    self.woken = true;
+                }
                 CANCEL => {}
                 id => out.push(Event {
                     id,
@@ -229,6 +213,33 @@ impl Uring {
                 }),
             }
         }
+    }
+}
+
+/// Checks, on a new ring, that cancellation by "any" works (Linux 5.19): shutdown, close and
+/// drop rely on it. A ring with nothing in flight answers `ENOENT`.
+fn probe_cancel_any(ring: &mut IoUring) -> io::Result<()> {
+    let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+        .build()
+        .user_data(PROBE);
+    // SAFETY: a cancel request points at no memory.
+    unsafe { ring.submission().push(&sqe) }
+        .map_err(|_| io::Error::other("io_uring: no room for the cancel probe"))?;
+    ring.submit_and_wait(1)?;
+    let res = ring
+        .completion()
+        .find(|c| c.user_data() == PROBE)
+        .map_or(-libc::EINVAL, |c| c.result());
+    if res == -libc::ENOENT || res >= 0 {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "io_uring cannot cancel by \"any\" ({}); Linux 5.19 or later is needed",
+                io::Error::from_raw_os_error(-res)
+            ),
+        ))
     }
 }
 
@@ -286,13 +297,13 @@ impl Driver for Uring {
     }
 
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {
-        self.enable()?;
         self.arm_wake()?;
         if let Some(b) = &mut self.bufs {
             b.recycle();
         }
         out.append(&mut self.stash);
-        let ready = !out.is_empty() || !self.ring.completion().is_empty();
+        let ready = !out.is_empty() || self.woken || !self.ring.completion().is_empty();
+        self.woken = false;
         let res = match timeout {
             _ if ready => self.ring.submit(),
             Some(t) if t.is_zero() => self.ring.submit(),
@@ -313,17 +324,16 @@ impl Driver for Uring {
             },
         }
         self.reap(out);
-        if !self.wake_armed {
-            // Reset the eventfd's counter was done by the read itself; re-arm for the next post.
-            self.arm_wake()?;
-        }
+        // The read reset the eventfd's counter; re-arm it for the next post.
+        self.arm_wake()?;
+        self.woken = false;
         Ok(())
     }
 
     fn set_pool(&mut self, pool: Arc<Pool>) -> io::Result<()> {
-        // Registered while the ring may still be disabled: enabling it would make this thread,
-        // not the worker's, its single issuer.
-        let entries = pool.count().next_power_of_two().min(32768);
+        // `Pool::new` keeps the count within 1..=32768, the most a buffer ring holds.
+        let entries = u16::try_from(u32::from(pool.count()).next_power_of_two())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "receive pool too large"))?;
         let bytes = usize::from(entries) * std::mem::size_of::<types::BufRingEntry>();
         let layout = Layout::from_size_align(bytes, 4096)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
