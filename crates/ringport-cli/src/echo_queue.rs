@@ -65,6 +65,12 @@ impl<B: Deref<Target = [u8]>> EchoQueue<B> {
         self.pending
     }
 
+    /// Buffers held: queued plus the one in flight. Each holds a whole pool buffer however few
+    /// bytes it carries, so this, not [`EchoQueue::pending`], is what bounds memory.
+    pub fn held(&self) -> usize {
+        self.queue.len() + usize::from(self.sending)
+    }
+
     /// Whether nothing is queued or in flight.
     pub fn is_idle(&self) -> bool {
         !self.sending && self.queue.is_empty()
@@ -122,6 +128,7 @@ mod tests {
                 let partly_out = in_flight.as_ref().map_or(0, |(_, off)| *off);
                 prop_assert_eq!(q.pending(), received - wire.len() + partly_out);
                 prop_assert_eq!(q.is_idle(), in_flight.is_none() && q.pending() == 0);
+                prop_assert_eq!(q.held() == 0, q.is_idle());
                 step += 1;
             }
             prop_assert!(q.is_idle());

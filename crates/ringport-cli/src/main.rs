@@ -80,8 +80,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_connections: usize,
 
-    /// Echo bytes a connection may have waiting to be sent before the server stops reading
-    /// from it (a peer that sends without reading cannot make the server buffer more).
+    /// Receive-buffer space a connection may hold with echo waiting to be sent (counted in whole
+    /// 8 KiB buffers, at most an eighth of --pool-buffers) before the server stops reading from
+    /// it: a peer that sends without reading cannot make the server buffer more.
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024,
           value_parser = clap::value_parser!(usize))]
     pub conn_buffer: usize,

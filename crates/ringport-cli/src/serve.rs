@@ -142,7 +142,12 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         drain_timeout: args.drain_timeout,
         idle_timeout: args.idle_timeout.filter(|d| !d.is_zero()),
         max_connections: args.max_connections,
-        conn_buffer: args.conn_buffer.max(1),
+        // A connection may hold at most an eighth of its worker's pool, however small the
+        // segments its peer sends (each takes a whole buffer).
+        conn_buffer: args
+            .conn_buffer
+            .min(usize::from(args.pool_buffers) * BUFFER_SIZE / 8)
+            .max(BUFFER_SIZE),
     };
     let udp = if args.udp {
         let bound = crate::udp::start(local, args.udp_rate)
@@ -311,6 +316,8 @@ struct Server {
     accept_failing: bool,
     /// Refusals since the last warning, and when that was.
     refusals: (u64, Option<Instant>),
+    /// The idle-timeout sweep's pending timer.
+    sweep: Option<OpId>,
 }
 
 impl Server {
@@ -337,6 +344,7 @@ impl Server {
             bytes: 0,
             accept_failing: false,
             refusals: (0, None),
+            sweep: None,
         }
     }
 
@@ -569,7 +577,7 @@ impl Server {
                 if let Some(buf) = c.pooled.and_then(|b| conn.out.push(b)) {
                     self.send(&conn, buf, 0);
                 }
-                if conn.out.pending() >= self.limits.conn_buffer && !conn.paused {
+                if self.held_bytes(&conn) >= self.limits.conn_buffer && !conn.paused {
                     // The peer is not reading: stop receiving until the echo drains.
                     conn.paused = true;
                     if let Some(op) = conn.recv {
@@ -583,8 +591,14 @@ impl Server {
             }
             Ok(_) => conn.eof = true,
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                // The pool ran dry: re-armed when buffers come back.
-                self.starved.push(id);
+                // The pool ran dry: re-armed when buffers come back (a paused connection once
+                // its echo has drained, by `sent`).
+                if conn.paused && self.held_bytes(&conn) <= self.limits.conn_buffer / 2 {
+                    conn.paused = false;
+                }
+                if !conn.paused {
+                    self.starved.push(id);
+                }
                 return self.keep(id, conn);
             }
             Err(_) if c.is_cancelled() => self.maybe_resume(&mut conn),
@@ -677,9 +691,17 @@ impl Server {
         self.settle(id, conn);
     }
 
+    /// Pool memory the connection holds (whole buffers, however little each carries).
+    fn held_bytes(&self, conn: &Conn) -> usize {
+        conn.out.held() * BUFFER_SIZE
+    }
+
     /// Re-arms a paused receive once the echo has drained to half the bound.
     fn maybe_resume(&mut self, conn: &mut Conn) {
-        if conn.paused && conn.recv.is_none() && conn.out.pending() <= self.limits.conn_buffer / 2 {
+        if conn.paused
+            && conn.recv.is_none()
+            && self.held_bytes(conn) <= self.limits.conn_buffer / 2
+        {
             conn.paused = false;
             if !conn.eof {
                 self.arm(conn);
@@ -717,7 +739,10 @@ impl Server {
         if self.deadline.is_some() {
             return;
         }
-        self.deadline = Some(Instant::now() + self.limits.drain_timeout);
+        self.deadline = Some(far(self.limits.drain_timeout));
+        if let Some(op) = self.sweep.take() {
+            self.worker.cancel(op);
+        }
         if let Some(l) = self.listener.take() {
             self.worker.submit(Op::close(&l), Io::Close);
         }
@@ -744,8 +769,10 @@ impl Server {
             }
         }
         if self.deadline.is_none() {
-            self.worker
-                .submit(Op::timeout(sweep_period(idle)), Io::Sweep);
+            self.sweep = Some(
+                self.worker
+                    .submit(Op::timeout(sweep_period(idle)), Io::Sweep),
+            );
         }
     }
 
@@ -767,12 +794,22 @@ impl Server {
     }
 
     fn close_conn(&mut self, id: u64, conn: Conn, why: &str) {
-        debug!("closing socket {id} ({why})");
+        match conn.out.pending() {
+            0 => debug!("closing socket {id} ({why})"),
+            n => debug!("closing socket {id} ({why}), {n} bytes not echoed"),
+        }
         // FIN now, after everything already echoed, even if input is still unread.
         let _ = socket2::SockRef::from(&conn.handle).shutdown(Shutdown::Write);
         self.worker.submit(Op::close(&conn.handle), Io::Close);
         self.totals.live.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Now plus `d`, or a year from now when `d` is too long to add.
+fn far(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// How often idle connections are looked for: a quarter of the timeout, at least every 10 ms.

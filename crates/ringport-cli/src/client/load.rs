@@ -78,8 +78,17 @@ struct Tally {
 
 pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     let connections = args.connections.unwrap_or(1);
+    let size = args.size.unwrap_or(64) as usize;
+    let pipeline = u64::from(args.pipeline.unwrap_or(1));
+    // One send carries up to `pipeline` messages: keep that buffer reasonable.
+    if (size as u64).saturating_mul(pipeline) > 1 << 30 {
+        return Err(format!(
+            "--size {size} x --pipeline {pipeline}: more than 1 GiB in flight per connection"
+        ));
+    }
     let until = match (args.messages, args.duration) {
-        (_, Some(d)) => Until::Deadline(Instant::now() + d),
+        // Counted from the start of the load, below.
+        (_, Some(_)) => Until::Deadline(Instant::now()),
         (Some(m), None) => Until::Messages(m),
         (None, None) => Until::Messages(1000),
     };
@@ -90,8 +99,8 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     let mut plan = Plan {
         addr: args.connect,
         connections,
-        size: args.size.unwrap_or(64) as usize,
-        pipeline: u64::from(args.pipeline.unwrap_or(1)),
+        size,
+        pipeline,
         until,
         workers: workers.min(connections as usize).max(1),
     };
@@ -101,9 +110,12 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         .build::<u32, Io>()
         .map_err(|e| crate::serve::port_error(&e))?;
     let start = Instant::now();
-    if let Until::Deadline(d) = plan.until {
-        // Count the duration from here, after setup.
-        plan.until = Until::Deadline(start + d.saturating_duration_since(start));
+    if let Some(d) = args.duration {
+        // Counted from here, after setup; a duration too long to add runs for a year.
+        let end = start
+            .checked_add(d)
+            .unwrap_or_else(|| start + Duration::from_secs(365 * 24 * 3600));
+        plan.until = Until::Deadline(end);
     }
     let threads: Vec<_> = workers
         .into_iter()
@@ -378,7 +390,7 @@ impl Client {
         };
         let size = self.plan.size as u64;
         let done = match self.plan.until {
-            Until::Messages(m) => conn.received >= m * size,
+            Until::Messages(m) => conn.received >= m.saturating_mul(size),
             Until::Deadline(d) => {
                 Instant::now() >= d && conn.received >= conn.sent_msgs * size && !conn.sending
             }
