@@ -1,5 +1,7 @@
 //! What the four readiness models (`select`, `sigio`, `poll`, `epoll`) share: the echo state of
-//! one non-blocking connection, the accepting half, and a rate limit for warnings.
+//! one non-blocking connection, the accepting half, a rate limit for warnings, and the
+//! bookkeeping of the two edge-triggered loops (`epoll`, `sigio`): [`turn`],
+//! [`drain_all`], [`wait_timeout`] and [`turn_pending`].
 //!
 //! The contract between a readiness loop and a [`Conn`]:
 //!
@@ -20,6 +22,7 @@
 //!   loop must then drive it again even if the kernel reported nothing, and [`Conn::drive`]
 //!   returns [`Step::Close`].
 
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
@@ -28,7 +31,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use crate::sys::{self, AcceptError};
-use crate::DRAIN_QUIET;
+use crate::{Stats, DRAIN_QUIET};
 
 /// The size of one read. One buffer of this size serves every connection of a loop; a
 /// connection holds bytes of its own only while the peer is not reading its echo.
@@ -360,4 +363,91 @@ impl RateLimit {
         self.next = Some(now + Self::INTERVAL);
         Some(std::mem::take(&mut self.suppressed))
     }
+}
+
+/// Edge-triggered loops (`epoll`, `sigio`): drives the connection on `fd` (if it is still
+/// open): queues it on `ready` if it yielded, closes it if it is done.
+pub(crate) fn turn(
+    conns: &mut HashMap<RawFd, Conn>,
+    ready: &mut VecDeque<RawFd>,
+    fd: RawFd,
+    scratch: &mut [u8],
+    stats: &mut Stats,
+) {
+    let Some(c) = conns.get_mut(&fd) else { return };
+    match c.drive(scratch, &mut stats.bytes) {
+        Step::Read | Step::Write => {}
+        Step::Yield => ready.push_back(fd),
+        Step::Close(why) => {
+            if let Some(c) = conns.remove(&fd) {
+                c.close(why);
+            }
+        }
+    }
+}
+
+/// Edge-triggered loops, once the server stops: tells every connection to drain, and drives
+/// it once (see [`turn`]).
+pub(crate) fn drain_all(
+    conns: &mut HashMap<RawFd, Conn>,
+    ready: &mut VecDeque<RawFd>,
+    scratch: &mut [u8],
+    stats: &mut Stats,
+) {
+    let fds: Vec<RawFd> = conns.keys().copied().collect();
+    for fd in fds {
+        if let Some(c) = conns.get_mut(&fd) {
+            c.drain();
+        }
+        turn(conns, ready, fd, scratch, stats);
+    }
+}
+
+/// Edge-triggered loops: how long the next wait may last (`None`: no limit). No wait at all
+/// while connections are queued on `ready`; otherwise until the drain `deadline`, the end of an
+/// accept pause, or (while draining: only then, since it is a scan) the first quiet period.
+pub(crate) fn wait_timeout(
+    now: Instant,
+    conns: &HashMap<RawFd, Conn>,
+    ready: &VecDeque<RawFd>,
+    acceptor: Option<&Acceptor>,
+    deadline: Option<Instant>,
+) -> Option<Duration> {
+    if !ready.is_empty() {
+        return Some(Duration::ZERO);
+    }
+    let paused = acceptor.and_then(Acceptor::paused_until);
+    let quiet = deadline.and_then(|_| conns.values().filter_map(Conn::quiet_until).min());
+    sys::until(now, [deadline, paused, quiet])
+}
+
+/// Edge-triggered loops, after a wait: drives the connections that were on `ready` before it
+/// (not those queued again meanwhile), then, while `draining`, those whose quiet period is
+/// over (driven without an event, they close).
+pub(crate) fn turn_pending(
+    conns: &mut HashMap<RawFd, Conn>,
+    ready: &mut VecDeque<RawFd>,
+    draining: bool,
+    scratch: &mut [u8],
+    stats: &mut Stats,
+) {
+    for _ in 0..ready.len() {
+        let Some(fd) = ready.pop_front() else { break };
+        turn(conns, ready, fd, scratch, stats);
+    }
+    if draining {
+        for fd in quiet_over(conns) {
+            turn(conns, ready, fd, scratch, stats);
+        }
+    }
+}
+
+/// The draining connections whose quiet period is over.
+fn quiet_over(conns: &HashMap<RawFd, Conn>) -> Vec<RawFd> {
+    let now = Instant::now();
+    conns
+        .iter()
+        .filter(|(_, c)| c.quiet_until().is_some_and(|t| t <= now))
+        .map(|(&fd, _)| fd)
+        .collect()
 }

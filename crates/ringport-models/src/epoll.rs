@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::conn::{Acceptor, Conn, Step, SCRATCH};
+use crate::conn::{drain_all, turn, turn_pending, wait_timeout, Acceptor, Conn, SCRATCH};
 use crate::sys::{self, syscall};
 use crate::{Config, Stats, Stop};
 
@@ -66,13 +66,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
                 // Removed explicitly: closing it would not, were the listener duplicated.
                 epoll.delete(a.fd())?;
             }
-            let fds: Vec<RawFd> = conns.keys().copied().collect();
-            for fd in fds {
-                if let Some(c) = conns.get_mut(&fd) {
-                    c.drain();
-                }
-                turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
-            }
+            drain_all(&mut conns, &mut ready, &mut scratch, &mut stats);
         }
         if let Some(deadline) = deadline {
             if conns.is_empty() {
@@ -104,14 +98,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
             }
         }
 
-        let timeout = if ready.is_empty() {
-            let paused = acceptor.as_ref().and_then(Acceptor::paused_until);
-            // While draining (only then: it is a scan), when the first quiet period ends.
-            let quiet = deadline.and_then(|_| conns.values().filter_map(Conn::quiet_until).min());
-            sys::until(now, [deadline, paused, quiet])
-        } else {
-            Some(Duration::ZERO)
-        };
+        let timeout = wait_timeout(now, &conns, &ready, acceptor.as_ref(), deadline);
         epoll.wait(&mut events, timeout)?;
 
         for event in &events {
@@ -131,50 +118,18 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
                 }
             }
         }
-        // The connections that yielded before this wait (not those queued just now).
-        for _ in 0..ready.len() {
-            let Some(fd) = ready.pop_front() else { break };
-            turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
-        }
-        // While draining: the connections whose quiet period is over.
-        if deadline.is_some() {
-            for fd in quiet_over(&conns) {
-                turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
-            }
-        }
+        // The connections that yielded before this wait (not those queued just now), then,
+        // while draining, those whose quiet period is over. (Closing a connection's descriptor
+        // also removes it from the epoll set.)
+        turn_pending(
+            &mut conns,
+            &mut ready,
+            deadline.is_some(),
+            &mut scratch,
+            &mut stats,
+        );
     }
     Ok(stats)
-}
-
-/// The draining connections whose quiet period is over: driven without an event, they close.
-fn quiet_over(conns: &HashMap<RawFd, Conn>) -> Vec<RawFd> {
-    let now = Instant::now();
-    conns
-        .iter()
-        .filter(|(_, c)| c.quiet_until().is_some_and(|t| t <= now))
-        .map(|(&fd, _)| fd)
-        .collect()
-}
-
-/// Drives the connection on `fd` (if it is still open): queues it if it yielded, closes it if
-/// it is done. Closing the descriptor also removes it from the epoll set.
-fn turn(
-    conns: &mut HashMap<RawFd, Conn>,
-    ready: &mut VecDeque<RawFd>,
-    fd: RawFd,
-    scratch: &mut [u8],
-    stats: &mut Stats,
-) {
-    let Some(c) = conns.get_mut(&fd) else { return };
-    match c.drive(scratch, &mut stats.bytes) {
-        Step::Read | Step::Write => {}
-        Step::Yield => ready.push_back(fd),
-        Step::Close(why) => {
-            if let Some(c) = conns.remove(&fd) {
-                c.close(why);
-            }
-        }
-    }
 }
 
 /// An epoll instance.

@@ -48,7 +48,9 @@ use std::time::{Duration, Instant};
 use libc::c_int;
 use tracing::{info, warn};
 
-use crate::conn::{Acceptor, Conn, RateLimit, Step, SCRATCH};
+use crate::conn::{
+    drain_all, turn, turn_pending, wait_timeout, Acceptor, Conn, RateLimit, SCRATCH,
+};
 use crate::sys::{self, syscall};
 use crate::{Config, Stats, Stop};
 
@@ -105,13 +107,7 @@ fn run(
             info!("sigio: stopping, draining {} connections", conns.len());
             deadline = Some(now + config.drain_timeout);
             acceptor = None;
-            let fds: Vec<RawFd> = conns.keys().copied().collect();
-            for fd in fds {
-                if let Some(c) = conns.get_mut(&fd) {
-                    c.drain();
-                }
-                turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
-            }
+            drain_all(&mut conns, &mut ready, &mut scratch, &mut stats);
         }
         if let Some(deadline) = deadline {
             if conns.is_empty() {
@@ -141,14 +137,7 @@ fn run(
             }
         }
 
-        let timeout = if ready.is_empty() {
-            let paused = acceptor.as_ref().and_then(Acceptor::paused_until);
-            // While draining (only then: it is a scan), when the first quiet period ends.
-            let quiet = deadline.and_then(|_| conns.values().filter_map(Conn::quiet_until).min());
-            sys::until(now, [deadline, paused, quiet])
-        } else {
-            Some(Duration::ZERO)
-        };
+        let timeout = wait_timeout(now, &conns, &ready, acceptor.as_ref(), deadline);
         match signals.wait(timeout)? {
             // Timed out, woken by the stop (the top of the loop sees it), or a stray signal.
             None | Some(Signal::Other) => {}
@@ -180,50 +169,17 @@ fn run(
                 }
             }
         }
-        // The connections queued before this wait, or by an overflow.
-        for _ in 0..ready.len() {
-            let Some(fd) = ready.pop_front() else { break };
-            turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
-        }
-        // While draining: the connections whose quiet period is over.
-        if deadline.is_some() {
-            for fd in quiet_over(&conns) {
-                turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
-            }
-        }
+        // The connections queued before this wait, or by an overflow, then, while draining,
+        // those whose quiet period is over.
+        turn_pending(
+            &mut conns,
+            &mut ready,
+            deadline.is_some(),
+            &mut scratch,
+            &mut stats,
+        );
     }
     Ok(stats)
-}
-
-/// The draining connections whose quiet period is over: driven without an event, they close.
-fn quiet_over(conns: &HashMap<RawFd, Conn>) -> Vec<RawFd> {
-    let now = Instant::now();
-    conns
-        .iter()
-        .filter(|(_, c)| c.quiet_until().is_some_and(|t| t <= now))
-        .map(|(&fd, _)| fd)
-        .collect()
-}
-
-/// Drives the connection on `fd` (if it is still open): queues it if it yielded, closes it if
-/// it is done.
-fn turn(
-    conns: &mut HashMap<RawFd, Conn>,
-    ready: &mut VecDeque<RawFd>,
-    fd: RawFd,
-    scratch: &mut [u8],
-    stats: &mut Stats,
-) {
-    let Some(c) = conns.get_mut(&fd) else { return };
-    match c.drive(scratch, &mut stats.bytes) {
-        Step::Read | Step::Write => {}
-        Step::Yield => ready.push_back(fd),
-        Step::Close(why) => {
-            if let Some(c) = conns.remove(&fd) {
-                c.close(why);
-            }
-        }
-    }
 }
 
 /// Makes `fd` non-blocking and signal-driven: `signal` goes to thread `tid` whenever its state

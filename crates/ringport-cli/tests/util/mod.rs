@@ -9,7 +9,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -227,25 +227,7 @@ macro_rules! per_backend {
 
 /// Runs `ringport ARGS`, killing it if it runs past `timeout` (and then failing the test).
 pub fn run_cli(args: &[&str], timeout: Duration) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RINGPORT_BACKEND", backend())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the ringport binary");
-    let mut out = Drain::spawn(child.stdout.take().unwrap(), None);
-    let mut err = Drain::spawn(child.stderr.take().unwrap(), None);
-    match wait_deadline(&mut child, &mut out, &mut err, Instant::now() + timeout) {
-        Ok(output) => output,
-        Err(output) => panic!(
-            "`ringport {}` did not exit within {:?}; killed it\n{}",
-            args.join(" "),
-            timeout,
-            output.describe()
-        ),
-    }
+    run_cli_configured(args, timeout, |_| {})
 }
 
 /// Removes ANSI escape sequences (`ESC [ ... letter`), so that one colour bug does not break every
@@ -313,45 +295,9 @@ impl Server {
             .with(|m| m.get())
             .map(|m| vec!["--model", m])
             .unwrap_or_default();
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .args(args)
-            .args(model)
-            .env("RINGPORT_BACKEND", backend())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn `ringport serve`");
-        let stdout: ChildStdout = child.stdout.take().unwrap();
-        let stderr: ChildStderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let mut out = Drain::spawn(stdout, None);
-        let mut err = Drain::spawn(stderr, Some(tx));
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = parse_listening_line(&line) {
-                        return Ok(Server {
-                            child: Some(child),
-                            addr,
-                            listening_line: line,
-                            out,
-                            err,
-                        });
-                    }
-                }
-                // Timed out, or stderr closed (the child is exiting): collect what it printed.
-                Err(_) => {
-                    let grace = Instant::now() + Duration::from_secs(2);
-                    return Err(match wait_deadline(&mut child, &mut out, &mut err, grace) {
-                        Ok(output) | Err(output) => output,
-                    });
-                }
-            }
-        }
+        Server::try_start_configured(args, |cmd| {
+            cmd.args(model);
+        })
     }
 
     pub fn pid(&self) -> i32 {
@@ -903,6 +849,7 @@ impl Server {
                         });
                     }
                 }
+                // Timed out, or stderr closed (the child is exiting): collect what it printed.
                 Err(_) => {
                     let grace = Instant::now() + Duration::from_secs(2);
                     return Err(match wait_deadline(&mut child, &mut out, &mut err, grace) {
