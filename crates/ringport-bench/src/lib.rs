@@ -132,6 +132,17 @@ impl CommonArgs {
 
 /// Parses `args` (without the program name) as `name`'s options; an `Err` is the exit code
 /// after the message (or the help) has been printed.
+/// Parses a mode's arguments and runs it; a harness failure is reported with the mode's name.
+fn run_mode<T: Parser>(name: &str, args: &[String], run: fn(&T) -> Result<i32, String>) -> i32 {
+    match parse_args(name, args) {
+        Ok(args) => run(&args).unwrap_or_else(|e| {
+            eprintln!("{name}: {e}");
+            EXIT_HARNESS
+        }),
+        Err(code) => code,
+    }
+}
+
 fn parse_args<T: Parser>(name: &str, args: &[String]) -> Result<T, i32> {
     let argv = std::iter::once(OsString::from(name)).chain(args.iter().map(OsString::from));
     T::try_parse_from(argv).map_err(|e| {

@@ -5,7 +5,7 @@ use clap::Parser;
 
 use crate::matrix::{self, Role, ServerSpec};
 use crate::report::Report;
-use crate::{CommonArgs, Setup, EXIT_HARNESS};
+use crate::{CommonArgs, Setup};
 
 /// The models `ringport serve --model` is asked to run, in report order.
 pub const MODELS: [&str; 6] = ["blocking", "select", "sigio", "poll", "epoll", "uring"];
@@ -64,17 +64,7 @@ pub fn specs(workers: u16) -> Vec<ServerSpec> {
 /// Runs `ringport-bench models ARGS` (arguments without the program and mode names) and
 /// returns the exit code. The `ringport` CLI offers it as `ringport bench models`.
 pub fn models_main(args: &[String]) -> i32 {
-    let args: ModelsArgs = match crate::parse_args("ringport-bench models", args) {
-        Ok(a) => a,
-        Err(code) => return code,
-    };
-    match run(&args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("ringport-bench models: {e}");
-            EXIT_HARNESS
-        }
-    }
+    crate::run_mode::<ModelsArgs>("ringport-bench models", args, run)
 }
 
 fn run(args: &ModelsArgs) -> Result<i32, String> {

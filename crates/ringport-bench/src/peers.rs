@@ -5,7 +5,7 @@ use clap::Parser;
 
 use crate::matrix::{self, Cell, Kind, Role, ServerSpec};
 use crate::report::Report;
-use crate::{CommonArgs, Setup, EXIT_HARNESS};
+use crate::{CommonArgs, Setup};
 
 /// `ringport-bench peers`: the peer matrix.
 #[derive(Debug, Parser)]
@@ -70,17 +70,7 @@ pub fn specs(workers: u16) -> Vec<ServerSpec> {
 /// Runs `ringport-bench peers ARGS` (arguments without the program and mode names) and returns
 /// the exit code.
 pub fn peers_main(args: &[String]) -> i32 {
-    let args: PeersArgs = match crate::parse_args("ringport-bench peers", args) {
-        Ok(a) => a,
-        Err(code) => return code,
-    };
-    match run(&args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("ringport-bench peers: {e}");
-            EXIT_HARNESS
-        }
-    }
+    crate::run_mode::<PeersArgs>("ringport-bench peers", args, run)
 }
 
 fn run(args: &PeersArgs) -> Result<i32, String> {

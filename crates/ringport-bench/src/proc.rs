@@ -297,16 +297,7 @@ impl Server {
         cpus: &[usize],
         timeout: Duration,
     ) -> Result<Self, String> {
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env("NO_COLOR", "1");
-        pin(&mut cmd, cpus);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("{}: cannot start: {e}", program.display()))?;
+        let mut child = start(program, args, cpus, Stdio::null())?;
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(VecDeque::new()));
         let (tx, rx) = mpsc::channel();
@@ -495,6 +486,19 @@ pub struct ClientRun {
 /// Runs the load generator `program args` on `cpus` to completion (or kills it after
 /// `timeout`).
 ///
+/// Starts `program` pinned to `cpus`, stdin closed, stderr piped, `stdout` as given.
+fn start(program: &Path, args: &[String], cpus: &[usize], stdout: Stdio) -> Result<Child, String> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .env("NO_COLOR", "1");
+    pin(&mut cmd, cpus);
+    cmd.spawn()
+        .map_err(|e| format!("{}: cannot start: {e}", program.display()))
+}
+
 /// # Errors
 ///
 /// It cannot be started.
@@ -504,16 +508,7 @@ pub fn run_client(
     cpus: &[usize],
     timeout: Duration,
 ) -> Result<ClientRun, String> {
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("NO_COLOR", "1");
-    pin(&mut cmd, cpus);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("{}: cannot start: {e}", program.display()))?;
+    let mut child = start(program, args, cpus, Stdio::piped())?;
     let out = read_all_in_thread(child.stdout.take());
     let err = read_all_in_thread(child.stderr.take());
     let deadline = Instant::now() + timeout;

@@ -5,7 +5,7 @@ use clap::Parser;
 use crate::chart::Series;
 use crate::matrix::{self, Cell, ServerResults, ServerSpec};
 use crate::report::Report;
-use crate::{ChartSpec, CommonArgs, Setup, EXIT_HARNESS};
+use crate::{ChartSpec, CommonArgs, Setup};
 
 /// `ringport-bench scaling`: messages/s and CPU per message against worker threads.
 #[derive(Debug, Parser)]
@@ -30,17 +30,7 @@ struct ScalingArgs {
 /// Runs `ringport-bench scaling ARGS` (arguments without the program and mode names) and
 /// returns the exit code.
 pub fn scaling_main(args: &[String]) -> i32 {
-    let args: ScalingArgs = match crate::parse_args("ringport-bench scaling", args) {
-        Ok(a) => a,
-        Err(code) => return code,
-    };
-    match run(&args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("ringport-bench scaling: {e}");
-            EXIT_HARNESS
-        }
-    }
+    crate::run_mode::<ScalingArgs>("ringport-bench scaling", args, run)
 }
 
 /// Worker counts that fit on `cpus` server CPUs, and a note about the others.
