@@ -17,12 +17,13 @@
 //! (round 1 of every server, then round 2, ...) and the report shows the median.
 //! Before a server is measured, a short run checks that it echoes every byte faithfully.
 //!
-//! Each `*_main` parses its own arguments (without the program or mode name) and returns the
+//! Each `*_main` takes the program name to show in usage and errors, parses its own arguments
+//! (without the program or mode name) and returns the
 //! process exit code: 0 when the harness ran (failed cells are reported, not fatal), 1 when a
 //! server echoed a wrong byte, 2 when the harness itself failed.
 //!
 //! ```no_run
-//! let code = ringport_bench::peers_main(&["--quick".to_owned()]);
+//! let code = ringport_bench::peers_main("ringport bench", &["--quick".to_owned()]);
 //! std::process::exit(code);
 //! ```
 
@@ -367,7 +368,11 @@ fn finish(report: &Report, out: &Path, charts: Vec<ChartSpec>) -> i32 {
         let path = out.join(format!("{}-{}.svg", report.mode, c.suffix));
         match chart::line_chart(&path, &c.title, c.x_desc, c.y_desc, &c.series) {
             Ok(true) => written.push(path),
-            Ok(false) => eprintln!("ringport-bench: {}: no data to chart", path.display()),
+            Ok(false) => eprintln!(
+                "ringport-bench: {} not drawn: this run measured none of its cells ({})",
+                path.display(),
+                c.title
+            ),
             Err(e) => {
                 eprintln!("ringport-bench: chart {e}");
                 return EXIT_HARNESS;

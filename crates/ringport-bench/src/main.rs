@@ -13,9 +13,9 @@ Every mode takes --quick for a tiny matrix that runs in well under a minute.";
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match args.first().map(String::as_str) {
-        Some("peers") => ringport_bench::peers_main(&args[1..]),
-        Some("models") => ringport_bench::models_main(&args[1..]),
-        Some("scaling") => ringport_bench::scaling_main(&args[1..]),
+        Some("peers") => ringport_bench::peers_main("ringport-bench", &args[1..]),
+        Some("models") => ringport_bench::models_main("ringport-bench", &args[1..]),
+        Some("scaling") => ringport_bench::scaling_main("ringport-bench", &args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             0

@@ -63,8 +63,8 @@ pub fn specs(workers: u16) -> Vec<ServerSpec> {
 
 /// Runs `ringport-bench models ARGS` (arguments without the program and mode names) and
 /// returns the exit code. The `ringport` CLI offers it as `ringport bench models`.
-pub fn models_main(args: &[String]) -> i32 {
-    crate::run_mode::<ModelsArgs>("ringport-bench models", args, run)
+pub fn models_main(prog: &str, args: &[String]) -> i32 {
+    crate::run_mode::<ModelsArgs>(&format!("{prog} models"), args, run)
 }
 
 fn run(args: &ModelsArgs) -> Result<i32, String> {

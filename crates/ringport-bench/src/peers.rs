@@ -69,8 +69,8 @@ pub fn specs(workers: u16) -> Vec<ServerSpec> {
 
 /// Runs `ringport-bench peers ARGS` (arguments without the program and mode names) and returns
 /// the exit code.
-pub fn peers_main(args: &[String]) -> i32 {
-    crate::run_mode::<PeersArgs>("ringport-bench peers", args, run)
+pub fn peers_main(prog: &str, args: &[String]) -> i32 {
+    crate::run_mode::<PeersArgs>(&format!("{prog} peers"), args, run)
 }
 
 fn run(args: &PeersArgs) -> Result<i32, String> {

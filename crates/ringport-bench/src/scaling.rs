@@ -29,8 +29,8 @@ struct ScalingArgs {
 
 /// Runs `ringport-bench scaling ARGS` (arguments without the program and mode names) and
 /// returns the exit code.
-pub fn scaling_main(args: &[String]) -> i32 {
-    crate::run_mode::<ScalingArgs>("ringport-bench scaling", args, run)
+pub fn scaling_main(prog: &str, args: &[String]) -> i32 {
+    crate::run_mode::<ScalingArgs>(&format!("{prog} scaling"), args, run)
 }
 
 /// Worker counts that fit on `cpus` server CPUs, and a note about the others.

@@ -40,11 +40,29 @@ enum Command {
 /// Options of `ringport bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// models, peers or scaling.
-    #[arg(value_parser = ["models", "peers", "scaling"])]
-    pub mode: String,
+    #[command(subcommand)]
+    pub mode: BenchMode,
+}
 
-    /// The mode's own options (e.g. --quick).
+/// The benchmark modes. Each takes its own options, listed by `ringport bench MODE --help`.
+#[derive(Debug, Subcommand)]
+pub enum BenchMode {
+    /// The chapter's I/O models (blocking, select, sigio, poll, epoll, uring) against the
+    /// completion port.
+    #[command(disable_help_flag = true)]
+    Models(ModeArgs),
+    /// ringport serve (io_uring and epoll) against tokio, monoio and compio echo servers.
+    #[command(disable_help_flag = true)]
+    Peers(ModeArgs),
+    /// Every peers server with 1, 2, 4 and 8 worker threads.
+    #[command(disable_help_flag = true)]
+    Scaling(ModeArgs),
+}
+
+/// The options of one benchmark mode, passed through to it.
+#[derive(Debug, Args)]
+pub struct ModeArgs {
+    /// The mode's own options (e.g. --quick; --help lists them).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 }
@@ -237,10 +255,11 @@ fn main() -> ExitCode {
         Command::Client(args) if args.is_load() => client::load::run(&args),
         Command::Client(args) => client::run_book(&args),
         Command::Bench(args) => {
-            let code = match args.mode.as_str() {
-                "models" => ringport_bench::models_main(&args.args),
-                "peers" => ringport_bench::peers_main(&args.args),
-                _ => ringport_bench::scaling_main(&args.args),
+            let prog = "ringport bench";
+            let code = match &args.mode {
+                BenchMode::Models(m) => ringport_bench::models_main(prog, &m.args),
+                BenchMode::Peers(m) => ringport_bench::peers_main(prog, &m.args),
+                BenchMode::Scaling(m) => ringport_bench::scaling_main(prog, &m.args),
             };
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }

@@ -12,7 +12,7 @@
 //! The pool bounds what a worker buffers in total; a receive that finds the pool empty ends with
 //! `ENOBUFS` and is re-armed when buffers come back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::process::ExitCode;
@@ -24,7 +24,7 @@ use ringport::{Completion, Handle, Op, OpId, Packet, PoolBuf, Port, WaitError, W
 use tracing::{debug, info, trace, warn};
 
 use crate::client::errors::describe;
-use crate::echo_queue::{EchoQueue, Next};
+use crate::echo_queue::EchoQueue;
 use crate::ServeArgs;
 
 /// Receive buffer size, as in the book.
@@ -35,6 +35,10 @@ const ACCEPT_POOL: usize = 16;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Completions taken per wait.
 const BATCH: usize = 64;
+/// The most buffers one gathering send takes (512 KiB).
+const MAX_GATHER: usize = 64;
+/// Buffer lists kept for reuse.
+const SPARE_LISTS: usize = 256;
 /// After the drain timeout, how long to wait for the forced closes to complete.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
 /// Draining: how long a connection must stay quiet, with an empty socket, before its FIN.
@@ -66,10 +70,8 @@ pub enum Io {
     /// A look at every connection while draining.
     DrainTick,
     Recv,
-    /// Echoing a pool buffer from this offset.
-    Send {
-        offset: usize,
-    },
+    /// Echoing the buffers the connection's queue took.
+    Send,
     Close,
 }
 
@@ -96,6 +98,8 @@ struct Conn {
     quiet_since: Option<Instant>,
     /// The peer closed its side: close once everything is echoed.
     eof: bool,
+    /// Listed in `Server::to_send`.
+    to_send: bool,
     last_active: Instant,
 }
 
@@ -302,8 +306,13 @@ struct Server {
     /// Accepts (or accept back-offs) outstanding, on the listener's worker.
     accepts: usize,
     conns: HashMap<u64, Conn>,
-    /// Connections whose pooled receive ended with `ENOBUFS`, to re-arm.
-    starved: Vec<u64>,
+    /// Connections whose pooled receive ended with `ENOBUFS`, to re-arm, oldest first.
+    starved: VecDeque<u64>,
+    /// Connections with buffers queued since the last send was posted: after a batch of
+    /// completions, each posts one send that gathers all it has queued.
+    to_send: Vec<u64>,
+    /// Emptied buffer lists of completed sends, reused for the next ones.
+    spare: Vec<Vec<PoolBuf>>,
     next_id: u64,
     limits: Limits,
     totals: Arc<Totals>,
@@ -335,7 +344,9 @@ impl Server {
             listener: owns_listener.then_some(listener),
             accepts: 0,
             conns: HashMap::new(),
-            starved: Vec::new(),
+            starved: VecDeque::new(),
+            to_send: Vec::new(),
+            spare: Vec::new(),
             limits,
             totals,
             deadline: None,
@@ -372,6 +383,7 @@ impl Server {
                     for c in batch.drain(..) {
                         self.complete(c);
                     }
+                    self.post_sends();
                     self.rearm_starved();
                 }
                 Err(WaitError::TimedOut) => {}
@@ -395,7 +407,10 @@ impl Server {
                 Duration::ZERO
             };
             match self.worker.dequeue(Some(wait)) {
-                Ok(c) => self.complete(c),
+                Ok(c) => {
+                    self.complete(c);
+                    self.post_sends();
+                }
                 Err(_) => break,
             }
         }
@@ -424,7 +439,7 @@ impl Server {
             Io::Sweep => self.sweep(),
             Io::DrainTick => self.drain_tick(),
             Io::Recv => self.received(c),
-            Io::Send { offset } => self.sent(c, offset),
+            Io::Send => self.sent(c),
             Io::Close => {}
         }
     }
@@ -547,6 +562,7 @@ impl Server {
             cancelling: false,
             quiet_since: None,
             eof: false,
+            to_send: false,
             last_active: Instant::now(),
         };
         self.arm(&mut conn);
@@ -574,8 +590,9 @@ impl Server {
                 trace!("socket {id}: received {n} bytes");
                 conn.last_active = Instant::now();
                 conn.quiet_since = None;
-                if let Some(buf) = c.pooled.and_then(|b| conn.out.push(b)) {
-                    self.send(&conn, buf, 0);
+                if let Some(buf) = c.pooled {
+                    conn.out.push(buf);
+                    self.wants_send(id, &mut conn);
                 }
                 if self.held_bytes(&conn) >= self.limits.conn_buffer && !conn.paused {
                     // The peer is not reading: stop receiving until the echo drains.
@@ -586,7 +603,7 @@ impl Server {
                 }
                 if conn.recv.is_none() && !conn.paused && self.deadline.is_none() {
                     // The kernel ended the receive after data (e.g. no buffer for more).
-                    self.starved.push(id);
+                    self.starved.push_back(id);
                 }
             }
             Ok(_) => conn.eof = true,
@@ -597,7 +614,7 @@ impl Server {
                     conn.paused = false;
                 }
                 if !conn.paused {
-                    self.starved.push(id);
+                    self.starved.push_back(id);
                 }
                 return self.keep(id, conn);
             }
@@ -653,14 +670,40 @@ impl Server {
         }
     }
 
-    fn send(&mut self, conn: &Conn, buf: PoolBuf, offset: usize) {
-        self.worker.submit(
-            Op::send_pooled(&conn.handle, buf, offset),
-            Io::Send { offset },
-        );
+    /// Lists the connection for a send after this batch of completions, unless it is listed.
+    fn wants_send(&mut self, id: u64, conn: &mut Conn) {
+        if !conn.to_send {
+            conn.to_send = true;
+            self.to_send.push(id);
+        }
     }
 
-    fn sent(&mut self, c: Completion<Key, Io>, offset: usize) {
+    /// Posts, for each listed connection with no send in flight, one send of everything it
+    /// has queued (up to `MAX_GATHER` buffers).
+    fn post_sends(&mut self) {
+        let Server {
+            worker,
+            conns,
+            to_send,
+            spare,
+            ..
+        } = self;
+        for id in to_send.drain(..) {
+            let Some(conn) = conns.get_mut(&id) else {
+                continue; // Closed meanwhile.
+            };
+            conn.to_send = false;
+            let mut bufs = spare.pop().unwrap_or_default();
+            match conn.out.take(MAX_GATHER, &mut bufs) {
+                Some(offset) => {
+                    worker.submit(Op::send_pooled_gather(&conn.handle, bufs, offset), Io::Send);
+                }
+                None => spare.push(bufs),
+            }
+        }
+    }
+
+    fn sent(&mut self, mut c: Completion<Key, Io>) {
         let Some(id) = conn_id(&c) else { return };
         if let Ok(n) = c.result {
             // Counted even when the connection was closed meanwhile: the bytes went out.
@@ -669,23 +712,21 @@ impl Server {
         let Some(mut conn) = self.conns.remove(&id) else {
             return;
         };
-        let Some(buf) = c.pooled else {
-            return self.close_conn(id, conn, "send gave no buffer back");
-        };
+        let mut bufs = std::mem::take(&mut c.gathered);
+        let unsent = bufs.iter().map(|b| b.len()).sum::<usize>() > 0;
         let n = match c.result {
-            Ok(n) if n > 0 || buf.len() == offset => n,
+            Ok(n) if n > 0 || !unsent => n,
             Ok(_) => return self.close_conn(id, conn, "send made no progress"),
             Err(e) => return self.close_conn(id, conn, &describe(&e)),
         };
         conn.last_active = Instant::now();
-        match conn.out.sent(buf, offset, n) {
-            // A short send: post the rest.
-            Next::Resend(buf, offset) => {
-                self.send(&conn, buf, offset);
-                return self.keep(id, conn);
-            }
-            Next::Done(Some(buf)) => self.send(&conn, buf, 0),
-            Next::Done(None) => {}
+        // What was not sent goes back to the front of the queue.
+        conn.out.sent(&mut bufs, n);
+        if self.spare.len() < SPARE_LISTS {
+            self.spare.push(bufs);
+        }
+        if !conn.out.is_idle() {
+            self.wants_send(id, &mut conn);
         }
         self.maybe_resume(&mut conn);
         self.settle(id, conn);
@@ -725,7 +766,7 @@ impl Server {
 
     fn rearm_starved(&mut self) {
         while !self.starved.is_empty() && self.worker.pool_available() > 0 {
-            let id = self.starved.pop().expect("checked non-empty");
+            let id = self.starved.pop_front().expect("checked non-empty");
             if let Some(mut conn) = self.conns.remove(&id) {
                 if conn.recv.is_none() && !conn.paused && !conn.eof {
                     self.arm(&mut conn);

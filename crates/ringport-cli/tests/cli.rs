@@ -113,6 +113,22 @@ fn top_level_help_lists_subcommands() {
     assert_mentions(&output, "`ringport --help`", &["serve", "client"]);
 }
 
+fn bench_mode_help_lists_the_mode_options() {
+    let output = help(&["bench", "--help"]);
+    assert_mentions(
+        &output,
+        "`ringport bench --help`",
+        &["models", "peers", "scaling"],
+    );
+    for mode in ["models", "peers", "scaling"] {
+        let output = help(&["bench", mode, "--help"]);
+        let what = format!("`ringport bench {mode} --help`");
+        assert_mentions(&output, &what, &["--quick", "--cell-secs", "--server-cpus"]);
+    }
+    assert_usage_error(&["bench", "no-such-mode"]);
+    assert_usage_error(&["bench", "peers", "--no-such-flag"]);
+}
+
 fn serve_help_lists_flags_and_default_port() {
     let output = help(&["serve", "--help"]);
     assert_mentions(
@@ -191,6 +207,7 @@ per_backend!(
     client_unparsable_connect_address_is_exit_2,
     address_in_use_is_exit_1_with_named_error,
     top_level_help_lists_subcommands,
+    bench_mode_help_lists_the_mode_options,
     serve_help_lists_flags_and_default_port,
     client_help_lists_flags_and_default_port,
     version_prints_name_and_version,

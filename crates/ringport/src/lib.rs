@@ -79,6 +79,9 @@
 //! [`PoolBuf`] taken from the pool when the data arrived. A connection waiting for input holds
 //! no buffer, which is what lets one process hold tens of thousands of idle connections. The
 //! buffer can be echoed as it is with [`Op::send_pooled`] and goes back to the pool when dropped.
+//! Buffers that piled up while a send was in flight go out together with
+//! [`Op::send_pooled_gather`]: one `sendmsg` for all of them instead of one send each, which is
+//! what keeps large messages and streams cheap (`BENCHMARKS.md`).
 //! When the pool is empty the receive ends with `ENOBUFS`; post it again once
 //! [`Worker::pool_available`] is non-zero.
 //!

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::handle::Handle;
 use crate::pool::PoolBuf;
-use crate::sys::OpBody;
+use crate::sys::{Gather, OpBody};
 
 /// Identifies one posted operation, for [`Worker::cancel`](crate::Worker::cancel) and to match
 /// a completion with what was posted. Unique within a port.
@@ -31,8 +31,8 @@ pub enum OpKind {
     Connect,
     /// [`Op::recv`]: the byte count was appended to the buffer; `0` means the peer closed.
     Recv,
-    /// [`Op::send`] or [`Op::send_pooled`]: the byte count may be less than what was asked (a
-    /// short send).
+    /// [`Op::send`], [`Op::send_pooled`] or [`Op::send_pooled_gather`]: the byte count may be
+    /// less than what was asked (a short send).
     Send,
     /// [`Op::recv_pooled`]: each completion carries [`Completion::pooled`]; `0` means the peer
     /// closed; `ENOBUFS` means the pool ran dry (post it again later).
@@ -110,6 +110,19 @@ impl<K> Op<K> {
         )
     }
 
+    /// Send several pool buffers in order with one gathering send (`sendmsg`, like `WSASend`
+    /// with several `WSABUF`s), starting `offset` bytes into the first. The byte count covers
+    /// them all and may be short; the buffers come back, in order, in
+    /// [`Completion::gathered`] (and the `Vec`, to be reused for the next send). With one
+    /// buffer this is [`Op::send_pooled`].
+    pub fn send_pooled_gather(socket: &Handle<K>, bufs: Vec<PoolBuf>, offset: usize) -> Self {
+        Op::new(
+            Some(socket),
+            OpKind::Send,
+            Some(OpBody::SendGather(Gather::new(bufs, offset))),
+        )
+    }
+
     /// Close: cancel every operation still outstanding on the socket (each completes with
     /// `ECANCELED`), refuse new ones (`EBADF`), and release the descriptor (FIN) once the last
     /// [`Handle`] clone is dropped and every operation holding one has completed.
@@ -176,6 +189,8 @@ pub struct Completion<K, D> {
     pub buf: Option<Vec<u8>>,
     /// The pool buffer of a pooled receive (the data received) or of a pooled send.
     pub pooled: Option<PoolBuf>,
+    /// The pool buffers of a gathering send ([`Op::send_pooled_gather`]), in order.
+    pub gathered: Vec<PoolBuf>,
     /// For a successful accept: the new connection, not yet associated with the port.
     pub accepted: Option<TcpStream>,
     /// A multishot operation that stays armed: more completions will follow.

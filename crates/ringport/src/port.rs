@@ -705,6 +705,7 @@ where
                     data,
                     buf: None,
                     pooled,
+                    gathered: Vec::new(),
                     accepted: None,
                     more: true,
                 });
@@ -797,6 +798,7 @@ where
                 (Effect::Short, OpBody::SendPooled(buf, off)) => {
                     sys::send_one(fd, buf.get(*off..).unwrap_or_default())
                 }
+                (Effect::Short, OpBody::SendGather(g)) => sys::send_one(fd, g.first()),
                 (Effect::Short, _) => None,
             };
             if let Some(res) = res {
@@ -891,6 +893,7 @@ impl<K, D> Pending<K, D> {
     fn into_completion(self, mut result: io::Result<usize>) -> Completion<K, D> {
         let mut buf = None;
         let mut pooled = None;
+        let mut gathered = Vec::new();
         let mut accepted = None;
         match self.body.map(OpBox::into_inner) {
             Some(OpBody::Recv(mut b)) => {
@@ -904,6 +907,7 @@ impl<K, D> Pending<K, D> {
             }
             Some(OpBody::Send(b, _)) => buf = Some(b),
             Some(OpBody::SendPooled(b, _)) => pooled = Some(b),
+            Some(OpBody::SendGather(g)) => gathered = g.bufs,
             Some(OpBody::Accept) => {
                 if let Ok(fd) = result {
                     // SAFETY: a successful accept returns a new descriptor that nothing else
@@ -922,6 +926,7 @@ impl<K, D> Pending<K, D> {
             data: self.data,
             buf,
             pooled,
+            gathered,
             accepted,
             more: false,
         }
@@ -1021,6 +1026,7 @@ impl<K, D> Shared<K, D> {
             data: packet.data,
             buf: None,
             pooled: None,
+            gathered: Vec::new(),
             accepted: None,
             more: false,
         }

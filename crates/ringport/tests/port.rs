@@ -74,6 +74,7 @@ per_backend!(
     receive_without_spare_capacity_is_refused,
     pooled_receive_completes_many_times_and_holds_no_buffer_while_idle,
     pooled_receive_ends_with_enobufs_when_the_pool_runs_dry,
+    gathering_send_sends_pool_buffers_in_order_and_gives_them_back,
     pooled_receive_without_a_pool_is_refused,
     pooled_receive_posted_as_single_shot_is_refused,
     wake_ups_are_not_lost_when_the_submission_queue_fills,
@@ -569,6 +570,51 @@ fn pooled_receive_ends_with_enobufs_when_the_pool_runs_dry(b: Backend) {
     w.submit_multishot(Op::recv_pooled(&h), 1);
     let c = next(&mut w);
     assert_eq!(c.pooled.as_deref(), Some(&b"0123456789abcdef"[..]));
+}
+
+fn gathering_send_sends_pool_buffers_in_order_and_gives_them_back(b: Backend) {
+    let (port, mut w) = pooled_worker(b, 8, 8);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, 0).unwrap();
+    w.submit_multishot(Op::recv_pooled(&h), 0);
+    // Four receives, each into its own pool buffer (8 bytes each).
+    let mut bufs = Vec::new();
+    for chunk in [&b"01234567"[..], b"89abcdef", b"ghij", b"klmnopqr"] {
+        peer.write_all(chunk).unwrap();
+        let c = next(&mut w);
+        bufs.push(c.pooled.expect("a pool buffer"));
+    }
+    assert_eq!(w.pool_available(), 4);
+    // One gathering send of all four, starting 3 bytes into the first.
+    w.submit(Op::send_pooled_gather(&h, bufs, 3), 7);
+    let c = next(&mut w);
+    assert_eq!(c.kind, OpKind::Send);
+    assert_eq!(c.data, 7);
+    assert_eq!(c.result.as_ref().unwrap(), &(5 + 8 + 4 + 8));
+    assert!(c.pooled.is_none());
+    let back: Vec<&[u8]> = c.gathered.iter().map(|b| &b[..]).collect();
+    assert_eq!(
+        back,
+        [&b"01234567"[..], b"89abcdef", b"ghij", b"klmnopqr"],
+        "the buffers come back in order"
+    );
+    let mut echoed = [0u8; 25];
+    peer.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"3456789abcdefghijklmnopqr");
+    drop(c);
+    assert_eq!(
+        w.pool_available(),
+        8,
+        "dropping them returns them to the pool"
+    );
+
+    // One buffer, and an offset at its end: a plain send of nothing.
+    peer.write_all(b"xyz").unwrap();
+    let one = next(&mut w).pooled.unwrap();
+    w.submit(Op::send_pooled_gather(&h, vec![one], 3), 8);
+    let c = next(&mut w);
+    assert_eq!(c.result.unwrap(), 0);
+    assert_eq!(c.gathered.len(), 1);
 }
 
 fn pooled_receive_without_a_pool_is_refused(b: Backend) {

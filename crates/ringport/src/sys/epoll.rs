@@ -254,6 +254,12 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
                 libc::send(op.fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) as i32
             }
         }
+        OpBody::SendGather(g) => {
+            let msg = g.prepare();
+            // SAFETY: `msg` describes initialized bytes of the buffers `g` owns, and stays valid
+            // for the call.
+            unsafe { libc::sendmsg(op.fd, msg, libc::MSG_NOSIGNAL) as i32 }
+        }
         // SAFETY: accept4 with null address arguments writes no memory of ours.
         OpBody::Accept => unsafe {
             libc::accept4(

@@ -41,8 +41,68 @@ pub(crate) enum OpBody {
     RecvPooled,
     /// Send `buf[offset..]` of a pool buffer.
     SendPooled(PoolBuf, usize),
+    /// Send several pool buffers in order with one gathering send.
+    SendGather(Gather),
     /// Complete after this long (the io_uring backend points the kernel at the timespec).
     Timeout(Duration, io_uring::types::Timespec),
+}
+
+/// The buffers of a gathering send, and the `iovec`s and message header that describe them to
+/// the kernel. Kept in the operation's boxed body, so the pointers stay valid until the
+/// operation is reported.
+#[derive(Debug)]
+pub(crate) struct Gather {
+    pub(crate) bufs: Vec<PoolBuf>,
+    /// Where to start in the first buffer.
+    pub(crate) offset: usize,
+    iov: Vec<libc::iovec>,
+    msg: libc::msghdr,
+}
+
+// SAFETY: the raw pointers in `iov` and `msg` point only into `bufs` and `iov`, which this
+// value owns; they move between threads together.
+unsafe impl Send for Gather {}
+
+impl Gather {
+    pub(crate) fn new(bufs: Vec<PoolBuf>, offset: usize) -> Self {
+        Gather {
+            bufs,
+            offset,
+            iov: Vec::new(),
+            // SAFETY: a zeroed `msghdr` is a valid empty header (null pointers, no lengths).
+            msg: unsafe { std::mem::zeroed() },
+        }
+    }
+
+    /// The unsent bytes of the first buffer (all of them when there is one buffer).
+    pub(crate) fn first(&self) -> &[u8] {
+        self.bufs
+            .first()
+            .and_then(|b| b.get(self.offset..))
+            .unwrap_or_default()
+    }
+
+    /// Describes the unsent bytes as `iovec`s and returns the message header for `sendmsg`. The
+    /// header and what it points to stay valid while `self` is neither changed nor dropped.
+    pub(crate) fn prepare(&mut self) -> *const libc::msghdr {
+        self.iov.clear();
+        let mut skip = self.offset;
+        for b in &self.bufs {
+            let rest = b.get(skip..).unwrap_or_default();
+            skip = 0;
+            if !rest.is_empty() {
+                self.iov.push(libc::iovec {
+                    iov_base: rest.as_ptr().cast_mut().cast(),
+                    iov_len: rest.len(),
+                });
+            }
+        }
+        // SAFETY: as in `new`.
+        self.msg = unsafe { std::mem::zeroed() };
+        self.msg.msg_iov = self.iov.as_mut_ptr();
+        self.msg.msg_iovlen = self.iov.len() as _;
+        &raw const self.msg
+    }
 }
 
 /// One finished operation (or one result of a multishot one): its id and its result (`>= 0`
