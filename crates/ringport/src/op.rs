@@ -75,7 +75,11 @@ impl<K> Op<K> {
     /// Connect a stream socket to `addr`.
     pub fn connect(socket: &Handle<K>, addr: SocketAddr) -> Self {
         let addr = socket2::SockAddr::from(addr);
-        Op::new(Some(socket), OpKind::Connect, Some(OpBody::Connect(addr)))
+        Op::new(
+            Some(socket),
+            OpKind::Connect,
+            Some(OpBody::Connect(Box::new(addr))),
+        )
     }
 
     /// Receive into the spare capacity of `buf` (`buf.len()..buf.capacity()`); the bytes
@@ -119,7 +123,7 @@ impl<K> Op<K> {
         Op::new(
             Some(socket),
             OpKind::Send,
-            Some(OpBody::SendGather(Gather::new(bufs, offset))),
+            Some(OpBody::SendGather(Box::new(Gather::new(bufs, offset)))),
         )
     }
 

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -14,7 +14,7 @@ use crate::fault::{Effect, Faults};
 use crate::handle::Handle;
 use crate::op::{Completion, Op, OpId, OpKind, Packet};
 use crate::pool::Pool;
-use crate::sys::{self, Cancel, Driver, Event, OpBody, Target};
+use crate::sys::{self, Cancel, Driver, Event, IdHasher, OpBody, Target};
 
 /// Bits of an [`OpId`] below the worker index.
 const ID_WORKER_SHIFT: u32 = 48;
@@ -1145,27 +1145,6 @@ pub(crate) fn set_nonblocking(fd: &OwnedFd, on: bool) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Operation ids are unique integers: hashing them is the identity.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        // Spread the sequential low bits over the whole word for hashbrown's top-bit groups.
-        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
 }
 
 #[cfg(test)]

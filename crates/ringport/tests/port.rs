@@ -75,6 +75,7 @@ per_backend!(
     pooled_receive_completes_many_times_and_holds_no_buffer_while_idle,
     pooled_receive_ends_with_enobufs_when_the_pool_runs_dry,
     gathering_send_sends_pool_buffers_in_order_and_gives_them_back,
+    pooled_receive_rearmed_after_data_and_close_sees_both,
     pooled_receive_without_a_pool_is_refused,
     pooled_receive_posted_as_single_shot_is_refused,
     wake_ups_are_not_lost_when_the_submission_queue_fills,
@@ -615,6 +616,35 @@ fn gathering_send_sends_pool_buffers_in_order_and_gives_them_back(b: Backend) {
     let c = next(&mut w);
     assert_eq!(c.result.unwrap(), 0);
     assert_eq!(c.gathered.len(), 1);
+}
+
+fn pooled_receive_rearmed_after_data_and_close_sees_both(b: Backend) {
+    let (port, mut w) = pooled_worker(b, 64, 8);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, 0).unwrap();
+    // Armed, a first message, then disarmed.
+    let id = w.submit_multishot(Op::recv_pooled(&h), 0);
+    peer.write_all(b"first").unwrap();
+    assert_eq!(next(&mut w).pooled.as_deref(), Some(&b"first"[..]));
+    w.cancel(id);
+    let c = next(&mut w);
+    assert!(c.is_cancelled() && !c.more, "{:?}", c.result);
+    // While nothing is armed, the peer sends a short message and closes: both signals pass
+    // before the receive is posted again, and both must still be seen.
+    peer.write_all(b"second").unwrap();
+    peer.shutdown(Shutdown::Write).unwrap();
+    // The worker waits meanwhile (taking, with epoll, the readiness those signals raised).
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(50))),
+        Err(WaitError::TimedOut)
+    ));
+    w.submit_multishot(Op::recv_pooled(&h), 1);
+    let c = next(&mut w);
+    assert_eq!(c.pooled.as_deref(), Some(&b"second"[..]));
+    assert!(c.more);
+    let c = next(&mut w);
+    assert_eq!(c.result.unwrap(), 0, "the close is reported");
+    assert!(!c.more);
 }
 
 fn pooled_receive_without_a_pool_is_refused(b: Backend) {

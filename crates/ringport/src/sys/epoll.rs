@@ -13,13 +13,14 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use super::{Cancel, Driver, Event, OpBody, Target};
+use super::{Cancel, Driver, Event, IdHasher, OpBody, Target};
 use crate::pool::Pool;
 
 /// `epoll_event.u64` of the worker's eventfd.
@@ -56,8 +57,9 @@ struct FdState {
 pub(crate) struct Epoll {
     epfd: OwnedFd,
     wake_fd: RawFd,
-    fds: HashMap<RawFd, FdState>,
-    ops: HashMap<u64, Waiting>,
+    /// Indexed by descriptor number.
+    fds: Vec<FdState>,
+    ops: HashMap<u64, Waiting, BuildHasherDefault<IdHasher>>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Events produced outside `wait` (immediate results, cancellations).
     done: Vec<Event>,
@@ -122,8 +124,8 @@ impl Epoll {
         Ok(Epoll {
             epfd,
             wake_fd,
-            fds: HashMap::new(),
-            ops: HashMap::new(),
+            fds: Vec::new(),
+            ops: HashMap::default(),
             timers: BinaryHeap::new(),
             done: Vec::new(),
             buf: Vec::with_capacity(EVENTS),
@@ -132,7 +134,13 @@ impl Epoll {
     }
 
     fn register(&mut self, target: Target) -> io::Result<()> {
-        let state = self.fds.entry(target.fd).or_default();
+        let Ok(index) = usize::try_from(target.fd) else {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        };
+        if index >= self.fds.len() {
+            self.fds.resize_with(index + 1, FdState::default);
+        }
+        let state = &mut self.fds[index];
         if state.registered && state.serial == target.serial {
             return Ok(());
         }
@@ -170,10 +178,14 @@ impl Epoll {
         Ok(())
     }
 
-    /// Runs one queue of a descriptor in order until an operation would block.
-    fn run(&mut self, fd: RawFd, side: Side) {
+    /// Runs one queue of a descriptor in order until an operation would block. With
+    /// `short_read_drains`, a pooled receive that got less than a whole buffer also stops: the
+    /// socket was empty then, and data arriving later raises a new edge. (Not when the peer's
+    /// FIN or an error was signalled: that edge is already spent, so read on to the end.) This
+    /// saves the receive that would only say `EAGAIN`.
+    fn run(&mut self, fd: RawFd, side: Side, short_read_drains: bool) {
         loop {
-            let Some(state) = self.fds.get_mut(&fd) else {
+            let Some(state) = fd_state(&mut self.fds, fd) else {
                 return;
             };
             let queue = match side {
@@ -191,12 +203,18 @@ impl Epoll {
                     self.ops.remove(&id);
                     self.done.push(Event::done(id, res));
                 }
-                Outcome::More(res, bid) => self.done.push(Event {
-                    id,
-                    res,
-                    more: true,
-                    bid: Some(bid),
-                }),
+                Outcome::More(res, bid) => {
+                    self.done.push(Event {
+                        id,
+                        res,
+                        more: true,
+                        bid: Some(bid),
+                    });
+                    let size = self.pool.as_ref().map_or(0, |p| p.pool.size());
+                    if short_read_drains && usize::try_from(res).is_ok_and(|n| n < size) {
+                        return;
+                    }
+                }
                 Outcome::Blocked => return,
             }
         }
@@ -204,7 +222,7 @@ impl Epoll {
 
     fn cancel_op(&mut self, id: u64) {
         if let Some(op) = self.ops.remove(&id) {
-            if let Some(state) = self.fds.get_mut(&op.fd) {
+            if let Some(state) = fd_state(&mut self.fds, op.fd) {
                 let queue = match op.side {
                     Side::Read => &mut state.read,
                     Side::Write => &mut state.write,
@@ -249,6 +267,13 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
         OpBody::RecvPooled => return recv_pooled(op.fd, pool),
         OpBody::SendPooled(buf, offset) => {
             let rest = buf.get(*offset..).unwrap_or_default();
+            // SAFETY: send reads `rest.len()` initialized bytes from `rest`.
+            unsafe {
+                libc::send(op.fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) as i32
+            }
+        }
+        OpBody::SendGather(g) if g.bufs.len() <= 1 => {
+            let rest = g.first();
             // SAFETY: send reads `rest.len()` initialized bytes from `rest`.
             unsafe {
                 libc::send(op.fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) as i32
@@ -352,6 +377,11 @@ fn recv_pooled(fd: RawFd, pool: Option<&mut PoolState>) -> Outcome {
     }
 }
 
+/// The state of descriptor `fd`, if it was ever registered.
+fn fd_state(fds: &mut [FdState], fd: RawFd) -> Option<&mut FdState> {
+    fds.get_mut(usize::try_from(fd).ok()?)
+}
+
 fn body_kind(op: &Waiting) -> &OpBody {
     // SAFETY: as in `attempt`: the record outlives the operation and is not borrowed elsewhere.
     unsafe { &*op.body }
@@ -395,7 +425,7 @@ impl Driver for Epoll {
             body,
             connecting: false,
         };
-        let first = self.fds.get(&target.fd).is_none_or(|s| {
+        let first = fd_state(&mut self.fds, target.fd).is_none_or(|s| {
             s.serial != target.serial
                 || match side {
                     Side::Read => s.read.is_empty(),
@@ -410,15 +440,16 @@ impl Driver for Epoll {
             }
         }
         self.register(target)?;
-        let state = self.fds.get_mut(&target.fd).expect("registered above");
+        let state = fd_state(&mut self.fds, target.fd).expect("registered above");
         match side {
             Side::Read => state.read.push_back(id),
             Side::Write => state.write.push_back(id),
         }
         self.ops.insert(id, op);
         if pooled {
-            // A multishot receive reads what is already there at once, then on each edge.
-            self.run(target.fd, side);
+            // A multishot receive reads what is already there at once (to the end: an edge
+            // may have passed while it was not armed), then on each edge.
+            self.run(target.fd, side, false);
         }
         Ok(())
     }
@@ -429,7 +460,7 @@ impl Driver for Epoll {
             Cancel::Fd(fd) => {
                 let ids: Vec<u64> = self
                     .fds
-                    .get(&fd)
+                    .get(usize::try_from(fd).unwrap_or(usize::MAX))
                     .map(|s| s.read.iter().chain(s.write.iter()).copied().collect())
                     .unwrap_or_default();
                 for id in ids {
@@ -482,8 +513,8 @@ impl Driver for Epoll {
             // SAFETY: the kernel initialized the first `n` entries.
             unsafe { self.buf.set_len(n as usize) };
         }
-        let ready: Vec<(u64, u32)> = self.buf.iter().map(|e| (e.u64, e.events)).collect();
-        for (data, events) in ready {
+        for i in 0..self.buf.len() {
+            let (data, events) = (self.buf[i].u64, self.buf[i].events);
             if data == WAKE {
                 let mut count = 0u64;
                 // SAFETY: reads 8 bytes into a live local; the eventfd is readable (level
@@ -495,11 +526,12 @@ impl Driver for Epoll {
             }
             let fd = data as RawFd;
             let err = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
-            if events & (libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32 | err) != 0 {
-                self.run(fd, Side::Read);
+            let closing = (libc::EPOLLRDHUP as u32) | err;
+            if events & (libc::EPOLLIN as u32 | closing) != 0 {
+                self.run(fd, Side::Read, events & closing == 0);
             }
             if events & (libc::EPOLLOUT as u32 | err) != 0 {
-                self.run(fd, Side::Write);
+                self.run(fd, Side::Write, false);
             }
         }
         self.fire_timers();

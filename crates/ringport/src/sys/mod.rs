@@ -14,6 +14,7 @@
 //! * Dropping a driver with operations still started is allowed only after the port has given
 //!   up on them and leaked their records (see `Worker`'s `Drop`).
 
+use std::hash::Hasher;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -25,13 +26,14 @@ pub(crate) mod epoll;
 pub(crate) mod uring;
 
 /// What an operation does, and the memory it hands to the kernel. Lives in a `Box` owned by the
-/// port's in-flight table from `start` until its event is reported.
+/// port's in-flight table from `start` until its event is reported. Kept small (the larger
+/// bodies are boxed themselves): a connection's armed receive holds one for its whole life.
 #[derive(Debug)]
 pub(crate) enum OpBody {
     /// Accept one connection on a listening socket.
     Accept,
     /// Connect a stream socket to this address.
-    Connect(socket2::SockAddr),
+    Connect(Box<socket2::SockAddr>),
     /// Receive into the spare capacity of the buffer (`len..capacity`).
     Recv(Vec<u8>),
     /// Send `buf[offset..]`.
@@ -42,7 +44,7 @@ pub(crate) enum OpBody {
     /// Send `buf[offset..]` of a pool buffer.
     SendPooled(PoolBuf, usize),
     /// Send several pool buffers in order with one gathering send.
-    SendGather(Gather),
+    SendGather(Box<Gather>),
     /// Complete after this long (the io_uring backend points the kernel at the timespec).
     Timeout(Duration, io_uring::types::Timespec),
 }
@@ -194,5 +196,35 @@ pub(crate) fn send_one(fd: RawFd, bytes: &[u8]) -> Option<io::Result<usize>> {
     match r {
         1 => Some(Ok(1)),
         _ => None,
+    }
+}
+
+/// Operation ids are unique integers: hashing them is the identity.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        // Spread the sequential low bits over the whole word for hashbrown's top-bit groups.
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A connection's armed receive holds one body for its whole life: keep it small.
+    #[test]
+    fn operation_bodies_stay_small() {
+        assert!(std::mem::size_of::<super::OpBody>() <= 40);
     }
 }
