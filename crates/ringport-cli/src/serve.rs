@@ -13,6 +13,7 @@
 //! `ENOBUFS` and is re-armed when buffers come back.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::process::ExitCode;
@@ -100,6 +101,8 @@ struct Conn {
     eof: bool,
     /// Listed in `Server::to_send`.
     to_send: bool,
+    /// Its receive is being cancelled to let connections waiting for a buffer go first.
+    yielding: bool,
     last_active: Instant,
 }
 
@@ -305,7 +308,9 @@ struct Server {
     listener: Option<Handle<Key>>,
     /// Accepts (or accept back-offs) outstanding, on the listener's worker.
     accepts: usize,
-    conns: HashMap<u64, Conn>,
+    conns: HashMap<u64, Conn, BuildHasherDefault<ConnIdHasher>>,
+    /// The time when the current batch of completions was dequeued.
+    now: Instant,
     /// Connections whose pooled receive ended with `ENOBUFS`, to re-arm, oldest first.
     starved: VecDeque<u64>,
     /// Connections with buffers queued since the last send was posted: after a batch of
@@ -343,7 +348,8 @@ impl Server {
             worker,
             listener: owns_listener.then_some(listener),
             accepts: 0,
-            conns: HashMap::new(),
+            conns: HashMap::default(),
+            now: Instant::now(),
             starved: VecDeque::new(),
             to_send: Vec::new(),
             spare: Vec::new(),
@@ -380,6 +386,7 @@ impl Server {
                 .map(|d| d.saturating_duration_since(Instant::now()));
             match self.worker.dequeue_batch(&mut batch, BATCH, timeout) {
                 Ok(_) => {
+                    self.now = Instant::now();
                     for c in batch.drain(..) {
                         self.complete(c);
                     }
@@ -563,7 +570,8 @@ impl Server {
             quiet_since: None,
             eof: false,
             to_send: false,
-            last_active: Instant::now(),
+            yielding: false,
+            last_active: self.now,
         };
         self.arm(&mut conn);
         self.conns.insert(id, conn);
@@ -581,14 +589,16 @@ impl Server {
         let Some(mut conn) = self.conns.remove(&id) else {
             return;
         };
+        let mut yielded = false;
         if !c.more {
             conn.recv = None;
             conn.cancelling = false;
+            yielded = std::mem::take(&mut conn.yielding);
         }
         match c.result {
             Ok(n) if n > 0 => {
                 trace!("socket {id}: received {n} bytes");
-                conn.last_active = Instant::now();
+                conn.last_active = self.now;
                 conn.quiet_since = None;
                 if let Some(buf) = c.pooled {
                     conn.out.push(buf);
@@ -604,6 +614,11 @@ impl Server {
                 if conn.recv.is_none() && !conn.paused && self.deadline.is_none() {
                     // The kernel ended the receive after data (e.g. no buffer for more).
                     self.starved.push_back(id);
+                } else if !self.starved.is_empty() && !conn.paused && self.deadline.is_none() {
+                    // Other connections wait for a buffer: this one had its turn. An armed
+                    // receive takes a buffer whenever data comes, so without this the same
+                    // connections would keep the pool to themselves while the others starve.
+                    self.yield_turn(&mut conn);
                 }
             }
             Ok(_) => conn.eof = true,
@@ -618,10 +633,23 @@ impl Server {
                 }
                 return self.keep(id, conn);
             }
-            Err(_) if c.is_cancelled() => self.maybe_resume(&mut conn),
+            Err(_) if c.is_cancelled() => {
+                if yielded && !conn.paused && !conn.eof && self.deadline.is_none() {
+                    self.starved.push_back(id);
+                }
+                self.maybe_resume(&mut conn);
+            }
             Err(e) => return self.close_conn(id, conn, &describe(&e)),
         }
         self.settle(id, conn);
+    }
+
+    /// Cancels the connection's armed receive and queues it behind those waiting for a buffer.
+    fn yield_turn(&mut self, conn: &mut Conn) {
+        if let (Some(op), false) = (conn.recv, conn.yielding) {
+            conn.yielding = true;
+            self.worker.cancel(op);
+        }
     }
 
     /// Decides, after an event, whether a connection goes on or is closed: it closes once it
@@ -719,7 +747,7 @@ impl Server {
             Ok(_) => return self.close_conn(id, conn, "send made no progress"),
             Err(e) => return self.close_conn(id, conn, &describe(&e)),
         };
-        conn.last_active = Instant::now();
+        conn.last_active = self.now;
         // What was not sent goes back to the front of the queue.
         conn.out.sent(&mut bufs, n);
         if self.spare.len() < SPARE_LISTS {
@@ -764,14 +792,23 @@ impl Server {
         conn.handle.readable_bytes().map_or(true, |n| n == 0)
     }
 
+    /// Re-arms connections whose receive found the pool empty, oldest first, and no more than
+    /// there are free buffers: each will take at least one, and arming them all at once would
+    /// only see most fail again (and the same unlucky ones wait longest).
     fn rearm_starved(&mut self) {
-        while !self.starved.is_empty() && self.worker.pool_available() > 0 {
-            let id = self.starved.pop_front().expect("checked non-empty");
-            if let Some(mut conn) = self.conns.remove(&id) {
+        let mut budget = self.worker.pool_available();
+        while budget > 0 {
+            let Some(id) = self.starved.pop_front() else {
+                break;
+            };
+            if let Some(conn) = self.conns.get_mut(&id) {
                 if conn.recv.is_none() && !conn.paused && !conn.eof {
-                    self.arm(&mut conn);
+                    conn.recv = Some(
+                        self.worker
+                            .submit_multishot(Op::recv_pooled(&conn.handle), Io::Recv),
+                    );
+                    budget -= 1;
                 }
-                self.conns.insert(id, conn);
             }
         }
     }
@@ -843,6 +880,26 @@ impl Server {
         let _ = socket2::SockRef::from(&conn.handle).shutdown(Shutdown::Write);
         self.worker.submit(Op::close(&conn.handle), Io::Close);
         self.totals.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Connection ids are unique counters: hashing one is a multiplication.
+#[derive(Default)]
+struct ConnIdHasher(u64);
+
+impl Hasher for ConnIdHasher {
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 

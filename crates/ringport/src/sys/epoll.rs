@@ -74,10 +74,10 @@ struct PoolState {
 }
 
 impl PoolState {
+    /// A free buffer: the most recently returned one, so that a lightly loaded worker keeps
+    /// reusing a few warm buffers instead of paging in the whole pool.
     fn take(&mut self) -> Option<u16> {
-        if self.free.is_empty() {
-            self.pool.take_returned(&mut self.free);
-        }
+        self.pool.take_returned(&mut self.free);
         self.free.pop()
     }
 }

@@ -16,15 +16,28 @@ use crate::pool::Pool;
 /// The buffer group id of the worker's receive pool.
 const POOL_GROUP: u16 = 0;
 
+/// Buffers put in the ring when it is created, and the least it is topped up to.
+const RING_START: usize = 64;
+
 /// A provided-buffer ring registered with the kernel: the kernel takes buffers at its head, we
-/// give them back at its tail.
+/// give them at its tail.
+///
+/// The ring holds only part of the pool: as many buffers as recent demand needed (`target`,
+/// doubled each time a receive found the ring empty), topped up before each wait from the
+/// buffers returned most recently. A lightly loaded server thus keeps reusing a few warm
+/// buffers instead of cycling through, and paging in, the whole pool.
 struct BufRing {
     pool: Arc<Pool>,
     entries: *mut types::BufRingEntry,
     layout: Layout,
     mask: u16,
     tail: u16,
-    scratch: Vec<u16>,
+    /// Buffers in the ring: given and not yet taken by a completion.
+    in_ring: usize,
+    /// How many buffers the ring is kept at.
+    target: usize,
+    /// Free buffers outside the ring, the most recently returned last.
+    spare: Vec<u16>,
 }
 
 impl BufRing {
@@ -47,14 +60,24 @@ impl BufRing {
         }
     }
 
+    /// Tops the ring up to `target` from the spare buffers, the most recently returned first.
     fn recycle(&mut self) {
-        let mut bids = std::mem::take(&mut self.scratch);
-        self.pool.take_returned(&mut bids);
-        if !bids.is_empty() {
+        self.pool.take_returned(&mut self.spare);
+        let want = self
+            .target
+            .saturating_sub(self.in_ring)
+            .min(self.spare.len());
+        if want > 0 {
+            let from = self.spare.len() - want;
+            let bids = self.spare.split_off(from);
             self.give(&bids);
-            bids.clear();
+            self.in_ring += want;
         }
-        self.scratch = bids;
+    }
+
+    /// A receive found the ring empty: keep more buffers in it from now on.
+    fn starved(&mut self) {
+        self.target = (self.target * 2).min(usize::from(self.pool.count()));
     }
 }
 
@@ -197,6 +220,8 @@ impl Uring {
     }
 
     fn reap(&mut self, out: &mut Vec<Event>) {
+        let mut taken = 0;
+        let mut starved = false;
         for cqe in self.ring.completion() {
             match cqe.user_data() {
                 WAKE => {
@@ -206,12 +231,23 @@ impl Uring {
                     self.woken = true;
                 }
                 CANCEL => {}
-                id => out.push(Event {
-                    id,
-                    res: cqe.result(),
-                    more: cqueue::more(cqe.flags()),
-                    bid: cqueue::buffer_select(cqe.flags()),
-                }),
+                id => {
+                    let bid = cqueue::buffer_select(cqe.flags());
+                    taken += usize::from(bid.is_some());
+                    starved |= cqe.result() == -libc::ENOBUFS;
+                    out.push(Event {
+                        id,
+                        res: cqe.result(),
+                        more: cqueue::more(cqe.flags()),
+                        bid,
+                    });
+                }
+            }
+        }
+        if let Some(b) = &mut self.bufs {
+            b.in_ring = b.in_ring.saturating_sub(taken);
+            if starved {
+                b.starved();
             }
         }
     }
@@ -367,16 +403,19 @@ impl Driver for Uring {
             unsafe { alloc::dealloc(ring.cast(), layout) };
             return Err(e);
         }
+        let count = pool.count();
         let mut bufs = BufRing {
             entries: ring,
             layout,
             mask: entries - 1,
             tail: 0,
-            scratch: Vec::new(),
+            in_ring: 0,
+            target: RING_START.min(usize::from(count)),
+            // Popped from the end: buffer 0 first.
+            spare: (0..count).rev().collect(),
             pool,
         };
-        let all: Vec<u16> = (0..bufs.pool.count().min(entries)).collect();
-        bufs.give(&all);
+        bufs.recycle();
         self.bufs = Some(bufs);
         Ok(())
     }
