@@ -106,7 +106,8 @@ pub struct ServeArgs {
     pub conn_buffer: usize,
 
     /// Receive buffers (8 KiB each) in each worker's pool: they bound what a worker holds in
-    /// total; connections waiting for input hold none.
+    /// total; connections waiting for input hold none, and pages are touched only as load
+    /// needs them. Under pressure, connections take turns.
     #[arg(long, value_name = "N", default_value_t = 2048,
           value_parser = clap::value_parser!(u16).range(16..=32768))]
     pub pool_buffers: u16,

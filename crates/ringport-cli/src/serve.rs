@@ -36,6 +36,8 @@ const ACCEPT_POOL: usize = 16;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Completions taken per wait.
 const BATCH: usize = 64;
+/// How soon receives still waiting for a buffer get another turn while buffers are free.
+const REARM_AGAIN: Duration = Duration::from_millis(1);
 /// The most buffers one gathering send takes (512 KiB).
 const MAX_GATHER: usize = 64;
 /// Buffer lists kept for reuse.
@@ -70,6 +72,8 @@ pub enum Io {
     Sweep,
     /// A look at every connection while draining.
     DrainTick,
+    /// Another turn for receives still waiting for a buffer.
+    Rearm,
     Recv,
     /// Echoing the buffers the connection's queue took.
     Send,
@@ -103,6 +107,8 @@ struct Conn {
     to_send: bool,
     /// Its receive is being cancelled to let connections waiting for a buffer go first.
     yielding: bool,
+    /// Waiting in `Server::starved` for a buffer.
+    starved: bool,
     last_active: Instant,
 }
 
@@ -311,8 +317,12 @@ struct Server {
     conns: HashMap<u64, Conn, BuildHasherDefault<ConnIdHasher>>,
     /// The time when the current batch of completions was dequeued.
     now: Instant,
-    /// Connections whose pooled receive ended with `ENOBUFS`, to re-arm, oldest first.
+    /// Connections whose pooled receive ended for want of a buffer (or yielded its turn), to
+    /// re-arm, oldest first. May hold ids no longer waiting; `waiting` counts those that are.
     starved: VecDeque<u64>,
+    waiting: usize,
+    /// A timer is pending to give waiting receives another turn.
+    rearm_timer: bool,
     /// Connections with buffers queued since the last send was posted: after a batch of
     /// completions, each posts one send that gathers all it has queued.
     to_send: Vec<u64>,
@@ -351,6 +361,8 @@ impl Server {
             conns: HashMap::default(),
             now: Instant::now(),
             starved: VecDeque::new(),
+            waiting: 0,
+            rearm_timer: false,
             to_send: Vec::new(),
             spare: Vec::new(),
             limits,
@@ -445,6 +457,7 @@ impl Server {
             Io::Drain => self.drain(),
             Io::Sweep => self.sweep(),
             Io::DrainTick => self.drain_tick(),
+            Io::Rearm => self.rearm_timer = false,
             Io::Recv => self.received(c),
             Io::Send => self.sent(c),
             Io::Close => {}
@@ -571,6 +584,7 @@ impl Server {
             eof: false,
             to_send: false,
             yielding: false,
+            starved: false,
             last_active: self.now,
         };
         self.arm(&mut conn);
@@ -578,6 +592,7 @@ impl Server {
     }
 
     fn arm(&mut self, conn: &mut Conn) {
+        self.done_waiting(conn);
         conn.recv = Some(
             self.worker
                 .submit_multishot(Op::recv_pooled(&conn.handle), Io::Recv),
@@ -613,11 +628,15 @@ impl Server {
                 }
                 if conn.recv.is_none() && !conn.paused && self.deadline.is_none() {
                     // The kernel ended the receive after data (e.g. no buffer for more).
-                    self.starved.push_back(id);
-                } else if !self.starved.is_empty() && !conn.paused && self.deadline.is_none() {
-                    // Other connections wait for a buffer: this one had its turn. An armed
-                    // receive takes a buffer whenever data comes, so without this the same
-                    // connections would keep the pool to themselves while the others starve.
+                    self.wait_for_buffer(id, &mut conn);
+                } else if self.waiting > self.worker.pool_available()
+                    && !conn.paused
+                    && self.deadline.is_none()
+                {
+                    // More connections wait for a buffer than there are free: this one had its
+                    // turn. An armed receive takes a buffer whenever data comes, so without
+                    // this the same connections would keep the pool to themselves while the
+                    // others starve.
                     self.yield_turn(&mut conn);
                 }
             }
@@ -629,13 +648,13 @@ impl Server {
                     conn.paused = false;
                 }
                 if !conn.paused {
-                    self.starved.push_back(id);
+                    self.wait_for_buffer(id, &mut conn);
                 }
                 return self.keep(id, conn);
             }
             Err(_) if c.is_cancelled() => {
                 if yielded && !conn.paused && !conn.eof && self.deadline.is_none() {
-                    self.starved.push_back(id);
+                    self.wait_for_buffer(id, &mut conn);
                 }
                 self.maybe_resume(&mut conn);
             }
@@ -792,24 +811,50 @@ impl Server {
         conn.handle.readable_bytes().map_or(true, |n| n == 0)
     }
 
-    /// Re-arms connections whose receive found the pool empty, oldest first, and no more than
-    /// there are free buffers: each will take at least one, and arming them all at once would
-    /// only see most fail again (and the same unlucky ones wait longest).
+    /// Queues a connection to be re-armed when buffers are free.
+    fn wait_for_buffer(&mut self, id: u64, conn: &mut Conn) {
+        if !conn.starved {
+            conn.starved = true;
+            self.waiting += 1;
+            self.starved.push_back(id);
+        }
+    }
+
+    fn done_waiting(&mut self, conn: &mut Conn) {
+        if std::mem::take(&mut conn.starved) {
+            self.waiting -= 1;
+        }
+    }
+
+    /// Re-arms connections waiting for a buffer, oldest first, and about as many as there are
+    /// free buffers: arming them all at once would only see most fail again (and the same
+    /// unlucky ones wait longest). A re-armed receive on a socket with nothing to read takes no
+    /// buffer, so while buffers stay free a short timer gives the rest their turn.
     fn rearm_starved(&mut self) {
         let mut budget = self.worker.pool_available();
         while budget > 0 {
             let Some(id) = self.starved.pop_front() else {
                 break;
             };
-            if let Some(conn) = self.conns.get_mut(&id) {
+            let Some(mut conn) = self.conns.remove(&id) else {
+                continue;
+            };
+            if conn.starved {
+                self.done_waiting(&mut conn);
                 if conn.recv.is_none() && !conn.paused && !conn.eof {
-                    conn.recv = Some(
-                        self.worker
-                            .submit_multishot(Op::recv_pooled(&conn.handle), Io::Recv),
-                    );
+                    self.arm(&mut conn);
                     budget -= 1;
                 }
             }
+            self.conns.insert(id, conn);
+        }
+        if self.waiting > 0
+            && !self.rearm_timer
+            && self.deadline.is_none()
+            && self.worker.pool_available() > 0
+        {
+            self.rearm_timer = true;
+            self.worker.submit(Op::timeout(REARM_AGAIN), Io::Rearm);
         }
     }
 
@@ -871,7 +916,8 @@ impl Server {
         }
     }
 
-    fn close_conn(&mut self, id: u64, conn: Conn, why: &str) {
+    fn close_conn(&mut self, id: u64, mut conn: Conn, why: &str) {
+        self.done_waiting(&mut conn);
         match conn.out.pending() {
             0 => debug!("closing socket {id} ({why})"),
             n => debug!("closing socket {id} ({why}), {n} bytes not echoed"),

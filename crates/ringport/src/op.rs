@@ -118,7 +118,8 @@ impl<K> Op<K> {
     /// with several `WSABUF`s), starting `offset` bytes into the first. The byte count covers
     /// them all and may be short; the buffers come back, in order, in
     /// [`Completion::gathered`] (and the `Vec`, to be reused for the next send). With one
-    /// buffer this is [`Op::send_pooled`].
+    /// buffer this is [`Op::send_pooled`]; past 1024 buffers (the kernel's `UIO_MAXIOV`) the
+    /// send is short.
     pub fn send_pooled_gather(socket: &Handle<K>, bufs: Vec<PoolBuf>, offset: usize) -> Self {
         Op::new(
             Some(socket),

@@ -50,6 +50,8 @@ struct FdState {
     /// number means the old socket was closed and the number reused.
     serial: u64,
     registered: bool,
+    /// A stream socket: a short read there means it was empty (not so for datagrams).
+    stream: bool,
     read: VecDeque<u64>,
     write: VecDeque<u64>,
 }
@@ -145,6 +147,7 @@ impl Epoll {
             return Ok(());
         }
         state.serial = target.serial;
+        state.stream = is_stream(target.fd);
         state.read.clear();
         state.write.clear();
         let mut ev = libc::epoll_event {
@@ -188,6 +191,7 @@ impl Epoll {
             let Some(state) = fd_state(&mut self.fds, fd) else {
                 return;
             };
+            let short_read_drains = short_read_drains && state.stream;
             let queue = match side {
                 Side::Read => &mut state.read,
                 Side::Write => &mut state.write,
@@ -375,6 +379,23 @@ fn recv_pooled(fd: RawFd, pool: Option<&mut PoolState>) -> Outcome {
             e => Outcome::Done(-e),
         };
     }
+}
+
+/// Whether `fd` is a stream socket (`SO_TYPE`).
+fn is_stream(fd: RawFd) -> bool {
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one c_int into `ty` and its size into `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            std::ptr::from_mut(&mut ty).cast(),
+            &mut len,
+        )
+    };
+    r == 0 && ty == libc::SOCK_STREAM
 }
 
 /// The state of descriptor `fd`, if it was ever registered.

@@ -84,12 +84,14 @@ impl Gather {
             .unwrap_or_default()
     }
 
-    /// Describes the unsent bytes as `iovec`s and returns the message header for `sendmsg`. The
-    /// header and what it points to stay valid while `self` is neither changed nor dropped.
+    /// Describes the unsent bytes as `iovec`s (at most `UIO_MAXIOV`: beyond, the send is short)
+    /// and returns the message header for `sendmsg`. The header and what it points to stay
+    /// valid while `self` is neither changed nor dropped.
     pub(crate) fn prepare(&mut self) -> *const libc::msghdr {
+        const UIO_MAXIOV: usize = 1024;
         self.iov.clear();
         let mut skip = self.offset;
-        for b in &self.bufs {
+        for b in self.bufs.iter().take(UIO_MAXIOV) {
             let rest = b.get(skip..).unwrap_or_default();
             skip = 0;
             if !rest.is_empty() {
