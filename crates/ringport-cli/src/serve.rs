@@ -314,7 +314,9 @@ struct Server {
     listener: Option<Handle<Key>>,
     /// Accepts (or accept back-offs) outstanding, on the listener's worker.
     accepts: usize,
-    conns: HashMap<u64, Conn, BuildHasherDefault<ConnIdHasher>>,
+    /// Boxed: a map sized for tens of thousands of connections then holds 16-byte entries, not
+    /// whole records, in the headroom it keeps.
+    conns: HashMap<u64, Box<Conn>, BuildHasherDefault<ConnIdHasher>>,
     /// The time when the current batch of completions was dequeued.
     now: Instant,
     /// Connections whose pooled receive ended for want of a buffer (or yielded its turn), to
@@ -574,7 +576,7 @@ impl Server {
         }
         debug!("socket {id} connected");
         self.connections += 1;
-        let mut conn = Conn {
+        let mut conn = Box::new(Conn {
             handle,
             recv: None,
             out: EchoQueue::new(),
@@ -586,7 +588,7 @@ impl Server {
             yielding: false,
             starved: false,
             last_active: self.now,
-        };
+        });
         self.arm(&mut conn);
         self.conns.insert(id, conn);
     }
@@ -674,7 +676,7 @@ impl Server {
     /// Decides, after an event, whether a connection goes on or is closed: it closes once it
     /// has nothing left to echo and its peer closed, or, while draining, once no input is left.
     /// A receive still armed is cancelled first, so that data it already took is not lost.
-    fn settle(&mut self, id: u64, mut conn: Conn) {
+    fn settle(&mut self, id: u64, mut conn: Box<Conn>) {
         if !self.idle(&conn) {
             return self.keep(id, conn);
         }
@@ -797,7 +799,7 @@ impl Server {
         }
     }
 
-    fn keep(&mut self, id: u64, conn: Conn) {
+    fn keep(&mut self, id: u64, conn: Box<Conn>) {
         self.conns.insert(id, conn);
     }
 
@@ -916,7 +918,7 @@ impl Server {
         }
     }
 
-    fn close_conn(&mut self, id: u64, mut conn: Conn, why: &str) {
+    fn close_conn(&mut self, id: u64, mut conn: Box<Conn>, why: &str) {
         self.done_waiting(&mut conn);
         match conn.out.pending() {
             0 => debug!("closing socket {id} ({why})"),
