@@ -13,7 +13,7 @@
 //! `ENOBUFS` and is re-armed when buffers come back.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::process::ExitCode;
@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringport::{Completion, Handle, Op, OpId, Packet, PoolBuf, Port, WaitError, Worker};
+use ringport::{Completion, Handle, IdHasher, Op, OpId, Packet, PoolBuf, Port, WaitError, Worker};
 use tracing::{debug, info, trace, warn};
 
 use crate::client::errors::describe;
@@ -316,7 +316,7 @@ struct Server {
     accepts: usize,
     /// Boxed: a map sized for tens of thousands of connections then holds 16-byte entries, not
     /// whole records, in the headroom it keeps.
-    conns: HashMap<u64, Box<Conn>, BuildHasherDefault<ConnIdHasher>>,
+    conns: HashMap<u64, Box<Conn>, BuildHasherDefault<IdHasher>>,
     /// The time when the current batch of completions was dequeued.
     now: Instant,
     /// Connections whose pooled receive ended for want of a buffer (or yielded its turn), to
@@ -928,26 +928,6 @@ impl Server {
         let _ = socket2::SockRef::from(&conn.handle).shutdown(Shutdown::Write);
         self.worker.submit(Op::close(&conn.handle), Io::Close);
         self.totals.live.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Connection ids are unique counters: hashing one is a multiplication.
-#[derive(Default)]
-struct ConnIdHasher(u64);
-
-impl Hasher for ConnIdHasher {
-    fn finish(&self) -> u64 {
-        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
     }
 }
 

@@ -101,6 +101,6 @@ mod sys;
 
 pub use fault::FAULTS_ENV;
 pub use handle::Handle;
-pub use op::{Completion, Op, OpId, OpKind, Packet};
+pub use op::{Completion, IdHasher, Op, OpId, OpKind, Packet};
 pub use pool::PoolBuf;
 pub use port::{Backend, Builder, Port, WaitError, Worker, FAULT_URING_SETUP_ENV};

@@ -14,12 +14,12 @@
 //! * Dropping a driver with operations still started is allowed only after the port has given
 //!   up on them and leaked their records (see `Worker`'s `Drop`).
 
-use std::hash::Hasher;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub(crate) use crate::op::IdHasher;
 use crate::pool::{Pool, PoolBuf};
 
 pub(crate) mod epoll;
@@ -201,32 +201,24 @@ pub(crate) fn send_one(fd: RawFd, bytes: &[u8]) -> Option<io::Result<usize>> {
     }
 }
 
-/// Operation ids are unique integers: hashing them is the identity.
-#[derive(Default)]
-pub(crate) struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        // Spread the sequential low bits over the whole word for hashbrown's top-bit groups.
-        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     /// A connection's armed receive holds one body for its whole life: keep it small.
     #[test]
     fn operation_bodies_stay_small() {
         assert!(std::mem::size_of::<super::OpBody>() <= 40);
+    }
+
+    /// Hash tables pick buckets by the low bits and match on the top seven: sequential ids
+    /// must vary in both.
+    #[test]
+    fn id_hasher_spreads_sequential_ids() {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let b = BuildHasherDefault::<super::IdHasher>::default();
+        let hashes: Vec<u64> = (0..1024u64).map(|i| b.hash_one(i)).collect();
+        let top: std::collections::HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        let low: std::collections::HashSet<u64> = hashes.iter().map(|h| h & 1023).collect();
+        assert!(top.len() > 100, "{} distinct top-7-bit values", top.len());
+        assert!(low.len() > 600, "{} distinct low-10-bit values", low.len());
     }
 }
