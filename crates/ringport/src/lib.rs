@@ -83,7 +83,10 @@
 //! [`Op::send_pooled_gather`]: one `sendmsg` for all of them instead of one send each, which is
 //! what keeps large messages and streams cheap (`BENCHMARKS.md`).
 //! When the pool is empty the receive ends with `ENOBUFS`; post it again once
-//! [`Worker::pool_available`] is non-zero.
+//! [`Worker::pool_available`] is non-zero. On io_uring the kernel picks buffers from a ring that
+//! holds only part of the pool, as much as recent demand needed, topped up before each wait
+//! with the buffers returned most recently (epoll likewise reuses the most recent first), so a
+//! lightly loaded worker keeps touching the same few pages of a large pool.
 //!
 //! # Fault injection
 //!
