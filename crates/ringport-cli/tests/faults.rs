@@ -1,6 +1,7 @@
 //! Injected faults (`RINGPORT_FAULTS`): a send or receive that fails cuts that one connection
 //! cleanly (what came back is an exact prefix of what was sent, then EOF or a reset), a short
-//! send loses nothing, and the server keeps serving the others and exits 0.
+//! send loses nothing, a receive that finds no buffer loses nothing, and the server keeps
+//! serving the others and exits 0.
 
 mod util;
 
@@ -163,6 +164,37 @@ fn failing_receives_cut_only_their_connection() {
     faulty_streams("recv=ECONNRESET/3");
 }
 
+/// A receive that ends for want of a buffer (`ENOBUFS`) is not an error: the connection waits
+/// for its turn and is re-armed, and no byte is lost or reordered.
+fn receives_that_find_no_buffer_lose_nothing() {
+    let spec = "recv=ENOBUFS/3";
+    let server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
+        cmd.env("RINGPORT_FAULTS", spec);
+    });
+    let addr = server.addr;
+    let len = CHUNKS * CHUNK;
+    let handles: Vec<_> = (0..CONNECTIONS)
+        .map(|i| {
+            let data = pattern(9000 + i as u64, len);
+            let what = format!("connection {i} ({spec})");
+            thread::spawn(move || stream_one(addr, data, what))
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let o = h.join().expect("a connection's check failed");
+        assert!(
+            o.got == len && o.end == StreamEnd::Eof && o.wrote_all,
+            "connection {i} ({spec}): {o:?}, want all {len} bytes back, then EOF"
+        );
+    }
+    let mut server = server;
+    server.assert_running();
+    server.signal(libc::SIGTERM);
+    let output = server.wait_exit(EXIT_GUARD);
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+}
+
 fn bad_fault_spec_is_named() {
     let output = util::run_cli_configured(
         &["serve", "--listen", "127.0.0.1:0"],
@@ -183,5 +215,6 @@ fn bad_fault_spec_is_named() {
 per_backend!(
     failing_and_short_sends_cut_only_their_connection,
     failing_receives_cut_only_their_connection,
+    receives_that_find_no_buffer_lose_nothing,
     bad_fault_spec_is_named,
 );
