@@ -11,22 +11,12 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
-use util::{
-    echo_exact, json_report, pattern, run_cli, run_cli_configured, Output, Server, CLI_TIMEOUT,
-};
+use util::{echo_exact, json_report, pattern, run_cli, run_cli_configured, Server, CLI_TIMEOUT};
 
 /// The environment variable that makes the io_uring probe fail as if refused.
 const FAULT_ENV: &str = "RINGPORT_FAULT_URING_SETUP";
 /// Hang guard for the exit after SIGTERM (default drain timeout plus margin).
 const EXIT_GUARD: Duration = Duration::from_secs(15);
-
-fn stop(server: Server) -> Output {
-    server.signal(libc::SIGTERM);
-    let output = server.wait_exit(EXIT_GUARD);
-    output.assert_no_panic();
-    assert_eq!(output.code(), Some(0), "{}", output.describe());
-    output
-}
 
 /// `--backend auto` on a system that refuses io_uring (as `configure` arranges): it must warn
 /// why, listen on epoll, and echo.
@@ -49,7 +39,7 @@ fn auto_falls_back_to_epoll(what: &str, configure: impl FnOnce(&mut Command)) {
     );
     println!("{what}: {warning}");
     echo_exact(server.addr, &pattern(1, 256 * 1024));
-    stop(server);
+    server.terminate_cleanly(EXIT_GUARD);
 }
 
 /// `--backend uring` on a system that refuses io_uring: exit 1, naming the problem and the way out.
@@ -123,7 +113,7 @@ fn fault_hook_client_load_mode_reports_epoll() {
         "client report: {report:?}"
     );
     assert_eq!(report.get("ok").and_then(util::Json::as_bool), Some(true));
-    stop(server);
+    server.terminate_cleanly(EXIT_GUARD);
 }
 
 /// `AUDIT_ARCH_X86_64` from `<linux/audit.h>` (not in the libc crate).
@@ -258,7 +248,7 @@ fn auto_uses_io_uring_where_it_is_available() {
         "a fallback warning although io_uring works\n{}",
         server.stderr_so_far()
     );
-    stop(server);
+    server.terminate_cleanly(EXIT_GUARD);
 }
 
 #[test]

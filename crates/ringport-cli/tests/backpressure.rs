@@ -119,10 +119,7 @@ fn writer_that_never_reads_is_held_back(window: Duration) {
 
     let mut server = server;
     server.assert_running();
-    server.signal(libc::SIGTERM);
-    let output = server.wait_exit(EXIT_GUARD);
-    output.assert_no_panic();
-    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    server.terminate_cleanly(EXIT_GUARD);
 }
 
 fn sender_without_reading_bounded_rss_then_exact_echo() {

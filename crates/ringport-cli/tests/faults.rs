@@ -79,23 +79,31 @@ fn fresh_echo(addr: SocketAddr) -> Result<(), String> {
     }
 }
 
-fn faulty_streams(spec: &str) {
+/// Starts a server with `RINGPORT_FAULTS=spec` and streams `CONNECTIONS` connections at it at
+/// once (data seeded from `seed`); returns the server and what each connection saw.
+fn stream_with_faults(spec: &str, seed: u64) -> (Server, Vec<Outcome>) {
     let server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
         cmd.env("RINGPORT_FAULTS", spec);
     });
     let addr = server.addr;
-    let len = CHUNKS * CHUNK;
     let handles: Vec<_> = (0..CONNECTIONS)
         .map(|i| {
-            let data = pattern(7000 + i as u64, len);
+            let data = pattern(seed + i as u64, CHUNKS * CHUNK);
             let what = format!("connection {i} ({spec})");
             thread::spawn(move || stream_one(addr, data, what))
         })
         .collect();
-    let outcomes: Vec<Outcome> = handles
+    let outcomes = handles
         .into_iter()
         .map(|h| h.join().expect("a connection's check failed"))
         .collect();
+    (server, outcomes)
+}
+
+fn faulty_streams(spec: &str) {
+    let (server, outcomes) = stream_with_faults(spec, 7000);
+    let addr = server.addr;
+    let len = CHUNKS * CHUNK;
 
     let complete = outcomes
         .iter()
@@ -143,10 +151,7 @@ fn faulty_streams(spec: &str) {
     );
     drop(errors);
 
-    server.signal(libc::SIGTERM);
-    let output = server.wait_exit(EXIT_GUARD);
-    output.assert_no_panic();
-    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    let output = server.terminate_cleanly(EXIT_GUARD);
     let served = number_between(&output.stdout, "served ", " connections")
         .unwrap_or_else(|| panic!("no summary\n{}", output.describe()));
     assert!(
@@ -168,20 +173,9 @@ fn failing_receives_cut_only_their_connection() {
 /// for its turn and is re-armed, and no byte is lost or reordered.
 fn receives_that_find_no_buffer_lose_nothing() {
     let spec = "recv=ENOBUFS/3";
-    let server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
-        cmd.env("RINGPORT_FAULTS", spec);
-    });
-    let addr = server.addr;
+    let (server, outcomes) = stream_with_faults(spec, 9000);
     let len = CHUNKS * CHUNK;
-    let handles: Vec<_> = (0..CONNECTIONS)
-        .map(|i| {
-            let data = pattern(9000 + i as u64, len);
-            let what = format!("connection {i} ({spec})");
-            thread::spawn(move || stream_one(addr, data, what))
-        })
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        let o = h.join().expect("a connection's check failed");
+    for (i, o) in outcomes.iter().enumerate() {
         assert!(
             o.got == len && o.end == StreamEnd::Eof && o.wrote_all,
             "connection {i} ({spec}): {o:?}, want all {len} bytes back, then EOF"
@@ -189,10 +183,7 @@ fn receives_that_find_no_buffer_lose_nothing() {
     }
     let mut server = server;
     server.assert_running();
-    server.signal(libc::SIGTERM);
-    let output = server.wait_exit(EXIT_GUARD);
-    output.assert_no_panic();
-    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    server.terminate_cleanly(EXIT_GUARD);
 }
 
 fn bad_fault_spec_is_named() {

@@ -91,10 +91,7 @@ fn sigint_with_open_connections_drains_and_exits_0() {
 
 fn sigterm_when_idle_exits_0_with_zero_summary() {
     let server = Server::start();
-    server.signal(libc::SIGTERM);
-    let output = server.wait_exit(EXIT_GUARD);
-    output.assert_no_panic();
-    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    let output = server.terminate_cleanly(EXIT_GUARD);
     assert_eq!(summary(&output), (0, 0), "{}", output.describe());
 }
 

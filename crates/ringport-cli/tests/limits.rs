@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use util::{
     connect, cpu_seconds, fd_count, is_reset, number_between, pattern, raise_own_nofile,
-    read_exact_len, round_trip, Output, Server,
+    read_exact_len, round_trip, Server,
 };
 
 /// Hang guard for the exit after SIGTERM (default drain timeout plus margin).
@@ -32,14 +32,6 @@ const EMFILE_CLOSED: usize = 300;
 const SATURATED_WINDOW: Duration = Duration::from_secs(2);
 /// The most CPU (fraction of one core) a server that backs off may use in that window.
 const SATURATED_CPU_LIMIT: f64 = 0.30;
-
-fn stop(server: Server) -> Output {
-    server.signal(libc::SIGTERM);
-    let output = server.wait_exit(EXIT_GUARD);
-    output.assert_no_panic();
-    assert_eq!(output.code(), Some(0), "{}", output.describe());
-    output
-}
 
 /// Reads from `stream` until the server closes it; panics if it stays open or sends data.
 #[track_caller]
@@ -119,7 +111,7 @@ fn max_connections_refuses_the_excess_and_recovers() {
     }
     drop((first, a, b));
 
-    let output = stop(server);
+    let output = server.terminate_cleanly(EXIT_GUARD);
     let refused = number_between(&output.stdout, "refused ", " over --max-connections")
         .unwrap_or_else(|| {
             panic!(
@@ -161,7 +153,7 @@ fn idle_timeout_closes_idle_connections_only() {
     round_trip(&mut active, b"still here");
     drop((idle, active));
 
-    let output = stop(server);
+    let output = server.terminate_cleanly(EXIT_GUARD);
     let closed = number_between(&output.stdout, "closed ", " idle")
         .unwrap_or_else(|| panic!("summary lacks `closed N idle`\n{}", output.describe()));
     assert_eq!(
@@ -265,7 +257,7 @@ fn out_of_descriptors_backs_off_warns_once_and_recovers() {
     }
     round_trip(&mut fresh, b"still fine");
     drop((conns, fresh));
-    stop(server);
+    server.terminate_cleanly(EXIT_GUARD);
 }
 
 per_backend!(

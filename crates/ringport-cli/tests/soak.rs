@@ -253,10 +253,7 @@ fn soak(total_cycles: usize, mixed: Duration) {
         bound as f64 / MIB
     );
 
-    server.signal(libc::SIGTERM);
-    let output = server.wait_exit(EXIT_GUARD);
-    output.assert_no_panic();
-    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    let output = server.terminate_cleanly(EXIT_GUARD);
     let served = number_between(&output.stdout, "served ", " connections")
         .unwrap_or_else(|| panic!("no summary\n{}", output.describe()));
     assert_eq!(served, connections, "served count\n{}", output.describe());

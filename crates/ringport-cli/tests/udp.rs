@@ -19,14 +19,6 @@ const BURST: usize = 100;
 /// How long to keep collecting echoes of the burst after the last one arrived.
 const QUIET: Duration = Duration::from_millis(500);
 
-fn stop(server: Server) -> Output {
-    server.signal(libc::SIGTERM);
-    let output = server.wait_exit(EXIT_GUARD);
-    output.assert_no_panic();
-    assert_eq!(output.code(), Some(0), "{}", output.describe());
-    output
-}
-
 /// A UDP socket on the loopback of the server's family, connected to it.
 fn udp_client(server: SocketAddr) -> UdpSocket {
     let local: SocketAddr = if server.is_ipv6() {
@@ -92,7 +84,7 @@ fn datagrams_of_every_size_echo_exactly() {
         );
         assert!(echoed == msg, "the echo of a {len}-byte datagram differs");
     }
-    let output = stop(server);
+    let output = server.terminate_cleanly(EXIT_GUARD);
     let (echoed, dropped) = udp_summary(&output);
     assert!(echoed >= sizes.len() as u64, "{}", output.describe());
     assert_eq!(
@@ -137,7 +129,7 @@ fn rate_limit_drops_and_counts_the_excess() {
         received <= BURST / 2,
         "{received} of {BURST} datagrams sent at once were echoed at --udp-rate 10"
     );
-    let output = stop(server);
+    let output = server.terminate_cleanly(EXIT_GUARD);
     let (echoed, dropped) = udp_summary(&output);
     assert!(
         dropped > 0,
@@ -178,7 +170,7 @@ fn without_udp_nothing_answers() {
             ),
         }
     }
-    let output = stop(server);
+    let output = server.terminate_cleanly(EXIT_GUARD);
     assert!(
         !output.stdout.contains("UDP"),
         "a server without --udp reports UDP\n{}",

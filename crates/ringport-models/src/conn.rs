@@ -403,6 +403,31 @@ pub(crate) fn drain_all(
     }
 }
 
+/// Edge-triggered loops, while draining: whether the loop is over, because every connection
+/// finished or the drain `deadline` passed (then the rest are closed, their echo unfinished).
+pub(crate) fn drain_over(
+    model: &str,
+    deadline: Option<Instant>,
+    now: Instant,
+    conns: &mut HashMap<RawFd, Conn>,
+) -> bool {
+    let Some(deadline) = deadline else {
+        return false;
+    };
+    if conns.is_empty() {
+        return true;
+    }
+    if now >= deadline {
+        warn!(
+            "{model}: drain timeout, closing {} connections",
+            conns.len()
+        );
+        conns.drain().for_each(|(_, c)| c.close_unfinished());
+        return true;
+    }
+    false
+}
+
 /// Edge-triggered loops: how long the next wait may last (`None`: no limit). No wait at all
 /// while connections are queued on `ready`; otherwise until the drain `deadline`, the end of an
 /// accept pause, or (while draining: only then, since it is a scan) the first quiet period.

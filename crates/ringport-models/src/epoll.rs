@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::conn::{drain_all, turn, turn_pending, wait_timeout, Acceptor, Conn, SCRATCH};
+use crate::conn::{
+    drain_all, drain_over, turn, turn_pending, wait_timeout, Acceptor, Conn, SCRATCH,
+};
 use crate::sys::{self, syscall};
 use crate::{Config, Stats, Stop};
 
@@ -68,15 +70,8 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
             }
             drain_all(&mut conns, &mut ready, &mut scratch, &mut stats);
         }
-        if let Some(deadline) = deadline {
-            if conns.is_empty() {
-                break;
-            }
-            if now >= deadline {
-                warn!("epoll: drain timeout, closing {} connections", conns.len());
-                conns.drain().for_each(|(_, c)| c.close_unfinished());
-                break;
-            }
+        if drain_over("epoll", deadline, now, &mut conns) {
+            break;
         }
 
         if let Some(a) = acceptor.as_mut() {

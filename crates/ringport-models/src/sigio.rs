@@ -49,7 +49,7 @@ use libc::c_int;
 use tracing::{info, warn};
 
 use crate::conn::{
-    drain_all, turn, turn_pending, wait_timeout, Acceptor, Conn, RateLimit, SCRATCH,
+    drain_all, drain_over, turn, turn_pending, wait_timeout, Acceptor, Conn, RateLimit, SCRATCH,
 };
 use crate::sys::{self, syscall};
 use crate::{Config, Stats, Stop};
@@ -109,15 +109,8 @@ fn run(
             acceptor = None;
             drain_all(&mut conns, &mut ready, &mut scratch, &mut stats);
         }
-        if let Some(deadline) = deadline {
-            if conns.is_empty() {
-                break;
-            }
-            if now >= deadline {
-                warn!("sigio: drain timeout, closing {} connections", conns.len());
-                conns.drain().for_each(|(_, c)| c.close_unfinished());
-                break;
-            }
+        if drain_over("sigio", deadline, now, &mut conns) {
+            break;
         }
 
         if let Some(a) = acceptor.as_mut() {

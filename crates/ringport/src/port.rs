@@ -792,14 +792,7 @@ where
         if let Some(effect) = self.faults.as_ref().and_then(|f| f.check(p.kind)) {
             let res = match (effect, &*body) {
                 (Effect::Errno(e), _) => Some(Err(errno(e))),
-                (Effect::Short, OpBody::Send(buf, off)) => {
-                    sys::send_one(fd, buf.get(*off..).unwrap_or_default())
-                }
-                (Effect::Short, OpBody::SendPooled(buf, off)) => {
-                    sys::send_one(fd, buf.get(*off..).unwrap_or_default())
-                }
-                (Effect::Short, OpBody::SendGather(g)) => sys::send_one(fd, g.first()),
-                (Effect::Short, _) => None,
+                (Effect::Short, body) => sys::send_one(fd, body.unsent_head()),
             };
             if let Some(res) = res {
                 return self.ready.push_back(p.into_completion(res));

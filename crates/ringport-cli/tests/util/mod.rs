@@ -339,6 +339,15 @@ impl Server {
         self.err.text()
     }
 
+    /// Sends SIGTERM and checks the server exits 0 within `timeout`, without a panic.
+    pub fn terminate_cleanly(self, timeout: Duration) -> Output {
+        self.signal(libc::SIGTERM);
+        let output = self.wait_exit(timeout);
+        output.assert_no_panic();
+        assert_eq!(output.code(), Some(0), "{}", output.describe());
+        output
+    }
+
     /// Waits up to `timeout` for the server to exit; kills it and panics if it overruns.
     pub fn wait_exit(mut self, timeout: Duration) -> Output {
         let mut child = self.child.take().unwrap();

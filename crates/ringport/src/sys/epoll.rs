@@ -76,10 +76,13 @@ struct PoolState {
 }
 
 impl PoolState {
-    /// A free buffer: the most recently returned one, so that a lightly loaded worker keeps
-    /// reusing a few warm buffers instead of paging in the whole pool.
+    /// A free buffer: the most recently returned one (they are collected before each wait),
+    /// so that a lightly loaded worker keeps reusing a few warm buffers instead of paging in the
+    /// whole pool.
     fn take(&mut self) -> Option<u16> {
-        self.pool.take_returned(&mut self.free);
+        if self.free.is_empty() {
+            self.pool.take_returned(&mut self.free);
+        }
         self.free.pop()
     }
 }
@@ -269,20 +272,8 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
     let body = unsafe { &mut *op.body };
     let r = match body {
         OpBody::RecvPooled => return recv_pooled(op.fd, pool),
-        OpBody::SendPooled(buf, offset) => {
-            let rest = buf.get(*offset..).unwrap_or_default();
-            // SAFETY: send reads `rest.len()` initialized bytes from `rest`.
-            unsafe {
-                libc::send(op.fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) as i32
-            }
-        }
-        OpBody::SendGather(g) if g.bufs.len() <= 1 => {
-            let rest = g.first();
-            // SAFETY: send reads `rest.len()` initialized bytes from `rest`.
-            unsafe {
-                libc::send(op.fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) as i32
-            }
-        }
+        OpBody::Send(..) | OpBody::SendPooled(..) => send_now(op.fd, body.unsent_head()),
+        OpBody::SendGather(g) if g.bufs.len() <= 1 => send_now(op.fd, g.first()),
         OpBody::SendGather(g) => {
             let msg = g.prepare();
             // SAFETY: `msg` describes initialized bytes of the buffers `g` owns, and stays valid
@@ -302,13 +293,6 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
             let spare = buf.spare_capacity_mut();
             // SAFETY: recv writes at most `spare.len()` bytes into the buffer's spare capacity.
             unsafe { libc::recv(op.fd, spare.as_mut_ptr().cast(), spare.len(), 0) as i32 }
-        }
-        OpBody::Send(buf, offset) => {
-            let rest = buf.get(*offset..).unwrap_or_default();
-            // SAFETY: send reads `rest.len()` initialized bytes from `rest`.
-            unsafe {
-                libc::send(op.fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) as i32
-            }
         }
         OpBody::Connect(addr) => {
             if op.connecting {
@@ -350,6 +334,12 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
         libc::EINTR => attempt(op, pool),
         e => Outcome::Done(-e),
     }
+}
+
+/// One `send(2)` of `bytes`: the byte count, or -1 with `errno` set.
+fn send_now(fd: RawFd, bytes: &[u8]) -> i32 {
+    // SAFETY: send reads `bytes.len()` initialized bytes from `bytes`.
+    unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) as i32 }
 }
 
 /// One receive into a free pool buffer. Without a free buffer the operation ends with
@@ -515,6 +505,9 @@ impl Driver for Epoll {
                 }
             }
         };
+        if let Some(p) = &mut self.pool {
+            p.pool.take_returned(&mut p.free);
+        }
         self.buf.clear();
         // SAFETY: epoll_wait writes at most `capacity` events into the vector's spare capacity.
         let n = unsafe {

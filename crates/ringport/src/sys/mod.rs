@@ -49,6 +49,18 @@ pub(crate) enum OpBody {
     Timeout(Duration, io_uring::types::Timespec),
 }
 
+impl OpBody {
+    /// What a send has yet to send from its (first) buffer; empty for other operations.
+    pub(crate) fn unsent_head(&self) -> &[u8] {
+        match self {
+            OpBody::Send(buf, offset) => buf.get(*offset..).unwrap_or_default(),
+            OpBody::SendPooled(buf, offset) => buf.get(*offset..).unwrap_or_default(),
+            OpBody::SendGather(g) => g.first(),
+            _ => &[],
+        }
+    }
+}
+
 /// The buffers of a gathering send, and the `iovec`s and message header that describe them to
 /// the kernel. Kept in the operation's boxed body, so the pointers stay valid until the
 /// operation is reported.

@@ -253,6 +253,14 @@ impl Uring {
     }
 }
 
+/// A send of `bytes` (its SQE points into them).
+fn send_sqe(fd: types::Fd, bytes: &[u8]) -> squeue::Entry {
+    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+    opcode::Send::new(fd, bytes.as_ptr(), len)
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+}
+
 /// Checks, on a new ring, that cancellation by "any" works (Linux 5.19): shutdown, close and
 /// drop rely on it. A ring with nothing in flight answers `ENOENT`.
 fn probe_cancel_any(ring: &mut IoUring) -> io::Result<()> {
@@ -295,30 +303,11 @@ impl Driver for Uring {
                 let len = u32::try_from(spare.len()).unwrap_or(u32::MAX);
                 opcode::Recv::new(fd, spare.as_mut_ptr().cast(), len).build()
             }
-            OpBody::Send(buf, offset) => {
-                let rest = buf.get(*offset..).unwrap_or_default();
-                let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-                opcode::Send::new(fd, rest.as_ptr(), len)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-            }
+            OpBody::Send(..) | OpBody::SendPooled(..) => send_sqe(fd, body.unsent_head()),
             OpBody::Timeout(_, ts) => opcode::Timeout::new(ts).build(),
             OpBody::RecvPooled => opcode::RecvMulti::new(fd, POOL_GROUP).build(),
-            OpBody::SendPooled(buf, offset) => {
-                let rest = buf.get(*offset..).unwrap_or_default();
-                let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-                opcode::Send::new(fd, rest.as_ptr(), len)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-            }
             // One buffer: a plain send, which the kernel sets up with less work.
-            OpBody::SendGather(g) if g.bufs.len() <= 1 => {
-                let rest = g.first();
-                let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-                opcode::Send::new(fd, rest.as_ptr(), len)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-            }
+            OpBody::SendGather(g) if g.bufs.len() <= 1 => send_sqe(fd, g.first()),
             OpBody::SendGather(g) => opcode::SendMsg::new(fd, g.prepare())
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build(),
