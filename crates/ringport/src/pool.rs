@@ -1,11 +1,20 @@
 //! Receive buffer pools: buffers the kernel picks from when data arrives, so that a connection
 //! waiting for input pins no buffer of its own (the book's "zero-byte receive" idea).
+//!
+//! Buffers are filled incrementally where the backend can: each receive takes only the bytes it
+//! got, from where the previous one stopped, and the buffer is handed on only once it is full.
+//! A [`PoolBuf`] is then a slice of a buffer, and a buffer goes back to the free list when the
+//! driver has let go of it and the last of its slices is dropped (a count per buffer).
 
 use std::alloc::{self, Layout};
 use std::fmt;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// In a buffer's count: the driver holds it (it is in the kernel's ring, or the epoll backend
+/// receives into it). The low bits count its live [`PoolBuf`]s.
+const HELD: u32 = 1 << 31;
 
 /// One worker's pool: `count` buffers of `size` bytes in one allocation.
 pub(crate) struct Pool {
@@ -13,9 +22,11 @@ pub(crate) struct Pool {
     layout: Layout,
     size: usize,
     count: u16,
-    /// Buffers handed out as [`PoolBuf`] and not yet dropped.
-    out: AtomicUsize,
-    /// Buffers dropped and not yet given back to the kernel (or the epoll free list).
+    /// Per buffer: [`HELD`] while the driver holds it, plus its live slices.
+    refs: Box<[AtomicU32]>,
+    /// Buffers the driver let go of that slices still hold.
+    out: AtomicIsize,
+    /// Buffers let go of by everyone, not yet given back to the kernel (or the epoll free list).
     returned: Mutex<Vec<u16>>,
 }
 
@@ -28,11 +39,11 @@ unsafe impl Sync for Pool {}
 
 impl Pool {
     pub(crate) fn new(size: usize, count: u16) -> std::io::Result<Arc<Pool>> {
-        if count == 0 || count > 32768 || size > u32::MAX as usize {
+        if count == 0 || count > 32768 || size > i32::MAX as usize {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!(
-                    "receive pool of {count} x {size} bytes: 1 to 32768 buffers of at most 4 GiB"
+                    "receive pool of {count} x {size} bytes: 1 to 32768 buffers of less than 2 GiB"
                 ),
             ));
         }
@@ -55,7 +66,8 @@ impl Pool {
             layout,
             size,
             count,
-            out: AtomicUsize::new(0),
+            refs: (0..count).map(|_| AtomicU32::new(0)).collect(),
+            out: AtomicIsize::new(0),
             returned: Mutex::new(Vec::new()),
         }))
     }
@@ -75,9 +87,32 @@ impl Pool {
         unsafe { self.base.add(usize::from(bid) * self.size) }
     }
 
-    /// Buffers in user hands right now.
+    /// Buffers that only slices in user hands hold right now.
     pub(crate) fn out(&self) -> usize {
-        self.out.load(Ordering::Relaxed)
+        usize::try_from(self.out.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    /// The driver takes free buffer `bid` (to give to the kernel, or to receive into).
+    pub(crate) fn hold(&self, bid: u16) {
+        self.refs[usize::from(bid)].store(HELD, Ordering::Relaxed);
+    }
+
+    /// The driver will not write buffer `bid` again: it is free once its slices are dropped.
+    pub(crate) fn release(&self, bid: u16) {
+        let old = self.refs[usize::from(bid)].fetch_and(!HELD, Ordering::AcqRel);
+        debug_assert!(old & HELD != 0, "buffer {bid} released twice");
+        if old & !HELD == 0 {
+            self.give_back(bid);
+        } else {
+            self.out.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn give_back(&self, bid: u16) {
+        self.returned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(bid);
     }
 
     /// Takes the buffers dropped since the last call.
@@ -86,18 +121,23 @@ impl Pool {
         into.append(&mut r);
     }
 
-    /// Wraps buffer `bid`, into which `len` bytes were just received.
+    /// Wraps bytes `off..off + len` of buffer `bid`, just received.
     ///
     /// # Safety
-    /// The kernel (or the driver's `recv`) has finished writing `bid`, wrote `len` bytes at its
-    /// start, and will not write it again until it is given back; no other `PoolBuf` for it
-    /// exists.
-    pub(crate) unsafe fn buf(self: &Arc<Self>, bid: u16, len: usize) -> PoolBuf {
-        self.out.fetch_add(1, Ordering::Relaxed);
+    /// The kernel (or the driver's `recv`) has finished writing those bytes, and writes only
+    /// past them until the buffer is given back; the driver holds the buffer.
+    pub(crate) unsafe fn buf(self: &Arc<Self>, bid: u16, off: usize, len: usize) -> PoolBuf {
+        let old = self.refs[usize::from(bid)].fetch_add(1, Ordering::Relaxed);
+        debug_assert!(
+            old & HELD != 0,
+            "slice of buffer {bid}, which the driver let go of"
+        );
+        let off = off.min(self.size);
         PoolBuf {
             pool: Arc::clone(self),
             bid,
-            len: len.min(self.size),
+            off: off as u32,
+            len: len.min(self.size - off) as u32,
         }
     }
 }
@@ -110,20 +150,23 @@ impl Drop for Pool {
     }
 }
 
-/// A received buffer from a worker's receive pool ([`Builder::recv_pool`]). It derefs to the
-/// bytes received; dropping it gives the buffer back to the pool. It can be sent as it is with
-/// [`Op::send_pooled`], which avoids a copy.
+/// Bytes received into a worker's receive pool ([`Builder::recv_pool`]): a slice of one pool
+/// buffer, which later receives may go on filling past its end. It derefs to the bytes
+/// received; the buffer goes back to the pool once it is full and all its slices are dropped.
+/// It can be sent as it is with [`Op::send_pooled`], which avoids a copy.
 ///
 /// [`Builder::recv_pool`]: crate::Builder::recv_pool
 /// [`Op::send_pooled`]: crate::Op::send_pooled
 pub struct PoolBuf {
     pool: Arc<Pool>,
     bid: u16,
-    len: usize,
+    /// Where the slice starts in the buffer.
+    off: u32,
+    len: u32,
 }
 
 impl PoolBuf {
-    /// The buffer's capacity (the pool's buffer size).
+    /// The size of the pool buffer this slice is part of.
     pub fn capacity(&self) -> usize {
         self.pool.size
     }
@@ -133,9 +176,15 @@ impl Deref for PoolBuf {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        // SAFETY: while this `PoolBuf` exists the buffer is out of the kernel's and the driver's
-        // hands, and its first `len` bytes were written by the receive that produced it.
-        unsafe { std::slice::from_raw_parts(self.pool.addr(self.bid), self.len) }
+        // SAFETY: the receive that produced this `PoolBuf` wrote these bytes, inside the buffer
+        // (`Pool::buf` clamps them); the buffer is not given back, so not written again there,
+        // while this `PoolBuf` exists.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.pool.addr(self.bid).add(self.off as usize),
+                self.len as usize,
+            )
+        }
     }
 }
 
@@ -143,6 +192,7 @@ impl fmt::Debug for PoolBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PoolBuf")
             .field("bid", &self.bid)
+            .field("off", &self.off)
             .field("len", &self.len)
             .finish()
     }
@@ -150,11 +200,11 @@ impl fmt::Debug for PoolBuf {
 
 impl Drop for PoolBuf {
     fn drop(&mut self) {
-        self.pool
-            .returned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(self.bid);
-        self.pool.out.fetch_sub(1, Ordering::Relaxed);
+        let old = self.pool.refs[usize::from(self.bid)].fetch_sub(1, Ordering::AcqRel);
+        // The last slice of a buffer the driver let go of.
+        if old == 1 {
+            self.pool.give_back(self.bid);
+            self.pool.out.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }

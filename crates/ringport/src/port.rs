@@ -156,7 +156,8 @@ impl Builder {
     /// Gives each worker a receive pool of `buffers` buffers of `size` bytes, for
     /// [`Op::recv_pooled`]: the kernel takes a buffer from the pool only when data arrives, so
     /// a connection waiting for input holds none (on io_uring, a provided-buffer ring with a
-    /// multishot receive, Linux 6.0+). Without a pool, pooled receives fail with
+    /// multishot receive, Linux 6.0+). Receives fill a buffer one after another (see the crate
+    /// docs), so `size` bounds one receive, not one message. Without a pool, pooled receives fail with
     /// `InvalidInput`; `buffers` must be 1 to 32768 (else [`Builder::build`] fails).
     pub fn recv_pool(mut self, size: usize, buffers: u16) -> Self {
         self.pool = Some((size, buffers));
@@ -678,13 +679,17 @@ where
 
     fn complete_events(&mut self) {
         for ev in self.events.drain(..) {
-            let pooled = match (ev.bid, &self.pool) {
-                (Some(bid), Some(pool)) => {
+            let pooled = match (ev.buf, &self.pool) {
+                (Some(f), Some(pool)) => {
                     // SAFETY: the driver reported that the kernel (or its recv) wrote `res`
-                    // bytes into buffer `bid`, which left the kernel's ring with this event.
-                    let buf = unsafe { pool.buf(bid, ev.res.max(0) as usize) };
-                    // A buffer that came with no data goes straight back to the pool.
-                    (ev.res > 0).then_some(buf)
+                    // bytes at `off` in buffer `f.bid`, which it still holds; it writes only
+                    // past them from now on.
+                    let buf = (ev.res > 0)
+                        .then(|| unsafe { pool.buf(f.bid, f.off as usize, ev.res as usize) });
+                    if f.released {
+                        pool.release(f.bid);
+                    }
+                    buf
                 }
                 _ => None,
             };
@@ -835,9 +840,10 @@ impl<K, D> Drop for Worker<K, D> {
                 break;
             }
             for ev in self.events.drain(..) {
-                if let (Some(bid), Some(pool)) = (ev.bid, &self.pool) {
-                    // SAFETY: as in `complete_events`: the buffer left the kernel with this event.
-                    drop(unsafe { pool.buf(bid, 0) });
+                if let (Some(f), Some(pool)) = (ev.buf, &self.pool) {
+                    if f.released {
+                        pool.release(f.bid);
+                    }
                 }
                 if !ev.more {
                     if let Some(p) = self.inflight.remove(&ev.id) {

@@ -74,6 +74,7 @@ per_backend!(
     receive_without_spare_capacity_is_refused,
     pooled_receive_completes_many_times_and_holds_no_buffer_while_idle,
     pooled_receive_ends_with_enobufs_when_the_pool_runs_dry,
+    small_receives_share_a_pool_buffer,
     gathering_send_sends_pool_buffers_in_order_and_gives_them_back,
     pooled_receive_rearmed_after_data_and_close_sees_both,
     pooled_receive_without_a_pool_is_refused,
@@ -539,6 +540,55 @@ fn pooled_receive_completes_many_times_and_holds_no_buffer_while_idle(b: Backend
     assert!(!c.more, "end of stream ends the multishot receive");
 }
 
+/// Receives fill a pool buffer one after another, whichever socket they are on: small messages
+/// share a buffer, which goes back to the pool once full and no longer referenced.
+fn small_receives_share_a_pool_buffer(b: Backend) {
+    let (port, mut w) = pooled_worker(b, 16, 1);
+    let (a, mut peer_a) = pair();
+    let (bb, mut peer_b) = pair();
+    let ha = port.associate(a, 0).unwrap();
+    let hb = port.associate(bb, 1).unwrap();
+    w.submit_multishot(Op::recv_pooled(&ha), 0);
+    w.submit_multishot(Op::recv_pooled(&hb), 1);
+    let mut held = Vec::new();
+    for (chunk, from) in [(&b"hello"[..], 0u8), (b"world", 1), (b"!", 0)] {
+        let peer = if from == 0 { &mut peer_a } else { &mut peer_b };
+        peer.write_all(chunk).unwrap();
+        let c = next(&mut w);
+        assert_eq!(c.data, from);
+        assert!(c.more);
+        let buf = c.pooled.expect("data comes in a pool buffer");
+        assert_eq!(&buf[..], chunk);
+        held.push(buf);
+    }
+    // Three receives held at once from a pool of one buffer, each its own bytes.
+    let got: Vec<&[u8]> = held.iter().map(|b| &b[..]).collect();
+    assert_eq!(got, [&b"hello"[..], b"world", b"!"]);
+    assert_eq!(w.pool_available(), 1, "the buffer is not full yet");
+
+    // Eight bytes for the buffer's last five: it fills, and the rest finds no buffer.
+    peer_b.write_all(b"ABCDEFGH").unwrap();
+    let c = next(&mut w);
+    assert_eq!(c.pooled.as_deref(), Some(&b"ABCDE"[..]));
+    held.push(c.pooled.unwrap());
+    let c = next(&mut w);
+    assert_eq!(c.data, 1);
+    let e = c.result.expect_err("no buffer left");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOBUFS));
+    assert_eq!(w.pool_available(), 0);
+    assert_eq!(&held[0][..], b"hello", "earlier slices are untouched");
+
+    // Dropping every slice gives the buffer back; the bytes still waiting arrive intact.
+    held.pop();
+    assert_eq!(w.pool_available(), 0, "one slice still holds it");
+    held.clear();
+    assert_eq!(w.pool_available(), 1);
+    w.submit_multishot(Op::recv_pooled(&hb), 2);
+    let c = next(&mut w);
+    assert_eq!(c.data, 2);
+    assert_eq!(c.pooled.as_deref(), Some(&b"FGH"[..]));
+}
+
 fn pooled_receive_ends_with_enobufs_when_the_pool_runs_dry(b: Backend) {
     let (port, mut w) = pooled_worker(b, 16, 2);
     let (ours, mut peer) = pair();
@@ -578,9 +628,9 @@ fn gathering_send_sends_pool_buffers_in_order_and_gives_them_back(b: Backend) {
     let (ours, mut peer) = pair();
     let h = port.associate(ours, 0).unwrap();
     w.submit_multishot(Op::recv_pooled(&h), 0);
-    // Four receives, each into its own pool buffer (8 bytes each).
+    // Four receives, each filling its own pool buffer (8 bytes each).
     let mut bufs = Vec::new();
-    for chunk in [&b"01234567"[..], b"89abcdef", b"ghij", b"klmnopqr"] {
+    for chunk in [&b"01234567"[..], b"89abcdef", b"ghijklmn", b"opqrstuv"] {
         peer.write_all(chunk).unwrap();
         let c = next(&mut w);
         bufs.push(c.pooled.expect("a pool buffer"));
@@ -591,17 +641,17 @@ fn gathering_send_sends_pool_buffers_in_order_and_gives_them_back(b: Backend) {
     let c = next(&mut w);
     assert_eq!(c.kind, OpKind::Send);
     assert_eq!(c.data, 7);
-    assert_eq!(c.result.as_ref().unwrap(), &(5 + 8 + 4 + 8));
+    assert_eq!(c.result.as_ref().unwrap(), &(5 + 8 + 8 + 8));
     assert!(c.pooled.is_none());
     let back: Vec<&[u8]> = c.gathered.iter().map(|b| &b[..]).collect();
     assert_eq!(
         back,
-        [&b"01234567"[..], b"89abcdef", b"ghij", b"klmnopqr"],
+        [&b"01234567"[..], b"89abcdef", b"ghijklmn", b"opqrstuv"],
         "the buffers come back in order"
     );
-    let mut echoed = [0u8; 25];
+    let mut echoed = [0u8; 29];
     peer.read_exact(&mut echoed).unwrap();
-    assert_eq!(&echoed, b"3456789abcdefghijklmnopqr");
+    assert_eq!(&echoed, b"3456789abcdefghijklmnopqrstuv");
     drop(c);
     assert_eq!(
         w.pool_available(),
@@ -610,9 +660,9 @@ fn gathering_send_sends_pool_buffers_in_order_and_gives_them_back(b: Backend) {
     );
 
     // One buffer, and an offset at its end: a plain send of nothing.
-    peer.write_all(b"xyz").unwrap();
+    peer.write_all(b"wxyz0123").unwrap();
     let one = next(&mut w).pooled.unwrap();
-    w.submit(Op::send_pooled_gather(&h, vec![one], 3), 8);
+    w.submit(Op::send_pooled_gather(&h, vec![one], 8), 8);
     let c = next(&mut w);
     assert_eq!(c.result.unwrap(), 0);
     assert_eq!(c.gathered.len(), 1);

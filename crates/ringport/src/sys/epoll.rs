@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use super::{Cancel, Driver, Event, IdHasher, OpBody, Target};
+use super::{Cancel, Driver, Event, Filled, IdHasher, OpBody, Target};
 use crate::pool::Pool;
 
 /// `epoll_event.u64` of the worker's eventfd.
@@ -69,21 +69,31 @@ pub(crate) struct Epoll {
     pool: Option<PoolState>,
 }
 
-/// The worker's receive pool and the buffers in it that are free.
+/// The worker's receive pool, the buffers in it that are free, and the one being filled.
+///
+/// Buffers are filled incrementally, as the io_uring backend's are: each receive goes on where
+/// the previous one stopped, whatever the socket, and the buffer is let go of once full.
 struct PoolState {
     pool: Arc<Pool>,
     free: Vec<u16>,
+    /// The buffer receives go into, and how many bytes of it are filled.
+    current: Option<(u16, u32)>,
 }
 
 impl PoolState {
-    /// A free buffer: the most recently returned one (they are collected before each wait),
-    /// so that a lightly loaded worker keeps reusing a few warm buffers instead of paging in the
-    /// whole pool.
-    fn take(&mut self) -> Option<u16> {
-        if self.free.is_empty() {
-            self.pool.take_returned(&mut self.free);
+    /// The buffer to receive into and where: the current one, else a free one, the most
+    /// recently returned (they are collected before each wait), so that a lightly loaded
+    /// worker keeps reusing a few warm buffers instead of paging in the whole pool.
+    fn current(&mut self) -> Option<(u16, u32)> {
+        if self.current.is_none() {
+            if self.free.is_empty() {
+                self.pool.take_returned(&mut self.free);
+            }
+            let bid = self.free.pop()?;
+            self.pool.hold(bid);
+            self.current = Some((bid, 0));
         }
-        self.free.pop()
+        self.current
     }
 }
 
@@ -93,8 +103,9 @@ enum Outcome {
     Blocked,
     /// It finished with this result.
     Done(i32),
-    /// A multishot receive got data into a pool buffer and stays armed.
-    More(i32, u16),
+    /// A multishot receive got data into a pool buffer and stays armed; `short`: it got less
+    /// than it asked for.
+    More { res: i32, buf: Filled, short: bool },
 }
 
 // SAFETY: the raw `OpBody` pointers refer to heap records owned by the same `Worker` that owns
@@ -210,15 +221,14 @@ impl Epoll {
                     self.ops.remove(&id);
                     self.done.push(Event::done(id, res));
                 }
-                Outcome::More(res, bid) => {
+                Outcome::More { res, buf, short } => {
                     self.done.push(Event {
                         id,
                         res,
                         more: true,
-                        bid: Some(bid),
+                        buf: Some(buf),
                     });
-                    let size = self.pool.as_ref().map_or(0, |p| p.pool.size());
-                    if short_read_drains && usize::try_from(res).is_ok_and(|n| n < size) {
+                    if short_read_drains && short {
                         return;
                     }
                 }
@@ -348,21 +358,35 @@ fn recv_pooled(fd: RawFd, pool: Option<&mut PoolState>) -> Outcome {
     let Some(pool) = pool else {
         return Outcome::Done(-libc::EINVAL);
     };
-    let Some(bid) = pool.take() else {
+    let Some((bid, off)) = pool.current() else {
         return Outcome::Done(-libc::ENOBUFS);
     };
+    let room = pool.pool.size() - off as usize;
     loop {
-        // SAFETY: buffer `bid` is free (no `PoolBuf` exists for it), so nothing else reads or
-        // writes it; recv writes at most the pool's buffer size into it.
-        let r = unsafe { libc::recv(fd, pool.pool.addr(bid).cast(), pool.pool.size(), 0) };
+        // SAFETY: the driver holds buffer `bid`: `PoolBuf`s exist only for its first `off`
+        // bytes, so nothing else reads or writes the rest, where recv writes at most `room`
+        // bytes.
+        let r = unsafe { libc::recv(fd, pool.pool.addr(bid).add(off as usize).cast(), room, 0) };
         if r > 0 {
-            return Outcome::More(r as i32, bid);
+            let n = r as usize;
+            let full = n >= room;
+            // A full buffer is let go of with this event (the port releases it once it has
+            // taken its slice).
+            pool.current = (!full).then_some((bid, off + n as u32));
+            return Outcome::More {
+                res: r as i32,
+                buf: Filled {
+                    bid,
+                    off,
+                    released: full,
+                },
+                short: n < room,
+            };
         }
         let e = if r == 0 { 0 } else { last_errno() };
         if e == libc::EINTR {
             continue;
         }
-        pool.free.push(bid);
         return match e {
             0 => Outcome::Done(0),
             libc::EAGAIN => Outcome::Blocked,
@@ -555,7 +579,11 @@ impl Driver for Epoll {
 
     fn set_pool(&mut self, pool: Arc<Pool>) -> io::Result<()> {
         let free = (0..pool.count()).rev().collect();
-        self.pool = Some(PoolState { pool, free });
+        self.pool = Some(PoolState {
+            pool,
+            free,
+            current: None,
+        });
         Ok(())
     }
 

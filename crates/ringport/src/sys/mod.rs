@@ -130,7 +130,7 @@ pub(crate) struct Event {
     /// The operation stays armed and will report again (multishot).
     pub(crate) more: bool,
     /// The pool buffer the data was received into.
-    pub(crate) bid: Option<u16>,
+    pub(crate) buf: Option<Filled>,
 }
 
 impl Event {
@@ -139,9 +139,19 @@ impl Event {
             id,
             res,
             more: false,
-            bid: None,
+            buf: None,
         }
     }
+}
+
+/// Where a pooled receive put its bytes: at `off` in pool buffer `bid`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Filled {
+    pub(crate) bid: u16,
+    pub(crate) off: u32,
+    /// The driver lets go of the buffer with this event (it is full, or the backend does not
+    /// fill buffers incrementally): see [`Pool::release`].
+    pub(crate) released: bool,
 }
 
 /// The socket an operation is on: its descriptor, and the serial number of the handle that

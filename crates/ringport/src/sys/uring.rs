@@ -10,17 +10,25 @@ use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use super::{Cancel, Driver, Event, OpBody, Target};
+use super::{Cancel, Driver, Event, Filled, OpBody, Target};
 use crate::pool::Pool;
 
 /// The buffer group id of the worker's receive pool.
 const POOL_GROUP: u16 = 0;
+
+/// The buffer ring flag for incremental consumption (`include/uapi/linux/io_uring.h`).
+const IOU_PBUF_RING_INC: u16 = 2;
 
 /// Buffers put in the ring when it is created, and the least it is topped up to.
 const RING_START: usize = 64;
 
 /// A provided-buffer ring registered with the kernel: the kernel takes buffers at its head, we
 /// give them at its tail.
+///
+/// Where the kernel supports it (`IOU_PBUF_RING_INC`, Linux 6.12), buffers are consumed
+/// incrementally: each receive takes only the bytes it got, from where the previous one stopped,
+/// and the buffer leaves the ring when it is full (its completion lacks `IORING_CQE_F_BUF_MORE`).
+/// Small messages then share a buffer instead of taking one each.
 ///
 /// The ring holds only part of the pool: as many buffers as recent demand needed (`target`,
 /// doubled each time a receive found the ring empty), topped up before each wait from the
@@ -38,12 +46,15 @@ struct BufRing {
     target: usize,
     /// Free buffers outside the ring, the most recently returned last.
     spare: Vec<u16>,
+    /// With incremental consumption: per buffer, the bytes the kernel has filled so far.
+    filled: Option<Vec<u32>>,
 }
 
 impl BufRing {
     /// Puts buffers back in the ring for the kernel to use.
     fn give(&mut self, bids: &[u16]) {
         for &bid in bids {
+            self.pool.hold(bid);
             // SAFETY: the index is masked into the ring's `mask + 1` entries; the entry at the
             // tail is not one the kernel reads until the tail is published below.
             let e = unsafe { &mut *self.entries.add(usize::from(self.tail & self.mask)) };
@@ -78,6 +89,30 @@ impl BufRing {
     /// A receive found the ring empty: keep more buffers in it from now on.
     fn starved(&mut self) {
         self.target = (self.target * 2).min(usize::from(self.pool.count()));
+    }
+
+    /// Where a completion with buffer `bid` put its `res` bytes, and whether the buffer left
+    /// the ring with it.
+    fn filled(&mut self, bid: u16, res: i32, flags: u32) -> Filled {
+        let Some(filled) = &mut self.filled else {
+            return Filled {
+                bid,
+                off: 0,
+                released: true,
+            };
+        };
+        let at = &mut filled[usize::from(bid)];
+        let off = *at;
+        // Only a completion that consumed bytes can have finished the buffer. (Some kernels
+        // clear BUF_MORE on an empty completion without taking the buffer off the ring: keeping
+        // it is the safe reading.)
+        let released = res > 0 && !cqueue::buffer_more(flags);
+        if released {
+            *at = 0;
+        } else if res > 0 {
+            *at += res as u32;
+        }
+        Filled { bid, off, released }
     }
 }
 
@@ -232,14 +267,19 @@ impl Uring {
                 }
                 CANCEL => {}
                 id => {
-                    let bid = cqueue::buffer_select(cqe.flags());
-                    taken += usize::from(bid.is_some());
-                    starved |= cqe.result() == -libc::ENOBUFS;
+                    let res = cqe.result();
+                    let flags = cqe.flags();
+                    let buf = match (cqueue::buffer_select(flags), &mut self.bufs) {
+                        (Some(bid), Some(b)) => Some(b.filled(bid, res, flags)),
+                        _ => None,
+                    };
+                    taken += usize::from(buf.is_some_and(|f| f.released));
+                    starved |= res == -libc::ENOBUFS;
                     out.push(Event {
                         id,
-                        res: cqe.result(),
-                        more: cqueue::more(cqe.flags()),
-                        bid,
+                        res,
+                        more: cqueue::more(flags),
+                        buf,
                     });
                 }
             }
@@ -380,18 +420,31 @@ impl Driver for Uring {
         if ring.is_null() {
             return Err(io::Error::from_raw_os_error(libc::ENOMEM));
         }
-        // SAFETY: `ring` is a page-aligned allocation of `entries` entries that stays alive
-        // (or is leaked) until the ring is unregistered in `Drop`.
-        let registered = unsafe {
-            self.ring
-                .submitter()
-                .register_buf_ring_with_flags(ring as u64, entries, POOL_GROUP, 0)
+        let register = |flags: u16| {
+            // SAFETY: `ring` is a page-aligned allocation of `entries` entries that stays alive
+            // (or is leaked) until the ring is unregistered in `Drop`.
+            unsafe {
+                self.ring.submitter().register_buf_ring_with_flags(
+                    ring as u64,
+                    entries,
+                    POOL_GROUP,
+                    flags,
+                )
+            }
         };
-        if let Err(e) = registered {
-            // SAFETY: allocated above with this layout, never shared with the kernel.
-            unsafe { alloc::dealloc(ring.cast(), layout) };
-            return Err(e);
-        }
+        // Incremental consumption where the kernel knows it (Linux 6.12), else whole buffers.
+        let registered = match register(IOU_PBUF_RING_INC) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => register(0).map(|()| false),
+            r => r.map(|()| true),
+        };
+        let incremental = match registered {
+            Ok(incremental) => incremental,
+            Err(e) => {
+                // SAFETY: allocated above with this layout, never shared with the kernel.
+                unsafe { alloc::dealloc(ring.cast(), layout) };
+                return Err(e);
+            }
+        };
         let count = pool.count();
         let mut bufs = BufRing {
             entries: ring,
@@ -402,6 +455,7 @@ impl Driver for Uring {
             target: RING_START.min(usize::from(count)),
             // Popped from the end: buffer 0 first.
             spare: (0..count).rev().collect(),
+            filled: incremental.then(|| vec![0; usize::from(count)]),
             pool,
         };
         bufs.recycle();
