@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 mod client;
 mod echo_queue;
 mod serve;
+mod slab;
 mod udp;
 
 /// A completion-port TCP echo server (RFC 862) and client for Linux.

@@ -12,20 +12,21 @@
 //! The pool bounds what a worker buffers in total; a receive that finds the pool empty ends with
 //! `ENOBUFS` and is re-armed when buffers come back.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
+use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringport::{Completion, Handle, IdHasher, Op, OpId, Packet, PoolBuf, Port, WaitError, Worker};
+use ringport::{Completion, Handle, Op, OpId, Packet, PoolBuf, Port, WaitError, Worker};
 use tracing::{debug, info, trace, warn};
 
 use crate::client::errors::describe;
 use crate::echo_queue::EchoQueue;
+use crate::slab::Slab;
 use crate::ServeArgs;
 
 /// Receive buffer size, as in the book.
@@ -40,7 +41,7 @@ const BATCH: usize = 64;
 const REARM_AGAIN: Duration = Duration::from_millis(1);
 /// The most buffers one gathering send takes (512 KiB).
 const MAX_GATHER: usize = 64;
-/// Buffer lists kept for reuse.
+/// Buffer lists, and echo queues, kept for reuse.
 const SPARE_LISTS: usize = 256;
 /// After the drain timeout, how long to wait for the forced closes to complete.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
@@ -55,7 +56,9 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub enum Key {
     Listener,
-    Conn(u64),
+    /// A connection: its id in its home worker's table, set when the worker adopts it (only
+    /// that worker reads it).
+    Conn(AtomicU64),
 }
 
 /// The per-I/O data.
@@ -93,8 +96,9 @@ struct Conn {
     handle: Handle<Key>,
     /// The armed pooled receive, if any.
     recv: Option<OpId>,
-    /// Received and not yet echoed, in order.
-    out: EchoQueue<PoolBuf>,
+    /// Received and not yet echoed, in order; allocated only while something is queued or
+    /// being sent, so an idle connection holds none.
+    out: Option<Box<EchoQueue<PoolBuf>>>,
     /// The receive was cancelled because `pending` reached the bound.
     paused: bool,
     /// A cancel of the armed receive was requested (draining).
@@ -314,9 +318,8 @@ struct Server {
     listener: Option<Handle<Key>>,
     /// Accepts (or accept back-offs) outstanding, on the listener's worker.
     accepts: usize,
-    /// Boxed: a map sized for tens of thousands of connections then holds 16-byte entries, not
-    /// whole records, in the headroom it keeps.
-    conns: HashMap<u64, Box<Conn>, BuildHasherDefault<IdHasher>>,
+    /// This worker's connections, by the id in their key.
+    conns: Slab<Conn>,
     /// The time when the current batch of completions was dequeued.
     now: Instant,
     /// Connections whose pooled receive ended for want of a buffer (or yielded its turn), to
@@ -330,7 +333,10 @@ struct Server {
     to_send: Vec<u64>,
     /// Emptied buffer lists of completed sends, reused for the next ones.
     spare: Vec<Vec<PoolBuf>>,
-    next_id: u64,
+    /// Echo queues of connections that went idle, reused for the next ones that receive (kept
+    /// boxed, as connections hold them, so reuse allocates nothing).
+    #[allow(clippy::vec_box)]
+    spare_queues: Vec<Box<EchoQueue<PoolBuf>>>,
     limits: Limits,
     totals: Arc<Totals>,
     /// Set once draining; past it, remaining connections are closed.
@@ -356,17 +362,17 @@ impl Server {
         let owns_listener = listener.worker() == worker.index();
         Server {
             port: worker.port(),
-            next_id: worker.index() as u64,
             worker,
             listener: owns_listener.then_some(listener),
             accepts: 0,
-            conns: HashMap::default(),
+            conns: Slab::new(),
             now: Instant::now(),
             starved: VecDeque::new(),
             waiting: 0,
             rearm_timer: false,
             to_send: Vec::new(),
             spare: Vec::new(),
+            spare_queues: Vec::new(),
             limits,
             totals,
             deadline: None,
@@ -520,9 +526,8 @@ impl Server {
             return;
         }
         let _ = stream.set_nodelay(true);
-        let id = self.next_id;
-        self.next_id += self.port.workers() as u64;
-        match self.port.associate(stream, Key::Conn(id)) {
+        let fd = stream.as_raw_fd();
+        match self.port.associate(stream, Key::Conn(AtomicU64::new(0))) {
             Ok(h) => {
                 self.totals.live.fetch_add(1, Ordering::Relaxed);
                 let home = h.worker();
@@ -533,10 +538,10 @@ impl Server {
                 };
                 if let Err(e) = self.worker.post(home, packet) {
                     self.totals.live.fetch_sub(1, Ordering::Relaxed);
-                    warn!("socket {id}: cannot hand to worker {home}: {e}");
+                    warn!("socket {fd}: cannot hand to worker {home}: {e}");
                 }
             }
-            Err(e) => warn!("socket {id}: cannot associate: {}", describe(&e)),
+            Err(e) => warn!("socket {fd}: cannot associate: {}", describe(&e)),
         }
     }
 
@@ -568,18 +573,21 @@ impl Server {
 
     fn adopt(&mut self, c: Completion<Key, Io>) {
         let Some(handle) = c.handle else { return };
-        let Key::Conn(id) = *handle.key() else { return };
+        let Key::Conn(slot) = handle.key() else {
+            return;
+        };
+        let fd = handle.as_raw_fd();
         if self.deadline.is_some() {
-            debug!("closing socket {id} (draining)");
+            debug!("closing socket {fd} (draining)");
             self.totals.live.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        debug!("socket {id} connected");
+        debug!("socket {fd} connected");
         self.connections += 1;
-        let mut conn = Box::new(Conn {
-            handle,
+        let mut conn = Conn {
+            handle: handle.clone(),
             recv: None,
-            out: EchoQueue::new(),
+            out: None,
             paused: false,
             cancelling: false,
             quiet_since: None,
@@ -588,9 +596,9 @@ impl Server {
             yielding: false,
             starved: false,
             last_active: self.now,
-        });
+        };
         self.arm(&mut conn);
-        self.conns.insert(id, conn);
+        slot.store(self.conns.insert(conn), Ordering::Relaxed);
     }
 
     fn arm(&mut self, conn: &mut Conn) {
@@ -603,7 +611,7 @@ impl Server {
 
     fn received(&mut self, c: Completion<Key, Io>) {
         let Some(id) = conn_id(&c) else { return };
-        let Some(mut conn) = self.conns.remove(&id) else {
+        let Some(mut conn) = self.conns.take(id) else {
             return;
         };
         let mut yielded = false;
@@ -614,11 +622,16 @@ impl Server {
         }
         match c.result {
             Ok(n) if n > 0 => {
-                trace!("socket {id}: received {n} bytes");
+                trace!("socket {}: received {n} bytes", conn.handle.as_raw_fd());
                 conn.last_active = self.now;
                 conn.quiet_since = None;
                 if let Some(buf) = c.pooled {
-                    conn.out.push(buf);
+                    let spare = &mut self.spare_queues;
+                    conn.out
+                        .get_or_insert_with(|| {
+                            spare.pop().unwrap_or_else(|| Box::new(EchoQueue::new()))
+                        })
+                        .push(buf);
                     self.wants_send(id, &mut conn);
                 }
                 if self.held_bytes(&conn) >= self.limits.conn_buffer && !conn.paused {
@@ -636,7 +649,7 @@ impl Server {
                     && self.deadline.is_none()
                 {
                     // More connections wait for a buffer than there are free: this one had its
-                    // turn. An armed receive takes a buffer whenever data comes, so without
+                    // turn. An armed receive takes pool space whenever data comes, so without
                     // this the same connections would keep the pool to themselves while the
                     // others starve.
                     self.yield_turn(&mut conn);
@@ -676,7 +689,7 @@ impl Server {
     /// Decides, after an event, whether a connection goes on or is closed: it closes once it
     /// has nothing left to echo and its peer closed, or, while draining, once no input is left.
     /// A receive still armed is cancelled first, so that data it already took is not lost.
-    fn settle(&mut self, id: u64, mut conn: Box<Conn>) {
+    fn settle(&mut self, id: u64, mut conn: Conn) {
         if !self.idle(&conn) {
             return self.keep(id, conn);
         }
@@ -708,9 +721,8 @@ impl Server {
 
     /// While draining, looks at every connection again (for the quiet spell to end).
     fn drain_tick(&mut self) {
-        let ids: Vec<u64> = self.conns.keys().copied().collect();
-        for id in ids {
-            if let Some(conn) = self.conns.remove(&id) {
+        for id in self.conns.ids() {
+            if let Some(conn) = self.conns.take(id) {
                 self.settle(id, conn);
             }
         }
@@ -738,12 +750,13 @@ impl Server {
             ..
         } = self;
         for id in to_send.drain(..) {
-            let Some(conn) = conns.get_mut(&id) else {
+            let Some(conn) = conns.get_mut(id) else {
                 continue; // Closed meanwhile.
             };
             conn.to_send = false;
+            let Some(out) = &mut conn.out else { continue };
             let mut bufs = spare.pop().unwrap_or_default();
-            match conn.out.take(MAX_GATHER, &mut bufs) {
+            match out.take(MAX_GATHER, &mut bufs) {
                 Some(offset) => {
                     worker.submit(Op::send_pooled_gather(&conn.handle, bufs, offset), Io::Send);
                 }
@@ -758,7 +771,7 @@ impl Server {
             // Counted even when the connection was closed meanwhile: the bytes went out.
             self.bytes += n as u64;
         }
-        let Some(mut conn) = self.conns.remove(&id) else {
+        let Some(mut conn) = self.conns.take(id) else {
             return;
         };
         let mut bufs = std::mem::take(&mut c.gathered);
@@ -770,20 +783,30 @@ impl Server {
         };
         conn.last_active = self.now;
         // What was not sent goes back to the front of the queue.
-        conn.out.sent(&mut bufs, n);
+        let idle = conn.out.as_mut().is_none_or(|out| {
+            out.sent(&mut bufs, n);
+            out.is_idle()
+        });
+        if !idle {
+            self.wants_send(id, &mut conn);
+        } else if let Some(out) = conn.out.take() {
+            // Nothing left to echo: the queue goes back to the spares.
+            if self.spare_queues.len() < SPARE_LISTS {
+                self.spare_queues.push(out);
+            }
+        }
         if self.spare.len() < SPARE_LISTS {
             self.spare.push(bufs);
-        }
-        if !conn.out.is_idle() {
-            self.wants_send(id, &mut conn);
         }
         self.maybe_resume(&mut conn);
         self.settle(id, conn);
     }
 
-    /// Pool memory the connection holds (whole buffers, however little each carries).
+    /// Pool memory the connection may hold: a whole buffer per queued slice, however little
+    /// each carries (slices share buffers, but a slice kept back keeps its whole buffer out of
+    /// the pool, so this is the bound that holds whatever the other connections do).
     fn held_bytes(&self, conn: &Conn) -> usize {
-        conn.out.held() * BUFFER_SIZE
+        conn.out.as_ref().map_or(0, |q| q.held()) * BUFFER_SIZE
     }
 
     /// Re-arms a paused receive once the echo has drained to half the bound.
@@ -799,13 +822,13 @@ impl Server {
         }
     }
 
-    fn keep(&mut self, id: u64, conn: Box<Conn>) {
-        self.conns.insert(id, conn);
+    fn keep(&mut self, id: u64, conn: Conn) {
+        self.conns.put(id, conn);
     }
 
     /// Whether the connection has nothing queued or in flight to send.
     fn idle(&self, conn: &Conn) -> bool {
-        conn.out.is_idle()
+        conn.out.as_ref().is_none_or(|q| q.is_idle())
     }
 
     /// Whether the peer has no input waiting in the socket (during a drain).
@@ -838,7 +861,7 @@ impl Server {
             let Some(id) = self.starved.pop_front() else {
                 break;
             };
-            let Some(mut conn) = self.conns.remove(&id) else {
+            let Some(mut conn) = self.conns.take(id) else {
                 continue;
             };
             if conn.starved {
@@ -848,7 +871,7 @@ impl Server {
                     budget -= 1;
                 }
             }
-            self.conns.insert(id, conn);
+            self.conns.put(id, conn);
         }
         if self.waiting > 0
             && !self.rearm_timer
@@ -885,10 +908,10 @@ impl Server {
             .conns
             .iter()
             .filter(|(_, c)| now.duration_since(c.last_active) >= idle)
-            .map(|(&id, _)| id)
+            .map(|(id, _)| id)
             .collect();
         for id in stale {
-            if let Some(conn) = self.conns.remove(&id) {
+            if let Some(conn) = self.conns.take(id) {
                 self.totals.idle_closed.fetch_add(1, Ordering::Relaxed);
                 self.close_conn(id, conn, "idle timeout");
             }
@@ -904,7 +927,7 @@ impl Server {
     fn force_close(&mut self) {
         self.forced = true;
         self.deadline = Some(Instant::now() + FORCE_GRACE);
-        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        let ids = self.conns.ids();
         if !ids.is_empty() {
             warn!(
                 "drain timeout: closing {} connections still echoing",
@@ -912,17 +935,20 @@ impl Server {
             );
         }
         for id in ids {
-            if let Some(conn) = self.conns.remove(&id) {
+            if let Some(conn) = self.conns.take(id) {
                 self.close_conn(id, conn, "drain timeout");
             }
         }
     }
 
-    fn close_conn(&mut self, id: u64, mut conn: Box<Conn>, why: &str) {
+    /// Closes a connection taken out of the table, and frees its slot.
+    fn close_conn(&mut self, id: u64, mut conn: Conn, why: &str) {
+        self.conns.free(id);
         self.done_waiting(&mut conn);
-        match conn.out.pending() {
-            0 => debug!("closing socket {id} ({why})"),
-            n => debug!("closing socket {id} ({why}), {n} bytes not echoed"),
+        let fd = conn.handle.as_raw_fd();
+        match conn.out.as_ref().map_or(0, |q| q.pending()) {
+            0 => debug!("closing socket {fd} ({why})"),
+            n => debug!("closing socket {fd} ({why}), {n} bytes not echoed"),
         }
         // FIN now, after everything already echoed, even if input is still unread.
         let _ = socket2::SockRef::from(&conn.handle).shutdown(Shutdown::Write);
@@ -945,7 +971,7 @@ fn sweep_period(idle: Duration) -> Duration {
 
 fn conn_id(c: &Completion<Key, Io>) -> Option<u64> {
     match c.key()? {
-        Key::Conn(id) => Some(*id),
+        Key::Conn(id) => Some(id.load(Ordering::Relaxed)),
         Key::Listener => None,
     }
 }
