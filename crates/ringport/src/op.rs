@@ -124,7 +124,9 @@ impl<K> Op<K> {
     /// ([`Builder::recv_pool`](crate::Builder::recv_pool)), until the peer closes, an error, a
     /// cancel, or the pool runs dry (`ENOBUFS`). Post it with
     /// [`Worker::submit_multishot`](crate::Worker::submit_multishot). A connection waiting for
-    /// input holds no buffer.
+    /// input holds no buffer. For stream sockets only: receives share pool buffers (each gets
+    /// the room left in the current one), which would cut datagrams short, so on any other
+    /// socket it completes at once with `InvalidInput`.
     pub fn recv_pooled(socket: &Handle<K>) -> Self {
         Op::new(Some(socket), OpKind::RecvPooled, Some(OpBody::RecvPooled))
     }

@@ -565,6 +565,14 @@ where
             .map_or(0, |p| usize::from(p.count()).saturating_sub(p.out()))
     }
 
+    /// Whether pooled receives share buffers, each going on where the previous one stopped
+    /// (see the crate docs): always on epoll, on io_uring where the kernel has
+    /// `IOU_PBUF_RING_INC` (Linux 6.12); otherwise each receive takes a whole buffer. `false`
+    /// without a pool.
+    pub fn pool_shares_buffers(&self) -> bool {
+        self.pool.is_some() && self.driver.pool_incremental()
+    }
+
     fn submit_pending(&mut self, worker: usize, pending: Pending<K, D>) -> OpId {
         let id = OpId(pending.id);
         if worker == self.index {
@@ -784,6 +792,14 @@ where
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "pooled receive on a port without a receive pool (Builder::recv_pool)",
+            );
+            return self.ready.push_back(p.into_completion(Err(e)));
+        }
+        if matches!(body, OpBody::RecvPooled) && !sys::is_stream(fd) {
+            let e = io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "pooled receive on a socket that is not a stream: receives share pool buffers, \
+                 which would cut datagrams short (use Op::recv)",
             );
             return self.ready.push_back(p.into_completion(Err(e)));
         }

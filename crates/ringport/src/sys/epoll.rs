@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use super::{Cancel, Driver, Event, Filled, IdHasher, OpBody, Target};
+use super::{is_stream, Cancel, Driver, Event, Filled, IdHasher, OpBody, Target};
 use crate::pool::Pool;
 
 /// `epoll_event.u64` of the worker's eventfd.
@@ -359,7 +359,7 @@ fn recv_pooled(fd: RawFd, pool: Option<&mut PoolState>) -> Outcome {
         return Outcome::Done(-libc::EINVAL);
     };
     let Some((bid, off)) = pool.current() else {
-        return Outcome::Done(-libc::ENOBUFS);
+        return no_buffer(fd);
     };
     let room = pool.pool.size() - off as usize;
     loop {
@@ -395,21 +395,22 @@ fn recv_pooled(fd: RawFd, pool: Option<&mut PoolState>) -> Outcome {
     }
 }
 
-/// Whether `fd` is a stream socket (`SO_TYPE`).
-fn is_stream(fd: RawFd) -> bool {
-    let mut ty: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes one c_int into `ty` and its size into `len`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            std::ptr::from_mut(&mut ty).cast(),
-            &mut len,
-        )
-    };
-    r == 0 && ty == libc::SOCK_STREAM
+/// A pooled receive found the pool empty: like io_uring's, it ends with `ENOBUFS` only when
+/// data is waiting (a peek of one byte says so); with none, it waits for the next edge.
+fn no_buffer(fd: RawFd) -> Outcome {
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: recv writes at most one byte into `byte`.
+        let r = unsafe { libc::recv(fd, std::ptr::from_mut(&mut byte).cast(), 1, libc::MSG_PEEK) };
+        let e = if r < 0 { last_errno() } else { 0 };
+        return match (r, e) {
+            (1.., _) => Outcome::Done(-libc::ENOBUFS),
+            (0, _) => Outcome::Done(0),
+            (_, libc::EINTR) => continue,
+            (_, libc::EAGAIN) => Outcome::Blocked,
+            (_, e) => Outcome::Done(-e),
+        };
+    }
 }
 
 /// The state of descriptor `fd`, if it was ever registered.
@@ -585,6 +586,10 @@ impl Driver for Epoll {
             current: None,
         });
         Ok(())
+    }
+
+    fn pool_incremental(&self) -> bool {
+        true
     }
 
     fn abandon(&mut self) {}

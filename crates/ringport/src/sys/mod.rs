@@ -190,6 +190,9 @@ pub(crate) trait Driver: Send {
     /// Gives the driver the worker's receive pool, before any operation starts.
     fn set_pool(&mut self, pool: Arc<Pool>) -> io::Result<()>;
 
+    /// Whether pool buffers are filled incrementally (see [`Filled`]).
+    fn pool_incremental(&self) -> bool;
+
     /// Called when operations were leaked because the kernel did not give them back: the
     /// driver must then leak whatever the kernel may still write (its pool, rings).
     fn abandon(&mut self);
@@ -200,6 +203,23 @@ pub(crate) trait Driver: Send {
 
     /// The backend's name, as shown in logs.
     fn name(&self) -> &'static str;
+}
+
+/// Whether `fd` is a stream socket (`SO_TYPE`).
+pub(crate) fn is_stream(fd: RawFd) -> bool {
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one c_int into `ty` and its size into `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            std::ptr::from_mut(&mut ty).cast(),
+            &mut len,
+        )
+    };
+    r == 0 && ty == libc::SOCK_STREAM
 }
 
 /// Sends at most one byte of `bytes` at once, for fault injection's short sends. `None` when

@@ -463,6 +463,10 @@ impl Driver for Uring {
         Ok(())
     }
 
+    fn pool_incremental(&self) -> bool {
+        self.bufs.as_ref().is_some_and(|b| b.filled.is_some())
+    }
+
     fn abandon(&mut self) {
         self.abandoned = true;
     }
