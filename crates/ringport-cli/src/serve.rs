@@ -52,13 +52,28 @@ const DRAIN_TICK: Duration = Duration::from_millis(20);
 /// At most one warning per this long about refused connections.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
-/// The completion key: which socket this is.
+/// The completion key: which socket this is. For a connection, its id in its home worker's
+/// table, set when the worker adopts it (only that worker reads it); [`Key::LISTENER`] for the
+/// listener. (One word: every connection's handle holds one.)
 #[derive(Debug)]
-pub enum Key {
-    Listener,
-    /// A connection: its id in its home worker's table, set when the worker adopts it (only
-    /// that worker reads it).
-    Conn(AtomicU64),
+pub struct Key(AtomicU64);
+
+impl Key {
+    const LISTENER: u64 = u64::MAX;
+
+    fn listener() -> Self {
+        Key(AtomicU64::new(Self::LISTENER))
+    }
+
+    /// A connection not adopted yet.
+    fn conn() -> Self {
+        Key(AtomicU64::new(0))
+    }
+
+    /// The connection's id; `None` for the listener.
+    fn conn_id(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|&id| id != Self::LISTENER)
+    }
 }
 
 /// The per-I/O data.
@@ -153,7 +168,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         .build::<Key, Io>()
         .map_err(|e| port_error(&e))?;
     let listener = port
-        .associate_with(0, listener, Key::Listener)
+        .associate_with(0, listener, Key::listener())
         .map_err(|e| format!("{local}: {}", describe(&e)))?;
     let limits = Limits {
         drain_timeout: args.drain_timeout,
@@ -527,7 +542,7 @@ impl Server {
         }
         let _ = stream.set_nodelay(true);
         let fd = stream.as_raw_fd();
-        match self.port.associate(stream, Key::Conn(AtomicU64::new(0))) {
+        match self.port.associate(stream, Key::conn()) {
             Ok(h) => {
                 self.totals.live.fetch_add(1, Ordering::Relaxed);
                 let home = h.worker();
@@ -573,9 +588,9 @@ impl Server {
 
     fn adopt(&mut self, c: Completion<Key, Io>) {
         let Some(handle) = c.handle else { return };
-        let Key::Conn(slot) = handle.key() else {
+        if handle.key().conn_id().is_none() {
             return;
-        };
+        }
         let fd = handle.as_raw_fd();
         if self.deadline.is_some() {
             debug!("closing socket {fd} (draining)");
@@ -598,7 +613,8 @@ impl Server {
             last_active: self.now,
         };
         self.arm(&mut conn);
-        slot.store(self.conns.insert(conn), Ordering::Relaxed);
+        let id = self.conns.insert(conn);
+        handle.key().0.store(id, Ordering::Relaxed);
     }
 
     fn arm(&mut self, conn: &mut Conn) {
@@ -970,8 +986,5 @@ fn sweep_period(idle: Duration) -> Duration {
 }
 
 fn conn_id(c: &Completion<Key, Io>) -> Option<u64> {
-    match c.key()? {
-        Key::Conn(id) => Some(id.load(Ordering::Relaxed)),
-        Key::Listener => None,
-    }
+    c.key()?.conn_id()
 }

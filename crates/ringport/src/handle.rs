@@ -23,7 +23,8 @@ pub(crate) struct Inner<K> {
     /// Unique for the life of the process: tells a reused descriptor number from the old one.
     serial: u64,
     key: K,
-    worker: usize,
+    /// The home worker (a port has fewer than 2^16, see `Builder::build`).
+    worker: u16,
     closed: AtomicBool,
     /// The home worker's count of live handles, for least-loaded placement.
     load: Arc<AtomicUsize>,
@@ -38,7 +39,7 @@ impl<K> Handle<K> {
                 fd,
                 serial: SERIAL.fetch_add(1, Ordering::Relaxed),
                 key,
-                worker,
+                worker: u16::try_from(worker).unwrap_or(u16::MAX),
                 closed: AtomicBool::new(false),
                 load,
             }),
@@ -53,7 +54,7 @@ impl<K> Handle<K> {
     /// The index of the worker that runs this socket's operations and dequeues their
     /// completions.
     pub fn worker(&self) -> usize {
-        self.inner.worker
+        usize::from(self.inner.worker)
     }
 
     /// Whether a close was posted for this socket. Operations posted after that complete at

@@ -202,6 +202,7 @@ impl Builder {
         let backend = drivers[0].name();
         let shared = Arc::new(Shared {
             slots,
+            clone: std::sync::OnceLock::new(),
             next_seq: AtomicU64::new(1),
             shutdown: AtomicBool::new(false),
             backend,
@@ -396,12 +397,11 @@ where
             Some(h) => h.worker(),
             None => self.shared.least_loaded(),
         };
-        let pending = self.shared.pending(worker, op, data, None);
-        let id = OpId(pending.id);
+        let (id, pending) = self.shared.pending(worker, op, data, None);
         self.shared
-            .send(worker, Remote::Op(pending))
+            .send(worker, Remote::Op(id, pending))
             .map_err(|_| shut_down_error())?;
-        Ok(id)
+        Ok(OpId(id))
     }
 
     /// Like [`Port::submit`], for an operation that completes many times, such as
@@ -417,14 +417,13 @@ where
             Some(h) => h.worker(),
             None => self.shared.least_loaded(),
         };
-        let pending = self
+        let (id, pending) = self
             .shared
             .pending(worker, op, data, Some(<D as Clone>::clone));
-        let id = OpId(pending.id);
         self.shared
-            .send(worker, Remote::Op(pending))
+            .send(worker, Remote::Op(id, pending))
             .map_err(|_| shut_down_error())?;
-        Ok(id)
+        Ok(OpId(id))
     }
 
     /// Posts a custom packet to worker `worker % workers()`, from any thread: the
@@ -573,16 +572,17 @@ where
         self.pool.is_some() && self.driver.pool_incremental()
     }
 
-    fn submit_pending(&mut self, worker: usize, pending: Pending<K, D>) -> OpId {
-        let id = OpId(pending.id);
+    fn submit_pending(&mut self, worker: usize, (id, pending): (u64, Pending<K, D>)) -> OpId {
         if worker == self.index {
-            self.start(pending);
-        } else if let Err(Remote::Op(pending)) = self.shared.send(worker, Remote::Op(pending)) {
+            self.start(id, pending);
+        } else if let Err(Remote::Op(id, pending)) =
+            self.shared.send(worker, Remote::Op(id, pending))
+        {
             // The home worker is gone: the operation fails here, and gives its buffer back.
             self.ready
-                .push_back(pending.into_completion(Err(errno(libc::ECANCELED))));
+                .push_back(pending.into_completion(id, Err(errno(libc::ECANCELED))));
         }
-        id
+        OpId(id)
     }
 
     /// Posts a packet to worker `worker % workers()` (this one included).
@@ -705,13 +705,13 @@ where
                 let Some(p) = self.inflight.get(&ev.id) else {
                     continue;
                 };
-                let data = match p.clone {
-                    Some(clone) => clone(&p.data),
+                let data = match (p.multishot, self.shared.clone.get()) {
+                    (true, Some(clone)) => clone(&p.data),
                     // Not submitted as multishot: only the last completion is reported.
-                    None => continue,
+                    _ => continue,
                 };
                 self.ready.push_back(Completion {
-                    id: OpId(p.id),
+                    id: OpId(ev.id),
                     kind: p.kind,
                     result: p.result(ev.res),
                     handle: p.handle.clone(),
@@ -724,7 +724,7 @@ where
                 });
             } else if let Some(p) = self.inflight.remove(&ev.id) {
                 let result = p.result(ev.res);
-                let mut c = p.into_completion(result);
+                let mut c = p.into_completion(ev.id, result);
                 if pooled.is_some() {
                     c.pooled = pooled;
                 }
@@ -741,7 +741,7 @@ where
         let items = std::mem::take(&mut *lock(&slot.queue));
         for item in items {
             match item {
-                Remote::Op(p) => self.start(p),
+                Remote::Op(id, p) => self.start(id, p),
                 Remote::Done(c) => self.ready.push_back(c),
                 Remote::Cancel(id) => {
                     if self.inflight.contains_key(&id) {
@@ -754,11 +754,11 @@ where
     }
 
     /// Starts an operation on this worker's ring, or completes it at once when it cannot start.
-    fn start(&mut self, mut p: Pending<K, D>) {
+    fn start(&mut self, id: u64, mut p: Pending<K, D>) {
         if self.shutting_down {
             return self
                 .ready
-                .push_back(p.into_completion(Err(errno(libc::ECANCELED))));
+                .push_back(p.into_completion(id, Err(errno(libc::ECANCELED))));
         }
         let target = Target {
             fd: p.handle.as_ref().map_or(-1, AsRawFd::as_raw_fd),
@@ -771,29 +771,33 @@ where
                     self.driver.cancel(Cancel::Fd(fd));
                 }
             }
-            return self.ready.push_back(p.into_completion(Ok(0)));
+            return self.ready.push_back(p.into_completion(id, Ok(0)));
         }
         if p.handle.as_ref().is_some_and(Handle::is_closed) {
             return self
                 .ready
-                .push_back(p.into_completion(Err(errno(libc::EBADF))));
+                .push_back(p.into_completion(id, Err(errno(libc::EBADF))));
         }
-        let Some(body) = p.body.as_mut().map(OpBox::get_mut) else {
-            return self.ready.push_back(p.into_completion(Ok(0)));
+        // A pooled receive's body is not boxed (the driver keeps no pointer into it).
+        let mut pooled_body = OpBody::RecvPooled;
+        let body = match p.body.as_mut() {
+            Some(b) => b.get_mut(),
+            None if p.kind == OpKind::RecvPooled => &mut pooled_body,
+            None => return self.ready.push_back(p.into_completion(id, Ok(0))),
         };
-        if matches!(body, OpBody::RecvPooled) && p.clone.is_none() {
+        if matches!(body, OpBody::RecvPooled) && !p.multishot {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "a pooled receive completes many times: post it with submit_multishot",
             );
-            return self.ready.push_back(p.into_completion(Err(e)));
+            return self.ready.push_back(p.into_completion(id, Err(e)));
         }
         if matches!(body, OpBody::RecvPooled) && self.pool.is_none() {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "pooled receive on a port without a receive pool (Builder::recv_pool)",
             );
-            return self.ready.push_back(p.into_completion(Err(e)));
+            return self.ready.push_back(p.into_completion(id, Err(e)));
         }
         if matches!(body, OpBody::RecvPooled) && !sys::is_stream(fd) {
             let e = io::Error::new(
@@ -801,14 +805,14 @@ where
                 "pooled receive on a socket that is not a stream: receives share pool buffers, \
                  which would cut datagrams short (use Op::recv)",
             );
-            return self.ready.push_back(p.into_completion(Err(e)));
+            return self.ready.push_back(p.into_completion(id, Err(e)));
         }
         if matches!(body, OpBody::Recv(buf) if buf.len() == buf.capacity()) {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "receive buffer has no spare capacity",
             );
-            return self.ready.push_back(p.into_completion(Err(e)));
+            return self.ready.push_back(p.into_completion(id, Err(e)));
         }
         if let Some(effect) = self.faults.as_ref().and_then(|f| f.check(p.kind)) {
             let res = match (effect, &*body) {
@@ -816,14 +820,14 @@ where
                 (Effect::Short, body) => sys::send_one(fd, body.unsent_head()),
             };
             if let Some(res) = res {
-                return self.ready.push_back(p.into_completion(res));
+                return self.ready.push_back(p.into_completion(id, res));
             }
         }
-        match self.driver.start(p.id, target, body) {
+        match self.driver.start(id, target, body) {
             Ok(()) => {
-                self.inflight.insert(p.id, p);
+                self.inflight.insert(id, p);
             }
-            Err(e) => self.ready.push_back(p.into_completion(Err(e))),
+            Err(e) => self.ready.push_back(p.into_completion(id, Err(e))),
         }
     }
 }
@@ -865,7 +869,7 @@ impl<K, D> Drop for Worker<K, D> {
                     if let Some(p) = self.inflight.remove(&ev.id) {
                         // Dropping the completion also closes a connection accepted meanwhile.
                         let result = p.result(ev.res);
-                        drop(p.into_completion(result));
+                        drop(p.into_completion(ev.id, result));
                     }
                 }
             }
@@ -890,13 +894,12 @@ impl<K, D> Drop for Worker<K, D> {
 
 /// An operation between `submit` and its completion.
 struct Pending<K, D> {
-    id: u64,
     kind: OpKind,
     handle: Option<Handle<K>>,
     body: Option<OpBox>,
     data: D,
-    /// For multishot operations: how to give each intermediate completion its data.
-    clone: Option<fn(&D) -> D>,
+    /// Submitted as multishot: each intermediate completion gets a clone of `data`.
+    multishot: bool,
 }
 
 impl<K, D> Pending<K, D> {
@@ -905,7 +908,7 @@ impl<K, D> Pending<K, D> {
         decode_result(self.kind, res)
     }
 
-    fn into_completion(self, mut result: io::Result<usize>) -> Completion<K, D> {
+    fn into_completion(self, id: u64, mut result: io::Result<usize>) -> Completion<K, D> {
         let mut buf = None;
         let mut pooled = None;
         let mut gathered = Vec::new();
@@ -934,7 +937,7 @@ impl<K, D> Pending<K, D> {
             _ => {}
         }
         Completion {
-            id: OpId(self.id),
+            id: OpId(id),
             kind: self.kind,
             result,
             handle: self.handle,
@@ -984,7 +987,7 @@ impl Drop for OpBox {
 
 /// Work forwarded to a worker from another thread.
 enum Remote<K, D> {
-    Op(Pending<K, D>),
+    Op(u64, Pending<K, D>),
     Done(Completion<K, D>),
     Cancel(u64),
     CancelAll(Handle<K>),
@@ -992,6 +995,9 @@ enum Remote<K, D> {
 
 struct Shared<K, D> {
     slots: Vec<Slot<K, D>>,
+    /// `D`'s clone, for the intermediate completions of multishot operations (set by the first
+    /// multishot submit: kept here rather than in every operation record).
+    clone: std::sync::OnceLock<fn(&D) -> D>,
     next_seq: AtomicU64,
     shutdown: AtomicBool,
     backend: &'static str,
@@ -1021,15 +1027,23 @@ impl<K, D> Shared<K, D> {
         op: Op<K>,
         data: D,
         clone: Option<fn(&D) -> D>,
-    ) -> Pending<K, D> {
-        Pending {
-            id: self.next_id(worker),
+    ) -> (u64, Pending<K, D>) {
+        if let Some(clone) = clone {
+            self.clone.get_or_init(|| clone);
+        }
+        let id = self.next_id(worker);
+        let pending = Pending {
             kind: op.kind,
             handle: op.handle,
-            body: op.body.map(OpBox::new),
+            // A pooled receive hands the kernel no memory of its own: nothing to box.
+            body: op
+                .body
+                .filter(|b| !matches!(b, OpBody::RecvPooled))
+                .map(OpBox::new),
             data,
-            clone,
-        }
+            multishot: clone.is_some(),
+        };
+        (id, pending)
     }
 
     fn packet(&self, worker: usize, packet: Packet<K, D>) -> Completion<K, D> {

@@ -35,11 +35,14 @@ enum Side {
 }
 
 /// An operation waiting for readiness. `body` points into the port's boxed operation record,
-/// which stays put until this driver reports the operation's event.
+/// which stays put until this driver reports the operation's event (a pooled receive has no
+/// such record: the port passes it a temporary body, which is not kept).
 struct Waiting {
     fd: RawFd,
     side: Side,
+    /// Null for a pooled receive, whose body is not kept.
     body: *mut OpBody,
+    pooled: bool,
     /// A connect whose `connect(2)` returned `EINPROGRESS`.
     connecting: bool,
 }
@@ -277,8 +280,12 @@ impl Epoll {
 
 /// Tries the operation once.
 fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
-    // SAFETY: `op.body` points into the port's boxed record of this operation, which lives,
-    // unmoved and not otherwise borrowed, until the driver reports the operation.
+    if op.pooled {
+        return recv_pooled(op.fd, pool);
+    }
+    // SAFETY: `op.body` (not null: not a pooled receive) points into the port's boxed record of
+    // this operation, which lives, unmoved and not otherwise borrowed, until the driver reports
+    // the operation.
     let body = unsafe { &mut *op.body };
     let r = match body {
         OpBody::RecvPooled => return recv_pooled(op.fd, pool),
@@ -418,11 +425,6 @@ fn fd_state(fds: &mut [FdState], fd: RawFd) -> Option<&mut FdState> {
     fds.get_mut(usize::try_from(fd).ok()?)
 }
 
-fn body_kind(op: &Waiting) -> &OpBody {
-    // SAFETY: as in `attempt`: the record outlives the operation and is not borrowed elsewhere.
-    unsafe { &*op.body }
-}
-
 fn is_connected(fd: RawFd) -> bool {
     // SAFETY: getpeername writes at most `len` bytes into the zeroed local storage.
     unsafe {
@@ -445,6 +447,7 @@ impl Driver for Epoll {
                     fd: -1,
                     side: Side::Read,
                     body,
+                    pooled: false,
                     connecting: false,
                 },
             );
@@ -458,7 +461,8 @@ impl Driver for Epoll {
         let mut op = Waiting {
             fd: target.fd,
             side,
-            body,
+            body: if pooled { std::ptr::null_mut() } else { body },
+            pooled,
             connecting: false,
         };
         let first = fd_state(&mut self.fds, target.fd).is_none_or(|s| {
@@ -468,7 +472,7 @@ impl Driver for Epoll {
                     Side::Write => s.write.is_empty(),
                 }
         });
-        if first && !matches!(body_kind(&op), OpBody::RecvPooled) {
+        if first && !pooled {
             // Alone in its queue: try it now (a connect must be issued before it is watched).
             if let Outcome::Done(res) = attempt(&mut op, self.pool.as_mut()) {
                 self.done.push(Event::done(id, res));

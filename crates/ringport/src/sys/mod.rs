@@ -26,8 +26,9 @@ pub(crate) mod epoll;
 pub(crate) mod uring;
 
 /// What an operation does, and the memory it hands to the kernel. Lives in a `Box` owned by the
-/// port's in-flight table from `start` until its event is reported. Kept small (the larger
-/// bodies are boxed themselves): a connection's armed receive holds one for its whole life.
+/// port's in-flight table from `start` until its event is reported (except a pooled receive's,
+/// which points at nothing and is not kept). Kept small (the larger bodies are boxed
+/// themselves).
 #[derive(Debug)]
 pub(crate) enum OpBody {
     /// Accept one connection on a listening socket.
@@ -176,7 +177,9 @@ pub(crate) enum Cancel {
 /// The contract of a backend (see the module docs).
 pub(crate) trait Driver: Send {
     /// Starts the operation `id` on `target` (`fd == -1` for none). On `Err` nothing was
-    /// started and no event will be reported.
+    /// started and no event will be reported. The body of a pooled receive
+    /// ([`OpBody::RecvPooled`], which hands the kernel no memory) is a temporary: keep no
+    /// pointer to it.
     fn start(&mut self, id: u64, target: Target, body: &mut OpBody) -> io::Result<()>;
 
     /// Asks for cancellation; the cancelled operations still report an event (`-ECANCELED`
