@@ -60,19 +60,26 @@ pub struct Key(AtomicU64);
 
 impl Key {
     const LISTENER: u64 = u64::MAX;
+    /// A connection not adopted yet (no table id is this large).
+    const UNADOPTED: u64 = u64::MAX - 1;
 
     fn listener() -> Self {
         Key(AtomicU64::new(Self::LISTENER))
     }
 
-    /// A connection not adopted yet.
     fn conn() -> Self {
-        Key(AtomicU64::new(0))
+        Key(AtomicU64::new(Self::UNADOPTED))
     }
 
-    /// The connection's id; `None` for the listener.
+    fn is_listener(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == Self::LISTENER
+    }
+
+    /// The connection's id in its home worker's table; `None` for the listener and for a
+    /// connection not adopted yet.
     fn conn_id(&self) -> Option<u64> {
-        Some(self.0.load(Ordering::Relaxed)).filter(|&id| id != Self::LISTENER)
+        Some(self.0.load(Ordering::Relaxed))
+            .filter(|&id| id != Self::LISTENER && id != Self::UNADOPTED)
     }
 }
 
@@ -118,8 +125,9 @@ struct Conn {
     paused: bool,
     /// A cancel of the armed receive was requested (draining).
     cancelling: bool,
-    /// Draining: since when the connection has had nothing to echo and received nothing.
-    quiet_since: Option<Instant>,
+    /// Draining: since when the connection has had nothing to echo and received nothing, in
+    /// milliseconds since the server started, plus one; 0 while it has not been quiet.
+    quiet_since: u64,
     /// The peer closed its side: close once everything is echoed.
     eof: bool,
     /// Listed in `Server::to_send`.
@@ -128,7 +136,9 @@ struct Conn {
     yielding: bool,
     /// Waiting in `Server::starved` for a buffer.
     starved: bool,
-    last_active: Instant,
+    /// When it last received or sent, in milliseconds since the server started (a plain number
+    /// keeps the record small: every connection has one).
+    last_active: u64,
 }
 
 /// Counters shared by the workers, for the exit summary and `--max-connections`.
@@ -337,6 +347,8 @@ struct Server {
     conns: Slab<Conn>,
     /// The time when the current batch of completions was dequeued.
     now: Instant,
+    /// When this worker started (connections' times count from it).
+    start: Instant,
     /// Connections whose pooled receive ended for want of a buffer (or yielded its turn), to
     /// re-arm, oldest first. May hold ids no longer waiting; `waiting` counts those that are.
     starved: VecDeque<u64>,
@@ -382,6 +394,7 @@ impl Server {
             accepts: 0,
             conns: Slab::new(),
             now: Instant::now(),
+            start: Instant::now(),
             starved: VecDeque::new(),
             waiting: 0,
             rearm_timer: false,
@@ -588,7 +601,7 @@ impl Server {
 
     fn adopt(&mut self, c: Completion<Key, Io>) {
         let Some(handle) = c.handle else { return };
-        if handle.key().conn_id().is_none() {
+        if handle.key().is_listener() {
             return;
         }
         let fd = handle.as_raw_fd();
@@ -605,12 +618,12 @@ impl Server {
             out: None,
             paused: false,
             cancelling: false,
-            quiet_since: None,
+            quiet_since: 0,
             eof: false,
             to_send: false,
             yielding: false,
             starved: false,
-            last_active: self.now,
+            last_active: self.millis(self.now),
         };
         self.arm(&mut conn);
         let id = self.conns.insert(conn);
@@ -639,8 +652,8 @@ impl Server {
         match c.result {
             Ok(n) if n > 0 => {
                 trace!("socket {}: received {n} bytes", conn.handle.as_raw_fd());
-                conn.last_active = self.now;
-                conn.quiet_since = None;
+                conn.last_active = self.millis(self.now);
+                conn.quiet_since = 0;
                 if let Some(buf) = c.pooled {
                     let spare = &mut self.spare_queues;
                     conn.out
@@ -716,8 +729,11 @@ impl Server {
             // A peer may still hold bytes it wrote before the signal in its own send buffer,
             // sent only once our window opens: an empty socket is final only after a quiet
             // spell, or closing would reset the connection and lose that echo.
-            let now = Instant::now();
-            let quiet = now.duration_since(*conn.quiet_since.get_or_insert(now)) >= DRAIN_QUIET;
+            let now = self.millis(Instant::now()) + 1;
+            if conn.quiet_since == 0 {
+                conn.quiet_since = now;
+            }
+            let quiet = now.saturating_sub(conn.quiet_since) >= DRAIN_QUIET.as_millis() as u64;
             match conn.recv {
                 Some(op) => {
                     if quiet && !conn.cancelling {
@@ -797,7 +813,7 @@ impl Server {
             Ok(_) => return self.close_conn(id, conn, "send made no progress"),
             Err(e) => return self.close_conn(id, conn, &describe(&e)),
         };
-        conn.last_active = self.now;
+        conn.last_active = self.millis(self.now);
         // What was not sent goes back to the front of the queue.
         let idle = conn.out.as_mut().is_none_or(|out| {
             out.sent(&mut bufs, n);
@@ -807,6 +823,7 @@ impl Server {
             self.wants_send(id, &mut conn);
         } else if let Some(out) = conn.out.take() {
             // Nothing left to echo: the queue goes back to the spares.
+            debug_assert_eq!(out.pending(), 0);
             if self.spare_queues.len() < SPARE_LISTS {
                 self.spare_queues.push(out);
             }
@@ -816,6 +833,11 @@ impl Server {
         }
         self.maybe_resume(&mut conn);
         self.settle(id, conn);
+    }
+
+    /// Milliseconds from the worker's start to `t`.
+    fn millis(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.start).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Pool memory the connection may hold: a whole buffer per queued slice, however little
@@ -919,11 +941,12 @@ impl Server {
         let Some(idle) = self.limits.idle_timeout else {
             return;
         };
-        let now = Instant::now();
+        let now = self.millis(Instant::now());
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
         let stale: Vec<u64> = self
             .conns
             .iter()
-            .filter(|(_, c)| now.duration_since(c.last_active) >= idle)
+            .filter(|(_, c)| now.saturating_sub(c.last_active) >= idle_ms)
             .map(|(id, _)| id)
             .collect();
         for id in stale {
@@ -987,4 +1010,13 @@ fn sweep_period(idle: Duration) -> Duration {
 
 fn conn_id(c: &Completion<Key, Io>) -> Option<u64> {
     c.key()?.conn_id()
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every connection, idle or not, holds one record in its worker's table: keep it small.
+    #[test]
+    fn connection_records_stay_small() {
+        assert!(std::mem::size_of::<super::Conn>() <= 48);
+    }
 }

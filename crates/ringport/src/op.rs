@@ -4,6 +4,7 @@ use std::fmt;
 use std::hash::Hasher;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
+use std::num::NonZeroU64;
 use std::time::Duration;
 
 use crate::handle::Handle;
@@ -13,12 +14,18 @@ use crate::sys::{Gather, OpBody};
 /// Identifies one posted operation, for [`Worker::cancel`](crate::Worker::cancel) and to match
 /// a completion with what was posted. Unique within a port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct OpId(pub(crate) u64);
+pub struct OpId(NonZeroU64);
 
 impl OpId {
-    /// The id as a number.
+    /// Wraps an id made by the port (never 0).
+    pub(crate) fn from_raw(id: u64) -> OpId {
+        debug_assert_ne!(id, 0, "operation ids are never 0");
+        OpId(NonZeroU64::new(id).unwrap_or(NonZeroU64::MIN))
+    }
+
+    /// The id as a number (never 0, so an `Option<OpId>` takes no more room than an id).
     pub fn get(self) -> u64 {
-        self.0
+        self.0.get()
     }
 }
 

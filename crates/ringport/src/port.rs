@@ -401,7 +401,7 @@ where
         self.shared
             .send(worker, Remote::Op(id, pending))
             .map_err(|_| shut_down_error())?;
-        Ok(OpId(id))
+        Ok(OpId::from_raw(id))
     }
 
     /// Like [`Port::submit`], for an operation that completes many times, such as
@@ -423,7 +423,7 @@ where
         self.shared
             .send(worker, Remote::Op(id, pending))
             .map_err(|_| shut_down_error())?;
-        Ok(OpId(id))
+        Ok(OpId::from_raw(id))
     }
 
     /// Posts a custom packet to worker `worker % workers()`, from any thread: the
@@ -442,9 +442,9 @@ where
     /// Cancels one operation, from any thread. It still completes: with `ECANCELED`, or with
     /// its own result if it had already finished.
     pub fn cancel(&self, id: OpId) {
-        let worker = id_worker(id.0);
+        let worker = id_worker(id.get());
         if worker < self.shared.slots.len() {
-            let _ = self.shared.send(worker, Remote::Cancel(id.0));
+            let _ = self.shared.send(worker, Remote::Cancel(id.get()));
         }
     }
 
@@ -582,7 +582,7 @@ where
             self.ready
                 .push_back(pending.into_completion(id, Err(errno(libc::ECANCELED))));
         }
-        OpId(id)
+        OpId::from_raw(id)
     }
 
     /// Posts a packet to worker `worker % workers()` (this one included).
@@ -604,13 +604,13 @@ where
 
     /// Cancels one operation; it still completes (with `ECANCELED` unless already finished).
     pub fn cancel(&mut self, id: OpId) {
-        let worker = id_worker(id.0);
+        let worker = id_worker(id.get());
         if worker == self.index {
-            if self.inflight.contains_key(&id.0) {
-                self.driver.cancel(Cancel::Op(id.0));
+            if self.inflight.contains_key(&id.get()) {
+                self.driver.cancel(Cancel::Op(id.get()));
             }
         } else if worker < self.shared.slots.len() {
-            let _ = self.shared.send(worker, Remote::Cancel(id.0));
+            let _ = self.shared.send(worker, Remote::Cancel(id.get()));
         }
     }
 
@@ -711,7 +711,7 @@ where
                     _ => continue,
                 };
                 self.ready.push_back(Completion {
-                    id: OpId(ev.id),
+                    id: OpId::from_raw(ev.id),
                     kind: p.kind,
                     result: p.result(ev.res),
                     handle: p.handle.clone(),
@@ -937,7 +937,7 @@ impl<K, D> Pending<K, D> {
             _ => {}
         }
         Completion {
-            id: OpId(id),
+            id: OpId::from_raw(id),
             kind: self.kind,
             result,
             handle: self.handle,
@@ -1017,8 +1017,14 @@ impl<K, D> Shared<K, D> {
         best.1
     }
 
+    /// A new operation id; never 0 (the sequence skips values whose low bits wrap to 0).
     fn next_id(&self, worker: usize) -> u64 {
-        pack_id(worker, self.next_seq.fetch_add(1, Ordering::Relaxed))
+        loop {
+            let id = pack_id(worker, self.next_seq.fetch_add(1, Ordering::Relaxed));
+            if id & ((1 << ID_WORKER_SHIFT) - 1) != 0 {
+                return id;
+            }
+        }
     }
 
     fn pending(
@@ -1048,7 +1054,7 @@ impl<K, D> Shared<K, D> {
 
     fn packet(&self, worker: usize, packet: Packet<K, D>) -> Completion<K, D> {
         Completion {
-            id: OpId(self.next_id(worker)),
+            id: OpId::from_raw(self.next_id(worker)),
             kind: OpKind::Packet,
             result: Ok(packet.bytes),
             handle: packet.handle,

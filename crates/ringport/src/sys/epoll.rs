@@ -55,8 +55,74 @@ struct FdState {
     registered: bool,
     /// A stream socket: a short read there means it was empty (not so for datagrams).
     stream: bool,
-    read: VecDeque<u64>,
-    write: VecDeque<u64>,
+    read: OpQueue,
+    write: OpQueue,
+}
+
+/// One direction's operations on a descriptor, in posting order. Most descriptors have at most
+/// one per direction (a connection's armed receive, its send in flight): that one is kept
+/// inline, and a deque is allocated only while more wait behind it.
+#[derive(Default)]
+struct OpQueue {
+    /// The first operation's id; 0 when the queue is empty (ids are never 0).
+    first: u64,
+    /// The operations behind the first; `Some` only while non-empty. Boxed: one pointer in
+    /// every descriptor's state rather than a whole deque.
+    #[allow(clippy::box_collection)]
+    rest: Option<Box<VecDeque<u64>>>,
+}
+
+impl OpQueue {
+    fn front(&self) -> Option<u64> {
+        (self.first != 0).then_some(self.first)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first == 0
+    }
+
+    fn push_back(&mut self, id: u64) {
+        debug_assert_ne!(id, 0);
+        if self.first == 0 {
+            self.first = id;
+        } else {
+            self.rest.get_or_insert_default().push_back(id);
+        }
+    }
+
+    fn pop_front(&mut self) {
+        self.first = match &mut self.rest {
+            Some(rest) => {
+                let next = rest.pop_front().unwrap_or(0);
+                if rest.is_empty() {
+                    self.rest = None;
+                }
+                next
+            }
+            None => 0,
+        };
+    }
+
+    fn remove(&mut self, id: u64) {
+        if self.first == id {
+            self.pop_front();
+        } else if let Some(rest) = &mut self.rest {
+            rest.retain(|&x| x != id);
+            if rest.is_empty() {
+                self.rest = None;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = OpQueue::default();
+    }
+
+    fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.front()
+            .into_iter()
+            .chain(self.rest.iter().flat_map(|r| r.iter().copied()))
+    }
 }
 
 pub(crate) struct Epoll {
@@ -213,7 +279,7 @@ impl Epoll {
                 Side::Read => &mut state.read,
                 Side::Write => &mut state.write,
             };
-            let Some(&id) = queue.front() else { return };
+            let Some(id) = queue.front() else { return };
             let Some(op) = self.ops.get_mut(&id) else {
                 queue.pop_front();
                 continue;
@@ -247,7 +313,7 @@ impl Epoll {
                     Side::Read => &mut state.read,
                     Side::Write => &mut state.write,
                 };
-                queue.retain(|&x| x != id);
+                queue.remove(id);
             }
             self.done.push(Event::done(id, -libc::ECANCELED));
         }
@@ -501,7 +567,7 @@ impl Driver for Epoll {
                 let ids: Vec<u64> = self
                     .fds
                     .get(usize::try_from(fd).unwrap_or(usize::MAX))
-                    .map(|s| s.read.iter().chain(s.write.iter()).copied().collect())
+                    .map(|s| s.read.ids().chain(s.write.ids()).collect())
                     .unwrap_or_default();
                 for id in ids {
                     self.cancel_op(id);
