@@ -101,6 +101,7 @@
 
 mod fault;
 mod handle;
+mod inflight;
 mod op;
 mod pool;
 mod port;

@@ -1,8 +1,7 @@
 //! The port, its workers, and the routing of operations between them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
-use std::hash::BuildHasherDefault;
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -12,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use crate::fault::{Effect, Faults};
 use crate::handle::Handle;
+use crate::inflight::Inflight;
 use crate::op::{Completion, Op, OpId, OpKind, Packet};
 use crate::pool::Pool;
-use crate::sys::{self, Cancel, Driver, Event, IdHasher, OpBody, Target};
+use crate::sys::{self, Cancel, Driver, Event, OpBody, Target};
 
 /// Bits of an [`OpId`] below the worker index.
 const ID_WORKER_SHIFT: u32 = 48;
@@ -218,7 +218,7 @@ impl Builder {
                 faults: faults.clone(),
                 shared: Arc::clone(&shared),
                 driver,
-                inflight: HashMap::default(),
+                inflight: Inflight::new(),
                 ready: VecDeque::new(),
                 events: Vec::new(),
                 shutting_down: false,
@@ -495,7 +495,7 @@ pub struct Worker<K, D> {
     driver: Box<dyn Driver>,
     /// Every operation the driver has started and not yet reported, by id. Its body (buffer,
     /// address, timespec) stays boxed here, at a fixed address, until its event arrives.
-    inflight: HashMap<u64, Pending<K, D>, BuildHasherDefault<IdHasher>>,
+    inflight: Inflight<Pending<K, D>>,
     /// Completions ready to hand out.
     ready: VecDeque<Completion<K, D>>,
     events: Vec<Event>,
@@ -539,7 +539,7 @@ where
     /// a failure to start is reported as that operation's completion, with its buffer.
     pub fn submit(&mut self, op: Op<K>, data: D) -> OpId {
         let worker = op.handle.as_ref().map_or(self.index, Handle::worker);
-        let pending = self.shared.pending(worker, op, data, None);
+        let pending = self.shared.record(op, data, None);
         self.submit_pending(worker, pending)
     }
 
@@ -550,9 +550,7 @@ where
         D: Clone,
     {
         let worker = op.handle.as_ref().map_or(self.index, Handle::worker);
-        let pending = self
-            .shared
-            .pending(worker, op, data, Some(<D as Clone>::clone));
+        let pending = self.shared.record(op, data, Some(<D as Clone>::clone));
         self.submit_pending(worker, pending)
     }
 
@@ -572,12 +570,20 @@ where
         self.pool.is_some() && self.driver.pool_incremental()
     }
 
-    fn submit_pending(&mut self, worker: usize, (id, pending): (u64, Pending<K, D>)) -> OpId {
+    fn submit_pending(&mut self, worker: usize, pending: Pending<K, D>) -> OpId {
         if worker == self.index {
+            // A slot of this worker's slab, else (all taken) a sequence id.
+            let id = self
+                .inflight
+                .reserve(worker_bits(self.index))
+                .unwrap_or_else(|| self.shared.next_id(worker));
             self.start(id, pending);
-        } else if let Err(Remote::Op(id, pending)) =
-            self.shared.send(worker, Remote::Op(id, pending))
-        {
+            // Gives the slot back if the operation completed at once (nothing to track).
+            self.inflight.unreserve(id);
+            return OpId::from_raw(id);
+        }
+        let id = self.shared.next_id(worker);
+        if let Err(Remote::Op(id, pending)) = self.shared.send(worker, Remote::Op(id, pending)) {
             // The home worker is gone: the operation fails here, and gives its buffer back.
             self.ready
                 .push_back(pending.into_completion(id, Err(errno(libc::ECANCELED))));
@@ -606,7 +612,7 @@ where
     pub fn cancel(&mut self, id: OpId) {
         let worker = id_worker(id.get());
         if worker == self.index {
-            if self.inflight.contains_key(&id.get()) {
+            if self.inflight.contains(id.get()) {
                 self.driver.cancel(Cancel::Op(id.get()));
             }
         } else if worker < self.shared.slots.len() {
@@ -702,7 +708,7 @@ where
                 _ => None,
             };
             if ev.more {
-                let Some(p) = self.inflight.get(&ev.id) else {
+                let Some(p) = self.inflight.get(ev.id) else {
                     continue;
                 };
                 let data = match (p.multishot, self.shared.clone.get()) {
@@ -722,7 +728,7 @@ where
                     accepted: None,
                     more: true,
                 });
-            } else if let Some(p) = self.inflight.remove(&ev.id) {
+            } else if let Some(p) = self.inflight.remove(ev.id) {
                 let result = p.result(ev.res);
                 let mut c = p.into_completion(ev.id, result);
                 if pooled.is_some() {
@@ -744,7 +750,7 @@ where
                 Remote::Op(id, p) => self.start(id, p),
                 Remote::Done(c) => self.ready.push_back(c),
                 Remote::Cancel(id) => {
-                    if self.inflight.contains_key(&id) {
+                    if self.inflight.contains(id) {
                         self.driver.cancel(Cancel::Op(id));
                     }
                 }
@@ -866,7 +872,7 @@ impl<K, D> Drop for Worker<K, D> {
                     }
                 }
                 if !ev.more {
-                    if let Some(p) = self.inflight.remove(&ev.id) {
+                    if let Some(p) = self.inflight.remove(ev.id) {
                         // Dropping the completion also closes a connection accepted meanwhile.
                         let result = p.result(ev.res);
                         drop(p.into_completion(ev.id, result));
@@ -881,7 +887,7 @@ impl<K, D> Drop for Worker<K, D> {
                 self.index,
                 self.inflight.len()
             );
-            for (_, p) in self.inflight.drain() {
+            for p in self.inflight.drain() {
                 std::mem::forget(p);
             }
             self.driver.abandon();
@@ -1021,7 +1027,7 @@ impl<K, D> Shared<K, D> {
     fn next_id(&self, worker: usize) -> u64 {
         loop {
             let id = pack_id(worker, self.next_seq.fetch_add(1, Ordering::Relaxed));
-            if id & ((1 << ID_WORKER_SHIFT) - 1) != 0 {
+            if id & ((1 << (ID_WORKER_SHIFT - 1)) - 1) != 0 {
                 return id;
             }
         }
@@ -1034,11 +1040,15 @@ impl<K, D> Shared<K, D> {
         data: D,
         clone: Option<fn(&D) -> D>,
     ) -> (u64, Pending<K, D>) {
+        (self.next_id(worker), self.record(op, data, clone))
+    }
+
+    /// The record of an operation about to be submitted.
+    fn record(&self, op: Op<K>, data: D, clone: Option<fn(&D) -> D>) -> Pending<K, D> {
         if let Some(clone) = clone {
             self.clone.get_or_init(|| clone);
         }
-        let id = self.next_id(worker);
-        let pending = Pending {
+        Pending {
             kind: op.kind,
             handle: op.handle,
             // A pooled receive hands the kernel no memory of its own: nothing to box.
@@ -1048,8 +1058,7 @@ impl<K, D> Shared<K, D> {
                 .map(OpBox::new),
             data,
             multishot: clone.is_some(),
-        };
-        (id, pending)
+        }
     }
 
     fn packet(&self, worker: usize, packet: Packet<K, D>) -> Completion<K, D> {
@@ -1133,9 +1142,15 @@ impl<K, D> Slot<K, D> {
     }
 }
 
-/// An operation id: the worker that runs it in the top bits, a sequence number below.
+/// An operation id: the worker that runs it in the top bits, a sequence number below (47 bits:
+/// ids with bit 47 set name slots of the worker's in-flight slab, see `inflight`).
 fn pack_id(worker: usize, seq: u64) -> u64 {
-    ((worker as u64) << ID_WORKER_SHIFT) | (seq & ((1 << ID_WORKER_SHIFT) - 1))
+    worker_bits(worker) | (seq & ((1 << (ID_WORKER_SHIFT - 1)) - 1))
+}
+
+/// The worker's part of its operations' ids.
+fn worker_bits(worker: usize) -> u64 {
+    (worker as u64) << ID_WORKER_SHIFT
 }
 
 /// The worker an operation id belongs to.

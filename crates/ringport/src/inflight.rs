@@ -1,0 +1,214 @@
+//! A worker's table of operations in flight.
+//!
+//! Operations a worker submits for itself get ids that name a slot of a slab (with the slot's
+//! generation, so that an id kept after its operation completed finds nothing even once the
+//! slot is reused): looking one up is an index, and the table holds no hash-map headroom,
+//! which matters when every idle connection keeps an armed receive in it. Operations forwarded
+//! from other threads carry ids drawn from the port's shared sequence before the worker sees
+//! them; those live in a hash map.
+
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+
+use crate::op::IdHasher;
+
+/// In an id: set for slab ids (sequence ids stay below it, see `LOCAL_SEQ_LIMIT`).
+const LOCAL: u64 = 1 << 47;
+/// Bits of an id that name the slot.
+const INDEX_BITS: u32 = 24;
+const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+/// Bits of the generation kept in an id (between the index and `LOCAL`).
+const GEN_MASK: u32 = (1 << (47 - INDEX_BITS)) - 1;
+
+/// Whether `id` (without its worker bits) names a slab slot.
+pub(crate) fn is_local(id: u64) -> bool {
+    id & LOCAL != 0
+}
+
+pub(crate) struct Inflight<T> {
+    slots: Vec<Slot<T>>,
+    /// Free slots, most recently freed last.
+    free: Vec<u32>,
+    map: HashMap<u64, T, BuildHasherDefault<IdHasher>>,
+    /// Records held (reserved slots not counted).
+    len: usize,
+}
+
+struct Slot<T> {
+    gen: u32,
+    /// Reserved or holding a record.
+    used: bool,
+    value: Option<T>,
+}
+
+impl<T> Inflight<T> {
+    pub(crate) fn new() -> Self {
+        Inflight {
+            slots: Vec::new(),
+            free: Vec::new(),
+            map: HashMap::default(),
+            len: 0,
+        }
+    }
+
+    /// Reserves a slot and returns its id, with `worker_bits` (the worker's part of every id)
+    /// set; `None` when every slot an id can name is in use (the caller then uses a sequence
+    /// id, which the hash map takes).
+    pub(crate) fn reserve(&mut self, worker_bits: u64) -> Option<u64> {
+        let index = match self.free.pop() {
+            Some(i) => i as usize,
+            None if (self.slots.len() as u64) <= INDEX_MASK => {
+                self.slots.push(Slot {
+                    gen: 0,
+                    used: false,
+                    value: None,
+                });
+                self.slots.len() - 1
+            }
+            None => return None,
+        };
+        let slot = &mut self.slots[index];
+        slot.used = true;
+        Some(worker_bits | LOCAL | (u64::from(slot.gen) << INDEX_BITS) | index as u64)
+    }
+
+    fn slot(&mut self, id: u64) -> Option<&mut Slot<T>> {
+        if !is_local(id) {
+            return None;
+        }
+        let index = (id & INDEX_MASK) as usize;
+        let gen = ((id >> INDEX_BITS) as u32) & GEN_MASK;
+        self.slots.get_mut(index).filter(|s| s.used && s.gen == gen)
+    }
+
+    /// Gives back a reserved slot that was never filled (the operation completed at once).
+    pub(crate) fn unreserve(&mut self, id: u64) {
+        if let Some(slot) = self.slot(id).filter(|s| s.value.is_none()) {
+            slot.used = false;
+            slot.gen = (slot.gen + 1) & GEN_MASK;
+            self.free.push((id & INDEX_MASK) as u32);
+        }
+    }
+
+    /// Adds the record of a started operation: into its reserved slot, or the map.
+    pub(crate) fn insert(&mut self, id: u64, value: T) {
+        if is_local(id) {
+            match self.slot(id) {
+                Some(slot) => slot.value = Some(value),
+                None => {
+                    debug_assert!(false, "slot of id {id:#x} was not reserved");
+                    self.map.insert(id, value);
+                }
+            }
+        } else {
+            self.map.insert(id, value);
+        }
+        self.len += 1;
+    }
+
+    pub(crate) fn get(&self, id: u64) -> Option<&T> {
+        if is_local(id) {
+            let index = (id & INDEX_MASK) as usize;
+            let gen = ((id >> INDEX_BITS) as u32) & GEN_MASK;
+            let slot = self.slots.get(index).filter(|s| s.used && s.gen == gen)?;
+            slot.value.as_ref().or_else(|| self.map.get(&id))
+        } else {
+            self.map.get(&id)
+        }
+    }
+
+    pub(crate) fn contains(&self, id: u64) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Takes a record out; its slot is free again and the id finds nothing from now on.
+    pub(crate) fn remove(&mut self, id: u64) -> Option<T> {
+        let value = match self.slot(id) {
+            Some(slot) => {
+                let value = slot.value.take();
+                if value.is_some() {
+                    slot.used = false;
+                    slot.gen = (slot.gen + 1) & GEN_MASK;
+                    self.free.push((id & INDEX_MASK) as u32);
+                }
+                value
+            }
+            None => None,
+        }
+        .or_else(|| self.map.remove(&id));
+        if value.is_some() {
+            self.len -= 1;
+        }
+        value
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Takes every record out.
+    pub(crate) fn drain(&mut self) -> Vec<T> {
+        let mut all: Vec<T> = self.map.drain().map(|(_, v)| v).collect();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if let Some(v) = slot.value.take() {
+                slot.used = false;
+                slot.gen = (slot.gen + 1) & GEN_MASK;
+                self.free.push(i as u32);
+                all.push(v);
+            }
+        }
+        self.len = 0;
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{is_local, Inflight};
+
+    const W: u64 = 3 << 48;
+
+    #[test]
+    fn slab_ids_find_their_record_until_removed_even_once_the_slot_is_reused() {
+        let mut t = Inflight::new();
+        let a = t.reserve(W).unwrap();
+        assert!(is_local(a));
+        assert_eq!(a >> 48, 3, "the worker's bits are kept");
+        assert!(!t.contains(a), "reserved, not filled");
+        t.insert(a, "a");
+        let b = t.reserve(W).unwrap();
+        t.insert(b, "b");
+        assert_eq!((t.get(a), t.get(b), t.len()), (Some(&"a"), Some(&"b"), 2));
+
+        assert_eq!(t.remove(a), Some("a"));
+        assert_eq!(t.remove(a), None, "removed once");
+        let c = t.reserve(W).unwrap();
+        assert_eq!(c & 0xff_ffff, a & 0xff_ffff, "the slot is reused");
+        assert_ne!(c, a);
+        t.insert(c, "c");
+        assert_eq!(t.get(a), None, "a stale id finds nothing");
+        assert_eq!(t.get(c), Some(&"c"));
+
+        // A reservation given back frees the slot; unreserving a filled slot does nothing.
+        let d = t.reserve(W).unwrap();
+        t.unreserve(d);
+        t.unreserve(c);
+        assert_eq!(t.get(c), Some(&"c"));
+        assert_eq!(t.reserve(W).unwrap() & 0xff_ffff, d & 0xff_ffff);
+
+        // Sequence ids (forwarded from other threads) go to the map.
+        let seq = W | 12345;
+        assert!(!is_local(seq));
+        t.insert(seq, "s");
+        assert_eq!((t.get(seq), t.len()), (Some(&"s"), 3));
+        let mut all = t.drain();
+        all.sort_unstable();
+        assert_eq!(all, ["b", "c", "s"]);
+        assert!(t.is_empty());
+        assert_eq!(t.get(b), None);
+    }
+}
