@@ -185,7 +185,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         idle_timeout: args.idle_timeout.filter(|d| !d.is_zero()),
         max_connections: args.max_connections,
         // A connection may hold at most an eighth of its worker's pool, however small the
-        // segments its peer sends (each takes a whole buffer).
+        // segments its peer sends (each is counted as the whole buffer it may keep back).
         conn_buffer: args
             .conn_buffer
             .min(usize::from(args.pool_buffers) * BUFFER_SIZE / 8)
