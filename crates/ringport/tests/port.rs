@@ -64,6 +64,7 @@ per_backend!(
     packets_posted_from_other_threads_wake_a_waiting_worker,
     several_receives_outstanding_on_one_socket_fill_in_order,
     cancel_one_operation_and_all_of_a_socket,
+    cancelling_a_finished_operation_leaves_later_ones_alone,
     close_cancels_outstanding_refuses_new_and_releases_the_socket,
     short_send_is_reported,
     accept_and_connect,
@@ -252,6 +253,37 @@ fn several_receives_outstanding_on_one_socket_fill_in_order(b: Backend) {
     assert_eq!(ids.len(), 3);
     // Posted order is execution order: concatenating by posting order restores the stream.
     assert_eq!(got.concat(), b"aaaabbbbcccc");
+}
+
+/// Ids of finished operations stay dead: cancelling one, from this thread or another, leaves
+/// alone the operation posted after it (whose record may take the same slot).
+fn cancelling_a_finished_operation_leaves_later_ones_alone(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let first = w.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
+    peer.write_all(b"x").unwrap();
+    let c = next(&mut w);
+    assert_eq!((c.id, c.data, c.result.unwrap()), (first, 1, 1));
+
+    for round in 2..6u8 {
+        let later = w.submit(Op::recv(&h, Vec::with_capacity(8)), round);
+        assert_ne!(later, first);
+        w.cancel(first);
+        let port2 = port.clone();
+        std::thread::spawn(move || port2.cancel(first))
+            .join()
+            .unwrap();
+        assert!(matches!(
+            w.dequeue(Some(Duration::from_millis(20))),
+            Err(WaitError::TimedOut)
+        ));
+        peer.write_all(b"y").unwrap();
+        let c = next(&mut w);
+        assert_eq!(c.id, later);
+        assert_eq!(c.data, round);
+        assert_eq!(c.result.unwrap(), 1, "not cancelled");
+    }
 }
 
 fn cancel_one_operation_and_all_of_a_socket(b: Backend) {
