@@ -36,7 +36,9 @@ const FD_SETTLE: Duration = Duration::from_secs(5);
 /// Allowed RSS growth over the warm-up level: 10%, plus 2 MiB because RSS is page-granular.
 const RSS_GROWTH_PERCENT: u64 = 10;
 const RSS_SLACK: u64 = 2 * 1024 * 1024;
-/// Each worker's receive pool (`ringport serve`'s defaults: 2048 buffers of 8 KiB).
+/// The server's workers, and each one's receive pool (`ringport serve`'s default: 2048 buffers
+/// of 8 KiB).
+const WORKERS: u64 = 2;
 const POOL_BYTES: u64 = 2048 * 8192;
 /// Hang guard for the exit after SIGTERM (default drain timeout plus margin).
 const EXIT_GUARD: Duration = Duration::from_secs(15);
@@ -181,7 +183,8 @@ fn long_connections(addr: SocketAddr, until: Instant, made: &AtomicU64) {
 }
 
 fn soak(total_cycles: usize, mixed: Duration) {
-    let server = Server::start();
+    let server =
+        Server::start_with(&["--listen", "127.0.0.1:0", "--workers", &WORKERS.to_string()]);
     let addr = server.addr;
     let pid = server.pid();
     let fd_base = fd_count(pid);
@@ -246,9 +249,8 @@ fn soak(total_cycles: usize, mixed: Duration) {
         "the server holds {fds} descriptors {FD_SETTLE:?} after the load ended, {fd_base} before \
          it: descriptors leak"
     );
-    // The server runs one worker per available core; all their pools may become resident.
-    let workers = thread::available_parallelism().map_or(1, |n| n.get() as u64);
-    let reference = rss_warm.max(rss_cycles_warm + workers * POOL_BYTES);
+    // All the workers' pools may become resident.
+    let reference = rss_warm.max(rss_cycles_warm + WORKERS * POOL_BYTES);
     let bound = reference + reference * RSS_GROWTH_PERCENT / 100 + RSS_SLACK;
     assert!(
         rss_end <= bound,

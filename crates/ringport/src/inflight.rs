@@ -1,21 +1,24 @@
 //! A worker's table of operations in flight.
 //!
-//! Operations a worker submits for itself get ids that name a slot of a slab (with the slot's
-//! generation, so that an id kept after its operation completed finds nothing even once the
-//! slot is reused): looking one up is an index, and the table holds no hash-map headroom,
-//! which matters when every idle connection keeps an armed receive in it. Operations forwarded
-//! from other threads carry ids drawn from the port's shared sequence before the worker sees
-//! them; those live in a hash map.
+//! Operations a worker submits for itself get ids that name a slot of a slab, with the slot's
+//! generation, so that an id kept after its operation completed finds nothing when the slot is
+//! reused: looking one up is an index, and the table holds no hash-map headroom, which matters
+//! when every idle connection keeps an armed receive in it. Freed slots are reused oldest first
+//! and the generation has 27 bits, so an id comes back only after its slot went round 2^27
+//! times (hours, at millions of operations a second spread over the free slots). Operations
+//! forwarded from other threads carry ids drawn from the port's shared sequence before the
+//! worker sees them; those live in a hash map.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 
 use crate::op::IdHasher;
 
 /// In an id: set for slab ids (sequence ids stay below it, see `LOCAL_SEQ_LIMIT`).
 const LOCAL: u64 = 1 << 47;
-/// Bits of an id that name the slot.
-const INDEX_BITS: u32 = 24;
+/// Bits of an id that name the slot (a worker tracks up to 2^20 of its own operations in the
+/// slab; more go to the map with sequence ids).
+const INDEX_BITS: u32 = 20;
 const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
 /// Bits of the generation kept in an id (between the index and `LOCAL`).
 const GEN_MASK: u32 = (1 << (47 - INDEX_BITS)) - 1;
@@ -27,8 +30,9 @@ pub(crate) fn is_local(id: u64) -> bool {
 
 pub(crate) struct Inflight<T> {
     slots: Vec<Slot<T>>,
-    /// Free slots, most recently freed last.
-    free: Vec<u32>,
+    /// Free slots, reused oldest first (a slot's generation then goes round as slowly as the
+    /// free slots allow).
+    free: VecDeque<u32>,
     map: HashMap<u64, T, BuildHasherDefault<IdHasher>>,
     /// Records held (reserved slots not counted).
     len: usize,
@@ -45,7 +49,7 @@ impl<T> Inflight<T> {
     pub(crate) fn new() -> Self {
         Inflight {
             slots: Vec::new(),
-            free: Vec::new(),
+            free: VecDeque::new(),
             map: HashMap::default(),
             len: 0,
         }
@@ -55,7 +59,7 @@ impl<T> Inflight<T> {
     /// set; `None` when every slot an id can name is in use (the caller then uses a sequence
     /// id, which the hash map takes).
     pub(crate) fn reserve(&mut self, worker_bits: u64) -> Option<u64> {
-        let index = match self.free.pop() {
+        let index = match self.free.pop_front() {
             Some(i) => i as usize,
             None if (self.slots.len() as u64) <= INDEX_MASK => {
                 self.slots.push(Slot {
@@ -86,7 +90,7 @@ impl<T> Inflight<T> {
         if let Some(slot) = self.slot(id).filter(|s| s.value.is_none()) {
             slot.used = false;
             slot.gen = (slot.gen + 1) & GEN_MASK;
-            self.free.push((id & INDEX_MASK) as u32);
+            self.free.push_back((id & INDEX_MASK) as u32);
         }
     }
 
@@ -107,14 +111,14 @@ impl<T> Inflight<T> {
     }
 
     pub(crate) fn get(&self, id: u64) -> Option<&T> {
-        if is_local(id) {
-            let index = (id & INDEX_MASK) as usize;
-            let gen = ((id >> INDEX_BITS) as u32) & GEN_MASK;
-            let slot = self.slots.get(index).filter(|s| s.used && s.gen == gen)?;
-            slot.value.as_ref().or_else(|| self.map.get(&id))
-        } else {
-            self.map.get(&id)
-        }
+        let index = (id & INDEX_MASK) as usize;
+        let gen = ((id >> INDEX_BITS) as u32) & GEN_MASK;
+        is_local(id)
+            .then(|| self.slots.get(index))
+            .flatten()
+            .filter(|s| s.used && s.gen == gen)
+            .and_then(|s| s.value.as_ref())
+            .or_else(|| self.map.get(&id))
     }
 
     pub(crate) fn contains(&self, id: u64) -> bool {
@@ -129,7 +133,7 @@ impl<T> Inflight<T> {
                 if value.is_some() {
                     slot.used = false;
                     slot.gen = (slot.gen + 1) & GEN_MASK;
-                    self.free.push((id & INDEX_MASK) as u32);
+                    self.free.push_back((id & INDEX_MASK) as u32);
                 }
                 value
             }
@@ -157,7 +161,7 @@ impl<T> Inflight<T> {
             if let Some(v) = slot.value.take() {
                 slot.used = false;
                 slot.gen = (slot.gen + 1) & GEN_MASK;
-                self.free.push(i as u32);
+                self.free.push_back(i as u32);
                 all.push(v);
             }
         }
@@ -187,7 +191,7 @@ mod tests {
         assert_eq!(t.remove(a), Some("a"));
         assert_eq!(t.remove(a), None, "removed once");
         let c = t.reserve(W).unwrap();
-        assert_eq!(c & 0xff_ffff, a & 0xff_ffff, "the slot is reused");
+        assert_eq!(c & 0xf_ffff, a & 0xf_ffff, "the slot is reused");
         assert_ne!(c, a);
         t.insert(c, "c");
         assert_eq!(t.get(a), None, "a stale id finds nothing");
@@ -198,7 +202,7 @@ mod tests {
         t.unreserve(d);
         t.unreserve(c);
         assert_eq!(t.get(c), Some(&"c"));
-        assert_eq!(t.reserve(W).unwrap() & 0xff_ffff, d & 0xff_ffff);
+        assert_eq!(t.reserve(W).unwrap() & 0xf_ffff, d & 0xf_ffff);
 
         // Sequence ids (forwarded from other threads) go to the map.
         let seq = W | 12345;

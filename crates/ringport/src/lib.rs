@@ -82,7 +82,8 @@
 //! buffers; always on epoll): each receive, whatever its socket, goes on where the previous one
 //! stopped, so small messages share a buffer instead of taking, and paging in, one each. A
 //! [`PoolBuf`] is a slice of a buffer; it can be echoed as it is with [`Op::send_pooled`], and
-//! the buffer goes back to the pool once it is full and all its slices are dropped.
+//! the buffer goes back to the pool once it is full and all its slices are dropped (without
+//! incremental filling, once its one slice is dropped).
 //! Buffers that piled up while a send was in flight go out together with
 //! [`Op::send_pooled_gather`]: one `sendmsg` for all of them instead of one send each, which is
 //! what keeps large messages and streams cheap (`BENCHMARKS.md`).

@@ -12,7 +12,10 @@ use crate::pool::PoolBuf;
 use crate::sys::{Gather, OpBody};
 
 /// Identifies one posted operation, for [`Worker::cancel`](crate::Worker::cancel) and to match
-/// a completion with what was posted. Unique within a port.
+/// a completion with what was posted. Unique among a port's operations in flight; once an
+/// operation has completed, its id may in time (after many later operations) be given to
+/// another, as an `OVERLAPPED` address is reused on Windows: cancel only operations whose last
+/// completion has not been dequeued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OpId(NonZeroU64);
 

@@ -152,7 +152,8 @@ impl Drop for Pool {
 
 /// Bytes received into a worker's receive pool ([`Builder::recv_pool`]): a slice of one pool
 /// buffer, which later receives may go on filling past its end. It derefs to the bytes
-/// received; the buffer goes back to the pool once it is full and all its slices are dropped.
+/// received; the buffer goes back to the pool once it is full and all its slices are dropped
+/// (see [`Worker::pool_shares_buffers`](crate::Worker::pool_shares_buffers)).
 /// It can be sent as it is with [`Op::send_pooled`], which avoids a copy.
 ///
 /// [`Builder::recv_pool`]: crate::Builder::recv_pool

@@ -1209,8 +1209,10 @@ mod tests {
         fn ids_carry_their_worker(worker in 0usize..(1 << 16), seq in any::<u64>(), other in any::<u64>()) {
             let id = pack_id(worker, seq);
             prop_assert_eq!(id_worker(id), worker);
-            let mask = (1u64 << ID_WORKER_SHIFT) - 1;
+            // Sequence ids keep 47 bits: those with bit 47 set name slab slots.
+            let mask = (1u64 << (ID_WORKER_SHIFT - 1)) - 1;
             prop_assert_eq!(pack_id(worker, other) == id, other & mask == seq & mask);
+            prop_assert!(!crate::inflight::is_local(id & !(0xffff << ID_WORKER_SHIFT)));
         }
 
         /// Non-negative results are byte counts; negative ones are the errno, except a timeout's

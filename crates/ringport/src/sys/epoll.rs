@@ -132,6 +132,10 @@ pub(crate) struct Epoll {
     fds: Vec<FdState>,
     ops: HashMap<u64, Waiting, BuildHasherDefault<IdHasher>>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// The deadline of each timeout still pending. A heap entry counts only while it matches:
+    /// a cancelled timeout's entry stays in the heap until its time, and its id may by then
+    /// name another operation.
+    deadlines: HashMap<u64, Instant, BuildHasherDefault<IdHasher>>,
     /// Events produced outside `wait` (immediate results, cancellations).
     done: Vec<Event>,
     buf: Vec<libc::epoll_event>,
@@ -212,6 +216,7 @@ impl Epoll {
             fds: Vec::new(),
             ops: HashMap::default(),
             timers: BinaryHeap::new(),
+            deadlines: HashMap::default(),
             done: Vec::new(),
             buf: Vec::with_capacity(EVENTS),
             pool: None,
@@ -308,6 +313,7 @@ impl Epoll {
 
     fn cancel_op(&mut self, id: u64) {
         if let Some(op) = self.ops.remove(&id) {
+            self.deadlines.remove(&id);
             if let Some(state) = fd_state(&mut self.fds, op.fd) {
                 let queue = match op.side {
                     Side::Read => &mut state.read,
@@ -326,7 +332,9 @@ impl Epoll {
                 break;
             }
             self.timers.pop();
-            if self.ops.remove(&id).is_some() {
+            if self.deadlines.get(&id) == Some(&at) {
+                self.deadlines.remove(&id);
+                self.ops.remove(&id);
                 self.done.push(Event::done(id, -libc::ETIME));
             }
         }
@@ -335,7 +343,7 @@ impl Epoll {
     fn next_timer(&mut self) -> Option<Instant> {
         // Drop cancelled timers from the top so they do not shorten the wait.
         while let Some(&Reverse((at, id))) = self.timers.peek() {
-            if self.ops.contains_key(&id) {
+            if self.deadlines.get(&id) == Some(&at) {
                 return Some(at);
             }
             self.timers.pop();
@@ -506,6 +514,7 @@ impl Driver for Epoll {
             // A timeout too long to represent never fires.
             if let Some(at) = Instant::now().checked_add(*after) {
                 self.timers.push(Reverse((at, id)));
+                self.deadlines.insert(id, at);
             }
             self.ops.insert(
                 id,
