@@ -2,8 +2,11 @@
 
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// `Inner::stream` before the socket's type was asked.
+const STREAM_UNKNOWN: u8 = 2;
 
 /// A socket associated with a [`Port`](crate::Port), with its completion key (the per-handle
 /// data of the completion-port model).
@@ -26,6 +29,9 @@ pub(crate) struct Inner<K> {
     /// The home worker (a port has fewer than 2^16, see `Builder::build`).
     worker: u16,
     closed: AtomicBool,
+    /// Whether the socket is a stream, once asked (`STREAM_UNKNOWN` until then); fits in the
+    /// record's padding.
+    stream: AtomicU8,
     /// The home worker's count of live handles, for least-loaded placement.
     load: Arc<AtomicUsize>,
 }
@@ -41,6 +47,7 @@ impl<K> Handle<K> {
                 key,
                 worker: u16::try_from(worker).unwrap_or(u16::MAX),
                 closed: AtomicBool::new(false),
+                stream: AtomicU8::new(STREAM_UNKNOWN),
                 load,
             }),
         }
@@ -65,6 +72,18 @@ impl<K> Handle<K> {
 
     pub(crate) fn serial(&self) -> u64 {
         self.inner.serial
+    }
+
+    /// Whether the socket is a stream socket (`SO_TYPE`, asked once).
+    pub(crate) fn is_stream(&self) -> bool {
+        match self.inner.stream.load(Ordering::Relaxed) {
+            STREAM_UNKNOWN => {
+                let stream = crate::sys::is_stream(self.as_raw_fd());
+                self.inner.stream.store(u8::from(stream), Ordering::Relaxed);
+                stream
+            }
+            known => known == 1,
+        }
     }
 
     pub(crate) fn mark_closed(&self) -> bool {
@@ -125,5 +144,15 @@ impl<K: fmt::Debug> fmt::Debug for Handle<K> {
 impl<K> Drop for Inner<K> {
     fn drop(&mut self) {
         self.load.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every connection holds one of these: with a one-word key it stays at 32 bytes (48 with
+    /// the reference counts).
+    #[test]
+    fn handle_records_stay_small() {
+        assert!(std::mem::size_of::<super::Inner<u64>>() <= 32);
     }
 }

@@ -805,7 +805,7 @@ where
             );
             return self.ready.push_back(p.into_completion(id, Err(e)));
         }
-        if matches!(body, OpBody::RecvPooled) && !sys::is_stream(fd) {
+        if matches!(body, OpBody::RecvPooled) && !p.handle.as_ref().is_some_and(Handle::is_stream) {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "pooled receive on a socket that is not a stream: receives share pool buffers, \
