@@ -13,8 +13,10 @@
 //!
 //! For every cell it records messages per second, p50/p99 round trip, the server's CPU time
 //! (user + system, from `/proc/PID/stat`) per message and its resident memory. Servers are
-//! pinned to `--server-cpus`, the load generator to `--load-cpus`. Rounds are interleaved
-//! (round 1 of every server, then round 2, ...) and the report shows the median.
+//! pinned to `--server-cpus`, the load generator to `--load-cpus`. Servers are interleaved:
+//! in each round, each cell runs on every server in turn (their processes stay up through the
+//! round), so a server's figures for a cell are taken within seconds of its peers'; the
+//! report shows the median over rounds.
 //! Before a server is measured, a short run checks that it echoes every byte faithfully.
 //!
 //! Each `*_main` takes the program name to show in usage and errors, parses its own arguments

@@ -608,62 +608,75 @@ impl Harness {
         Ok(server)
     }
 
-    /// Runs one round of every cell (and the idle measurement) on one server.
+    /// Runs one round: each cell on every server in turn (so that the servers' figures for a
+    /// cell are taken within seconds of each other, whatever the machine does over minutes),
+    /// then the idle measurement on each.
     pub fn run_round(
         &self,
-        ready: &Ready,
+        servers: &[Ready],
         plan: &Plan,
-        res: &mut ServerResults,
+        results: &mut [ServerResults],
         progress: &mut Progress,
         round: usize,
     ) {
-        let label = &ready.spec.label;
-        let mut server: Option<Server> = None;
-        let mut start_error: Option<String> = None;
+        // Each server's process (started on its first cell) and why it could not start.
+        let mut live: Vec<(Option<Server>, Option<String>)> =
+            servers.iter().map(|_| (None, None)).collect();
         for (i, cell) in plan.cells.iter().enumerate() {
-            progress.step(&format!(
-                "round {}/{} {label} {}",
-                round + 1,
-                plan.rounds,
-                cell.label()
-            ));
-            let outcome = self.run_cell(ready, plan, res, &mut server, &mut start_error, cell);
-            if let Outcome::Ok { client, .. }
-            | Outcome::Failed {
-                client: Some(client),
-                ..
-            } = &outcome
+            for ((ready, res), (server, start_error)) in
+                servers.iter().zip(results.iter_mut()).zip(live.iter_mut())
             {
-                if client.mismatches > 0 {
-                    res.mismatched = true;
-                    eprintln!(
-                        "\nringport-bench: {label} {}: {} MISMATCHED echo bytes",
-                        cell.label(),
-                        client.mismatches
-                    );
+                let label = &ready.spec.label;
+                progress.step(&format!(
+                    "round {}/{} {label} {}",
+                    round + 1,
+                    plan.rounds,
+                    cell.label()
+                ));
+                let outcome = self.run_cell(ready, plan, res, server, start_error, cell);
+                if let Outcome::Ok { client, .. }
+                | Outcome::Failed {
+                    client: Some(client),
+                    ..
+                } = &outcome
+                {
+                    if client.mismatches > 0 {
+                        res.mismatched = true;
+                        eprintln!(
+                            "\nringport-bench: {label} {}: {} MISMATCHED echo bytes",
+                            cell.label(),
+                            client.mismatches
+                        );
+                    }
                 }
+                res.cells[i].rounds.push(outcome);
             }
-            res.cells[i].rounds.push(outcome);
         }
-        if plan.idle > 0 {
-            progress.step(&format!(
-                "round {}/{} {label} idle x{}",
-                round + 1,
-                plan.rounds,
-                plan.idle
-            ));
+        for ((ready, res), (mut server, mut start_error)) in
+            servers.iter().zip(results.iter_mut()).zip(live)
+        {
             // A fresh server, so that memory kept from the busy cells does not hide the growth.
             if let Some(s) = server.take() {
                 s.stop();
             }
+            if plan.idle == 0 {
+                continue;
+            }
+            progress.step(&format!(
+                "round {}/{} {} idle x{}",
+                round + 1,
+                plan.rounds,
+                ready.spec.label,
+                plan.idle
+            ));
             let idle = match self.ensure_server(ready, plan, res, &mut server, &mut start_error) {
                 Ok(s) => idle_connections(s, plan.idle),
                 Err(e) => Err(e),
             };
             res.idle.push(idle);
-        }
-        if let Some(s) = server.take() {
-            s.stop();
+            if let Some(s) = server.take() {
+                s.stop();
+            }
         }
     }
 
@@ -858,7 +871,7 @@ fn idle_connections(server: &mut Server, target: u64) -> Result<IdleSample, Stri
     })
 }
 
-/// Runs `plan` on every server, interleaved: round 1 of every server, then round 2, ...
+/// Runs `plan` on every server, interleaved: in each round, each cell on every server in turn.
 pub fn run(harness: &Harness, servers: &[Ready], plan: &Plan) -> Vec<ServerResults> {
     let mut results: Vec<ServerResults> = servers
         .iter()
@@ -882,9 +895,7 @@ pub fn run(harness: &Harness, servers: &[Ready], plan: &Plan) -> Vec<ServerResul
     let steps = plan.rounds * servers.len() * (plan.cells.len() + usize::from(plan.idle > 0));
     let mut progress = Progress::new(steps);
     for round in 0..plan.rounds {
-        for (ready, res) in servers.iter().zip(results.iter_mut()) {
-            harness.run_round(ready, plan, res, &mut progress, round);
-        }
+        harness.run_round(servers, plan, &mut results, &mut progress, round);
     }
     progress.finish();
     results
