@@ -78,9 +78,10 @@
 //! with [`Worker::submit_multishot`], then completes every time data arrives, each time with a
 //! [`PoolBuf`] taken from the pool when the data arrived. A connection waiting for input holds
 //! no buffer, which is what lets one process hold tens of thousands of idle connections.
-//! Buffers are filled incrementally (io_uring's `IOU_PBUF_RING_INC`, Linux 6.12, else whole
-//! buffers; always on epoll): each receive, whatever its socket, goes on where the previous one
-//! stopped, so small messages share a buffer instead of taking, and paging in, one each. A
+//! Buffers can be filled incrementally (always on epoll; on io_uring with
+//! [`Builder::recv_pool_incremental`], Linux 6.12, else whole buffers): each receive, whatever
+//! its socket, goes on where the previous one stopped, so small messages share a buffer instead
+//! of taking, and paging in, one each. A
 //! [`PoolBuf`] is a slice of a buffer; it can be echoed as it is with [`Op::send_pooled`], and
 //! the buffer goes back to the pool once it is full and all its slices are dropped (without
 //! incremental filling, once its one slice is dropped).

@@ -125,6 +125,8 @@ pub struct Builder {
     entries: u32,
     backend: Backend,
     pool: Option<(usize, u16)>,
+    /// io_uring: fill pool buffers incrementally (see [`Builder::recv_pool_incremental`]).
+    incremental: bool,
 }
 
 impl Default for Builder {
@@ -134,6 +136,7 @@ impl Default for Builder {
             entries: 256,
             backend: Backend::Auto,
             pool: None,
+            incremental: false,
         }
     }
 }
@@ -161,6 +164,18 @@ impl Builder {
     /// `InvalidInput`; `buffers` must be 1 to 32768 (else [`Builder::build`] fails).
     pub fn recv_pool(mut self, size: usize, buffers: u16) -> Self {
         self.pool = Some((size, buffers));
+        self
+    }
+
+    /// On io_uring, fill pool buffers incrementally (`IOU_PBUF_RING_INC`, Linux 6.12; ignored
+    /// where the kernel lacks it): each receive takes only the bytes it got, where the previous
+    /// one stopped, so small messages share a buffer and a burst of them pages in little of the
+    /// pool. The price: a receive larger than what is left of the current buffer completes in
+    /// two parts, which for streams of buffer-sized batches costs more completions and CPU
+    /// (`BENCHMARKS.md`, G). Off by default. The epoll backend always fills incrementally: its
+    /// extra `recv` at a buffer's end costs little.
+    pub fn recv_pool_incremental(mut self, on: bool) -> Self {
+        self.incremental = on;
         self
     }
 
@@ -239,7 +254,7 @@ impl Builder {
             let pool = match self.pool {
                 Some((size, count)) => {
                     let pool = Pool::new(size, count)?;
-                    d.set_pool(Arc::clone(&pool))?;
+                    d.set_pool(Arc::clone(&pool), self.incremental)?;
                     Some(pool)
                 }
                 None => None,
@@ -563,9 +578,9 @@ where
     }
 
     /// Whether pooled receives share buffers, each going on where the previous one stopped
-    /// (see the crate docs): always on epoll, on io_uring where the kernel has
-    /// `IOU_PBUF_RING_INC` (Linux 6.12); otherwise each receive takes a whole buffer. `false`
-    /// without a pool.
+    /// (see the crate docs): always on epoll; on io_uring when asked for with
+    /// [`Builder::recv_pool_incremental`] and the kernel has `IOU_PBUF_RING_INC` (Linux 6.12);
+    /// otherwise each receive takes a whole buffer. `false` without a pool.
     pub fn pool_shares_buffers(&self) -> bool {
         self.pool.is_some() && self.driver.pool_incremental()
     }

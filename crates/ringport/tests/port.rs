@@ -516,10 +516,21 @@ fn receive_without_spare_capacity_is_refused(b: Backend) {
 }
 
 fn pooled_worker(b: Backend, size: usize, count: u16) -> (Port<u8, u8>, Worker<u8, u8>) {
+    pooled_worker_with(b, size, count, false)
+}
+
+/// A worker with a receive pool, filled incrementally on io_uring if `incremental`.
+fn pooled_worker_with(
+    b: Backend,
+    size: usize,
+    count: u16,
+    incremental: bool,
+) -> (Port<u8, u8>, Worker<u8, u8>) {
     let (port, mut workers) = Port::builder()
         .workers(1)
         .backend(b)
         .recv_pool(size, count)
+        .recv_pool_incremental(incremental)
         .build::<u8, u8>()
         .unwrap();
     (port, workers.pop().unwrap())
@@ -577,7 +588,10 @@ fn pooled_receive_completes_many_times_and_holds_no_buffer_while_idle(b: Backend
 /// Receives fill a pool buffer one after another, whichever socket they are on: small messages
 /// share a buffer, which goes back to the pool once full and no longer referenced.
 fn small_receives_share_a_pool_buffer(b: Backend) {
-    let (port, mut w) = pooled_worker(b, 16, 1);
+    // io_uring fills whole buffers unless asked; epoll always shares.
+    let (_, whole) = pooled_worker(b, 16, 1);
+    assert_eq!(whole.pool_shares_buffers(), b == Backend::Epoll);
+    let (port, mut w) = pooled_worker_with(b, 16, 1, true);
     if !w.pool_shares_buffers() {
         assert_eq!(
             b,
@@ -634,7 +648,7 @@ fn small_receives_share_a_pool_buffer(b: Backend) {
 /// Slices of one shared buffer, at different offsets, go out in one gathering send and come
 /// back; dropped on another thread, they return the buffer once it is full.
 fn slices_of_a_shared_buffer_gather_and_return_from_another_thread(b: Backend) {
-    let (port, mut w) = pooled_worker(b, 16, 1);
+    let (port, mut w) = pooled_worker_with(b, 16, 1, true);
     if !w.pool_shares_buffers() {
         return;
     }

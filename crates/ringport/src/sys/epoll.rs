@@ -657,7 +657,7 @@ impl Driver for Epoll {
         Ok(())
     }
 
-    fn set_pool(&mut self, pool: Arc<Pool>) -> io::Result<()> {
+    fn set_pool(&mut self, pool: Arc<Pool>, _incremental: bool) -> io::Result<()> {
         let free = (0..pool.count()).rev().collect();
         self.pool = Some(PoolState {
             pool,

@@ -191,7 +191,7 @@ pub(crate) trait Driver: Send {
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()>;
 
     /// Gives the driver the worker's receive pool, before any operation starts.
-    fn set_pool(&mut self, pool: Arc<Pool>) -> io::Result<()>;
+    fn set_pool(&mut self, pool: Arc<Pool>, incremental: bool) -> io::Result<()>;
 
     /// Whether pool buffers are filled incrementally (see [`Filled`]).
     fn pool_incremental(&self) -> bool;

@@ -25,7 +25,8 @@ const RING_START: usize = 64;
 /// A provided-buffer ring registered with the kernel: the kernel takes buffers at its head, we
 /// give them at its tail.
 ///
-/// Where the kernel supports it (`IOU_PBUF_RING_INC`, Linux 6.12), buffers are consumed
+/// When asked for ([`Builder::recv_pool_incremental`](crate::Builder::recv_pool_incremental))
+/// and the kernel supports it (`IOU_PBUF_RING_INC`, Linux 6.12), buffers are consumed
 /// incrementally: each receive takes only the bytes it got, from where the previous one stopped,
 /// and the buffer leaves the ring when it is full (its completion lacks `IORING_CQE_F_BUF_MORE`).
 /// Small messages then share a buffer instead of taking one each.
@@ -408,7 +409,7 @@ impl Driver for Uring {
         Ok(())
     }
 
-    fn set_pool(&mut self, pool: Arc<Pool>) -> io::Result<()> {
+    fn set_pool(&mut self, pool: Arc<Pool>, incremental: bool) -> io::Result<()> {
         // `Pool::new` keeps the count within 1..=32768, the most a buffer ring holds.
         let entries = u16::try_from(u32::from(pool.count()).next_power_of_two())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "receive pool too large"))?;
@@ -432,10 +433,12 @@ impl Driver for Uring {
                 )
             }
         };
-        // Incremental consumption where the kernel knows it (Linux 6.12), else whole buffers.
-        let registered = match register(IOU_PBUF_RING_INC) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => register(0).map(|()| false),
-            r => r.map(|()| true),
+        // Incremental consumption if asked for and the kernel knows it (Linux 6.12), else
+        // whole buffers.
+        let registered = match incremental.then(|| register(IOU_PBUF_RING_INC)) {
+            Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => register(0).map(|()| false),
+            Some(r) => r.map(|()| true),
+            None => register(0).map(|()| false),
         };
         let incremental = match registered {
             Ok(incremental) => incremental,
