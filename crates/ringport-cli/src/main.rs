@@ -113,6 +113,12 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u16).range(16..=32768))]
     pub pool_buffers: u16,
 
+    /// Fill receive buffers incrementally on io_uring (Linux 6.12+; epoll always does): small
+    /// messages share a buffer, so a burst of them pages in little of the pool, at some CPU
+    /// cost for streams of buffer-sized batches (BENCHMARKS.md, G7).
+    #[arg(long)]
+    pub pool_incremental: bool,
+
     /// Also echo UDP datagrams (RFC 862), on the same address as --listen. Off by default: UDP
     /// echo can be abused as a reflection amplifier.
     #[arg(long)]

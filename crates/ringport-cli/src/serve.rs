@@ -175,6 +175,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         .workers(workers)
         .backend(args.backend.get)
         .recv_pool(BUFFER_SIZE, args.pool_buffers)
+        .recv_pool_incremental(args.pool_incremental)
         .build::<Key, Io>()
         .map_err(|e| port_error(&e))?;
     let listener = port

@@ -46,6 +46,28 @@ fn echo_every_size_on_one_server_in_sequence() {
     }
 }
 
+/// With incrementally filled receive buffers (`--pool-incremental`), many connections' bytes
+/// share pool buffers: every byte still comes back to its own connection, in order.
+fn incremental_pool_keeps_every_connection_s_bytes_apart() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--pool-incremental"]);
+    let addr = server.addr;
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for (i, len) in [1usize, 7, 100, 4095, 8192, 8193, 65_537]
+                    .into_iter()
+                    .enumerate()
+                {
+                    echo_exact(addr, &pattern(5000 + t * 100 + i as u64, len));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("an echo thread failed");
+    }
+}
+
 fn pipelined_small_writes_then_read_everything() {
     let server = Server::start();
     let mut stream = connect(server.addr);
@@ -115,6 +137,7 @@ per_backend!(
     echo_1_mib,
     echo_8_mib,
     echo_every_size_on_one_server_in_sequence,
+    incremental_pool_keeps_every_connection_s_bytes_apart,
     pipelined_small_writes_then_read_everything,
     half_close_echoes_everything_then_eof,
     half_close_with_nothing_sent_gives_eof,
