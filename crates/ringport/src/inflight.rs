@@ -45,6 +45,22 @@ struct Slot<T> {
     value: Option<T>,
 }
 
+impl<T> Slot<T> {
+    /// Frees the slot: the next id that names it carries the next generation.
+    fn vacate(&mut self) {
+        self.used = false;
+        self.value = None;
+        self.gen = (self.gen + 1) & GEN_MASK;
+    }
+}
+
+/// The slot index and generation a slab id names; `None` for a sequence id.
+fn decode(id: u64) -> Option<(usize, u32)> {
+    let index = (id & INDEX_MASK) as usize;
+    let gen = ((id >> INDEX_BITS) as u32) & GEN_MASK;
+    is_local(id).then_some((index, gen))
+}
+
 impl<T> Inflight<T> {
     pub(crate) fn new() -> Self {
         Inflight {
@@ -77,19 +93,14 @@ impl<T> Inflight<T> {
     }
 
     fn slot(&mut self, id: u64) -> Option<&mut Slot<T>> {
-        if !is_local(id) {
-            return None;
-        }
-        let index = (id & INDEX_MASK) as usize;
-        let gen = ((id >> INDEX_BITS) as u32) & GEN_MASK;
+        let (index, gen) = decode(id)?;
         self.slots.get_mut(index).filter(|s| s.used && s.gen == gen)
     }
 
     /// Gives back a reserved slot that was never filled (the operation completed at once).
     pub(crate) fn unreserve(&mut self, id: u64) {
         if let Some(slot) = self.slot(id).filter(|s| s.value.is_none()) {
-            slot.used = false;
-            slot.gen = (slot.gen + 1) & GEN_MASK;
+            slot.vacate();
             self.free.push_back((id & INDEX_MASK) as u32);
         }
     }
@@ -111,12 +122,8 @@ impl<T> Inflight<T> {
     }
 
     pub(crate) fn get(&self, id: u64) -> Option<&T> {
-        let index = (id & INDEX_MASK) as usize;
-        let gen = ((id >> INDEX_BITS) as u32) & GEN_MASK;
-        is_local(id)
-            .then(|| self.slots.get(index))
-            .flatten()
-            .filter(|s| s.used && s.gen == gen)
+        decode(id)
+            .and_then(|(index, gen)| self.slots.get(index).filter(|s| s.used && s.gen == gen))
             .and_then(|s| s.value.as_ref())
             .or_else(|| self.map.get(&id))
     }
@@ -131,8 +138,7 @@ impl<T> Inflight<T> {
             Some(slot) => {
                 let value = slot.value.take();
                 if value.is_some() {
-                    slot.used = false;
-                    slot.gen = (slot.gen + 1) & GEN_MASK;
+                    slot.vacate();
                     self.free.push_back((id & INDEX_MASK) as u32);
                 }
                 value
@@ -159,8 +165,7 @@ impl<T> Inflight<T> {
         let mut all: Vec<T> = self.map.drain().map(|(_, v)| v).collect();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if let Some(v) = slot.value.take() {
-                slot.used = false;
-                slot.gen = (slot.gen + 1) & GEN_MASK;
+                slot.vacate();
                 self.free.push_back(i as u32);
                 all.push(v);
             }

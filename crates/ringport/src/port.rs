@@ -784,6 +784,7 @@ where
         let target = Target {
             fd: p.handle.as_ref().map_or(-1, AsRawFd::as_raw_fd),
             serial: p.handle.as_ref().map_or(0, Handle::serial),
+            stream: p.handle.as_ref().is_some_and(Handle::is_stream),
         };
         let fd = target.fd;
         if p.kind == OpKind::Close {
@@ -820,7 +821,7 @@ where
             );
             return self.ready.push_back(p.into_completion(id, Err(e)));
         }
-        if matches!(body, OpBody::RecvPooled) && !p.handle.as_ref().is_some_and(Handle::is_stream) {
+        if matches!(body, OpBody::RecvPooled) && !target.stream {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "pooled receive on a socket that is not a stream: receives share pool buffers, \

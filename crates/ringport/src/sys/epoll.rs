@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use super::{is_stream, Cancel, Driver, Event, Filled, IdHasher, OpBody, Target};
+use super::{Cancel, Driver, Event, Filled, IdHasher, OpBody, Target};
 use crate::pool::Pool;
 
 /// `epoll_event.u64` of the worker's eventfd.
@@ -235,7 +235,7 @@ impl Epoll {
             return Ok(());
         }
         state.serial = target.serial;
-        state.stream = is_stream(target.fd);
+        state.stream = target.stream;
         state.read.clear();
         state.write.clear();
         let mut ev = libc::epoll_event {

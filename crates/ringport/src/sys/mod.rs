@@ -161,6 +161,8 @@ pub(crate) struct Filled {
 pub(crate) struct Target {
     pub(crate) fd: RawFd,
     pub(crate) serial: u64,
+    /// A stream socket (the handle asks `SO_TYPE` once and remembers).
+    pub(crate) stream: bool,
 }
 
 /// What to cancel.
