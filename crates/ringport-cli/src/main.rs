@@ -99,25 +99,25 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_connections: usize,
 
-    /// Receive-buffer space a connection may hold with echo waiting to be sent (counted in whole
-    /// 8 KiB buffers, at most an eighth of --pool-buffers) before the server stops reading from
-    /// it: a peer that sends without reading cannot make the server buffer more.
+    /// Receive-buffer space a connection may hold with echo waiting to be sent (counted as the
+    /// whole pool buffers its input is in, at least 1 KiB per segment; at most an eighth of
+    /// --pool-size) before the server stops reading from it: a peer that sends without reading
+    /// cannot make the server buffer more.
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024,
           value_parser = clap::value_parser!(usize))]
     pub conn_buffer: usize,
 
-    /// Receive buffers (8 KiB each) in each worker's pool: they bound what a worker holds in
-    /// total; connections waiting for input hold none, and pages are touched only as load
-    /// needs them. Under pressure, connections take turns.
-    #[arg(long, value_name = "N", default_value_t = 2048,
-          value_parser = clap::value_parser!(u16).range(16..=32768))]
-    pub pool_buffers: u16,
+    /// Bytes of receive buffers in each worker's pool, 1 MiB to 256 MiB: they bound what a
+    /// worker holds in total; connections waiting for input hold none, and pages are touched
+    /// only as load needs them. Under pressure, connections take turns.
+    #[arg(long, value_name = "BYTES", default_value_t = 16 << 20,
+          value_parser = clap::value_parser!(u64).range(1 << 20..=256 << 20))]
+    pub pool_size: u64,
 
-    /// Fill receive buffers incrementally on io_uring (Linux 6.12+; epoll always does): small
-    /// messages share a buffer, so a burst of them pages in little of the pool, at some CPU
-    /// cost for streams of buffer-sized batches (BENCHMARKS.md, G7).
+    /// Give each receive a whole 8 KiB pool buffer, as io_uring does before Linux 6.12, instead
+    /// of filling 64 KiB buffers incrementally (small messages sharing one): for comparison.
     #[arg(long)]
-    pub pool_incremental: bool,
+    pub pool_whole_buffers: bool,
 
     /// Also echo UDP datagrams (RFC 862), on the same address as --listen. Off by default: UDP
     /// echo can be abused as a reflection amplifier.

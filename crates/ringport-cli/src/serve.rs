@@ -29,8 +29,16 @@ use crate::echo_queue::EchoQueue;
 use crate::slab::Slab;
 use crate::ServeArgs;
 
-/// Receive buffer size, as in the book.
-const BUFFER_SIZE: usize = 8192;
+/// Receive pool buffer size where receives share buffers (each going on where the previous one
+/// stopped): several times a typical receive, so that a buffer-sized batch of input rarely
+/// straddles two buffers and completes in two parts (BENCHMARKS.md, H).
+const SHARED_BUFFER: usize = 64 * 1024;
+/// Receive pool buffer size where each receive takes a whole buffer (io_uring before Linux 6.12,
+/// or --pool-whole-buffers): the book's 8 KiB.
+const WHOLE_BUFFER: usize = 8192;
+/// What each slice of input a connection holds counts for at least, against --conn-buffer: a
+/// peer trickling 1-byte segments cannot make the server keep a long list of them.
+const SLICE_CHARGE: usize = 1024;
 /// Accepts kept posted on the listener.
 const ACCEPT_POOL: usize = 16;
 /// Pause before accepting again after running out of descriptors or memory.
@@ -112,6 +120,8 @@ struct Limits {
     idle_timeout: Option<Duration>,
     max_connections: usize,
     conn_buffer: usize,
+    /// The size of a receive pool buffer.
+    pool_buffer: usize,
 }
 
 struct Conn {
@@ -171,13 +181,32 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     let signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let workers = args.workers.map_or(0, usize::from);
-    let (port, workers) = Port::builder()
-        .workers(workers)
-        .backend(args.backend.get)
-        .recv_pool(BUFFER_SIZE, args.pool_buffers)
-        .recv_pool_incremental(args.pool_incremental)
-        .build::<Key, Io>()
-        .map_err(|e| port_error(&e))?;
+    let pool_size = usize::try_from(args.pool_size).unwrap_or(usize::MAX);
+    let build = |size: usize, shared: bool| {
+        // At least 16 buffers: --pool-size is at least 1 MiB.
+        let buffers = u16::try_from((pool_size / size).clamp(16, 32768)).unwrap_or(32768);
+        Port::builder()
+            .workers(workers)
+            .backend(args.backend.get)
+            .recv_pool(size, buffers)
+            .recv_pool_incremental(shared)
+            .build::<Key, Io>()
+            .map_err(|e| port_error(&e))
+    };
+    // Shared buffers where the backend fills them incrementally, else whole 8 KiB ones.
+    let (port, workers, pool_buffer) = if args.pool_whole_buffers {
+        let (port, workers) = build(WHOLE_BUFFER, false)?;
+        (port, workers, WHOLE_BUFFER)
+    } else {
+        let (port, workers) = build(SHARED_BUFFER, true)?;
+        if workers.first().is_some_and(|w| w.pool_shares_buffers()) {
+            (port, workers, SHARED_BUFFER)
+        } else {
+            drop((port, workers));
+            let (port, workers) = build(WHOLE_BUFFER, false)?;
+            (port, workers, WHOLE_BUFFER)
+        }
+    };
     let listener = port
         .associate_with(0, listener, Key::listener())
         .map_err(|e| format!("{local}: {}", describe(&e)))?;
@@ -186,11 +215,9 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         idle_timeout: args.idle_timeout.filter(|d| !d.is_zero()),
         max_connections: args.max_connections,
         // A connection may hold at most an eighth of its worker's pool, however small the
-        // segments its peer sends (each is counted as the whole buffer it may keep back).
-        conn_buffer: args
-            .conn_buffer
-            .min(usize::from(args.pool_buffers) * BUFFER_SIZE / 8)
-            .max(BUFFER_SIZE),
+        // segments its peer sends (counted as the whole buffers they keep back).
+        conn_buffer: args.conn_buffer.min(pool_size / 8).max(pool_buffer),
+        pool_buffer,
     };
     let udp = if args.udp {
         let bound = crate::udp::start(local, args.udp_rate)
@@ -200,9 +227,16 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         None
     };
     info!(
-        "listening on {local} backend={} workers={}",
+        "listening on {local} backend={} workers={} pool={}x{}KiB{}",
         port.backend(),
-        port.workers()
+        port.workers(),
+        (pool_size / pool_buffer).clamp(16, 32768),
+        pool_buffer / 1024,
+        if pool_buffer == SHARED_BUFFER {
+            " (filled incrementally)"
+        } else {
+            " (a whole buffer per receive)"
+        }
     );
 
     let signal_port = port.clone();
@@ -841,11 +875,14 @@ impl Server {
         u64::try_from(t.saturating_duration_since(self.start).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Pool memory the connection may hold: a whole buffer per queued slice, however little
-    /// each carries (slices share buffers, but a slice kept back keeps its whole buffer out of
-    /// the pool, so this is the bound that holds whatever the other connections do).
+    /// Pool memory the connection may hold: each pool buffer its slices are in, whole, however
+    /// little of it they carry (a slice kept back keeps its whole buffer out of the pool, so
+    /// this is the bound that holds whatever the other connections do), and at least
+    /// `SLICE_CHARGE` per slice.
     fn held_bytes(&self, conn: &Conn) -> usize {
-        conn.out.as_ref().map_or(0, |q| q.held()) * BUFFER_SIZE
+        conn.out.as_ref().map_or(0, |q| {
+            (q.buffers() * self.limits.pool_buffer).max(q.held() * SLICE_CHARGE)
+        })
     }
 
     /// Re-arms a paused receive once the echo has drained to half the bound.

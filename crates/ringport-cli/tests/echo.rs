@@ -46,10 +46,18 @@ fn echo_every_size_on_one_server_in_sequence() {
     }
 }
 
-/// With incrementally filled receive buffers (`--pool-incremental`), many connections' bytes
-/// share pool buffers: every byte still comes back to its own connection, in order.
+/// Receive buffers filled incrementally (the default where the backend can), so many
+/// connections' bytes share pool buffers: every byte still comes back to its own connection, in
+/// order. The same with a whole buffer per receive.
 fn incremental_pool_keeps_every_connection_s_bytes_apart() {
-    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--pool-incremental"]);
+    for extra in [None, Some("--pool-whole-buffers")] {
+        let mut args = vec!["--listen", "127.0.0.1:0"];
+        args.extend(extra);
+        eight_connections_echo_exactly(&Server::start_with(&args));
+    }
+}
+
+fn eight_connections_echo_exactly(server: &Server) {
     let addr = server.addr;
     let threads: Vec<_> = (0..8u64)
         .map(|t| {

@@ -39,7 +39,7 @@ const RSS_SLACK: u64 = 2 * 1024 * 1024;
 /// The server's workers, and each one's receive pool (`ringport serve`'s default: 2048 buffers
 /// of 8 KiB).
 const WORKERS: u64 = 2;
-const POOL_BYTES: u64 = 2048 * 8192;
+const POOL_BYTES: u64 = 16 << 20;
 /// Hang guard for the exit after SIGTERM (default drain timeout plus margin).
 const EXIT_GUARD: Duration = Duration::from_secs(15);
 
@@ -72,7 +72,7 @@ fn cycles(addr: SocketAddr, n: usize, threads: usize, seed: u64) -> u64 {
 /// Puts the receive pools under load, so that most of their pages are resident before the
 /// warm-up reference is taken.
 ///
-/// A worker's pool (2048 x 8 KiB, 32 MiB for two workers) is allocated at startup but its pages
+/// A worker's pool (16 MiB, 32 MiB for two workers) is allocated at startup but its pages
 /// become resident only as buffers are first used, and the most recently returned buffers are
 /// reused first, so how much of a pool a load touches depends on how many buffers it held at
 /// once (measured: 29-42 MiB after this warm-up, from 8 MiB at start). Pool pages first touched

@@ -171,6 +171,15 @@ impl PoolBuf {
     pub fn capacity(&self) -> usize {
         self.pool.size
     }
+
+    /// Which buffer of the pool this slice is part of. Slices with the same index share one
+    /// buffer, which goes back to the pool only when the last of them is dropped: an
+    /// application that bounds what a connection keeps back counts buffers with this. A
+    /// receive fills one buffer until it is full before taking the next, so one connection's
+    /// slices in order run through each buffer in one stretch.
+    pub fn buffer_index(&self) -> usize {
+        usize::from(self.bid)
+    }
 }
 
 impl Deref for PoolBuf {

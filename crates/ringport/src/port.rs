@@ -171,9 +171,11 @@ impl Builder {
     /// where the kernel lacks it): each receive takes only the bytes it got, where the previous
     /// one stopped, so small messages share a buffer and a burst of them pages in little of the
     /// pool. The price: a receive larger than what is left of the current buffer completes in
-    /// two parts, which for streams of buffer-sized batches costs more completions and CPU
-    /// (`BENCHMARKS.md`, G). Off by default. The epoll backend always fills incrementally: its
-    /// extra `recv` at a buffer's end costs little.
+    /// two parts. With buffers the size of a typical receive (8 KiB) that happens to nearly
+    /// every buffer-sized batch once small messages have put the fill point off a boundary,
+    /// which costs completions and CPU; with buffers several times larger (`ringport serve`
+    /// uses 64 KiB) it is rare (`BENCHMARKS.md`, G7 and H). Off by default. The epoll backend
+    /// always fills incrementally: its extra `recv` at a buffer's end costs little.
     pub fn recv_pool_incremental(mut self, on: bool) -> Self {
         self.incremental = on;
         self
