@@ -1,6 +1,7 @@
 //! `ringport serve`: the book's completion-port echo server.
 //!
-//! The listener lives on worker 0, which keeps a pool of accepts posted. Each accepted
+//! The listener lives on worker 0, which keeps a multishot accept armed on it: every
+//! connection waiting is taken in one turn of the worker's loop, however busy. Each accepted
 //! connection is associated with the least-loaded worker and handed to it with a posted packet;
 //! from then on only that worker touches the connection, so its state needs no lock.
 //!
@@ -39,8 +40,6 @@ const WHOLE_BUFFER: usize = 8192;
 /// What each slice of input a connection holds counts for at least, against --conn-buffer: a
 /// peer trickling 1-byte segments cannot make the server keep a long list of them.
 const SLICE_CHARGE: usize = 1024;
-/// Accepts kept posted on the listener.
-const ACCEPT_POOL: usize = 16;
 /// Pause before accepting again after running out of descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Completions taken per wait.
@@ -449,12 +448,7 @@ impl Server {
     }
 
     fn run(mut self) -> io::Result<()> {
-        if let Some(l) = self.listener.clone() {
-            for _ in 0..ACCEPT_POOL {
-                self.worker.submit(Op::accept(&l), Io::Accept);
-                self.accepts += 1;
-            }
-        }
+        self.post_accept();
         if let Some(idle) = self.limits.idle_timeout {
             self.worker
                 .submit(Op::timeout(sweep_period(idle)), Io::Sweep);
@@ -535,15 +529,19 @@ impl Server {
         }
     }
 
+    /// Arms the listener's multishot accept: it takes every connection waiting, each turn.
     fn post_accept(&mut self) {
         if let (Some(l), None) = (&self.listener, self.deadline) {
-            self.worker.submit(Op::accept(l), Io::Accept);
+            self.worker
+                .submit_multishot(Op::accept_multishot(l), Io::Accept);
             self.accepts += 1;
         }
     }
 
     fn accepted(&mut self, c: Completion<Key, Io>) {
-        self.accepts -= 1;
+        if !c.more {
+            self.accepts -= 1;
+        }
         match c.result {
             Ok(_) => {
                 if self.accept_failing {
@@ -553,7 +551,9 @@ impl Server {
                 if let Some(stream) = c.accepted {
                     self.hand_out(stream);
                 }
-                self.post_accept();
+                if !c.more {
+                    self.post_accept();
+                }
             }
             Err(_) if c.is_cancelled() || self.deadline.is_some() => {}
             Err(e) => {

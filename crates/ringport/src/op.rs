@@ -60,7 +60,8 @@ impl Hasher for IdHasher {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum OpKind {
-    /// [`Op::accept`]: on success, [`Completion::accepted`] holds the new connection.
+    /// [`Op::accept`] or [`Op::accept_multishot`]: on success, [`Completion::accepted`] holds
+    /// the new connection.
     Accept,
     /// [`Op::connect`].
     Connect,
@@ -105,6 +106,17 @@ impl<K> Op<K> {
     /// accepts (the `AcceptEx` pattern).
     pub fn accept(listener: &Handle<K>) -> Self {
         Op::new(Some(listener), OpKind::Accept, Some(OpBody::Accept))
+    }
+
+    /// Accept every connection that arrives, each in a completion of its own with
+    /// [`Completion::more`] set, until an error or a cancel ends it (a last completion without
+    /// `more`, which may itself carry a connection). Post it with
+    /// [`Worker::submit_multishot`](crate::Worker::submit_multishot). Unlike a pool of single
+    /// accepts, which takes as many connections per turn of the worker's loop as it has
+    /// accepts posted, it takes all that are waiting. On epoll, single accepts posted on the
+    /// same listener wait behind it.
+    pub fn accept_multishot(listener: &Handle<K>) -> Self {
+        Op::new(Some(listener), OpKind::Accept, Some(OpBody::AcceptMulti))
     }
 
     /// Connect a stream socket to `addr`.

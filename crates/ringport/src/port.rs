@@ -733,16 +733,20 @@ where
                     // Not submitted as multishot: only the last completion is reported.
                     _ => continue,
                 };
+                let (result, accepted) = match (p.kind, p.result(ev.res)) {
+                    (OpKind::Accept, Ok(fd)) => (Ok(0), Some(accepted(fd))),
+                    (_, result) => (result, None),
+                };
                 self.ready.push_back(Completion {
                     id: OpId::from_raw(ev.id),
                     kind: p.kind,
-                    result: p.result(ev.res),
+                    result,
                     handle: p.handle.clone(),
                     data,
                     buf: None,
                     pooled,
                     gathered: Vec::new(),
-                    accepted: None,
+                    accepted,
                     more: true,
                 });
             } else if let Some(p) = self.inflight.remove(ev.id) {
@@ -809,10 +813,10 @@ where
             None if p.kind == OpKind::RecvPooled => &mut pooled_body,
             None => return self.ready.push_back(p.into_completion(id, Ok(0))),
         };
-        if matches!(body, OpBody::RecvPooled) && !p.multishot {
+        if matches!(body, OpBody::RecvPooled | OpBody::AcceptMulti) && !p.multishot {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "a pooled receive completes many times: post it with submit_multishot",
+                "a multishot operation completes many times: post it with submit_multishot",
             );
             return self.ready.push_back(p.into_completion(id, Err(e)));
         }
@@ -895,6 +899,11 @@ impl<K, D> Drop for Worker<K, D> {
                         let result = p.result(ev.res);
                         drop(p.into_completion(ev.id, result));
                     }
+                } else if let Some(p) = self.inflight.get(ev.id) {
+                    // A multishot accept's connection meanwhile: closed.
+                    if let (OpKind::Accept, Ok(fd)) = (p.kind, p.result(ev.res)) {
+                        drop(accepted(fd));
+                    }
                 }
             }
         }
@@ -950,11 +959,9 @@ impl<K, D> Pending<K, D> {
             Some(OpBody::Send(b, _)) => buf = Some(b),
             Some(OpBody::SendPooled(b, _)) => pooled = Some(b),
             Some(OpBody::SendGather(g)) => gathered = g.bufs,
-            Some(OpBody::Accept) => {
+            Some(OpBody::Accept | OpBody::AcceptMulti) => {
                 if let Ok(fd) = result {
-                    // SAFETY: a successful accept returns a new descriptor that nothing else
-                    // owns; it is wrapped exactly once, here.
-                    accepted = Some(unsafe { TcpStream::from_raw_fd(fd as i32) });
+                    accepted = Some(self::accepted(fd));
                     result = Ok(0);
                 }
             }
@@ -973,6 +980,13 @@ impl<K, D> Pending<K, D> {
             more: false,
         }
     }
+}
+
+/// Owns the descriptor a successful accept returned.
+fn accepted(fd: usize) -> TcpStream {
+    // SAFETY: a successful accept's result is a new descriptor that nothing else owns; each
+    // result is wrapped exactly once (by the completion it is reported in, or to be closed).
+    unsafe { TcpStream::from_raw_fd(fd as i32) }
 }
 
 /// An operation's body on the heap, held by a raw pointer so that moving the record (into the

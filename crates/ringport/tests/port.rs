@@ -68,6 +68,7 @@ per_backend!(
     close_cancels_outstanding_refuses_new_and_releases_the_socket,
     short_send_is_reported,
     accept_and_connect,
+    multishot_accept_takes_every_connection_until_cancelled,
     connect_refused_is_named,
     operations_run_on_the_home_worker,
     shutdown_completes_in_flight_operations_then_reports_shutdown,
@@ -388,6 +389,65 @@ fn accept_and_connect(b: Backend) {
     let mut got = [0u8; 4];
     a.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"ping");
+}
+
+fn multishot_accept_takes_every_connection_until_cancelled(b: Backend) {
+    let (port, mut w) = one_worker::<&'static str, u8>(b);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let l = port.associate(listener, "listener").unwrap();
+    // Posted as a single-shot operation: refused.
+    w.submit(Op::accept_multishot(&l), 1);
+    let c = next(&mut w);
+    assert_eq!(
+        c.result.unwrap_err().kind(),
+        std::io::ErrorKind::InvalidInput
+    );
+    assert!(c.accepted.is_none());
+
+    // Three connections wait before it is armed, two more arrive after.
+    let mut clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let id = w.submit_multishot(Op::accept_multishot(&l), 2);
+    let mut accepted = Vec::new();
+    for round in [3, 2] {
+        if round == 2 {
+            clients.extend((0..2).map(|_| TcpStream::connect(addr).unwrap()));
+        }
+        for _ in 0..round {
+            let c = next(&mut w);
+            assert_eq!((c.id, c.kind, c.data), (id, OpKind::Accept, 2));
+            assert!(c.more, "the accept stays armed");
+            assert_eq!(c.result.unwrap(), 0);
+            accepted.push(c.accepted.expect("each completion carries a connection"));
+        }
+    }
+    // Each client's connection was accepted once, and carries its bytes.
+    let mut peers: Vec<_> = accepted.iter().map(|a| a.peer_addr().unwrap()).collect();
+    let mut want: Vec<_> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+    peers.sort();
+    want.sort();
+    assert_eq!(peers, want);
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.write_all(&[i as u8]).unwrap();
+    }
+    for a in &mut accepted {
+        let i = clients
+            .iter()
+            .position(|c| c.local_addr().unwrap() == a.peer_addr().unwrap())
+            .unwrap();
+        let mut got = [0u8; 1];
+        a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        a.read_exact(&mut got).unwrap();
+        assert_eq!(got[0], i as u8);
+    }
+
+    // A cancel ends it: a last completion without `more`.
+    w.cancel(id);
+    let c = next(&mut w);
+    assert_eq!(c.id, id);
+    assert!(!c.more);
+    assert!(c.is_cancelled(), "{:?}", c.result);
+    assert!(c.accepted.is_none());
 }
 
 fn connect_refused_is_named(b: Backend) {

@@ -176,9 +176,13 @@ enum Outcome {
     Blocked,
     /// It finished with this result.
     Done(i32),
-    /// A multishot receive got data into a pool buffer and stays armed; `short`: it got less
-    /// than it asked for.
-    More { res: i32, buf: Filled, short: bool },
+    /// A multishot operation got a result and stays armed: a receive, data into a pool buffer
+    /// (`short`: less than it asked for); an accept, a connection.
+    More {
+        res: i32,
+        buf: Option<Filled>,
+        short: bool,
+    },
 }
 
 // SAFETY: the raw `OpBody` pointers refer to heap records owned by the same `Worker` that owns
@@ -300,7 +304,7 @@ impl Epoll {
                         id,
                         res,
                         more: true,
-                        buf: Some(buf),
+                        buf,
                     });
                     if short_read_drains && short {
                         return;
@@ -371,15 +375,18 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
             // for the call.
             unsafe { libc::sendmsg(op.fd, msg, libc::MSG_NOSIGNAL) as i32 }
         }
-        // SAFETY: accept4 with null address arguments writes no memory of ours.
-        OpBody::Accept => unsafe {
-            libc::accept4(
-                op.fd,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            )
-        },
+        OpBody::Accept => accept_now(op.fd),
+        OpBody::AcceptMulti => {
+            let r = accept_now(op.fd);
+            if r >= 0 {
+                return Outcome::More {
+                    res: r,
+                    buf: None,
+                    short: false,
+                };
+            }
+            r
+        }
         OpBody::Recv(buf) => {
             let spare = buf.spare_capacity_mut();
             // SAFETY: recv writes at most `spare.len()` bytes into the buffer's spare capacity.
@@ -427,6 +434,19 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
     }
 }
 
+/// One `accept4(2)`: the new descriptor, or -1 with `errno` set.
+fn accept_now(fd: RawFd) -> i32 {
+    // SAFETY: accept4 with null address arguments writes no memory of ours.
+    unsafe {
+        libc::accept4(
+            fd,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    }
+}
+
 /// One `send(2)` of `bytes`: the byte count, or -1 with `errno` set.
 fn send_now(fd: RawFd, bytes: &[u8]) -> i32 {
     // SAFETY: send reads `bytes.len()` initialized bytes from `bytes`.
@@ -456,11 +476,11 @@ fn recv_pooled(fd: RawFd, pool: Option<&mut PoolState>) -> Outcome {
             pool.current = (!full).then_some((bid, off + n as u32));
             return Outcome::More {
                 res: r as i32,
-                buf: Filled {
+                buf: Some(Filled {
                     bid,
                     off,
                     released: full,
-                },
+                }),
                 short: n < room,
             };
         }
@@ -529,10 +549,13 @@ impl Driver for Epoll {
             return Ok(());
         }
         let side = match body {
-            OpBody::Accept | OpBody::Recv(_) | OpBody::RecvPooled => Side::Read,
+            OpBody::Accept | OpBody::AcceptMulti | OpBody::Recv(_) | OpBody::RecvPooled => {
+                Side::Read
+            }
             _ => Side::Write,
         };
         let pooled = matches!(body, OpBody::RecvPooled);
+        let multishot = pooled || matches!(body, OpBody::AcceptMulti);
         let mut op = Waiting {
             fd: target.fd,
             side,
@@ -547,7 +570,7 @@ impl Driver for Epoll {
                     Side::Write => s.write.is_empty(),
                 }
         });
-        if first && !pooled {
+        if first && !multishot {
             // Alone in its queue: try it now (a connect must be issued before it is watched).
             if let Outcome::Done(res) = attempt(&mut op, self.pool.as_mut()) {
                 self.done.push(Event::done(id, res));
@@ -561,8 +584,8 @@ impl Driver for Epoll {
             Side::Write => state.write.push_back(id),
         }
         self.ops.insert(id, op);
-        if pooled {
-            // A multishot receive reads what is already there at once (to the end: an edge
+        if multishot {
+            // A multishot operation takes what is already there at once (to the end: an edge
             // may have passed while it was not armed), then on each edge.
             self.run(target.fd, side, false);
         }

@@ -33,6 +33,8 @@ pub(crate) mod uring;
 pub(crate) enum OpBody {
     /// Accept one connection on a listening socket.
     Accept,
+    /// Accept connections, again and again; reports [`Event::more`] while it stays armed.
+    AcceptMulti,
     /// Connect a stream socket to this address.
     Connect(Box<socket2::SockAddr>),
     /// Receive into the spare capacity of the buffer (`len..capacity`).

@@ -336,6 +336,9 @@ impl Driver for Uring {
             OpBody::Accept => opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
                 .flags(libc::SOCK_CLOEXEC)
                 .build(),
+            OpBody::AcceptMulti => opcode::AcceptMulti::new(fd)
+                .flags(libc::SOCK_CLOEXEC)
+                .build(),
             OpBody::Connect(addr) => {
                 opcode::Connect::new(fd, addr.as_ptr().cast(), addr.len()).build()
             }
