@@ -149,7 +149,8 @@ impl Builder {
         self
     }
 
-    /// Submission-queue slots per worker ring (default 256; the completion queue has 8x).
+    /// Submission-queue slots per worker ring (default 256; the completion queue has 8x, and
+    /// at least 32768, as a full one ends multishot operations).
     /// More operations than this may be in flight: the queue is flushed when full.
     pub fn entries(mut self, n: u32) -> Self {
         self.entries = n.max(8);
@@ -237,6 +238,7 @@ impl Builder {
                 driver,
                 inflight: Inflight::new(),
                 ready: VecDeque::new(),
+                handed_out: 0,
                 events: Vec::new(),
                 shutting_down: false,
             })
@@ -515,6 +517,8 @@ pub struct Worker<K, D> {
     inflight: Inflight<Pending<K, D>>,
     /// Completions ready to hand out.
     ready: VecDeque<Completion<K, D>>,
+    /// Completions handed out since the driver last submitted and reaped.
+    handed_out: usize,
     events: Vec<Event>,
     shutting_down: bool,
 }
@@ -658,6 +662,7 @@ where
     /// or [`WaitError::Io`] when waiting on the kernel fails.
     pub fn dequeue(&mut self, timeout: Option<Duration>) -> Result<Completion<K, D>, WaitError> {
         self.fill(timeout)?;
+        self.handed_out += 1;
         Ok(self.ready.pop_front().expect("fill leaves a completion"))
     }
 
@@ -675,6 +680,7 @@ where
         self.fill(timeout)?;
         let n = self.ready.len().min(max.max(1));
         out.extend(self.ready.drain(..n));
+        self.handed_out += n;
         Ok(n)
     }
 
@@ -689,12 +695,23 @@ where
                 self.driver.cancel(Cancel::All);
             }
             if !self.ready.is_empty() {
+                if self.handed_out >= TURN {
+                    // A long backlog: hand the kernel what was submitted meanwhile (the echo
+                    // of what was handed out, the buffers it frees) and take what completed,
+                    // behind the backlog, without waiting.
+                    self.handed_out = 0;
+                    self.driver
+                        .wait(Some(Duration::ZERO), &mut self.events)
+                        .map_err(WaitError::Io)?;
+                    self.complete_events();
+                }
                 return Ok(());
             }
             if self.shutting_down && self.inflight.is_empty() {
                 return Err(WaitError::Shutdown);
             }
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            self.handed_out = 0;
             self.driver
                 .wait(remaining, &mut self.events)
                 .map_err(WaitError::Io)?;
@@ -981,6 +998,11 @@ impl<K, D> Pending<K, D> {
         }
     }
 }
+
+/// The most completions handed out from a backlog before the worker submits what was posted
+/// meanwhile and reaps what completed: a busy worker's operations then wait at most this many
+/// completions to reach the kernel, not until the whole backlog has been handed out.
+const TURN: usize = 64;
 
 /// Owns the descriptor a successful accept returned.
 fn accepted(fd: usize) -> TcpStream {

@@ -117,6 +117,10 @@ impl BufRing {
     }
 }
 
+/// The fewest completion-queue entries a ring gets (16 bytes each; the kernel clamps to its
+/// maximum).
+const MIN_CQ_ENTRIES: u32 = 32768;
+
 /// `user_data` of the internal read on the worker's eventfd (the cross-thread wake-up).
 const WAKE: u64 = u64::MAX;
 /// `user_data` of internal cancel requests; their own CQEs are not reported.
@@ -170,7 +174,10 @@ impl Uring {
         // ring. Not SINGLE_ISSUER/DEFER_TASKRUN: they pin a ring to the first thread that
         // submits, while a `Worker` may be moved between threads, and they measured no gain here
         // (BENCHMARKS.md).
-        let cq = entries.saturating_mul(8);
+        // A roomy completion queue: when it is full, the kernel ends multishot operations (a
+        // receive's next data then waits until it is posted again), and a busy worker with
+        // thousands of connections can see that many completions between two reaps.
+        let cq = entries.saturating_mul(8).max(MIN_CQ_ENTRIES);
         let mut ring = match IoUring::builder()
             .setup_cqsize(cq)
             .setup_clamp()
