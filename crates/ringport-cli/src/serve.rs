@@ -706,9 +706,16 @@ impl Server {
                     }
                 }
                 if conn.recv.is_none() && !conn.paused && self.deadline.is_none() {
-                    // The kernel ended the receive after data (e.g. no buffer for more).
-                    self.wait_for_buffer(id, &mut conn);
-                } else if self.waiting > self.worker.pool_available()
+                    // The kernel ended the receive after data: no buffer for more (then it
+                    // waits its turn), or no room in the completion queue (io_uring ends a
+                    // multishot receive when its completion overflows): armed again at once
+                    // while buffers are free and nobody waits.
+                    if self.waiting == 0 && self.free_receives() > 0 {
+                        self.arm(&mut conn);
+                    } else {
+                        self.wait_for_buffer(id, &mut conn);
+                    }
+                } else if self.waiting > self.free_receives()
                     && !conn.paused
                     && self.deadline.is_none()
                 {
@@ -912,6 +919,13 @@ impl Server {
         conn.handle.readable_bytes().map_or(true, |n| n == 0)
     }
 
+    /// About how many receives the pool's free buffers can take: one each where a receive takes
+    /// a whole buffer; where receives share buffers, as many buffer-sized batches of a peer's
+    /// input (8 KiB) as fit in one. Budgets the turns of connections waiting for a buffer.
+    fn free_receives(&self) -> usize {
+        self.worker.pool_available() * (self.limits.pool_buffer / WHOLE_BUFFER).max(1)
+    }
+
     /// Queues a connection to be re-armed when buffers are free.
     fn wait_for_buffer(&mut self, id: u64, conn: &mut Conn) {
         if !conn.starved {
@@ -932,7 +946,7 @@ impl Server {
     /// unlucky ones wait longest). A re-armed receive on a socket with nothing to read takes no
     /// buffer, so while buffers stay free a short timer gives the rest their turn.
     fn rearm_starved(&mut self) {
-        let mut budget = self.worker.pool_available();
+        let mut budget = self.free_receives();
         while budget > 0 {
             let Some(id) = self.starved.pop_front() else {
                 break;
@@ -952,7 +966,7 @@ impl Server {
         if self.waiting > 0
             && !self.rearm_timer
             && self.deadline.is_none()
-            && self.worker.pool_available() > 0
+            && self.free_receives() > 0
         {
             self.rearm_timer = true;
             self.worker.submit(Op::timeout(REARM_AGAIN), Io::Rearm);
