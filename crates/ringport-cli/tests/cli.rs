@@ -40,6 +40,19 @@ fn serve_zero_workers_is_exit_2() {
     assert_usage_error(&["serve", "--listen", "127.0.0.1:0", "--workers", "0"]);
 }
 
+fn serve_pool_size_out_of_range_is_exit_2_naming_the_flag() {
+    for size in ["1000", "1073741824", "lots"] {
+        let args = ["serve", "--listen", "127.0.0.1:0", "--pool-size", size];
+        assert_usage_error(&args);
+        let output = run_cli(&args, CLI_TIMEOUT);
+        assert!(
+            output.stderr.contains("--pool-size"),
+            "the error names the flag\n{}",
+            output.describe()
+        );
+    }
+}
+
 fn serve_non_numeric_drain_timeout_is_exit_2() {
     assert_usage_error(&[
         "serve",
@@ -200,6 +213,7 @@ per_backend!(
     serve_listen_address_without_port_is_exit_2,
     serve_non_numeric_workers_is_exit_2,
     serve_zero_workers_is_exit_2,
+    serve_pool_size_out_of_range_is_exit_2_naming_the_flag,
     serve_non_numeric_drain_timeout_is_exit_2,
     serve_unknown_flag_is_exit_2,
     unknown_top_level_flag_is_exit_2,

@@ -710,6 +710,14 @@ where
             if self.shutting_down && self.inflight.is_empty() {
                 return Err(WaitError::Shutdown);
             }
+            // All handed out: a burst (thousands of connections accepted in one pass) may have
+            // grown the queues far beyond what steady load needs; give that memory back.
+            if self.ready.capacity() > QUEUE_KEEP {
+                self.ready = VecDeque::new();
+            }
+            if self.events.capacity() > QUEUE_KEEP {
+                self.events = Vec::new();
+            }
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             self.handed_out = 0;
             self.driver
@@ -1003,6 +1011,9 @@ impl<K, D> Pending<K, D> {
 /// meanwhile and reaps what completed: a busy worker's operations then wait at most this many
 /// completions to reach the kernel, not until the whole backlog has been handed out.
 const TURN: usize = 64;
+
+/// Entries the ready queue keeps room for once drained (more after a burst is given back).
+const QUEUE_KEEP: usize = 4096;
 
 /// Owns the descriptor a successful accept returned.
 fn accepted(fd: usize) -> TcpStream {
