@@ -100,9 +100,9 @@ pub struct ServeArgs {
     pub max_connections: usize,
 
     /// Receive-buffer space a connection may hold with echo waiting to be sent (counted as the
-    /// whole pool buffers its input is in, at least 1 KiB per segment; at most an eighth of
-    /// --pool-size) before the server stops reading from it: a peer that sends without reading
-    /// cannot make the server buffer more.
+    /// whole pool buffers its input is in, at least 1 KiB per segment; at least one pool buffer,
+    /// at most an eighth of --pool-size) before the server stops reading from it: a peer that
+    /// sends without reading cannot make the server buffer more.
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024,
           value_parser = clap::value_parser!(usize))]
     pub conn_buffer: usize,
@@ -114,8 +114,9 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1 << 20..=256 << 20))]
     pub pool_size: u64,
 
-    /// Give each receive a whole 8 KiB pool buffer, as io_uring does before Linux 6.12, instead
-    /// of filling 64 KiB buffers incrementally (small messages sharing one): for comparison.
+    /// Use 8 KiB pool buffers, and on io_uring give each receive a whole one (as io_uring does
+    /// before Linux 6.12), instead of filling 64 KiB buffers incrementally (small messages
+    /// sharing one); epoll still fills its 8 KiB buffers incrementally. For comparison.
     #[arg(long)]
     pub pool_whole_buffers: bool,
 

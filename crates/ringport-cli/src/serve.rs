@@ -7,9 +7,10 @@
 //!
 //! Each connection has one pooled multishot receive armed: an idle connection holds no buffer.
 //! What arrives is queued and echoed from the same buffer, one send at a time and in arrival
-//! order (a short send is re-posted from where it stopped), and the buffer goes back to the pool
-//! when it has been sent. When a connection has `--conn-buffer` bytes waiting to go out (its peer
-//! is not reading), its receive is cancelled until the queue has half drained: backpressure.
+//! order (a short send is re-posted from where it stopped), and the slice is dropped when it has
+//! been sent (a buffer goes back to the pool once it is full and all its slices are dropped).
+//! When a connection holds more than `--conn-buffer` (its peer is not reading), its receive is
+//! cancelled until the queue has half drained: backpressure.
 //! The pool bounds what a worker buffers in total; a receive that finds the pool empty ends with
 //! `ENOBUFS` and is re-armed when buffers come back.
 
@@ -206,6 +207,8 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
             (port, workers, WHOLE_BUFFER)
         }
     };
+    // epoll fills buffers incrementally whatever their size.
+    let shared = workers.first().is_some_and(|w| w.pool_shares_buffers());
     let listener = port
         .associate_with(0, listener, Key::listener())
         .map_err(|e| format!("{local}: {}", describe(&e)))?;
@@ -231,7 +234,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         port.workers(),
         (pool_size / pool_buffer).clamp(16, 32768),
         pool_buffer / 1024,
-        if pool_buffer == SHARED_BUFFER {
+        if shared {
             " (filled incrementally)"
         } else {
             " (a whole buffer per receive)"
@@ -698,7 +701,7 @@ impl Server {
                         .push(buf);
                     self.wants_send(id, &mut conn);
                 }
-                if self.held_bytes(&conn) >= self.limits.conn_buffer && !conn.paused {
+                if self.held_bytes(&conn) > self.limits.conn_buffer && !conn.paused {
                     // The peer is not reading: stop receiving until the echo drains.
                     conn.paused = true;
                     if let Some(op) = conn.recv {

@@ -15,7 +15,7 @@ use util::{connect, number_between, pattern, read_prefix_of, Server, StreamEnd};
 /// Connections streaming at once.
 const CONNECTIONS: usize = 50;
 /// Chunks each connection writes, and their size (irregular, so that nothing lines up with the
-/// server's 8 KiB buffers).
+/// server's pool buffers).
 const CHUNKS: usize = 8;
 const CHUNK: usize = 8 * 1024 + 123;
 /// Hang guard for the exit after SIGTERM (default drain timeout plus margin).

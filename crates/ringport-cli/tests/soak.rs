@@ -36,8 +36,8 @@ const FD_SETTLE: Duration = Duration::from_secs(5);
 /// Allowed RSS growth over the warm-up level: 10%, plus 2 MiB because RSS is page-granular.
 const RSS_GROWTH_PERCENT: u64 = 10;
 const RSS_SLACK: u64 = 2 * 1024 * 1024;
-/// The server's workers, and each one's receive pool (`ringport serve`'s default: 2048 buffers
-/// of 8 KiB).
+/// The server's workers, and each one's receive pool (`ringport serve`'s default `--pool-size`,
+/// 16 MiB).
 const WORKERS: u64 = 2;
 const POOL_BYTES: u64 = 16 << 20;
 /// Hang guard for the exit after SIGTERM (default drain timeout plus margin).

@@ -700,9 +700,11 @@ where
                     // of what was handed out, the buffers it frees) and take what completed,
                     // behind the backlog, without waiting.
                     self.handed_out = 0;
-                    self.driver
-                        .wait(Some(Duration::ZERO), &mut self.events)
-                        .map_err(WaitError::Io)?;
+                    // A failure here leaves the backlog to hand out; the next blocking wait
+                    // reports one that lasts.
+                    if let Err(e) = self.driver.wait(Some(Duration::ZERO), &mut self.events) {
+                        tracing::debug!("worker {}: submitting during a backlog: {e}", self.index);
+                    }
                     self.complete_events();
                 }
                 return Ok(());
@@ -755,8 +757,14 @@ where
                 };
                 let data = match (p.multishot, self.shared.clone.get()) {
                     (true, Some(clone)) => clone(&p.data),
-                    // Not submitted as multishot: only the last completion is reported.
-                    _ => continue,
+                    // Not submitted as multishot: only the last completion is reported (and a
+                    // connection accepted meanwhile is closed).
+                    _ => {
+                        if let (OpKind::Accept, Ok(fd)) = (p.kind, p.result(ev.res)) {
+                            drop(accepted(fd));
+                        }
+                        continue;
+                    }
                 };
                 let (result, accepted) = match (p.kind, p.result(ev.res)) {
                     (OpKind::Accept, Ok(fd)) => (Ok(0), Some(accepted(fd))),
