@@ -62,6 +62,7 @@ per_backend!(
     timeout_operation_expires_with_zero,
     batch_dequeue_returns_many,
     packets_posted_from_other_threads_wake_a_waiting_worker,
+    operations_submitted_during_a_backlog_start_before_it_drains,
     several_receives_outstanding_on_one_socket_fill_in_order,
     cancel_one_operation_and_all_of_a_socket,
     cancelling_a_finished_operation_leaves_later_ones_alone,
@@ -190,6 +191,47 @@ fn batch_dequeue_returns_many(b: Backend) {
     }
     out.clear();
     assert_eq!(w.dequeue_batch(&mut out, 4, WAIT).unwrap(), 4);
+}
+
+/// A worker working through a long backlog of completions still hands the kernel what it
+/// submits meanwhile: a send posted after the first of 1,000 queued packets reaches the peer
+/// while most of them are still to be handed out (its completion then queues behind them).
+fn operations_submitted_during_a_backlog_start_before_it_drains(b: Backend) {
+    let (port, mut w) = one_worker::<&'static str, u64>(b);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, "conn").unwrap();
+    for i in 0..1000u64 {
+        let packet = Packet {
+            bytes: 0,
+            handle: None,
+            data: i,
+        };
+        port.post(0, packet).unwrap();
+    }
+    assert_eq!(next(&mut w).data, 0, "the backlog is queued");
+    let id = w.submit(Op::send(&h, b"pong".to_vec(), 0), u64::MAX);
+    for i in 1..300u64 {
+        let c = next(&mut w);
+        assert_eq!((c.kind, c.data), (OpKind::Packet, i));
+    }
+    // 700 packets are still queued; the send has gone out.
+    let mut got = [0u8; 4];
+    peer.read_exact(&mut got)
+        .expect("the send reaches the peer while the backlog is handed out");
+    assert_eq!(&got, b"pong");
+    let mut packets = 0;
+    let sent = loop {
+        let c = next(&mut w);
+        if c.id == id {
+            break c;
+        }
+        packets += 1;
+    };
+    assert_eq!(sent.result.unwrap(), 4);
+    assert_eq!(
+        packets, 700,
+        "completions keep their order behind the backlog"
+    );
 }
 
 fn packets_posted_from_other_threads_wake_a_waiting_worker(b: Backend) {
