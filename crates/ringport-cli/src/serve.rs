@@ -182,13 +182,13 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let workers = args.workers.map_or(0, usize::from);
     let pool_size = usize::try_from(args.pool_size).unwrap_or(usize::MAX);
+    // At least 16 buffers: --pool-size is at least 1 MiB.
+    let buffers = |size: usize| u16::try_from((pool_size / size).clamp(16, 32768)).unwrap_or(32768);
     let build = |size: usize, shared: bool| {
-        // At least 16 buffers: --pool-size is at least 1 MiB.
-        let buffers = u16::try_from((pool_size / size).clamp(16, 32768)).unwrap_or(32768);
         Port::builder()
             .workers(workers)
             .backend(args.backend.get)
-            .recv_pool(size, buffers)
+            .recv_pool(size, buffers(size))
             .recv_pool_incremental(shared)
             .build::<Key, Io>()
             .map_err(|e| port_error(&e))
@@ -232,7 +232,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         "listening on {local} backend={} workers={} pool={}x{}KiB{}",
         port.backend(),
         port.workers(),
-        (pool_size / pool_buffer).clamp(16, 32768),
+        buffers(pool_buffer),
         pool_buffer / 1024,
         if shared {
             " (filled incrementally)"

@@ -760,16 +760,11 @@ where
                     // Not submitted as multishot: only the last completion is reported (and a
                     // connection accepted meanwhile is closed).
                     _ => {
-                        if let (OpKind::Accept, Ok(fd)) = (p.kind, p.result(ev.res)) {
-                            drop(accepted(fd));
-                        }
+                        drop(p.outcome(ev.res));
                         continue;
                     }
                 };
-                let (result, accepted) = match (p.kind, p.result(ev.res)) {
-                    (OpKind::Accept, Ok(fd)) => (Ok(0), Some(accepted(fd))),
-                    (_, result) => (result, None),
-                };
+                let (result, accepted) = p.outcome(ev.res);
                 self.ready.push_back(Completion {
                     id: OpId::from_raw(ev.id),
                     kind: p.kind,
@@ -934,9 +929,7 @@ impl<K, D> Drop for Worker<K, D> {
                     }
                 } else if let Some(p) = self.inflight.get(ev.id) {
                     // A multishot accept's connection meanwhile: closed.
-                    if let (OpKind::Accept, Ok(fd)) = (p.kind, p.result(ev.res)) {
-                        drop(accepted(fd));
-                    }
+                    drop(p.outcome(ev.res));
                 }
             }
         }
@@ -972,6 +965,15 @@ impl<K, D> Pending<K, D> {
     /// Turns the driver's raw result into the operation's result.
     fn result(&self, res: i32) -> io::Result<usize> {
         decode_result(self.kind, res)
+    }
+
+    /// One intermediate completion's result, with the connection it accepted (an accept's
+    /// result is the new descriptor, owned from here: dropping it closes the connection).
+    fn outcome(&self, res: i32) -> (io::Result<usize>, Option<TcpStream>) {
+        match (self.kind, self.result(res)) {
+            (OpKind::Accept, Ok(fd)) => (Ok(0), Some(accepted(fd))),
+            (_, result) => (result, None),
+        }
     }
 
     fn into_completion(self, id: u64, mut result: io::Result<usize>) -> Completion<K, D> {
