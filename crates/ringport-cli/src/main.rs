@@ -1,6 +1,6 @@
 //! `ringport`: the RFC 862 echo server and its client, built on the ringport completion port.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -237,7 +237,21 @@ fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A log reader that went away must not make logging panic (the subscriber would report
+        // its write error with `eprintln!`, which panics on a closed pipe).
+        .log_internal_errors(false)
         .init();
+}
+
+/// Writes `text` to standard output. A reader that has gone away (a closed pipe) is no reason
+/// to panic: what cannot be written is dropped.
+pub(crate) fn to_stdout(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// Writes `text` to standard error, like [`to_stdout`].
+pub(crate) fn to_stderr(text: &str) {
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
 /// Raises the soft descriptor limit to the hard one: each connection is a descriptor.
@@ -276,7 +290,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ringport: {e}");
+            to_stderr(&format!("ringport: {e}\n"));
             ExitCode::FAILURE
         }
     }

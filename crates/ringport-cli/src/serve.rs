@@ -265,7 +265,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         match t.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                eprintln!("ringport: worker failed: {e}");
+                crate::to_stderr(&format!("ringport: worker failed: {e}\n"));
                 failed = true;
             }
             Err(_) => failed = true,
@@ -291,7 +291,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
             s.echoed, s.limited
         ));
     }
-    println!("{summary}");
+    crate::to_stdout(&format!("{summary}\n"));
     Ok(if failed {
         ExitCode::FAILURE
     } else {
@@ -326,7 +326,7 @@ fn run_model(
     if stats.refused > 0 {
         summary.push_str(&format!(", refused {} ({model} limits)", stats.refused));
     }
-    println!("{summary}");
+    crate::to_stdout(&format!("{summary}\n"));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -344,7 +344,9 @@ fn on_signals(
                 drain();
             }
             if let Some(sig) = forever.next() {
-                eprintln!("ringport: signal {sig} during the drain: exiting now");
+                crate::to_stderr(&format!(
+                    "ringport: signal {sig} during the drain: exiting now\n"
+                ));
                 std::process::exit(130);
             }
         })

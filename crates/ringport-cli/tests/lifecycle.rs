@@ -189,3 +189,45 @@ per_model!(
     sigterm_echoes_backlogged_data_sent_before_the_signal,
     drain_timeout_bounds_shutdown_when_a_client_never_reads,
 );
+
+/// The reader of the server's output can go away (`ringport serve | head`, a log collector that
+/// stopped): the server still drains and exits 0 on SIGTERM, leaving unwritten what it cannot
+/// write.
+#[test]
+fn sigterm_exits_0_after_the_output_readers_are_gone() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    let mut child = Command::new(util::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ringport serve");
+    let mut stderr = io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        line.clear();
+        let n = stderr.read_line(&mut line).expect("read the server's log");
+        assert!(n > 0, "the server exited before listening");
+    }
+    drop(stderr);
+    drop(child.stdout.take());
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child's pid, which has not been waited for yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let guard = Instant::now() + EXIT_GUARD;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait on the server") {
+            break status;
+        }
+        if Instant::now() >= guard {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not exit after SIGTERM once its output readers were gone");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{status}");
+}

@@ -138,9 +138,9 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     }
     summary.elapsed = start.elapsed();
     if args.json {
-        println!("{}", summary.render_json());
+        crate::to_stdout(&format!("{}\n", summary.render_json()));
     } else {
-        print!("{}", summary.render_text());
+        crate::to_stdout(&summary.render_text());
     }
     Ok(if summary.ok() {
         ExitCode::SUCCESS
