@@ -562,6 +562,7 @@ impl Harness {
             &args,
             &plan.load_cpus,
             Duration::from_secs(30),
+            &|| Ok(0),
         )
         .map_err(|e| (e, false))?;
         match run.report {
@@ -730,14 +731,20 @@ impl Harness {
         } else {
             plan.cell_secs
         };
-        let until = ["--duration".to_owned(), format!("{secs}")];
+        let until = [
+            "--duration".to_owned(),
+            format!("{secs}"),
+            "--mark-window".to_owned(),
+        ];
         let args = self.client_args(s.addr(), cell, &until, plan.client_workers);
         let timeout = Duration::from_secs_f64(secs + 30.0 + f64::from(cell.connections) / 500.0);
-        // Let the previous cell's connections close before sampling the server's CPU time.
+        // Let the previous cell's connections close first.
         std::thread::sleep(Duration::from_millis(200));
-        let ticks_before = s.cpu_ticks();
-        let run = proc::run_client(&self.client, &args, &plan.load_cpus, timeout);
-        let ticks_after = s.cpu_ticks();
+        // The server's CPU time is read when the client opens and closes its measured window:
+        // from every connection open to the deadline.
+        let pid = s.pid();
+        let sampler = move || proc::cpu_ticks(pid);
+        let run = proc::run_client(&self.client, &args, &plan.load_cpus, timeout, &sampler);
         let rss = s.rss_bytes();
         if let Some(why) = s.exited() {
             *server = None;
@@ -770,11 +777,20 @@ impl Harness {
                 client: Some(report),
             };
         }
-        let (Ok(before), Ok(after)) = (ticks_before, ticks_after) else {
-            return Outcome::Failed {
-                why: "cannot read the server's /proc/PID/stat".to_owned(),
-                client: Some(report),
-            };
+        let (before, after) = match (run.window.open, run.window.closed) {
+            (Some(Ok(before)), Some(Ok(after))) => (before, after),
+            (Some(Err(e)), _) | (_, Some(Err(e))) => {
+                return Outcome::Failed {
+                    why: format!("cannot read the server's CPU time: {e}"),
+                    client: Some(report),
+                }
+            }
+            _ => {
+                return Outcome::Failed {
+                    why: "the client marked no measured window".to_owned(),
+                    client: Some(report),
+                }
+            }
         };
         let cpu_us = (after - before) as f64 * 1e6 / proc::clock_ticks_per_sec() as f64;
         let sample = Sample {

@@ -367,15 +367,6 @@ impl Server {
         Some(format!("server exited ({status}){}", tail(&self.log)))
     }
 
-    /// CPU time used so far, in clock ticks.
-    ///
-    /// # Errors
-    ///
-    /// The process is gone.
-    pub fn cpu_ticks(&self) -> Result<u64, String> {
-        cpu_ticks(self.pid())
-    }
-
     /// Resident set size in bytes.
     pub fn rss_bytes(&self) -> Option<u64> {
         rss_bytes(self.pid())
@@ -472,6 +463,11 @@ pub fn parse_client_json(stdout: &str) -> Result<ClientReport, String> {
     serde_json::from_str(line).map_err(|e| format!("the client's JSON line: {e}: {line}"))
 }
 
+/// Printed by `ringport client --mark-window` on stderr when its measured window opens.
+pub const WINDOW_OPEN: &str = "ringport client: window open";
+/// Printed by `ringport client --mark-window` on stderr when its measured window closes.
+pub const WINDOW_CLOSED: &str = "ringport client: window closed";
+
 /// What a load-generator process did.
 #[derive(Debug)]
 pub struct ClientRun {
@@ -481,6 +477,18 @@ pub struct ClientRun {
     pub status: Option<ExitStatus>,
     /// The end of its stderr.
     pub stderr_tail: String,
+    /// What the sampler returned at the client's window marks.
+    pub window: Window,
+}
+
+/// What a sampler returned when the client marked its measured window open and closed (`None`
+/// for a mark the client did not print).
+#[derive(Debug, Default)]
+pub struct Window {
+    /// At [`WINDOW_OPEN`].
+    pub open: Option<Result<u64, String>>,
+    /// At [`WINDOW_CLOSED`].
+    pub closed: Option<Result<u64, String>>,
 }
 
 /// Runs the load generator `program args` on `cpus` to completion (or kills it after
@@ -499,6 +507,9 @@ fn start(program: &Path, args: &[String], cpus: &[usize], stdout: Stdio) -> Resu
         .map_err(|e| format!("{}: cannot start: {e}", program.display()))
 }
 
+/// Calls `sample` when the client prints [`WINDOW_OPEN`] or [`WINDOW_CLOSED`] on stderr (with
+/// `--mark-window`), so that what the server spent can be read around the measured window.
+///
 /// # Errors
 ///
 /// It cannot be started.
@@ -507,24 +518,47 @@ pub fn run_client(
     args: &[String],
     cpus: &[usize],
     timeout: Duration,
+    sample: &(dyn Fn() -> Result<u64, String> + Sync),
 ) -> Result<ClientRun, String> {
     let mut child = start(program, args, cpus, Stdio::piped())?;
     let out = read_all_in_thread(child.stdout.take());
-    let err = read_all_in_thread(child.stderr.take());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(2)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
+    let stderr_pipe = child.stderr.take();
+    let (status, stderr, window) = thread::scope(|scope| {
+        let err = scope.spawn(move || {
+            let mut text = String::new();
+            let mut window = Window::default();
+            let Some(pipe) = stderr_pipe else {
+                return (text, window);
+            };
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                match line.trim_end() {
+                    WINDOW_OPEN => window.open = Some(sample()),
+                    WINDOW_CLOSED => window.closed = Some(sample()),
+                    _ => {
+                        text.push_str(&line);
+                        text.push('\n');
+                    }
+                }
             }
-        }
-    };
+            (text, window)
+        });
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(2)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        let (stderr, window) = err.join().unwrap_or_default();
+        (status, stderr, window)
+    });
     let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
     let stderr_tail: Vec<&str> = stderr.lines().rev().take(3).collect();
     let stderr_tail = stderr_tail
         .into_iter()
@@ -549,6 +583,7 @@ pub fn run_client(
         report,
         status,
         stderr_tail,
+        window,
     })
 }
 

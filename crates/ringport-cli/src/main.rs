@@ -184,7 +184,8 @@ pub struct ClientArgs {
     #[arg(long, value_name = "M", conflicts_with = "duration")]
     pub messages: Option<u64>,
 
-    /// Load mode: send for this many seconds, then wait for the last echoes.
+    /// Load mode: send for this many seconds once every connection is open, then wait for the
+    /// last echoes (verified, not counted).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<Duration>,
 
@@ -202,6 +203,11 @@ pub struct ClientArgs {
     /// Load mode: print the summary as one line of JSON.
     #[arg(long)]
     pub json: bool,
+
+    /// Load mode: print `ringport client: window open` and `ringport client: window closed` on
+    /// stderr when the measured window starts and ends, for sampling the server around it.
+    #[arg(long)]
+    pub mark_window: bool,
 }
 
 impl ClientArgs {
@@ -213,6 +219,7 @@ impl ClientArgs {
             || self.duration.is_some()
             || self.pipeline.is_some()
             || self.json
+            || self.mark_window
     }
 }
 

@@ -29,6 +29,19 @@ fn count_lines(text: &str, line: &str) -> usize {
     text.lines().filter(|l| l.trim_end() == line).count()
 }
 
+/// The client's window marks (`--mark-window`) on stderr: one open, then one closed.
+fn assert_window_marked(output: &Output) {
+    let open = "ringport client: window open";
+    let closed = "ringport client: window closed";
+    let marks: Vec<&str> = output
+        .stderr
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| *l == open || *l == closed)
+        .collect();
+    assert_eq!(marks, [open, closed], "window marks\n{}", output.describe());
+}
+
 fn assert_book_run(output: &Output, count: usize) {
     output.assert_no_panic();
     assert_eq!(output.code(), Some(0), "{}", output.describe());
@@ -109,17 +122,25 @@ fn load_mode_json_reports_every_message_verified() {
             "--pipeline",
             "4",
             "--json",
+            "--mark-window",
         ],
         LOAD_TIMEOUT,
     );
     output.assert_no_panic();
     assert_eq!(output.code(), Some(0), "{}", output.describe());
+    assert_window_marked(&output);
     let report = json_report(&output);
     assert_report_shape(&report, &output);
     let d = output.describe();
     assert_eq!(report.get("ok"), Some(&Json::Bool(true)), "{d}");
     assert_eq!(json_num(&report, "connections"), 50.0, "{d}");
     assert_eq!(json_num(&report, "messages"), (50 * 200) as f64, "{d}");
+    // With a message count, every echo falls inside the window.
+    assert_eq!(
+        json_num(&report, "verified_bytes"),
+        json_num(&report, "bytes"),
+        "{d}"
+    );
     assert_eq!(json_num(&report, "mismatches"), 0.0, "{d}");
     assert_eq!(json_num(&report, "error_total"), 0.0, "{d}");
     assert!(
@@ -158,11 +179,13 @@ fn load_mode_duration_is_bounded() {
             "--duration",
             "1",
             "--json",
+            "--mark-window",
         ],
         LOAD_TIMEOUT,
     );
     output.assert_no_panic();
     assert_eq!(output.code(), Some(0), "{}", output.describe());
+    assert_window_marked(&output);
     let report = json_report(&output);
     assert_report_shape(&report, &output);
     let d = output.describe();
@@ -170,6 +193,16 @@ fn load_mode_duration_is_bounded() {
     assert!(
         json_num(&report, "messages") > 0.0,
         "no messages in 1 s\n{d}"
+    );
+    // The window is the duration itself: opening the connections comes before it, and the
+    // echoes drained after the deadline are verified but not counted.
+    assert!(
+        (json_num(&report, "elapsed_s") - 1.0).abs() < 0.002,
+        "the measured window is not the 1 s duration\n{d}"
+    );
+    assert!(
+        json_num(&report, "verified_bytes") >= json_num(&report, "bytes"),
+        "fewer bytes verified than counted\n{d}"
     );
     assert_eq!(json_num(&report, "mismatches"), 0.0, "{d}");
     assert_eq!(json_num(&report, "connections"), 4.0, "{d}");

@@ -5,13 +5,21 @@
 //! number of connects at a time), keeps up to `pipeline` messages in flight on each (one send
 //! and one receive outstanding per connection), and checks each echoed byte against the
 //! connection's own deterministic stream.
+//!
+//! The load starts once every worker has opened its connections: the last one to finish posts a
+//! start packet to every worker. The measured window runs from there to the deadline
+//! (`--duration`) or to the last message (`--messages`); the echoes still in flight at the
+//! deadline are verified but not counted, and opening and closing the connections fall outside
+//! the window.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ringport::{Completion, Handle, Op, Port, Worker};
+use ringport::{Completion, Handle, Op, Packet, Port, Worker};
 
 use super::errors::{describe, ErrorCounts};
 use super::payload::Stream;
@@ -22,6 +30,12 @@ use crate::ClientArgs;
 const CONNECTS_IN_FLIGHT: usize = 256;
 /// With no completion at all for this long, the remaining connections are given up.
 const STALL_LIMIT: Duration = Duration::from_secs(30);
+/// Printed on stderr (with `--mark-window`) when the measured window opens.
+pub const WINDOW_OPEN: &str = "ringport client: window open";
+/// Printed on stderr (with `--mark-window`) when the measured window closes.
+pub const WINDOW_CLOSED: &str = "ringport client: window closed";
+/// How often the main thread checks whether the workers ended before the deadline.
+const END_CHECK: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone, Copy)]
 enum Until {
@@ -35,13 +49,40 @@ struct Plan {
     connections: u32,
     size: usize,
     pipeline: u64,
-    until: Until,
+    /// `--duration`; without it, `messages` per connection.
+    duration: Option<Duration>,
+    messages: u64,
     workers: usize,
+}
+
+impl Plan {
+    /// The end of a load that starts at `start`.
+    fn until(&self, start: Instant) -> Until {
+        match self.duration {
+            // A duration too long to add runs for a year.
+            Some(d) => Until::Deadline(
+                start
+                    .checked_add(d)
+                    .unwrap_or_else(|| start + Duration::from_secs(365 * 24 * 3600)),
+            ),
+            None => Until::Messages(self.messages),
+        }
+    }
+}
+
+/// Where the workers meet before the load starts.
+struct Gate {
+    /// Workers still opening their connections.
+    opening: AtomicUsize,
+    /// Told when the load starts.
+    started: mpsc::Sender<Instant>,
 }
 
 /// The per-I/O data.
 #[derive(Debug)]
 enum Io {
+    /// The custom packet that starts the load.
+    Start(Until),
     Connect,
     Recv,
     /// `sent` bytes of the buffer are out.
@@ -69,8 +110,13 @@ struct Conn {
 #[derive(Default)]
 struct Tally {
     connections: u64,
+    /// Messages echoed in the measured window, and their bytes.
     messages: u64,
     bytes: u64,
+    /// Every byte echoed and checked, in the window or after it.
+    verified: u64,
+    /// When the last counted message came back.
+    last: Option<Instant>,
     latency: Recorder,
     errors: ErrorCounts,
     mismatches: u64,
@@ -86,22 +132,17 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
             "--size {size} x --pipeline {pipeline}: more than 1 GiB in flight per connection"
         ));
     }
-    let until = match (args.messages, args.duration) {
-        // Counted from the start of the load, below.
-        (_, Some(_)) => Until::Deadline(Instant::now()),
-        (Some(m), None) => Until::Messages(m),
-        (None, None) => Until::Messages(1000),
-    };
     let workers = args.workers.map_or_else(
         || std::thread::available_parallelism().map_or(1, usize::from),
         usize::from,
     );
-    let mut plan = Plan {
+    let plan = Plan {
         addr: args.connect,
         connections,
         size,
         pipeline,
-        until,
+        duration: args.duration,
+        messages: args.messages.unwrap_or(1000),
         workers: workers.min(connections as usize).max(1),
     };
     let (port, workers) = Port::builder()
@@ -109,22 +150,39 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         .backend(args.backend.get)
         .build::<u32, Io>()
         .map_err(|e| crate::serve::port_error(&e))?;
-    let start = Instant::now();
-    if let Some(d) = args.duration {
-        // Counted from here, after setup; a duration too long to add runs for a year.
-        let end = start
-            .checked_add(d)
-            .unwrap_or_else(|| start + Duration::from_secs(365 * 24 * 3600));
-        plan.until = Until::Deadline(end);
-    }
+    let began = Instant::now();
+    let (started, start_rx) = mpsc::channel();
+    let gate = Arc::new(Gate {
+        opening: AtomicUsize::new(workers.len()),
+        started,
+    });
     let threads: Vec<_> = workers
         .into_iter()
-        .map(|w| std::thread::spawn(move || Client::new(w, plan).run()))
+        .map(|w| {
+            let gate = Arc::clone(&gate);
+            std::thread::spawn(move || Client::new(w, plan, gate).run())
+        })
         .collect();
+    drop(gate);
+    // No start when every worker ended first (its sender dropped with the last one).
+    let start = start_rx.recv().ok();
+    let mut ended = None;
+    if let Some(start) = start {
+        if args.mark_window {
+            crate::to_stderr(&format!("{WINDOW_OPEN}\n"));
+        }
+        if let Until::Deadline(deadline) = plan.until(start) {
+            ended = Some(wait_until(deadline, &threads));
+            if args.mark_window {
+                crate::to_stderr(&format!("{WINDOW_CLOSED}\n"));
+            }
+        }
+    }
     let mut summary = Summary {
         backend: port.backend().to_owned(),
         ..Summary::default()
     };
+    let mut last = None;
     for t in threads {
         let tally = t
             .join()
@@ -132,11 +190,24 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         summary.connections += tally.connections;
         summary.messages += tally.messages;
         summary.bytes += tally.bytes;
+        summary.verified += tally.verified;
         summary.latency.merge(&tally.latency);
         summary.errors.merge(&tally.errors);
         summary.mismatches += tally.mismatches;
+        last = last.max(tally.last);
     }
-    summary.elapsed = start.elapsed();
+    if let Some(start) = start {
+        // A duration's window ends at the deadline (or when every worker ended before it);
+        // a message count's at its last message.
+        let end = ended.or(last).unwrap_or(start);
+        if args.mark_window && args.duration.is_none() {
+            crate::to_stderr(&format!("{WINDOW_CLOSED}\n"));
+        }
+        summary.setup = start - began;
+        summary.elapsed = end.saturating_duration_since(start);
+    } else {
+        summary.setup = began.elapsed();
+    }
     if args.json {
         crate::to_stdout(&format!("{}\n", summary.render_json()));
     } else {
@@ -149,10 +220,30 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     })
 }
 
+/// Sleeps until `deadline` or until every worker has ended, whichever comes first, and returns
+/// that moment.
+fn wait_until(deadline: Instant, threads: &[std::thread::JoinHandle<Tally>]) -> Instant {
+    loop {
+        let now = Instant::now();
+        if threads.iter().all(std::thread::JoinHandle::is_finished) {
+            return now.min(deadline);
+        }
+        if now >= deadline {
+            return deadline;
+        }
+        std::thread::sleep(END_CHECK.min(deadline - now));
+    }
+}
+
 struct Client {
     worker: Worker<u32, Io>,
     port: Port<u32, Io>,
     plan: Plan,
+    gate: Arc<Gate>,
+    /// Whether this worker has told the gate its connections are open.
+    arrived: bool,
+    /// The end of the load, once it has started.
+    until: Option<Until>,
     /// The next connection index this worker opens.
     next: u32,
     connecting: usize,
@@ -165,7 +256,7 @@ struct Client {
 }
 
 impl Client {
-    fn new(worker: Worker<u32, Io>, plan: Plan) -> Self {
+    fn new(worker: Worker<u32, Io>, plan: Plan, gate: Arc<Gate>) -> Self {
         let index = worker.index() as u32;
         let step = plan.workers as u32;
         let owned = plan.connections.saturating_sub(index).div_ceil(step);
@@ -173,6 +264,9 @@ impl Client {
             port: worker.port(),
             worker,
             plan,
+            gate,
+            arrived: false,
+            until: None,
             next: index,
             connecting: 0,
             conns: HashMap::new(),
@@ -185,6 +279,7 @@ impl Client {
     fn run(mut self) -> Tally {
         let mut batch = Vec::with_capacity(64);
         self.open_more();
+        self.arrive_when_open();
         while self.done < self.owned {
             match self.worker.dequeue_batch(&mut batch, 64, Some(STALL_LIMIT)) {
                 Ok(_) => {
@@ -237,12 +332,47 @@ impl Client {
         }
     }
 
+    /// Tells the gate once every connection this worker owns is open (or has failed); the last
+    /// worker to do so starts the load everywhere.
+    fn arrive_when_open(&mut self) {
+        if self.arrived || self.connecting > 0 || self.next < self.plan.connections {
+            return;
+        }
+        self.arrived = true;
+        if self.gate.opening.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let start = Instant::now();
+        let until = self.plan.until(start);
+        for w in 0..self.plan.workers {
+            // Fails only for a worker that has already ended (all its connections failed),
+            // which has nothing left to start.
+            let _ = self.worker.post(w, Packet::new(Io::Start(until)));
+        }
+        let _ = self.gate.started.send(start);
+    }
+
+    /// Starts the load on every open connection.
+    fn start(&mut self, until: Until) {
+        self.until = Some(until);
+        let open: Vec<u32> = self.conns.keys().copied().collect();
+        for index in open {
+            self.try_send(index);
+            self.check_done(index);
+        }
+    }
+
     fn complete(&mut self, c: Completion<u32, Io>) {
+        if let Io::Start(until) = c.data {
+            self.start(until);
+            return;
+        }
         let Some(handle) = c.handle.clone() else {
             return;
         };
         let index = *handle.key();
         match c.data {
+            Io::Start(_) => {}
             Io::Connect => {
                 self.connecting -= 1;
                 match c.result {
@@ -273,6 +403,7 @@ impl Client {
                     }
                 }
                 self.open_more();
+                self.arrive_when_open();
             }
             Io::Recv => self.received(index, c),
             Io::Send { sent } => self.sent(index, c, sent),
@@ -300,10 +431,11 @@ impl Client {
         }
         let completed = conn.received / self.plan.size as u64;
         let credit = self.plan.pipeline - (conn.sent_msgs - completed);
-        let left = match self.plan.until {
-            Until::Messages(m) => m - conn.sent_msgs,
-            Until::Deadline(d) if Instant::now() < d => u64::MAX,
-            Until::Deadline(_) => 0,
+        let left = match self.until {
+            None => 0,
+            Some(Until::Messages(m)) => m - conn.sent_msgs,
+            Some(Until::Deadline(d)) if Instant::now() < d => u64::MAX,
+            Some(Until::Deadline(_)) => 0,
         };
         let k = credit.min(left);
         if k == 0 {
@@ -366,12 +498,22 @@ impl Client {
                 let size = self.plan.size as u64;
                 let before = conn.received / size;
                 conn.received += buf.len() as u64;
-                self.tally.bytes += buf.len() as u64;
+                self.tally.verified += buf.len() as u64;
                 let now = Instant::now();
+                let counted = match self.until {
+                    Some(Until::Deadline(d)) => now < d,
+                    _ => true,
+                };
+                if counted {
+                    self.tally.bytes += buf.len() as u64;
+                    self.tally.last = Some(now);
+                }
                 for _ in before..conn.received / size {
                     if let Some(t) = conn.in_flight.pop_front() {
-                        self.tally.latency.record(now - t);
-                        self.tally.messages += 1;
+                        if counted {
+                            self.tally.latency.record(now - t);
+                            self.tally.messages += 1;
+                        }
                     }
                 }
                 self.try_send(index);
@@ -389,9 +531,10 @@ impl Client {
             return true;
         };
         let size = self.plan.size as u64;
-        let done = match self.plan.until {
-            Until::Messages(m) => conn.received >= m.saturating_mul(size),
-            Until::Deadline(d) => {
+        let done = match self.until {
+            None => false,
+            Some(Until::Messages(m)) => conn.received >= m.saturating_mul(size),
+            Some(Until::Deadline(d)) => {
                 Instant::now() >= d && conn.received >= conn.sent_msgs * size && !conn.sending
             }
         };

@@ -87,11 +87,16 @@ pub struct Summary {
     pub backend: String,
     /// Connections opened.
     pub connections: u64,
-    /// Messages echoed back in full.
+    /// Messages echoed back in full within the measured window.
     pub messages: u64,
-    /// Bytes echoed and verified.
+    /// Bytes echoed (and verified) within the measured window.
     pub bytes: u64,
-    /// Wall-clock time of the measured run.
+    /// Every byte echoed and verified, including the echoes drained after the window.
+    pub verified: u64,
+    /// Opening the connections, before the window.
+    pub setup: Duration,
+    /// The measured window: from the start of the load (every connection open) to the
+    /// deadline or the last message.
     pub elapsed: Duration,
     /// Round-trip latency per message.
     pub latency: Recorder,
@@ -122,9 +127,18 @@ impl Summary {
         let mut s = String::new();
         // Writing to a `String` cannot fail.
         let _ = writeln!(s, "backend:     {}", self.backend);
-        let _ = writeln!(s, "connections: {}", self.connections);
+        let _ = writeln!(
+            s,
+            "connections: {} (opened in {:.3} s)",
+            self.connections,
+            self.setup.as_secs_f64()
+        );
         let _ = writeln!(s, "messages:    {}", self.messages);
-        let _ = writeln!(s, "bytes:       {} (verified)", self.bytes);
+        let _ = writeln!(
+            s,
+            "bytes:       {} ({} verified in all)",
+            self.bytes, self.verified
+        );
         let _ = writeln!(s, "elapsed:     {:.3} s", self.elapsed.as_secs_f64());
         let _ = writeln!(
             s,
@@ -155,19 +169,21 @@ impl Summary {
 
     /// Renders the summary as one line of JSON, without a trailing newline.
     ///
-    /// Keys: `backend`, `connections`, `messages`, `bytes`, `elapsed_s`, `msgs_per_s`, `mb_per_s`,
-    /// `p50_us`, `p99_us`, `p999_us`, `max_us`, `errors` (kind to count), `error_total`,
-    /// `mismatches`, `ok`. Floats that are not finite are written as 0.
+    /// Keys: `backend`, `connections`, `messages`, `bytes`, `verified_bytes`, `setup_s`,
+    /// `elapsed_s`, `msgs_per_s`, `mb_per_s`, `p50_us`, `p99_us`, `p999_us`, `max_us`, `errors`
+    /// (kind to count), `error_total`, `mismatches`, `ok`. Floats that are not finite are
+    /// written as 0.
     pub fn render_json(&self) -> String {
         let mut s = String::from("{");
         s.push_str("\"backend\":");
         push_json_str(&mut s, &self.backend);
         let _ = write!(
             s,
-            ",\"connections\":{},\"messages\":{},\"bytes\":{}",
-            self.connections, self.messages, self.bytes
+            ",\"connections\":{},\"messages\":{},\"bytes\":{},\"verified_bytes\":{}",
+            self.connections, self.messages, self.bytes, self.verified
         );
         let floats = [
+            ("setup_s", self.setup.as_secs_f64()),
             ("elapsed_s", self.elapsed.as_secs_f64()),
             ("msgs_per_s", self.messages_per_sec()),
             ("mb_per_s", self.mb_per_sec()),
@@ -476,6 +492,8 @@ mod tests {
             connections: 4,
             messages: 2_000_000,
             bytes: 50_000_000,
+            verified: 50_001_000,
+            setup: Duration::from_millis(250),
             elapsed: Duration::from_secs(2),
             latency,
             errors,
@@ -564,6 +582,8 @@ mod tests {
                 "connections",
                 "messages",
                 "bytes",
+                "verified_bytes",
+                "setup_s",
                 "elapsed_s",
                 "msgs_per_s",
                 "mb_per_s",
@@ -580,6 +600,8 @@ mod tests {
         assert_eq!(json.get("backend"), &Json::Str("io_uring".into()));
         assert_eq!(json.get("connections").num(), 4.0);
         assert_eq!(json.get("bytes").num(), 50_000_000.0);
+        assert_eq!(json.get("verified_bytes").num(), 50_001_000.0);
+        assert_eq!(json.get("setup_s").num(), 0.25);
         assert_eq!(json.get("elapsed_s").num(), 2.0);
         assert_eq!(json.get("mb_per_s").num(), 25.0);
         let p50 = json.get("p50_us").num();

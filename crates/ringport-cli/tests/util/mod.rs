@@ -793,6 +793,8 @@ pub const JSON_KEYS: &[&str] = &[
     "connections",
     "messages",
     "bytes",
+    "verified_bytes",
+    "setup_s",
     "elapsed_s",
     "msgs_per_s",
     "mb_per_s",
