@@ -31,6 +31,15 @@
 
 #![deny(missing_docs)]
 
+/// Like `eprintln!`, but a reader that has gone away (`ringport bench peers 2>&1 | head`) is
+/// not a panic: what cannot be written is dropped.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 pub mod chart;
 pub mod matrix;
 pub mod models;
@@ -79,6 +88,13 @@ pub struct CommonArgs {
     #[arg(long, value_name = "SECS")]
     pub cell_secs: Option<f64>,
 
+    /// Seconds of load before each cell's measured window opens (its echoes are verified, not
+    /// counted): the load starts on every connection at once, and the burst takes time to
+    /// settle (about 1 s at 10,000 connections with 64 KiB in flight on each) [default: 1; 0.1
+    /// with --quick].
+    #[arg(long, value_name = "SECS")]
+    pub warmup_secs: Option<f64>,
+
     /// Rounds, interleaved across servers; the report shows the median [default: 3; 1 with --quick].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: Option<u32>,
@@ -123,6 +139,11 @@ impl CommonArgs {
         self.cell_secs.unwrap_or(if self.quick { 0.5 } else { 3.0 })
     }
 
+    fn warmup_secs(&self) -> f64 {
+        self.warmup_secs
+            .unwrap_or(if self.quick { 0.1 } else { 1.0 })
+    }
+
     /// `--connections` etc. when given, else the mode's default.
     fn list(given: &[u32], default: &[u32]) -> Vec<u32> {
         if given.is_empty() {
@@ -139,7 +160,7 @@ impl CommonArgs {
 fn run_mode<T: Parser>(name: &str, args: &[String], run: fn(&T) -> Result<i32, String>) -> i32 {
     match parse_args(name, args) {
         Ok(args) => run(&args).unwrap_or_else(|e| {
-            eprintln!("{name}: {e}");
+            errln!("{name}: {e}");
             EXIT_HARNESS
         }),
         Err(code) => code,
@@ -173,6 +194,21 @@ impl Setup {
         default_server: impl FnOnce(&[usize]) -> Vec<usize>,
         specs: &[ServerSpec],
     ) -> Result<Self, String> {
+        for (flag, secs, least) in [
+            ("--cell-secs", common.cell_secs(), f64::MIN_POSITIVE),
+            ("--warmup-secs", common.warmup_secs(), 0.0),
+        ] {
+            if !(secs.is_finite() && secs >= least && secs <= 86_400.0) {
+                return Err(format!(
+                    "{flag} {secs}: must be a number of seconds {} 86400",
+                    if least > 0.0 {
+                        "above 0 and up to"
+                    } else {
+                        "from 0 to"
+                    }
+                ));
+            }
+        }
         let (_, nofile) = proc::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
         let machine = proc::available_cpus().map_err(|e| format!("sched_getaffinity: {e}"))?;
         let mut notes = Vec::new();
@@ -291,6 +327,7 @@ impl Setup {
             idle,
             rounds: common.rounds(),
             cell_secs: common.cell_secs(),
+            warmup_secs: common.warmup_secs(),
             bulk_secs,
             server_cpus: self.server_cpus.clone(),
             load_cpus: self.load_cpus.clone(),
@@ -314,7 +351,7 @@ impl Setup {
             .collect();
         let (ready, skipped) = matrix::resolve(&specs, &self.bin_dir);
         for s in &skipped {
-            eprintln!("ringport-bench: skipped: {}: {}", s.label, s.why);
+            errln!("ringport-bench: skipped: {}: {}", s.label, s.why);
         }
         (ready, skipped)
     }
@@ -358,11 +395,17 @@ fn connection_charts(mode: &str, servers: &[ServerResults]) -> Vec<ChartSpec> {
 
 /// Prints the report, writes it and its charts to `--out`, and returns the exit code.
 fn finish(report: &Report, out: &Path, charts: Vec<ChartSpec>) -> i32 {
-    print!("{}", report.markdown());
+    {
+        // Like the progress lines: a reader that has gone away loses the table, not the files.
+        use std::io::Write as _;
+        let _ = std::io::stdout()
+            .lock()
+            .write_all(report.markdown().as_bytes());
+    }
     let mut written = match report.write(out) {
         Ok(w) => w,
         Err(e) => {
-            eprintln!("ringport-bench: {e}");
+            errln!("ringport-bench: {e}");
             return EXIT_HARNESS;
         }
     };
@@ -370,19 +413,19 @@ fn finish(report: &Report, out: &Path, charts: Vec<ChartSpec>) -> i32 {
         let path = out.join(format!("{}-{}.svg", report.mode, c.suffix));
         match chart::line_chart(&path, &c.title, c.x_desc, c.y_desc, &c.series) {
             Ok(true) => written.push(path),
-            Ok(false) => eprintln!(
+            Ok(false) => errln!(
                 "ringport-bench: {} not drawn: this run measured none of its cells ({})",
                 path.display(),
                 c.title
             ),
             Err(e) => {
-                eprintln!("ringport-bench: chart {e}");
+                errln!("ringport-bench: chart {e}");
                 return EXIT_HARNESS;
             }
         }
     }
     for w in &written {
-        eprintln!("ringport-bench: wrote {}", w.display());
+        errln!("ringport-bench: wrote {}", w.display());
     }
     let bad: Vec<&str> = report
         .servers
@@ -393,7 +436,7 @@ fn finish(report: &Report, out: &Path, charts: Vec<ChartSpec>) -> i32 {
     if bad.is_empty() {
         0
     } else {
-        eprintln!(
+        errln!(
             "ringport-bench: ECHO INTEGRITY FAILURE: {} returned bytes that differ from what was sent",
             bad.join(", ")
         );

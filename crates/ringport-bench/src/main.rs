@@ -1,5 +1,6 @@
 //! `ringport-bench`: dispatches `peers`, `models` and `scaling` to the `ringport_bench` library.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: ringport-bench <peers|models|scaling> [OPTIONS]   (--help after a mode for its options)
@@ -17,14 +18,18 @@ fn main() -> ExitCode {
         Some("models") => ringport_bench::models_main("ringport-bench", &args[1..]),
         Some("scaling") => ringport_bench::scaling_main("ringport-bench", &args[1..]),
         Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
+            // A reader that has gone away is not an error here.
+            let _ = writeln!(std::io::stdout().lock(), "{USAGE}");
             0
         }
         other => {
             if let Some(o) = other {
-                eprintln!("ringport-bench: unknown mode `{o}`");
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "ringport-bench: unknown mode `{o}`"
+                );
             }
-            eprintln!("{USAGE}");
+            let _ = writeln!(std::io::stderr().lock(), "{USAGE}");
             ringport_bench::EXIT_HARNESS
         }
     };

@@ -123,15 +123,15 @@ pub fn build_missing(bin_dir: &Path, packages: &[(&str, &str)]) {
             continue;
         }
         done.push(package);
-        eprintln!("ringport-bench: {program} is missing: cargo build --release -p {package}");
+        errln!("ringport-bench: {program} is missing: cargo build --release -p {package}");
         let status = std::process::Command::new(&cargo)
             .args(["build", "--release", "-p", package])
             .stdout(std::process::Stdio::null())
             .status();
         match status {
             Ok(s) if s.success() => {}
-            Ok(s) => eprintln!("ringport-bench: building {package} failed ({s})"),
-            Err(e) => eprintln!("ringport-bench: cannot run cargo: {e}"),
+            Ok(s) => errln!("ringport-bench: building {package} failed ({s})"),
+            Err(e) => errln!("ringport-bench: cannot run cargo: {e}"),
         }
     }
 }
@@ -283,6 +283,8 @@ pub struct Plan {
     pub rounds: usize,
     /// Seconds per cell.
     pub cell_secs: f64,
+    /// Seconds of load before each cell's window.
+    pub warmup_secs: f64,
     /// Seconds for bulk cells.
     pub bulk_secs: f64,
     /// CPUs the servers run on.
@@ -510,7 +512,7 @@ impl Progress {
     /// Ends the line.
     pub fn finish(&self) {
         if self.tty {
-            eprintln!();
+            errln!();
         }
     }
 }
@@ -597,7 +599,7 @@ impl Harness {
             res.listen_line = Some(server.listen_line().to_owned());
         }
         if let Err((why, mismatch)) = self.integrity(&server, plan) {
-            eprintln!(
+            errln!(
                 "\nringport-bench: INTEGRITY CHECK FAILED for {}: {why}",
                 ready.spec.label
             );
@@ -643,7 +645,7 @@ impl Harness {
                 {
                     if client.mismatches > 0 {
                         res.mismatched = true;
-                        eprintln!(
+                        errln!(
                             "\nringport-bench: {label} {}: {} MISMATCHED echo bytes",
                             cell.label(),
                             client.mismatches
@@ -734,10 +736,14 @@ impl Harness {
         let until = [
             "--duration".to_owned(),
             format!("{secs}"),
+            "--warmup".to_owned(),
+            format!("{}", plan.warmup_secs),
             "--mark-window".to_owned(),
         ];
         let args = self.client_args(s.addr(), cell, &until, plan.client_workers);
-        let timeout = Duration::from_secs_f64(secs + 30.0 + f64::from(cell.connections) / 500.0);
+        let timeout = Duration::from_secs_f64(
+            secs + plan.warmup_secs + 30.0 + f64::from(cell.connections) / 500.0,
+        );
         // Let the previous cell's connections close first.
         std::thread::sleep(Duration::from_millis(200));
         // The server's CPU time is read when the client opens and closes its measured window:

@@ -170,12 +170,14 @@ impl Report {
         let _ = writeln!(md, "# {}\n", self.title);
         let _ = writeln!(
             md,
-            "Median of {} interleaved round(s); {} s per cell; servers on CPU(s) {}, load \
+            "Median of {} interleaved round(s); {} s per cell, measured after {} s of warm-up \
+             load; servers on CPU(s) {}, load \
              (`ringport client`, {} worker(s)) on CPU(s) {}; RLIMIT_NOFILE {}; CPU time in \
              {} Hz ticks. All figures come from this run on this machine: compare them with \
              each other (the ratios), not with other machines.\n",
             p.rounds,
             p.cell_secs,
+            p.warmup_secs,
             crate::proc::format_cpu_list(&p.server_cpus),
             p.client_workers,
             crate::proc::format_cpu_list(&p.load_cpus),

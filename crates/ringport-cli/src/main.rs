@@ -189,6 +189,11 @@ pub struct ClientArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<Duration>,
 
+    /// Load mode: with --duration, send for this many seconds before the measured window
+    /// opens (their echoes are verified, not counted) [default: 0].
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "duration")]
+    pub warmup: Option<Duration>,
+
     /// Load mode: messages in flight per connection [default: 1].
     #[arg(long, value_name = "D", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub pipeline: Option<u32>,
@@ -217,6 +222,7 @@ impl ClientArgs {
             || self.size.is_some()
             || self.messages.is_some()
             || self.duration.is_some()
+            || self.warmup.is_some()
             || self.pipeline.is_some()
             || self.json
             || self.mark_window

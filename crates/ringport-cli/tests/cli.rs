@@ -79,6 +79,10 @@ fn client_unparsable_connect_address_is_exit_2() {
     assert_usage_error(&["client", "--connect", "nonsense"]);
 }
 
+fn client_warmup_without_duration_is_exit_2() {
+    assert_usage_error(&["client", "--connections", "2", "--warmup", "1"]);
+}
+
 fn address_in_use_is_exit_1_with_named_error() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
@@ -140,6 +144,8 @@ fn bench_mode_help_lists_the_mode_options() {
     }
     assert_usage_error(&["bench", "no-such-mode"]);
     assert_usage_error(&["bench", "peers", "--no-such-flag"]);
+    assert_usage_error(&["bench", "peers", "--cell-secs", "0"]);
+    assert_usage_error(&["bench", "peers", "--warmup-secs", "nan"]);
 }
 
 fn serve_help_lists_flags_and_default_port() {
@@ -219,6 +225,7 @@ per_backend!(
     unknown_top_level_flag_is_exit_2,
     client_unknown_flag_is_exit_2,
     client_unparsable_connect_address_is_exit_2,
+    client_warmup_without_duration_is_exit_2,
     address_in_use_is_exit_1_with_named_error,
     top_level_help_lists_subcommands,
     bench_mode_help_lists_the_mode_options,
@@ -228,3 +235,29 @@ per_backend!(
     listening_line_reports_actual_port_without_colours,
     serve_accepts_verbose_flags,
 );
+
+/// `ringport bench peers ... 2>&1 | head` where the reader has gone before the harness reports
+/// an error: the report is lost, but the exit status still says what happened (2, a harness
+/// error), not a panic (101).
+#[test]
+fn bench_error_with_its_output_readers_gone_is_exit_2() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::process::{Command, Stdio};
+
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into `fds`, which has room for both.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(r, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just created and nothing else owns them.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    let status = Command::new(util::BIN)
+        // No such CPU: the harness fails before it starts anything.
+        .args(["bench", "peers", "--quick", "--server-cpus", "100000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write.try_clone().expect("dup the pipe")))
+        .stderr(Stdio::from(write))
+        .status()
+        .expect("run ringport bench");
+    assert_eq!(status.code(), Some(2), "{status}");
+}

@@ -166,7 +166,7 @@ fn load_mode_json_reports_every_message_verified() {
 fn load_mode_duration_is_bounded() {
     let server = Server::start();
     let addr = server.addr.to_string();
-    // A 1 s run; the 60 s guard only catches a client that never stops.
+    // A 1.25 s run; the 60 s guard only catches a client that never stops.
     let output = run_cli(
         &[
             "client",
@@ -178,6 +178,8 @@ fn load_mode_duration_is_bounded() {
             "256",
             "--duration",
             "1",
+            "--warmup",
+            "0.25",
             "--json",
             "--mark-window",
         ],
@@ -194,11 +196,15 @@ fn load_mode_duration_is_bounded() {
         json_num(&report, "messages") > 0.0,
         "no messages in 1 s\n{d}"
     );
-    // The window is the duration itself: opening the connections comes before it, and the
-    // echoes drained after the deadline are verified but not counted.
+    // The window is the duration itself: opening the connections and the warm-up come before
+    // it, and the echoes drained after the deadline are verified but not counted.
     assert!(
         (json_num(&report, "elapsed_s") - 1.0).abs() < 0.002,
         "the measured window is not the 1 s duration\n{d}"
+    );
+    assert!(
+        (json_num(&report, "warmup_s") - 0.25).abs() < 0.002,
+        "the warm-up is not the 0.25 s asked for\n{d}"
     );
     assert!(
         json_num(&report, "verified_bytes") >= json_num(&report, "bytes"),

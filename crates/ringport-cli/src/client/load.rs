@@ -7,10 +7,10 @@
 //! connection's own deterministic stream.
 //!
 //! The load starts once every worker has opened its connections: the last one to finish posts a
-//! start packet to every worker. The measured window runs from there to the deadline
-//! (`--duration`) or to the last message (`--messages`); the echoes still in flight at the
-//! deadline are verified but not counted, and opening and closing the connections fall outside
-//! the window.
+//! start packet to every worker. The measured window runs from there (after `--warmup`) to the
+//! deadline (`--duration`), or to the last message (`--messages`); the echoes still in flight
+//! at the deadline are verified but not counted, and opening and closing the connections fall
+//! outside the window.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -40,7 +40,12 @@ const END_CHECK: Duration = Duration::from_millis(10);
 #[derive(Debug, Clone, Copy)]
 enum Until {
     Messages(u64),
-    Deadline(Instant),
+    /// Send until `close`; count the echoes that come back from `open` (after the warm-up) to
+    /// `close`.
+    Window {
+        open: Instant,
+        close: Instant,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +56,8 @@ struct Plan {
     pipeline: u64,
     /// `--duration`; without it, `messages` per connection.
     duration: Option<Duration>,
+    /// `--warmup` (with `--duration`).
+    warmup: Duration,
     messages: u64,
     workers: usize,
 }
@@ -59,15 +66,22 @@ impl Plan {
     /// The end of a load that starts at `start`.
     fn until(&self, start: Instant) -> Until {
         match self.duration {
-            // A duration too long to add runs for a year.
-            Some(d) => Until::Deadline(
-                start
-                    .checked_add(d)
-                    .unwrap_or_else(|| start + Duration::from_secs(365 * 24 * 3600)),
-            ),
+            Some(d) => {
+                let open = later(start, self.warmup);
+                Until::Window {
+                    open,
+                    close: later(open, d),
+                }
+            }
             None => Until::Messages(self.messages),
         }
     }
+}
+
+/// `t + d`; a time too far to add is a year away (the run ends long before).
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .unwrap_or_else(|| t + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// Where the workers meet before the load starts.
@@ -142,6 +156,7 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         size,
         pipeline,
         duration: args.duration,
+        warmup: args.warmup.unwrap_or(Duration::ZERO),
         messages: args.messages.unwrap_or(1000),
         workers: workers.min(connections as usize).max(1),
     };
@@ -166,16 +181,24 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     drop(gate);
     // No start when every worker ended first (its sender dropped with the last one).
     let start = start_rx.recv().ok();
-    let mut ended = None;
-    if let Some(start) = start {
+    let mark = |line: &str| {
         if args.mark_window {
-            crate::to_stderr(&format!("{WINDOW_OPEN}\n"));
+            crate::to_stderr(&format!("{line}\n"));
         }
-        if let Until::Deadline(deadline) = plan.until(start) {
-            ended = Some(wait_until(deadline, &threads));
-            if args.mark_window {
-                crate::to_stderr(&format!("{WINDOW_CLOSED}\n"));
+    };
+    // A duration's window: from the end of the warm-up to the deadline (cut short when every
+    // worker ended first).
+    let mut window = None;
+    if let Some(start) = start {
+        match plan.until(start) {
+            Until::Window { open, close } => {
+                let opened = wait_until(open, &threads);
+                mark(WINDOW_OPEN);
+                let closed = wait_until(close, &threads);
+                mark(WINDOW_CLOSED);
+                window = Some((opened, closed));
             }
+            Until::Messages(_) => mark(WINDOW_OPEN),
         }
     }
     let mut summary = Summary {
@@ -196,17 +219,14 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         summary.mismatches += tally.mismatches;
         last = last.max(tally.last);
     }
-    if let Some(start) = start {
-        // A duration's window ends at the deadline (or when every worker ended before it);
-        // a message count's at its last message.
-        let end = ended.or(last).unwrap_or(start);
-        if args.mark_window && args.duration.is_none() {
-            crate::to_stderr(&format!("{WINDOW_CLOSED}\n"));
-        }
-        summary.setup = start - began;
-        summary.elapsed = end.saturating_duration_since(start);
-    } else {
-        summary.setup = began.elapsed();
+    summary.setup = start.map_or_else(|| began.elapsed(), |s| s - began);
+    if let Some((opened, closed)) = window {
+        summary.warmup = opened.saturating_duration_since(start.unwrap_or(opened));
+        summary.elapsed = closed.saturating_duration_since(opened);
+    } else if let Some(start) = start {
+        // A message count's window: from the start to the last message.
+        mark(WINDOW_CLOSED);
+        summary.elapsed = last.unwrap_or(start).saturating_duration_since(start);
     }
     if args.json {
         crate::to_stdout(&format!("{}\n", summary.render_json()));
@@ -434,8 +454,8 @@ impl Client {
         let left = match self.until {
             None => 0,
             Some(Until::Messages(m)) => m - conn.sent_msgs,
-            Some(Until::Deadline(d)) if Instant::now() < d => u64::MAX,
-            Some(Until::Deadline(_)) => 0,
+            Some(Until::Window { close, .. }) if Instant::now() < close => u64::MAX,
+            Some(Until::Window { .. }) => 0,
         };
         let k = credit.min(left);
         if k == 0 {
@@ -501,7 +521,7 @@ impl Client {
                 self.tally.verified += buf.len() as u64;
                 let now = Instant::now();
                 let counted = match self.until {
-                    Some(Until::Deadline(d)) => now < d,
+                    Some(Until::Window { open, close }) => open <= now && now < close,
                     _ => true,
                 };
                 if counted {
@@ -534,8 +554,8 @@ impl Client {
         let done = match self.until {
             None => false,
             Some(Until::Messages(m)) => conn.received >= m.saturating_mul(size),
-            Some(Until::Deadline(d)) => {
-                Instant::now() >= d && conn.received >= conn.sent_msgs * size && !conn.sending
+            Some(Until::Window { close, .. }) => {
+                Instant::now() >= close && conn.received >= conn.sent_msgs * size && !conn.sending
             }
         };
         if done {

@@ -93,8 +93,10 @@ pub struct Summary {
     pub bytes: u64,
     /// Every byte echoed and verified, including the echoes drained after the window.
     pub verified: u64,
-    /// Opening the connections, before the window.
+    /// Opening the connections, before the load.
     pub setup: Duration,
+    /// Load before the window (`--warmup`), not counted.
+    pub warmup: Duration,
     /// The measured window: from the start of the load (every connection open) to the
     /// deadline or the last message.
     pub elapsed: Duration,
@@ -139,7 +141,11 @@ impl Summary {
             "bytes:       {} ({} verified in all)",
             self.bytes, self.verified
         );
-        let _ = writeln!(s, "elapsed:     {:.3} s", self.elapsed.as_secs_f64());
+        let _ = write!(s, "elapsed:     {:.3} s", self.elapsed.as_secs_f64());
+        if self.warmup > Duration::ZERO {
+            let _ = write!(s, " (after {:.3} s of warm-up)", self.warmup.as_secs_f64());
+        }
+        s.push('\n');
         let _ = writeln!(
             s,
             "throughput:  {:.1} messages/s, {:.2} MB/s",
@@ -170,7 +176,7 @@ impl Summary {
     /// Renders the summary as one line of JSON, without a trailing newline.
     ///
     /// Keys: `backend`, `connections`, `messages`, `bytes`, `verified_bytes`, `setup_s`,
-    /// `elapsed_s`, `msgs_per_s`, `mb_per_s`, `p50_us`, `p99_us`, `p999_us`, `max_us`, `errors`
+    /// `warmup_s`, `elapsed_s`, `msgs_per_s`, `mb_per_s`, `p50_us`, `p99_us`, `p999_us`, `max_us`, `errors`
     /// (kind to count), `error_total`, `mismatches`, `ok`. Floats that are not finite are
     /// written as 0.
     pub fn render_json(&self) -> String {
@@ -184,6 +190,7 @@ impl Summary {
         );
         let floats = [
             ("setup_s", self.setup.as_secs_f64()),
+            ("warmup_s", self.warmup.as_secs_f64()),
             ("elapsed_s", self.elapsed.as_secs_f64()),
             ("msgs_per_s", self.messages_per_sec()),
             ("mb_per_s", self.mb_per_sec()),
@@ -494,6 +501,7 @@ mod tests {
             bytes: 50_000_000,
             verified: 50_001_000,
             setup: Duration::from_millis(250),
+            warmup: Duration::from_millis(500),
             elapsed: Duration::from_secs(2),
             latency,
             errors,
@@ -584,6 +592,7 @@ mod tests {
                 "bytes",
                 "verified_bytes",
                 "setup_s",
+                "warmup_s",
                 "elapsed_s",
                 "msgs_per_s",
                 "mb_per_s",
@@ -602,6 +611,7 @@ mod tests {
         assert_eq!(json.get("bytes").num(), 50_000_000.0);
         assert_eq!(json.get("verified_bytes").num(), 50_001_000.0);
         assert_eq!(json.get("setup_s").num(), 0.25);
+        assert_eq!(json.get("warmup_s").num(), 0.5);
         assert_eq!(json.get("elapsed_s").num(), 2.0);
         assert_eq!(json.get("mb_per_s").num(), 25.0);
         let p50 = json.get("p50_us").num();

@@ -795,6 +795,7 @@ pub const JSON_KEYS: &[&str] = &[
     "bytes",
     "verified_bytes",
     "setup_s",
+    "warmup_s",
     "elapsed_s",
     "msgs_per_s",
     "mb_per_s",
