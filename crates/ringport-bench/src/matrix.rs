@@ -747,7 +747,7 @@ impl Harness {
         // Let the previous cell's connections close first.
         std::thread::sleep(Duration::from_millis(200));
         // The server's CPU time is read when the client opens and closes its measured window:
-        // from every connection open to the deadline.
+        // from the end of the warm-up (every connection open) to the deadline.
         let pid = s.pid();
         let sampler = move || proc::cpu_ticks(pid);
         let run = proc::run_client(&self.client, &args, &plan.load_cpus, timeout, &sampler);

@@ -530,13 +530,23 @@ pub fn run_client(
             let Some(pipe) = stderr_pipe else {
                 return (text, window);
             };
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                match line.trim_end() {
+            let mut pipe = BufReader::new(pipe);
+            let mut raw = Vec::new();
+            loop {
+                raw.clear();
+                // Bytes, not lines of UTF-8: a stray byte must not stop the reading (the
+                // marks after it would be lost).
+                match pipe.read_until(b'\n', &mut raw) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line = String::from_utf8_lossy(&raw);
+                let line = line.trim_end();
+                match line {
                     WINDOW_OPEN => window.open = Some(sample()),
                     WINDOW_CLOSED => window.closed = Some(sample()),
                     _ => {
-                        text.push_str(&line);
+                        text.push_str(line);
                         text.push('\n');
                     }
                 }

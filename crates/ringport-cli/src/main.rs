@@ -184,8 +184,8 @@ pub struct ClientArgs {
     #[arg(long, value_name = "M", conflicts_with = "duration")]
     pub messages: Option<u64>,
 
-    /// Load mode: send for this many seconds once every connection is open, then wait for the
-    /// last echoes (verified, not counted).
+    /// Load mode: measure for this many seconds (after --warmup) once every connection is
+    /// open, then wait for the last echoes (verified, not counted).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<Duration>,
 
@@ -210,7 +210,8 @@ pub struct ClientArgs {
     pub json: bool,
 
     /// Load mode: print `ringport client: window open` and `ringport client: window closed` on
-    /// stderr when the measured window starts and ends, for sampling the server around it.
+    /// stderr when the measured window starts and ends (with --messages, closed once every
+    /// connection is done), for sampling the server around it.
     #[arg(long)]
     pub mark_window: bool,
 }

@@ -206,9 +206,10 @@ fn load_mode_duration_is_bounded() {
         (json_num(&report, "warmup_s") - 0.25).abs() < 0.002,
         "the warm-up is not the 0.25 s asked for\n{d}"
     );
+    // The warm-up's echoes are verified, not counted.
     assert!(
-        json_num(&report, "verified_bytes") >= json_num(&report, "bytes"),
-        "fewer bytes verified than counted\n{d}"
+        json_num(&report, "verified_bytes") > json_num(&report, "bytes"),
+        "the warm-up's echoes were counted (or none came back)\n{d}"
     );
     assert_eq!(json_num(&report, "mismatches"), 0.0, "{d}");
     assert_eq!(json_num(&report, "connections"), 4.0, "{d}");

@@ -301,7 +301,14 @@ impl Client {
         self.open_more();
         self.arrive_when_open();
         while self.done < self.owned {
-            match self.worker.dequeue_batch(&mut batch, 64, Some(STALL_LIMIT)) {
+            // Waiting at the gate for the other workers to open their connections is not a
+            // stall: a worker that stalls while opening leaves the loop and arrives below.
+            let limit = if self.arrived && self.until.is_none() {
+                None
+            } else {
+                Some(STALL_LIMIT)
+            };
+            match self.worker.dequeue_batch(&mut batch, 64, limit) {
                 Ok(_) => {
                     for c in batch.drain(..) {
                         self.complete(c);
@@ -322,6 +329,8 @@ impl Client {
                 }
             }
         }
+        // A worker that ends before it has opened everything still lets the others start.
+        self.arrive();
         self.tally
     }
 
@@ -355,7 +364,14 @@ impl Client {
     /// Tells the gate once every connection this worker owns is open (or has failed); the last
     /// worker to do so starts the load everywhere.
     fn arrive_when_open(&mut self) {
-        if self.arrived || self.connecting > 0 || self.next < self.plan.connections {
+        if self.connecting == 0 && self.next >= self.plan.connections {
+            self.arrive();
+        }
+    }
+
+    /// Tells the gate this worker is done opening (once).
+    fn arrive(&mut self) {
+        if self.arrived {
             return;
         }
         self.arrived = true;
@@ -488,6 +504,8 @@ impl Client {
                 conn.sending = false;
                 conn.spare_send = buf;
                 self.try_send(index);
+                // The last echo may have come back before this completion.
+                self.check_done(index);
             }
             Ok(_) => self.fail(index, "send: no progress"),
             Err(e) => self.fail(index, &format!("send: {}", describe(&e))),

@@ -97,8 +97,8 @@ pub struct Summary {
     pub setup: Duration,
     /// Load before the window (`--warmup`), not counted.
     pub warmup: Duration,
-    /// The measured window: from the start of the load (every connection open) to the
-    /// deadline or the last message.
+    /// The measured window: from the end of the warm-up (the start of the load, every
+    /// connection open, when there is none) to the deadline or the last message.
     pub elapsed: Duration,
     /// Round-trip latency per message.
     pub latency: Recorder,
