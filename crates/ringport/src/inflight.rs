@@ -54,6 +54,12 @@ impl<T> Slot<T> {
     }
 }
 
+/// The slot a slab id names (a dense index: at most as many as the worker's operations in
+/// flight at once); `None` for a sequence id.
+pub(crate) fn slot_index(id: u64) -> Option<usize> {
+    is_local(id).then_some((id & INDEX_MASK) as usize)
+}
+
 /// The slot index and generation a slab id names; `None` for a sequence id.
 fn decode(id: u64) -> Option<(usize, u32)> {
     let index = (id & INDEX_MASK) as usize;

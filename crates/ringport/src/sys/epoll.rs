@@ -125,12 +125,69 @@ impl OpQueue {
     }
 }
 
+/// The operations waiting, by id. A worker's own operations have slab ids (see `inflight`),
+/// whose slot numbers are dense: those are kept in a vector indexed by the slot, with no hash
+/// table's headroom (every idle connection has its armed receive here). Operations forwarded
+/// from other threads carry sequence ids and go to a map.
+#[derive(Default)]
+struct OpTable {
+    slots: Vec<Option<(u64, Waiting)>>,
+    map: HashMap<u64, Waiting, BuildHasherDefault<IdHasher>>,
+}
+
+impl OpTable {
+    fn insert(&mut self, id: u64, op: Waiting) {
+        match crate::inflight::slot_index(id) {
+            Some(i) => {
+                if i >= self.slots.len() {
+                    self.slots.resize_with(i + 1, || None);
+                }
+                debug_assert!(self.slots[i].is_none(), "slot of {id:#x} still waiting");
+                self.slots[i] = Some((id, op));
+            }
+            None => {
+                self.map.insert(id, op);
+            }
+        }
+    }
+
+    fn get_mut(&mut self, id: u64) -> Option<&mut Waiting> {
+        match crate::inflight::slot_index(id) {
+            Some(i) => match self.slots.get_mut(i) {
+                Some(Some((held, op))) if *held == id => Some(op),
+                _ => None,
+            },
+            None => self.map.get_mut(&id),
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Waiting> {
+        match crate::inflight::slot_index(id) {
+            Some(i) => match self.slots.get_mut(i) {
+                Some(slot) if slot.as_ref().is_some_and(|(held, _)| *held == id) => {
+                    slot.take().map(|(_, op)| op)
+                }
+                _ => None,
+            },
+            None => self.map.remove(&id),
+        }
+    }
+
+    fn ids(&self) -> Vec<u64> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.as_ref().map(|(id, _)| *id))
+            .chain(self.map.keys().copied())
+            .collect()
+    }
+}
+
 pub(crate) struct Epoll {
     epfd: OwnedFd,
     wake_fd: RawFd,
     /// Indexed by descriptor number.
     fds: Vec<FdState>,
-    ops: HashMap<u64, Waiting, BuildHasherDefault<IdHasher>>,
+    ops: OpTable,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     /// The deadline of each timeout still pending. A heap entry counts only while it matches:
     /// a cancelled timeout's entry stays in the heap until its time, and its id may by then
@@ -218,7 +275,7 @@ impl Epoll {
             epfd,
             wake_fd,
             fds: Vec::new(),
-            ops: HashMap::default(),
+            ops: OpTable::default(),
             timers: BinaryHeap::new(),
             deadlines: HashMap::default(),
             done: Vec::new(),
@@ -289,14 +346,14 @@ impl Epoll {
                 Side::Write => &mut state.write,
             };
             let Some(id) = queue.front() else { return };
-            let Some(op) = self.ops.get_mut(&id) else {
+            let Some(op) = self.ops.get_mut(id) else {
                 queue.pop_front();
                 continue;
             };
             match attempt(op, self.pool.as_mut()) {
                 Outcome::Done(res) => {
                     queue.pop_front();
-                    self.ops.remove(&id);
+                    self.ops.remove(id);
                     self.done.push(Event::done(id, res));
                 }
                 Outcome::More { res, buf, short } => {
@@ -316,7 +373,7 @@ impl Epoll {
     }
 
     fn cancel_op(&mut self, id: u64) {
-        if let Some(op) = self.ops.remove(&id) {
+        if let Some(op) = self.ops.remove(id) {
             self.deadlines.remove(&id);
             if let Some(state) = fd_state(&mut self.fds, op.fd) {
                 let queue = match op.side {
@@ -338,7 +395,7 @@ impl Epoll {
             self.timers.pop();
             if self.deadlines.get(&id) == Some(&at) {
                 self.deadlines.remove(&id);
-                self.ops.remove(&id);
+                self.ops.remove(id);
                 self.done.push(Event::done(id, -libc::ETIME));
             }
         }
@@ -606,7 +663,7 @@ impl Driver for Epoll {
                 }
             }
             Cancel::All => {
-                let ids: Vec<u64> = self.ops.keys().copied().collect();
+                let ids = self.ops.ids();
                 for id in ids {
                     self.cancel_op(id);
                 }
@@ -707,5 +764,64 @@ impl Driver for Epoll {
 
     fn name(&self) -> &'static str {
         "epoll"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{OpTable, Side, Waiting};
+    use crate::inflight::Inflight;
+
+    fn waiting(fd: i32) -> Waiting {
+        Waiting {
+            fd,
+            side: Side::Read,
+            body: std::ptr::null_mut(),
+            pooled: true,
+            connecting: false,
+        }
+    }
+
+    /// Every idle connection keeps its armed receive here: one slot of the vector, no more.
+    #[test]
+    fn op_table_slots_stay_small() {
+        assert!(std::mem::size_of::<Option<(u64, Waiting)>>() <= 24);
+    }
+
+    #[test]
+    fn op_table_finds_by_full_id_only() {
+        let mut ids = Inflight::<()>::new();
+        let mut t = OpTable::default();
+        let a = ids.reserve(0).unwrap();
+        ids.insert(a, ());
+        t.insert(a, waiting(7));
+        let seq = 12345; // a sequence id (forwarded from another thread)
+        t.insert(seq, waiting(8));
+        assert_eq!(t.get_mut(a).map(|w| w.fd), Some(7));
+        assert_eq!(t.get_mut(seq).map(|w| w.fd), Some(8));
+        let mut all = t.ids();
+        all.sort_unstable();
+        assert_eq!(all, {
+            let mut v = vec![a, seq];
+            v.sort_unstable();
+            v
+        });
+
+        // Once removed, the slot goes to a new id; the old one finds nothing.
+        assert_eq!(t.remove(a).map(|w| w.fd), Some(7));
+        assert!(t.remove(a).is_none());
+        ids.remove(a);
+        let b = ids.reserve(0).unwrap();
+        assert_eq!(
+            crate::inflight::slot_index(b),
+            crate::inflight::slot_index(a),
+            "the slot is reused"
+        );
+        t.insert(b, waiting(9));
+        assert!(t.get_mut(a).is_none(), "a stale id finds nothing");
+        assert!(t.remove(a).is_none(), "a stale id removes nothing");
+        assert_eq!(t.remove(b).map(|w| w.fd), Some(9));
+        assert_eq!(t.remove(seq).map(|w| w.fd), Some(8));
+        assert!(t.ids().is_empty());
     }
 }
