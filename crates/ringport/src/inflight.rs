@@ -5,7 +5,8 @@
 //! reused: looking one up is an index, and the table holds no hash-map headroom, which matters
 //! when every idle connection keeps an armed receive in it. Freed slots are reused oldest first
 //! and the generation has 27 bits, so an id comes back only after its slot went round 2^27
-//! times (hours, at millions of operations a second spread over the free slots). Operations
+//! times: with few free slots and a million operations a second, that can be minutes, which is
+//! why an id must not be used once its operation has completed (see `OpId`). Operations
 //! forwarded from other threads carry ids drawn from the port's shared sequence before the
 //! worker sees them; those live in a hash map.
 

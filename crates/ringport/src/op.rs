@@ -71,7 +71,7 @@ pub enum OpKind {
     /// less than what was asked (a short send).
     Send,
     /// [`Op::recv_pooled`]: each completion carries [`Completion::pooled`]; `0` means the peer
-    /// closed; `ENOBUFS` means the pool ran dry (post it again later).
+    /// closed; `ENOBUFS` means no buffer was free (post it again, see [`Op::recv_pooled`]).
     RecvPooled,
     /// [`Op::close`].
     Close,
@@ -149,6 +149,13 @@ impl<K> Op<K> {
     /// input holds no buffer. For stream sockets only: receives share pool buffers (each gets
     /// the room left in the current one), which would cut datagrams short, so on any other
     /// socket it completes at once with `InvalidInput`.
+    ///
+    /// Its last completion (`more` false) can carry data too: on io_uring the kernel ends a
+    /// multishot receive that way when it could not post another completion. Whatever ended it
+    /// with data or with `ENOBUFS`, post it again to go on receiving (the crate docs say when
+    /// `ENOBUFS` comes while the pool still has buffers). Other receives on the same socket while
+    /// it is armed are not ordered with it: io_uring runs them as data arrives, epoll after it
+    /// ends; post one or the other.
     pub fn recv_pooled(socket: &Handle<K>) -> Self {
         Op::new(Some(socket), OpKind::RecvPooled, Some(OpBody::RecvPooled))
     }

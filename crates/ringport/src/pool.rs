@@ -30,9 +30,10 @@ pub(crate) struct Pool {
     returned: Mutex<Vec<u16>>,
 }
 
-// SAFETY: `base` is an allocation owned by the pool; disjoint buffers of it are read through
-// `PoolBuf`s only while the kernel does not own them, and written only by the kernel (or a
-// recv(2) the driver makes) while no `PoolBuf` for them exists.
+// SAFETY: `base` is an allocation owned by the pool. Its bytes are read through `PoolBuf`s only
+// after the kernel (or a recv(2) the driver makes) has finished writing them, and written only
+// where no `PoolBuf` reaches: a whole buffer, or, with incremental filling, the part of a buffer
+// past the slices already handed out.
 unsafe impl Send for Pool {}
 // SAFETY: as above; the shared state is behind atomics and a mutex.
 unsafe impl Sync for Pool {}

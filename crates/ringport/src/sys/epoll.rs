@@ -649,7 +649,7 @@ impl Driver for Epoll {
         Ok(())
     }
 
-    fn cancel(&mut self, what: Cancel) {
+    fn cancel(&mut self, what: Cancel) -> bool {
         match what {
             Cancel::Op(id) => self.cancel_op(id),
             Cancel::Fd(fd) => {
@@ -669,6 +669,7 @@ impl Driver for Epoll {
                 }
             }
         }
+        true
     }
 
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {

@@ -187,8 +187,9 @@ pub(crate) trait Driver: Send {
     fn start(&mut self, id: u64, target: Target, body: &mut OpBody) -> io::Result<()>;
 
     /// Asks for cancellation; the cancelled operations still report an event (`-ECANCELED`
-    /// unless they had already finished).
-    fn cancel(&mut self, what: Cancel);
+    /// unless they had already finished). Returns `false` when the request could not be
+    /// queued (io_uring: the submission failed); it may be asked again.
+    fn cancel(&mut self, what: Cancel) -> bool;
 
     /// Submits queued work and waits up to `timeout` (`None`: forever) for at least one event
     /// or a wake-up; appends the events to `out`.

@@ -369,19 +369,26 @@ impl Driver for Uring {
         unsafe { self.push(&sqe.user_data(id)) }
     }
 
-    fn cancel(&mut self, what: Cancel) {
+    fn cancel(&mut self, what: Cancel) -> bool {
+        let all = matches!(what, Cancel::All);
         let builder = match what {
             Cancel::Op(id) => types::CancelBuilder::user_data(id),
             Cancel::Fd(fd) => types::CancelBuilder::fd(types::Fd(fd)).all(),
-            Cancel::All => {
-                self.quiescing = true;
-                types::CancelBuilder::any()
-            }
+            Cancel::All => types::CancelBuilder::any(),
         };
         let sqe = opcode::AsyncCancel2::new(builder).build().user_data(CANCEL);
         // SAFETY: a cancel request points at no memory.
-        if let Err(e) = unsafe { self.push(&sqe) } {
-            tracing::warn!("io_uring: could not queue a cancel request: {e}");
+        match unsafe { self.push(&sqe) } {
+            Ok(()) => {
+                // Once everything is being cancelled, the wake-up read is not armed again
+                // (only after the request is queued: until then a post must still wake us).
+                self.quiescing |= all;
+                true
+            }
+            Err(e) => {
+                tracing::warn!("io_uring: could not queue a cancel request: {e}");
+                false
+            }
         }
     }
 
