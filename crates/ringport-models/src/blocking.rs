@@ -235,7 +235,7 @@ fn wait_for_input(
 /// Waits for the connections to finish until the drain deadline, then shuts down those still
 /// open. (The threads see the stop themselves.)
 fn drain(shared: &Shared, config: &Config) {
-    let deadline = Instant::now() + config.drain_timeout;
+    let deadline = crate::later(Instant::now(), config.drain_timeout);
     let mut conns = shared.conns();
     info!("blocking: stopping, draining {} connections", conns.len());
     while !conns.is_empty() {

@@ -63,7 +63,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
         let now = Instant::now();
         if deadline.is_none() && stop.is_triggered() {
             info!("epoll: stopping, draining {} connections", conns.len());
-            deadline = Some(now + config.drain_timeout);
+            deadline = Some(crate::later(now, config.drain_timeout));
             if let Some(a) = acceptor.take() {
                 // Removed explicitly: closing it would not, were the listener duplicated.
                 epoll.delete(a.fd())?;

@@ -254,6 +254,15 @@ impl AsRawFd for Stop {
     }
 }
 
+/// A wait longer than this is as good as forever (a drain timeout of `1e19` seconds): one
+/// year, which `Instant` and the kernel's timespec can both hold.
+pub(crate) const FAR: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+/// `now + d`, or a year from now when that cannot be represented.
+pub(crate) fn later(now: std::time::Instant, d: std::time::Duration) -> std::time::Instant {
+    now.checked_add(d).unwrap_or(now + FAR)
+}
+
 /// How [`serve`] behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {

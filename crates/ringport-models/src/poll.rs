@@ -39,7 +39,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
         let now = Instant::now();
         if deadline.is_none() && stop.is_triggered() {
             info!("poll: stopping, draining {} connections", conns.len());
-            deadline = Some(now + config.drain_timeout);
+            deadline = Some(crate::later(now, config.drain_timeout));
             acceptor = None;
             fds[STOP].fd = -1;
             let mut i = 0;

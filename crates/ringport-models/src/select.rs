@@ -54,7 +54,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
         let now = Instant::now();
         if deadline.is_none() && stop.is_triggered() {
             info!("select: stopping, draining {} connections", conns.len());
-            deadline = Some(now + config.drain_timeout);
+            deadline = Some(crate::later(now, config.drain_timeout));
             acceptor = None;
             let mut i = 0;
             while i < conns.len() {

@@ -88,8 +88,8 @@ fn run(
 ) -> io::Result<Stats> {
     // SAFETY: `gettid` has no preconditions.
     let tid = unsafe { libc::gettid() };
-    let mut acceptor = Some(Acceptor::new("sigio", listener, true)?);
-    let listener_fd = acceptor.as_ref().map_or(-1, Acceptor::fd);
+    let mut acceptor = Some(Signalled(Acceptor::new("sigio", listener, true)?));
+    let listener_fd = acceptor.as_ref().map_or(-1, |a| a.fd());
     notify(listener_fd, tid, signal)?;
     // Connections may be waiting already; they raised no signal.
     let mut accept_pending = true;
@@ -105,7 +105,7 @@ fn run(
         let now = Instant::now();
         if deadline.is_none() && stop.is_triggered() {
             info!("sigio: stopping, draining {} connections", conns.len());
-            deadline = Some(now + config.drain_timeout);
+            deadline = Some(crate::later(now, config.drain_timeout));
             acceptor = None;
             drain_all(&mut conns, &mut ready, &mut scratch, &mut stats);
         }
@@ -130,7 +130,7 @@ fn run(
             }
         }
 
-        let timeout = wait_timeout(now, &conns, &ready, acceptor.as_ref(), deadline);
+        let timeout = wait_timeout(now, &conns, &ready, acceptor.as_deref(), deadline);
         match signals.wait(timeout)? {
             // Timed out, woken by the stop (the top of the loop sees it), or a stray signal.
             None | Some(Signal::Other) => {}
@@ -173,6 +173,40 @@ fn run(
         );
     }
     Ok(stats)
+}
+
+/// The listener's acceptor, which gives up signal-driven I/O on the listener before closing it:
+/// the caller may hold another descriptor of the same open file (a `try_clone`), which would
+/// otherwise go on raising a signal that nobody blocks once `serve` has returned, and kill the
+/// process.
+struct Signalled(Acceptor);
+
+impl std::ops::Deref for Signalled {
+    type Target = Acceptor;
+    fn deref(&self) -> &Acceptor {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Signalled {
+    fn deref_mut(&mut self) -> &mut Acceptor {
+        &mut self.0
+    }
+}
+
+impl Drop for Signalled {
+    fn drop(&mut self) {
+        let fd = self.0.fd();
+        // SAFETY: `fd` is the listener, still open (the acceptor drops after this); `F_GETFL`
+        // takes nothing, `F_SETFL` and `F_SETSIG` an int.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_ASYNC);
+            }
+            libc::fcntl(fd, F_SETSIG, 0);
+        }
+    }
 }
 
 /// Makes `fd` non-blocking and signal-driven: `signal` goes to thread `tid` whenever its state

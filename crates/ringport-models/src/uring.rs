@@ -69,7 +69,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
         stats: Stats::default(),
         accept_warnings: RateLimit::new(),
         backoff: Box::new(timespec(ACCEPT_BACKOFF)),
-        drain: Box::new(timespec(config.drain_timeout)),
+        drain: Box::new(timespec(config.drain_timeout.min(crate::FAR))),
         quiet: Box::new(timespec(DRAIN_QUIET)),
     };
     server.run(stop)
@@ -284,7 +284,8 @@ impl Server {
                             "uring: accept: {err}; pausing accepts for {ACCEPT_BACKOFF:?}"
                         );
                     }
-                    if !more {
+                    // Stopping: the accept stays off and the listener closes below.
+                    if !more && !self.stopping {
                         let retry = opcode::Timeout::new(&*self.backoff)
                             .build()
                             .user_data(ACCEPT_RETRY);
@@ -309,7 +310,7 @@ impl Server {
     }
 
     fn on_accept_retry(&mut self) -> io::Result<()> {
-        if self.accept == Accept::Backoff {
+        if self.accept == Accept::Backoff && !self.stopping {
             self.accept = Accept::Off;
             self.arm_accept()?;
         }

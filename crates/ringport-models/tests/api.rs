@@ -57,3 +57,34 @@ fn readable(stop: &Stop) -> bool {
     assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
     n == 1
 }
+
+/// `sigio` makes the listener signal-driven; the caller's own descriptor of the same open file
+/// (a `try_clone`) must not go on raising that signal once `serve` has returned, when nothing
+/// blocks it any more (its default action ends the process).
+#[test]
+fn sigio_gives_the_listener_back_without_signal_driven_io() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let kept = listener.try_clone().expect("try_clone");
+    let stop = Stop::new().expect("Stop::new");
+    let server_stop = stop.clone();
+    let server = std::thread::spawn(move || {
+        ringport_models::serve(Model::Sigio, listener, &Config::default(), &server_stop)
+    });
+    // One echo, so that the server is surely running (and has set the listener up) first.
+    let addr = kept.local_addr().expect("local_addr");
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    std::io::Write::write_all(&mut c, b"x").expect("write");
+    let mut b = [0u8; 1];
+    std::io::Read::read_exact(&mut c, &mut b).expect("read the echo");
+    drop(c);
+    stop.trigger();
+    server.join().expect("serve thread").expect("serve");
+    // SAFETY: `F_GETFL` on a descriptor `kept` owns; it takes no argument.
+    let flags = unsafe { libc::fcntl(kept.as_raw_fd(), libc::F_GETFL) };
+    assert!(flags >= 0, "F_GETFL: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        flags & libc::O_ASYNC,
+        0,
+        "O_ASYNC is still set on the listener"
+    );
+}

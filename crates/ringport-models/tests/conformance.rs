@@ -290,6 +290,24 @@ mod cases {
         }
     }
 
+    /// A drain timeout too long to add to the clock (`--drain-timeout 1e19`) is a very long
+    /// wait, not an overflow: the stop still drains an idle connection and returns.
+    pub fn huge_drain_timeout_still_drains(model: Model) {
+        let Some(server) = start_with(
+            model,
+            Config {
+                drain_timeout: Duration::MAX,
+            },
+        ) else {
+            return;
+        };
+        let mut stream = server.connect();
+        round_trip(&mut stream, b"still here");
+        let stats = server.stop();
+        assert_eq!((stats.connections, stats.bytes), (1, 10), "{model}");
+        assert_closed(&mut stream);
+    }
+
     /// Writes without reading until the pipe is full: the socket would block, and stays so for
     /// a moment (the server then holds echo it cannot send, and has stopped reading). Returns
     /// what was written. The pause is no assertion: were the server merely slow, the test
@@ -393,6 +411,10 @@ macro_rules! conformance {
                 #[test]
                 fn drain_timeout_bounds_the_stop() {
                     cases::drain_timeout_bounds_the_stop(MODEL);
+                }
+                #[test]
+                fn huge_drain_timeout_still_drains() {
+                    cases::huge_drain_timeout_still_drains(MODEL);
                 }
             }
         )*
