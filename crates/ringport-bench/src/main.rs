@@ -12,7 +12,19 @@ const USAGE: &str = "usage: ringport-bench <peers|models|scaling> [OPTIONS]   (-
 Every mode takes --quick for a tiny matrix that runs in well under a minute.";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args = Vec::new();
+    for a in std::env::args_os().skip(1) {
+        match a.into_string() {
+            Ok(a) => args.push(a),
+            Err(a) => {
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "ringport-bench: argument {a:?} is not valid UTF-8"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
     let code = match args.first().map(String::as_str) {
         Some("peers") => ringport_bench::peers_main("ringport-bench", &args[1..]),
         Some("models") => ringport_bench::models_main("ringport-bench", &args[1..]),

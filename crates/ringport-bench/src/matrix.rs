@@ -823,7 +823,9 @@ fn idle_connections(server: &mut Server, target: u64) -> Result<IdleSample, Stri
     let rss_before = server
         .rss_bytes()
         .ok_or_else(|| "cannot read the server's VmRSS".to_owned())?;
-    let mut conns: Vec<TcpStream> = Vec::with_capacity(target as usize);
+    // Grown as connections open: the descriptor limit stops the loop long before a `--idle`
+    // this large could be held.
+    let mut conns: Vec<TcpStream> = Vec::with_capacity(target.min(1 << 16) as usize);
     let mut note = None;
     let sock_addr = socket2::SockAddr::from(addr);
     while (conns.len() as u64) < target {

@@ -28,9 +28,18 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
     let mut cpus = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let num = |t: &str| {
-            t.trim()
+            let n = t
+                .trim()
                 .parse::<usize>()
-                .map_err(|_| format!("`{s}`: `{t}` is not a CPU number"))
+                .map_err(|_| format!("`{s}`: `{t}` is not a CPU number"))?;
+            // The most a CPU set (`cpu_set_t`) can name.
+            if n >= libc::CPU_SETSIZE as usize {
+                return Err(format!(
+                    "`{s}`: CPU {n} is beyond the {} a CPU set can name",
+                    libc::CPU_SETSIZE
+                ));
+            }
+            Ok(n)
         };
         match part.split_once('-') {
             Some((a, b)) => {
@@ -730,6 +739,11 @@ mod tests {
         assert_eq!(parse_cpu_list(" 3-4, 1 ,4").unwrap(), vec![1, 3, 4]);
         assert!(parse_cpu_list("3-1").unwrap_err().contains("ends before"));
         assert!(parse_cpu_list("a").is_err());
+        // Beyond what a CPU set can name: an error, not a huge list.
+        assert!(parse_cpu_list("0-18446744073709551615")
+            .unwrap_err()
+            .contains("beyond"));
+        assert!(parse_cpu_list("1024").is_err());
         assert!(parse_cpu_list("").is_err());
         assert_eq!(format_cpu_list(&[0, 2, 3, 4, 7]), "0,2-4,7");
         assert_eq!(format_cpu_list(&[1]), "1");

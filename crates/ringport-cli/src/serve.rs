@@ -412,6 +412,8 @@ struct Server {
     bytes: u64,
     /// Whether the current run of accept failures was already logged.
     accept_failing: bool,
+    /// Whether a connection was already closed, with a warning, for want of a resource.
+    resource_warned: bool,
     /// Refusals since the last warning, and when that was.
     refusals: (u64, Option<Instant>),
     /// The idle-timeout sweep's pending timer.
@@ -447,6 +449,7 @@ impl Server {
             connections: 0,
             bytes: 0,
             accept_failing: false,
+            resource_warned: false,
             refusals: (0, None),
             sweep: None,
         }
@@ -564,11 +567,7 @@ impl Server {
             Err(e) => {
                 // Out of descriptors or memory, or a connection aborted before it was accepted:
                 // keep serving the others; pause when the cause is a resource.
-                let resource = matches!(
-                    e.raw_os_error(),
-                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                );
-                if resource {
+                if is_resource(&e) {
                     if !self.accept_failing {
                         warn!("accept: {}; retrying every 100 ms", describe(&e));
                         self.accept_failing = true;
@@ -749,7 +748,7 @@ impl Server {
                 }
                 self.maybe_resume(&mut conn);
             }
-            Err(e) => return self.close_conn(id, conn, &describe(&e)),
+            Err(e) => return self.close_failed(id, conn, "receive", &e),
         }
         self.settle(id, conn);
     }
@@ -858,7 +857,7 @@ impl Server {
         let n = match c.result {
             Ok(n) if n > 0 || !unsent => n,
             Ok(_) => return self.close_conn(id, conn, "send made no progress"),
-            Err(e) => return self.close_conn(id, conn, &describe(&e)),
+            Err(e) => return self.close_failed(id, conn, "send", &e),
         };
         conn.last_active = self.millis(self.now);
         // What was not sent goes back to the front of the queue.
@@ -1037,6 +1036,21 @@ impl Server {
         }
     }
 
+    /// Closes a connection whose `what` failed. A peer's reset is routine (logged at debug);
+    /// a resource running out is the server's problem, and the first such close is a warning.
+    fn close_failed(&mut self, id: u64, conn: Conn, what: &str, e: &io::Error) {
+        let why = format!("{what}: {}", describe(e));
+        if is_resource(e) && !self.resource_warned {
+            self.resource_warned = true;
+            warn!(
+                "socket {}: {why}: closing the connection (later closes for want of a resource \
+                 are logged at debug)",
+                conn.handle.as_raw_fd()
+            );
+        }
+        self.close_conn(id, conn, &why);
+    }
+
     /// Closes a connection taken out of the table, and frees its slot.
     fn close_conn(&mut self, id: u64, mut conn: Conn, why: &str) {
         self.conns.free(id);
@@ -1051,6 +1065,22 @@ impl Server {
         self.worker.submit(Op::close(&conn.handle), Io::Close);
         self.totals.live.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Whether `e` says the system ran short of something (descriptors, memory, buffers), not that
+/// a peer misbehaved.
+fn is_resource(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ENOSPC
+                | libc::EAGAIN
+        )
+    )
 }
 
 /// Now plus `d`, or a year from now when `d` is too long to add.

@@ -1098,6 +1098,10 @@ impl<K, D> Shared<K, D> {
     fn least_loaded(&self) -> usize {
         let mut best = (usize::MAX, 0);
         for (i, slot) in self.slots.iter().enumerate() {
+            // A worker that has been dropped takes nothing more (its operations would fail).
+            if !slot.alive.load(Ordering::Acquire) {
+                continue;
+            }
             let load = slot.load.load(Ordering::Relaxed);
             if load < best.0 {
                 best = (load, i);
@@ -1161,7 +1165,10 @@ impl<K, D> Shared<K, D> {
 
     /// Queues work for `worker` and wakes it; gives the work back if the worker is gone.
     fn send(&self, worker: usize, item: Remote<K, D>) -> Result<(), Remote<K, D>> {
-        let slot = &self.slots[worker];
+        // A worker this port does not have (a handle from another port) is as good as gone.
+        let Some(slot) = self.slots.get(worker) else {
+            return Err(item);
+        };
         {
             let mut q = lock(&slot.queue);
             if !slot.alive.load(Ordering::Acquire) {

@@ -171,13 +171,27 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         opening: AtomicUsize::new(workers.len()),
         started,
     });
-    let threads: Vec<_> = workers
-        .into_iter()
-        .map(|w| {
-            let gate = Arc::clone(&gate);
-            std::thread::spawn(move || Client::new(w, plan, gate).run())
-        })
-        .collect();
+    let mut threads = Vec::with_capacity(workers.len());
+    for w in workers {
+        let gate = Arc::clone(&gate);
+        let spawned = std::thread::Builder::new()
+            .name(format!("client-{}", w.index()))
+            .spawn(move || Client::new(w, plan, gate).run());
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // The workers already running stop at the shutdown (they wait at the gate).
+                port.shutdown();
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(format!(
+                    "--workers {}: cannot start a worker thread: {e}",
+                    plan.workers
+                ));
+            }
+        }
+    }
     drop(gate);
     // No start when every worker ended first (its sender dropped with the last one).
     let start = start_rx.recv().ok();
@@ -527,13 +541,18 @@ impl Client {
                 self.fail(index, "server closed the connection early");
             }
             Ok(_) => {
+                let size = self.plan.size as u64;
+                if conn.received + buf.len() as u64 > conn.sent_msgs * size {
+                    self.tally.mismatches += 1;
+                    self.fail(index, "echo mismatch: more bytes came back than were sent");
+                    return;
+                }
                 if let Err(m) = conn.rx.verify(&buf) {
                     self.tally.mismatches += 1;
                     tracing::debug!("connection {index}: {m}");
                     self.fail(index, "echo mismatch");
                     return;
                 }
-                let size = self.plan.size as u64;
                 let before = conn.received / size;
                 conn.received += buf.len() as u64;
                 self.tally.verified += buf.len() as u64;

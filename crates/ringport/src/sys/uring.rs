@@ -227,6 +227,7 @@ impl Uring {
     /// # Safety
     /// Every pointer in `sqe` must stay valid until its CQE is reaped.
     unsafe fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
+        let mut short_of_memory = 0;
         loop {
             // SAFETY: the caller guarantees that what `sqe` points to outlives the operation.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
@@ -236,6 +237,12 @@ impl Uring {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // The kernel could not allocate for a request for now: let completions free
+                // some, for a while, before giving up.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && short_of_memory < 1000 => {
+                    short_of_memory += 1;
+                    std::thread::sleep(Duration::from_micros(100));
+                }
                 Err(e) => return Err(e),
             }
             // Reaping frees completion slots, which a kernel short of them needs before it
