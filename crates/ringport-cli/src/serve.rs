@@ -218,7 +218,10 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         max_connections: args.max_connections,
         // A connection may hold at most an eighth of its worker's pool, however small the
         // segments its peer sends (counted as the whole buffers they keep back).
-        conn_buffer: args.conn_buffer.min(pool_size / 8).max(pool_buffer),
+        conn_buffer: args
+            .conn_buffer
+            .min(usize::from(buffers(pool_buffer)) * pool_buffer / 8)
+            .max(pool_buffer),
         pool_buffer,
     };
     let udp = if args.udp {
@@ -287,8 +290,9 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     if let Some(udp) = udp {
         let s = udp.stop();
         summary.push_str(&format!(
-            ", UDP: echoed {} datagrams, dropped {} over the rate limit",
-            s.echoed, s.limited
+            ", UDP: echoed {} datagrams, dropped {} over the rate limit and {} from service \
+             ports (below 1024)",
+            s.echoed, s.limited, s.from_service_ports
         ));
     }
     crate::to_stdout(&format!("{summary}\n"));
@@ -458,8 +462,11 @@ impl Server {
     fn run(mut self) -> io::Result<()> {
         self.post_accept();
         if let Some(idle) = self.limits.idle_timeout {
-            self.worker
-                .submit(Op::timeout(sweep_period(idle)), Io::Sweep);
+            // Kept, so that a drain can cancel it.
+            self.sweep = Some(
+                self.worker
+                    .submit(Op::timeout(sweep_period(idle)), Io::Sweep),
+            );
         }
         let mut batch = Vec::with_capacity(BATCH);
         let result = loop {
@@ -528,6 +535,8 @@ impl Server {
             }
             Io::Adopt => self.adopt(c),
             Io::Drain => self.drain(),
+            // Cancelled by the drain, which has its own way of closing quiet connections.
+            Io::Sweep if c.is_cancelled() || self.deadline.is_some() => {}
             Io::Sweep => self.sweep(),
             Io::DrainTick => self.drain_tick(),
             Io::Rearm => self.rearm_timer = false,
@@ -1002,7 +1011,8 @@ impl Server {
         let stale: Vec<u64> = self
             .conns
             .iter()
-            .filter(|(_, c)| now.saturating_sub(c.last_active) >= idle_ms)
+            // One waiting for a pool buffer has input its peer sent: busy, not idle.
+            .filter(|(_, c)| !c.starved && now.saturating_sub(c.last_active) >= idle_ms)
             .map(|(id, _)| id)
             .collect();
         for id in stale {

@@ -20,7 +20,14 @@ const POLL: Duration = Duration::from_millis(200);
 pub struct UdpStats {
     pub echoed: u64,
     pub limited: u64,
+    /// From service ports (below 1024), not answered.
+    pub from_service_ports: u64,
 }
+
+/// Datagrams from ports below this are not answered: they come from services (echo, chargen,
+/// daytime, DNS, ...) or carry a spoofed source aimed at one, and answering would let two such
+/// services bounce datagrams between them for ever.
+const FIRST_CLIENT_PORT: u16 = 1024;
 
 /// The running UDP echo.
 pub struct Udp {
@@ -72,6 +79,10 @@ fn serve(socket: &UdpSocket, rate: u32, stop: &AtomicBool) -> UdpStats {
                 continue;
             }
         };
+        if from.port() < FIRST_CLIENT_PORT {
+            stats.from_service_ports += 1;
+            continue;
+        }
         if !limiter.allow(from.ip(), Instant::now()) {
             stats.limited += 1;
             continue;

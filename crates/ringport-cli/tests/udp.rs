@@ -178,7 +178,45 @@ fn without_udp_nothing_answers() {
     );
 }
 
+/// A datagram from a service port (another echo server, or a spoofed source aimed at one)
+/// gets no answer, and is counted.
+fn datagrams_from_service_ports_are_not_answered() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--udp", "--udp-rate", "0"]);
+    // Binding a port below 1024 needs the privilege to; without it there is nothing to test.
+    let Some(sock) = (900..1000u16).find_map(|p| UdpSocket::bind(("127.0.0.1", p)).ok()) else {
+        eprintln!("SKIPPED: cannot bind a UDP port below 1024 here");
+        return;
+    };
+    sock.connect(server.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    for _ in 0..3 {
+        sock.send(b"ping").unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) => panic!("a service port got an answer: {:?}", &buf[..n]),
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ),
+                "UDP receive: {e}"
+            ),
+        }
+    }
+    let output = server.terminate_cleanly(EXIT_GUARD);
+    let refused = number_between(&output.stdout, "rate limit and ", " from service ports")
+        .unwrap_or_else(|| {
+            panic!(
+                "summary lacks the service-port count\n{}",
+                output.describe()
+            )
+        });
+    assert_eq!(refused, 3, "{}", output.describe());
+}
+
 per_backend!(
+    datagrams_from_service_ports_are_not_answered,
     datagrams_of_every_size_echo_exactly,
     rate_limit_drops_and_counts_the_excess,
     without_udp_nothing_answers,
