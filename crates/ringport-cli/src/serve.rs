@@ -47,6 +47,12 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const BATCH: usize = 64;
 /// How soon receives still waiting for a buffer get another turn while buffers are free.
 const REARM_AGAIN: Duration = Duration::from_millis(1);
+/// How long the receive pool may stay dry, with connections waiting for it, before the paused
+/// connection holding the most of it (its peer sends and does not read) is closed.
+const POOL_GRACE: Duration = Duration::from_millis(500);
+/// While the pool stays dry after such a close, how soon the next (the closed connection's
+/// buffers come back once its send in flight has been cancelled).
+const HOG_AGAIN: Duration = Duration::from_millis(50);
 /// The most buffers one gathering send takes (512 KiB).
 const MAX_GATHER: usize = 64;
 /// Buffer lists, and echo queues, kept for reuse.
@@ -158,6 +164,8 @@ struct Totals {
     bytes: AtomicU64,
     refused: AtomicU64,
     idle_closed: AtomicU64,
+    /// Closed for holding the pool while their peers read nothing and others waited.
+    hogs_closed: AtomicU64,
     /// Connections open right now.
     live: AtomicUsize,
 }
@@ -287,6 +295,12 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     if idle > 0 {
         summary.push_str(&format!(", closed {idle} idle"));
     }
+    let hogs = totals.hogs_closed.load(Ordering::Relaxed);
+    if hogs > 0 {
+        summary.push_str(&format!(
+            ", closed {hogs} that held the receive pool without reading their echo"
+        ));
+    }
     if let Some(udp) = udp {
         let s = udp.stop();
         summary.push_str(&format!(
@@ -398,6 +412,10 @@ struct Server {
     waiting: usize,
     /// A timer is pending to give waiting receives another turn.
     rearm_timer: bool,
+    /// While connections wait for the pool: when to close a pool hog if the pool is dry.
+    hog_check: Option<Instant>,
+    /// Whether a connection was already closed, with a warning, for holding the pool.
+    hog_warned: bool,
     /// Connections with buffers queued since the last send was posted: after a batch of
     /// completions, each posts one send that gathers all it has queued.
     to_send: Vec<u64>,
@@ -443,6 +461,8 @@ impl Server {
             starved: VecDeque::new(),
             waiting: 0,
             rearm_timer: false,
+            hog_check: None,
+            hog_warned: false,
             to_send: Vec::new(),
             spare: Vec::new(),
             spare_queues: Vec::new(),
@@ -473,9 +493,16 @@ impl Server {
             if self.finished() {
                 break Ok(());
             }
-            let timeout = self
+            let mut timeout = self
                 .deadline
                 .map(|d| d.saturating_duration_since(Instant::now()));
+            if self.waiting > 0 {
+                // Wake to see whether the pool is still dry (nothing else may complete).
+                let check = self.hog_check.map_or(POOL_GRACE, |at| {
+                    at.saturating_duration_since(Instant::now())
+                });
+                timeout = Some(timeout.map_or(check, |t| t.min(check)));
+            }
             match self.worker.dequeue_batch(&mut batch, BATCH, timeout) {
                 Ok(_) => {
                     self.now = Instant::now();
@@ -485,9 +512,10 @@ impl Server {
                     self.post_sends();
                     self.rearm_starved();
                 }
-                Err(WaitError::TimedOut) => {}
+                Err(WaitError::TimedOut) => self.now = Instant::now(),
                 Err(e) => break Err(io::Error::from(e)),
             }
+            self.close_pool_hog();
             if self.deadline.is_some_and(|d| Instant::now() >= d) {
                 if self.forced {
                     // The forced closes did not all complete in time: give up waiting.
@@ -984,6 +1012,49 @@ impl Server {
             self.rearm_timer = true;
             self.worker.submit(Op::timeout(REARM_AGAIN), Io::Rearm);
         }
+    }
+
+    /// Closes the paused connection holding the most of the receive pool once connections have
+    /// waited for the pool for `POOL_GRACE` and it is dry. A paused connection's peer sends and
+    /// does not read its echo: without this, enough such peers (an eighth of the pool's worth
+    /// each, at most, plus what arrived before the pause took effect) would keep every other
+    /// connection of the worker waiting for as long as they like.
+    fn close_pool_hog(&mut self) {
+        if self.waiting == 0 || self.deadline.is_some() {
+            self.hog_check = None;
+            return;
+        }
+        // Counted from when connections started waiting; a buffer freed for a moment (and
+        // taken again at once) does not restart the count.
+        let at = *self.hog_check.get_or_insert_with(|| far(POOL_GRACE));
+        if self.now < at || self.free_receives() > 0 {
+            return;
+        }
+        self.hog_check = Some(far(HOG_AGAIN));
+        let hog = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.paused)
+            .map(|(id, c)| (self.held_bytes(c), id))
+            .max();
+        let Some((held, id)) = hog else { return };
+        let Some(conn) = self.conns.take(id) else {
+            return;
+        };
+        let fd = conn.handle.as_raw_fd();
+        if self.hog_warned {
+            debug!("socket {fd}: holds {held} bytes of the receive pool and reads nothing");
+        } else {
+            warn!(
+                "socket {fd}: closing it: it holds {held} bytes of the receive pool and reads \
+                 none of its echo while {} connections wait for the pool (later closes for this \
+                 are logged at debug)",
+                self.waiting
+            );
+        }
+        self.hog_warned = true;
+        self.totals.hogs_closed.fetch_add(1, Ordering::Relaxed);
+        self.close_conn(id, conn, "held the receive pool without reading its echo");
     }
 
     fn drain(&mut self) {

@@ -126,7 +126,66 @@ fn sender_without_reading_bounded_rss_then_exact_echo() {
     writer_that_never_reads_is_held_back(WRITE_WINDOW);
 }
 
-per_backend!(sender_without_reading_bounded_rss_then_exact_echo);
+/// Peers that send and never read cannot keep a worker's whole receive pool: once others have
+/// waited for it long enough, the one holding the most is closed, and a well-behaved client
+/// gets its echo.
+fn peers_that_never_read_cannot_starve_the_others() {
+    // 16 buffers of 64 KiB: a handful of flooding peers is enough to take them all.
+    let server = Server::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--pool-size",
+        "1048576",
+    ]);
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut hogs = Vec::new();
+    for _ in 0..8 {
+        let mut s = connect(server.addr);
+        s.set_nonblocking(true).unwrap();
+        // Write until the connection pushes back for a while (bounded in bytes and time).
+        let mut written = 0usize;
+        let mut blocked_since: Option<Instant> = None;
+        let start = Instant::now();
+        while written < 16 << 20 && start.elapsed() < Duration::from_secs(5) {
+            match s.write(&chunk) {
+                Ok(n) => {
+                    written += n;
+                    blocked_since = None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if blocked_since.get_or_insert_with(Instant::now).elapsed()
+                        > Duration::from_millis(200)
+                    {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Closed by the server already: that is what this test is about.
+                Err(_) => break,
+            }
+        }
+        hogs.push(s);
+    }
+    // `connect` sets a 10 s read timeout: the hang guard.
+    echo_exact(server.addr, b"still served");
+    drop(hogs);
+    let output = server.terminate_cleanly(EXIT_GUARD);
+    assert!(
+        output
+            .stdout
+            .contains("that held the receive pool without reading their echo"),
+        "no connection was closed for holding the pool\n{}",
+        output.describe()
+    );
+}
+
+per_backend!(
+    sender_without_reading_bounded_rss_then_exact_echo,
+    peers_that_never_read_cannot_starve_the_others,
+);
 
 /// The 20-second version: `cargo test -p ringport-cli --test backpressure -- --ignored`.
 mod long {
