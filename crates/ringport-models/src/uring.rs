@@ -135,6 +135,11 @@ impl Server {
                 Ok(_) => {}
                 // EBUSY: completions are waiting to be reaped; reap them below.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                // The kernel could not allocate for a request for now: reap, and try again
+                // shortly (completions free what it needs).
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
                 Err(e) => return Err(e),
             }
             completions.clear();
@@ -168,12 +173,22 @@ impl Server {
     /// Every buffer the entries point to stays valid, and is not used by anything else, until
     /// its completion has been reaped (for a timeout: until it has been submitted).
     unsafe fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+        let mut short_of_memory = 0;
         loop {
             // SAFETY: the caller's promise is the one `push_multiple` requires.
             if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
                 return Ok(());
             }
-            self.ring.submit()?;
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // Short of memory for now: a while, then the error.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && short_of_memory < 1000 => {
+                    short_of_memory += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
