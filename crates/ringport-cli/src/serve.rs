@@ -1014,8 +1014,9 @@ impl Server {
         }
     }
 
-    /// Closes the paused connection holding the most of the receive pool once connections have
-    /// waited for the pool for `POOL_GRACE` and it is dry. A paused connection's peer sends and
+    /// Closes the paused connection holding the most of the receive pool (and any other paused
+    /// one holding over twice `--conn-buffer`) once connections have waited for the pool for
+    /// `POOL_GRACE` and it is dry. A paused connection's peer sends and
     /// does not read its echo: without this, enough such peers (an eighth of the pool's worth
     /// each, at most, plus what arrived before the pause took effect) would keep every other
     /// connection of the worker waiting for as long as they like.
@@ -1031,30 +1032,40 @@ impl Server {
             return;
         }
         self.hog_check = Some(far(HOG_AGAIN));
-        let hog = self
+        // The paused connection holding the most, and with it every paused one holding more
+        // than twice the bound: a peer that reads can overshoot the bound by what arrived
+        // before its pause took effect, but not by that much while its echo keeps draining.
+        let mut held: Vec<(usize, u64)> = self
             .conns
             .iter()
             .filter(|(_, c)| c.paused)
             .map(|(id, c)| (self.held_bytes(c), id))
-            .max();
-        let Some((held, id)) = hog else { return };
-        let Some(conn) = self.conns.take(id) else {
-            return;
-        };
-        let fd = conn.handle.as_raw_fd();
-        if self.hog_warned {
-            debug!("socket {fd}: holds {held} bytes of the receive pool and reads nothing");
-        } else {
-            warn!(
-                "socket {fd}: closing it: it holds {held} bytes of the receive pool and reads \
-                 none of its echo while {} connections wait for the pool (later closes for this \
-                 are logged at debug)",
-                self.waiting
-            );
+            .collect();
+        held.sort_unstable_by(|a, b| b.cmp(a));
+        let over = held
+            .iter()
+            .skip(1)
+            .take_while(|(h, _)| *h > 2 * self.limits.conn_buffer)
+            .count();
+        for (bytes, id) in held.into_iter().take(1 + over) {
+            let Some(conn) = self.conns.take(id) else {
+                continue;
+            };
+            let fd = conn.handle.as_raw_fd();
+            if self.hog_warned {
+                debug!("socket {fd}: holds {bytes} bytes of the receive pool and reads nothing");
+            } else {
+                warn!(
+                    "socket {fd}: closing it: it holds {bytes} bytes of the receive pool and \
+                     reads none of its echo while {} connections wait for the pool (later \
+                     closes for this are logged at debug)",
+                    self.waiting
+                );
+            }
+            self.hog_warned = true;
+            self.totals.hogs_closed.fetch_add(1, Ordering::Relaxed);
+            self.close_conn(id, conn, "held the receive pool without reading its echo");
         }
-        self.hog_warned = true;
-        self.totals.hogs_closed.fetch_add(1, Ordering::Relaxed);
-        self.close_conn(id, conn, "held the receive pool without reading its echo");
     }
 
     fn drain(&mut self) {
