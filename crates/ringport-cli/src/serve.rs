@@ -1015,8 +1015,8 @@ impl Server {
     }
 
     /// Closes the paused connection holding the most of the receive pool (and any other paused
-    /// one holding over twice `--conn-buffer`) once connections have waited for the pool for
-    /// `POOL_GRACE` and it is dry. A paused connection's peer sends and
+    /// one holding over twice `--conn-buffer`), among those whose echo has not moved for
+    /// `POOL_GRACE`, once connections have waited for the pool that long and it is dry. A paused connection's peer sends and
     /// does not read its echo: without this, enough such peers (an eighth of the pool's worth
     /// each, at most, plus what arrived before the pause took effect) would keep every other
     /// connection of the worker waiting for as long as they like.
@@ -1028,17 +1028,26 @@ impl Server {
         // Counted from when connections started waiting; a buffer freed for a moment (and
         // taken again at once) does not restart the count.
         let at = *self.hog_check.get_or_insert_with(|| far(POOL_GRACE));
-        if self.now < at || self.free_receives() > 0 {
+        if self.now < at {
             return;
         }
+        // The next look in `HOG_AGAIN` whatever happens now (a check time in the past would
+        // make the worker's wait return at once, again and again).
         self.hog_check = Some(far(HOG_AGAIN));
+        if self.free_receives() > 0 {
+            return;
+        }
         // The paused connection holding the most, and with it every paused one holding more
         // than twice the bound: a peer that reads can overshoot the bound by what arrived
         // before its pause took effect, but not by that much while its echo keeps draining.
+        // Only those whose echo has not moved for a while either: a slow reader that still
+        // reads stays (sends and receives both set `last_active`).
+        let now = self.millis(self.now);
+        let grace = POOL_GRACE.as_millis() as u64;
         let mut held: Vec<(usize, u64)> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.paused)
+            .filter(|(_, c)| c.paused && now.saturating_sub(c.last_active) >= grace)
             .map(|(id, c)| (self.held_bytes(c), id))
             .collect();
         held.sort_unstable_by(|a, b| b.cmp(a));
