@@ -74,6 +74,7 @@ per_backend!(
     operations_run_on_the_home_worker,
     shutdown_completes_in_flight_operations_then_reports_shutdown,
     dropping_a_worker_with_receives_in_flight_waits_for_the_kernel,
+    dropping_a_worker_with_multishot_operations_armed_closes_what_it_accepted,
     receive_without_spare_capacity_is_refused,
     pooled_receive_completes_many_times_and_holds_no_buffer_while_idle,
     pooled_receive_ends_with_enobufs_when_the_pool_runs_dry,
@@ -603,6 +604,57 @@ fn dropping_a_worker_with_receives_in_flight_waits_for_the_kernel(b: Backend) {
         .is_err());
     assert!(port.post(0, Packet::new(Tracked(drops.clone()))).is_err());
     peer.shutdown(Shutdown::Both).unwrap();
+}
+
+/// Dropping a worker with a multishot accept and pooled receives armed: the kernel gives
+/// everything back first, and connections accepted but never handed out are closed (their
+/// clients see the end of the stream, not a connection that hangs open).
+fn dropping_a_worker_with_multishot_operations_armed_closes_what_it_accepted(b: Backend) {
+    let (port, mut w) = pooled_worker_with(b, 4096, 8, true);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let l = port.associate(listener, 0).unwrap();
+    w.submit_multishot(Op::accept_multishot(&l), 1);
+    // One connection accepted and receiving into the pool.
+    let mut first = TcpStream::connect(addr).unwrap();
+    let c = next(&mut w);
+    let stream = c.accepted.expect("an accepted connection");
+    let h = port.associate(stream, 1).unwrap();
+    w.submit_multishot(Op::recv_pooled(&h), 2);
+    first.write_all(b"ping").unwrap();
+    let c = next(&mut w);
+    assert_eq!((c.data, c.result.as_ref().ok().copied()), (2, Some(4)));
+    assert!(c.more);
+    drop(c);
+    // More clients connect; whatever the worker takes of them before it is dropped, it never
+    // hands out.
+    let mut later: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let _ = w.dequeue(Some(Duration::from_millis(50)));
+    drop(w);
+    drop((h, l, port));
+    for c in &mut later {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 1];
+        match c.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{n} bytes from a connection nobody served"),
+            Err(e) => assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "a client left hanging: {e}"
+            ),
+        }
+    }
+    // The first connection's handle is gone too: its client sees the end.
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    match first.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{n} bytes after the port was dropped"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
 }
 
 fn receive_without_spare_capacity_is_refused(b: Backend) {
