@@ -79,6 +79,34 @@ fn client_unparsable_connect_address_is_exit_2() {
     assert_usage_error(&["client", "--connect", "nonsense"]);
 }
 
+/// More in flight at once than any machine here has memory for: refused before anything is
+/// opened, naming the flags, instead of the process being killed for memory.
+fn client_more_in_flight_than_memory_is_refused() {
+    let output = run_cli(
+        &[
+            "client",
+            "--connect",
+            "127.0.0.1:9",
+            "--connections",
+            "1000000",
+            "--size",
+            "67108864",
+            "--duration",
+            "1",
+        ],
+        CLI_TIMEOUT,
+    );
+    output.assert_no_panic();
+    assert_ne!(output.code(), Some(0), "{}", output.describe());
+    assert!(
+        output
+            .stderr
+            .contains("--connections 1000000 x --size 67108864"),
+        "the error does not name the flags\n{}",
+        output.describe()
+    );
+}
+
 fn client_warmup_without_duration_is_exit_2() {
     assert_usage_error(&["client", "--connections", "2", "--warmup", "1"]);
 }
@@ -226,6 +254,7 @@ per_backend!(
     client_unknown_flag_is_exit_2,
     client_unparsable_connect_address_is_exit_2,
     client_warmup_without_duration_is_exit_2,
+    client_more_in_flight_than_memory_is_refused,
     address_in_use_is_exit_1_with_named_error,
     top_level_help_lists_subcommands,
     bench_mode_help_lists_the_mode_options,

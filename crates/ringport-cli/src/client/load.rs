@@ -146,6 +146,19 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
             "--size {size} x --pipeline {pipeline}: more than 1 GiB in flight per connection"
         ));
     }
+    // Every connection sends its whole pipeline at the start of the load: that much memory at
+    // once, on top of a receive buffer each.
+    let in_flight = u64::from(connections).saturating_mul((size as u64).saturating_mul(pipeline));
+    if let Some(available) = available_memory() {
+        if in_flight > available / 4 * 3 {
+            return Err(format!(
+                "--connections {connections} x --size {size} x --pipeline {pipeline}: {:.1} GiB \
+                 in flight at once, more than this machine can spare ({:.1} GiB available)",
+                in_flight as f64 / f64::from(1u32 << 30),
+                available as f64 / f64::from(1u32 << 30)
+            ));
+        }
+    }
     let workers = args.workers.map_or_else(
         || std::thread::available_parallelism().map_or(1, usize::from),
         usize::from,
@@ -252,6 +265,14 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes; `None` where it cannot be read.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// Sleeps until `deadline` or until every worker has ended, whichever comes first, and returns
