@@ -184,7 +184,40 @@ impl<T> Inflight<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_local, Inflight};
+    use super::{is_local, Inflight, GEN_MASK};
+
+    #[test]
+    fn a_slot_generation_wraps_and_the_old_id_still_finds_nothing() {
+        let mut t = Inflight::new();
+        let a = t.reserve(0).unwrap();
+        t.insert(a, "a");
+        assert_eq!(t.remove(a), Some("a"));
+        // Skip to the last generation, then once more round: it wraps to 0.
+        t.slots[0].gen = GEN_MASK;
+        let last = t.reserve(0).unwrap();
+        t.insert(last, "last");
+        assert_eq!(t.remove(last), Some("last"));
+        assert_eq!(t.slots[0].gen, 0, "wrapped");
+        let b = t.reserve(0).unwrap();
+        t.insert(b, "b");
+        assert_ne!(b, last);
+        assert_eq!(t.get(last), None, "the last generation's id finds nothing");
+        assert_eq!(t.get(b), Some(&"b"));
+    }
+
+    #[test]
+    fn drain_skips_slots_reserved_but_not_filled() {
+        let mut t = Inflight::new();
+        let a = t.reserve(0).unwrap();
+        let reserved = t.reserve(0).unwrap();
+        t.insert(a, 1);
+        assert_eq!(t.drain(), vec![1]);
+        assert!(t.is_empty());
+        assert_eq!(t.get(a), None);
+        // The reservation is still its owner's to give back or fill.
+        t.insert(reserved, 2);
+        assert_eq!(t.remove(reserved), Some(2));
+    }
 
     const W: u64 = 3 << 48;
 
