@@ -562,18 +562,7 @@ pub fn run_client(
             }
             (text, window)
         });
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break Some(status),
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(2)),
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
-            }
-        };
+        let status = wait_or_kill(&mut child, timeout);
         let (stderr, window) = err.join().unwrap_or_default();
         (status, stderr, window)
     });
@@ -604,6 +593,22 @@ pub fn run_client(
         stderr_tail,
         window,
     })
+}
+
+/// Waits for `child` to exit; after `timeout`, kills it and returns `None`.
+fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(2)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
 }
 
 fn read_all_in_thread<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<String> {
@@ -639,21 +644,12 @@ pub fn capture_output(program: &Path, args: &[&str]) -> Result<String, String> {
         .map_err(|e| format!("{}: cannot start: {e}", program.display()))?;
     let out = read_all_in_thread(child.stdout.take());
     let err = read_all_in_thread(child.stderr.take());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "{} {}: timed out",
-                    program.display(),
-                    args.join(" ")
-                ));
-            }
-        }
+    if wait_or_kill(&mut child, Duration::from_secs(5)).is_none() {
+        return Err(format!(
+            "{} {}: timed out",
+            program.display(),
+            args.join(" ")
+        ));
     }
     Ok(out.join().unwrap_or_default() + &err.join().unwrap_or_default())
 }

@@ -264,6 +264,13 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// `t + d`, or a year after `t` when that cannot be represented (a duration flag of `1e19`
+/// seconds): the run ends long before.
+pub(crate) fn later(t: std::time::Instant, d: Duration) -> std::time::Instant {
+    t.checked_add(d)
+        .unwrap_or_else(|| t + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// Writes `text` to standard output. A reader that has gone away (a closed pipe) is no reason
 /// to panic: what cannot be written is dropped.
 pub(crate) fn to_stdout(text: &str) {

@@ -1060,18 +1060,15 @@ impl Server {
             let Some(conn) = self.conns.take(id) else {
                 continue;
             };
-            let fd = conn.handle.as_raw_fd();
-            if self.hog_warned {
-                debug!("socket {fd}: holds {bytes} bytes of the receive pool and reads nothing");
-            } else {
+            if !std::mem::replace(&mut self.hog_warned, true) {
                 warn!(
-                    "socket {fd}: closing it: it holds {bytes} bytes of the receive pool and \
+                    "socket {}: closing it: it holds {bytes} bytes of the receive pool and \
                      reads none of its echo while {} connections wait for the pool (later \
                      closes for this are logged at debug)",
+                    conn.handle.as_raw_fd(),
                     self.waiting
                 );
             }
-            self.hog_warned = true;
             self.totals.hogs_closed.fetch_add(1, Ordering::Relaxed);
             self.close_conn(id, conn, "held the receive pool without reading its echo");
         }
@@ -1141,8 +1138,7 @@ impl Server {
     /// a resource running out is the server's problem, and the first such close is a warning.
     fn close_failed(&mut self, id: u64, conn: Conn, what: &str, e: &io::Error) {
         let why = format!("{what}: {}", describe(e));
-        if is_resource(e) && !self.resource_warned {
-            self.resource_warned = true;
+        if is_resource(e) && !std::mem::replace(&mut self.resource_warned, true) {
             warn!(
                 "socket {}: {why}: closing the connection (later closes for want of a resource \
                  are logged at debug)",
@@ -1186,9 +1182,7 @@ fn is_resource(e: &io::Error) -> bool {
 
 /// Now plus `d`, or a year from now when `d` is too long to add.
 fn far(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+    crate::later(Instant::now(), d)
 }
 
 /// How often idle connections are looked for: a quarter of the timeout, at least every 10 ms.

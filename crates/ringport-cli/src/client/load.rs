@@ -20,6 +20,8 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ringport::{Completion, Handle, Op, Packet, Port, Worker};
+// The lines `--mark-window` prints: the harness that reads them owns their text.
+use ringport_bench::proc::{WINDOW_CLOSED, WINDOW_OPEN};
 
 use super::errors::{describe, ErrorCounts};
 use super::payload::Stream;
@@ -30,10 +32,6 @@ use crate::ClientArgs;
 const CONNECTS_IN_FLIGHT: usize = 256;
 /// With no completion at all for this long, the remaining connections are given up.
 const STALL_LIMIT: Duration = Duration::from_secs(30);
-/// Printed on stderr (with `--mark-window`) when the measured window opens.
-pub const WINDOW_OPEN: &str = "ringport client: window open";
-/// Printed on stderr (with `--mark-window`) when the measured window closes.
-pub const WINDOW_CLOSED: &str = "ringport client: window closed";
 /// How often the main thread checks whether the workers ended before the deadline.
 const END_CHECK: Duration = Duration::from_millis(10);
 
@@ -67,21 +65,15 @@ impl Plan {
     fn until(&self, start: Instant) -> Until {
         match self.duration {
             Some(d) => {
-                let open = later(start, self.warmup);
+                let open = crate::later(start, self.warmup);
                 Until::Window {
                     open,
-                    close: later(open, d),
+                    close: crate::later(open, d),
                 }
             }
             None => Until::Messages(self.messages),
         }
     }
-}
-
-/// `t + d`; a time too far to add is a year away (the run ends long before).
-fn later(t: Instant, d: Duration) -> Instant {
-    t.checked_add(d)
-        .unwrap_or_else(|| t + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// Where the workers meet before the load starts.
