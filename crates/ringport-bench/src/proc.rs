@@ -311,22 +311,28 @@ impl Server {
         let log = Arc::new(Mutex::new(VecDeque::new()));
         let (tx, rx) = mpsc::channel();
         let thread_log = Arc::clone(&log);
-        thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = parse_listening(&line) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send((addr, line.clone()));
+        let reader = thread::Builder::new()
+            .name("server-log".into())
+            .spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(addr) = parse_listening(&line) {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send((addr, line.clone()));
+                        }
                     }
+                    let mut log = thread_log.lock().unwrap_or_else(|e| e.into_inner());
+                    if log.len() == LOG_LINES {
+                        log.pop_front();
+                    }
+                    log.push_back(line);
                 }
-                let mut log = thread_log.lock().unwrap_or_else(|e| e.into_inner());
-                if log.len() == LOG_LINES {
-                    log.pop_front();
-                }
-                log.push_back(line);
-            }
-        });
+            });
+        if let Err(e) = reader {
+            stop_child(&mut child, Duration::from_millis(500));
+            return Err(no_thread("the server's log", &e));
+        }
         match rx.recv_timeout(timeout) {
             Ok((addr, listen_line)) => Ok(Self {
                 child,
@@ -530,10 +536,16 @@ pub fn run_client(
     sample: &(dyn Fn() -> Result<u64, String> + Sync),
 ) -> Result<ClientRun, String> {
     let mut child = start(program, args, cpus, Stdio::piped())?;
-    let out = read_all_in_thread(child.stdout.take());
+    let out = match read_all_in_thread(child.stdout.take()) {
+        Ok(out) => out,
+        Err(e) => {
+            stop_child(&mut child, Duration::from_millis(500));
+            return Err(no_thread("the client's output", &e));
+        }
+    };
     let stderr_pipe = child.stderr.take();
-    let (status, stderr, window) = thread::scope(|scope| {
-        let err = scope.spawn(move || {
+    let scoped = thread::scope(|scope| {
+        let err = thread::Builder::new().spawn_scoped(scope, move || {
             let mut text = String::new();
             let mut window = Window::default();
             let Some(pipe) = stderr_pipe else {
@@ -562,11 +574,20 @@ pub fn run_client(
             }
             (text, window)
         });
+        let err = match err {
+            Ok(err) => err,
+            Err(e) => {
+                // Without a reader the client could block on a full stderr pipe.
+                stop_child(&mut child, Duration::from_millis(500));
+                return Err(no_thread("the client's stderr", &e));
+            }
+        };
         let status = wait_or_kill(&mut child, timeout);
         let (stderr, window) = err.join().unwrap_or_default();
-        (status, stderr, window)
+        Ok((status, stderr, window))
     });
     let stdout = out.join().unwrap_or_default();
+    let (status, stderr, window) = scoped?;
     let stderr_tail: Vec<&str> = stderr.lines().rev().take(3).collect();
     let stderr_tail = stderr_tail
         .into_iter()
@@ -611,14 +632,21 @@ fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
-fn read_all_in_thread<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
+fn read_all_in_thread<R: Read + Send + 'static>(
+    r: Option<R>,
+) -> io::Result<thread::JoinHandle<String>> {
+    thread::Builder::new().spawn(move || {
         let mut s = String::new();
         if let Some(mut r) = r {
             let _ = r.read_to_string(&mut s);
         }
         s
     })
+}
+
+/// The error for a helper thread the system refused to start.
+fn no_thread(what: &str, e: &io::Error) -> String {
+    format!("cannot start a thread to read {what}: {e}")
 }
 
 /// Returns `dir/name` when it is a file.
@@ -642,8 +670,19 @@ pub fn capture_output(program: &Path, args: &[&str]) -> Result<String, String> {
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("{}: cannot start: {e}", program.display()))?;
-    let out = read_all_in_thread(child.stdout.take());
-    let err = read_all_in_thread(child.stderr.take());
+    let readers = read_all_in_thread(child.stdout.take())
+        .and_then(|out| Ok((out, read_all_in_thread(child.stderr.take())?)));
+    let (out, err) = match readers {
+        Ok(readers) => readers,
+        Err(e) => {
+            stop_child(&mut child, Duration::from_millis(500));
+            return Err(format!(
+                "{}: {}",
+                program.display(),
+                no_thread("its output", &e)
+            ));
+        }
+    };
     if wait_or_kill(&mut child, Duration::from_secs(5)).is_none() {
         return Err(format!(
             "{} {}: timed out",
