@@ -783,7 +783,7 @@ impl Server {
                 if yielded && !conn.paused && !conn.eof && self.deadline.is_none() {
                     self.wait_for_buffer(id, &mut conn);
                 }
-                self.maybe_resume(&mut conn);
+                self.maybe_resume(id, &mut conn);
             }
             Err(e) => return self.close_failed(id, conn, "receive", &e),
         }
@@ -914,7 +914,7 @@ impl Server {
         if self.spare.len() < SPARE_LISTS {
             self.spare.push(bufs);
         }
-        self.maybe_resume(&mut conn);
+        self.maybe_resume(id, &mut conn);
         self.settle(id, conn);
     }
 
@@ -933,15 +933,20 @@ impl Server {
         })
     }
 
-    /// Re-arms a paused receive once the echo has drained to half the bound.
-    fn maybe_resume(&mut self, conn: &mut Conn) {
+    /// Re-arms a paused receive once the echo has drained to half the bound; behind the
+    /// connections already waiting for a buffer, if any.
+    fn maybe_resume(&mut self, id: u64, conn: &mut Conn) {
         if conn.paused
             && conn.recv.is_none()
             && self.held_bytes(conn) <= self.limits.conn_buffer / 2
         {
             conn.paused = false;
             if !conn.eof {
-                self.arm(conn);
+                if self.waiting > 0 && self.deadline.is_none() {
+                    self.wait_for_buffer(id, conn);
+                } else {
+                    self.arm(conn);
+                }
             }
         }
     }
