@@ -85,6 +85,8 @@ per_backend!(
     pooled_receive_rearmed_after_data_and_close_sees_both,
     pooled_receive_without_a_pool_is_refused,
     pooled_receive_posted_as_single_shot_is_refused,
+    cancelling_a_pooled_receive_while_data_streams_loses_nothing,
+    closing_a_socket_with_a_pooled_receive_armed_gives_every_buffer_back,
     wake_ups_are_not_lost_when_the_submission_queue_fills,
     a_worker_moves_to_another_thread_after_use,
     huge_timeouts_wait_instead_of_panicking,
@@ -892,6 +894,112 @@ fn pooled_receive_ends_with_enobufs_when_the_pool_runs_dry(b: Backend) {
     w.submit_multishot(Op::recv_pooled(&h), 1);
     let c = next(&mut w);
     assert_eq!(c.pooled.as_deref(), Some(&b"0123456789abcdef"[..]));
+}
+
+/// The byte at `i` of the stream the cancel tests send.
+fn pattern(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+/// A pooled receive cancelled again and again while the peer streams: whatever the kernel had
+/// received before each cancel took effect comes in its completions, the rest waits in the
+/// socket for the next receive, so the bytes arrive whole and in order, and every buffer goes
+/// back to the pool.
+fn cancelling_a_pooled_receive_while_data_streams_loses_nothing(b: Backend) {
+    const TOTAL: usize = 4 << 20;
+    let (port, mut w) = pooled_worker_with(b, 4096, 64, true);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, 0).unwrap();
+    let writer = std::thread::spawn(move || {
+        let data: Vec<u8> = (0..TOTAL).map(pattern).collect();
+        for chunk in data.chunks(1000) {
+            peer.write_all(chunk).unwrap();
+        }
+        peer.shutdown(Shutdown::Write).unwrap();
+        peer
+    });
+    let mut got = 0usize;
+    let mut cancels = 0;
+    let mut cancelled_ends = 0;
+    'stream: loop {
+        let op = w.submit_multishot(Op::recv_pooled(&h), 0);
+        // Cancel after at most 64 KiB, or at once on every fourth arming.
+        let cancel_at = if cancels % 4 == 3 {
+            got
+        } else {
+            got + (64 << 10)
+        };
+        let mut asked = false;
+        loop {
+            if !asked && got >= cancel_at {
+                w.cancel(op);
+                asked = true;
+                cancels += 1;
+            }
+            let c = next(&mut w);
+            assert_eq!(c.kind, OpKind::RecvPooled);
+            match c.result {
+                Ok(0) => {
+                    assert!(!c.more);
+                    break 'stream;
+                }
+                Ok(n) => {
+                    let buf = c.pooled.expect("data comes in a pool buffer");
+                    assert_eq!(buf.len(), n);
+                    for (i, byte) in buf.iter().enumerate() {
+                        assert_eq!(*byte, pattern(got + i), "byte {} of the stream", got + i);
+                    }
+                    got += n;
+                }
+                Err(_) if c.is_cancelled() => cancelled_ends += 1,
+                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOBUFS), "{e}"),
+            }
+            if !c.more {
+                break;
+            }
+        }
+    }
+    let _peer = writer.join().unwrap();
+    assert_eq!(got, TOTAL, "every byte arrives once, in order");
+    assert!(cancels >= 8, "only {cancels} cancels");
+    assert!(cancelled_ends > 0, "no receive ended by its cancel");
+    assert_eq!(w.pool_available(), 64, "every buffer is back in the pool");
+}
+
+/// Closing a socket whose pooled receive is armed (and has already delivered data) ends the
+/// receive, and the pool gets every buffer back once the data is dropped.
+fn closing_a_socket_with_a_pooled_receive_armed_gives_every_buffer_back(b: Backend) {
+    let (port, mut w) = pooled_worker_with(b, 4096, 4, true);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, 0).unwrap();
+    w.submit_multishot(Op::recv_pooled(&h), 1);
+    peer.write_all(b"some input").unwrap();
+    let c = next(&mut w);
+    assert_eq!(c.pooled.as_deref(), Some(&b"some input"[..]));
+    assert!(c.more);
+    drop(c);
+    w.submit(Op::close(&h), 2);
+    drop(h);
+    let mut ended = false;
+    let mut closed = false;
+    while !(ended && closed) {
+        let c = next(&mut w);
+        match c.data {
+            1 => {
+                assert!(!c.more && c.is_cancelled(), "{:?}", c.result);
+                ended = true;
+            }
+            _ => {
+                assert_eq!(c.kind, OpKind::Close);
+                closed = true;
+            }
+        }
+    }
+    assert_eq!(w.pool_available(), 4);
+    // The port let go of the socket: the peer sees the end of the stream.
+    let mut rest = Vec::new();
+    peer.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
 }
 
 fn gathering_send_sends_pool_buffers_in_order_and_gives_them_back(b: Backend) {
