@@ -97,6 +97,12 @@
 //! buffers), so on io_uring `ENOBUFS` can come with [`Worker::pool_available`] above zero: post
 //! the receive again at once then.
 //!
+//! A multishot receive takes in whatever arrives until it ends; cancelling it takes effect only
+//! once the cancel reaches the kernel, by when a fast sender may have filled megabytes of the
+//! pool. [`Op::recv_pooled_max`] ends by itself after a given number of bytes, which bounds
+//! what a connection can take before the application has seen it (epoll always; io_uring from
+//! Linux 6.17, see [`Worker::recv_limits`]).
+//!
 //! # Fault injection
 //!
 //! Setting [`FAULTS_ENV`] makes chosen operations fail with chosen errors (or sends short),

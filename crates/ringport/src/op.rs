@@ -4,7 +4,7 @@ use std::fmt;
 use std::hash::Hasher;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::num::NonZeroU64;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::time::Duration;
 
 use crate::handle::Handle;
@@ -157,7 +157,29 @@ impl<K> Op<K> {
     /// it is armed are not ordered with it: io_uring runs them as data arrives, epoll after it
     /// ends; post one or the other.
     pub fn recv_pooled(socket: &Handle<K>) -> Self {
-        Op::new(Some(socket), OpKind::RecvPooled, Some(OpBody::RecvPooled))
+        Op::new(
+            Some(socket),
+            OpKind::RecvPooled,
+            Some(OpBody::RecvPooled(0)),
+        )
+    }
+
+    /// [`Op::recv_pooled`] that also ends, with a last completion that carries data, once it
+    /// has delivered `max` bytes: backpressure that needs no cancel in time. Without it, input
+    /// keeps coming into the pool until a cancel reaches the kernel, which can be megabytes from
+    /// a fast sender. The last completion may take it past `max` by up to one pool buffer; post
+    /// it again to go on receiving.
+    ///
+    /// The epoll backend always keeps the limit. On io_uring the kernel does
+    /// (`IORING_RECV_MULTISHOT` with `optlen`, Linux 6.17) where
+    /// [`Worker::recv_limits`](crate::Worker::recv_limits) says so; elsewhere this is
+    /// [`Op::recv_pooled`].
+    pub fn recv_pooled_max(socket: &Handle<K>, max: NonZeroU32) -> Self {
+        Op::new(
+            Some(socket),
+            OpKind::RecvPooled,
+            Some(OpBody::RecvPooled(max.get())),
+        )
     }
 
     /// Send `buf[offset..]` of a pool buffer; the buffer comes back in

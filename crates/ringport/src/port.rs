@@ -591,6 +591,12 @@ where
         self.pool.is_some() && self.driver.pool_incremental()
     }
 
+    /// Whether [`Op::recv_pooled_max`] ends at its limit: always on epoll; on io_uring where
+    /// the kernel takes the limit (Linux 6.17), probed when the ring was made.
+    pub fn recv_limits(&self) -> bool {
+        self.driver.recv_limits()
+    }
+
     fn submit_pending(&mut self, worker: usize, pending: Pending<K, D>) -> OpId {
         if worker == self.index {
             // A slot of this worker's slab, else (all taken) a sequence id.
@@ -840,27 +846,27 @@ where
                 .push_back(p.into_completion(id, Err(errno(libc::EBADF))));
         }
         // A pooled receive's body is not boxed (the driver keeps no pointer into it).
-        let mut pooled_body = OpBody::RecvPooled;
+        let mut pooled_body = OpBody::RecvPooled(p.limit);
         let body = match p.body.as_mut() {
             Some(b) => b.get_mut(),
             None if p.kind == OpKind::RecvPooled => &mut pooled_body,
             None => return self.ready.push_back(p.into_completion(id, Ok(0))),
         };
-        if matches!(body, OpBody::RecvPooled | OpBody::AcceptMulti) && !p.multishot {
+        if matches!(body, OpBody::RecvPooled(_) | OpBody::AcceptMulti) && !p.multishot {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "a multishot operation completes many times: post it with submit_multishot",
             );
             return self.ready.push_back(p.into_completion(id, Err(e)));
         }
-        if matches!(body, OpBody::RecvPooled) && self.pool.is_none() {
+        if matches!(body, OpBody::RecvPooled(_)) && self.pool.is_none() {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "pooled receive on a port without a receive pool (Builder::recv_pool)",
             );
             return self.ready.push_back(p.into_completion(id, Err(e)));
         }
-        if matches!(body, OpBody::RecvPooled) && !target.stream {
+        if matches!(body, OpBody::RecvPooled(_)) && !target.stream {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "pooled receive on a socket that is not a stream: receives share pool buffers, \
@@ -967,6 +973,9 @@ struct Pending<K, D> {
     data: D,
     /// Submitted as multishot: each intermediate completion gets a clone of `data`.
     multishot: bool,
+    /// A pooled receive's byte limit ([`Op::recv_pooled_max`]; 0: none). Kept here rather than
+    /// in a boxed body: it fits in the record's padding.
+    limit: u32,
 }
 
 impl<K, D> Pending<K, D> {
@@ -1135,16 +1144,21 @@ impl<K, D> Shared<K, D> {
         if let Some(clone) = clone {
             self.clone.get_or_init(|| clone);
         }
+        let limit = match op.body {
+            Some(OpBody::RecvPooled(limit)) => limit,
+            _ => 0,
+        };
         Pending {
             kind: op.kind,
             handle: op.handle,
             // A pooled receive hands the kernel no memory of its own: nothing to box.
             body: op
                 .body
-                .filter(|b| !matches!(b, OpBody::RecvPooled))
+                .filter(|b| !matches!(b, OpBody::RecvPooled(_)))
                 .map(OpBox::new),
             data,
             multishot: clone.is_some(),
+            limit,
         }
     }
 
@@ -1291,6 +1305,13 @@ pub(crate) fn set_nonblocking(fd: &OwnedFd, on: bool) -> io::Result<()> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Every idle connection's armed receive has one of these records in its worker's slab: the
+    /// receive limit fits in its padding (with per-I/O data of a byte, as `ringport serve`'s).
+    #[test]
+    fn operation_records_stay_small() {
+        assert!(std::mem::size_of::<Pending<u64, u8>>() <= 24);
+    }
 
     proptest! {
         /// The worker packed into an id comes back out, whatever the sequence number, and

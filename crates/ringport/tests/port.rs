@@ -86,6 +86,7 @@ per_backend!(
     pooled_receive_without_a_pool_is_refused,
     pooled_receive_posted_as_single_shot_is_refused,
     cancelling_a_pooled_receive_while_data_streams_loses_nothing,
+    pooled_receive_with_a_limit_ends_there_and_the_rest_waits,
     closing_a_socket_with_a_pooled_receive_armed_gives_every_buffer_back,
     wake_ups_are_not_lost_when_the_submission_queue_fills,
     a_worker_moves_to_another_thread_after_use,
@@ -964,6 +965,78 @@ fn cancelling_a_pooled_receive_while_data_streams_loses_nothing(b: Backend) {
     assert!(cancels >= 8, "only {cancels} cancels");
     assert!(cancelled_ends > 0, "no receive ended by its cancel");
     assert_eq!(w.pool_available(), 64, "every buffer is back in the pool");
+}
+
+/// The running kernel's (major, minor) version.
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// A pooled receive with a byte limit ends, with data, once it has delivered that much (at
+/// most one pool buffer more), however much the peer has sent; the rest waits in the socket for
+/// the next receive, in order.
+fn pooled_receive_with_a_limit_ends_there_and_the_rest_waits(b: Backend) {
+    const TOTAL: usize = 200_000;
+    const LIMIT: u32 = 10_000;
+    const BUFFER: usize = 4096;
+    let (port, mut w) = pooled_worker_with(b, BUFFER, 16, true);
+    if b == Backend::Uring && kernel_version() >= (6, 17) {
+        assert!(w.recv_limits(), "Linux 6.17 and later take the limit");
+    }
+    if !w.recv_limits() {
+        return;
+    }
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, 0).unwrap();
+    let writer = std::thread::spawn(move || {
+        let data: Vec<u8> = (0..TOTAL).map(pattern).collect();
+        peer.write_all(&data).unwrap();
+        peer
+    });
+    // Checks a completion's data against the stream; whether the receive is still armed.
+    let check = |c: Completion<u8, u8>, got: &mut usize| -> bool {
+        let n = c.result.unwrap();
+        assert!(n > 0, "the peer does not close");
+        let buf = c.pooled.expect("data comes in a pool buffer");
+        for (i, byte) in buf.iter().enumerate() {
+            assert_eq!(*byte, pattern(*got + i), "byte {} of the stream", *got + i);
+        }
+        *got += n;
+        c.more
+    };
+    let mut got = 0usize;
+    let limit = std::num::NonZeroU32::new(LIMIT).unwrap();
+    w.submit_multishot(Op::recv_pooled_max(&h, limit), 0);
+    while check(next(&mut w), &mut got) {}
+    assert!(got >= LIMIT as usize, "ended after {got} bytes");
+    assert!(
+        got < LIMIT as usize + BUFFER,
+        "{got} bytes for a limit of {LIMIT}"
+    );
+    // Post again (here without a limit): the rest arrives whole and in order.
+    while got < TOTAL {
+        w.submit_multishot(Op::recv_pooled(&h), 1);
+        loop {
+            let c = next(&mut w);
+            if c.result
+                .as_ref()
+                .is_err_and(|e| e.raw_os_error() == Some(libc::ENOBUFS))
+            {
+                // The small pool ran dry before these completions were taken: post again.
+                break;
+            }
+            if !check(c, &mut got) || got == TOTAL {
+                break;
+            }
+        }
+    }
+    assert_eq!(got, TOTAL);
+    let _peer = writer.join().unwrap();
 }
 
 /// Closing a socket whose pooled receive is armed (and has already delivered data) ends the

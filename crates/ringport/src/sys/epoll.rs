@@ -55,6 +55,8 @@ struct FdState {
     registered: bool,
     /// A stream socket: a short read there means it was empty (not so for datagrams).
     stream: bool,
+    /// What the pooled receive armed on it may still deliver before it ends (0: no limit).
+    read_left: u32,
     read: OpQueue,
     write: OpQueue,
 }
@@ -357,13 +359,21 @@ impl Epoll {
                     self.done.push(Event::done(id, res));
                 }
                 Outcome::More { res, buf, short } => {
+                    // A pooled receive with a limit ends with the data that reaches it.
+                    let ended = op.pooled && state.read_left > 0 && {
+                        state.read_left = state.read_left.saturating_sub(res.unsigned_abs());
+                        state.read_left == 0
+                    };
                     self.done.push(Event {
                         id,
                         res,
-                        more: true,
+                        more: !ended,
                         buf,
                     });
-                    if short_read_drains && short {
+                    if ended {
+                        queue.pop_front();
+                        self.ops.remove(id);
+                    } else if short_read_drains && short {
                         return;
                     }
                 }
@@ -423,7 +433,7 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
     // the operation.
     let body = unsafe { &mut *op.body };
     let r = match body {
-        OpBody::RecvPooled => return recv_pooled(op.fd, pool),
+        OpBody::RecvPooled(_) => return recv_pooled(op.fd, pool),
         OpBody::Send(..) | OpBody::SendPooled(..) => send_now(op.fd, body.unsent_head()),
         OpBody::SendGather(g) if g.bufs.len() <= 1 => send_now(op.fd, g.first()),
         OpBody::SendGather(g) => {
@@ -606,12 +616,16 @@ impl Driver for Epoll {
             return Ok(());
         }
         let side = match body {
-            OpBody::Accept | OpBody::AcceptMulti | OpBody::Recv(_) | OpBody::RecvPooled => {
+            OpBody::Accept | OpBody::AcceptMulti | OpBody::Recv(_) | OpBody::RecvPooled(_) => {
                 Side::Read
             }
             _ => Side::Write,
         };
-        let pooled = matches!(body, OpBody::RecvPooled);
+        let limit = match body {
+            OpBody::RecvPooled(limit) => Some(*limit),
+            _ => None,
+        };
+        let pooled = limit.is_some();
         let multishot = pooled || matches!(body, OpBody::AcceptMulti);
         let mut op = Waiting {
             fd: target.fd,
@@ -636,6 +650,9 @@ impl Driver for Epoll {
         }
         self.register(target)?;
         let state = fd_state(&mut self.fds, target.fd).expect("registered above");
+        if let Some(limit) = limit {
+            state.read_left = limit;
+        }
         match side {
             Side::Read => state.read.push_back(id),
             Side::Write => state.write.push_back(id),
@@ -757,6 +774,10 @@ impl Driver for Epoll {
         true
     }
 
+    fn recv_limits(&self) -> bool {
+        true
+    }
+
     fn abandon(&mut self) {}
 
     fn idle(&self) -> bool {
@@ -787,6 +808,8 @@ mod tests {
     #[test]
     fn op_table_slots_stay_small() {
         assert!(std::mem::size_of::<Option<(u64, Waiting)>>() <= 24);
+        // Every connection's descriptor has one too; the receive limit lives in its padding.
+        assert!(std::mem::size_of::<super::FdState>() <= 48);
     }
 
     #[test]

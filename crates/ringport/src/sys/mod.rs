@@ -42,8 +42,9 @@ pub(crate) enum OpBody {
     /// Send `buf[offset..]`.
     Send(Vec<u8>, usize),
     /// Receive, again and again, each time into a buffer the driver takes from the worker's
-    /// pool; reports [`Event::more`] while it stays armed.
-    RecvPooled,
+    /// pool; reports [`Event::more`] while it stays armed. Ends after data once this many bytes
+    /// have come (0: no limit).
+    RecvPooled(u32),
     /// Send `buf[offset..]` of a pool buffer.
     SendPooled(PoolBuf, usize),
     /// Send several pool buffers in order with one gathering send.
@@ -200,6 +201,9 @@ pub(crate) trait Driver: Send {
 
     /// Whether pool buffers are filled incrementally (see [`Filled`]).
     fn pool_incremental(&self) -> bool;
+
+    /// Whether a pooled receive's byte limit ([`OpBody::RecvPooled`]) is kept.
+    fn recv_limits(&self) -> bool;
 
     /// Called when operations were leaked because the kernel did not give them back: the
     /// driver must then leak whatever the kernel may still write (its pool, rings).

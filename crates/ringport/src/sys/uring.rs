@@ -2,8 +2,8 @@
 //! operation's id, and every CQE is one [`Event`].
 
 use std::alloc::{self, Layout};
-use std::io;
-use std::os::fd::RawFd;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +15,8 @@ use crate::pool::Pool;
 
 /// The buffer group id of the worker's receive pool.
 const POOL_GROUP: u16 = 0;
+/// A buffer group no ring registers, for the receive-limit probe.
+const PROBE_GROUP: u16 = u16::MAX;
 
 /// The buffer ring flag for incremental consumption (`include/uapi/linux/io_uring.h`).
 const IOU_PBUF_RING_INC: u16 = 2;
@@ -156,6 +158,8 @@ pub(crate) struct Uring {
     bufs: Option<BufRing>,
     /// Set when the kernel may still write memory we hold: leak instead of freeing.
     abandoned: bool,
+    /// The kernel ends a multishot receive at a byte limit (`optlen`, Linux 6.17).
+    recv_limits: bool,
 }
 
 // SAFETY: the buffer ring's raw pointer refers to memory owned by this driver (and the pool it
@@ -209,7 +213,9 @@ impl Uring {
             }
         }
         probe_cancel_any(&mut ring)?;
+        let recv_limits = probe_recv_limit(&mut ring);
         Ok(Uring {
+            recv_limits,
             ring,
             woken: false,
             wake_fd,
@@ -343,6 +349,51 @@ fn probe_cancel_any(ring: &mut IoUring) -> io::Result<()> {
     }
 }
 
+/// The byte offset of `optlen` in a 64-byte SQE (a union with `file_index`, after
+/// `personality`).
+const SQE_OPTLEN: usize = 44;
+
+/// `sqe` with its `optlen` field set: for a multishot receive, the bytes after which the kernel
+/// ends it. The `io-uring` crate has no setter for it.
+fn with_optlen(sqe: squeue::Entry, optlen: u32) -> squeue::Entry {
+    const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around the kernel's 64-byte `io_uring_sqe`
+    // (checked above), which has no padding, so every byte is initialized and any bytes make a
+    // valid value; bytes 44..48 are the `optlen` / `file_index` / `splice_fd_in` union.
+    let mut raw: [u8; 64] = unsafe { std::mem::transmute(sqe) };
+    raw[SQE_OPTLEN..SQE_OPTLEN + 4].copy_from_slice(&optlen.to_ne_bytes());
+    // SAFETY: as above: the bytes of an SQE, back into the type that holds them.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
+}
+
+/// Whether the kernel takes a byte limit on a multishot receive (Linux 6.17). A limited receive
+/// from a socket with a byte waiting, into a buffer group that does not exist: a kernel that
+/// knows the limit fails it for want of a buffer (`ENOBUFS`); one that does not refuses the
+/// request (`EINVAL`: the field must be zero).
+fn probe_recv_limit(ring: &mut IoUring) -> bool {
+    let Ok((ours, theirs)) = std::os::unix::net::UnixStream::pair() else {
+        return false;
+    };
+    if (&theirs).write_all(b"x").is_err() {
+        return false;
+    }
+    let sqe = with_optlen(
+        opcode::RecvMulti::new(types::Fd(ours.as_raw_fd()), PROBE_GROUP).build(),
+        1,
+    )
+    .user_data(PROBE);
+    // SAFETY: the receive selects its buffer from a group that does not exist, so the kernel
+    // is handed no memory; the socket outlives the wait below.
+    if unsafe { ring.submission().push(&sqe) }.is_err() || ring.submit_and_wait(1).is_err() {
+        return false;
+    }
+    let res = ring
+        .completion()
+        .find(|c| c.user_data() == PROBE)
+        .map_or(-libc::EINVAL, |c| c.result());
+    res == -libc::ENOBUFS
+}
+
 impl Driver for Uring {
     fn start(&mut self, id: u64, target: Target, body: &mut OpBody) -> io::Result<()> {
         let fd = types::Fd(target.fd);
@@ -363,7 +414,13 @@ impl Driver for Uring {
             }
             OpBody::Send(..) | OpBody::SendPooled(..) => send_sqe(fd, body.unsent_head()),
             OpBody::Timeout(_, ts) => opcode::Timeout::new(ts).build(),
-            OpBody::RecvPooled => opcode::RecvMulti::new(fd, POOL_GROUP).build(),
+            OpBody::RecvPooled(limit) => {
+                let sqe = opcode::RecvMulti::new(fd, POOL_GROUP).build();
+                match *limit {
+                    limit if limit > 0 && self.recv_limits => with_optlen(sqe, limit),
+                    _ => sqe,
+                }
+            }
             // One buffer: a plain send, which the kernel sets up with less work.
             OpBody::SendGather(g) if g.bufs.len() <= 1 => send_sqe(fd, g.first()),
             OpBody::SendGather(g) => opcode::SendMsg::new(fd, g.prepare())
@@ -492,6 +549,10 @@ impl Driver for Uring {
 
     fn pool_incremental(&self) -> bool {
         self.bufs.as_ref().is_some_and(|b| b.filled.is_some())
+    }
+
+    fn recv_limits(&self) -> bool {
+        self.recv_limits
     }
 
     fn abandon(&mut self) {
