@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -706,11 +707,17 @@ impl Server {
         handle.key().0.store(id, Ordering::Relaxed);
     }
 
+    /// Arms the connection's pooled receive. It ends by itself after `--conn-buffer` bytes
+    /// (where the backend keeps the limit), so a peer that sends without reading cannot push
+    /// much more than that into the pool before the pause takes effect; otherwise its input
+    /// would keep coming until the cancel reached the kernel.
     fn arm(&mut self, conn: &mut Conn) {
         self.done_waiting(conn);
+        let max = NonZeroU32::new(u32::try_from(self.limits.conn_buffer).unwrap_or(u32::MAX))
+            .unwrap_or(NonZeroU32::MAX);
         conn.recv = Some(
             self.worker
-                .submit_multishot(Op::recv_pooled(&conn.handle), Io::Recv),
+                .submit_multishot(Op::recv_pooled_max(&conn.handle, max), Io::Recv),
         );
     }
 
@@ -747,10 +754,10 @@ impl Server {
                     }
                 }
                 if conn.recv.is_none() && !conn.paused && self.deadline.is_none() {
-                    // The kernel ended the receive after data: no buffer for more (then it
-                    // waits its turn), or no room in the completion queue (io_uring ends a
-                    // multishot receive when its completion overflows): armed again at once
-                    // while buffers are free and nobody waits.
+                    // The receive ended after data: it reached its limit (`arm`), found no
+                    // buffer for more (then it waits its turn), or found no room in the
+                    // completion queue (io_uring ends a multishot receive when its completion
+                    // overflows): armed again at once while buffers are free and nobody waits.
                     if self.waiting == 0 && self.free_receives() > 0 {
                         self.arm(&mut conn);
                     } else {

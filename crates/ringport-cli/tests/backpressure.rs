@@ -139,34 +139,11 @@ fn peers_that_never_read_cannot_starve_the_others() {
         "--pool-size",
         "1048576",
     ]);
-    let chunk = vec![0x5au8; 64 * 1024];
     let mut hogs = Vec::new();
     for _ in 0..8 {
         let mut s = connect(server.addr);
-        s.set_nonblocking(true).unwrap();
-        // Write until the connection pushes back for a while (bounded in bytes and time).
-        let mut written = 0usize;
-        let mut blocked_since: Option<Instant> = None;
-        let start = Instant::now();
-        while written < 16 << 20 && start.elapsed() < Duration::from_secs(5) {
-            match s.write(&chunk) {
-                Ok(n) => {
-                    written += n;
-                    blocked_since = None;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if blocked_since.get_or_insert_with(Instant::now).elapsed()
-                        > Duration::from_millis(200)
-                    {
-                        break;
-                    }
-                    thread::sleep(Duration::from_millis(1));
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Closed by the server already: that is what this test is about.
-                Err(_) => break,
-            }
-        }
+        // Closed by the server before it pushes back: that is what this test is about.
+        let _ = write_until_pushed_back(&mut s);
         hogs.push(s);
     }
     // `connect` sets a 10 s read timeout: the hang guard.
@@ -182,9 +159,86 @@ fn peers_that_never_read_cannot_starve_the_others() {
     );
 }
 
+/// Writes 64 KiB chunks of 0x5a to `s` until it pushes back for 200 ms (at most 16 MiB, for
+/// at most 5 s); returns how much was written, or the error that stopped it.
+fn write_until_pushed_back(s: &mut std::net::TcpStream) -> io::Result<usize> {
+    let chunk = vec![0x5au8; 64 * 1024];
+    s.set_nonblocking(true)?;
+    let mut written = 0usize;
+    let mut blocked_since: Option<Instant> = None;
+    let start = Instant::now();
+    while written < 16 << 20 && start.elapsed() < Duration::from_secs(5) {
+        match s.write(&chunk) {
+            Ok(n) => {
+                written += n;
+                blocked_since = None;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if blocked_since.get_or_insert_with(Instant::now).elapsed()
+                    > Duration::from_millis(200)
+                {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    s.set_nonblocking(false)?;
+    Ok(written)
+}
+
+/// Peers that stop reading are paused at `--conn-buffer` (256 KiB), and their receives end
+/// there by themselves: eight of them sending at once stay within the pool (4 MiB), so
+/// nobody is closed for holding it, and each gets its whole echo once it reads. (Were each
+/// receive to run on until its cancel took effect, the busy server would take in megabytes
+/// from a fast sender first, and the pool would not hold eight.)
+fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {
+    let server = Server::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--pool-size",
+        "4194304",
+    ]);
+    let addr = server.addr;
+    let writers: Vec<_> = (0..8)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut s = connect(addr);
+                let written = write_until_pushed_back(&mut s)
+                    .unwrap_or_else(|e| panic!("peer {i} was cut off while writing: {e}"));
+                (s, written)
+            })
+        })
+        .collect();
+    let peers: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    echo_exact(server.addr, b"still served");
+    for (i, (mut s, written)) in peers.into_iter().enumerate() {
+        s.shutdown(Shutdown::Write)
+            .unwrap_or_else(|e| panic!("peer {i} was closed by the server: {e}"));
+        let mut echo = Vec::new();
+        s.read_to_end(&mut echo)
+            .unwrap_or_else(|e| panic!("peer {i}: echo cut short: {e}"));
+        assert_eq!(echo.len(), written, "peer {i}: echo length");
+        assert!(echo.iter().all(|&b| b == 0x5a), "peer {i}: echo content");
+    }
+    let output = server.terminate_cleanly(EXIT_GUARD);
+    assert!(
+        !output
+            .stdout
+            .contains("that held the receive pool without reading their echo"),
+        "a peer was closed for holding the pool\n{}",
+        output.describe()
+    );
+}
+
 per_backend!(
     sender_without_reading_bounded_rss_then_exact_echo,
     peers_that_never_read_cannot_starve_the_others,
+    peers_that_stop_reading_keep_to_their_share_of_the_pool,
 );
 
 /// The 20-second version: `cargo test -p ringport-cli --test backpressure -- --ignored`.
