@@ -707,13 +707,16 @@ impl Server {
         handle.key().0.store(id, Ordering::Relaxed);
     }
 
-    /// Arms the connection's pooled receive. It ends by itself after `--conn-buffer` bytes
-    /// (where the backend keeps the limit), so a peer that sends without reading cannot push
-    /// much more than that into the pool before the pause takes effect; otherwise its input
-    /// would keep coming until the cancel reached the kernel.
+    /// Arms the connection's pooled receive. It ends by itself after more than `--conn-buffer`
+    /// bytes (where the backend keeps the limit), which puts the connection over its bound
+    /// whatever it held when armed: a peer that sends without reading gets at most about twice
+    /// its bound into the pool before the pause takes effect, where without the limit its input
+    /// would keep coming until the cancel reached the kernel. (A limit of only the room left
+    /// below the bound ends receives several times as often in busy pipelined traffic, which
+    /// measured ~6% more CPU per message at 50c 4KiB p16.)
     fn arm(&mut self, conn: &mut Conn) {
         self.done_waiting(conn);
-        let max = NonZeroU32::new(u32::try_from(self.limits.conn_buffer).unwrap_or(u32::MAX))
+        let max = NonZeroU32::new(u32::try_from(self.limits.conn_buffer + 1).unwrap_or(u32::MAX))
             .unwrap_or(NonZeroU32::MAX);
         conn.recv = Some(
             self.worker

@@ -165,7 +165,8 @@ impl<K> Op<K> {
     }
 
     /// [`Op::recv_pooled`] that also ends, with a last completion that carries data, once it
-    /// has delivered `max` bytes: backpressure that needs no cancel in time. Without it, input
+    /// has delivered `max` bytes (at most 2^31 - 1: larger values count as that, the kernel's
+    /// bound): backpressure that needs no cancel in time. Without it, input
     /// keeps coming into the pool until a cancel reaches the kernel, which can be megabytes from
     /// a fast sender. The last completion may take it past `max` by up to one pool buffer; post
     /// it again to go on receiving.
@@ -178,7 +179,7 @@ impl<K> Op<K> {
         Op::new(
             Some(socket),
             OpKind::RecvPooled,
-            Some(OpBody::RecvPooled(max.get())),
+            Some(OpBody::RecvPooled(max.get().min(i32::MAX as u32))),
         )
     }
 

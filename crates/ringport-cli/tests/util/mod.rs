@@ -211,6 +211,18 @@ pub fn backend() -> &'static str {
     BACKEND.with(|b| b.get())
 }
 
+/// Whether the backend in use ends a pooled receive at a byte limit: epoll always, io_uring
+/// from Linux 6.17 (`ringport::Worker::recv_limits`).
+pub fn receives_end_at_a_limit() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    backend() == "epoll" || version >= (6, 17)
+}
+
 /// Turns each listed function into two tests, `uring::NAME` and `epoll::NAME`: the whole suite
 /// runs once per backend.
 #[macro_export]

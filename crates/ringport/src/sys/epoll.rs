@@ -40,7 +40,9 @@ enum Side {
 struct Waiting {
     fd: RawFd,
     side: Side,
-    /// Null for a pooled receive, whose body is not kept.
+    /// The operation's body; for a pooled receive, whose body is not kept, no pointer but the
+    /// bytes it may still deliver before it ends (0: no limit; see [`Waiting::left`]). One
+    /// field for both keeps the record at 16 bytes: every idle connection has one.
     body: *mut OpBody,
     pooled: bool,
     /// A connect whose `connect(2)` returned `EINPROGRESS`.
@@ -55,8 +57,6 @@ struct FdState {
     registered: bool,
     /// A stream socket: a short read there means it was empty (not so for datagrams).
     stream: bool,
-    /// What the pooled receive armed on it may still deliver before it ends (0: no limit).
-    read_left: u32,
     read: OpQueue,
     write: OpQueue,
 }
@@ -360,9 +360,10 @@ impl Epoll {
                 }
                 Outcome::More { res, buf, short } => {
                     // A pooled receive with a limit ends with the data that reaches it.
-                    let ended = op.pooled && state.read_left > 0 && {
-                        state.read_left = state.read_left.saturating_sub(res.unsigned_abs());
-                        state.read_left == 0
+                    let ended = op.pooled && op.left() > 0 && {
+                        let left = op.left().saturating_sub(res.unsigned_abs());
+                        op.set_left(left);
+                        left == 0
                     };
                     self.done.push(Event {
                         id,
@@ -423,12 +424,25 @@ impl Epoll {
     }
 }
 
+impl Waiting {
+    /// A pooled receive's remaining byte limit (0: none).
+    fn left(&self) -> u32 {
+        debug_assert!(self.pooled);
+        u32::try_from(self.body.addr()).unwrap_or(u32::MAX)
+    }
+
+    fn set_left(&mut self, left: u32) {
+        debug_assert!(self.pooled);
+        self.body = std::ptr::without_provenance_mut(left as usize);
+    }
+}
+
 /// Tries the operation once.
 fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
     if op.pooled {
         return recv_pooled(op.fd, pool);
     }
-    // SAFETY: `op.body` (not null: not a pooled receive) points into the port's boxed record of
+    // SAFETY: `op.body` (not a pooled receive, so a pointer) points into the port's boxed record of
     // this operation, which lives, unmoved and not otherwise borrowed, until the driver reports
     // the operation.
     let body = unsafe { &mut *op.body };
@@ -630,7 +644,10 @@ impl Driver for Epoll {
         let mut op = Waiting {
             fd: target.fd,
             side,
-            body: if pooled { std::ptr::null_mut() } else { body },
+            body: match limit {
+                Some(limit) => std::ptr::without_provenance_mut(limit as usize),
+                None => body,
+            },
             pooled,
             connecting: false,
         };
@@ -650,9 +667,6 @@ impl Driver for Epoll {
         }
         self.register(target)?;
         let state = fd_state(&mut self.fds, target.fd).expect("registered above");
-        if let Some(limit) = limit {
-            state.read_left = limit;
-        }
         match side {
             Side::Read => state.read.push_back(id),
             Side::Write => state.write.push_back(id),
@@ -808,7 +822,6 @@ mod tests {
     #[test]
     fn op_table_slots_stay_small() {
         assert!(std::mem::size_of::<Option<(u64, Waiting)>>() <= 24);
-        // Every connection's descriptor has one too; the receive limit lives in its padding.
         assert!(std::mem::size_of::<super::FdState>() <= 48);
     }
 

@@ -213,7 +213,7 @@ impl Uring {
             }
         }
         probe_cancel_any(&mut ring)?;
-        let recv_limits = probe_recv_limit(&mut ring);
+        let recv_limits = probe_recv_limit(&mut ring)?;
         Ok(Uring {
             recv_limits,
             ring,
@@ -369,29 +369,33 @@ fn with_optlen(sqe: squeue::Entry, optlen: u32) -> squeue::Entry {
 /// Whether the kernel takes a byte limit on a multishot receive (Linux 6.17). A limited receive
 /// from a socket with a byte waiting, into a buffer group that does not exist: a kernel that
 /// knows the limit fails it for want of a buffer (`ENOBUFS`); one that does not refuses the
-/// request (`EINVAL`: the field must be zero).
-fn probe_recv_limit(ring: &mut IoUring) -> bool {
-    let Ok((ours, theirs)) = std::os::unix::net::UnixStream::pair() else {
-        return false;
-    };
-    if (&theirs).write_all(b"x").is_err() {
-        return false;
-    }
+/// request (`EINVAL`: the field must be zero). Either way it completes while being submitted.
+///
+/// # Errors
+/// No socket pair for the probe (out of descriptors), or the submission failed.
+fn probe_recv_limit(ring: &mut IoUring) -> io::Result<bool> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    (&theirs).write_all(b"x")?;
     let sqe = with_optlen(
         opcode::RecvMulti::new(types::Fd(ours.as_raw_fd()), PROBE_GROUP).build(),
         1,
     )
     .user_data(PROBE);
     // SAFETY: the receive selects its buffer from a group that does not exist, so the kernel
-    // is handed no memory; the socket outlives the wait below.
-    if unsafe { ring.submission().push(&sqe) }.is_err() || ring.submit_and_wait(1).is_err() {
-        return false;
+    // is handed no memory.
+    unsafe { ring.submission().push(&sqe) }
+        .map_err(|_| io::Error::other("io_uring: no room for the receive-limit probe"))?;
+    if let Err(e) = ring.submit_and_wait(1) {
+        // The request may still be queued: keep its socket open for good rather than let a
+        // later submission name a descriptor number that was reused.
+        std::mem::forget(ours);
+        return Err(e);
     }
     let res = ring
         .completion()
         .find(|c| c.user_data() == PROBE)
         .map_or(-libc::EINVAL, |c| c.result());
-    res == -libc::ENOBUFS
+    Ok(res == -libc::ENOBUFS)
 }
 
 impl Driver for Uring {
