@@ -5,7 +5,7 @@ use std::alloc::{self, Layout};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -213,7 +213,17 @@ impl Uring {
             }
         }
         probe_cancel_any(&mut ring)?;
-        let recv_limits = probe_recv_limit(&mut ring)?;
+        // The same answer for every ring of the process: probed with the first.
+        static RECV_LIMITS: OnceLock<bool> = OnceLock::new();
+        let recv_limits = match RECV_LIMITS.get() {
+            Some(&known) => known,
+            None => {
+                let known = probe_recv_limit(&mut ring).map_err(|e| {
+                    io::Error::new(e.kind(), format!("io_uring receive-limit probe: {e}"))
+                })?;
+                *RECV_LIMITS.get_or_init(|| known)
+            }
+        };
         Ok(Uring {
             recv_limits,
             ring,
@@ -384,12 +394,14 @@ fn probe_recv_limit(ring: &mut IoUring) -> io::Result<bool> {
     // SAFETY: the receive selects its buffer from a group that does not exist, so the kernel
     // is handed no memory.
     unsafe { ring.submission().push(&sqe) }
-        .map_err(|_| io::Error::other("io_uring: no room for the receive-limit probe"))?;
-    if let Err(e) = ring.submit_and_wait(1) {
-        // The request may still be queued: keep its socket open for good rather than let a
-        // later submission name a descriptor number that was reused.
-        std::mem::forget(ours);
-        return Err(e);
+        .map_err(|_| io::Error::other("no room in the submission queue"))?;
+    // On an error the caller drops the ring, and with it a request that may still be queued.
+    loop {
+        match ring.submit_and_wait(1) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+            Ok(_) => break,
+        }
     }
     let res = ring
         .completion()
