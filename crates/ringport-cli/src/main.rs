@@ -130,6 +130,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub udp_rate: u32,
 
+    /// UDP: datagrams per second echoed in all, whatever their sources; the rest are dropped
+    /// and counted (0: no limit). Sources can be spoofed by the thousand, each with its own
+    /// --udp-rate: this bounds what the server sends at whoever they name.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub udp_rate_total: u32,
+
     /// On SIGINT/SIGTERM, how long to keep echoing what was already received before closing
     /// the remaining connections, in seconds (e.g. 5, 0.5).
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]

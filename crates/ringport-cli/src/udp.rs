@@ -1,4 +1,5 @@
-//! UDP echo (RFC 862), opt-in: one thread, one socket, a rate limit per source address.
+//! UDP echo (RFC 862), opt-in: one thread, one socket, a rate limit per source address and
+//! one for all sources together.
 
 use std::collections::HashMap;
 use std::io;
@@ -43,25 +44,25 @@ impl Udp {
     }
 }
 
-/// Binds `addr` and echoes datagrams, at most `rate` per second per source (0: no limit).
-pub fn start(addr: SocketAddr, rate: u32) -> io::Result<Udp> {
+/// Binds `addr` and echoes datagrams, at most `rate` per second per source and `total` per
+/// second in all (0: no limit).
+pub fn start(addr: SocketAddr, rate: u32, total: u32) -> io::Result<Udp> {
     let socket = UdpSocket::bind(addr)?;
     socket.set_read_timeout(Some(POLL))?;
     info!(
-        "UDP echo on {} (at most {rate} datagrams/s per source)",
+        "UDP echo on {} (at most {rate} datagrams/s per source, {total} in all; 0: no limit)",
         socket.local_addr()?
     );
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
         .name("udp".into())
-        .spawn(move || serve(&socket, rate, &flag))?;
+        .spawn(move || serve(&socket, Limiter::new(rate, total), &flag))?;
     Ok(Udp { stop, thread })
 }
 
-fn serve(socket: &UdpSocket, rate: u32, stop: &AtomicBool) -> UdpStats {
+fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStats {
     let mut stats = UdpStats::default();
-    let mut limiter = Limiter::new(rate);
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::Relaxed) {
         let (n, from) = match socket.recv_from(&mut buf) {
@@ -95,22 +96,45 @@ fn serve(socket: &UdpSocket, rate: u32, stop: &AtomicBool) -> UdpStats {
     stats
 }
 
-/// A token bucket per source address: `rate` tokens a second, bursts of up to `rate`.
+/// A token bucket per source address: `rate` tokens a second, bursts of up to `rate`; and one
+/// for all sources together: `total` a second, bursts of up to `total`.
 pub struct Limiter {
     rate: u32,
     buckets: HashMap<IpAddr, (f64, Instant)>,
+    total: u32,
+    /// The shared bucket's tokens, and when it was last filled.
+    shared: (f64, Instant),
 }
 
 impl Limiter {
-    pub fn new(rate: u32) -> Self {
+    pub fn new(rate: u32, total: u32) -> Self {
         Limiter {
             rate,
             buckets: HashMap::new(),
+            total,
+            shared: (f64::from(total), Instant::now()),
         }
     }
 
     /// Whether a datagram from `ip` may be echoed at `now`.
     pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.total > 0 {
+            let total = f64::from(self.total);
+            let (tokens, at) = &mut self.shared;
+            *tokens =
+                (*tokens + now.saturating_duration_since(*at).as_secs_f64() * total).min(total);
+            *at = now;
+            if *tokens < 1.0 || !self.allow_source(ip, now) {
+                return false;
+            }
+            self.shared.0 -= 1.0;
+            return true;
+        }
+        self.allow_source(ip, now)
+    }
+
+    /// The per-source part of [`Limiter::allow`].
+    fn allow_source(&mut self, ip: IpAddr, now: Instant) -> bool {
         if self.rate == 0 {
             return true;
         }
@@ -143,7 +167,7 @@ mod tests {
 
     #[test]
     fn limiter_allows_a_burst_then_the_rate() {
-        let mut l = Limiter::new(10);
+        let mut l = Limiter::new(10, 0);
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let other: IpAddr = "127.0.0.2".parse().unwrap();
         let t0 = Instant::now();
@@ -159,9 +183,28 @@ mod tests {
 
     #[test]
     fn limiter_off_allows_everything() {
-        let mut l = Limiter::new(0);
+        let mut l = Limiter::new(0, 0);
         let ip: IpAddr = "::1".parse().unwrap();
         let now = Instant::now();
         assert!((0..1000).all(|_| l.allow(ip, now)));
+    }
+
+    /// Many sources, each within its own rate, together get no more than the total.
+    #[test]
+    fn limiter_caps_all_sources_together() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(5, 20);
+        let allowed = (0..100u8)
+            .map(|i| IpAddr::from([10, 0, 0, i]))
+            .filter(|&ip| l.allow(ip, t0))
+            .count();
+        assert_eq!(allowed, 20);
+        // A quarter of a second later the shared bucket has five tokens again, whoever asks.
+        let t1 = t0 + Duration::from_millis(250);
+        let later = (100..200u8)
+            .map(|i| IpAddr::from([10, 0, 0, i]))
+            .filter(|&ip| l.allow(ip, t1))
+            .count();
+        assert_eq!(later, 5);
     }
 }

@@ -1,5 +1,6 @@
-//! UDP echo (`--udp`): datagrams come back whole, `--udp-rate` drops and counts the excess, and
-//! without `--udp` nothing answers on UDP.
+//! UDP echo (`--udp`): datagrams come back whole, `--udp-rate` (per source) and
+//! `--udp-rate-total` (all sources) drop and count the excess, and without `--udp` nothing
+//! answers on UDP.
 
 mod util;
 
@@ -95,13 +96,9 @@ fn datagrams_of_every_size_echo_exactly() {
     );
 }
 
-fn rate_limit_drops_and_counts_the_excess() {
-    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--udp", "--udp-rate", "10"]);
-    let sock = udp_client(server.addr);
-    for i in 0..BURST {
-        sock.send(&pattern(i as u64, 32)).unwrap();
-    }
-    // Collect echoes until none has come for a while (bounded overall).
+/// Collects the 32-byte echoes coming back to `sock` until none has come for a while (bounded
+/// overall); how many came.
+fn collect_echoes(sock: &UdpSocket) -> usize {
     sock.set_read_timeout(Some(QUIET)).unwrap();
     let mut buf = vec![0u8; 65536];
     let mut received = 0usize;
@@ -123,7 +120,16 @@ fn rate_limit_drops_and_counts_the_excess() {
             Err(e) => panic!("UDP receive: {e}"),
         }
     }
-    println!("{received} of {BURST} datagrams echoed at --udp-rate 10");
+    received
+}
+
+fn rate_limit_drops_and_counts_the_excess() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--udp", "--udp-rate", "10"]);
+    let sock = udp_client(server.addr);
+    for i in 0..BURST {
+        sock.send(&pattern(i as u64, 32)).unwrap();
+    }
+    let received = collect_echoes(&sock);
     assert!(received >= 1, "nothing was echoed at --udp-rate 10");
     assert!(
         received <= BURST / 2,
@@ -178,6 +184,47 @@ fn without_udp_nothing_answers() {
     );
 }
 
+/// Four sources with no per-source limit together get no more than `--udp-rate-total`.
+fn total_rate_limit_caps_every_source_together() {
+    let server = Server::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--udp",
+        "--udp-rate",
+        "0",
+        "--udp-rate-total",
+        "10",
+    ]);
+    let socks: Vec<UdpSocket> = (1..=4u8)
+        .map(|i| {
+            let sock = UdpSocket::bind((std::net::Ipv4Addr::new(127, 0, 0, i), 0)).unwrap();
+            sock.connect(server.addr).unwrap();
+            sock
+        })
+        .collect();
+    for i in 0..BURST {
+        socks[i % socks.len()].send(&pattern(i as u64, 32)).unwrap();
+    }
+    let received: usize = socks.iter().map(collect_echoes).sum();
+    assert!(received >= 1, "nothing was echoed at --udp-rate-total 10");
+    assert!(
+        received <= BURST / 2,
+        "{received} of {BURST} datagrams from 4 sources were echoed at --udp-rate-total 10"
+    );
+    let output = server.terminate_cleanly(EXIT_GUARD);
+    let (echoed, dropped) = udp_summary(&output);
+    assert!(
+        dropped > 0,
+        "no datagram counted as dropped\n{}",
+        output.describe()
+    );
+    assert!(
+        echoed >= received as u64 && echoed + dropped <= BURST as u64,
+        "summary echoed {echoed} + dropped {dropped}, but {received} of {BURST} came back\n{}",
+        output.describe()
+    );
+}
+
 /// A datagram from a service port (another echo server, or a spoofed source aimed at one)
 /// gets no answer, and is counted.
 fn datagrams_from_service_ports_are_not_answered() {
@@ -219,5 +266,6 @@ per_backend!(
     datagrams_from_service_ports_are_not_answered,
     datagrams_of_every_size_echo_exactly,
     rate_limit_drops_and_counts_the_excess,
+    total_rate_limit_caps_every_source_together,
     without_udp_nothing_answers,
 );
