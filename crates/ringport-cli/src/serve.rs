@@ -234,7 +234,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         pool_buffer,
     };
     let udp = if args.udp {
-        let bound = crate::udp::start(local, args.udp_rate)
+        let bound = crate::udp::start(local, args.udp_rate, args.udp_rate_total)
             .map_err(|e| format!("{local} (UDP): {}", describe(&e)))?;
         Some(bound)
     } else {
@@ -709,11 +709,15 @@ impl Server {
 
     /// Arms the connection's pooled receive. It ends by itself after more than `--conn-buffer`
     /// bytes (where the backend keeps the limit), which puts the connection over its bound
-    /// whatever it held when armed: a peer that sends without reading gets at most about twice
-    /// its bound into the pool before the pause takes effect, where without the limit its input
-    /// would keep coming until the cancel reached the kernel. (A limit of only the room left
-    /// below the bound ends receives several times as often in busy pipelined traffic, which
-    /// measured ~6% more CPU per message at 50c 4KiB p16.)
+    /// unless some of its echo went out meanwhile. A peer that sends without reading is armed
+    /// only while it holds at most its bound, and then takes in at most the bound and one pool
+    /// buffer more, which may touch two buffers more than their bytes: about twice its bound
+    /// and two pool buffers (640 KiB at the defaults) before the pause takes effect, where
+    /// without the limit its input would keep coming until the cancel reached the kernel.
+    /// (With whole buffers per receive, tiny segments each take a buffer while the limit counts
+    /// bytes: there the pause's cancel still does most of the work.) A limit of only the room
+    /// left below the bound ends receives several times as often in busy pipelined traffic,
+    /// which measured ~6% more CPU per message at 50c 4KiB p16.
     fn arm(&mut self, conn: &mut Conn) {
         self.done_waiting(conn);
         let max = NonZeroU32::new(u32::try_from(self.limits.conn_buffer + 1).unwrap_or(u32::MAX))
