@@ -4,29 +4,54 @@
 //! [`Stream`] built from the same seed. The two sides may cut the stream into chunks of any size: the
 //! bytes depend only on the seed and the absolute offset, never on how the stream was split.
 //!
-//! The generator is splitmix64: one addition and three xor-shift-multiply rounds give 8 bytes, so
-//! producing the stream costs well under a nanosecond per byte. It is not cryptographic; it only has
-//! to make a misrouted, reordered or corrupted echo show up as a mismatch.
+//! Word `i` (bytes `8i..8i + 8`, little-endian) is `TABLE[i % WORDS] ^ key(seed, i / WORDS)`:
+//! one table of random words shared by every stream, XORed with a key for each stretch of
+//! `WORDS` words, the stretch's splitmix64 output for the seed. Different seeds give different
+//! keys, so a misrouted echo fails; within a stretch the table words differ, and from one
+//! stretch to the next the key does, so a reordered one fails too; every byte is compared.
+//! Filling and checking then cost a table read and an XOR per 8 bytes, which the compiler turns
+//! into vector code: a load generator that verifies every byte of a gigabyte-per-second echo
+//! must not spend its core making the bytes (one splitmix64 per word took 40% of the client's
+//! time in bulk echo, where the client is the limit). It is not cryptographic; it only has to
+//! make a misrouted, reordered or corrupted echo show up as a mismatch.
 
 use std::fmt;
+use std::sync::OnceLock;
 
-/// Size of the scratch buffer [`Stream::verify`] generates the expected bytes into.
-const VERIFY_CHUNK: usize = 4096;
+/// Words in the shared table (4 KiB: stays in the L1 cache).
+const WORDS: usize = 512;
 
 /// The splitmix64 increment (the golden ratio in 64-bit fixed point).
 const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The seed of the shared table.
+const TABLE_SEED: u64 = 0x7269_6e67_706f_7274;
+
+/// The splitmix64 output for `state` (already advanced).
+fn mix(state: u64) -> u64 {
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Output `n` of the splitmix64 generator seeded with `seed`.
+fn splitmix(seed: u64, n: u64) -> u64 {
+    mix(seed.wrapping_add(GOLDEN_GAMMA.wrapping_mul(n.wrapping_add(1))))
+}
+
+/// The table every stream XORs with its keys.
+fn table() -> &'static [u64; WORDS] {
+    static TABLE: OnceLock<[u64; WORDS]> = OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|i| splitmix(TABLE_SEED, i as u64)))
+}
 
 /// A deterministic pseudo-random byte stream, reproducible from its seed.
 ///
 /// Two streams with the same seed produce the same bytes however their callers chunk them.
 #[derive(Debug, Clone)]
 pub struct Stream {
-    /// The splitmix64 state.
-    state: u64,
-    /// The last generated word, little-endian; its last `spare` bytes are not handed out yet.
-    word: [u8; 8],
-    /// How many bytes at the end of `word` are still unused (0..=7 between calls).
-    spare: usize,
+    seed: u64,
     /// Absolute offset of the next byte.
     position: u64,
 }
@@ -34,12 +59,7 @@ pub struct Stream {
 impl Stream {
     /// Creates the stream for `seed`, positioned at offset 0.
     pub fn new(seed: u64) -> Stream {
-        Stream {
-            state: seed,
-            word: [0; 8],
-            spare: 0,
-            position: 0,
-        }
+        Stream { seed, position: 0 }
     }
 
     /// Returns the absolute offset of the next byte: how many bytes were filled or verified so far.
@@ -47,30 +67,54 @@ impl Stream {
         self.position
     }
 
+    /// Word `i` of the stream.
+    fn word(&self, i: u64) -> u64 {
+        table()[(i % WORDS as u64) as usize] ^ splitmix(self.seed, i / WORDS as u64)
+    }
+
+    /// The byte at absolute offset `at`.
+    fn byte(&self, at: u64) -> u8 {
+        self.word(at / 8).to_le_bytes()[(at % 8) as usize]
+    }
+
+    /// Walks the next `len` bytes in pieces, handing each to `each`, and advances past them.
+    fn walk(&mut self, len: usize, mut each: impl FnMut(Piece<'_>)) {
+        let table = table();
+        let mut k = 0;
+        while k < len {
+            let at = self.position + k as u64;
+            if at % 8 != 0 || len - k < 8 {
+                each(Piece::Byte {
+                    k,
+                    value: self.byte(at),
+                });
+                k += 1;
+                continue;
+            }
+            let i = at / 8;
+            let first = (i % WORDS as u64) as usize;
+            let n = (WORDS - first).min((len - k) / 8);
+            each(Piece::Words {
+                k,
+                key: splitmix(self.seed, i / WORDS as u64),
+                table: &table[first..first + n],
+            });
+            k += n * 8;
+        }
+        self.position += len as u64;
+    }
+
     /// Writes the next `out.len()` bytes of the stream into `out` and advances past them.
     pub fn fill(&mut self, out: &mut [u8]) {
-        self.position += out.len() as u64;
-
-        // Hand out what is left of the previous word first.
-        let take = self.spare.min(out.len());
-        let start = 8 - self.spare;
-        out[..take].copy_from_slice(&self.word[start..start + take]);
-        self.spare -= take;
-        let out = &mut out[take..];
-
-        // Whole words straight into the output.
-        let mut words = out.chunks_exact_mut(8);
-        for chunk in &mut words {
-            chunk.copy_from_slice(&self.next_word().to_le_bytes());
-        }
-
-        // A partial word at the end: keep the rest for the next call.
-        let tail = words.into_remainder();
-        if !tail.is_empty() {
-            self.word = self.next_word().to_le_bytes();
-            tail.copy_from_slice(&self.word[..tail.len()]);
-            self.spare = 8 - tail.len();
-        }
+        self.walk(out.len(), |piece| match piece {
+            Piece::Byte { k, value } => out[k] = value,
+            Piece::Words { k, key, table } => {
+                let dst = &mut out[k..k + table.len() * 8];
+                for (d, w) in dst.chunks_exact_mut(8).zip(table) {
+                    d.copy_from_slice(&(w ^ key).to_le_bytes());
+                }
+            }
+        });
     }
 
     /// Checks that `got` equals the next `got.len()` bytes of the stream.
@@ -82,39 +126,52 @@ impl Stream {
     ///
     /// Returns the first differing byte, with its absolute stream offset, when `got` does not match.
     pub fn verify(&mut self, got: &[u8]) -> Result<(), Mismatch> {
-        let mut expected = [0u8; VERIFY_CHUNK];
-        let mut first = None;
-        for chunk in got.chunks(VERIFY_CHUNK) {
-            let offset = self.position;
-            let expected = &mut expected[..chunk.len()];
-            self.fill(expected);
-            if first.is_none() && expected != chunk {
-                first = expected
-                    .iter()
-                    .zip(chunk)
-                    .position(|(e, g)| e != g)
-                    .map(|i| Mismatch {
-                        offset: offset + i as u64,
-                        expected: expected[i],
-                        got: chunk[i],
-                    });
+        let start = self.position;
+        let mut bad = false;
+        self.walk(got.len(), |piece| match piece {
+            Piece::Byte { k, value } => bad |= got[k] != value,
+            Piece::Words { k, key, table } => {
+                let src = &got[k..k + table.len() * 8];
+                let diff = src.chunks_exact(8).zip(table).fold(0u64, |acc, (g, w)| {
+                    let mut word = [0u8; 8];
+                    word.copy_from_slice(g);
+                    acc | (u64::from_le_bytes(word) ^ w ^ key)
+                });
+                bad |= diff != 0;
             }
+        });
+        if !bad {
+            return Ok(());
         }
+        // Rare: find the first differing byte.
+        let expected = Stream::new(self.seed);
+        let first = got
+            .iter()
+            .enumerate()
+            .map(|(k, &g)| (start + k as u64, g))
+            .find(|&(at, g)| g != expected.byte(at));
         match first {
+            Some((offset, got)) => Err(Mismatch {
+                offset,
+                expected: expected.byte(offset),
+                got,
+            }),
             None => Ok(()),
-            Some(mismatch) => Err(mismatch),
         }
     }
+}
 
-    /// Advances the splitmix64 generator and returns its next output.
-    #[inline]
-    fn next_word(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(GOLDEN_GAMMA);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
+/// A piece of the stream as [`Stream::walk`] hands it out; `k` is its index in the caller's
+/// slice.
+enum Piece<'a> {
+    /// One byte that does not start a whole word there.
+    Byte { k: usize, value: u8 },
+    /// Whole words, each `table[j] ^ key`.
+    Words {
+        k: usize,
+        key: u64,
+        table: &'a [u64],
+    },
 }
 
 /// The first byte where received data differs from the expected stream.
@@ -237,11 +294,13 @@ mod tests {
 
     #[test]
     fn first_of_several_mismatches_across_verify_chunks_wins() {
-        let mut wire = reference(9, 3 * VERIFY_CHUNK);
-        wire[VERIFY_CHUNK + 10] ^= 1;
-        wire[2 * VERIFY_CHUNK + 1] ^= 1;
+        // Across stretches of the table, too.
+        let stretch = WORDS * 8;
+        let mut wire = reference(9, 3 * stretch);
+        wire[stretch + 10] ^= 1;
+        wire[2 * stretch + 1] ^= 1;
         let err = Stream::new(9).verify(&wire).unwrap_err();
-        assert_eq!(err.offset, VERIFY_CHUNK as u64 + 10);
+        assert_eq!(err.offset, stretch as u64 + 10);
     }
 
     #[test]
@@ -254,6 +313,31 @@ mod tests {
         let distinct = zero.iter().collect::<std::collections::BTreeSet<_>>().len();
         assert!(distinct > 100, "only {distinct} distinct byte values");
         assert_eq!(Stream::new(2).verify(&a).unwrap_err().offset, 0);
+    }
+
+    /// Data from the right stream but the wrong place fails, even a whole stretch of the table
+    /// away (the same table words, another key); another seed's data fails in every stretch.
+    #[test]
+    fn shifted_or_misrouted_data_fails() {
+        let stretch = WORDS * 8;
+        let wire = reference(11, 3 * stretch);
+        for shift in [1, 8, stretch, 2 * stretch] {
+            let err = Stream::new(11)
+                .verify(&wire[shift..shift + stretch])
+                .unwrap_err();
+            assert!(
+                err.offset < 8,
+                "shift {shift}: first mismatch at {}",
+                err.offset
+            );
+        }
+        let other = reference(12, 3 * stretch);
+        for part in 0..3 {
+            let range = part * stretch..(part + 1) * stretch;
+            let mut s = Stream::new(11);
+            s.fill(&mut vec![0; part * stretch]);
+            assert!(s.verify(&other[range]).is_err(), "stretch {part}");
+        }
     }
 
     #[test]
