@@ -127,6 +127,8 @@ struct Limits {
     idle_timeout: Option<Duration>,
     max_connections: usize,
     conn_buffer: usize,
+    /// `--strict-conn-buffer`: every receive ends after `conn_buffer` bytes.
+    strict: bool,
     /// The size of a receive pool buffer.
     pool_buffer: usize,
 }
@@ -231,6 +233,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
             .conn_buffer
             .min(usize::from(buffers(pool_buffer)) * pool_buffer / 8)
             .max(pool_buffer),
+        strict: args.strict_conn_buffer,
         pool_buffer,
     };
     let udp = if args.udp {
@@ -707,25 +710,31 @@ impl Server {
         handle.key().0.store(id, Ordering::Relaxed);
     }
 
-    /// Arms the connection's pooled receive. It ends by itself after more than `--conn-buffer`
-    /// bytes (where the backend keeps the limit), which puts the connection over its bound
-    /// unless some of its echo went out meanwhile. A peer that sends without reading is armed
-    /// only while it holds at most its bound, and then takes in at most the bound and one pool
-    /// buffer more, which may touch two buffers more than their bytes: about twice its bound
-    /// and two pool buffers (640 KiB at the defaults) before the pause takes effect, where
-    /// without the limit its input would keep coming until the cancel reached the kernel.
-    /// (With whole buffers per receive, tiny segments each take a buffer while the limit counts
-    /// bytes: there the pause's cancel still does most of the work.) A limit of only the room
-    /// left below the bound ends receives several times as often in busy pipelined traffic,
-    /// which measured ~6% more CPU per message at 50c 4KiB p16.
+    /// Arms the connection's pooled receive.
+    ///
+    /// With `--strict-conn-buffer` it ends by itself after more than `--conn-buffer` bytes
+    /// (where the backend keeps the limit), which puts the connection over its bound unless
+    /// some of its echo went out meanwhile. A peer that sends without reading is armed only
+    /// while it holds at most its bound, and then takes in at most the bound and one pool buffer
+    /// more, which may touch two buffers more than their bytes: about twice its bound and two
+    /// pool buffers (640 KiB at the defaults) before the pause takes effect, where without the
+    /// limit its input keeps coming until the cancel reaches the kernel. (With whole buffers per
+    /// receive, tiny segments each take a buffer while the limit counts bytes: there the pause's
+    /// cancel still does most of the work.) Not the default: at 1000c 512B p16 on a server
+    /// warmed by other loads, p99 latency came out at 19-23 ms with the limit against 11-12
+    /// without, in six runs each way (BENCHMARKS.md, I).
     fn arm(&mut self, conn: &mut Conn) {
         self.done_waiting(conn);
-        let max = NonZeroU32::new(u32::try_from(self.limits.conn_buffer + 1).unwrap_or(u32::MAX))
-            .unwrap_or(NonZeroU32::MAX);
-        conn.recv = Some(
-            self.worker
-                .submit_multishot(Op::recv_pooled_max(&conn.handle, max), Io::Recv),
-        );
+        let op = if self.limits.strict {
+            let max = u32::try_from(self.limits.conn_buffer + 1).unwrap_or(u32::MAX);
+            Op::recv_pooled_max(
+                &conn.handle,
+                NonZeroU32::new(max).unwrap_or(NonZeroU32::MAX),
+            )
+        } else {
+            Op::recv_pooled(&conn.handle)
+        };
+        conn.recv = Some(self.worker.submit_multishot(op, Io::Recv));
     }
 
     fn received(&mut self, c: Completion<Key, Io>) {
@@ -762,10 +771,12 @@ impl Server {
                 }
                 if conn.recv.is_none() && !conn.paused && self.deadline.is_none() {
                     // The receive ended after data: it reached its limit (`arm`), found no
-                    // buffer for more (then it waits its turn), or found no room in the
-                    // completion queue (io_uring ends a multishot receive when its completion
-                    // overflows): armed again at once while buffers are free and nobody waits.
-                    if self.waiting == 0 && self.free_receives() > 0 {
+                    // buffer for more, or found no room in the completion queue (io_uring ends
+                    // a multishot receive when its completion overflows). Armed again at once
+                    // unless more connections wait for a buffer than there are free (then it
+                    // waits its turn, as an armed receive yields its turn below): with
+                    // `--strict-conn-buffer` a receive ending at its limit is routine.
+                    if self.free_receives() > self.waiting {
                         self.arm(&mut conn);
                     } else {
                         self.wait_for_buffer(id, &mut conn);

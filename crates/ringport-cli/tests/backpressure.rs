@@ -189,11 +189,12 @@ fn write_until_pushed_back(s: &mut std::net::TcpStream) -> io::Result<usize> {
     Ok(written)
 }
 
-/// Peers that stop reading are paused at `--conn-buffer` (256 KiB), and their receives end
-/// there by themselves: eight of them sending at once stay within the pool (4 MiB), so
-/// nobody is closed for holding it, and each gets its whole echo once it reads. (Were each
-/// receive to run on until its cancel took effect, the busy server would take in megabytes
-/// from a fast sender first, and the pool would not hold eight.)
+/// With `--strict-conn-buffer`, peers that stop reading are paused at `--conn-buffer` (256 KiB),
+/// and their receives end there by themselves: eight of them sending at once stay within the
+/// pool (4 MiB), so nobody is closed for holding it, and each gets its whole echo once it
+/// reads. (Were each receive to run on until its cancel took effect, as without the flag, the
+/// busy server would take in megabytes from a fast sender first, and the pool would not hold
+/// eight.)
 fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {
     if !util::receives_end_at_a_limit() {
         eprintln!("skipped: io_uring on this kernel has no limit on a multishot receive");
@@ -206,6 +207,7 @@ fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {
         "1",
         "--pool-size",
         "4194304",
+        "--strict-conn-buffer",
     ]);
     let addr = server.addr;
     let writers: Vec<_> = (0..8)

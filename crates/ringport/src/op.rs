@@ -165,11 +165,11 @@ impl<K> Op<K> {
     }
 
     /// [`Op::recv_pooled`] that also ends, with a last completion that carries data, once it
-    /// has delivered `max` bytes (at most 2^31 - 1: larger values count as that, the kernel's
-    /// bound): backpressure that needs no cancel in time. Without it, input
+    /// has delivered `max` bytes: backpressure that needs no cancel in time. Without it, input
     /// keeps coming into the pool until a cancel reaches the kernel, which can be megabytes from
     /// a fast sender. The last completion may take it past `max` by up to one pool buffer; post
-    /// it again to go on receiving.
+    /// it again to go on receiving. `max` counts up to 2^31 - 1, the kernel's bound; larger
+    /// values count as that.
     ///
     /// The epoll backend always keeps the limit. On io_uring the kernel does
     /// (`IORING_RECV_MULTISHOT` with `optlen`, Linux 6.17) where
