@@ -442,9 +442,9 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
     if op.pooled {
         return recv_pooled(op.fd, pool);
     }
-    // SAFETY: `op.body` (not a pooled receive, so a pointer) points into the port's boxed record of
-    // this operation, which lives, unmoved and not otherwise borrowed, until the driver reports
-    // the operation.
+    // SAFETY: `op.body` (not a pooled receive, so a pointer) points into the port's boxed
+    // record of this operation, which lives, unmoved and not otherwise borrowed, until the
+    // driver reports the operation.
     let body = unsafe { &mut *op.body };
     let r = match body {
         OpBody::RecvPooled(_) => return recv_pooled(op.fd, pool),
