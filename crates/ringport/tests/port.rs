@@ -902,6 +902,13 @@ fn pattern(i: usize) -> u8 {
     (i % 251) as u8
 }
 
+/// Checks that `buf` is the stream from offset `at` on.
+fn assert_stream_at(buf: &[u8], at: usize) {
+    for (i, byte) in buf.iter().enumerate() {
+        assert_eq!(*byte, pattern(at + i), "byte {} of the stream", at + i);
+    }
+}
+
 /// A pooled receive cancelled again and again while the peer streams: whatever the kernel had
 /// received before each cancel took effect comes in its completions, the rest waits in the
 /// socket for the next receive, so the bytes arrive whole and in order, and every buffer goes
@@ -947,9 +954,7 @@ fn cancelling_a_pooled_receive_while_data_streams_loses_nothing(b: Backend) {
                 Ok(n) => {
                     let buf = c.pooled.expect("data comes in a pool buffer");
                     assert_eq!(buf.len(), n);
-                    for (i, byte) in buf.iter().enumerate() {
-                        assert_eq!(*byte, pattern(got + i), "byte {} of the stream", got + i);
-                    }
+                    assert_stream_at(&buf, got);
                     got += n;
                 }
                 Err(_) if c.is_cancelled() => cancelled_ends += 1,
@@ -1003,9 +1008,7 @@ fn pooled_receive_with_a_limit_ends_there_and_the_rest_waits(b: Backend) {
         let n = c.result.unwrap();
         assert!(n > 0, "the peer does not close");
         let buf = c.pooled.expect("data comes in a pool buffer");
-        for (i, byte) in buf.iter().enumerate() {
-            assert_eq!(*byte, pattern(*got + i), "byte {} of the stream", *got + i);
-        }
+        assert_stream_at(&buf, *got);
         *got += n;
         c.more
     };
