@@ -12,7 +12,9 @@
 //! When a connection holds more than `--conn-buffer` (its peer is not reading), its receive is
 //! cancelled until the queue has half drained: backpressure.
 //! The pool bounds what a worker buffers in total; a receive that finds the pool empty ends with
-//! `ENOBUFS` and is re-armed when buffers come back.
+//! `ENOBUFS` and is re-armed when buffers come back. A send or receive that fails because the
+//! kernel could not allocate memory is tried again after a pause, the connection keeping what
+//! it holds; only failures in a row past a limit close it.
 
 use std::collections::VecDeque;
 use std::io;
@@ -66,6 +68,14 @@ const DRAIN_QUIET: Duration = Duration::from_millis(250);
 const DRAIN_TICK: Duration = Duration::from_millis(20);
 /// At most one warning per this long about refused connections.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+/// A send or receive that failed for want of memory is tried again after this, doubled for
+/// each failure in a row ...
+const RETRY_FIRST: Duration = Duration::from_millis(5);
+/// ... up to this many failures in a row (about 1.3 s in all), after which the connection is
+/// closed.
+const RETRY_LIMIT: u8 = 8;
+/// How often the connections due a retry are looked for, while any are.
+const RETRY_TICK: Duration = Duration::from_millis(5);
 
 /// The completion key: which socket this is. For a connection, its id in its home worker's
 /// table, set when the worker adopts it (only that worker reads it); [`Key::LISTENER`] for the
@@ -110,6 +120,8 @@ pub enum Io {
     Drain,
     /// The idle-timeout sweep.
     Sweep,
+    /// Another try for sends and receives that failed for want of memory.
+    Retry,
     /// A look at every connection while draining.
     DrainTick,
     /// Another turn for receives still waiting for a buffer.
@@ -158,6 +170,63 @@ struct Conn {
     /// When it last received or sent, in milliseconds since the server started (a plain number
     /// keeps the record small: every connection has one).
     last_active: u64,
+    /// Sends and receives that failed for want of memory, to be tried again.
+    retry: Retry,
+}
+
+/// A connection's operations waiting to be tried again after failing for want of memory (the
+/// kernel could not allocate, which passes), and how many failures in a row there were. One
+/// byte: every connection has one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Retry(u8);
+
+impl Retry {
+    const SEND: u8 = 0x80;
+    const RECV: u8 = 0x40;
+    const COUNT: u8 = 0x0f;
+
+    /// Failures in a row.
+    fn failures(self) -> u8 {
+        self.0 & Self::COUNT
+    }
+
+    /// Notes one more failure of `op` (`SEND` or `RECV`): `false` once there have been
+    /// `RETRY_LIMIT` in a row, when it is time to give up.
+    fn failed(&mut self, op: u8) -> bool {
+        let n = self.failures() + 1;
+        if n > RETRY_LIMIT {
+            return false;
+        }
+        self.0 = (self.0 & !Self::COUNT) | op | n;
+        true
+    }
+
+    /// Whether `op` waits for its retry.
+    fn waits(self, op: u8) -> bool {
+        self.0 & op != 0
+    }
+
+    /// Whether anything waits for a retry.
+    fn pending(self) -> bool {
+        self.0 & (Self::SEND | Self::RECV) != 0
+    }
+
+    /// Takes what waits, for its retry now; the count of failures stays.
+    fn take(&mut self) -> u8 {
+        let ops = self.0 & (Self::SEND | Self::RECV);
+        self.0 &= Self::COUNT;
+        ops
+    }
+
+    /// Something went through: the count starts again.
+    fn succeeded(&mut self) {
+        self.0 &= !Self::COUNT;
+    }
+
+    /// How long to wait after the latest failure.
+    fn delay(self) -> Duration {
+        RETRY_FIRST * (1u32 << self.failures().saturating_sub(1).min(RETRY_LIMIT))
+    }
 }
 
 /// Counters shared by the workers, for the exit summary and `--max-connections`.
@@ -169,6 +238,8 @@ struct Totals {
     idle_closed: AtomicU64,
     /// Closed for holding the pool while their peers read nothing and others waited.
     hogs_closed: AtomicU64,
+    /// Sends and receives tried again after failing for want of memory.
+    retried: AtomicU64,
     /// Connections open right now.
     live: AtomicUsize,
 }
@@ -303,6 +374,12 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     if hogs > 0 {
         summary.push_str(&format!(
             ", closed {hogs} that held the receive pool without reading their echo"
+        ));
+    }
+    let retried = totals.retried.load(Ordering::Relaxed);
+    if retried > 0 {
+        summary.push_str(&format!(
+            ", tried {retried} sends or receives again after the system ran short of memory"
         ));
     }
     if let Some(udp) = udp {
@@ -444,6 +521,13 @@ struct Server {
     refusals: (u64, Option<Instant>),
     /// The idle-timeout sweep's pending timer.
     sweep: Option<OpId>,
+    /// Connections due to try a send or receive again (when, in milliseconds since the worker
+    /// started, and which); may hold ids closed meanwhile.
+    retries: Vec<(u64, u64)>,
+    /// A `RETRY_TICK` timer is pending.
+    retry_timer: bool,
+    /// Whether a retry was already logged with a warning.
+    retry_warned: bool,
 }
 
 impl Server {
@@ -480,6 +564,9 @@ impl Server {
             resource_warned: false,
             refusals: (0, None),
             sweep: None,
+            retries: Vec::new(),
+            retry_timer: false,
+            retry_warned: false,
         }
     }
 
@@ -571,6 +658,7 @@ impl Server {
             Io::Sweep if c.is_cancelled() || self.deadline.is_some() => {}
             Io::Sweep => self.sweep(),
             Io::DrainTick => self.drain_tick(),
+            Io::Retry => self.retry_due(),
             Io::Rearm => self.rearm_timer = false,
             Io::Recv => self.received(c),
             Io::Send => self.sent(c),
@@ -704,6 +792,7 @@ impl Server {
             yielding: false,
             starved: false,
             last_active: self.millis(self.now),
+            retry: Retry::default(),
         };
         self.arm(&mut conn);
         let id = self.conns.insert(conn);
@@ -753,6 +842,7 @@ impl Server {
                 trace!("socket {}: received {n} bytes", conn.handle.as_raw_fd());
                 conn.last_active = self.millis(self.now);
                 conn.quiet_since = 0;
+                conn.retry.succeeded();
                 if let Some(buf) = c.pooled {
                     let spare = &mut self.spare_queues;
                     conn.out
@@ -810,6 +900,7 @@ impl Server {
                 }
                 self.maybe_resume(id, &mut conn);
             }
+            Err(e) if !c.more && self.retry_later(&mut conn, id, Retry::RECV, "receive", &e) => {}
             Err(e) => return self.close_failed(id, conn, "receive", &e),
         }
         self.settle(id, conn);
@@ -852,6 +943,8 @@ impl Server {
                 None if quiet && self.nothing_waiting(&conn) => {
                     return self.close_conn(id, conn, "draining");
                 }
+                // Its retry arms it, after the pause.
+                None if conn.retry.waits(Retry::RECV) => {}
                 // Take what comes; the drain tick looks again.
                 None => self.arm(&mut conn),
             }
@@ -871,9 +964,10 @@ impl Server {
         }
     }
 
-    /// Lists the connection for a send after this batch of completions, unless it is listed.
+    /// Lists the connection for a send after this batch of completions, unless it is listed
+    /// (or its send waits for a retry, which lists it then).
     fn wants_send(&mut self, id: u64, conn: &mut Conn) {
-        if !conn.to_send {
+        if !conn.to_send && !conn.retry.waits(Retry::SEND) {
             conn.to_send = true;
             self.to_send.push(id);
         }
@@ -894,6 +988,9 @@ impl Server {
                 continue; // Closed meanwhile.
             };
             conn.to_send = false;
+            if conn.retry.waits(Retry::SEND) {
+                continue; // Listed before its send failed: it waits for the retry.
+            }
             let Some(out) = &mut conn.out else { continue };
             let mut bufs = spare.pop().unwrap_or_default();
             match out.take(MAX_GATHER, &mut bufs) {
@@ -919,9 +1016,22 @@ impl Server {
         let n = match c.result {
             Ok(n) if n > 0 || !unsent => n,
             Ok(_) => return self.close_conn(id, conn, "send made no progress"),
+            Err(e) if self.retry_later(&mut conn, id, Retry::SEND, "send", &e) => {
+                // Nothing went out: every buffer goes back to the front of the queue.
+                if let Some(out) = conn.out.as_mut() {
+                    out.sent(&mut bufs, 0);
+                }
+                if self.spare.len() < SPARE_LISTS {
+                    self.spare.push(bufs);
+                }
+                return self.keep(id, conn);
+            }
             Err(e) => return self.close_failed(id, conn, "send", &e),
         };
         conn.last_active = self.millis(self.now);
+        if n > 0 {
+            conn.retry.succeeded();
+        }
         // What was not sent goes back to the front of the queue.
         let idle = conn.out.as_mut().is_none_or(|out| {
             out.sent(&mut bufs, n);
@@ -1129,8 +1239,11 @@ impl Server {
         let stale: Vec<u64> = self
             .conns
             .iter()
-            // One waiting for a pool buffer has input its peer sent: busy, not idle.
-            .filter(|(_, c)| !c.starved && now.saturating_sub(c.last_active) >= idle_ms)
+            // One waiting for a pool buffer, or to try again what failed for want of memory,
+            // has input its peer sent: busy, not idle.
+            .filter(|(_, c)| {
+                !c.starved && !c.retry.pending() && now.saturating_sub(c.last_active) >= idle_ms
+            })
             .map(|(id, _)| id)
             .collect();
         for id in stale {
@@ -1161,6 +1274,84 @@ impl Server {
             if let Some(conn) = self.conns.take(id) {
                 self.close_conn(id, conn, "drain timeout");
             }
+        }
+    }
+
+    /// After a send or receive (`op`) failed: when the system ran short of memory, which
+    /// passes, the connection keeps what it holds and `op` is tried again after a pause that
+    /// doubles with each failure in a row (sends and receives counted together, a success of
+    /// either starting the count again), up to `RETRY_LIMIT`. Returns whether a retry is due;
+    /// `false` for any other error, or once the failures in a row reach the limit.
+    fn retry_later(&mut self, conn: &mut Conn, id: u64, op: u8, what: &str, e: &io::Error) -> bool {
+        let transient = matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::ENOBUFS))
+            && !(op == Retry::RECV && e.raw_os_error() == Some(libc::ENOBUFS));
+        if !transient || !conn.retry.failed(op) {
+            return false;
+        }
+        let delay = conn.retry.delay();
+        let fd = conn.handle.as_raw_fd();
+        if std::mem::replace(&mut self.retry_warned, true) {
+            debug!(
+                "socket {fd}: {what}: {}: trying again in {delay:?}",
+                describe(e)
+            );
+        } else {
+            warn!(
+                "socket {fd}: {what}: {}: trying again in {delay:?}, for up to {RETRY_LIMIT} \
+                 failures in a row (later retries are logged at debug)",
+                describe(e)
+            );
+        }
+        let due = self.millis(Instant::now()) + u64::try_from(delay.as_millis()).unwrap_or(0);
+        self.retries.push((due, id));
+        if !self.retry_timer {
+            self.retry_timer = true;
+            self.worker.submit(Op::timeout(RETRY_TICK), Io::Retry);
+        }
+        true
+    }
+
+    /// Tries again the sends and receives whose pause is over.
+    fn retry_due(&mut self) {
+        self.retry_timer = false;
+        let now = self.millis(Instant::now());
+        let mut later = Vec::new();
+        for (due, id) in std::mem::take(&mut self.retries) {
+            if due > now {
+                later.push((due, id));
+                continue;
+            }
+            let Some(mut conn) = self.conns.take(id) else {
+                continue; // Closed meanwhile.
+            };
+            // Whatever waits goes now, even if this entry was the other operation's.
+            let ops = conn.retry.take();
+            let mut retried = 0;
+            if ops & Retry::SEND != 0 && !self.idle(&conn) {
+                self.wants_send(id, &mut conn);
+                retried += 1;
+            }
+            if ops & Retry::RECV != 0 && conn.recv.is_none() && !conn.eof {
+                if conn.paused {
+                    // Re-armed once its echo has drained (now, if it has).
+                    self.maybe_resume(id, &mut conn);
+                } else if self.waiting > 0 && self.deadline.is_none() {
+                    self.wait_for_buffer(id, &mut conn);
+                } else {
+                    self.arm(&mut conn);
+                }
+                retried += 1;
+            }
+            self.totals.retried.fetch_add(retried, Ordering::Relaxed);
+            self.settle(id, conn);
+        }
+        // Entries of connections closed meanwhile are dropped; those of a connection that
+        // failed again meanwhile were pushed anew.
+        later.retain(|&(_, id)| self.conns.get_mut(id).is_some());
+        self.retries.append(&mut later);
+        if !self.retries.is_empty() && !self.retry_timer {
+            self.retry_timer = true;
+            self.worker.submit(Op::timeout(RETRY_TICK), Io::Retry);
         }
     }
 
@@ -1230,5 +1421,33 @@ mod tests {
     #[test]
     fn connection_records_stay_small() {
         assert!(std::mem::size_of::<super::Conn>() <= 48);
+    }
+
+    #[test]
+    fn retries_double_their_pause_and_give_up_at_the_limit() {
+        use super::{Retry, RETRY_FIRST, RETRY_LIMIT};
+        let mut r = Retry::default();
+        assert!(!r.pending());
+        assert!(r.failed(Retry::SEND));
+        assert!(r.waits(Retry::SEND) && !r.waits(Retry::RECV));
+        assert_eq!(r.delay(), RETRY_FIRST);
+        assert!(r.failed(Retry::RECV));
+        assert!(r.waits(Retry::SEND) && r.waits(Retry::RECV));
+        assert_eq!(r.delay(), RETRY_FIRST * 2);
+        assert_eq!(r.take(), Retry::SEND | Retry::RECV);
+        assert!(!r.pending());
+        assert_eq!(r.failures(), 2, "taking the ops keeps the count");
+        for n in 3..=RETRY_LIMIT {
+            assert!(r.failed(Retry::SEND), "failure {n} is retried");
+        }
+        assert_eq!(r.delay(), RETRY_FIRST * (1 << (RETRY_LIMIT - 1)));
+        assert!(!r.failed(Retry::SEND), "one more is too many");
+        r.take();
+        r.succeeded();
+        assert_eq!(r.failures(), 0);
+        assert!(
+            r.failed(Retry::RECV),
+            "the count starts again after a success"
+        );
     }
 }

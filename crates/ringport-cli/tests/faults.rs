@@ -186,6 +186,67 @@ fn receives_that_find_no_buffer_lose_nothing() {
     server.terminate_cleanly(EXIT_GUARD);
 }
 
+/// A send or receive that fails for want of memory (`ENOMEM`) is tried again after a pause:
+/// no connection is cut, every byte comes back in order, and the summary counts the retries.
+fn sends_and_receives_that_run_out_of_memory_are_retried_and_lose_nothing() {
+    // Rare enough that no connection fails `RETRY_LIMIT` (8) times in a row.
+    let spec = "send=ENOMEM/7,recv=ENOMEM/11";
+    let (server, outcomes) = stream_with_faults(spec, 11000);
+    let len = CHUNKS * CHUNK;
+    for (i, o) in outcomes.iter().enumerate() {
+        assert!(
+            o.got == len && o.end == StreamEnd::Eof && o.wrote_all,
+            "connection {i} ({spec}): {o:?}, want all {len} bytes back, then EOF"
+        );
+    }
+    let mut server = server;
+    server.assert_running();
+    let output = server.terminate_cleanly(EXIT_GUARD);
+    let retried = number_between(&output.stdout, "tried ", " sends or receives again")
+        .unwrap_or_else(|| panic!("the summary counts no retries\n{}", output.describe()));
+    assert!(retried > 0, "{}", output.describe());
+    assert!(
+        output.stderr.contains("ENOMEM") && output.stderr.contains("trying again"),
+        "no warning names the error and the retry\n{}",
+        output.describe()
+    );
+}
+
+/// Sends that keep failing for want of memory are given up after a bounded number of tries:
+/// the connection is closed with a warning, having echoed nothing it did not send whole, and
+/// the server goes on.
+fn sends_that_keep_running_out_of_memory_close_their_connection() {
+    let spec = "send=ENOMEM/1";
+    let mut server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
+        cmd.env("RINGPORT_FAULTS", spec);
+    });
+    let mut s = connect(server.addr);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&pattern(5, 1000)).unwrap();
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) if util::is_reset(&e) => {}
+        Err(e) => panic!("{spec}: the connection was not closed: {e}"),
+    }
+    assert!(got.is_empty(), "{spec}: {} bytes came back", got.len());
+    server.assert_running();
+    let output = server.terminate_cleanly(EXIT_GUARD);
+    assert!(
+        output.stderr.contains("send") && output.stderr.contains("closing the connection"),
+        "no warning says why the connection was closed\n{}",
+        output.describe()
+    );
+    let retried = number_between(&output.stdout, "tried ", " sends or receives again")
+        .unwrap_or_else(|| panic!("the summary counts no retries\n{}", output.describe()));
+    assert_eq!(
+        retried,
+        8,
+        "retries before giving up\n{}",
+        output.describe()
+    );
+}
+
 fn bad_fault_spec_is_named() {
     let output = util::run_cli_configured(
         &["serve", "--listen", "127.0.0.1:0"],
@@ -207,5 +268,7 @@ per_backend!(
     failing_and_short_sends_cut_only_their_connection,
     failing_receives_cut_only_their_connection,
     receives_that_find_no_buffer_lose_nothing,
+    sends_and_receives_that_run_out_of_memory_are_retried_and_lose_nothing,
+    sends_that_keep_running_out_of_memory_close_their_connection,
     bad_fault_spec_is_named,
 );
