@@ -144,6 +144,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub udp_rate_total: u32,
 
+    /// Log one line of statistics every SECS seconds: connections open and accepted, bytes
+    /// echoed and the rate, receive-pool buffers in use, and counts of refused and closed
+    /// connections [default: off].
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub stats: Option<Duration>,
+
     /// On SIGINT/SIGTERM, how long to keep echoing what was already received before closing
     /// the remaining connections, in seconds (e.g. 5, 0.5).
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]

@@ -34,6 +34,8 @@ use crate::echo_queue::EchoQueue;
 use crate::slab::Slab;
 use crate::ServeArgs;
 
+mod stats;
+
 /// Receive pool buffer size where receives share buffers (each going on where the previous one
 /// stopped): several times a typical receive, so that a buffer-sized batch of input rarely
 /// straddles two buffers and completes in two parts (BENCHMARKS.md, H).
@@ -229,9 +231,11 @@ impl Retry {
     }
 }
 
-/// Counters shared by the workers, for the exit summary and `--max-connections`.
+/// Counters shared by the workers, for the exit summary, `--max-connections` and `--stats`.
 #[derive(Default)]
 struct Totals {
+    /// One per worker with `--stats`, else none.
+    gauges: Box<[stats::Gauge]>,
     connections: AtomicU64,
     bytes: AtomicU64,
     refused: AtomicU64,
@@ -242,6 +246,15 @@ struct Totals {
     retried: AtomicU64,
     /// Connections open right now.
     live: AtomicUsize,
+}
+
+impl Totals {
+    fn with_gauges(workers: usize) -> Self {
+        Totals {
+            gauges: (0..workers).map(|_| stats::Gauge::default()).collect(),
+            ..Totals::default()
+        }
+    }
 }
 
 pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
@@ -334,7 +347,18 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         }
     })?;
 
-    let totals = Arc::new(Totals::default());
+    let every = args.stats.filter(|d| !d.is_zero());
+    let totals = Arc::new(Totals::with_gauges(if every.is_some() {
+        workers.len()
+    } else {
+        0
+    }));
+    let stats = every
+        .map(|every| {
+            let pool_total = workers.len() * usize::from(buffers(pool_buffer));
+            stats::Stats::start(every, Arc::clone(&totals), pool_total)
+        })
+        .transpose()?;
     let mut threads = Vec::new();
     for worker in workers {
         let listener = listener.clone();
@@ -356,6 +380,9 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
             }
             Err(_) => failed = true,
         }
+    }
+    if let Some(stats) = stats {
+        stats.stop();
     }
     let mut summary = format!(
         "ringport: served {} connections, echoed {} bytes",
@@ -602,6 +629,7 @@ impl Server {
                     }
                     self.post_sends();
                     self.rearm_starved();
+                    self.publish();
                 }
                 Err(WaitError::TimedOut) => self.now = Instant::now(),
                 Err(e) => break Err(io::Error::from(e)),
@@ -638,6 +666,13 @@ impl Server {
             .fetch_add(self.connections, Ordering::Relaxed);
         self.totals.bytes.fetch_add(self.bytes, Ordering::Relaxed);
         result
+    }
+
+    /// Publishes this worker's counters for `--stats` (when on).
+    fn publish(&self) {
+        if let Some(g) = self.totals.gauges.get(self.worker.index()) {
+            g.publish(self.connections, self.bytes, self.worker.pool_available());
+        }
     }
 
     fn finished(&self) -> bool {

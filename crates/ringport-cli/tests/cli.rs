@@ -3,6 +3,7 @@
 mod util;
 
 use std::net::TcpListener;
+use std::time::{Duration, Instant};
 
 use util::{run_cli, Output, Server, CLI_TIMEOUT};
 
@@ -242,7 +243,63 @@ fn serve_accepts_verbose_flags() {
     util::echo_exact(server.addr, b"verbose");
 }
 
+/// The latest `--stats` line's (open, accepted, echoed) once `want` accepts it, waiting at
+/// most 10 s.
+fn stats_until(server: &Server, want: impl Fn((u64, u64, u64)) -> bool) -> (u64, u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = None;
+    while Instant::now() < deadline {
+        let err = util::strip_ansi(&server.stderr_so_far());
+        if let Some(line) = err.lines().rev().find(|l| l.contains("stats: open ")) {
+            let n = |prefix, suffix| util::number_between(line, prefix, suffix);
+            let got = (
+                n("open ", ",").expect("open"),
+                n("accepted ", " (").expect("accepted"),
+                n("echoed ", " bytes").expect("echoed"),
+            );
+            if want(got) {
+                return got;
+            }
+            last = Some(line.to_string());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no --stats line as wanted within 10 s; the last: {last:?}");
+}
+
+fn stats_lines_count_connections_and_bytes_echoed() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--stats", "0.1"]);
+    let mut s = util::connect(server.addr);
+    util::round_trip(&mut s, &util::pattern(1, 1000));
+    let (open, accepted, echoed) = stats_until(&server, |(open, _, _)| open == 1);
+    assert_eq!((open, accepted), (1, 1));
+    assert!(echoed <= 1000, "echoed {echoed} of 1000 bytes");
+    let (_, _, echoed) = stats_until(&server, |(_, _, echoed)| echoed >= 1000);
+    assert_eq!(echoed, 1000, "bytes echoed");
+    drop(s);
+    let (open, accepted, _) = stats_until(&server, |(open, _, _)| open == 0);
+    assert_eq!(
+        (open, accepted),
+        (0, 1),
+        "the closed connection is not open"
+    );
+    server.terminate_cleanly(Duration::from_secs(10));
+}
+
+fn serve_bad_stats_period_is_exit_2_naming_the_flag() {
+    let args = ["serve", "--listen", "127.0.0.1:0", "--stats", "often"];
+    assert_usage_error(&args);
+    let output = run_cli(&args, CLI_TIMEOUT);
+    assert!(
+        output.stderr.contains("--stats"),
+        "the error names the flag\n{}",
+        output.describe()
+    );
+}
+
 per_backend!(
+    stats_lines_count_connections_and_bytes_echoed,
+    serve_bad_stats_period_is_exit_2_naming_the_flag,
     serve_unparsable_listen_address_is_exit_2,
     serve_listen_address_without_port_is_exit_2,
     serve_non_numeric_workers_is_exit_2,

@@ -1,0 +1,146 @@
+//! `--stats SECS`: one log line every SECS seconds with what the server holds and has done
+//! (the book's scalable server prints its statistics every 5 s).
+//!
+//! Each worker publishes its own counters into a gauge of its own (a cache line each, plain
+//! stores after each batch of completions, so workers never contend); a thread of its own reads
+//! them all and logs the totals and what changed since the previous line.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+use super::Totals;
+
+/// One worker's published counters.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(super) struct Gauge {
+    /// Connections the worker has taken on since the start.
+    accepted: AtomicU64,
+    /// Bytes it has echoed since the start.
+    bytes: AtomicU64,
+    /// Its receive pool's buffers not in use.
+    pool_free: AtomicUsize,
+}
+
+impl Gauge {
+    pub(super) fn publish(&self, accepted: u64, bytes: u64, pool_free: usize) {
+        self.accepted.store(accepted, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.pool_free.store(pool_free, Ordering::Relaxed);
+    }
+}
+
+/// The logging thread; [`Stats::stop`] ends it.
+pub(super) struct Stats {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+/// Totals read at one moment.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reading {
+    accepted: u64,
+    bytes: u64,
+    pool_free: usize,
+}
+
+fn read(totals: &Totals) -> Reading {
+    totals
+        .gauges
+        .iter()
+        .fold(Reading::default(), |r, g| Reading {
+            accepted: r.accepted + g.accepted.load(Ordering::Relaxed),
+            bytes: r.bytes + g.bytes.load(Ordering::Relaxed),
+            pool_free: r.pool_free + g.pool_free.load(Ordering::Relaxed),
+        })
+}
+
+/// One line: totals, then what changed over `secs` since `last`.
+fn line(totals: &Totals, now: Reading, last: Reading, secs: f64, pool_total: usize) -> String {
+    let bytes = now.bytes.saturating_sub(last.bytes);
+    let mut s = format!(
+        "stats: open {}, accepted {} (+{}), echoed {} bytes (+{bytes}, {:.1} MB/s), pool {}/{} \
+         buffers in use",
+        totals.live.load(Ordering::Relaxed),
+        now.accepted,
+        now.accepted.saturating_sub(last.accepted),
+        now.bytes,
+        bytes as f64 / secs.max(1e-9) / 1e6,
+        pool_total.saturating_sub(now.pool_free),
+        pool_total,
+    );
+    for (what, n) in [
+        ("refused", &totals.refused),
+        ("closed idle", &totals.idle_closed),
+        ("closed holding the pool", &totals.hogs_closed),
+        ("retried for want of memory", &totals.retried),
+    ] {
+        let n = n.load(Ordering::Relaxed);
+        if n > 0 {
+            s.push_str(&format!(", {what} {n}"));
+        }
+    }
+    s
+}
+
+impl Stats {
+    /// Starts logging every `every`; `pool_total` is the buffers of all workers' pools.
+    pub(super) fn start(
+        every: Duration,
+        totals: Arc<Totals>,
+        pool_total: usize,
+    ) -> Result<Stats, String> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("stats".into())
+            .spawn(move || {
+                let mut last = read(&totals);
+                let mut at = Instant::now();
+                // Ends when `stop` is used or dropped.
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                    let now = read(&totals);
+                    let secs = at.elapsed().as_secs_f64();
+                    at = Instant::now();
+                    info!("{}", line(&totals, now, last, secs, pool_total));
+                    last = now;
+                }
+            })
+            .map_err(|e| format!("cannot start the --stats thread: {e}"))?;
+        Ok(Stats { stop, thread })
+    }
+
+    pub(super) fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_gives_totals_changes_and_only_the_events_that_happened() {
+        let totals = Totals::with_gauges(2);
+        totals.gauges[0].publish(3, 1000, 10);
+        totals.gauges[1].publish(2, 500, 16);
+        totals.live.store(4, Ordering::Relaxed);
+        totals.retried.store(7, Ordering::Relaxed);
+        let last = Reading {
+            accepted: 1,
+            bytes: 300,
+            pool_free: 0,
+        };
+        let s = line(&totals, read(&totals), last, 2.0, 32);
+        assert_eq!(
+            s,
+            "stats: open 4, accepted 5 (+4), echoed 1500 bytes (+1200, 0.0 MB/s), pool 6/32 \
+             buffers in use, retried for want of memory 7"
+        );
+    }
+}
