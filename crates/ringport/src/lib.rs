@@ -103,6 +103,12 @@
 //! what a connection can take before the application has seen it (epoll always; io_uring from
 //! Linux 6.17, see [`Worker::recv_limits`]).
 //!
+//! # Porting from Windows
+//!
+//! [`porting_from_iocp`] maps each IOCP call (`CreateIoCompletionPort`, `AcceptEx`, `WSARecv`,
+//! `GetQueuedCompletionStatus`, `PostQueuedCompletionStatus`, `CancelIoEx`, ...) to its
+//! counterpart here, and lists what changes a program's structure.
+//!
 //! # Fault injection
 //!
 //! Setting [`FAULTS_ENV`] makes chosen operations fail with chosen errors (or sends short),
@@ -117,6 +123,9 @@ mod op;
 mod pool;
 mod port;
 mod sys;
+
+#[doc = include_str!("../docs/porting-from-iocp.md")]
+pub mod porting_from_iocp {}
 
 pub use fault::FAULTS_ENV;
 pub use handle::Handle;
