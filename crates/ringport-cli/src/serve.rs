@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringport::{Completion, Handle, Op, OpId, Packet, PoolBuf, Port, WaitError, Worker};
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, error, info, trace, warn};
 
 use crate::client::errors::describe;
 use crate::echo_queue::EchoQueue;
@@ -632,7 +632,22 @@ impl Server {
                     self.publish();
                 }
                 Err(WaitError::TimedOut) => self.now = Instant::now(),
-                Err(e) => break Err(io::Error::from(e)),
+                Err(e) => {
+                    // A worker that cannot wait for completions is lost, with its connections
+                    // (closed as it is dropped); the others finish what they hold and the
+                    // server exits with status 1, rather than serve on without this worker.
+                    error!(
+                        "worker {}: {e}: closing its connections, draining the others, and \
+                         exiting with status 1",
+                        self.worker.index()
+                    );
+                    for w in 0..self.port.workers() {
+                        if w != self.worker.index() {
+                            let _ = self.port.post(w, Packet::new(Io::Drain));
+                        }
+                    }
+                    break Err(io::Error::from(e));
+                }
             }
             self.close_pool_hog();
             if self.deadline.is_some_and(|d| Instant::now() >= d) {

@@ -6,7 +6,7 @@
 mod util;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,11 @@ struct Outcome {
 /// Writes `data` in chunks from a writer thread, then half-closes, while this thread reads the
 /// echo back; checks it is a prefix of `data`.
 fn stream_one(addr: SocketAddr, data: Vec<u8>, what: String) -> Outcome {
-    let mut stream = connect(addr);
+    stream_on(connect(addr), data, what)
+}
+
+/// [`stream_one`] on a connection already made.
+fn stream_on(mut stream: TcpStream, data: Vec<u8>, what: String) -> Outcome {
     let mut writer = stream.try_clone().unwrap();
     let sent = data.clone();
     let w = thread::spawn(move || -> bool {
@@ -247,6 +251,45 @@ fn sends_that_keep_running_out_of_memory_close_their_connection() {
     );
 }
 
+/// A worker whose wait for completions fails (as a failing `io_uring_enter` or `epoll_wait`
+/// would) is lost: the error is logged at once, naming the worker, every connection gets back
+/// an exact prefix of what it sent, the other workers drain, and the server exits by itself
+/// with status 1 rather than serve on without that worker. One wait fails, once: the other
+/// worker's waits all succeed, so only the drain it is told to do makes it stop.
+fn a_worker_that_cannot_wait_stops_the_server_with_status_1() {
+    let spec = "wait=EIO/40*1";
+    let server = Server::start_configured(&["--listen", "127.0.0.1:0", "--workers", "2"], |cmd| {
+        cmd.env("RINGPORT_FAULTS", spec);
+    });
+    let addr = server.addr;
+    // Each connection checks that what came back is a prefix of what it sent; once the
+    // listener's worker has stopped, connecting is refused.
+    let handles: Vec<_> = (0..CONNECTIONS)
+        .map(|i| {
+            let data = pattern(13000 + i as u64, CHUNKS * CHUNK);
+            let what = format!("connection {i} ({spec})");
+            thread::spawn(move || {
+                TcpStream::connect(addr)
+                    .ok()
+                    .map(|s| stream_on(s, data, what))
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("a connection's check failed");
+    }
+    let output = server.wait_exit(EXIT_GUARD);
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(1), "{}", output.describe());
+    assert!(
+        output.stderr.contains("ERROR")
+            && output.stderr.contains("Input/output error")
+            && output.stderr.contains("exiting with status 1"),
+        "no error names the failed worker and what follows\n{}",
+        output.describe()
+    );
+}
+
 fn bad_fault_spec_is_named() {
     let output = util::run_cli_configured(
         &["serve", "--listen", "127.0.0.1:0"],
@@ -270,5 +313,6 @@ per_backend!(
     receives_that_find_no_buffer_lose_nothing,
     sends_and_receives_that_run_out_of_memory_are_retried_and_lose_nothing,
     sends_that_keep_running_out_of_memory_close_their_connection,
+    a_worker_that_cannot_wait_stops_the_server_with_status_1,
     bad_fault_spec_is_named,
 );

@@ -8,13 +8,17 @@ use crate::op::OpKind;
 
 /// The environment variable that turns fault injection on when a port is built: a
 /// comma-separated list of `OP=EFFECT/N` rules, where `OP` is `accept`, `connect`, `recv` or
-/// `send` (pooled variants included), `EFFECT` an errno name (`ECONNRESET`, `EPIPE`, `ENOBUFS`,
-/// `ECANCELED`, `EMFILE`, `ENOMEM`, `ETIMEDOUT`) or `short` (a send that sends one byte), and
-/// `N` makes every Nth such operation fail (default 1: all). Example:
-/// `RINGPORT_FAULTS=recv=ECONNRESET/50,send=short/7`.
+/// `send` (pooled variants included), or `wait` (a worker's wait for completions), `EFFECT` an
+/// errno name (`ECONNRESET`, `EPIPE`, `ENOBUFS`, `ECANCELED`, `EMFILE`, `ENOMEM`, `ETIMEDOUT`,
+/// `EIO`, ...) or `short` (a send that sends one byte), and `N` makes every Nth such operation
+/// fail (default 1: all); `N*K` stops after K failures. Example:
+/// `RINGPORT_FAULTS=recv=ECONNRESET/50,send=short/7,wait=EIO/40*1`.
 ///
 /// A failing operation completes at once with the error (its buffer given back) without
-/// reaching the kernel; a `short` send sends one byte and completes with `Ok(1)`.
+/// reaching the kernel; a `short` send sends one byte and completes with `Ok(1)`. A failing
+/// wait makes [`Worker::dequeue`](crate::Worker::dequeue) (or `dequeue_batch`) return
+/// [`WaitError::Io`](crate::WaitError::Io) with the error, as a failing `io_uring_enter` or
+/// `epoll_wait` would; nothing is lost, and the next wait may succeed.
 pub const FAULTS_ENV: &str = "RINGPORT_FAULTS";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,10 +29,24 @@ pub(crate) enum Effect {
 
 #[derive(Debug)]
 struct Rule {
+    /// The operations it applies to; none for a `wait` rule.
     ops: &'static [OpKind],
+    /// A `wait` rule.
+    wait: bool,
     effect: Effect,
     every: u64,
     seen: AtomicU64,
+    /// The most times it fires.
+    limit: u64,
+    fired: AtomicU64,
+}
+
+impl Rule {
+    /// Counts one more operation (or wait) it applies to; whether this one fails.
+    fn fires(&self) -> bool {
+        (self.seen.fetch_add(1, Ordering::Relaxed) + 1) % self.every == 0
+            && self.fired.fetch_add(1, Ordering::Relaxed) < self.limit
+    }
 }
 
 /// The parsed rules, shared by a port's workers.
@@ -57,23 +75,31 @@ impl Faults {
         for rule in spec.split(',').map(str::trim).filter(|r| !r.is_empty()) {
             let (op, rest) = rule
                 .split_once('=')
-                .ok_or_else(|| bad(rule, "expected OP=EFFECT[/N]"))?;
-            let (effect, every) = match rest.split_once('/') {
-                Some((e, n)) => (
-                    e,
-                    n.parse::<u64>()
-                        .ok()
-                        .filter(|&n| n > 0)
-                        .ok_or_else(|| bad(rule, "N must be a positive integer"))?,
-                ),
-                None => (rest, 1),
+                .ok_or_else(|| bad(rule, "expected OP=EFFECT[/N[*K]]"))?;
+            let positive = |n: &str, what| {
+                n.parse::<u64>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| bad(rule, what))
+            };
+            let (effect, every, limit) = match rest.split_once('/') {
+                Some((e, n)) => match n.split_once('*') {
+                    Some((n, k)) => (
+                        e,
+                        positive(n, "N must be a positive integer")?,
+                        positive(k, "K must be a positive integer")?,
+                    ),
+                    None => (e, positive(n, "N must be a positive integer")?, u64::MAX),
+                },
+                None => (rest, 1, u64::MAX),
             };
             let ops: &'static [OpKind] = match op {
                 "accept" => &[OpKind::Accept],
                 "connect" => &[OpKind::Connect],
                 "recv" => &[OpKind::Recv, OpKind::RecvPooled],
                 "send" => &[OpKind::Send],
-                _ => return Err(bad(rule, "OP is accept, connect, recv or send")),
+                "wait" => &[],
+                _ => return Err(bad(rule, "OP is accept, connect, recv, send or wait")),
             };
             let effect = match effect {
                 "short" if op == "send" => Effect::Short,
@@ -84,9 +110,12 @@ impl Faults {
             };
             rules.push(Rule {
                 ops,
+                wait: op == "wait",
                 effect,
                 every,
                 seen: AtomicU64::new(0),
+                limit,
+                fired: AtomicU64::new(0),
             });
         }
         Ok(Faults { rules })
@@ -97,8 +126,20 @@ impl Faults {
         self.rules
             .iter()
             .filter(|r| r.ops.contains(&kind))
-            .find(|r| (r.seen.fetch_add(1, Ordering::Relaxed) + 1) % r.every == 0)
+            .find(|r| r.fires())
             .map(|r| r.effect)
+    }
+
+    /// Whether this wait for completions is to fail, and with which errno.
+    pub(crate) fn check_wait(&self) -> Option<i32> {
+        self.rules
+            .iter()
+            .filter(|r| r.wait)
+            .find(|r| r.fires())
+            .and_then(|r| match r.effect {
+                Effect::Errno(e) => Some(e),
+                Effect::Short => None,
+            })
     }
 }
 
@@ -114,6 +155,7 @@ fn errno_by_name(name: &str) -> Option<i32> {
         "ETIMEDOUT" => libc::ETIMEDOUT,
         "ECONNREFUSED" => libc::ECONNREFUSED,
         "ECONNABORTED" => libc::ECONNABORTED,
+        "EIO" => libc::EIO,
         _ => return None,
     })
 }
@@ -130,6 +172,29 @@ mod tests {
         assert_eq!(recv, vec![None, None, reset, None, None, reset]);
         assert_eq!(f.check(OpKind::Send), Some(Effect::Short));
         assert_eq!(f.check(OpKind::Accept), None);
+        assert_eq!(f.check_wait(), None);
+
+        let f = Faults::parse("wait=EIO/2").unwrap();
+        let waits: Vec<_> = (0..4).map(|_| f.check_wait()).collect();
+        assert_eq!(waits, vec![None, Some(libc::EIO), None, Some(libc::EIO)]);
+        assert_eq!(
+            f.check(OpKind::RecvPooled),
+            None,
+            "a wait rule fails no operation"
+        );
+        assert!(
+            Faults::parse("wait=short").is_err(),
+            "only sends can be short"
+        );
+
+        let f = Faults::parse("wait=EIO/2*1, send=EPIPE/1*2").unwrap();
+        let waits: Vec<_> = (0..6).map(|_| f.check_wait()).collect();
+        assert_eq!(waits, vec![None, Some(libc::EIO), None, None, None, None]);
+        let pipe = Some(Effect::Errno(libc::EPIPE));
+        let sends: Vec<_> = (0..3).map(|_| f.check(OpKind::Send)).collect();
+        assert_eq!(sends, vec![pipe, pipe, None], "K stops it");
+        assert!(Faults::parse("send=EPIPE/1*0").is_err());
+        assert!(Faults::parse("send=EPIPE/1*x").is_err());
     }
 
     proptest::proptest! {

@@ -728,6 +728,9 @@ where
             }
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             self.handed_out = 0;
+            if let Some(e) = self.faults.as_ref().and_then(|f| f.check_wait()) {
+                return Err(WaitError::Io(errno(e)));
+            }
             let waited = self.driver.wait(remaining, &mut self.events);
             // What was reaped before a failure is still handed out.
             self.complete_events();
