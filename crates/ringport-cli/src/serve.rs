@@ -174,6 +174,9 @@ struct Conn {
     last_active: u64,
     /// Sends and receives that failed for want of memory, to be tried again.
     retry: Retry,
+    /// Its echo waits for the receive armed again after one that ended with input left in
+    /// the socket (see `received`).
+    hold: bool,
 }
 
 /// A connection's operations waiting to be tried again after failing for want of memory (the
@@ -843,6 +846,7 @@ impl Server {
             starved: false,
             last_active: self.millis(self.now),
             retry: Retry::default(),
+            hold: false,
         };
         self.arm(&mut conn);
         let id = self.conns.insert(conn);
@@ -882,6 +886,10 @@ impl Server {
             return;
         };
         let mut yielded = false;
+        if std::mem::take(&mut conn.hold) && !matches!(c.result, Ok(n) if n > 0) {
+            // What was held goes out now (with input, it goes out with that input, below).
+            self.wants_send(id, &mut conn);
+        }
         if !c.more {
             conn.recv = None;
             conn.cancelling = false;
@@ -917,6 +925,21 @@ impl Server {
                     // waits its turn, as an armed receive yields its turn below): with
                     // `--strict-conn-buffer` a receive ending at its limit is routine.
                     if self.free_receives() > self.waiting {
+                        // Input left in the socket (the receive ended where its pool buffer
+                        // filled up, in the middle of what the peer sent) is taken by the new
+                        // receive, whose completion comes behind every other connection's
+                        // already queued. Echoing what came so far now would split the peer's
+                        // batch across two rounds, and a peer that answers each echo then keeps
+                        // sending in two halves, a round behind, for good (p99 latency doubled
+                        // at 1000c 512B p16 on a warmed server; BENCHMARKS.md, I). So the echo
+                        // waits for that completion and goes out with it.
+                        conn.hold = conn.handle.readable_bytes().is_ok_and(|n| n > 0);
+                        if conn.hold {
+                            debug!(
+                                "socket {}: receive ended with input left; echo held for it",
+                                conn.handle.as_raw_fd()
+                            );
+                        }
                         self.arm(&mut conn);
                     } else {
                         self.wait_for_buffer(id, &mut conn);
@@ -1038,8 +1061,10 @@ impl Server {
                 continue; // Closed meanwhile.
             };
             conn.to_send = false;
-            if conn.retry.waits(Retry::SEND) {
-                continue; // Listed before its send failed: it waits for the retry.
+            if conn.retry.waits(Retry::SEND) || conn.hold {
+                // Listed before its send failed (it waits for the retry), or its echo waits for
+                // the rest of its input (`received`).
+                continue;
             }
             let Some(out) = &mut conn.out else { continue };
             let mut bufs = spare.pop().unwrap_or_default();

@@ -241,7 +241,62 @@ fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {
     );
 }
 
+/// With `--strict-conn-buffer`, receives end every 256 KiB, often with input left in the
+/// socket; the echo of what came before then waits for the receive armed again. Connections
+/// streaming at once, each reading as it writes, get back every byte in order: no echo is
+/// lost, reordered or left waiting. (Rounds of streams until a receive has ended with input
+/// left, which most rounds see.)
+fn streams_echo_whole_through_receives_that_end_at_the_limit() {
+    const STREAMS: usize = 2;
+    const LEN: usize = 8 << 20;
+    const CHUNK: usize = 7919;
+    const ROUNDS: u64 = 8;
+    let server = Server::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--strict-conn-buffer",
+        "-v",
+    ]);
+    let addr = server.addr;
+    let held = |server: &Server| server.stderr_so_far().contains("echo held for it");
+    for round in 0..ROUNDS {
+        let streams: Vec<_> = (0..STREAMS)
+            .map(|i| {
+                thread::spawn(move || {
+                    let data = pattern(500 + round * 16 + i as u64, LEN);
+                    let mut s = connect(addr);
+                    let mut w = s.try_clone().unwrap();
+                    let sent = data.clone();
+                    let writer = thread::spawn(move || {
+                        for chunk in sent.chunks(CHUNK) {
+                            w.write_all(chunk).unwrap();
+                        }
+                    });
+                    let echo = util::read_exact_len(&mut s, LEN);
+                    writer.join().expect("writer");
+                    util::assert_bytes_eq(&echo, &data, &format!("round {round}, stream {i}"));
+                })
+            })
+            .collect();
+        for s in streams {
+            s.join().expect("a stream's check failed");
+        }
+        if held(&server) {
+            break;
+        }
+    }
+    assert!(
+        held(&server),
+        "no receive ended with input left in {ROUNDS} rounds\n{}",
+        server.stderr_so_far()
+    );
+    server.terminate_cleanly(EXIT_GUARD);
+}
+
 per_backend!(
+    streams_echo_whole_through_receives_that_end_at_the_limit,
     sender_without_reading_bounded_rss_then_exact_echo,
     peers_that_never_read_cannot_starve_the_others,
     peers_that_stop_reading_keep_to_their_share_of_the_pool,
