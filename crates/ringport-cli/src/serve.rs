@@ -601,6 +601,8 @@ impl Server {
     }
 
     fn run(mut self) -> io::Result<()> {
+        // `--stats` reads the pool as free until the first batch says otherwise.
+        self.publish();
         self.post_accept();
         if let Some(idle) = self.limits.idle_timeout {
             // Kept, so that a drain can cancel it.
@@ -649,6 +651,10 @@ impl Server {
                             let _ = self.port.post(w, Packet::new(Io::Drain));
                         }
                     }
+                    if let Some(l) = self.listener.take() {
+                        self.worker.submit(Op::close(&l), Io::Close);
+                    }
+                    self.close_all("worker failed");
                     break Err(io::Error::from(e));
                 }
             }
@@ -1336,18 +1342,21 @@ impl Server {
     }
 
     fn force_close(&mut self) {
+        let n = self.conns.ids().len();
+        if n > 0 {
+            warn!("drain timeout: closing {n} connections still echoing");
+        }
+        self.close_all("drain timeout");
+    }
+
+    /// Closes every connection, and from then on takes no new work: what completes within
+    /// `FORCE_GRACE` is only counted.
+    fn close_all(&mut self, why: &str) {
         self.forced = true;
         self.deadline = Some(Instant::now() + FORCE_GRACE);
-        let ids = self.conns.ids();
-        if !ids.is_empty() {
-            warn!(
-                "drain timeout: closing {} connections still echoing",
-                ids.len()
-            );
-        }
-        for id in ids {
+        for id in self.conns.ids() {
             if let Some(conn) = self.conns.take(id) {
-                self.close_conn(id, conn, "drain timeout");
+                self.close_conn(id, conn, why);
             }
         }
     }

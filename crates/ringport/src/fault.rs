@@ -9,9 +9,11 @@ use crate::op::OpKind;
 /// The environment variable that turns fault injection on when a port is built: a
 /// comma-separated list of `OP=EFFECT/N` rules, where `OP` is `accept`, `connect`, `recv` or
 /// `send` (pooled variants included), or `wait` (a worker's wait for completions), `EFFECT` an
-/// errno name (`ECONNRESET`, `EPIPE`, `ENOBUFS`, `ECANCELED`, `EMFILE`, `ENOMEM`, `ETIMEDOUT`,
-/// `EIO`, ...) or `short` (a send that sends one byte), and `N` makes every Nth such operation
-/// fail (default 1: all); `N*K` stops after K failures. Example:
+/// errno name (`ECONNRESET`, `EPIPE`, `ENOBUFS`, `ECANCELED`, `EMFILE`, `ENFILE`, `ENOMEM`,
+/// `ETIMEDOUT`, `ECONNREFUSED`, `ECONNABORTED`, `EIO`) or `short` (a send that sends one byte),
+/// and `N` makes every Nth such operation fail (default 1: all); `N*K` stops after K failures.
+/// A rule counts over all of a port's workers (which worker's wait fails is not chosen).
+/// Example:
 /// `RINGPORT_FAULTS=recv=ECONNRESET/50,send=short/7,wait=EIO/40*1`.
 ///
 /// A failing operation completes at once with the error (its buffer given back) without
