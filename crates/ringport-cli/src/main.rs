@@ -107,12 +107,16 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(usize))]
     pub conn_buffer: usize,
 
-    /// End each armed receive after --conn-buffer bytes (epoll; io_uring on Linux 6.17+), so a
-    /// peer that sends and never reads gets at most about twice --conn-buffer into the pool
-    /// rather than whatever arrives before the pause reaches the kernel (a few MiB from a fast
-    /// sender). Off by default: receives that end and are armed again cost p99 latency under
-    /// heavy pipelined load (BENCHMARKS.md, I).
+    /// Do not end each armed receive after --conn-buffer bytes. By default receives end there
+    /// (epoll; io_uring on Linux 6.17+), so a peer that sends and never reads gets at most
+    /// about twice --conn-buffer into the pool; without that, whatever arrives before the
+    /// pause reaches the kernel (a few MiB from a fast sender). For comparison.
     #[arg(long)]
+    pub no_strict_conn_buffer: bool,
+
+    /// The default (receives end after --conn-buffer bytes); accepted for scripts written
+    /// when it was not.
+    #[arg(long, hide = true, conflicts_with = "no_strict_conn_buffer")]
     pub strict_conn_buffer: bool,
 
     /// Bytes of receive buffers in each worker's pool, 1 MiB to 256 MiB: they bound what a

@@ -141,7 +141,7 @@ struct Limits {
     idle_timeout: Option<Duration>,
     max_connections: usize,
     conn_buffer: usize,
-    /// `--strict-conn-buffer`: every receive ends after `conn_buffer` bytes.
+    /// Every receive ends after `conn_buffer` bytes (unless `--no-strict-conn-buffer`).
     strict: bool,
     /// The size of a receive pool buffer.
     pool_buffer: usize,
@@ -320,7 +320,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
             .conn_buffer
             .min(usize::from(buffers(pool_buffer)) * pool_buffer / 8)
             .max(pool_buffer),
-        strict: args.strict_conn_buffer,
+        strict: !args.no_strict_conn_buffer,
         pool_buffer,
     };
     let udp = if args.udp {
@@ -861,7 +861,7 @@ impl Server {
 
     /// Arms the connection's pooled receive.
     ///
-    /// With `--strict-conn-buffer` it ends by itself after more than `--conn-buffer` bytes
+    /// It ends by itself after more than `--conn-buffer` bytes
     /// (where the backend keeps the limit), which puts the connection over its bound unless
     /// some of its echo went out meanwhile. A peer that sends without reading is armed only
     /// while it holds at most its bound, and then takes in at most the bound and one pool buffer
@@ -869,9 +869,9 @@ impl Server {
     /// pool buffers (640 KiB at the defaults) before the pause takes effect, where without the
     /// limit its input keeps coming until the cancel reaches the kernel. (With whole buffers per
     /// receive, tiny segments each take a buffer while the limit counts bytes: there the pause's
-    /// cancel still does most of the work.) Not the default: at 1000c 512B p16 on a server
-    /// warmed by other loads, p99 latency came out at 19-23 ms with the limit against 11-12
-    /// without, in six runs each way (BENCHMARKS.md, I).
+    /// cancel still does most of the work.) `--no-strict-conn-buffer` arms receives without
+    /// the limit. The limit's ends used to cost p99 latency under pipelined load, until the
+    /// echo held for input left at an end (`received`; BENCHMARKS.md, I).
     fn arm(&mut self, conn: &mut Conn) {
         self.done_waiting(conn);
         let op = if self.limits.strict {
@@ -928,8 +928,8 @@ impl Server {
                     // buffer for more, or found no room in the completion queue (io_uring ends
                     // a multishot receive when its completion overflows). Armed again at once
                     // unless more connections wait for a buffer than there are free (then it
-                    // waits its turn, as an armed receive yields its turn below): with
-                    // `--strict-conn-buffer` a receive ending at its limit is routine.
+                    // waits its turn, as an armed receive yields its turn below): a receive
+                    // ending at its limit is routine.
                     if self.free_receives() > self.waiting {
                         // Input left in the socket (the receive ended where its pool buffer
                         // filled up, in the middle of what the peer sent) is taken by the new

@@ -189,7 +189,7 @@ fn write_until_pushed_back(s: &mut std::net::TcpStream) -> io::Result<usize> {
     Ok(written)
 }
 
-/// With `--strict-conn-buffer`, peers that stop reading are paused at `--conn-buffer` (256 KiB),
+/// With receives that end at `--conn-buffer` (the default), peers that stop reading are paused at `--conn-buffer` (256 KiB),
 /// and their receives end there by themselves: eight of them sending at once stay within the
 /// pool (4 MiB), so nobody is closed for holding it, and each gets its whole echo once it
 /// reads. (Were each receive to run on until its cancel took effect, as without the flag, the
@@ -207,7 +207,6 @@ fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {
         "1",
         "--pool-size",
         "4194304",
-        "--strict-conn-buffer",
     ]);
     let addr = server.addr;
     let writers: Vec<_> = (0..8)
@@ -241,7 +240,7 @@ fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {
     );
 }
 
-/// With `--strict-conn-buffer`, receives end every 256 KiB, often with input left in the
+/// Receives end every 256 KiB (`--conn-buffer`), often with input left in the
 /// socket; the echo of what came before then waits for the receive armed again. Connections
 /// streaming at once, each reading as it writes, get back every byte in order: no echo is
 /// lost, reordered or left waiting. (Rounds of streams until a receive has ended with input
@@ -251,14 +250,7 @@ fn streams_echo_whole_through_receives_that_end_at_the_limit() {
     const LEN: usize = 8 << 20;
     const CHUNK: usize = 7919;
     const ROUNDS: u64 = 8;
-    let server = Server::start_with(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--strict-conn-buffer",
-        "-v",
-    ]);
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--workers", "1", "-v"]);
     let addr = server.addr;
     let held = |server: &Server| server.stderr_so_far().contains("echo held for it");
     for round in 0..ROUNDS {

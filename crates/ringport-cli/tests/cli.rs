@@ -297,7 +297,25 @@ fn serve_bad_stats_period_is_exit_2_naming_the_flag() {
     );
 }
 
+/// Receives end at `--conn-buffer` by default; `--strict-conn-buffer`, from when they did not,
+/// is still accepted, and cannot be given with `--no-strict-conn-buffer`.
+fn serve_conn_buffer_limit_flags() {
+    for flag in ["--strict-conn-buffer", "--no-strict-conn-buffer"] {
+        let server = Server::start_with(&["--listen", "127.0.0.1:0", flag]);
+        util::echo_exact(server.addr, b"served");
+        server.terminate_cleanly(Duration::from_secs(10));
+    }
+    assert_usage_error(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--strict-conn-buffer",
+        "--no-strict-conn-buffer",
+    ]);
+}
+
 per_backend!(
+    serve_conn_buffer_limit_flags,
     stats_lines_count_connections_and_bytes_echoed,
     serve_bad_stats_period_is_exit_2_naming_the_flag,
     serve_unparsable_listen_address_is_exit_2,
