@@ -25,6 +25,17 @@ fn assert_usage_error(args: &[&str]) {
     );
 }
 
+/// [`assert_usage_error`], and the message names `flag`.
+fn assert_usage_error_naming(args: &[&str], flag: &str) {
+    assert_usage_error(args);
+    let output = run_cli(args, CLI_TIMEOUT);
+    assert!(
+        output.stderr.contains(flag),
+        "the error names {flag}\n{}",
+        output.describe()
+    );
+}
+
 fn serve_unparsable_listen_address_is_exit_2() {
     assert_usage_error(&["serve", "--listen", "nonsense"]);
 }
@@ -44,13 +55,7 @@ fn serve_zero_workers_is_exit_2() {
 fn serve_pool_size_out_of_range_is_exit_2_naming_the_flag() {
     for size in ["1000", "1073741824", "lots"] {
         let args = ["serve", "--listen", "127.0.0.1:0", "--pool-size", size];
-        assert_usage_error(&args);
-        let output = run_cli(&args, CLI_TIMEOUT);
-        assert!(
-            output.stderr.contains("--pool-size"),
-            "the error names the flag\n{}",
-            output.describe()
-        );
+        assert_usage_error_naming(&args, "--pool-size");
     }
 }
 
@@ -288,13 +293,7 @@ fn stats_lines_count_connections_and_bytes_echoed() {
 
 fn serve_bad_stats_period_is_exit_2_naming_the_flag() {
     let args = ["serve", "--listen", "127.0.0.1:0", "--stats", "often"];
-    assert_usage_error(&args);
-    let output = run_cli(&args, CLI_TIMEOUT);
-    assert!(
-        output.stderr.contains("--stats"),
-        "the error names the flag\n{}",
-        output.describe()
-    );
+    assert_usage_error_naming(&args, "--stats");
 }
 
 /// Receives end at `--conn-buffer` by default; `--strict-conn-buffer`, from when they did not,

@@ -173,11 +173,10 @@ fn failing_receives_cut_only_their_connection() {
     faulty_streams("recv=ECONNRESET/3");
 }
 
-/// A receive that ends for want of a buffer (`ENOBUFS`) is not an error: the connection waits
-/// for its turn and is re-armed, and no byte is lost or reordered.
-fn receives_that_find_no_buffer_lose_nothing() {
-    let spec = "recv=ENOBUFS/3";
-    let (server, outcomes) = stream_with_faults(spec, 9000);
+/// Streams with faults `spec` that must cost nothing: every connection gets all its bytes back,
+/// then EOF, and the server exits cleanly; returns its output.
+fn faults_lose_nothing(spec: &str, seed: u64) -> util::Output {
+    let (mut server, outcomes) = stream_with_faults(spec, seed);
     let len = CHUNKS * CHUNK;
     for (i, o) in outcomes.iter().enumerate() {
         assert!(
@@ -185,27 +184,21 @@ fn receives_that_find_no_buffer_lose_nothing() {
             "connection {i} ({spec}): {o:?}, want all {len} bytes back, then EOF"
         );
     }
-    let mut server = server;
     server.assert_running();
-    server.terminate_cleanly(EXIT_GUARD);
+    server.terminate_cleanly(EXIT_GUARD)
+}
+
+/// A receive that ends for want of a buffer (`ENOBUFS`) is not an error: the connection waits
+/// for its turn and is re-armed, and no byte is lost or reordered.
+fn receives_that_find_no_buffer_lose_nothing() {
+    faults_lose_nothing("recv=ENOBUFS/3", 9000);
 }
 
 /// A send or receive that fails for want of memory (`ENOMEM`) is tried again after a pause:
 /// no connection is cut, every byte comes back in order, and the summary counts the retries.
 fn sends_and_receives_that_run_out_of_memory_are_retried_and_lose_nothing() {
     // Rare enough that no connection fails `RETRY_LIMIT` (8) times in a row.
-    let spec = "send=ENOMEM/7,recv=ENOMEM/11";
-    let (server, outcomes) = stream_with_faults(spec, 11000);
-    let len = CHUNKS * CHUNK;
-    for (i, o) in outcomes.iter().enumerate() {
-        assert!(
-            o.got == len && o.end == StreamEnd::Eof && o.wrote_all,
-            "connection {i} ({spec}): {o:?}, want all {len} bytes back, then EOF"
-        );
-    }
-    let mut server = server;
-    server.assert_running();
-    let output = server.terminate_cleanly(EXIT_GUARD);
+    let output = faults_lose_nothing("send=ENOMEM/7,recv=ENOMEM/11", 11000);
     let retried = number_between(&output.stdout, "tried ", " sends or receives again")
         .unwrap_or_else(|| panic!("the summary counts no retries\n{}", output.describe()));
     assert!(retried > 0, "{}", output.describe());
