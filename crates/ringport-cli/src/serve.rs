@@ -368,7 +368,10 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         let totals = Arc::clone(&totals);
         let t = std::thread::Builder::new()
             .name(format!("worker-{}", worker.index()))
-            .spawn(move || Server::new(worker, listener, limits, totals).run())
+            .spawn(move || {
+                let _guard = DrainOnPanic(worker.port());
+                Server::new(worker, listener, limits, totals).run()
+            })
             .map_err(|e| format!("cannot start a worker thread: {e}"))?;
         threads.push(t);
     }
@@ -426,6 +429,20 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Held by each worker thread: should the worker panic, every worker is told to drain, so that
+/// the server exits (with status 1, from the failed join) rather than serve on without it.
+struct DrainOnPanic(Port<Key, Io>);
+
+impl Drop for DrainOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for w in 0..self.0.workers() {
+                let _ = self.0.post(w, Packet::new(Io::Drain));
+            }
+        }
+    }
 }
 
 /// Serves with one of the chapter's other I/O models (`--model`).
@@ -1505,6 +1522,33 @@ mod tests {
     #[test]
     fn connection_records_stay_small() {
         assert!(std::mem::size_of::<super::Conn>() <= 48);
+    }
+
+    #[test]
+    fn a_worker_that_panics_tells_every_worker_to_drain() {
+        use super::{DrainOnPanic, Io, Key};
+        let (port, mut workers) = ringport::Port::builder()
+            .workers(2)
+            .build::<Key, Io>()
+            .unwrap();
+        let guarded = port.clone();
+        let panicked = std::thread::spawn(move || {
+            let _guard = DrainOnPanic(guarded);
+            panic!("a worker's bug");
+        })
+        .join();
+        assert!(panicked.is_err());
+        for w in &mut workers {
+            let c = w
+                .dequeue(Some(std::time::Duration::from_secs(5)))
+                .expect("a packet");
+            assert!(matches!(c.data, Io::Drain), "worker {}", w.index());
+        }
+        // Without a panic, nothing is posted.
+        drop(DrainOnPanic(port));
+        for w in &mut workers {
+            assert!(w.dequeue(Some(std::time::Duration::ZERO)).is_err());
+        }
     }
 
     #[test]
