@@ -344,11 +344,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     );
 
     let signal_port = port.clone();
-    on_signals(signals, move || {
-        for w in 0..signal_port.workers() {
-            let _ = signal_port.post(w, Packet::new(Io::Drain));
-        }
-    })?;
+    on_signals(signals, move || drain_every_worker(&signal_port))?;
 
     let every = args.stats.filter(|d| !d.is_zero());
     let totals = Arc::new(Totals::with_gauges(if every.is_some() {
@@ -438,10 +434,15 @@ struct DrainOnPanic(Port<Key, Io>);
 impl Drop for DrainOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for w in 0..self.0.workers() {
-                let _ = self.0.post(w, Packet::new(Io::Drain));
-            }
+            drain_every_worker(&self.0);
         }
+    }
+}
+
+/// Tells every worker to drain, as SIGTERM does (a worker gone already is skipped).
+fn drain_every_worker(port: &Port<Key, Io>) {
+    for w in 0..port.workers() {
+        let _ = port.post(w, Packet::new(Io::Drain));
     }
 }
 
@@ -663,11 +664,7 @@ impl Server {
                          exiting with status 1",
                         self.worker.index()
                     );
-                    for w in 0..self.port.workers() {
-                        if w != self.worker.index() {
-                            let _ = self.port.post(w, Packet::new(Io::Drain));
-                        }
-                    }
+                    drain_every_worker(&self.port);
                     if let Some(l) = self.listener.take() {
                         self.worker.submit(Op::close(&l), Io::Close);
                     }
@@ -1405,11 +1402,16 @@ impl Server {
         }
         let due = self.millis(Instant::now()) + u64::try_from(delay.as_millis()).unwrap_or(0);
         self.retries.push((due, id));
+        self.retry_tick();
+        true
+    }
+
+    /// Posts the `RETRY_TICK` timer unless one is pending.
+    fn retry_tick(&mut self) {
         if !self.retry_timer {
             self.retry_timer = true;
             self.worker.submit(Op::timeout(RETRY_TICK), Io::Retry);
         }
-        true
     }
 
     /// Tries again the sends and receives whose pause is over.
@@ -1450,9 +1452,8 @@ impl Server {
         // failed again meanwhile were pushed anew.
         later.retain(|&(_, id)| self.conns.get_mut(id).is_some());
         self.retries.append(&mut later);
-        if !self.retries.is_empty() && !self.retry_timer {
-            self.retry_timer = true;
-            self.worker.submit(Op::timeout(RETRY_TICK), Io::Retry);
+        if !self.retries.is_empty() {
+            self.retry_tick();
         }
     }
 

@@ -126,19 +126,24 @@ fn sender_without_reading_bounded_rss_then_exact_echo() {
     writer_that_never_reads_is_held_back(WRITE_WINDOW);
 }
 
-/// Peers that send and never read cannot keep a worker's whole receive pool: once others have
-/// waited for it long enough, the one holding the most is closed, and a well-behaved client
-/// gets its echo.
-fn peers_that_never_read_cannot_starve_the_others() {
-    // 16 buffers of 64 KiB: a handful of flooding peers is enough to take them all.
-    let server = Server::start_with(&[
+/// A server with one worker and a receive pool of `bytes`.
+fn one_worker_with_pool(bytes: &str) -> Server {
+    Server::start_with(&[
         "--listen",
         "127.0.0.1:0",
         "--workers",
         "1",
         "--pool-size",
-        "1048576",
-    ]);
+        bytes,
+    ])
+}
+
+/// Peers that send and never read cannot keep a worker's whole receive pool: once others have
+/// waited for it long enough, the one holding the most is closed, and a well-behaved client
+/// gets its echo.
+fn peers_that_never_read_cannot_starve_the_others() {
+    // 16 buffers of 64 KiB: a handful of flooding peers is enough to take them all.
+    let server = one_worker_with_pool("1048576");
     let mut hogs = Vec::new();
     for _ in 0..8 {
         let mut s = connect(server.addr);
@@ -200,14 +205,7 @@ fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {
         eprintln!("skipped: io_uring on this kernel has no limit on a multishot receive");
         return;
     }
-    let server = Server::start_with(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--pool-size",
-        "4194304",
-    ]);
+    let server = one_worker_with_pool("4194304");
     let addr = server.addr;
     let writers: Vec<_> = (0..8)
         .map(|i| {
