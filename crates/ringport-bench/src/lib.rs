@@ -104,7 +104,7 @@ pub struct CommonArgs {
     pub quick: bool,
 
     /// Load-generator worker threads [default: the number of load CPUs].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub client_workers: Option<u16>,
 
     /// Run only these servers (labels, comma-separated).
@@ -112,15 +112,18 @@ pub struct CommonArgs {
     pub only: Vec<String>,
 
     /// Connection counts to measure (comma-separated), instead of the mode's list.
-    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    #[arg(long, value_name = "LIST", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub connections: Vec<u32>,
 
     /// Message sizes in bytes (comma-separated), instead of the mode's list.
-    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    #[arg(long, value_name = "LIST", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(1..=64 << 20))]
     pub sizes: Vec<u32>,
 
     /// Pipeline depths (comma-separated), instead of the mode's list.
-    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    #[arg(long, value_name = "LIST", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub pipelines: Vec<u32>,
 
     /// Idle connections to open [default: as many as RLIMIT_NOFILE allows less 2000; 200 with
@@ -194,6 +197,26 @@ impl Setup {
         default_server: impl FnOnce(&[usize]) -> Vec<usize>,
         specs: &[ServerSpec],
     ) -> Result<Self, String> {
+        // An `--only` entry must name a server's label or group.
+        if let Some(unknown) = common
+            .only
+            .iter()
+            .find(|o| !specs.iter().any(|s| &&s.label == o || &&s.group == o))
+        {
+            let mut names: Vec<&str> = Vec::new();
+            for name in specs
+                .iter()
+                .flat_map(|s| [s.label.as_str(), s.group.as_str()])
+            {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            return Err(format!(
+                "--only {unknown}: no such server (servers: {})",
+                names.join(", ")
+            ));
+        }
         for (flag, secs, least) in [
             ("--cell-secs", common.cell_secs(), f64::MIN_POSITIVE),
             ("--warmup-secs", common.warmup_secs(), 0.0),

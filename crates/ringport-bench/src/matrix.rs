@@ -414,6 +414,8 @@ pub struct IdleSample {
     pub opened: u64,
     /// Connections that echoed one byte back (the server holds them).
     pub answered: u64,
+    /// Connections that answered with a byte other than the one sent.
+    pub mismatched: u64,
     /// Server RSS before opening, bytes.
     pub rss_before: u64,
     /// Server RSS with every connection open, bytes.
@@ -570,7 +572,7 @@ impl Harness {
         match run.report {
             Ok(r) if r.mismatches > 0 => Err((
                 format!(
-                    "{} mismatched echo bytes; {}",
+                    "{} connections with a mismatched echo; {}",
                     r.mismatches,
                     r.describe_errors()
                 ),
@@ -646,7 +648,7 @@ impl Harness {
                     if client.mismatches > 0 {
                         res.mismatched = true;
                         errln!(
-                            "\nringport-bench: {label} {}: {} MISMATCHED echo bytes",
+                            "\nringport-bench: {label} {}: MISMATCHED echo on {} connections",
                             cell.label(),
                             client.mismatches
                         );
@@ -676,6 +678,16 @@ impl Harness {
                 Ok(s) => idle_connections(s, plan.idle),
                 Err(e) => Err(e),
             };
+            if let Ok(sample) = &idle {
+                if sample.mismatched > 0 {
+                    res.mismatched = true;
+                    errln!(
+                        "\nringport-bench: {} idle: MISMATCHED echo on {} connections",
+                        ready.spec.label,
+                        sample.mismatched
+                    );
+                }
+            }
             res.idle.push(idle);
             if let Some(s) = server.take() {
                 s.stop();
@@ -855,6 +867,7 @@ fn idle_connections(server: &mut Server, target: u64) -> Result<IdleSample, Stri
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut answered = 0u64;
+    let mut mismatched = 0u64;
     while !pending.is_empty() && Instant::now() < deadline {
         let fds: Vec<i32> = pending.iter().map(|&i| conns[i].as_raw_fd()).collect();
         let ready = proc::poll_readable(&fds, 200).map_err(|e| format!("poll: {e}"))?;
@@ -864,8 +877,12 @@ fn idle_connections(server: &mut Server, target: u64) -> Result<IdleSample, Stri
             if ready.peek() == Some(&k) {
                 ready.next();
                 let mut b = [0u8; 1];
-                if matches!(conns[i].read(&mut b), Ok(1)) && b[0] == b'x' {
-                    answered += 1;
+                if matches!(conns[i].read(&mut b), Ok(1)) {
+                    if b[0] == b'x' {
+                        answered += 1;
+                    } else {
+                        mismatched += 1;
+                    }
                 }
             } else {
                 still.push(i);
@@ -889,6 +906,7 @@ fn idle_connections(server: &mut Server, target: u64) -> Result<IdleSample, Stri
         target,
         opened,
         answered,
+        mismatched,
         rss_before,
         rss_after: rss_after.ok_or_else(|| "cannot read the server's VmRSS".to_owned())?,
         note,
@@ -991,6 +1009,7 @@ mod tests {
             target: 100,
             opened: 100,
             answered: 80,
+            mismatched: 0,
             rss_before: 1000,
             rss_after: 9000,
             note: None,

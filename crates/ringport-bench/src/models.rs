@@ -21,7 +21,7 @@ struct ModelsArgs {
     common: CommonArgs,
 
     /// Worker threads of the completion port [default: the number of server CPUs].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: Option<u16>,
 }
 

@@ -18,7 +18,8 @@ struct PeersArgs {
     common: CommonArgs,
 
     /// Worker threads of every server.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: u16,
 
     /// Skip the bulk-streaming measurement.

@@ -22,7 +22,8 @@ struct ScalingArgs {
         long,
         value_name = "LIST",
         value_delimiter = ',',
-        default_value = "1,2,4,8"
+        default_value = "1,2,4,8",
+        value_parser = clap::value_parser!(u16).range(1..=1024)
     )]
     workers_list: Vec<u16>,
 }

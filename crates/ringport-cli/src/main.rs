@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod client;
 mod echo_queue;
@@ -29,8 +31,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the echo server: every byte received is sent back, in order.
+    // A negative number is read as a flag's value, so that the error names the flag.
+    #[command(allow_negative_numbers = true)]
     Serve(ServeArgs),
     /// Run the echo client: the book's client by default, or a verifying load generator.
+    #[command(allow_negative_numbers = true)]
     Client(ClientArgs),
     /// Benchmarks: `models` (the chapter's I/O models compared), `peers` (ringport against
     /// tokio, monoio and compio), `scaling` (workers 1..8). `ringport bench MODE --help` lists
@@ -90,7 +95,7 @@ pub struct ServeArgs {
     pub model: String,
 
     /// Close connections that have neither received nor sent anything for this long, in
-    /// seconds (slowloris protection) [default: off].
+    /// seconds (slowloris protection; 0: off) [default: off].
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub idle_timeout: Option<Duration>,
 
@@ -150,7 +155,7 @@ pub struct ServeArgs {
 
     /// Log one line of statistics every SECS seconds: connections open and accepted, bytes
     /// echoed and the rate, receive-pool buffers in use, and counts of refused and closed
-    /// connections [default: off].
+    /// connections (0: off) [default: off].
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub stats: Option<Duration>,
 
@@ -181,19 +186,21 @@ pub struct ClientArgs {
     pub connect: SocketAddr,
 
     /// Book mode: how many times to send the message.
-    #[arg(long, value_name = "N", default_value_t = client::book::DEFAULT_COUNT)]
+    #[arg(long, value_name = "N", default_value_t = client::book::DEFAULT_COUNT,
+          conflicts_with_all = LOAD_FLAGS)]
     pub count: u32,
 
     /// Book mode: the message to send.
     #[arg(
         long,
         value_name = "TEXT",
-        default_value = "A test message from client"
+        default_value = "A test message from client",
+        conflicts_with_all = LOAD_FLAGS
     )]
     pub message: String,
 
     /// Book mode: only send, do not read the echoes back.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = LOAD_FLAGS)]
     pub send_only: bool,
 
     /// Load mode: concurrent connections [default: 1].
@@ -205,12 +212,13 @@ pub struct ClientArgs {
     pub size: Option<u32>,
 
     /// Load mode: messages per connection [default: 1000 unless --duration is given].
-    #[arg(long, value_name = "M", conflicts_with = "duration")]
+    #[arg(long, value_name = "M", conflicts_with = "duration",
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub messages: Option<u64>,
 
     /// Load mode: measure for this many seconds (after --warmup) once every connection is
     /// open, then wait for the last echoes (verified, not counted).
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
     pub duration: Option<Duration>,
 
     /// Load mode: with --duration, send for this many seconds before the measured window
@@ -240,10 +248,24 @@ pub struct ClientArgs {
     pub mark_window: bool,
 }
 
+/// The flags that make `ringport client` a load generator (the book's flags conflict with them).
+const LOAD_FLAGS: [&str; 9] = [
+    "connections",
+    "size",
+    "messages",
+    "duration",
+    "warmup",
+    "pipeline",
+    "workers",
+    "json",
+    "mark_window",
+];
+
 impl ClientArgs {
     /// Whether any load-generator flag was given.
     fn is_load(&self) -> bool {
-        self.connections.is_some()
+        self.workers.is_some()
+            || self.connections.is_some()
             || self.size.is_some()
             || self.messages.is_some()
             || self.duration.is_some()
@@ -261,6 +283,15 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a valid duration"))
+}
+
+/// [`parse_secs`], above zero.
+fn parse_positive_secs(s: &str) -> Result<Duration, String> {
+    let d = parse_secs(s)?;
+    if d.is_zero() {
+        return Err("must be above 0 seconds".to_owned());
+    }
+    Ok(d)
 }
 
 fn init_logging(verbose: u8) {
@@ -321,8 +352,63 @@ fn raise_nofile_limit() {
     }
 }
 
+/// The `serve` flags that only the completion-port server reads: the chapter's other models
+/// (`--model`) take `--listen` and `--drain-timeout` only.
+const PORT_ONLY_FLAGS: [&str; 12] = [
+    "workers",
+    "idle_timeout",
+    "max_connections",
+    "conn_buffer",
+    "no_strict_conn_buffer",
+    "strict_conn_buffer",
+    "pool_size",
+    "pool_whole_buffers",
+    "udp",
+    "udp_rate",
+    "udp_rate_total",
+    "stats",
+];
+
+/// Checks what clap cannot say in attributes: a flag given on the command line that the
+/// chosen mode would ignore. Exits 2 with the usage, as clap does for its own errors.
+fn check_ignored_flags(matches: &ArgMatches) {
+    let Some(("serve", serve)) = matches.subcommand() else {
+        return;
+    };
+    let given = |id: &str| serve.value_source(id) == Some(ValueSource::CommandLine);
+    let model = serve.get_one::<String>("model").map_or("", String::as_str);
+    if model == "completion-port" {
+        return;
+    }
+    // The `--backend` flag's id is its field's name.
+    let backend = given("get").then_some("backend");
+    if let Some(flag) = PORT_ONLY_FLAGS
+        .iter()
+        .copied()
+        .find(|id| given(id))
+        .or(backend)
+    {
+        let flag = flag.replace('_', "-");
+        let message = format!(
+            "--{flag} is not used by --model {model}: the chapter's other models take only \
+             --listen and --drain-timeout"
+        );
+        let mut cli = Cli::command();
+        cli.build();
+        match cli.find_subcommand_mut("serve") {
+            Some(serve) => serve.error(ErrorKind::ArgumentConflict, message).exit(),
+            None => cli.error(ErrorKind::ArgumentConflict, message).exit(),
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    check_ignored_flags(&matches);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     init_logging(cli.verbose);
     raise_nofile_limit();
     let result = match cli.command {

@@ -323,6 +323,13 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         strict: !args.no_strict_conn_buffer,
         pool_buffer,
     };
+    if limits.conn_buffer != args.conn_buffer {
+        info!(
+            "--conn-buffer {}: using {} (at least one pool buffer, at most an eighth of a \
+             worker's pool)",
+            args.conn_buffer, limits.conn_buffer
+        );
+    }
     let udp = if args.udp {
         let bound = crate::udp::start(local, args.udp_rate, args.udp_rate_total)
             .map_err(|e| format!("{local} (UDP): {}", describe(&e)))?;
@@ -418,6 +425,9 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
              ports (below 1024)",
             s.echoed, s.limited, s.from_service_ports
         ));
+        if s.failed > 0 {
+            summary.push_str(&format!(", {} receives or echoes failed", s.failed));
+        }
     }
     crate::to_stdout(&format!("{summary}\n"));
     Ok(if failed {

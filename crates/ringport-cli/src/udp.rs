@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Sources remembered by the rate limiter; past this, the oldest are forgotten.
 const MAX_SOURCES: usize = 65536;
@@ -23,6 +23,20 @@ pub struct UdpStats {
     pub limited: u64,
     /// From service ports (below 1024), not answered.
     pub from_service_ports: u64,
+    /// Receives and echoes that failed (the first is logged as a warning).
+    pub failed: u64,
+}
+
+impl UdpStats {
+    /// Counts a failed receive or echo: a warning the first time, debug after.
+    fn failed(&mut self, what: &str, e: &io::Error) {
+        self.failed += 1;
+        if self.failed == 1 {
+            warn!("UDP {what}: {e} (further failures are counted in the exit summary)");
+        } else {
+            debug!("UDP {what}: {e}");
+        }
+    }
 }
 
 /// Datagrams from ports below this are not answered: they come from services (echo, chargen,
@@ -76,7 +90,7 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStat
                 continue
             }
             Err(e) => {
-                debug!("UDP receive: {e}");
+                stats.failed("receive", &e);
                 continue;
             }
         };
@@ -90,7 +104,7 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStat
         }
         match socket.send_to(&buf[..n], from) {
             Ok(_) => stats.echoed += 1,
-            Err(e) => debug!("UDP send to {from}: {e}"),
+            Err(e) => stats.failed(&format!("echo to {from}"), &e),
         }
     }
     stats

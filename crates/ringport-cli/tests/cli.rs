@@ -113,6 +113,72 @@ fn client_more_in_flight_than_memory_is_refused() {
     );
 }
 
+/// A flag the chosen mode would not read is refused, naming it, rather than ignored.
+fn flags_the_mode_would_ignore_are_exit_2_naming_them() {
+    assert_usage_error_naming(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "blocking",
+            "--udp",
+        ],
+        "--udp",
+    );
+    assert_usage_error_naming(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "poll",
+            "--workers",
+            "2",
+        ],
+        "--workers",
+    );
+    assert_usage_error_naming(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "select",
+            "--backend",
+            "epoll",
+        ],
+        "--backend",
+    );
+    assert_usage_error_naming(
+        &["client", "--connections", "3", "--send-only"],
+        "--send-only",
+    );
+    assert_usage_error_naming(&["client", "--count", "5", "--duration", "1"], "--count");
+}
+
+/// A negative number is read as the flag's value, and the error names the flag.
+fn negative_numbers_are_exit_2_naming_the_flag() {
+    assert_usage_error_naming(&["client", "--duration", "-1"], "--duration");
+    assert_usage_error_naming(
+        &["serve", "--listen", "127.0.0.1:0", "--conn-buffer", "-1"],
+        "--conn-buffer",
+    );
+}
+
+/// A misspelt `--only` names no server: exit 2, naming it, and no report written over the
+/// last one.
+fn bench_only_naming_no_server_is_exit_2() {
+    let out = std::env::temp_dir().join(format!("ringport-bench-only-{}", std::process::id()));
+    let out_arg = out.to_string_lossy().into_owned();
+    let args = [
+        "bench", "peers", "--quick", "--only", "tokoi", "--out", &out_arg,
+    ];
+    assert_usage_error_naming(&args, "--only tokoi");
+    assert!(!out.join("peers.md").exists(), "a report was written");
+    assert_usage_error_naming(&["bench", "peers", "--quick", "--sizes", "64,0"], "--sizes");
+}
+
 fn client_warmup_without_duration_is_exit_2() {
     assert_usage_error(&["client", "--connections", "2", "--warmup", "1"]);
 }
@@ -329,6 +395,9 @@ per_backend!(
     client_unparsable_connect_address_is_exit_2,
     client_warmup_without_duration_is_exit_2,
     client_more_in_flight_than_memory_is_refused,
+    flags_the_mode_would_ignore_are_exit_2_naming_them,
+    negative_numbers_are_exit_2_naming_the_flag,
+    bench_only_naming_no_server_is_exit_2,
     address_in_use_is_exit_1_with_named_error,
     top_level_help_lists_subcommands,
     bench_mode_help_lists_the_mode_options,

@@ -346,7 +346,40 @@ fn load_mode_detects_corrupted_echo() {
     assert_eq!(report.get("ok"), Some(&Json::Bool(false)), "{d}");
 }
 
+/// Bytes the server sends once every echo is back are counted as a mismatch, in both of the
+/// load generator's modes, and named.
+fn load_mode_detects_bytes_after_the_last_echo() {
+    let bad = BadServer::talking_after_close();
+    let addr = bad.addr.to_string();
+    for until in [["--messages", "5"], ["--duration", "0.3"]] {
+        let mut args = vec![
+            "client",
+            "--connect",
+            &addr,
+            "--connections",
+            "2",
+            "--size",
+            "64",
+            "--workers",
+            "1",
+        ];
+        args.extend(until);
+        let output = run_cli(&args, LOAD_TIMEOUT);
+        output.assert_no_panic();
+        let d = output.describe();
+        assert_ne!(output.code(), Some(0), "{d}");
+        assert!(output.stdout.contains("mismatched:  2 connections"), "{d}");
+        assert!(
+            output
+                .stdout
+                .contains("more bytes came back than were sent"),
+            "{d}"
+        );
+    }
+}
+
 per_backend!(
+    load_mode_detects_bytes_after_the_last_echo,
     book_mode_sends_and_receives_20_messages,
     book_mode_honours_count,
     load_mode_json_reports_every_message_verified,

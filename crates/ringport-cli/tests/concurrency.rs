@@ -36,7 +36,12 @@ impl BoundedBarrier {
 }
 
 fn thousand_concurrent_connections_each_echo_a_few_messages() {
-    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    // The chapter's other models run one thread and take no --workers.
+    let server = if util::model().is_some() {
+        Server::start_with(&["--listen", "127.0.0.1:0"])
+    } else {
+        Server::start_with(&["--listen", "127.0.0.1:0", "--workers", "2"])
+    };
     let addr = server.addr;
     let barrier = Arc::new(BoundedBarrier {
         arrived: AtomicUsize::new(0),

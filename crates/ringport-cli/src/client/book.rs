@@ -86,7 +86,8 @@ impl From<BookError> for io::Error {
 ///
 /// Fails, with a message naming the server address, when the connection cannot be made, a send or
 /// receive fails or times out, the server closes the connection before the whole echo is back, the
-/// echo differs from the message, or writing to `out` fails.
+/// echo differs from the message, the server sends more after the last echo (before it closes,
+/// or within [`IO_TIMEOUT`]), or writing to `out` fails.
 pub fn run(opts: &BookOptions, out: &mut dyn Write) -> Result<BookReport, BookError> {
     run_with_timeout(opts, out, IO_TIMEOUT)
 }
@@ -178,7 +179,32 @@ fn run_with_timeout(
         Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(io_fail("shutdown", &e)),
         _ => {}
     }
+    if !opts.send_only {
+        // Every echo came back: the server has nothing more to send, and closes its side once
+        // it sees ours closed. Anything else it sends is an echo of nothing.
+        let extra = bytes_before_close(&mut stream);
+        if extra > 0 {
+            return Err(fail(format!(
+                "the server sent {extra} bytes more than it was sent, after the last echo"
+            )));
+        }
+    }
     Ok(report)
+}
+
+/// Reads until the server closes its side, an error, or a read times out; returns the bytes
+/// read. A server that keeps its side open is not waited for past the socket's read timeout.
+fn bytes_before_close(stream: &mut TcpStream) -> u64 {
+    let mut extra = 0u64;
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return extra,
+            Ok(n) => extra += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return extra,
+        }
+    }
 }
 
 /// Returns `true` for the errors a socket timeout produces (`EAGAIN` on Linux).
@@ -298,6 +324,36 @@ mod tests {
             "{err}"
         );
         assert_eq!(text, "Sent 26 bytes: 'A test message from client'\n");
+    }
+
+    #[test]
+    fn an_echo_sent_twice_is_reported_after_the_last_message() {
+        // Every message is the same, so each round reads the copy left by the round before and
+        // matches: only the copies left over at the end show the fault.
+        let (addr, _server) = server(|mut stream| {
+            let mut buf = [0u8; 64];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let twice = [&buf[..n], &buf[..n]].concat();
+                        if stream.write_all(&twice).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let opts = BookOptions {
+            count: 3,
+            ..BookOptions::new(addr)
+        };
+        let (result, text) = run_to_string(&opts);
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            format!("{addr}: the server sent 78 bytes more than it was sent, after the last echo")
+        );
+        assert_eq!(text.lines().count(), 6, "every round matched: {text}");
     }
 
     #[test]

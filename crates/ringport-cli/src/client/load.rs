@@ -34,6 +34,9 @@ const CONNECTS_IN_FLIGHT: usize = 256;
 const STALL_LIMIT: Duration = Duration::from_secs(30);
 /// How often the main thread checks whether the workers ended before the deadline.
 const END_CHECK: Duration = Duration::from_millis(10);
+/// With `--duration`, how long after the deadline the last echoes, and each server's close
+/// after the client's, may take; what is still missing then is counted as an error.
+const FINISH_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy)]
 enum Until {
@@ -110,6 +113,9 @@ struct Conn {
     in_flight: VecDeque<Instant>,
     sending: bool,
     spare_send: Vec<u8>,
+    /// Everything sent was echoed and the client shut down its sending side: the server is
+    /// to close its side too, with nothing more.
+    closing: bool,
 }
 
 /// One worker's results.
@@ -139,8 +145,11 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         ));
     }
     // Every connection sends its whole pipeline at the start of the load: that much memory at
-    // once, on top of a receive buffer each.
-    let in_flight = u64::from(connections).saturating_mul((size as u64).saturating_mul(pipeline));
+    // once, and a receive buffer each.
+    let per_conn = (size as u64)
+        .saturating_mul(pipeline)
+        .saturating_add(recv_buffer(size, pipeline) as u64);
+    let in_flight = u64::from(connections).saturating_mul(per_conn);
     if let Some(available) = available_memory() {
         if in_flight > available / 4 * 3 {
             return Err(format!(
@@ -259,6 +268,11 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     })
 }
 
+/// The receive buffer of a connection: room for its pipeline's echo, within bounds.
+fn recv_buffer(size: usize, pipeline: u64) -> usize {
+    (size as u64 * pipeline).clamp(512, 64 << 10) as usize
+}
+
 /// `MemAvailable` from `/proc/meminfo`, in bytes; `None` where it cannot be read.
 fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -335,19 +349,33 @@ impl Client {
             } else {
                 Some(STALL_LIMIT)
             };
+            let finish_by = match self.until {
+                Some(Until::Window { close, .. }) => Some(crate::later(close, FINISH_LIMIT)),
+                _ => None,
+            };
+            let now = Instant::now();
+            if finish_by.is_some_and(|t| now >= t) {
+                self.give_up(
+                    "within 10 s of the deadline",
+                    "echo incomplete 10 s after the deadline",
+                );
+                break;
+            }
+            let limit = match (limit, finish_by) {
+                (Some(l), Some(t)) => Some(l.min(t - now)),
+                (l, _) => l,
+            };
             match self.worker.dequeue_batch(&mut batch, 64, limit) {
                 Ok(_) => {
                     for c in batch.drain(..) {
                         self.complete(c);
                     }
                 }
+                // The window's finish limit: the loop gives the rest up.
+                Err(ringport::WaitError::TimedOut)
+                    if finish_by.is_some_and(|t| Instant::now() >= t) => {}
                 Err(ringport::WaitError::TimedOut) => {
-                    let left = u64::from(self.owned - self.done);
-                    for _ in 0..left {
-                        self.tally
-                            .errors
-                            .add_kind("timed out (no completion for 30 s)");
-                    }
+                    self.give_up("(no completion for 30 s)", "no completion for 30 s");
                     break;
                 }
                 Err(e) => {
@@ -359,6 +387,29 @@ impl Client {
         // A worker that ends before it has opened everything still lets the others start.
         self.arrive();
         self.tally
+    }
+
+    /// Counts every connection not finished as an error, and closes those open: `timed out:
+    /// the server did not close its side {when}` for those waiting for the server's close,
+    /// `timed out: {otherwise}` for the rest (connections still being opened included).
+    fn give_up(&mut self, when: &str, otherwise: &str) {
+        let open: Vec<u32> = self.conns.keys().copied().collect();
+        for index in open {
+            let closing = self.conns.get(&index).is_some_and(|c| c.closing);
+            let what = if closing {
+                format!("timed out: the server did not close its side {when}")
+            } else {
+                format!("timed out: {otherwise}")
+            };
+            self.fail(index, &what);
+        }
+        let left = u64::from(self.owned - self.done);
+        for _ in 0..left {
+            self.tally
+                .errors
+                .add_kind(&format!("timed out: {otherwise}"));
+        }
+        self.done = self.owned;
     }
 
     fn open_more(&mut self) {
@@ -452,6 +503,7 @@ impl Client {
                             in_flight: VecDeque::new(),
                             sending: false,
                             spare_send: Vec::new(),
+                            closing: false,
                         };
                         self.conns.insert(index, conn);
                         self.post_recv(index, Vec::new());
@@ -478,7 +530,7 @@ impl Client {
         let Some(conn) = self.conns.get(&index) else {
             return;
         };
-        let want = (self.plan.size as u64 * self.plan.pipeline).clamp(512, 64 << 10) as usize;
+        let want = recv_buffer(self.plan.size, self.plan.pipeline);
         buf.clear();
         buf.reserve_exact(want);
         self.worker.submit(Op::recv(&conn.handle, buf), Io::Recv);
@@ -545,6 +597,8 @@ impl Client {
             return;
         };
         match c.result {
+            // The server's close after the client's, with nothing more: done.
+            Ok(0) if conn.closing => self.finish(index),
             Ok(0) => {
                 tracing::debug!(
                     "connection {index}: server closed the connection after {} of {} bytes",
@@ -556,13 +610,20 @@ impl Client {
             Ok(_) => {
                 let size = self.plan.size as u64;
                 if conn.received + buf.len() as u64 > conn.sent_msgs * size {
+                    let what = format!(
+                        "connection {index}: {} bytes came back, {} were sent",
+                        conn.received + buf.len() as u64,
+                        conn.sent_msgs * size
+                    );
                     self.tally.mismatches += 1;
+                    self.first_mismatch(&what);
                     self.fail(index, "echo mismatch: more bytes came back than were sent");
                     return;
                 }
                 if let Err(m) = conn.rx.verify(&buf) {
+                    let what = format!("connection {index}: {m}");
                     self.tally.mismatches += 1;
-                    tracing::debug!("connection {index}: {m}");
+                    self.first_mismatch(&what);
                     self.fail(index, "echo mismatch");
                     return;
                 }
@@ -587,19 +648,30 @@ impl Client {
                     }
                 }
                 self.try_send(index);
-                if !self.check_done(index) {
-                    self.post_recv(index, buf);
-                }
+                // Done or not, a receive waits: for more echo, or for the server's close.
+                self.check_done(index);
+                self.post_recv(index, buf);
             }
             Err(e) => self.fail(index, &format!("receive: {}", describe(&e))),
         }
     }
 
-    /// Finishes the connection if it has nothing more to do.
-    fn check_done(&mut self, index: u32) -> bool {
-        let Some(conn) = self.conns.get(&index) else {
-            return true;
+    /// Logs the first mismatch this worker sees, with where it is (the rest are counted).
+    fn first_mismatch(&self, what: &str) {
+        if self.tally.mismatches == 1 {
+            tracing::warn!("echo mismatch: {what}");
+        }
+    }
+
+    /// Once a connection has nothing more to do, shuts down its sending side: the server is
+    /// then to close its own, with nothing more (the receive armed sees which).
+    fn check_done(&mut self, index: u32) {
+        let Some(conn) = self.conns.get_mut(&index) else {
+            return;
         };
+        if conn.closing {
+            return;
+        }
         let size = self.plan.size as u64;
         let done = match self.until {
             None => false,
@@ -609,9 +681,12 @@ impl Client {
             }
         };
         if done {
-            self.finish(index);
+            conn.closing = true;
+            let shut = socket2::SockRef::from(&conn.handle).shutdown(std::net::Shutdown::Write);
+            if let Err(e) = shut {
+                self.fail(index, &format!("shutdown: {}", describe(&e)));
+            }
         }
-        done
     }
 
     fn fail(&mut self, index: u32, what: &str) {

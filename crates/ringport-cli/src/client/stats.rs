@@ -104,7 +104,7 @@ pub struct Summary {
     pub latency: Recorder,
     /// Failures by kind.
     pub errors: ErrorCounts,
-    /// Echoed bytes that differed from what was sent.
+    /// Connections whose echo differed from what was sent (or went past it).
     pub mismatches: u64,
 }
 
@@ -169,7 +169,7 @@ impl Summary {
                 let _ = writeln!(s, "  {n:>9}  {kind}");
             }
         }
-        let _ = writeln!(s, "mismatched:  {} bytes", self.mismatches);
+        let _ = writeln!(s, "mismatched:  {} connections", self.mismatches);
         s
     }
 
@@ -690,7 +690,7 @@ mod tests {
             "max 100",
             "errors:      2",
             "connection reset by peer (ECONNRESET)",
-            "mismatched:  3 bytes",
+            "mismatched:  3 connections",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }

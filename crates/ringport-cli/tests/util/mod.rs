@@ -175,6 +175,12 @@ pub fn with_model(model: &'static str, test: fn()) {
     test();
 }
 
+/// The `--model` this thread's servers are started with, if any (those take only `--listen`
+/// and `--drain-timeout`).
+pub fn model() -> Option<&'static str> {
+    MODEL.with(|m| m.get())
+}
+
 /// Turns each listed function into one test per I/O model of `ringport serve --model`:
 /// `models::blocking::NAME`, `models::select::NAME`, ... (the completion port runs them through
 /// [`per_backend!`]).
@@ -562,6 +568,26 @@ impl BadServer {
                     return;
                 }
             }
+        })
+    }
+
+    /// Echoes faithfully, then, once the client has closed its side, sends 10 more bytes
+    /// before closing its own: an echo of nothing.
+    pub fn talking_after_close() -> BadServer {
+        BadServer::spawn(|stream| {
+            let mut stream = stream;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Err(_) => return,
+                    Ok(n) => n,
+                };
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            let _ = stream.write_all(b"0123456789");
         })
     }
 
