@@ -1259,12 +1259,13 @@ impl Server {
         }
     }
 
-    /// Closes the paused connection holding the most of the receive pool (and any other paused
-    /// one holding over twice `--conn-buffer`), among those whose echo has not moved for
-    /// `POOL_GRACE`, once connections have waited for the pool that long and it is dry. A paused connection's peer sends and
-    /// does not read its echo: without this, enough such peers (an eighth of the pool's worth
-    /// each, at most, plus what arrived before the pause took effect) would keep every other
-    /// connection of the worker waiting for as long as they like.
+    /// Closes the connection holding the most of the receive pool (and any other holding over
+    /// twice `--conn-buffer`), among those whose echo has not moved for `POOL_GRACE`, once
+    /// connections have waited for the pool that long and it is dry. Such a connection's peer
+    /// sent and does not read its echo: without this, enough such peers (each paused at an
+    /// eighth of the pool's worth at most, plus what arrived before the pause took effect, or
+    /// stopping short of the pause) would keep every other connection of the worker waiting for
+    /// as long as they like.
     fn close_pool_hog(&mut self) {
         if self.waiting == 0 || self.deadline.is_some() {
             self.hog_check = None;
@@ -1282,18 +1283,21 @@ impl Server {
         if self.free_receives() > 0 {
             return;
         }
-        // The paused connection holding the most, and with it every paused one holding more
-        // than twice the bound: a peer that reads can overshoot the bound by what arrived
-        // before its pause took effect, but not by that much while its echo keeps draining.
-        // Only those whose echo has not moved for a while either: a slow reader that still
-        // reads stays (sends and receives both set `last_active`).
+        // The connection holding the most, and with it every one holding more than twice the
+        // bound: a peer that reads can overshoot the bound by what arrived before its pause
+        // took effect, but not by that much while its echo keeps draining. Only those whose
+        // echo has not moved for a while: a slow reader that still reads stays (sends and
+        // receives both set `last_active`), and so does a connection whose send waits to be
+        // tried again for want of memory. A connection need not be paused: peers that each
+        // stop sending just short of the bound can hold the pool between them as well.
         let now = self.millis(self.now);
         let grace = POOL_GRACE.as_millis() as u64;
         let mut held: Vec<(usize, u64)> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.paused && now.saturating_sub(c.last_active) >= grace)
+            .filter(|(_, c)| !c.retry.pending() && now.saturating_sub(c.last_active) >= grace)
             .map(|(id, c)| (self.held_bytes(c), id))
+            .filter(|&(bytes, _)| bytes > 0)
             .collect();
         held.sort_unstable_by(|a, b| b.cmp(a));
         let over = held

@@ -164,6 +164,84 @@ fn peers_that_never_read_cannot_starve_the_others() {
     );
 }
 
+/// Peers that stop sending while each still holds less than `--conn-buffer` (so that none is
+/// paused) can dry up the receive pool between them; the connections waiting for it are not
+/// left waiting for ever: once they have waited long enough, the holder whose echo has not
+/// moved is closed, and a well-behaved client gets its echo.
+fn peers_that_stop_short_of_the_bound_cannot_starve_the_others() {
+    // 128 buffers of 8 KiB, a whole one per receive; a connection may hold 128 KiB, counted
+    // as whole buffers.
+    let server = Server::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--pool-size",
+        "1048576",
+        "--pool-whole-buffers",
+        "--conn-buffer",
+        "131072",
+        "--stats",
+        "0.05",
+    ]);
+    let pool_in_use = |server: &Server| {
+        let err = util::strip_ansi(&server.stderr_so_far());
+        let line = err.lines().rev().find(|l| l.contains("stats: open "))?;
+        let used = util::number_between(line, "pool ", "/")?;
+        let total = util::number_between(line, &format!("pool {used}/"), " buffers")?;
+        Some((used, total))
+    };
+    // 24 peers each write 4 KiB in turn, never reading: the pool runs dry at about 40 KiB
+    // (counted) each, far below the bound, so that none is paused. Their receive buffers are
+    // small and fixed, so that the kernel does not take in their echo by the megabyte.
+    let mut peers: Vec<std::net::TcpStream> = (0..24)
+        .map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            s.connect(&server.addr.into()).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s.into()
+        })
+        .collect();
+    let chunk = [0x5au8; 4096];
+    let is_dry = |server: &Server| pool_in_use(server).is_some_and(|(used, total)| used == total);
+    let start = Instant::now();
+    let mut dry = false;
+    // Until the pool stays dry with the peers quiet: while the kernel still takes in the
+    // server's echo (its send buffers grow as they fill), buffers keep coming back.
+    while !dry && start.elapsed() < Duration::from_secs(15) {
+        for p in &mut peers {
+            match p.write(&chunk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("a peer was cut off while writing: {e}"),
+            }
+        }
+        thread::sleep(Duration::from_millis(2));
+        if is_dry(&server) {
+            thread::sleep(Duration::from_millis(300));
+            dry = is_dry(&server);
+        }
+    }
+    assert!(
+        dry,
+        "the peers never kept the whole pool: {:?}",
+        pool_in_use(&server)
+    );
+    // `connect` sets a 10 s read timeout: the hang guard.
+    echo_exact(server.addr, b"still served");
+    drop(peers);
+    let output = server.terminate_cleanly(EXIT_GUARD);
+    assert!(
+        output
+            .stdout
+            .contains("that held the receive pool without reading their echo"),
+        "no connection was closed for holding the pool\n{}",
+        output.describe()
+    );
+}
+
 /// Writes 64 KiB chunks of 0x5a to `s` until it pushes back for 200 ms (at most 16 MiB, for
 /// at most 5 s); returns how much was written, or the error that stopped it.
 fn write_until_pushed_back(s: &mut std::net::TcpStream) -> io::Result<usize> {
@@ -290,6 +368,7 @@ per_backend!(
     sender_without_reading_bounded_rss_then_exact_echo,
     peers_that_never_read_cannot_starve_the_others,
     peers_that_stop_reading_keep_to_their_share_of_the_pool,
+    peers_that_stop_short_of_the_bound_cannot_starve_the_others,
 );
 
 /// The 20-second version: `cargo test -p ringport-cli --test backpressure -- --ignored`.
