@@ -59,7 +59,8 @@
 //!
 //! Where io_uring is refused: Docker's default seccomp profile (`EPERM`), the sysctl
 //! `kernel.io_uring_disabled` (Linux 6.6+), kernels older than the features above (`ENOSYS`,
-//! `EINVAL`, missing opcodes), or a low `RLIMIT_MEMLOCK` on kernels before 5.12 (`ENOMEM`). The
+//! `EINVAL`, missing opcodes; a port with a receive pool also needs multishot receives, Linux
+//! 6.0), or a low `RLIMIT_MEMLOCK` on kernels before 5.12 (`ENOMEM`). The
 //! environment variable named by [`FAULT_URING_SETUP_ENV`] makes the probe fail on purpose, to
 //! test the fallback.
 //!

@@ -214,10 +214,13 @@ impl<K> Op<K> {
         Op::new(Some(socket), OpKind::Close, None)
     }
 
-    /// Complete after `after`, with `Ok(0)`; `ECANCELED` when cancelled first.
+    /// Complete after `after`, with `Ok(0)`; `ECANCELED` when cancelled first. A timeout too
+    /// long for the kernel to represent never fires.
     pub fn timeout(after: Duration) -> Self {
+        // The kernel's seconds are signed: more would be read as a negative time.
+        let secs = after.as_secs().min(i64::MAX as u64);
         let ts = io_uring::types::Timespec::new()
-            .sec(after.as_secs())
+            .sec(secs)
             .nsec(after.subsec_nanos());
         Op::new(None, OpKind::Timeout, Some(OpBody::Timeout(after, ts)))
     }

@@ -241,6 +241,7 @@ impl Builder {
                 handed_out: 0,
                 events: Vec::new(),
                 shutting_down: false,
+                unsent_cancels: Vec::new(),
             })
             .collect();
         Ok((Port { shared }, workers))
@@ -504,6 +505,13 @@ where
 ///
 /// Operations posted here on a socket whose home is another worker are forwarded to that
 /// worker (through its queue and eventfd), and complete there.
+///
+/// Dropping a worker is closing its completion queue: it cancels what it has in flight and
+/// waits for the kernel to give every buffer back, and the completions nobody can dequeue any
+/// more are dropped with their buffers and per-I/O data, as are operations and packets posted
+/// to it that it had not taken yet. To have every completion delivered, call
+/// [`Port::shutdown`] and dequeue until [`WaitError::Shutdown`] before dropping it; posting to
+/// a dropped worker fails.
 pub struct Worker<K, D> {
     index: usize,
     /// The receive pool, when the port has one.
@@ -521,6 +529,16 @@ pub struct Worker<K, D> {
     handed_out: usize,
     events: Vec<Event>,
     shutting_down: bool,
+    /// Cancels the driver could not queue (the kernel short of memory for a while): tried
+    /// again on each turn, so that a cancel asked for is never lost.
+    unsent_cancels: Vec<Unsent<K>>,
+}
+
+/// A cancel the driver could not queue. A socket's is kept with a clone of its handle, so that
+/// its descriptor number cannot go to another socket before the cancel is queued.
+enum Unsent<K> {
+    Op(u64),
+    Socket(Handle<K>),
 }
 
 impl<K, D> fmt::Debug for Worker<K, D> {
@@ -639,8 +657,10 @@ where
     pub fn cancel(&mut self, id: OpId) {
         let worker = id_worker(id.get());
         if worker == self.index {
+            // An operation posted from another thread may still wait in this worker's queue.
+            self.take_remote();
             if self.inflight.contains(id.get()) {
-                self.driver.cancel(Cancel::Op(id.get()));
+                self.cancel_op_in_driver(id.get());
             }
         } else if worker < self.shared.slots.len() {
             let _ = self.shared.send(worker, Remote::Cancel(id.get()));
@@ -650,7 +670,9 @@ where
     /// Cancels every operation outstanding on `socket`.
     pub fn cancel_all(&mut self, socket: &Handle<K>) {
         if socket.worker() == self.index {
-            self.driver.cancel(Cancel::Fd(socket.as_raw_fd()));
+            // Operations posted from other threads first, so that they are cancelled too.
+            self.take_remote();
+            self.cancel_socket_in_driver(socket);
         } else {
             let _ = self
                 .shared
@@ -696,6 +718,7 @@ where
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             self.take_remote();
+            self.retry_cancels();
             if self.shared.shutdown.load(Ordering::Acquire) && !self.shutting_down {
                 // Tried again on the next turn if the request could not be queued.
                 self.shutting_down = self.driver.cancel(Cancel::All);
@@ -800,6 +823,36 @@ where
         }
     }
 
+    /// Asks the driver to cancel one operation; if it cannot queue the request now, it is
+    /// tried again on the next turn.
+    fn cancel_op_in_driver(&mut self, id: u64) {
+        if !self.driver.cancel(Cancel::Op(id)) {
+            self.unsent_cancels.push(Unsent::Op(id));
+        }
+    }
+
+    /// Asks the driver to cancel every operation on `socket`, as [`Self::cancel_op_in_driver`].
+    fn cancel_socket_in_driver(&mut self, socket: &Handle<K>) {
+        if !self.driver.cancel(Cancel::Fd(socket.as_raw_fd())) {
+            self.unsent_cancels.push(Unsent::Socket(socket.clone()));
+        }
+    }
+
+    /// Tries again the cancels the driver could not queue.
+    fn retry_cancels(&mut self) {
+        if self.unsent_cancels.is_empty() {
+            return;
+        }
+        for what in std::mem::take(&mut self.unsent_cancels) {
+            match what {
+                Unsent::Op(id) if self.inflight.contains(id) => self.cancel_op_in_driver(id),
+                // Completed meanwhile: nothing to cancel.
+                Unsent::Op(_) => {}
+                Unsent::Socket(h) => self.cancel_socket_in_driver(&h),
+            }
+        }
+    }
+
     fn take_remote(&mut self) {
         let slot = &self.shared.slots[self.index];
         if !slot.pending.swap(false, Ordering::AcqRel) {
@@ -812,12 +865,10 @@ where
                 Remote::Done(c) => self.ready.push_back(c),
                 Remote::Cancel(id) => {
                     if self.inflight.contains(id) {
-                        self.driver.cancel(Cancel::Op(id));
+                        self.cancel_op_in_driver(id);
                     }
                 }
-                Remote::CancelAll(h) => {
-                    self.driver.cancel(Cancel::Fd(h.as_raw_fd()));
-                }
+                Remote::CancelAll(h) => self.cancel_socket_in_driver(&h),
             }
         }
     }
@@ -838,7 +889,7 @@ where
         if p.kind == OpKind::Close {
             if let Some(h) = &p.handle {
                 if h.mark_closed() {
-                    self.driver.cancel(Cancel::Fd(fd));
+                    self.cancel_socket_in_driver(h);
                 }
             }
             return self.ready.push_back(p.into_completion(id, Ok(0)));

@@ -91,6 +91,7 @@ per_backend!(
     wake_ups_are_not_lost_when_the_submission_queue_fills,
     a_worker_moves_to_another_thread_after_use,
     huge_timeouts_wait_instead_of_panicking,
+    cancelling_on_the_home_worker_reaches_operations_still_in_its_queue,
 );
 
 #[test]
@@ -1235,12 +1236,54 @@ fn a_worker_moves_to_another_thread_after_use(b: Backend) {
     drop(w);
 }
 
+/// An operation posted from another thread waits in its home worker's queue until that worker
+/// next turns; cancelling on the home worker in the meantime cancels it too, by id or by
+/// socket, rather than letting it start afterwards and wait for ever.
+fn cancelling_on_the_home_worker_reaches_operations_still_in_its_queue(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (ours, _peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let by_id = std::thread::scope(|s| {
+        s.spawn(|| {
+            port.submit(Op::recv(&h, Vec::with_capacity(16)), 1)
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    w.cancel(by_id);
+    let c = next(&mut w);
+    assert_eq!(
+        (c.id, c.result.unwrap_err().raw_os_error()),
+        (by_id, Some(libc::ECANCELED))
+    );
+    let by_socket = std::thread::scope(|s| {
+        s.spawn(|| {
+            port.submit(Op::recv(&h, Vec::with_capacity(16)), 2)
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    w.cancel_all(&h);
+    let c = next(&mut w);
+    assert_eq!(
+        (c.id, c.result.unwrap_err().raw_os_error()),
+        (by_socket, Some(libc::ECANCELED))
+    );
+}
+
 fn huge_timeouts_wait_instead_of_panicking(b: Backend) {
     let (port, mut w) = one_worker::<(), u8>(b);
     w.submit(Op::timeout(Duration::MAX), 1);
     port.post(0, Packet::new(2)).unwrap();
     let c = w.dequeue(Some(Duration::MAX)).unwrap();
     assert_eq!(c.data, 2);
+    // The timeout is still waiting: it did not complete at once (with an error, say).
+    match w.dequeue(Some(Duration::from_millis(200))) {
+        Err(WaitError::TimedOut) => {}
+        other => panic!("the huge timeout completed: {other:?}"),
+    }
 }
 
 #[test]

@@ -297,6 +297,9 @@ impl Epoll {
         if state.registered && state.serial == target.serial {
             return Ok(());
         }
+        // Not registered for this socket until the kernel says so: should the call below
+        // fail, the next operation on the socket tries again.
+        state.registered = false;
         state.serial = target.serial;
         state.stream = target.stream;
         state.read.clear();
@@ -385,7 +388,9 @@ impl Epoll {
 
     fn cancel_op(&mut self, id: u64) {
         if let Some(op) = self.ops.remove(id) {
-            self.deadlines.remove(&id);
+            if self.deadlines.remove(&id).is_some() {
+                self.forget_cancelled_timers();
+            }
             if let Some(state) = fd_state(&mut self.fds, op.fd) {
                 let queue = match op.side {
                     Side::Read => &mut state.read,
@@ -394,6 +399,17 @@ impl Epoll {
                 queue.remove(id);
             }
             self.done.push(Event::done(id, -libc::ECANCELED));
+        }
+    }
+
+    /// A cancelled timer stays in the heap until it reaches the top: drops them all once they
+    /// outnumber the live ones, so that timeouts posted and cancelled (one per request, say)
+    /// hold memory only while they are live, as on io_uring.
+    fn forget_cancelled_timers(&mut self) {
+        if self.timers.len() > 2 * self.deadlines.len() + 64 {
+            let deadlines = &self.deadlines;
+            self.timers
+                .retain(|&Reverse((at, id))| deadlines.get(&id) == Some(&at));
         }
     }
 
@@ -816,6 +832,72 @@ mod tests {
             pooled: true,
             connecting: false,
         }
+    }
+
+    /// A descriptor number registered for one socket and then reused by another whose
+    /// registration fails is not taken as registered: the next operation on the new socket
+    /// registers it again rather than wait for readiness epoll was never asked to report.
+    #[test]
+    fn a_failed_registration_is_tried_again() {
+        use std::os::fd::AsRawFd;
+        let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut ep = super::Epoll::new(wake.as_raw_fd()).unwrap();
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let fd = sock.as_raw_fd();
+        let target = |serial| crate::sys::Target {
+            fd,
+            serial,
+            stream: false,
+        };
+        ep.register(target(1)).unwrap();
+        assert!(ep.fds[fd as usize].registered);
+        // The socket closes and its number goes to a regular file, which epoll refuses.
+        let file = std::fs::File::open("/proc/self/stat").unwrap();
+        // SAFETY: dup2 closes the socket's descriptor and makes `fd` a copy of the file's;
+        // `sock` is forgotten below so that its descriptor number is closed once (by `OwnedFd`).
+        assert_eq!(unsafe { libc::dup2(file.as_raw_fd(), fd) }, fd);
+        std::mem::forget(sock);
+        // SAFETY: `fd` is open (the dup2 above) and owned by nothing else.
+        let _owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        assert_eq!(
+            ep.register(target(2)).unwrap_err().raw_os_error(),
+            Some(libc::EPERM)
+        );
+        assert!(!ep.fds[fd as usize].registered, "taken as registered");
+        assert!(ep.register(target(2)).is_err(), "not tried again");
+    }
+
+    /// Timeouts posted and cancelled one after another (a timeout per request) do not pile up
+    /// in the timer heap.
+    #[test]
+    fn cancelled_timeouts_do_not_pile_up() {
+        use crate::sys::{Cancel, Driver, OpBody, Target};
+        use std::os::fd::AsRawFd;
+        let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut ep = super::Epoll::new(wake.as_raw_fd()).unwrap();
+        let target = Target {
+            fd: -1,
+            serial: 0,
+            stream: false,
+        };
+        let after = std::time::Duration::from_secs(600);
+        let mut live = OpBody::Timeout(after, io_uring::types::Timespec::new().sec(600));
+        ep.start(1, target, &mut live).unwrap();
+        for id in 2..10_000u64 {
+            let mut body = OpBody::Timeout(after, io_uring::types::Timespec::new().sec(600));
+            ep.start(id, target, &mut body).unwrap();
+            ep.cancel(Cancel::Op(id));
+        }
+        assert!(
+            ep.timers.len() <= 2 * ep.deadlines.len() + 64,
+            "{}",
+            ep.timers.len()
+        );
+        assert_eq!(
+            ep.next_timer(),
+            ep.deadlines.get(&1).copied(),
+            "the live one stays"
+        );
     }
 
     /// Every idle connection keeps its armed receive here: one slot of the vector, no more.

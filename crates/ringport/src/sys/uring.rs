@@ -160,6 +160,8 @@ pub(crate) struct Uring {
     abandoned: bool,
     /// The kernel ends a multishot receive at a byte limit (`optlen`, Linux 6.17).
     recv_limits: bool,
+    /// The kernel has multishot receives (Linux 6.0), which pooled receives are.
+    recv_multishot: bool,
 }
 
 // SAFETY: the buffer ring's raw pointer refers to memory owned by this driver (and the pool it
@@ -213,18 +215,23 @@ impl Uring {
             }
         }
         probe_cancel_any(&mut ring)?;
-        // The same answer for every ring of the process: probed with the first.
-        static RECV_LIMITS: OnceLock<bool> = OnceLock::new();
-        let recv_limits = match RECV_LIMITS.get() {
+        // The same answers for every ring of the process: probed with the first.
+        static RECV_SUPPORT: OnceLock<(bool, bool)> = OnceLock::new();
+        let (recv_multishot, recv_limits) = match RECV_SUPPORT.get() {
             Some(&known) => known,
             None => {
-                let known = probe_recv_limit(&mut ring).map_err(|e| {
-                    io::Error::new(e.kind(), format!("io_uring receive-limit probe: {e}"))
-                })?;
-                *RECV_LIMITS.get_or_init(|| known)
+                let mut probe = |limit| {
+                    probe_multishot_recv(&mut ring, limit).map_err(|e| {
+                        io::Error::new(e.kind(), format!("io_uring multishot receive probe: {e}"))
+                    })
+                };
+                let multishot = probe(0)?;
+                let known = (multishot, multishot && probe(1)?);
+                *RECV_SUPPORT.get_or_init(|| known)
             }
         };
         Ok(Uring {
+            recv_multishot,
             recv_limits,
             ring,
             woken: false,
@@ -376,19 +383,20 @@ fn with_optlen(sqe: squeue::Entry, optlen: u32) -> squeue::Entry {
     unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
 }
 
-/// Whether the kernel takes a byte limit on a multishot receive (Linux 6.17). A limited receive
-/// from a socket with a byte waiting, into a buffer group that does not exist: a kernel that
-/// knows the limit fails it for want of a buffer (`ENOBUFS`); one that does not refuses the
-/// request (`EINVAL`: the field must be zero). Either way it completes while being submitted.
+/// Whether the kernel takes a multishot receive (Linux 6.0) with a byte limit of `limit` (0: no
+/// limit; a limit needs Linux 6.17). A receive from a socket with a byte waiting, into a buffer
+/// group that does not exist: a kernel that knows the request fails it for want of a buffer
+/// (`ENOBUFS`); one that does not refuses it (`EINVAL`: an unknown flag, or a field that must be
+/// zero). Either way it completes while being submitted.
 ///
 /// # Errors
 /// No socket pair for the probe (out of descriptors), or the submission failed.
-fn probe_recv_limit(ring: &mut IoUring) -> io::Result<bool> {
+fn probe_multishot_recv(ring: &mut IoUring, limit: u32) -> io::Result<bool> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     (&theirs).write_all(b"x")?;
     let sqe = with_optlen(
         opcode::RecvMulti::new(types::Fd(ours.as_raw_fd()), PROBE_GROUP).build(),
-        1,
+        limit,
     )
     .user_data(PROBE);
     // SAFETY: the receive selects its buffer from a group that does not exist, so the kernel
@@ -507,6 +515,12 @@ impl Driver for Uring {
     }
 
     fn set_pool(&mut self, pool: Arc<Pool>, incremental: bool) -> io::Result<()> {
+        if !self.recv_multishot {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this kernel has no multishot receives (Linux 6.0), which a receive pool needs",
+            ));
+        }
         // `Pool::new` keeps the count within 1..=32768, the most a buffer ring holds.
         let entries = u16::try_from(u32::from(pool.count()).next_power_of_two())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "receive pool too large"))?;
