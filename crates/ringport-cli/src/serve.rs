@@ -1457,7 +1457,9 @@ impl Server {
                 } else {
                     self.arm(&mut conn);
                 }
-                retried += 1;
+                // Counted once it is armed again: not while it waits for its echo to drain or
+                // for a buffer.
+                retried += u64::from(conn.recv.is_some());
             }
             self.totals.retried.fetch_add(retried, Ordering::Relaxed);
             self.settle(id, conn);
