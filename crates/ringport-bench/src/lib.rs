@@ -456,13 +456,35 @@ fn finish(report: &Report, out: &Path, charts: Vec<ChartSpec>) -> i32 {
         .filter(|s| s.mismatched)
         .map(|s| s.spec.label.as_str())
         .collect();
-    if bad.is_empty() {
-        0
-    } else {
+    if !bad.is_empty() {
         errln!(
             "ringport-bench: ECHO INTEGRITY FAILURE: {} returned bytes that differ from what was sent",
             bad.join(", ")
         );
-        EXIT_MISMATCH
+        return EXIT_MISMATCH;
+    }
+    // This project's own servers must run: one that measured no cell at all (it did not
+    // start, say) fails the run, so that `--quick` in CI keeps every mode working. A peer that
+    // cannot run here (no io_uring for compio, say) is only reported.
+    let dead: Vec<&str> = report
+        .servers
+        .iter()
+        .filter(|s| s.spec.program == "ringport" && !s.cells.is_empty())
+        .filter(|s| {
+            !s.cells
+                .iter()
+                .flat_map(|c| &c.rounds)
+                .any(|o| matches!(o, matrix::Outcome::Ok { .. }))
+        })
+        .map(|s| s.spec.label.as_str())
+        .collect();
+    if dead.is_empty() {
+        0
+    } else {
+        errln!(
+            "ringport-bench: {}: no cell measured (the failures are in the report)",
+            dead.join(", ")
+        );
+        EXIT_HARNESS
     }
 }

@@ -779,7 +779,7 @@ impl Harness {
         };
         if report.mismatches > 0 {
             return Outcome::Failed {
-                why: format!("{} mismatched echo bytes", report.mismatches),
+                why: format!("{} connections with a mismatched echo", report.mismatches),
                 client: Some(report),
             };
         }

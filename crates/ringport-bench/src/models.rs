@@ -25,7 +25,8 @@ struct ModelsArgs {
     workers: Option<u16>,
 }
 
-/// The model table: one server per model, then the completion port with `workers` workers.
+/// The model table: one server per model (each runs one thread and takes no `--workers`), then
+/// the completion port with `workers` workers.
 pub fn specs(workers: u16) -> Vec<ServerSpec> {
     let mut specs: Vec<ServerSpec> = MODELS
         .iter()
@@ -35,15 +36,7 @@ pub fn specs(workers: u16) -> Vec<ServerSpec> {
                 Role::Peer,
                 "ringport",
                 "ringport-cli",
-                &[
-                    "serve",
-                    "--listen",
-                    "{addr}",
-                    "--model",
-                    m,
-                    "--workers",
-                    "{workers}",
-                ],
+                &["serve", "--listen", "{addr}", "--model", m],
             )
             .needs(&["serve", "--help"], &["--model"])
         })
