@@ -217,7 +217,8 @@ pub struct ClientArgs {
     pub messages: Option<u64>,
 
     /// Load mode: measure for this many seconds (after --warmup) once every connection is
-    /// open, then wait for the last echoes (verified, not counted).
+    /// open, then wait for the last echoes (verified, not counted; what has not come back
+    /// 10 s after the deadline is an error).
     #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
     pub duration: Option<Duration>,
 

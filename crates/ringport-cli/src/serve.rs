@@ -58,6 +58,10 @@ const POOL_GRACE: Duration = Duration::from_millis(500);
 /// While the pool stays dry after such a close, how soon the next (the closed connection's
 /// buffers come back once its send in flight has been cancelled).
 const HOG_AGAIN: Duration = Duration::from_millis(50);
+/// How long the echo of a connection that is not paused must have stood still, with the pool
+/// dry, before it may be closed for holding the pool: longer than for a paused one, whose peer
+/// has already sent past the bound.
+const UNPAUSED_GRACE: Duration = Duration::from_secs(2);
 /// The most buffers one gathering send takes (512 KiB).
 const MAX_GATHER: usize = 64;
 /// Buffer lists, and echo queues, kept for reuse.
@@ -441,6 +445,16 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
 /// the server exits (with status 1, from the failed join) rather than serve on without it.
 struct DrainOnPanic(Port<Key, Io>);
 
+impl Drop for Server {
+    /// Adds this worker's counts to the exit summary's totals, however the worker ended.
+    fn drop(&mut self) {
+        self.totals
+            .connections
+            .fetch_add(self.connections, Ordering::Relaxed);
+        self.totals.bytes.fetch_add(self.bytes, Ordering::Relaxed);
+    }
+}
+
 impl Drop for DrainOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -709,10 +723,7 @@ impl Server {
             }
         }
         self.flush_refusals();
-        self.totals
-            .connections
-            .fetch_add(self.connections, Ordering::Relaxed);
-        self.totals.bytes.fetch_add(self.bytes, Ordering::Relaxed);
+        // The worker's counts join the totals when `self` is dropped (by a panic too).
         result
     }
 
@@ -1289,13 +1300,17 @@ impl Server {
         // echo has not moved for a while: a slow reader that still reads stays (sends and
         // receives both set `last_active`), and so does a connection whose send waits to be
         // tried again for want of memory. A connection need not be paused: peers that each
-        // stop sending just short of the bound can hold the pool between them as well.
+        // stop sending just short of the bound can hold the pool between them as well (such a
+        // one after `UNPAUSED_GRACE`).
         let now = self.millis(self.now);
-        let grace = POOL_GRACE.as_millis() as u64;
+        let grace = |c: &Conn| {
+            let grace = if c.paused { POOL_GRACE } else { UNPAUSED_GRACE };
+            grace.as_millis() as u64
+        };
         let mut held: Vec<(usize, u64)> = self
             .conns
             .iter()
-            .filter(|(_, c)| !c.retry.pending() && now.saturating_sub(c.last_active) >= grace)
+            .filter(|(_, c)| !c.retry.pending() && now.saturating_sub(c.last_active) >= grace(c))
             .map(|(id, c)| (self.held_bytes(c), id))
             .filter(|&(bytes, _)| bytes > 0)
             .collect();
@@ -1457,8 +1472,8 @@ impl Server {
                 } else {
                     self.arm(&mut conn);
                 }
-                // Counted once it is armed again: not while it waits for its echo to drain or
-                // for a buffer.
+                // Counted when armed here; one that waits for its echo to drain or for a buffer
+                // is armed later, as any receive is, and not counted as tried again.
                 retried += u64::from(conn.recv.is_some());
             }
             self.totals.retried.fetch_add(retried, Ordering::Relaxed);

@@ -169,13 +169,25 @@ fn negative_numbers_are_exit_2_naming_the_flag() {
 /// A misspelt `--only` names no server: exit 2, naming it, and no report written over the
 /// last one.
 fn bench_only_naming_no_server_is_exit_2() {
-    let out = std::env::temp_dir().join(format!("ringport-bench-only-{}", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "ringport-bench-only-{}-{}",
+        std::process::id(),
+        util::backend()
+    ));
+    std::fs::create_dir_all(&out).unwrap();
+    let report = out.join("peers.md");
+    std::fs::write(&report, "the last run's report").unwrap();
     let out_arg = out.to_string_lossy().into_owned();
     let args = [
         "bench", "peers", "--quick", "--only", "tokoi", "--out", &out_arg,
     ];
     assert_usage_error_naming(&args, "--only tokoi");
-    assert!(!out.join("peers.md").exists(), "a report was written");
+    let kept = std::fs::read_to_string(&report).unwrap();
+    let _ = std::fs::remove_dir_all(&out);
+    assert_eq!(
+        kept, "the last run's report",
+        "the last report was written over"
+    );
     assert_usage_error_naming(&["bench", "peers", "--quick", "--sizes", "64,0"], "--sizes");
 }
 

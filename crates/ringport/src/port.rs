@@ -667,7 +667,9 @@ where
         }
     }
 
-    /// Cancels every operation outstanding on `socket`.
+    /// Cancels every operation outstanding on `socket`. (Should the kernel not take the request
+    /// at once, it is tried again on the next turn, and then also cancels what was posted on
+    /// the socket meanwhile.)
     pub fn cancel_all(&mut self, socket: &Handle<K>) {
         if socket.worker() == self.index {
             // Operations posted from other threads first, so that they are cancelled too.

@@ -182,7 +182,7 @@ fn run_with_timeout(
     if !opts.send_only {
         // Every echo came back: the server has nothing more to send, and closes its side once
         // it sees ours closed. Anything else it sends is an echo of nothing.
-        let extra = bytes_before_close(&mut stream);
+        let extra = bytes_before_close(&mut stream, timeout);
         if extra > 0 {
             return Err(fail(format!(
                 "the server sent {extra} bytes more than it was sent, after the last echo"
@@ -192,12 +192,17 @@ fn run_with_timeout(
     Ok(report)
 }
 
-/// Reads until the server closes its side, an error, or a read times out; returns the bytes
-/// read. A server that keeps its side open is not waited for past the socket's read timeout.
-fn bytes_before_close(stream: &mut TcpStream) -> u64 {
+/// Reads until the server closes its side, an error, or `timeout` has passed; returns the bytes
+/// read. A server that keeps its side open, or keeps sending, is not waited for longer.
+fn bytes_before_close(stream: &mut TcpStream, timeout: Duration) -> u64 {
+    let deadline = std::time::Instant::now() + timeout;
     let mut extra = 0u64;
     let mut buf = [0u8; 4096];
     loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return extra;
+        }
         match stream.read(&mut buf) {
             Ok(0) => return extra,
             Ok(n) => extra += n as u64,

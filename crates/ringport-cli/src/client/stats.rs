@@ -119,7 +119,7 @@ impl Summary {
         per_sec(self.bytes as f64 / 1e6, self.elapsed)
     }
 
-    /// Returns `true` when the run had no errors and no mismatched bytes.
+    /// Returns `true` when the run had no errors and no mismatched echo.
     pub fn ok(&self) -> bool {
         self.errors.is_empty() && self.mismatches == 0
     }
