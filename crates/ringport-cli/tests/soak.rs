@@ -130,7 +130,7 @@ fn resets(addr: SocketAddr, until: Instant, made: &AtomicU64) {
         let mut s = connect(addr);
         let data = pattern(30_000 + i, 1 + (i as usize * 4099) % (256 * 1024));
         s.write_all(&data).unwrap();
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             // Read part of the echo first, so the reset lands mid-stream.
             let _ = read_exact_len(&mut s, data.len().min(1000));
         }

@@ -46,7 +46,7 @@ struct Rule {
 impl Rule {
     /// Counts one more operation (or wait) it applies to; whether this one fails.
     fn fires(&self) -> bool {
-        (self.seen.fetch_add(1, Ordering::Relaxed) + 1) % self.every == 0
+        (self.seen.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(self.every)
             && self.fired.fetch_add(1, Ordering::Relaxed) < self.limit
     }
 }

@@ -83,7 +83,7 @@ impl Stream {
         let mut k = 0;
         while k < len {
             let at = self.position + k as u64;
-            if at % 8 != 0 || len - k < 8 {
+            if !at.is_multiple_of(8) || len - k < 8 {
                 each(Piece::Byte {
                     k,
                     value: self.byte(at),
