@@ -70,6 +70,10 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
     let mut stats = Stats::default();
     let mut threads = Vec::new();
     let result = accept_loop(&mut acceptor, &shared, &mut stats, &mut threads);
+    if result.is_err() {
+        // The listener failed: the connection threads drain as on a stop, which they wait for.
+        shared.stop.trigger();
+    }
     drop(acceptor);
     drain(&shared, config);
     for t in threads {

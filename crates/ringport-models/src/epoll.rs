@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::conn::{
-    drain_all, drain_over, turn, turn_pending, wait_timeout, Acceptor, Conn, SCRATCH,
+    drain_all, drain_over, turn, turn_pending, wait_timeout, Acceptor, Conn, RateLimit, SCRATCH,
 };
 use crate::sys::{self, syscall};
 use crate::{Config, Stats, Stop};
@@ -57,6 +57,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
     let mut events = Vec::with_capacity(EVENTS);
     let mut stats = Stats::default();
     let mut scratch = vec![0u8; SCRATCH];
+    let mut refusals = RateLimit::new();
     let mut deadline: Option<Instant> = None;
 
     loop {
@@ -80,7 +81,12 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
                     let fd = stream.as_raw_fd();
                     if let Err(e) = epoll.add(fd, CONN_EVENTS, fd as u64) {
                         // ENOMEM, or ENOSPC: past /proc/sys/fs/epoll/max_user_watches.
-                        warn!("epoll: refusing socket {fd}: cannot watch it: {e}");
+                        if let Some(suppressed) = refusals.check() {
+                            warn!(
+                                suppressed,
+                                "epoll: refusing socket {fd}: cannot watch it: {e}"
+                            );
+                        }
                         stats.refused += 1;
                         continue;
                     }

@@ -98,6 +98,7 @@ fn run(
     let mut ready: VecDeque<RawFd> = VecDeque::new();
     let mut stats = Stats::default();
     let mut scratch = vec![0u8; SCRATCH];
+    let mut refusals = RateLimit::new();
     let mut overflows = RateLimit::new();
     let mut deadline: Option<Instant> = None;
 
@@ -118,7 +119,12 @@ fn run(
                 while let Some(stream) = a.accept()? {
                     let fd = stream.as_raw_fd();
                     if let Err(e) = notify(fd, tid, signal) {
-                        warn!("sigio: refusing socket {fd}: cannot set signal-driven I/O: {e}");
+                        if let Some(suppressed) = refusals.check() {
+                            warn!(
+                                suppressed,
+                                "sigio: refusing socket {fd}: cannot set signal-driven I/O: {e}"
+                            );
+                        }
                         stats.refused += 1;
                         continue;
                     }

@@ -282,12 +282,9 @@ impl Server {
             // SAFETY: a successful accept completion is a new descriptor that nothing else owns.
             let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(res) });
             let _ = stream.set_nodelay(true);
-            if self.stopping {
-                // Accepted before the cancel took effect.
-                sys::close_gracefully(stream);
-            } else {
-                self.add(stream)?;
-            }
+            // One accepted while stopping (before the cancel took effect) is served like the
+            // others: whatever its peer sent is echoed before the drain closes it.
+            self.add(stream)?;
         } else if !(self.stopping && -res == libc::ECANCELED) {
             let err = io::Error::from_raw_os_error(-res);
             match sys::classify_accept_error(-res) {
