@@ -406,6 +406,11 @@ fn check_ignored_flags(matches: &ArgMatches) {
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     check_ignored_flags(&matches);
+    // `--backend` on the command line (not from `RINGPORT_BACKEND`) picks the load generator:
+    // the book's client uses plain sockets.
+    let backend_given = matches
+        .subcommand_matches("client")
+        .is_some_and(|c| c.value_source("get") == Some(ValueSource::CommandLine));
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -414,7 +419,7 @@ fn main() -> ExitCode {
     raise_nofile_limit();
     let result = match cli.command {
         Command::Serve(args) => serve::run(&args),
-        Command::Client(args) if args.is_load() => client::load::run(&args),
+        Command::Client(args) if args.is_load() || backend_given => client::load::run(&args),
         Command::Client(args) => client::run_book(&args),
         Command::Bench(args) => {
             let prog = "ringport bench";

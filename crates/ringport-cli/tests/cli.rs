@@ -157,6 +157,31 @@ fn flags_the_mode_would_ignore_are_exit_2_naming_them() {
     assert_usage_error_naming(&["client", "--count", "5", "--duration", "1"], "--count");
 }
 
+/// `--backend` on the command line picks the load generator (the book's client has no
+/// backend); from `RINGPORT_BACKEND` it does not.
+fn client_backend_flag_means_load_mode() {
+    let addr = util::unused_port().to_string();
+    let output = run_cli(
+        &["client", "--connect", &addr, "--backend", "epoll"],
+        CLI_TIMEOUT,
+    );
+    output.assert_no_panic();
+    assert_ne!(output.code(), Some(0), "{}", output.describe());
+    assert!(
+        output.stdout.contains("connect: connection refused"),
+        "not the load generator's summary\n{}",
+        output.describe()
+    );
+    let output = run_cli(&["client", "--connect", &addr], CLI_TIMEOUT);
+    assert!(
+        output
+            .stderr
+            .contains(&format!("{addr}: connection refused")),
+        "not the book's client\n{}",
+        output.describe()
+    );
+}
+
 /// A negative number is read as the flag's value, and the error names the flag.
 fn negative_numbers_are_exit_2_naming_the_flag() {
     assert_usage_error_naming(&["client", "--duration", "-1"], "--duration");
@@ -409,6 +434,7 @@ per_backend!(
     client_more_in_flight_than_memory_is_refused,
     flags_the_mode_would_ignore_are_exit_2_naming_them,
     negative_numbers_are_exit_2_naming_the_flag,
+    client_backend_flag_means_load_mode,
     bench_only_naming_no_server_is_exit_2,
     address_in_use_is_exit_1_with_named_error,
     top_level_help_lists_subcommands,
