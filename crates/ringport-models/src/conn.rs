@@ -84,6 +84,9 @@ pub(crate) struct Conn {
     draining: bool,
     /// Draining and idle: when to close unless input comes first.
     quiet_until: Option<Instant>,
+    /// On the edge-triggered loops' `ready` queue (at most once: a busy peer gets one turn
+    /// per pass, like the others).
+    pub(crate) queued: bool,
 }
 
 impl Conn {
@@ -100,6 +103,7 @@ impl Conn {
             writable: true,
             draining: false,
             quiet_until: None,
+            queued: false,
         }
     }
 
@@ -377,12 +381,19 @@ pub(crate) fn turn(
     let Some(c) = conns.get_mut(&fd) else { return };
     match c.drive(scratch, &mut stats.bytes) {
         Step::Read | Step::Write => {}
-        Step::Yield => ready.push_back(fd),
+        Step::Yield => queue(c, ready, fd),
         Step::Close(why) => {
             if let Some(c) = conns.remove(&fd) {
                 c.close(why);
             }
         }
+    }
+}
+
+/// Puts the connection on `fd` on the `ready` queue, unless it is on it already.
+pub(crate) fn queue(c: &mut Conn, ready: &mut VecDeque<RawFd>, fd: RawFd) {
+    if !std::mem::replace(&mut c.queued, true) {
+        ready.push_back(fd);
     }
 }
 
@@ -458,6 +469,9 @@ pub(crate) fn turn_pending(
 ) {
     for _ in 0..ready.len() {
         let Some(fd) = ready.pop_front() else { break };
+        if let Some(c) = conns.get_mut(&fd) {
+            c.queued = false;
+        }
         turn(conns, ready, fd, scratch, stats);
     }
     if draining {
@@ -475,4 +489,31 @@ fn quiet_over(conns: &HashMap<RawFd, Conn>) -> Vec<RawFd> {
         .filter(|(_, c)| c.quiet_until().is_some_and(|t| t <= now))
         .map(|(&fd, _)| fd)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::net::{TcpListener, TcpStream};
+
+    use super::{queue, Conn};
+
+    /// A connection queued again before its turn (a new edge, or a signal-queue overflow that
+    /// queues every connection) stays on the queue once: a busy peer gets one turn per pass.
+    #[test]
+    fn a_connection_is_queued_once_until_its_turn() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let mut c = Conn::new(s);
+        let mut ready = VecDeque::new();
+        queue(&mut c, &mut ready, 7);
+        queue(&mut c, &mut ready, 7);
+        assert_eq!(ready, [7]);
+        // Its turn: off the queue, and it may be queued again.
+        ready.pop_front();
+        c.queued = false;
+        queue(&mut c, &mut ready, 7);
+        assert_eq!(ready, [7]);
+    }
 }

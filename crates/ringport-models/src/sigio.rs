@@ -49,7 +49,8 @@ use libc::c_int;
 use tracing::{info, warn};
 
 use crate::conn::{
-    drain_all, drain_over, turn, turn_pending, wait_timeout, Acceptor, Conn, RateLimit, SCRATCH,
+    drain_all, drain_over, queue, turn, turn_pending, wait_timeout, Acceptor, Conn, RateLimit,
+    SCRATCH,
 };
 use crate::sys::{self, syscall};
 use crate::{Config, Stats, Stop};
@@ -164,7 +165,7 @@ fn run(
                 for (&fd, c) in &mut conns {
                     c.readable = true;
                     c.writable = true;
-                    ready.push_back(fd);
+                    queue(c, &mut ready, fd);
                 }
             }
         }
@@ -394,8 +395,14 @@ impl StopWaker {
                         revents: 0,
                     },
                 ];
-                if let Err(e) = sys::poll(&mut fds, None) {
-                    warn!("sigio: the stop waker cannot wait: {e}");
+                // A wait that fails (short of memory, say) is tried again: giving up would
+                // leave an idle server deaf to the stop.
+                let mut warned = false;
+                while let Err(e) = sys::poll(&mut fds, None) {
+                    if !std::mem::replace(&mut warned, true) {
+                        warn!("sigio: the stop waker cannot wait: {e}; trying again");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
                 }
                 if stop.is_triggered() && fds[1].revents == 0 {
                     // SAFETY: `target` is the serving thread, which joins this thread before it

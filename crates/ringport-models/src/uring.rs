@@ -354,8 +354,37 @@ impl Server {
         self.post_recv(slot)
     }
 
-    /// Posts a receive; while stopping, one that gives up after [`DRAIN_QUIET`].
+    /// Posts a receive; while stopping, one that gives up after [`DRAIN_QUIET`]. One the ring
+    /// will not take closes the connection (see [`Server::or_close`]).
     fn post_recv(&mut self, slot: usize) -> io::Result<()> {
+        let queued = self.queue_recv(slot);
+        self.or_close(slot, queued, "receive")
+    }
+
+    /// Posts a send of what the connection holds, as [`Server::post_recv`].
+    fn post_send(&mut self, slot: usize) -> io::Result<()> {
+        let queued = self.queue_send(slot);
+        self.or_close(slot, queued, "send")
+    }
+
+    /// Closes the connection in `slot` when its operation could not be queued (the kernel kept
+    /// refusing the submission for want of memory, say): that one connection, not the server.
+    /// Nothing of it is in flight then, since the ring took none of the entries.
+    fn or_close(&mut self, slot: usize, queued: io::Result<()>, what: &str) -> io::Result<()> {
+        if let Err(e) = queued {
+            if let Some(c) = self.conns[slot].as_mut() {
+                c.op = None;
+                warn!(
+                    "uring: cannot queue a {what} for socket {}: {e}; closing it",
+                    c.stream.as_raw_fd()
+                );
+            }
+            self.close(slot, Some(e));
+        }
+        Ok(())
+    }
+
+    fn queue_recv(&mut self, slot: usize) -> io::Result<()> {
         let c = self.conns[slot].as_mut().expect("a live slot");
         c.filled = 0;
         c.sent = 0;
@@ -382,7 +411,7 @@ impl Server {
         unsafe { self.push(&[recv.flags(squeue::Flags::IO_LINK), timeout]) }
     }
 
-    fn post_send(&mut self, slot: usize) -> io::Result<()> {
+    fn queue_send(&mut self, slot: usize) -> io::Result<()> {
         let c = self.conns[slot].as_mut().expect("a live slot");
         let rest = &c.buf[c.sent..c.filled];
         let send = opcode::Send::new(
