@@ -69,15 +69,22 @@ pub(crate) fn eventfd_signal(fd: RawFd) {
     let _ = unsafe { syscall!(write(fd, (&raw const one).cast(), 8)) };
 }
 
-/// `poll(2)` on a set of descriptors, retried on `EINTR`; `None` waits without a time limit.
+/// `poll(2)` on a set of descriptors, retried on `EINTR` for what is left of the time;
+/// `None` waits without a time limit.
 pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
-    let timeout = timeout_ms(timeout);
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+    let mut wait = timeout_ms(timeout);
     loop {
         // SAFETY: `fds` is a live, exclusively borrowed slice of `pollfd`, and its length is
         // passed with it.
-        match unsafe { syscall!(poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout)) } {
+        match unsafe { syscall!(poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait)) } {
             Ok(n) => return Ok(n as usize),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A signal must not restart the whole wait: that would put off deadlines.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                if let Some(d) = deadline {
+                    wait = timeout_ms(Some(d.saturating_duration_since(Instant::now())));
+                }
+            }
             Err(e) => return Err(e),
         }
     }
