@@ -300,7 +300,58 @@ fn bad_fault_spec_is_named() {
     );
 }
 
+/// A drain (SIGTERM) that begins while receives wait to be tried again for want of memory
+/// still echoes everything each peer sent before its FIN, and the server exits 0.
+fn a_drain_during_receive_retries_loses_nothing() {
+    // Every other receive fails: retries are pending most of the time, and never eight in a
+    // row for one connection.
+    let spec = "recv=ENOMEM/2";
+    let server = Server::start_configured(&["--listen", "127.0.0.1:0", "--workers", "1"], |cmd| {
+        cmd.env("RINGPORT_FAULTS", spec);
+    });
+    let sent: Vec<Vec<u8>> = (0..4).map(|i| pattern(40 + i, 200_000)).collect();
+    let mut streams: Vec<TcpStream> = sent
+        .iter()
+        .map(|data| {
+            let mut s = connect(server.addr);
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            // An echo first: the server has accepted the connection (one still in the listen
+            // queue when the drain begins is refused, as the listener closes).
+            util::round_trip(&mut s, b"accepted?");
+            s.write_all(data)
+                .unwrap_or_else(|e| panic!("{spec}: write failed: {e}"));
+            s
+        })
+        .collect();
+    let readers: Vec<_> = streams
+        .iter_mut()
+        .map(|s| {
+            s.shutdown(Shutdown::Write).unwrap();
+            let mut r = s.try_clone().unwrap();
+            thread::spawn(move || {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).map(|_| got)
+            })
+        })
+        .collect();
+    // The drain starts with the echo still on its way.
+    server.signal(libc::SIGTERM);
+    let got: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    let output = server.wait_exit(EXIT_GUARD);
+    for (i, (got, data)) in got.into_iter().zip(&sent).enumerate() {
+        let got =
+            got.unwrap_or_else(|e| panic!("{spec}: connection {i}: {e}\n{}", output.describe()));
+        util::assert_bytes_eq(&got, data, &format!("{spec}: connection {i}"));
+    }
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+    let retried = number_between(&output.stdout, "tried ", " sends or receives again")
+        .unwrap_or_else(|| panic!("the summary counts no retries\n{}", output.describe()));
+    assert!(retried > 0, "{}", output.describe());
+}
+
 per_backend!(
+    a_drain_during_receive_retries_loses_nothing,
     failing_and_short_sends_cut_only_their_connection,
     failing_receives_cut_only_their_connection,
     receives_that_find_no_buffer_lose_nothing,
