@@ -310,8 +310,9 @@ impl Acceptor {
     /// [`Acceptor::paused_until`]). An error means the listener is unusable.
     ///
     /// Linux takes the new descriptor before it looks at the backlog, so at the descriptor
-    /// limit `accept` fails with `EMFILE` even when nothing is waiting: a server at the limit
-    /// pauses after each burst of accepts, which costs nothing it could have done anyway.
+    /// limit `accept` fails with `EMFILE` even when nothing is waiting: that failure counts
+    /// (a warning, a pause) only when a connection is in fact waiting; otherwise it is the
+    /// empty backlog it stands for.
     pub(crate) fn accept(&mut self) -> io::Result<Option<TcpStream>> {
         loop {
             if self.paused(Instant::now()) {
@@ -324,6 +325,7 @@ impl Acceptor {
             match sys::classify_accept_error(err.raw_os_error().unwrap_or(0)) {
                 AcceptError::Empty => return Ok(None),
                 AcceptError::Transient => continue,
+                AcceptError::Exhausted if !self.has_waiting() => return Ok(None),
                 AcceptError::Exhausted => {
                     if let Some(suppressed) = self.warn.check() {
                         warn!(
@@ -337,6 +339,17 @@ impl Acceptor {
                 AcceptError::Fatal => return Err(err),
             }
         }
+    }
+
+    /// Whether a connection waits in the listener's backlog (asked without waiting; when the
+    /// kernel cannot say, as if one did).
+    fn has_waiting(&self) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        sys::poll(&mut fds, Some(std::time::Duration::ZERO)).map_or(true, |n| n > 0)
     }
 }
 
