@@ -1512,7 +1512,7 @@ impl Server {
             n => debug!("closing socket {fd} ({why}), {n} bytes not echoed"),
         }
         // FIN now, after everything already echoed, even if input is still unread.
-        let _ = socket2::SockRef::from(&conn.handle).shutdown(Shutdown::Write);
+        let _ = conn.handle.shutdown(Shutdown::Write);
         self.worker.submit(Op::close(&conn.handle), Io::Close);
         self.totals.live.fetch_sub(1, Ordering::Relaxed);
     }

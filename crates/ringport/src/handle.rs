@@ -109,10 +109,52 @@ impl<K> Handle<K> {
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
+    /// The address of the socket's peer (`getpeername`): what `GetAcceptExSockaddrs` gives an
+    /// IOCP server for an accepted connection.
+    ///
+    /// # Errors
+    /// The socket is not connected, or not an internet socket.
+    pub fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        socket2::SockRef::from(self)
+            .peer_addr()
+            .and_then(as_socket_addr)
+    }
+
+    /// The socket's own address (`getsockname`).
+    ///
+    /// # Errors
+    /// The socket is not an internet socket.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        socket2::SockRef::from(self)
+            .local_addr()
+            .and_then(as_socket_addr)
+    }
+
+    /// Shuts down one or both directions of the socket (`shutdown(2)`, Winsock's `shutdown`
+    /// with `SD_SEND` and the rest), at once: not an operation, so it is not ordered with the
+    /// socket's operations in flight. Shut the sending side down only once no send is in
+    /// flight, or what is still being sent may be cut short.
+    ///
+    /// # Errors
+    /// The socket is not connected (`ENOTCONN`, also when the peer has reset it).
+    pub fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()> {
+        socket2::SockRef::from(self).shutdown(how)
+    }
+
     /// Whether two handles refer to the same association.
     pub fn ptr_eq(a: &Self, b: &Self) -> bool {
         Shared::ptr_eq(&a.inner, &b.inner)
     }
+}
+
+/// A socket address as the standard type; an error for other families (Unix sockets).
+fn as_socket_addr(addr: socket2::SockAddr) -> std::io::Result<std::net::SocketAddr> {
+    addr.as_socket().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not an internet socket address",
+        )
+    })
 }
 
 impl<K> Clone for Handle<K> {

@@ -137,7 +137,8 @@ impl<K> Op<K> {
     }
 
     /// Send `buf[offset..]`. The completion's byte count says how much of it was sent; it may
-    /// be less than asked, and the rest is the caller's to post again.
+    /// be less than asked, and the rest is the caller's to post again. An `offset` past the
+    /// end of `buf` completes at once with `InvalidInput`.
     pub fn send(socket: &Handle<K>, buf: Vec<u8>, offset: usize) -> Self {
         Op::new(Some(socket), OpKind::Send, Some(OpBody::Send(buf, offset)))
     }

@@ -930,6 +930,13 @@ where
             );
             return self.ready.push_back(p.into_completion(id, Err(e)));
         }
+        if body.offset_past_end() {
+            let e = io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "send offset past the end of the buffer",
+            );
+            return self.ready.push_back(p.into_completion(id, Err(e)));
+        }
         if matches!(body, OpBody::Recv(buf) if buf.len() == buf.capacity()) {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,

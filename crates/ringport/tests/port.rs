@@ -92,6 +92,8 @@ per_backend!(
     a_worker_moves_to_another_thread_after_use,
     huge_timeouts_wait_instead_of_panicking,
     cancelling_on_the_home_worker_reaches_operations_still_in_its_queue,
+    send_offset_past_the_end_is_refused,
+    handle_addresses_and_shutdown,
 );
 
 #[test]
@@ -671,6 +673,43 @@ fn receive_without_spare_capacity_is_refused(b: Backend) {
         c.result.unwrap_err().kind(),
         std::io::ErrorKind::InvalidInput
     );
+}
+
+/// A send whose offset lies past the end of its buffer is refused, not sent as nothing (a
+/// loop that posts the rest until it is sent would spin).
+fn send_offset_past_the_end_is_refused(b: Backend) {
+    let (port, mut w) = one_worker::<(), ()>(b);
+    let (ours, _peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    w.submit(Op::send(&h, b"abc".to_vec(), 4), ());
+    let c = next(&mut w);
+    assert_eq!(
+        c.result.unwrap_err().kind(),
+        std::io::ErrorKind::InvalidInput
+    );
+    assert_eq!(c.buf.as_deref(), Some(&b"abc"[..]), "the buffer comes back");
+    // At the end exactly: nothing left to send.
+    w.submit(Op::send(&h, b"abc".to_vec(), 3), ());
+    assert_eq!(next(&mut w).result.unwrap(), 0);
+}
+
+/// A handle tells its addresses and shuts a direction down: the peer sees the end of the
+/// stream, and the other direction still works.
+fn handle_addresses_and_shutdown(b: Backend) {
+    let (port, mut w) = one_worker::<(), ()>(b);
+    let (ours, mut peer) = pair();
+    let (local, remote) = (ours.local_addr().unwrap(), ours.peer_addr().unwrap());
+    let h = port.associate(ours, ()).unwrap();
+    assert_eq!(h.local_addr().unwrap(), local);
+    assert_eq!(h.peer_addr().unwrap(), remote);
+    h.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    peer.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    peer.write_all(b"still open").unwrap();
+    w.submit(Op::recv(&h, Vec::with_capacity(64)), ());
+    let c = next(&mut w);
+    assert_eq!(c.buf.as_deref(), Some(&b"still open"[..]));
 }
 
 fn pooled_worker(b: Backend, size: usize, count: u16) -> (Port<u8, u8>, Worker<u8, u8>) {

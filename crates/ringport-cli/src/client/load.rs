@@ -682,7 +682,7 @@ impl Client {
         };
         if done {
             conn.closing = true;
-            let shut = socket2::SockRef::from(&conn.handle).shutdown(std::net::Shutdown::Write);
+            let shut = conn.handle.shutdown(std::net::Shutdown::Write);
             match shut {
                 // Reset by the peer meanwhile: the armed receive says so.
                 Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {}

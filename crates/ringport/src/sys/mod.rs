@@ -63,6 +63,16 @@ impl OpBody {
             _ => &[],
         }
     }
+
+    /// A send whose offset lies past the end of its (first) buffer.
+    pub(crate) fn offset_past_end(&self) -> bool {
+        match self {
+            OpBody::Send(buf, offset) => *offset > buf.len(),
+            OpBody::SendPooled(buf, offset) => *offset > buf.len(),
+            OpBody::SendGather(g) => g.offset > g.bufs.first().map_or(0, |b| b.len()),
+            _ => false,
+        }
+    }
 }
 
 /// The buffers of a gathering send, and the `iovec`s and message header that describe them to
