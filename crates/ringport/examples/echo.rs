@@ -1,8 +1,9 @@
 //! The book's completion-port echo server on ringport, in a page: `cargo run -p ringport --example echo`,
 //! then `cargo run -- client` from the workspace root.
 
-use ringport::{Op, OpKind, Port, Worker};
+use ringport::{Handle, Op, OpKind, Port, Worker};
 use std::net::TcpListener;
+use std::time::Duration;
 
 fn main() -> std::io::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:5150")?;
@@ -16,7 +17,7 @@ fn main() -> std::io::Result<()> {
             if worker.index() == listener.worker() {
                 worker.submit(Op::accept(&listener), 0);
             }
-            serve(&mut worker)
+            serve(&mut worker, &listener)
         }));
     }
     for t in threads {
@@ -25,10 +26,15 @@ fn main() -> std::io::Result<()> {
     Ok(())
 }
 
-fn serve(worker: &mut Worker<(), usize>) -> std::io::Result<()> {
+fn serve(worker: &mut Worker<(), usize>, listener: &Handle<()>) -> std::io::Result<()> {
     let port = worker.port();
     loop {
         let c = worker.dequeue(None)?;
+        if c.kind == OpKind::Timeout {
+            // The pause after a failed accept is over.
+            worker.submit(Op::accept(listener), 0);
+            continue;
+        }
         let Some(handle) = c.handle.clone() else {
             continue;
         };
@@ -39,6 +45,12 @@ fn serve(worker: &mut Worker<(), usize>) -> std::io::Result<()> {
                     let conn = port.associate(stream, ())?;
                     worker.submit(Op::recv(&conn, Vec::with_capacity(8192)), 0);
                 }
+            }
+            // Out of descriptors, say: accept again after a pause (not at once, which would
+            // spin; not never, which would stop the server accepting for good).
+            (OpKind::Accept, Err(e)) => {
+                eprintln!("accept: {e}; trying again in 100 ms");
+                worker.submit(Op::timeout(Duration::from_millis(100)), 0);
             }
             // Something arrived: echo it back.
             (OpKind::Recv, Ok(n)) if n > 0 => {
