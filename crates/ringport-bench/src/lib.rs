@@ -322,6 +322,13 @@ impl Setup {
                 bin_dir.display()
             )
         })?;
+        // The harness's own threads (reading the client's output, waiting for it) stay off
+        // the servers' CPUs; each server and client still gets its own CPUs when started.
+        if !load_cpus.iter().any(|c| server_cpus.contains(c)) {
+            if let Err(e) = proc::pin_self(&load_cpus) {
+                notes.push(format!("the harness runs unpinned ({e})"));
+            }
+        }
         Ok(Self {
             bin_dir,
             harness: Harness { client },

@@ -615,7 +615,7 @@ impl Harness {
 
     /// Runs one round: each cell on every server in turn (so that the servers' figures for a
     /// cell are taken within seconds of each other, whatever the machine does over minutes),
-    /// then the idle measurement on each.
+    /// in alternating order, then the idle measurement on each.
     pub fn run_round(
         &self,
         servers: &[Ready],
@@ -628,9 +628,16 @@ impl Harness {
         let mut live: Vec<(Option<Server>, Option<String>)> =
             servers.iter().map(|_| (None, None)).collect();
         for (i, cell) in plan.cells.iter().enumerate() {
-            for ((ready, res), (server, start_error)) in
-                servers.iter().zip(results.iter_mut()).zip(live.iter_mut())
-            {
+            // Forward and backward in turn, from cell to cell and round to round: whatever the
+            // machine drifts through during a cell's pass does not always fall on the same
+            // server.
+            let mut order: Vec<usize> = (0..servers.len()).collect();
+            if (round + i) % 2 == 1 {
+                order.reverse();
+            }
+            for k in order {
+                let (ready, res) = (&servers[k], &mut results[k]);
+                let (server, start_error) = &mut live[k];
                 let label = &ready.spec.label;
                 progress.step(&format!(
                     "round {}/{} {label} {}",
@@ -761,7 +768,7 @@ impl Harness {
         // The server's CPU time is read when the client opens and closes its measured window:
         // from the end of the warm-up (every connection open) to the deadline.
         let pid = s.pid();
-        let sampler = move || proc::cpu_ticks(pid);
+        let sampler = move || proc::cpu_nanos(pid);
         let run = proc::run_client(&self.client, &args, &plan.load_cpus, timeout, &sampler);
         let rss = s.rss_bytes();
         if let Some(why) = s.exited() {
@@ -810,7 +817,7 @@ impl Harness {
                 }
             }
         };
-        let cpu_us = (after - before) as f64 * 1e6 / proc::clock_ticks_per_sec() as f64;
+        let cpu_us = after.saturating_sub(before) as f64 / 1e3;
         let sample = Sample {
             msgs_per_s: report.msgs_per_s,
             mb_per_s: report.mb_per_s,

@@ -103,16 +103,36 @@ fn empty_cpu_set() -> libc::cpu_set_t {
     unsafe { std::mem::zeroed() }
 }
 
-/// Makes `cmd`'s process run only on `cpus` (nothing when `cpus` is empty).
-fn pin(cmd: &mut Command, cpus: &[usize]) {
-    if cpus.is_empty() {
-        return;
-    }
+/// The set of `cpus` (those below `CPU_SETSIZE`).
+fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
     let mut set = empty_cpu_set();
     for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
         // SAFETY: `c` is below CPU_SETSIZE, so CPU_SET writes inside the set.
         unsafe { libc::CPU_SET(c, &mut set) };
     }
+    set
+}
+
+/// Makes this process (every thread of it, and what it starts) run only on `cpus`.
+///
+/// # Errors
+///
+/// The error of `sched_setaffinity(2)` (for instance, none of `cpus` is allowed here).
+pub fn pin_self(cpus: &[usize]) -> io::Result<()> {
+    let set = cpu_set(cpus);
+    // SAFETY: the set is a live local of the size passed.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes `cmd`'s process run only on `cpus` (nothing when `cpus` is empty).
+fn pin(cmd: &mut Command, cpus: &[usize]) {
+    if cpus.is_empty() {
+        return;
+    }
+    let set = cpu_set(cpus);
     // SAFETY: the hook runs in the child between fork and exec. It only makes one system call,
     // sched_setaffinity(2), which is async-signal-safe, on a set built before the fork; it does
     // not allocate or take locks.
@@ -250,6 +270,42 @@ pub fn cpu_ticks(pid: u32) -> Result<u64, String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
     parse_stat(&text).map(CpuTicks::total)
+}
+
+/// Reads a process's CPU time (all its threads, those that have ended included) in
+/// nanoseconds, from its CPU-time clock; where that clock cannot be read, from
+/// `/proc/PID/stat`'s ticks (the kernel rounds its user and system times down to a tick each,
+/// 10 ms here: up to 20 ms off a window, against nothing for the clock).
+///
+/// # Errors
+///
+/// The process is gone.
+pub fn cpu_nanos(pid: u32) -> Result<u64, String> {
+    if let Some(ns) = libc::pid_t::try_from(pid).ok().and_then(cpu_clock_nanos) {
+        return Ok(ns);
+    }
+    let per_tick = 1_000_000_000 / clock_ticks_per_sec();
+    cpu_ticks(pid).map(|t| t.saturating_mul(per_tick))
+}
+
+/// The process's CPU-time clock (`clock_getcpuclockid`), read.
+fn cpu_clock_nanos(pid: libc::pid_t) -> Option<u64> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a live local the call writes the clock id into.
+    if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
+        return None;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live local the call writes the time into.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u64::try_from(ts.tv_nsec).ok()?;
+    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
 }
 
 /// Reads a process's resident set size in bytes.
@@ -739,6 +795,32 @@ mod tests {
             }
         );
         assert_eq!(t.total(), 819);
+    }
+
+    /// The CPU-time clock of a process agrees with its `/proc` ticks (which lag it by at most
+    /// two ticks) and counts time spent.
+    #[test]
+    fn cpu_nanos_agree_with_the_ticks_and_grow() {
+        let pid = std::process::id();
+        let before = cpu_nanos(pid).unwrap();
+        // Spend some CPU time: until the clock shows a millisecond more (within 5 s).
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while cpu_nanos(pid).unwrap() < before + 1_000_000 && start.elapsed().as_secs() < 5 {
+            for i in 0..10_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+            std::hint::black_box(x);
+        }
+        let after = cpu_nanos(pid).unwrap();
+        assert!(after >= before + 1_000_000, "{before} -> {after}");
+        let tick = 1_000_000_000 / clock_ticks_per_sec();
+        let ticks = cpu_ticks(pid).unwrap() * tick;
+        let now = cpu_nanos(pid).unwrap();
+        assert!(
+            ticks <= now + tick && now <= ticks + 3 * tick + 50_000_000,
+            "ticks {ticks} ns against the clock's {now} ns"
+        );
     }
 
     #[test]
