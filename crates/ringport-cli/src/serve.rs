@@ -290,6 +290,8 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         Port::builder()
             .workers(workers)
             .backend(args.backend.get)
+            // Each worker lives on its own thread (below).
+            .single_thread_workers(true)
             .recv_pool(size, buffers(size))
             .recv_pool_incremental(shared)
             .build::<Key, Io>()

@@ -94,6 +94,7 @@ per_backend!(
     cancelling_on_the_home_worker_reaches_operations_still_in_its_queue,
     send_offset_past_the_end_is_refused,
     handle_addresses_and_shutdown,
+    single_thread_workers_serve_from_their_own_thread,
 );
 
 #[test]
@@ -1273,6 +1274,60 @@ fn a_worker_moves_to_another_thread_after_use(b: Backend) {
     let (buf, w) = t.join().unwrap();
     assert_eq!(buf, b"moved");
     drop(w);
+}
+
+/// With `single_thread_workers`, a worker serves from the thread that first uses it: pooled
+/// multishot receives, sends and packets from other threads all work there. Waiting from
+/// another thread afterwards fails with an error (io_uring: `EEXIST`), never a panic.
+fn single_thread_workers_serve_from_their_own_thread(b: Backend) {
+    let (port, mut workers) = Port::builder()
+        .workers(1)
+        .backend(b)
+        .single_thread_workers(true)
+        .recv_pool(4096, 16)
+        .build::<(), u8>()
+        .unwrap();
+    let mut w = workers.pop().unwrap();
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let t = std::thread::spawn(move || {
+        w.submit_multishot(Op::recv_pooled(&h), 1);
+        let mut echoed = 0;
+        while echoed < 2 {
+            let c = w
+                .dequeue(WAIT)
+                .expect("a completion on the worker's thread");
+            match c.data {
+                1 => {
+                    let buf = c.pooled.expect("data");
+                    w.submit(Op::send_pooled(&h, buf, 0), 2);
+                }
+                2 => echoed += 1,
+                // The packet from the main thread.
+                _ => {}
+            }
+        }
+        w
+    });
+    peer.write_all(b"first").unwrap();
+    let mut got = [0u8; 5];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"first");
+    port.post(0, Packet::new(3)).unwrap();
+    peer.write_all(b"again").unwrap();
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"again");
+    let mut w = t.join().unwrap();
+    // Used by another thread now: a wait is an error (on io_uring), not a panic; epoll has no
+    // such tie.
+    match w.dequeue(Some(Duration::from_millis(50))) {
+        Err(WaitError::Io(e)) => {
+            assert_eq!(b, Backend::Uring, "{e}");
+            assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+        }
+        Err(WaitError::TimedOut) => assert_eq!(b, Backend::Epoll),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// An operation posted from another thread waits in its home worker's queue until that worker

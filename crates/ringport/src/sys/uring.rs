@@ -162,6 +162,9 @@ pub(crate) struct Uring {
     recv_limits: bool,
     /// The kernel has multishot receives (Linux 6.0), which pooled receives are.
     recv_multishot: bool,
+    /// Created disabled, as a single-issuer ring with deferred task work: the first thread
+    /// that submits or waits enables it and is its only driver from then on.
+    disabled: bool,
 }
 
 // SAFETY: the buffer ring's raw pointer refers to memory owned by this driver (and the pool it
@@ -175,28 +178,44 @@ impl Uring {
     /// The kernel's refusal (`EPERM` under a seccomp filter or `kernel.io_uring_disabled`,
     /// `ENOSYS` on old kernels, `ENOMEM` under a low `RLIMIT_MEMLOCK`), or `Unsupported` when an
     /// opcode or feature this backend needs is missing.
-    pub(crate) fn new(entries: u32, wake_fd: RawFd) -> io::Result<Self> {
-        // Cooperative task work (no interrupt of the worker for each completion), else the plain
-        // ring. Not SINGLE_ISSUER/DEFER_TASKRUN: they pin a ring to the first thread that
-        // submits, while a `Worker` may be moved between threads, and they measured no gain here
-        // (BENCHMARKS.md).
+    pub(crate) fn new(entries: u32, wake_fd: RawFd, deferred: bool) -> io::Result<Self> {
+        // With `deferred` (`Builder::single_thread_workers`): a single-issuer ring whose task
+        // work (the kernel's part of completing an operation, such as running a multishot
+        // receive once data arrived) waits for the worker's next wait and is then run in one
+        // batch; created disabled, so that the worker's own thread enables it and becomes its
+        // only driver (Linux 6.1). Otherwise, or where the kernel lacks that: cooperative task
+        // work (no interrupt of the worker for each completion), else the plain ring.
         // A roomy completion queue: when it is full, the kernel ends multishot operations (a
         // receive's next data then waits until it is posted again), and a busy worker with
         // thousands of connections can see that many completions between two reaps.
         let cq = entries.saturating_mul(8).max(MIN_CQ_ENTRIES);
-        let mut ring = match IoUring::builder()
+        let single = || {
+            IoUring::builder()
+                .setup_cqsize(cq)
+                .setup_clamp()
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_taskrun_flag()
+                .setup_r_disabled()
+                .build(entries)
+        };
+        let shared = || match IoUring::builder()
             .setup_cqsize(cq)
             .setup_clamp()
             .setup_coop_taskrun()
             .setup_taskrun_flag()
             .build(entries)
         {
-            Ok(ring) => ring,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
                 .setup_cqsize(cq)
                 .setup_clamp()
-                .build(entries)?,
-            Err(e) => return Err(e),
+                .build(entries),
+            other => other,
+        };
+        let (mut ring, disabled) = match deferred.then(single) {
+            Some(Ok(ring)) => (ring, true),
+            Some(Err(e)) if e.raw_os_error() != Some(libc::EINVAL) => return Err(e),
+            _ => (shared()?, false),
         };
         if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_nodrop() {
             return Err(io::Error::new(
@@ -214,14 +233,22 @@ impl Uring {
                 ));
             }
         }
-        probe_cancel_any(&mut ring)?;
+        // A disabled ring takes no submission yet (and the thread that would submit first
+        // becomes its only driver): the probes run on a plain ring of their own.
+        let mut plain = if disabled {
+            Some(IoUring::builder().build(8)?)
+        } else {
+            None
+        };
+        let probe_ring = plain.as_mut().unwrap_or(&mut ring);
+        probe_cancel_any(probe_ring)?;
         // The same answers for every ring of the process: probed with the first.
         static RECV_SUPPORT: OnceLock<(bool, bool)> = OnceLock::new();
         let (recv_multishot, recv_limits) = match RECV_SUPPORT.get() {
             Some(&known) => known,
             None => {
                 let mut probe = |limit| {
-                    probe_multishot_recv(&mut ring, limit).map_err(|e| {
+                    probe_multishot_recv(probe_ring, limit).map_err(|e| {
                         io::Error::new(e.kind(), format!("io_uring multishot receive probe: {e}"))
                     })
                 };
@@ -230,9 +257,11 @@ impl Uring {
                 *RECV_SUPPORT.get_or_init(|| known)
             }
         };
+        drop(plain);
         Ok(Uring {
             recv_multishot,
             recv_limits,
+            disabled,
             ring,
             woken: false,
             wake_fd,
@@ -245,11 +274,21 @@ impl Uring {
         })
     }
 
+    /// Enables a ring created disabled, from the thread that will drive it from now on.
+    fn enable(&mut self) -> io::Result<()> {
+        if self.disabled {
+            self.ring.submitter().register_enable_rings()?;
+            self.disabled = false;
+        }
+        Ok(())
+    }
+
     /// Queues one SQE, making room first when the submission queue is full.
     ///
     /// # Safety
     /// Every pointer in `sqe` must stay valid until its CQE is reaped.
     unsafe fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
+        self.enable()?;
         let mut short_of_memory = 0;
         loop {
             // SAFETY: the caller guarantees that what `sqe` points to outlives the operation.
@@ -481,6 +520,7 @@ impl Driver for Uring {
     }
 
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {
+        self.enable()?;
         self.arm_wake()?;
         if let Some(b) = &mut self.bufs {
             b.recycle();
