@@ -113,7 +113,8 @@ fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
     set
 }
 
-/// Makes this process (every thread of it, and what it starts) run only on `cpus`.
+/// Makes the calling thread run only on `cpus`, and with it the threads and processes it
+/// starts afterwards (call it before starting any, for the whole process).
 ///
 /// # Errors
 ///

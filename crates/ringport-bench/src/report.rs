@@ -172,8 +172,9 @@ impl Report {
             md,
             "Median of {} interleaved round(s); {} s per cell, measured after {} s of warm-up \
              load; servers on CPU(s) {}, load \
-             (`ringport client`, {} worker(s)) on CPU(s) {}; RLIMIT_NOFILE {}; CPU time in \
-             {} Hz ticks. All figures come from this run on this machine: compare them with \
+             (`ringport client`, {} worker(s)) on CPU(s) {}; RLIMIT_NOFILE {}; server CPU time \
+             from its CPU-time clock (or, where that cannot be read, `/proc` in {} Hz ticks). \
+             All figures come from this run on this machine: compare them with \
              each other (the ratios), not with other machines.\n",
             p.rounds,
             p.cell_secs,

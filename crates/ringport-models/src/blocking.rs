@@ -71,7 +71,8 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
     let mut threads = Vec::new();
     let result = accept_loop(&mut acceptor, &shared, &mut stats, &mut threads);
     if result.is_err() {
-        // The listener failed: the connection threads drain as on a stop, which they wait for.
+        // The listener failed: the connection threads drain as on a stop, which they wait
+        // for (the caller's `stop` is triggered too: the server is stopping).
         shared.stop.trigger();
     }
     drop(acceptor);

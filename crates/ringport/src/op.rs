@@ -185,7 +185,7 @@ impl<K> Op<K> {
     }
 
     /// Send `buf[offset..]` of a pool buffer; the buffer comes back in
-    /// [`Completion::pooled`].
+    /// [`Completion::pooled`]. An `offset` past the end completes at once with `InvalidInput`.
     pub fn send_pooled(socket: &Handle<K>, buf: PoolBuf, offset: usize) -> Self {
         Op::new(
             Some(socket),
@@ -199,7 +199,8 @@ impl<K> Op<K> {
     /// them all and may be short; the buffers come back, in order, in
     /// [`Completion::gathered`] (and the `Vec`, to be reused for the next send). With one
     /// buffer this is [`Op::send_pooled`]; past 1024 buffers (the kernel's `UIO_MAXIOV`) the
-    /// send is short.
+    /// send is short. An `offset` past the end of the first buffer completes at once with
+    /// `InvalidInput`.
     pub fn send_pooled_gather(socket: &Handle<K>, bufs: Vec<PoolBuf>, offset: usize) -> Self {
         Op::new(
             Some(socket),

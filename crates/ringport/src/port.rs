@@ -186,17 +186,19 @@ impl Builder {
         self
     }
 
-    /// On io_uring, promise that each worker stays on one thread: the first that posts or
-    /// waits on it. Its ring is then single-issuer with deferred task work
+    /// On io_uring, promise that each worker stays on one thread: the first that waits on it
+    /// (or that submits so much at once that its submission queue must be flushed); posting
+    /// from the thread that builds the port, before moving the worker, is fine. Its ring is then single-issuer with deferred task work
     /// (`IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN`, Linux 6.1; ignored where the
     /// kernel lacks it): the kernel's part of completing operations (running a multishot
     /// receive once data has arrived, say) waits for the worker's next wait and runs there in
     /// one batch, so each completion carries what arrived meanwhile. Where many connections
     /// keep data in flight this cuts the CPU per message (10,000 connections with 16 messages
     /// of 512 B in flight each: 0.40-0.42 µs in every round, against 0.42-0.71 without,
-    /// `BENCHMARKS.md`). A worker used from another thread afterwards cannot wait: `dequeue`
-    /// fails with [`WaitError::Io`] (`EEXIST`), and dropping it there leaks what it has in
-    /// flight rather than free it. Off by default; the epoll backend ignores it.
+    /// `BENCHMARKS.md`). A worker used from another thread afterwards cannot wait: its next
+    /// wait that enters the kernel fails with [`WaitError::Io`] (`EEXIST`), and dropping it
+    /// there leaks what it has in flight rather than free it. [`Worker::single_thread`] says
+    /// whether it took effect. Off by default; the epoll backend ignores it.
     pub fn single_thread_workers(mut self, on: bool) -> Self {
         self.single_thread = on;
         self
@@ -627,6 +629,12 @@ where
     /// otherwise each receive takes a whole buffer. `false` without a pool.
     pub fn pool_shares_buffers(&self) -> bool {
         self.pool.is_some() && self.driver.pool_incremental()
+    }
+
+    /// Whether this worker is tied to the thread that first waits on it: asked for with
+    /// [`Builder::single_thread_workers`], on io_uring, where the kernel has it (Linux 6.1).
+    pub fn single_thread(&self) -> bool {
+        self.driver.single_thread()
     }
 
     /// Whether [`Op::recv_pooled_max`] ends at its limit: always on epoll; on io_uring where

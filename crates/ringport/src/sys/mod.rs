@@ -213,6 +213,12 @@ pub(crate) trait Driver: Send {
     fn pool_incremental(&self) -> bool;
 
     /// Whether a pooled receive's byte limit ([`OpBody::RecvPooled`]) is kept.
+    /// Whether the driver is tied to the thread that first waits on it (see
+    /// `Builder::single_thread_workers`).
+    fn single_thread(&self) -> bool {
+        false
+    }
+
     fn recv_limits(&self) -> bool;
 
     /// Called when operations were leaked because the kernel did not give them back: the

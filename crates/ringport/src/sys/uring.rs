@@ -163,8 +163,11 @@ pub(crate) struct Uring {
     /// The kernel has multishot receives (Linux 6.0), which pooled receives are.
     recv_multishot: bool,
     /// Created disabled, as a single-issuer ring with deferred task work: the first thread
-    /// that submits or waits enables it and is its only driver from then on.
+    /// that enters the kernel with it (to wait, or to flush a full submission queue) enables
+    /// it and is its only driver from then on.
     disabled: bool,
+    /// Made single-issuer with deferred task work.
+    single: bool,
 }
 
 // SAFETY: the buffer ring's raw pointer refers to memory owned by this driver (and the pool it
@@ -262,6 +265,7 @@ impl Uring {
             recv_multishot,
             recv_limits,
             disabled,
+            single: disabled,
             ring,
             woken: false,
             wake_fd,
@@ -288,13 +292,14 @@ impl Uring {
     /// # Safety
     /// Every pointer in `sqe` must stay valid until its CQE is reaped.
     unsafe fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
-        self.enable()?;
         let mut short_of_memory = 0;
         loop {
             // SAFETY: the caller guarantees that what `sqe` points to outlives the operation.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 return Ok(());
             }
+            // Entering the kernel: from the thread that drives the ring from now on.
+            self.enable()?;
             match self.ring.submit() {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
@@ -619,6 +624,10 @@ impl Driver for Uring {
 
     fn pool_incremental(&self) -> bool {
         self.bufs.as_ref().is_some_and(|b| b.filled.is_some())
+    }
+
+    fn single_thread(&self) -> bool {
+        self.single
     }
 
     fn recv_limits(&self) -> bool {
