@@ -32,6 +32,21 @@ struct Outcome {
     wrote_all: bool,
 }
 
+/// A server on 127.0.0.1 with `extra` flags and the fault rules `spec`.
+fn server_with_faults(spec: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    Server::start_configured(&args, |cmd| {
+        cmd.env("RINGPORT_FAULTS", spec);
+    })
+}
+
+/// The exit summary's count of sends and receives tried again for want of memory.
+fn retries_in_summary(output: &util::Output) -> u64 {
+    number_between(&output.stdout, "tried ", " sends or receives again")
+        .unwrap_or_else(|| panic!("the summary counts no retries\n{}", output.describe()))
+}
+
 /// Writes `data` in chunks from a writer thread, then half-closes, while this thread reads the
 /// echo back; checks it is a prefix of `data`.
 fn stream_one(addr: SocketAddr, data: Vec<u8>, what: String) -> Outcome {
@@ -86,9 +101,7 @@ fn fresh_echo(addr: SocketAddr) -> Result<(), String> {
 /// Starts a server with `RINGPORT_FAULTS=spec` and streams `CONNECTIONS` connections at it at
 /// once (data seeded from `seed`); returns the server and what each connection saw.
 fn stream_with_faults(spec: &str, seed: u64) -> (Server, Vec<Outcome>) {
-    let server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
-        cmd.env("RINGPORT_FAULTS", spec);
-    });
+    let server = server_with_faults(spec, &[]);
     let addr = server.addr;
     let handles: Vec<_> = (0..CONNECTIONS)
         .map(|i| {
@@ -199,8 +212,7 @@ fn receives_that_find_no_buffer_lose_nothing() {
 fn sends_and_receives_that_run_out_of_memory_are_retried_and_lose_nothing() {
     // Rare enough that no connection fails `RETRY_LIMIT` (8) times in a row.
     let output = faults_lose_nothing("send=ENOMEM/7,recv=ENOMEM/11", 11000);
-    let retried = number_between(&output.stdout, "tried ", " sends or receives again")
-        .unwrap_or_else(|| panic!("the summary counts no retries\n{}", output.describe()));
+    let retried = retries_in_summary(&output);
     assert!(retried > 0, "{}", output.describe());
     assert!(
         output.stderr.contains("ENOMEM") && output.stderr.contains("trying again"),
@@ -214,9 +226,7 @@ fn sends_and_receives_that_run_out_of_memory_are_retried_and_lose_nothing() {
 /// the server goes on.
 fn sends_that_keep_running_out_of_memory_close_their_connection() {
     let spec = "send=ENOMEM/1";
-    let mut server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
-        cmd.env("RINGPORT_FAULTS", spec);
-    });
+    let mut server = server_with_faults(spec, &[]);
     let mut s = connect(server.addr);
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s.write_all(&pattern(5, 1000)).unwrap();
@@ -234,8 +244,7 @@ fn sends_that_keep_running_out_of_memory_close_their_connection() {
         "no warning says why the connection was closed\n{}",
         output.describe()
     );
-    let retried = number_between(&output.stdout, "tried ", " sends or receives again")
-        .unwrap_or_else(|| panic!("the summary counts no retries\n{}", output.describe()));
+    let retried = retries_in_summary(&output);
     assert_eq!(
         retried,
         8,
@@ -251,9 +260,7 @@ fn sends_that_keep_running_out_of_memory_close_their_connection() {
 /// worker's waits all succeed, so only the drain it is told to do makes it stop.
 fn a_worker_that_cannot_wait_stops_the_server_with_status_1() {
     let spec = "wait=EIO/40*1";
-    let server = Server::start_configured(&["--listen", "127.0.0.1:0", "--workers", "2"], |cmd| {
-        cmd.env("RINGPORT_FAULTS", spec);
-    });
+    let server = server_with_faults(spec, &["--workers", "2"]);
     let addr = server.addr;
     // Each connection checks that what came back is a prefix of what it sent; once the
     // listener's worker has stopped, connecting is refused.
@@ -306,9 +313,7 @@ fn a_drain_during_receive_retries_loses_nothing() {
     // Every other receive fails: retries are pending most of the time, and never eight in a
     // row for one connection.
     let spec = "recv=ENOMEM/2";
-    let server = Server::start_configured(&["--listen", "127.0.0.1:0", "--workers", "1"], |cmd| {
-        cmd.env("RINGPORT_FAULTS", spec);
-    });
+    let server = server_with_faults(spec, &["--workers", "1"]);
     let sent: Vec<Vec<u8>> = (0..4).map(|i| pattern(40 + i, 200_000)).collect();
     let mut streams: Vec<TcpStream> = sent
         .iter()
@@ -345,8 +350,7 @@ fn a_drain_during_receive_retries_loses_nothing() {
     }
     output.assert_no_panic();
     assert_eq!(output.code(), Some(0), "{}", output.describe());
-    let retried = number_between(&output.stdout, "tried ", " sends or receives again")
-        .unwrap_or_else(|| panic!("the summary counts no retries\n{}", output.describe()));
+    let retried = retries_in_summary(&output);
     assert!(retried > 0, "{}", output.describe());
 }
 

@@ -1354,28 +1354,25 @@ fn cancelling_on_the_home_worker_reaches_operations_still_in_its_queue(b: Backen
     let (port, mut w) = one_worker::<(), u8>(b);
     let (ours, _peer) = pair();
     let h = port.associate(ours, ()).unwrap();
-    let by_id = std::thread::scope(|s| {
-        s.spawn(|| {
-            port.submit(Op::recv(&h, Vec::with_capacity(16)), 1)
-                .unwrap()
+    // A receive posted from another thread: it waits in the worker's queue.
+    let post_elsewhere = |data| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                port.submit(Op::recv(&h, Vec::with_capacity(16)), data)
+                    .unwrap()
+            })
+            .join()
+            .unwrap()
         })
-        .join()
-        .unwrap()
-    });
+    };
+    let by_id = post_elsewhere(1);
     w.cancel(by_id);
     let c = next(&mut w);
     assert_eq!(
         (c.id, c.result.unwrap_err().raw_os_error()),
         (by_id, Some(libc::ECANCELED))
     );
-    let by_socket = std::thread::scope(|s| {
-        s.spawn(|| {
-            port.submit(Op::recv(&h, Vec::with_capacity(16)), 2)
-                .unwrap()
-        })
-        .join()
-        .unwrap()
-    });
+    let by_socket = post_elsewhere(2);
     w.cancel_all(&h);
     let c = next(&mut w);
     assert_eq!(
