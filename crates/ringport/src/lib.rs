@@ -20,6 +20,9 @@
 //!   `Err`).
 //! * [`Port::post`] sends a custom [`Packet`] to a worker from any thread
 //!   (`PostQueuedCompletionStatus`).
+//! * Nothing posted is dropped unseen: an operation or packet posted to a worker that is gone
+//!   comes back to the caller, in a [`Rejected`] from [`Port::submit`] and [`Port::post`], or
+//!   as a completion with `ECANCELED` (buffer included) from [`Worker::submit`].
 //! * [`Worker::cancel`] cancels one operation, [`Worker::cancel_all`] every operation of a socket
 //!   (`CancelIoEx`); cancelled operations still complete, with `ECANCELED`.
 //! * [`Port::shutdown`] cancels everything in flight; each worker delivers those completions,
@@ -132,4 +135,4 @@ pub use fault::FAULTS_ENV;
 pub use handle::Handle;
 pub use op::{Completion, IdHasher, Op, OpId, OpKind, Packet};
 pub use pool::PoolBuf;
-pub use port::{Backend, Builder, Port, WaitError, Worker, FAULT_URING_SETUP_ENV};
+pub use port::{Backend, Builder, Port, Rejected, WaitError, Worker, FAULT_URING_SETUP_ENV};

@@ -63,8 +63,40 @@ impl From<WaitError> for io::Error {
     }
 }
 
-fn shut_down_error() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "the port is shut down")
+/// Work posted to a worker that is gone (dropped, or not one of this port's: a handle from
+/// another port names a worker this port may not have), given back unstarted so that nothing
+/// posted is lost: the operation with its buffer and per-I/O data ([`Port::submit`]), or the
+/// packet ([`Port::post`], [`Worker::post`]). [`Rejected::into_inner`] takes it back; `?` into
+/// an [`io::Error`] (`NotConnected`) drops it.
+pub struct Rejected<T> {
+    item: T,
+}
+
+impl<T> Rejected<T> {
+    /// What was posted, as it was handed in.
+    pub fn into_inner(self) -> T {
+        self.item
+    }
+}
+
+impl<T> fmt::Debug for Rejected<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rejected").finish_non_exhaustive()
+    }
+}
+
+impl<T> fmt::Display for Rejected<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the worker it was posted to is gone (dropped, or not of this port)")
+    }
+}
+
+impl<T> std::error::Error for Rejected<T> {}
+
+impl<T> From<Rejected<T>> for io::Error {
+    fn from(e: Rejected<T>) -> io::Error {
+        io::Error::new(io::ErrorKind::NotConnected, e.to_string())
+    }
 }
 
 /// Which kernel interface produces the completions. See the backend table in the [`crate`]
@@ -433,52 +465,59 @@ where
     /// the least-loaded one), which also dequeues its completion.
     ///
     /// # Errors
-    /// The target worker has been dropped; the operation and `data` are dropped unstarted.
-    pub fn submit(&self, op: Op<K>, data: D) -> io::Result<OpId> {
-        let worker = match &op.handle {
-            Some(h) => h.worker(),
-            None => self.shared.least_loaded(),
-        };
-        let (id, pending) = self.shared.pending(worker, op, data, None);
-        self.shared
-            .send(worker, Remote::Op(id, pending))
-            .map_err(|_| shut_down_error())?;
-        Ok(OpId::from_raw(id))
+    /// The target worker is gone: the operation and `data` come back unstarted in the
+    /// [`Rejected`].
+    pub fn submit(&self, op: Op<K>, data: D) -> Result<OpId, Rejected<(Op<K>, D)>> {
+        self.submit_from_here(op, data, None)
     }
 
     /// Like [`Port::submit`], for an operation that completes many times, such as
     /// [`Op::recv_pooled`] (see [`Worker::submit_multishot`]).
     ///
     /// # Errors
-    /// The target worker has been dropped; the operation and `data` are dropped unstarted.
-    pub fn submit_multishot(&self, op: Op<K>, data: D) -> io::Result<OpId>
+    /// The target worker is gone: the operation and `data` come back unstarted in the
+    /// [`Rejected`].
+    pub fn submit_multishot(&self, op: Op<K>, data: D) -> Result<OpId, Rejected<(Op<K>, D)>>
     where
         D: Clone,
     {
+        self.submit_from_here(op, data, Some(<D as Clone>::clone))
+    }
+
+    fn submit_from_here(
+        &self,
+        op: Op<K>,
+        data: D,
+        clone: Option<fn(&D) -> D>,
+    ) -> Result<OpId, Rejected<(Op<K>, D)>> {
         let worker = match &op.handle {
             Some(h) => h.worker(),
             None => self.shared.least_loaded(),
         };
-        let (id, pending) = self
+        let (id, pending) = self.shared.pending(worker, op, data, clone);
+        match self
             .shared
-            .pending(worker, op, data, Some(<D as Clone>::clone));
-        self.shared
-            .send(worker, Remote::Op(id, pending))
-            .map_err(|_| shut_down_error())?;
-        Ok(OpId::from_raw(id))
+            .send(worker, pending, |pending| Remote::Op(id, pending))
+        {
+            Ok(()) => Ok(OpId::from_raw(id)),
+            Err(pending) => Err(Rejected {
+                item: pending.into_parts(),
+            }),
+        }
     }
 
     /// Posts a custom packet to worker `worker % workers()`, from any thread: the
     /// `PostQueuedCompletionStatus` analog. It reaches the worker through its eventfd.
     ///
     /// # Errors
-    /// The worker has been dropped.
-    pub fn post(&self, worker: usize, packet: Packet<K, D>) -> io::Result<()> {
+    /// The worker is gone: the packet comes back in the [`Rejected`].
+    pub fn post(&self, worker: usize, packet: Packet<K, D>) -> Result<(), Rejected<Packet<K, D>>> {
         let worker = worker % self.shared.slots.len();
-        let completion = self.shared.packet(worker, packet);
         self.shared
-            .send(worker, Remote::Done(completion))
-            .map_err(|_| shut_down_error())
+            .send(worker, packet, |p| {
+                Remote::Done(self.shared.packet(worker, p))
+            })
+            .map_err(|item| Rejected { item })
     }
 
     /// Cancels one operation, from any thread. It still completes: with `ECANCELED`, or with
@@ -486,7 +525,7 @@ where
     pub fn cancel(&self, id: OpId) {
         let worker = id_worker(id.get());
         if worker < self.shared.slots.len() {
-            let _ = self.shared.send(worker, Remote::Cancel(id.get()));
+            let _ = self.shared.send(worker, id.get(), Remote::Cancel);
         }
     }
 
@@ -494,7 +533,7 @@ where
     pub fn cancel_all(&self, socket: &Handle<K>) {
         let _ = self
             .shared
-            .send(socket.worker(), Remote::CancelAll(socket.clone()));
+            .send(socket.worker(), socket.clone(), Remote::CancelAll);
     }
 
     /// Shuts the port down: every worker cancels what it has in flight, delivers those
@@ -656,7 +695,10 @@ where
             return OpId::from_raw(id);
         }
         let id = self.shared.next_id(worker);
-        if let Err(Remote::Op(id, pending)) = self.shared.send(worker, Remote::Op(id, pending)) {
+        if let Err(pending) = self
+            .shared
+            .send(worker, pending, |pending| Remote::Op(id, pending))
+        {
             // The home worker is gone: the operation fails here, and gives its buffer back.
             self.ready
                 .push_back(pending.into_completion(id, Err(errno(libc::ECANCELED))));
@@ -667,17 +709,23 @@ where
     /// Posts a packet to worker `worker % workers()` (this one included).
     ///
     /// # Errors
-    /// The target worker has been dropped.
-    pub fn post(&mut self, worker: usize, packet: Packet<K, D>) -> io::Result<()> {
+    /// The target worker is gone: the packet comes back in the [`Rejected`].
+    pub fn post(
+        &mut self,
+        worker: usize,
+        packet: Packet<K, D>,
+    ) -> Result<(), Rejected<Packet<K, D>>> {
         let worker = worker % self.shared.slots.len();
-        let completion = self.shared.packet(worker, packet);
         if worker == self.index {
+            let completion = self.shared.packet(worker, packet);
             self.ready.push_back(completion);
             Ok(())
         } else {
             self.shared
-                .send(worker, Remote::Done(completion))
-                .map_err(|_| shut_down_error())
+                .send(worker, packet, |p| {
+                    Remote::Done(self.shared.packet(worker, p))
+                })
+                .map_err(|item| Rejected { item })
         }
     }
 
@@ -691,7 +739,7 @@ where
                 self.cancel_op_in_driver(id.get());
             }
         } else if worker < self.shared.slots.len() {
-            let _ = self.shared.send(worker, Remote::Cancel(id.get()));
+            let _ = self.shared.send(worker, id.get(), Remote::Cancel);
         }
     }
 
@@ -706,7 +754,7 @@ where
         } else {
             let _ = self
                 .shared
-                .send(socket.worker(), Remote::CancelAll(socket.clone()));
+                .send(socket.worker(), socket.clone(), Remote::CancelAll);
         }
     }
 
@@ -1070,6 +1118,22 @@ struct Pending<K, D> {
 }
 
 impl<K, D> Pending<K, D> {
+    /// The operation and its per-I/O data as they were posted (for one that never started).
+    fn into_parts(self) -> (Op<K>, D) {
+        let body = match self.body {
+            Some(b) => Some(b.into_inner()),
+            // A pooled receive's body was not boxed (see `Shared::record`).
+            None if self.kind == OpKind::RecvPooled => Some(OpBody::RecvPooled(self.limit)),
+            None => None,
+        };
+        let op = Op {
+            handle: self.handle,
+            kind: self.kind,
+            body,
+        };
+        (op, self.data)
+    }
+
     /// Turns the driver's raw result into the operation's result.
     fn result(&self, res: i32) -> io::Result<usize> {
         decode_result(self.kind, res)
@@ -1268,8 +1332,14 @@ impl<K, D> Shared<K, D> {
         }
     }
 
-    /// Queues work for `worker` and wakes it; gives the work back if the worker is gone.
-    fn send(&self, worker: usize, item: Remote<K, D>) -> Result<(), Remote<K, D>> {
+    /// Queues work for `worker` (as `wrap` makes it into the queue's item, once the worker is
+    /// known to be there) and wakes it; gives the work back if the worker is gone.
+    fn send<T>(
+        &self,
+        worker: usize,
+        item: T,
+        wrap: impl FnOnce(T) -> Remote<K, D>,
+    ) -> Result<(), T> {
         // A worker this port does not have (a handle from another port) is as good as gone.
         let Some(slot) = self.slots.get(worker) else {
             return Err(item);
@@ -1279,7 +1349,7 @@ impl<K, D> Shared<K, D> {
             if !slot.alive.load(Ordering::Acquire) {
                 return Err(item);
             }
-            q.push(item);
+            q.push(wrap(item));
         }
         slot.wake();
         Ok(())

@@ -106,6 +106,7 @@ per_backend!(
     send_offset_past_the_end_is_refused,
     handle_addresses_and_shutdown,
     single_thread_workers_serve_from_their_own_thread,
+    work_posted_to_a_dropped_worker_comes_back_whole,
 );
 
 #[test]
@@ -622,6 +623,52 @@ fn dropping_a_worker_with_receives_in_flight_waits_for_the_kernel(b: Backend) {
         .is_err());
     assert!(port.post(0, Packet::new(Tracked(drops.clone()))).is_err());
     peer.shutdown(Shutdown::Both).unwrap();
+}
+
+/// What is posted to a worker that is gone comes back to the caller unstarted: the operation
+/// with its buffer (bytes already in it included) and per-I/O data, and the packet with its
+/// handle and data, rather than being dropped with an error.
+fn work_posted_to_a_dropped_worker_comes_back_whole(b: Backend) {
+    let (port, mut workers) = Port::builder()
+        .workers(2)
+        .backend(b)
+        .build::<u8, u32>()
+        .unwrap();
+    let gone = workers.pop().unwrap();
+    let mut w = workers.pop().unwrap();
+    let (ours, _peer) = pair();
+    let h = port.associate_with(1, ours, 9).unwrap();
+    drop(gone);
+
+    let mut buf = Vec::with_capacity(64);
+    buf.extend_from_slice(b"kept");
+    let rejected = port.submit(Op::recv(&h, buf), 7).unwrap_err();
+    let io_error = std::io::Error::from(port.submit(Op::close(&h), 8).unwrap_err());
+    assert_eq!(io_error.kind(), std::io::ErrorKind::NotConnected);
+    let (op, data) = rejected.into_inner();
+    assert_eq!(data, 7);
+    // The operation is whole: posted again (through a worker, which fails it at once for the
+    // same reason), it gives back the buffer it was built with.
+    w.submit(op, data);
+    let c = next(&mut w);
+    assert_eq!((c.kind, c.data, c.key()), (OpKind::Recv, 7, Some(&9)));
+    assert!(c.is_cancelled());
+    assert_eq!(c.buf.as_deref(), Some(&b"kept"[..]));
+
+    // Packets, from the port and from a worker.
+    let packet = Packet {
+        bytes: 5,
+        handle: Some(h.clone()),
+        data: 11,
+    };
+    let back = port.post(1, packet).unwrap_err().into_inner();
+    assert_eq!((back.bytes, back.data), (5, 11));
+    assert!(back.handle.is_some_and(|k| Handle::ptr_eq(&k, &h)));
+    let back = w.post(1, Packet::new(12)).unwrap_err().into_inner();
+    assert_eq!(back.data, 12);
+    // The live worker still takes packets.
+    port.post(0, Packet::new(13)).unwrap();
+    assert_eq!(next(&mut w).data, 13);
 }
 
 /// Dropping a worker with a multishot accept and pooled receives armed: the kernel gives
