@@ -310,8 +310,12 @@ pub struct Sample {
     pub p99_us: f64,
     /// Server CPU time (user + system) per message, microseconds.
     pub cpu_us_per_msg: f64,
-    /// Server resident memory after the cell, bytes.
+    /// Server resident memory at the end of the measured window (the cell's connections all
+    /// open), bytes.
     pub rss_bytes: f64,
+    /// Server resident memory gained per connection from just before the client started to the
+    /// end of the measured window, bytes (NaN where it could not be read).
+    pub rss_per_conn: f64,
 }
 
 impl Sample {
@@ -325,6 +329,7 @@ impl Sample {
             p99_us: m(|s| s.p99_us)?,
             cpu_us_per_msg: m(|s| s.cpu_us_per_msg)?,
             rss_bytes: m(|s| s.rss_bytes)?,
+            rss_per_conn: m(|s| s.rss_per_conn).unwrap_or(f64::NAN),
         })
     }
 }
@@ -766,11 +771,17 @@ impl Harness {
         // Let the previous cell's connections close first.
         std::thread::sleep(Duration::from_millis(200));
         // The server's CPU time is read when the client opens and closes its measured window:
-        // from the end of the warm-up (every connection open) to the deadline.
+        // from the end of the warm-up (every connection open) to the deadline; its memory
+        // before the client starts and as the window closes, the connections still open.
         let pid = s.pid();
-        let sampler = move || proc::cpu_nanos(pid);
+        let rss_start = s.rss_bytes();
+        let sampler = move || {
+            Ok(Mark {
+                cpu_ns: proc::cpu_nanos(pid)?,
+                rss: proc::rss_bytes(pid),
+            })
+        };
         let run = proc::run_client(&self.client, &args, &plan.load_cpus, timeout, &sampler);
-        let rss = s.rss_bytes();
         if let Some(why) = s.exited() {
             *server = None;
             let client = run.ok().and_then(|r| r.report.ok());
@@ -817,7 +828,8 @@ impl Harness {
                 }
             }
         };
-        let cpu_us = after.saturating_sub(before) as f64 / 1e3;
+        let cpu_us = after.cpu_ns.saturating_sub(before.cpu_ns) as f64 / 1e3;
+        let rss = after.rss;
         let sample = Sample {
             msgs_per_s: report.msgs_per_s,
             mb_per_s: report.mb_per_s,
@@ -825,12 +837,24 @@ impl Harness {
             p99_us: report.p99_us,
             cpu_us_per_msg: cpu_us / report.messages as f64,
             rss_bytes: rss.map_or(f64::NAN, |r| r as f64),
+            rss_per_conn: match (rss_start, rss) {
+                (Some(start), Some(end)) => {
+                    (end as f64 - start as f64) / f64::from(cell.connections)
+                }
+                _ => f64::NAN,
+            },
         };
         Outcome::Ok {
             sample,
             client: report,
         }
     }
+}
+
+/// What is read from the server at the client's window marks.
+struct Mark {
+    cpu_ns: u64,
+    rss: Option<u64>,
 }
 
 /// Opens up to `target` idle connections to `server`, checks each is served (one byte echoed),
@@ -972,11 +996,20 @@ mod tests {
             p99_us: m,
             cpu_us_per_msg: cpu,
             rss_bytes: 100.0,
+            rss_per_conn: f64::NAN,
         };
         let med = Sample::median(&[s(100.0, 9.0), s(300.0, 1.0), s(200.0, 5.0)]).unwrap();
         assert_eq!(med.msgs_per_s, 200.0);
         assert_eq!(med.cpu_us_per_msg, 5.0);
         assert_eq!(med.p99_us, 200.0);
+        assert!(med.rss_per_conn.is_nan(), "unread memory stays unread");
+        let mut one = s(1.0, 1.0);
+        one.rss_per_conn = 48.0;
+        let med = Sample::median(&[one, s(2.0, 2.0), s(3.0, 3.0)]).unwrap();
+        assert_eq!(
+            med.rss_per_conn, 48.0,
+            "rounds without the figure are left out"
+        );
         assert_eq!(Sample::median(&[]), None);
     }
 

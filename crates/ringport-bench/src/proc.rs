@@ -542,7 +542,7 @@ pub const WINDOW_CLOSED: &str = "ringport client: window closed";
 
 /// What a load-generator process did.
 #[derive(Debug)]
-pub struct ClientRun {
+pub struct ClientRun<T> {
     /// The parsed summary, or why there is none.
     pub report: Result<ClientReport, String>,
     /// How it exited; `None` when it was killed for running too long.
@@ -550,17 +550,26 @@ pub struct ClientRun {
     /// The end of its stderr.
     pub stderr_tail: String,
     /// What the sampler returned at the client's window marks.
-    pub window: Window,
+    pub window: Window<T>,
 }
 
 /// What a sampler returned when the client marked its measured window open and closed (`None`
 /// for a mark the client did not print).
-#[derive(Debug, Default)]
-pub struct Window {
+#[derive(Debug)]
+pub struct Window<T> {
     /// At [`WINDOW_OPEN`].
-    pub open: Option<Result<u64, String>>,
+    pub open: Option<Result<T, String>>,
     /// At [`WINDOW_CLOSED`].
-    pub closed: Option<Result<u64, String>>,
+    pub closed: Option<Result<T, String>>,
+}
+
+impl<T> Default for Window<T> {
+    fn default() -> Self {
+        Window {
+            open: None,
+            closed: None,
+        }
+    }
 }
 
 /// Runs the load generator `program args` on `cpus` to completion (or kills it after
@@ -585,13 +594,13 @@ fn start(program: &Path, args: &[String], cpus: &[usize], stdout: Stdio) -> Resu
 /// # Errors
 ///
 /// It cannot be started.
-pub fn run_client(
+pub fn run_client<T: Send>(
     program: &Path,
     args: &[String],
     cpus: &[usize],
     timeout: Duration,
-    sample: &(dyn Fn() -> Result<u64, String> + Sync),
-) -> Result<ClientRun, String> {
+    sample: &(dyn Fn() -> Result<T, String> + Sync),
+) -> Result<ClientRun<T>, String> {
     let mut child = start(program, args, cpus, Stdio::piped())?;
     let out = match read_all_in_thread(child.stdout.take()) {
         Ok(out) => out,

@@ -230,10 +230,10 @@ impl Report {
         let _ = writeln!(md, "## Ping-pong\n");
         let _ = writeln!(
             md,
-            "| cell | server | msgs/s | CPU µs/msg | p50 µs | p99 µs | RSS MiB | msgs/s ÷ best peer \
-             (>1 faster) | CPU/msg ÷ best peer (<1 leaner) | note |"
+            "| cell | server | msgs/s | CPU µs/msg | p50 µs | p99 µs | RSS MiB | RSS B/conn | msgs/s ÷ \
+             best peer (>1 faster) | CPU/msg ÷ best peer (<1 leaner) | note |"
         );
-        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         for &i in &ping {
             let cell = self.plan.cells[i];
             for (k, s) in self.servers.iter().enumerate() {
@@ -258,13 +258,14 @@ impl Report {
                         };
                         let _ = writeln!(
                             md,
-                            "| {label} | {} | {} | {} | {} | {} | {:.1} | {rm} | {rc} | {} |",
+                            "| {label} | {} | {} | {} | {} | {} | {:.1} | {} | {rm} | {rc} | {} |",
                             s.spec.label,
                             fmt_count(m.msgs_per_s),
                             fmt_us(m.cpu_us_per_msg),
                             fmt_us(m.p50_us),
                             fmt_us(m.p99_us),
                             m.rss_bytes / (1u64 << 20) as f64,
+                            fmt_count(m.rss_per_conn),
                             cell_text(&note, 120),
                         );
                     }
@@ -272,7 +273,7 @@ impl Report {
                         let why = whys.join("; ");
                         let _ = writeln!(
                             md,
-                            "| {label} | {} | **failed** | | | | | | | {} |",
+                            "| {label} | {} | **failed** | | | | | | | | {} |",
                             s.spec.label,
                             cell_text(&why, 160)
                         );
@@ -296,6 +297,7 @@ impl Report {
             rule.push_str("---:|---:|");
         }
         let _ = writeln!(md, "{head}\n{rule}");
+        let mut marked = false;
         for (i, cell) in self.plan.cells.iter().enumerate() {
             let mut row = format!(
                 "| {}{} |",
@@ -305,16 +307,45 @@ impl Report {
             for s in &subjects {
                 let m = s.cells[i].median();
                 let best = self.best_for(s, i);
+                // Marked where a median rests on fewer rounds than were run.
+                let mut mark = |peer: Option<&(f64, String)>| {
+                    let partial = self.failed_rounds(&s.spec.label, i) > 0
+                        || peer.is_some_and(|(_, who)| self.failed_rounds(who, i) > 0);
+                    marked |= partial;
+                    if partial {
+                        " *"
+                    } else {
+                        ""
+                    }
+                };
                 let _ = write!(
                     row,
-                    " {} | {} |",
+                    " {}{} | {}{} |",
                     ratio_with(m.map(|m| m.msgs_per_s), best.msgs.as_ref()),
-                    ratio_with(m.map(|m| m.cpu_us_per_msg), best.cpu.as_ref())
+                    mark(best.msgs.as_ref()),
+                    ratio_with(m.map(|m| m.cpu_us_per_msg), best.cpu.as_ref()),
+                    mark(best.cpu.as_ref()),
                 );
             }
             let _ = writeln!(md, "{row}");
         }
+        if marked {
+            let _ = writeln!(
+                md,
+                "\n\\* some rounds of the subject or of that peer failed in this cell: the ratio \
+             compares medians of fewer rounds (the tables above say why)."
+            );
+        }
         md.push('\n');
+    }
+
+    /// Rounds of cell `index` that failed on the server labelled `label`.
+    fn failed_rounds(&self, label: &str, index: usize) -> usize {
+        self.servers
+            .iter()
+            .find(|s| s.spec.label == label)
+            .and_then(|s| s.cells.get(index))
+            .map_or(0, |c| c.failures().0)
     }
 
     fn bulk_table(&self, md: &mut String) {
@@ -507,6 +538,7 @@ mod tests {
             p99_us: 0.0,
             cpu_us_per_msg: c,
             rss_bytes: 0.0,
+            rss_per_conn: 0.0,
         };
         let best = best_peer([
             ("tokio", s(100.0, 3.0)),
@@ -516,6 +548,101 @@ mod tests {
         assert_eq!(best.msgs, Some((120.0, "monoio".to_owned())));
         assert_eq!(best.cpu, Some((2.5, "compio".to_owned())));
         assert_eq!(best_peer([]).msgs, None);
+    }
+
+    /// A report of one ping-pong cell: a subject and a peer, `failed` of the subject's three
+    /// rounds failed.
+    fn one_cell_report(failed: usize) -> Report {
+        use crate::matrix::{Cell, CellResult, Outcome, Role, ServerSpec};
+        let cell = Cell::ping(100, 64, 1);
+        let client = crate::proc::ClientReport {
+            backend: "io_uring".to_owned(),
+            connections: 100,
+            messages: 1000,
+            bytes: 64_000,
+            elapsed_s: 1.0,
+            msgs_per_s: 1000.0,
+            mb_per_s: 0.064,
+            p50_us: 1.0,
+            p99_us: 2.0,
+            p999_us: 3.0,
+            max_us: 4.0,
+            errors: std::collections::BTreeMap::new(),
+            error_total: 0,
+            mismatches: 0,
+            ok: true,
+        };
+        let ok = |cpu: f64, per_conn: f64| Outcome::Ok {
+            sample: Sample {
+                msgs_per_s: 1000.0,
+                mb_per_s: 0.064,
+                p50_us: 1.0,
+                p99_us: 2.0,
+                cpu_us_per_msg: cpu,
+                rss_bytes: f64::from(1u32 << 20),
+                rss_per_conn: per_conn,
+            },
+            client: client.clone(),
+        };
+        let server = |label: &str, role, rounds: Vec<Outcome>| ServerResults {
+            spec: ServerSpec::new(label, role, label, label, &[]),
+            listen_line: None,
+            integrity_failures: Vec::new(),
+            mismatched: false,
+            cells: vec![CellResult {
+                server: label.to_owned(),
+                cell,
+                rounds,
+            }],
+            idle: Vec::new(),
+        };
+        let mut subject = vec![ok(4.0, 130.0), ok(4.0, 130.0), ok(4.0, 130.0)];
+        for r in subject.iter_mut().take(failed) {
+            *r = Outcome::Failed {
+                why: "the server exited".to_owned(),
+                client: None,
+            };
+        }
+        Report {
+            mode: "peers".to_owned(),
+            title: "test".to_owned(),
+            plan: Plan {
+                cells: vec![cell],
+                idle: 0,
+                rounds: 3,
+                cell_secs: 1.0,
+                warmup_secs: 0.0,
+                bulk_secs: 1.0,
+                server_cpus: vec![0],
+                load_cpus: vec![1],
+                client_workers: 1,
+                nofile: 1024,
+            },
+            machine_cpus: vec![0, 1],
+            clock_ticks_per_sec: 100,
+            notes: Vec::new(),
+            skipped: Vec::new(),
+            compare_same_workers: false,
+            servers: vec![
+                server("ringport", Role::Subject, subject),
+                server("tokio", Role::Peer, vec![ok(5.0, 9000.0); 3]),
+            ],
+        }
+    }
+
+    #[test]
+    fn ratios_resting_on_fewer_rounds_are_marked_and_memory_per_connection_shown() {
+        let whole = one_cell_report(0).markdown();
+        assert!(whole.contains("| 0.80x (tokio) |"), "{whole}");
+        assert!(!whole.contains("fewer rounds"), "{whole}");
+        // Bytes per connection in the ping-pong table, next to the total.
+        assert!(whole.contains("| 1.0 | 130 |"), "{whole}");
+        assert!(whole.contains("| 1.0 | 9,000 |"), "{whole}");
+
+        let partial = one_cell_report(2).markdown();
+        assert!(partial.contains("| 0.80x (tokio) * |"), "{partial}");
+        assert!(partial.contains("fewer rounds"), "{partial}");
+        assert!(partial.contains("2/3 failed"), "{partial}");
     }
 
     #[test]
