@@ -20,9 +20,10 @@
 //!   `Err`).
 //! * [`Port::post`] sends a custom [`Packet`] to a worker from any thread
 //!   (`PostQueuedCompletionStatus`).
-//! * Nothing posted is dropped unseen: an operation or packet posted to a worker that is gone
-//!   comes back to the caller, in a [`Rejected`] from [`Port::submit`] and [`Port::post`], or
-//!   as a completion with `ECANCELED` (buffer included) from [`Worker::submit`].
+//! * An operation or packet posted to a worker that is already gone comes back to the caller:
+//!   in a [`Rejected`] from [`Port::submit`] and [`Port::post`], or as a completion with
+//!   `ECANCELED` (buffer included) from [`Worker::submit`]. (Dropping a worker drops the work
+//!   posted to it that it had not taken: see [`Worker`].)
 //! * [`Worker::cancel`] cancels one operation, [`Worker::cancel_all`] every operation of a socket
 //!   (`CancelIoEx`); cancelled operations still complete, with `ECANCELED`.
 //! * [`Port::shutdown`] cancels everything in flight; each worker delivers those completions,

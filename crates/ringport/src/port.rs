@@ -63,14 +63,23 @@ impl From<WaitError> for io::Error {
     }
 }
 
-/// Work posted to a worker that is gone (dropped, or not one of this port's: a handle from
-/// another port names a worker this port may not have), given back unstarted so that nothing
-/// posted is lost: the operation with its buffer and per-I/O data ([`Port::submit`]), or the
-/// packet ([`Port::post`], [`Worker::post`]). [`Rejected::into_inner`] takes it back; `?` into
-/// an [`io::Error`] (`NotConnected`) drops it.
+/// Work posted to a worker that is already gone (dropped, or not one of this port's: a handle
+/// from another port names a worker this port may not have), given back unstarted rather than
+/// dropped: the operation with its buffer and per-I/O data ([`Port::submit`]), or the packet
+/// ([`Port::post`], [`Worker::post`]). [`Rejected::into_inner`] takes it back; `?` into an
+/// [`io::Error`] (`NotConnected`) drops it. (Work a worker accepted and had not taken when it
+/// was dropped is dropped with it: see [`Worker`].)
+///
+/// `Send` and `Sync` whenever what it holds is `Send`, so it also converts into
+/// `Box<dyn Error + Send + Sync>`.
 pub struct Rejected<T> {
     item: T,
 }
+
+// SAFETY: a `Rejected` gives no shared access to what it holds (only `into_inner`, by value;
+// its `Debug` and `Display` do not look at it), so sharing a `&Rejected<T>` between threads
+// shares nothing of `T`: as with `std::sync::Exclusive`, `T: Send` is enough.
+unsafe impl<T: Send> Sync for Rejected<T> {}
 
 impl<T> Rejected<T> {
     /// What was posted, as it was handed in.
@@ -1469,6 +1478,58 @@ mod tests {
 
     /// Every idle connection's armed receive has one of these records in its worker's slab: the
     /// receive limit fits in its padding (with per-I/O data of a byte, as `ringport serve`'s).
+    /// An operation refused before it started comes back as it was built: kind, handle and
+    /// body (buffer bytes, send offset, receive limit).
+    #[test]
+    fn records_give_back_the_operation_they_were_made_from() {
+        let (port, _workers) = Port::builder()
+            .workers(1)
+            .backend(Backend::Epoll)
+            .build::<u8, u8>()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let h = port.associate(listener, 3).unwrap();
+        let back = |op: Op<u8>| {
+            let (op, data) = port.shared.record(op, 9, None).into_parts();
+            assert_eq!(data, 9);
+            assert!(op.handle.as_ref().is_none_or(|k| Handle::ptr_eq(k, &h)));
+            (op.kind, op.body)
+        };
+        let mut buf = Vec::with_capacity(32);
+        buf.extend_from_slice(b"abc");
+        assert!(matches!(
+            back(Op::recv(&h, buf)),
+            (OpKind::Recv, Some(OpBody::Recv(b))) if b == b"abc" && b.capacity() >= 32
+        ));
+        assert!(matches!(
+            back(Op::send(&h, b"hello".to_vec(), 2)),
+            (OpKind::Send, Some(OpBody::Send(b, 2))) if b == b"hello"
+        ));
+        let limit = std::num::NonZeroU32::new(4096).unwrap();
+        assert!(matches!(
+            back(Op::recv_pooled_max(&h, limit)),
+            (OpKind::RecvPooled, Some(OpBody::RecvPooled(4096)))
+        ));
+        assert!(matches!(
+            back(Op::recv_pooled(&h)),
+            (OpKind::RecvPooled, Some(OpBody::RecvPooled(0)))
+        ));
+        assert!(matches!(
+            back(Op::timeout(Duration::from_millis(7))),
+            (OpKind::Timeout, Some(OpBody::Timeout(d, _))) if d == Duration::from_millis(7)
+        ));
+        assert!(matches!(
+            back(Op::accept_multishot(&h)),
+            (OpKind::Accept, Some(OpBody::AcceptMulti))
+        ));
+        assert!(matches!(
+            back(Op::connect(&h, addr)),
+            (OpKind::Connect, Some(OpBody::Connect(a))) if a.as_socket() == Some(addr)
+        ));
+        assert!(matches!(back(Op::close(&h)), (OpKind::Close, None)));
+    }
+
     #[test]
     fn operation_records_stay_small() {
         assert!(std::mem::size_of::<Pending<u64, u8>>() <= 24);

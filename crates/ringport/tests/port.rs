@@ -118,6 +118,10 @@ fn types_cross_threads() {
     send::<Worker<u64, Vec<u8>>>();
     send::<Handle<u64>>();
     sync::<Handle<u64>>();
+    // What a post to a gone worker gives back can travel as any error does.
+    fn boxed_error<E: std::error::Error + Send + Sync + 'static>() {}
+    boxed_error::<ringport::Rejected<(Op<u64>, Vec<u8>)>>();
+    boxed_error::<ringport::Rejected<Packet<u64, Vec<u8>>>>();
     send::<Completion<u64, Vec<u8>>>();
 }
 
