@@ -265,7 +265,15 @@ pub(crate) struct Acceptor {
     nonblocking: bool,
     paused_until: Option<Instant>,
     warn: RateLimit,
+    /// Connections accepted in the current turn (see [`ACCEPT_TURN`]).
+    taken: usize,
+    /// The last turn ended at [`ACCEPT_TURN`], with connections perhaps still waiting.
+    cut_short: bool,
 }
+
+/// Connections one turn of a loop accepts at most before it serves those it holds: a flood of
+/// connects (that close at once, say) cannot keep it from its connections.
+pub(crate) const ACCEPT_TURN: usize = 64;
 
 impl Acceptor {
     /// Makes the listener non-blocking; accepted sockets are non-blocking if `nonblocking`.
@@ -281,6 +289,8 @@ impl Acceptor {
             nonblocking,
             paused_until: None,
             warn: RateLimit::new(),
+            taken: 0,
+            cut_short: false,
         })
     }
 
@@ -306,14 +316,39 @@ impl Acceptor {
         }
     }
 
-    /// Accepts one connection. `Ok(None)`: nothing to accept now, or accepting is paused (see
-    /// [`Acceptor::paused_until`]). An error means the listener is unusable.
+    /// Accepts one connection. `Ok(None)`: nothing to accept now, accepting is paused (see
+    /// [`Acceptor::paused_until`]), or this turn took [`ACCEPT_TURN`] connections (see
+    /// [`Acceptor::cut_short`]; the next call begins a new turn). An error means the listener
+    /// is unusable.
+    pub(crate) fn accept(&mut self) -> io::Result<Option<TcpStream>> {
+        if self.taken == ACCEPT_TURN {
+            self.taken = 0;
+            self.cut_short = true;
+            return Ok(None);
+        }
+        self.cut_short = false;
+        let accepted = self.accept_one()?;
+        match accepted {
+            Some(_) => self.taken += 1,
+            None => self.taken = 0,
+        }
+        Ok(accepted)
+    }
+
+    /// Whether the last turn ended because it took [`ACCEPT_TURN`] connections: more may wait,
+    /// and an edge-triggered loop, which gets no new edge for them, must come back for them
+    /// without waiting.
+    pub(crate) fn cut_short(&self) -> bool {
+        self.cut_short
+    }
+
+    /// Accepts one connection (see [`Acceptor::accept`]).
     ///
     /// Linux takes the new descriptor before it looks at the backlog, so at the descriptor
     /// limit `accept` fails with `EMFILE` even when nothing is waiting: that failure counts
     /// (a warning, a pause) only when a connection is in fact waiting; otherwise it is the
     /// empty backlog it stands for.
-    pub(crate) fn accept(&mut self) -> io::Result<Option<TcpStream>> {
+    fn accept_one(&mut self) -> io::Result<Option<TcpStream>> {
         loop {
             if self.paused(Instant::now()) {
                 return Ok(None);
@@ -453,7 +488,8 @@ pub(crate) fn drain_over(
 }
 
 /// Edge-triggered loops: how long the next wait may last (`None`: no limit). No wait at all
-/// while connections are queued on `ready`; otherwise until the drain `deadline`, the end of an
+/// while connections are queued on `ready` or the last accept turn was cut short (see
+/// [`Acceptor::cut_short`]); otherwise until the drain `deadline`, the end of an
 /// accept pause, or (while draining: only then, since it is a scan) the first quiet period.
 pub(crate) fn wait_timeout(
     now: Instant,
@@ -462,7 +498,7 @@ pub(crate) fn wait_timeout(
     acceptor: Option<&Acceptor>,
     deadline: Option<Instant>,
 ) -> Option<Duration> {
-    if !ready.is_empty() {
+    if !ready.is_empty() || acceptor.is_some_and(Acceptor::cut_short) {
         return Some(Duration::ZERO);
     }
     let paused = acceptor.and_then(Acceptor::paused_until);
@@ -509,7 +545,31 @@ mod tests {
     use std::collections::VecDeque;
     use std::net::{TcpListener, TcpStream};
 
-    use super::{queue, Conn};
+    use super::{queue, Acceptor, Conn, ACCEPT_TURN};
+
+    /// A turn takes at most `ACCEPT_TURN` connections and says it was cut short; the next
+    /// takes the rest and ends at the empty backlog.
+    #[test]
+    fn a_turn_accepts_at_most_its_share() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut a = Acceptor::new("test", l, true).unwrap();
+        // Connected (in the backlog) before any accept: std's listen backlog is 128.
+        let clients: Vec<TcpStream> = (0..ACCEPT_TURN + 10)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut turn = || {
+            let mut n = 0;
+            while let Some(_stream) = a.accept().unwrap() {
+                n += 1;
+            }
+            (n, a.cut_short())
+        };
+        assert_eq!(turn(), (ACCEPT_TURN, true));
+        assert_eq!(turn(), (10, false));
+        assert_eq!(turn(), (0, false));
+        drop(clients);
+    }
 
     /// A connection queued again before its turn (a new edge, or a signal-queue overflow that
     /// queues every connection) stays on the queue once: a busy peer gets one turn per pass.

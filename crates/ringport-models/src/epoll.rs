@@ -94,8 +94,9 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
                     conns.insert(fd, Conn::new(stream));
                     turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
                 }
-                // Still pending if accepting was paused: no new edge will say so.
-                accept_pending = a.paused_until().is_some();
+                // Still pending if accepting was paused, or the turn took its share: no new
+                // edge will say so.
+                accept_pending = a.paused_until().is_some() || a.cut_short();
             }
         }
 

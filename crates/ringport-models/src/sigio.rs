@@ -133,7 +133,9 @@ fn run(
                     conns.insert(fd, Conn::new(stream));
                     turn(&mut conns, &mut ready, fd, &mut scratch, &mut stats);
                 }
-                accept_pending = a.paused_until().is_some();
+                // Still pending if accepting was paused, or the turn took its share: no new
+                // signal will say so.
+                accept_pending = a.paused_until().is_some() || a.cut_short();
             }
         }
 

@@ -15,7 +15,7 @@ use ringport_models::{Config, Model, Stats};
 use socket2::SockRef;
 use util::{
     assert_closed, echo_through, pattern, read_to_eof, read_until_end, round_trip, start,
-    start_with,
+    start_after, start_with,
 };
 
 /// The cases, each a function of the model.
@@ -73,6 +73,31 @@ mod cases {
             },
             "{model}"
         );
+    }
+
+    /// More connections wait in the backlog when the model starts than two turns accept (64
+    /// each): an edge-triggered model gets one edge for them (as it registers the listener)
+    /// and must come back for the rest without another.
+    pub fn a_backlog_larger_than_a_turn_is_served(model: Model) {
+        const CLIENTS: usize = 200;
+        let _many_fds = MANY_FDS.lock().unwrap_or_else(|e| e.into_inner());
+        let started = start_after(model, Config::default(), |addr| {
+            (0..CLIENTS)
+                .map(|_| util::connect(addr))
+                .collect::<Vec<_>>()
+        });
+        let Some((server, clients)) = started else {
+            return;
+        };
+        for (i, mut c) in clients.into_iter().enumerate() {
+            let msg = format!("client {i}");
+            c.write_all(msg.as_bytes()).expect("write");
+            let mut got = vec![0u8; msg.len()];
+            c.read_exact(&mut got)
+                .unwrap_or_else(|e| panic!("{model}: client {i} got no echo: {e}"));
+            assert_eq!(got, msg.as_bytes(), "{model}: client {i}");
+        }
+        assert_eq!(server.stop().connections, CLIENTS as u64, "{model}");
     }
 
     pub fn pipelined(model: Model) {
@@ -383,6 +408,10 @@ macro_rules! conformance {
                 #[test]
                 fn concurrent_connections() {
                     cases::concurrent_connections(MODEL);
+                }
+                #[test]
+                fn a_backlog_larger_than_a_turn_is_served() {
+                    cases::a_backlog_larger_than_a_turn_is_served(MODEL);
                 }
                 #[test]
                 fn pipelined() {

@@ -34,15 +34,27 @@ pub fn start(model: Model) -> Option<Server> {
 
 /// Starts `model` with `config` (see [`start`]).
 pub fn start_with(model: Model, config: Config) -> Option<Server> {
+    start_after(model, config, |_| ()).map(|(server, ())| server)
+}
+
+/// Starts `model` with `config` (see [`start`]) once `before` has run with the listener's
+/// address: clients it connects wait in the listener's backlog when the model starts.
+pub fn start_after<T>(
+    model: Model,
+    config: Config,
+    before: impl FnOnce(SocketAddr) -> T,
+) -> Option<(Server, T)> {
     init_tracing();
     if let Some(why) = unsupported(model) {
         eprintln!("SKIPPED: {model}: {why}");
         return None;
     }
-    // Listener and stop first, so that they get low descriptors.
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    // Listener and stop first, so that they get low descriptors. A backlog of 1024 (std's is
+    // 128) lets `before` queue hundreds of clients.
+    let listener = listen_on_loopback(1024);
     let addr = listener.local_addr().expect("local_addr");
     let stop = Stop::new().expect("Stop::new");
+    let waiting = before(addr);
     let (tx, rx) = mpsc::channel();
     let server_stop = stop.clone();
     thread::Builder::new()
@@ -51,12 +63,13 @@ pub fn start_with(model: Model, config: Config) -> Option<Server> {
             let _ = tx.send(serve(model, listener, &config, &server_stop));
         })
         .expect("spawn the server");
-    Some(Server {
+    let server = Server {
         model,
         addr,
         stop,
         result: Some(rx),
-    })
+    };
+    Some((server, waiting))
 }
 
 impl Server {
@@ -82,6 +95,16 @@ impl Drop for Server {
         // A test that failed half-way does not leave a server running.
         self.stop.trigger();
     }
+}
+
+/// A listener on a free loopback port with room for `backlog` waiting connections.
+fn listen_on_loopback(backlog: i32) -> TcpListener {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let addr: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    socket.bind(&addr.into()).expect("bind");
+    socket.listen(backlog).expect("listen");
+    socket.into()
 }
 
 /// Why `model` cannot run here, if it cannot.
