@@ -310,11 +310,11 @@ pub struct Sample {
     pub p99_us: f64,
     /// Server CPU time (user + system) per message, microseconds.
     pub cpu_us_per_msg: f64,
-    /// Server resident memory at the end of the measured window (the cell's connections all
-    /// open), bytes.
+    /// Server resident memory with the cell's connections open: the larger of the readings
+    /// at the measured window's opening and closing marks, bytes.
     pub rss_bytes: f64,
-    /// Server resident memory gained per connection from just before the client started to the
-    /// end of the measured window, bytes (NaN where it could not be read).
+    /// What `rss_bytes` gained over the reading just before the client started, per
+    /// connection, bytes (NaN where it could not be read).
     pub rss_per_conn: f64,
 }
 
@@ -772,7 +772,7 @@ impl Harness {
         std::thread::sleep(Duration::from_millis(200));
         // The server's CPU time is read when the client opens and closes its measured window:
         // from the end of the warm-up (every connection open) to the deadline; its memory
-        // before the client starts and as the window closes, the connections still open.
+        // before the client starts and at both marks.
         let pid = s.pid();
         let rss_start = s.rss_bytes();
         let sampler = move || {
@@ -829,7 +829,9 @@ impl Harness {
             }
         };
         let cpu_us = after.cpu_ns.saturating_sub(before.cpu_ns) as f64 / 1e3;
-        let rss = after.rss;
+        // Both marks find every connection open, though the client starts closing them as
+        // the window closes: the larger reading is the one the teardown did not reach.
+        let rss = before.rss.max(after.rss);
         let sample = Sample {
             msgs_per_s: report.msgs_per_s,
             mb_per_s: report.mb_per_s,

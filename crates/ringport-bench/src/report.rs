@@ -309,8 +309,10 @@ impl Report {
                 let best = self.best_for(s, i);
                 // Marked where a median rests on fewer rounds than were run.
                 let mut mark = |peer: Option<&(f64, String)>| {
-                    let partial = self.failed_rounds(&s.spec.label, i) > 0
-                        || peer.is_some_and(|(_, who)| self.failed_rounds(who, i) > 0);
+                    let partial = m.is_some()
+                        && peer.is_some_and(|(_, who)| {
+                            self.failed_rounds(&s.spec.label, i) + self.failed_rounds(who, i) > 0
+                        });
                     marked |= partial;
                     if partial {
                         " *"
