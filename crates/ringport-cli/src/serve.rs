@@ -62,6 +62,9 @@ const HOG_AGAIN: Duration = Duration::from_millis(50);
 /// dry, before it may be closed for holding the pool: longer than for a paused one, whose peer
 /// has already sent past the bound.
 const UNPAUSED_GRACE: Duration = Duration::from_secs(2);
+/// How long a connection may wait for a pool buffer before those that receive give it their
+/// turn (see `Server::received`); until then it waits for buffers to come back.
+const YIELD_AFTER: Duration = Duration::from_millis(100);
 /// The most buffers one gathering send takes (512 KiB).
 const MAX_GATHER: usize = 64;
 /// Buffer lists, and echo queues, kept for reuse.
@@ -563,7 +566,7 @@ struct Server {
     start: Instant,
     /// Connections whose pooled receive ended for want of a buffer (or yielded its turn), to
     /// re-arm, oldest first. May hold ids no longer waiting; `waiting` counts those that are.
-    starved: VecDeque<u64>,
+    starved: VecDeque<(u64, u64)>,
     waiting: usize,
     /// A timer is pending to give waiting receives another turn.
     rearm_timer: bool,
@@ -988,13 +991,17 @@ impl Server {
                         self.wait_for_buffer(id, &mut conn);
                     }
                 } else if self.waiting > self.free_receives()
+                    && self.longest_wait() >= YIELD_AFTER.as_millis() as u64
                     && !conn.paused
                     && self.deadline.is_none()
                 {
-                    // More connections wait for a buffer than there are free: this one had its
-                    // turn. An armed receive takes pool space whenever data comes, so without
-                    // this the same connections would keep the pool to themselves while the
-                    // others starve.
+                    // More connections wait for a buffer than there are free, and one has
+                    // waited `YIELD_AFTER`: this one had its turn. An armed receive takes pool
+                    // space whenever data comes, so without this the same connections could
+                    // keep the pool to themselves while the others starve. Only after a wait:
+                    // a yield costs a cancel and a re-arm, and yielding whenever many waited
+                    // (after a burst at 10,000 connections) made every receive yield, which
+                    // kept the worker too busy to catch up (BENCHMARKS.md, K).
                     self.yield_turn(&mut conn);
                 }
             }
@@ -1225,12 +1232,27 @@ impl Server {
         self.worker.pool_available() * (self.limits.pool_buffer / WHOLE_BUFFER).max(1)
     }
 
+    /// How long the connection that has waited longest for a buffer has waited, in
+    /// milliseconds (0 when none waits). Entries of connections no longer waiting are dropped
+    /// from the front of the queue on the way.
+    fn longest_wait(&mut self) -> u64 {
+        while let Some(&(id, since)) = self.starved.front() {
+            if self.conns.get_mut(id).is_some_and(|c| !c.starved) {
+                self.starved.pop_front();
+                continue;
+            }
+            return self.millis(self.now).saturating_sub(since);
+        }
+        0
+    }
+
     /// Queues a connection to be re-armed when buffers are free.
     fn wait_for_buffer(&mut self, id: u64, conn: &mut Conn) {
         if !conn.starved {
             conn.starved = true;
             self.waiting += 1;
-            self.starved.push_back(id);
+            let since = self.millis(self.now);
+            self.starved.push_back((id, since));
         }
     }
 
@@ -1247,7 +1269,7 @@ impl Server {
     fn rearm_starved(&mut self) {
         let mut budget = self.free_receives();
         while budget > 0 {
-            let Some(id) = self.starved.pop_front() else {
+            let Some((id, _)) = self.starved.pop_front() else {
                 break;
             };
             let Some(mut conn) = self.conns.take(id) else {
