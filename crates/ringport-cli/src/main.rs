@@ -242,6 +242,13 @@ pub struct ClientArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Give up this many seconds after starting, whatever the server does: what has not come
+    /// back by then is an error (each unfinished connection, in load mode). Without it the
+    /// client gives up only when nothing at all comes for 30 s (book mode: 10 s for each read
+    /// or write), or 10 s after --duration's deadline.
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
+    pub timeout: Option<Duration>,
+
     /// Load mode: print `ringport client: window open` and `ringport client: window closed` on
     /// stderr when the measured window starts and ends (with --messages, closed once every
     /// connection is done), for sampling the server around it.

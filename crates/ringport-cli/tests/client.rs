@@ -378,7 +378,47 @@ fn load_mode_detects_bytes_after_the_last_echo() {
     }
 }
 
+/// A server that trickles its echo never lets the stall limit fire: `--timeout` ends the run
+/// anyway, counting each unfinished connection as an error that names it.
+fn load_mode_gives_up_at_the_overall_limit() {
+    let bad = BadServer::trickling();
+    let addr = bad.addr.to_string();
+    // Without the limit: 2 x 3 messages of 64 bytes at 20 ms a byte, 3.8 s per connection.
+    let output = run_cli(
+        &[
+            "client",
+            "--connect",
+            &addr,
+            "--connections",
+            "2",
+            "--size",
+            "64",
+            "--messages",
+            "3",
+            "--timeout",
+            "0.5",
+            "--json",
+        ],
+        LOAD_TIMEOUT,
+    );
+    output.assert_no_panic();
+    let d = output.describe();
+    assert_ne!(output.code(), Some(0), "{d}");
+    let report = json_report(&output);
+    assert_report_shape(&report, &output);
+    let Some(Json::Obj(kinds)) = report.get("errors") else {
+        unreachable!("checked by assert_report_shape")
+    };
+    let timed_out: f64 = kinds
+        .iter()
+        .filter(|(k, _)| k.contains("--timeout 0.5 s passed"))
+        .filter_map(|(_, v)| v.as_f64())
+        .sum();
+    assert_eq!(timed_out, 2.0, "{d}");
+}
+
 per_backend!(
+    load_mode_gives_up_at_the_overall_limit,
     load_mode_detects_bytes_after_the_last_echo,
     book_mode_sends_and_receives_20_messages,
     book_mode_honours_count,

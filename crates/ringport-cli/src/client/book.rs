@@ -6,7 +6,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::errors::describe;
 
@@ -30,6 +30,8 @@ pub struct BookOptions {
     pub message: String,
     /// Only send; do not read the echoes back.
     pub send_only: bool,
+    /// Give up this long after starting (`--timeout`), however the server answers.
+    pub limit: Option<Duration>,
 }
 
 impl BookOptions {
@@ -41,6 +43,7 @@ impl BookOptions {
             count: DEFAULT_COUNT,
             message: DEFAULT_MESSAGE.to_owned(),
             send_only: false,
+            limit: None,
         }
     }
 }
@@ -107,26 +110,60 @@ fn run_with_timeout(
         message: format!("writing output: {}", describe(&err)),
     };
 
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| fail(describe(&e)))?;
+    // `--timeout`: every wait ends by then.
+    let until = opts.limit.map(|l| crate::later(Instant::now(), l));
+    let mut report = BookReport::default();
+    let late = |report: &BookReport| {
+        let limit = opts.limit.unwrap_or_default().as_secs_f64();
+        fail(format!(
+            "timed out: --timeout {limit} s passed with {} of {} echoes back",
+            report.received, opts.count
+        ))
+    };
+    // How long the next wait may last: `timeout`, cut short by `--timeout`.
+    let wait = |report: &BookReport| match until {
+        None => Ok(timeout),
+        Some(t) => match t.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => Ok(left.min(timeout)),
+            _ => Err(late(report)),
+        },
+    };
+    let first = wait(&report)?;
+    let mut stream = TcpStream::connect_timeout(&addr, first).map_err(|e| {
+        if is_timeout(&e) && until.is_some_and(|t| Instant::now() >= t) {
+            late(&report)
+        } else {
+            fail(describe(&e))
+        }
+    })?;
     // One small message per round trip: do not let Nagle hold it back.
     stream
         .set_nodelay(true)
         .map_err(|e| io_fail("set TCP_NODELAY", &e))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| io_fail("set read timeout", &e))?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(|e| io_fail("set write timeout", &e))?;
+    let set_timeouts = |stream: &TcpStream, d: Duration| {
+        stream
+            .set_read_timeout(Some(d))
+            .map_err(|e| io_fail("set read timeout", &e))?;
+        stream
+            .set_write_timeout(Some(d))
+            .map_err(|e| io_fail("set write timeout", &e))
+    };
+    set_timeouts(&stream, first)?;
+    // Whether a wait that timed out ran into `--timeout` rather than the I/O timeout.
+    let past_limit = || until.is_some_and(|t| Instant::now() >= t);
 
     let message = opts.message.as_bytes();
     let len = message.len();
     let mut echo = vec![0u8; len];
-    let mut report = BookReport::default();
 
     for round in 1..=opts.count {
+        if until.is_some() {
+            set_timeouts(&stream, wait(&report)?)?;
+        }
         stream.write_all(message).map_err(|e| {
-            if is_timeout(&e) {
+            if is_timeout(&e) && past_limit() {
+                late(&report)
+            } else if is_timeout(&e) {
                 fail(format!("send timed out after {} s", timeout.as_secs_f64()))
             } else {
                 io_fail("send", &e)
@@ -142,6 +179,9 @@ fn run_with_timeout(
         // The echo may come back in several pieces: read until all of it is here.
         let mut filled = 0;
         while filled < len {
+            if until.is_some() {
+                set_timeouts(&stream, wait(&report)?)?;
+            }
             match stream.read(&mut echo[filled..]) {
                 Ok(0) => {
                     return Err(fail(format!(
@@ -150,6 +190,7 @@ fn run_with_timeout(
                 }
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) && past_limit() => return Err(late(&report)),
                 Err(e) if is_timeout(&e) => {
                     return Err(fail(format!(
                         "receive timed out after {} s with {filled} of {len} bytes echoed",
@@ -182,7 +223,7 @@ fn run_with_timeout(
     if !opts.send_only {
         // Every echo came back: the server has nothing more to send, and closes its side once
         // it sees ours closed. Anything else it sends is an echo of nothing.
-        let extra = bytes_before_close(&mut stream, timeout);
+        let extra = bytes_before_close(&mut stream, wait(&report).unwrap_or(Duration::ZERO));
         if extra > 0 {
             return Err(fail(format!(
                 "the server sent {extra} bytes more than it was sent, after the last echo"
@@ -285,6 +326,40 @@ mod tests {
         }
         // The server saw every byte, then our shutdown as end of stream.
         assert_eq!(server.join().unwrap(), 20 * 26);
+    }
+
+    /// A server that echoes a byte every 50 ms keeps each read short of the I/O timeout:
+    /// `--timeout` ends the conversation anyway, and says how far it got.
+    #[test]
+    fn the_overall_limit_ends_a_trickling_echo() {
+        let (addr, server) = server(|mut stream| {
+            let mut buf = [0u8; 64];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                for b in &buf[..n] {
+                    thread::sleep(Duration::from_millis(50));
+                    if stream.write_all(std::slice::from_ref(b)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let opts = BookOptions {
+            count: 5,
+            message: "hello world".to_owned(),
+            limit: Some(Duration::from_millis(300)),
+            ..BookOptions::new(addr)
+        };
+        // Without the limit this run would pass: 55 bytes at 50 ms each, each read well
+        // within the I/O timeout.
+        let (result, _) = run_to_string(&opts);
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            format!("{addr}: timed out: --timeout 0.3 s passed with 0 of 5 echoes back")
+        );
+        server.join().unwrap();
     }
 
     #[test]

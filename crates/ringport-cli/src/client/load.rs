@@ -61,6 +61,8 @@ struct Plan {
     warmup: Duration,
     messages: u64,
     workers: usize,
+    /// `--timeout`, and when it runs out (counted from when the plan was made).
+    limit: Option<(Duration, Instant)>,
 }
 
 impl Plan {
@@ -173,6 +175,7 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         warmup: args.warmup.unwrap_or(Duration::ZERO),
         messages: args.messages.unwrap_or(1000),
         workers: workers.min(connections as usize).max(1),
+        limit: args.timeout.map(|t| (t, crate::later(Instant::now(), t))),
     };
     let (port, workers) = Port::builder()
         .workers(plan.workers)
@@ -349,11 +352,24 @@ impl Client {
             } else {
                 Some(STALL_LIMIT)
             };
-            let finish_by = match self.until {
+            let window_end = match self.until {
                 Some(Until::Window { close, .. }) => Some(crate::later(close, FINISH_LIMIT)),
                 _ => None,
             };
+            let given_up = self.plan.limit.map(|(_, at)| at);
+            let finish_by = match (window_end, given_up) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let now = Instant::now();
+            if given_up.is_some_and(|t| now >= t) {
+                let secs = self.plan.limit.map_or(0.0, |(d, _)| d.as_secs_f64());
+                self.give_up(
+                    &format!("within --timeout {secs} s"),
+                    &format!("--timeout {secs} s passed"),
+                );
+                break;
+            }
             if finish_by.is_some_and(|t| now >= t) {
                 self.give_up(
                     "within 10 s of the deadline",
@@ -363,7 +379,8 @@ impl Client {
             }
             let limit = match (limit, finish_by) {
                 (Some(l), Some(t)) => Some(l.min(t - now)),
-                (l, _) => l,
+                (None, Some(t)) => Some(t - now),
+                (l, None) => l,
             };
             match self.worker.dequeue_batch(&mut batch, 64, limit) {
                 Ok(_) => {

@@ -14,6 +14,7 @@ pub fn run_book(args: &crate::ClientArgs) -> Result<ExitCode, String> {
         count: args.count,
         message: args.message.clone(),
         send_only: args.send_only,
+        limit: args.timeout,
         ..book::BookOptions::new(args.connect)
     };
     let mut out = std::io::stdout().lock();

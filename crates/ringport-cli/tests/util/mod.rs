@@ -591,6 +591,27 @@ impl BadServer {
         })
     }
 
+    /// Echoes faithfully, one byte every 20 ms: never silent long enough for the client's
+    /// stall limit, and slow enough never to finish a run of any size.
+    pub fn trickling() -> BadServer {
+        BadServer::spawn(|stream| {
+            let mut stream = stream;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                for b in &buf[..n] {
+                    thread::sleep(Duration::from_millis(20));
+                    if stream.write_all(std::slice::from_ref(b)).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+    }
+
     fn spawn(handler: fn(TcpStream)) -> BadServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
