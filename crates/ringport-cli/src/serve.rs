@@ -16,7 +16,8 @@
 //! kernel could not allocate memory is tried again after a pause, the connection keeping what
 //! it holds; only failures in a row past a limit close it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::num::NonZeroU32;
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringport::{Completion, Handle, Op, OpId, Packet, PoolBuf, Port, WaitError, Worker};
+use ringport::{Completion, Handle, IdHasher, Op, OpId, Packet, PoolBuf, Port, WaitError, Worker};
 use tracing::{debug, error, info, trace, warn};
 
 use crate::client::errors::describe;
@@ -568,6 +569,10 @@ struct Server {
     /// re-arm, oldest first. May hold ids no longer waiting; `waiting` counts those that are.
     starved: VecDeque<(u64, u64)>,
     waiting: usize,
+    /// Connections re-armed from `starved` that have not received since, with when they
+    /// started waiting: one that finds no buffer again waits on from then, not from scratch
+    /// (else one that keeps losing the race for a freed buffer would never seem to wait long).
+    rearmed: HashMap<u64, u64, BuildHasherDefault<IdHasher>>,
     /// A timer is pending to give waiting receives another turn.
     rearm_timer: bool,
     /// While connections wait for the pool: when to close a pool hog if the pool is dry.
@@ -625,6 +630,7 @@ impl Server {
             start: Instant::now(),
             starved: VecDeque::new(),
             waiting: 0,
+            rearmed: HashMap::default(),
             rearm_timer: false,
             hog_check: None,
             hog_warned: false,
@@ -944,6 +950,9 @@ impl Server {
         match c.result {
             Ok(n) if n > 0 => {
                 trace!("socket {}: received {n} bytes", conn.handle.as_raw_fd());
+                if !self.rearmed.is_empty() {
+                    self.rearmed.remove(&id);
+                }
                 conn.last_active = self.millis(self.now);
                 conn.quiet_since = 0;
                 conn.retry.succeeded();
@@ -991,9 +1000,9 @@ impl Server {
                         self.wait_for_buffer(id, &mut conn);
                     }
                 } else if self.waiting > self.free_receives()
-                    && self.longest_wait() >= YIELD_AFTER.as_millis() as u64
                     && !conn.paused
                     && self.deadline.is_none()
+                    && self.longest_wait((id, conn.starved)) >= YIELD_AFTER.as_millis() as u64
                 {
                     // More connections wait for a buffer than there are free, and one has
                     // waited `YIELD_AFTER`: this one had its turn. An armed receive takes pool
@@ -1233,11 +1242,21 @@ impl Server {
     }
 
     /// How long the connection that has waited longest for a buffer has waited, in
-    /// milliseconds (0 when none waits). Entries of connections no longer waiting are dropped
-    /// from the front of the queue on the way.
-    fn longest_wait(&mut self) -> u64 {
+    /// milliseconds (0 when none waits). Entries of connections no longer waiting (closed, or
+    /// armed again) are dropped from the front of the queue on the way; `current` is the id
+    /// and `starved` flag of a record taken out of the table to be worked on.
+    fn longest_wait(&mut self, current: (u64, bool)) -> u64 {
         while let Some(&(id, since)) = self.starved.front() {
-            if self.conns.get_mut(id).is_some_and(|c| !c.starved) {
+            let waits = if id == current.0 {
+                current.1
+            } else {
+                match self.conns.get_mut(id) {
+                    Some(c) => c.starved,
+                    // Closed; or taken out (only `current` is, here): then still counted.
+                    None => self.conns.is_live(id),
+                }
+            };
+            if !waits {
                 self.starved.pop_front();
                 continue;
             }
@@ -1251,7 +1270,10 @@ impl Server {
         if !conn.starved {
             conn.starved = true;
             self.waiting += 1;
-            let since = self.millis(self.now);
+            let since = match self.rearmed.remove(&id) {
+                Some(since) => since,
+                None => self.millis(self.now),
+            };
             self.starved.push_back((id, since));
         }
     }
@@ -1269,7 +1291,7 @@ impl Server {
     fn rearm_starved(&mut self) {
         let mut budget = self.free_receives();
         while budget > 0 {
-            let Some((id, _)) = self.starved.pop_front() else {
+            let Some((id, since)) = self.starved.pop_front() else {
                 break;
             };
             let Some(mut conn) = self.conns.take(id) else {
@@ -1279,10 +1301,16 @@ impl Server {
                 self.done_waiting(&mut conn);
                 if conn.recv.is_none() && !conn.paused && !conn.eof {
                     self.arm(&mut conn);
+                    self.rearmed.insert(id, since);
                     budget -= 1;
                 }
             }
             self.conns.put(id, conn);
+        }
+        if self.waiting == 0 && !self.rearmed.is_empty() {
+            // Nobody waits: the pool coped, and a connection that waits again starts afresh
+            // (this also frees the entries of those that went quiet once re-armed).
+            self.rearmed = HashMap::default();
         }
         if self.waiting > 0
             && !self.rearm_timer
@@ -1529,6 +1557,9 @@ impl Server {
     /// Closes a connection taken out of the table, and frees its slot.
     fn close_conn(&mut self, id: u64, mut conn: Conn, why: &str) {
         self.conns.free(id);
+        if !self.rearmed.is_empty() {
+            self.rearmed.remove(&id);
+        }
         self.done_waiting(&mut conn);
         let fd = conn.handle.as_raw_fd();
         match conn.out.as_ref().map_or(0, |q| q.pending()) {

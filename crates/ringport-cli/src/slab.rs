@@ -60,6 +60,11 @@ impl<T> Slab<T> {
         self.slots.get_mut(index).filter(|s| s.used && s.gen == gen)
     }
 
+    /// Whether `id` names a slot in use: a record held, or one taken out.
+    pub fn is_live(&mut self, id: u64) -> bool {
+        self.slot(id).is_some()
+    }
+
     pub fn get_mut(&mut self, id: u64) -> Option<&mut T> {
         self.slot(id)?.value.as_mut()
     }
@@ -131,6 +136,7 @@ mod tests {
         let taken = s.take(b).unwrap();
         assert_eq!(taken, "b");
         assert_eq!(s.get_mut(b), None, "taken out");
+        assert!(s.is_live(b), "a taken record's slot is still in use");
         assert_eq!(s.len(), 2, "a taken record keeps its slot");
         assert_eq!(s.ids(), vec![a]);
         s.put(b, "b2");
@@ -143,6 +149,7 @@ mod tests {
         assert_eq!(c & 0xffff_ffff, a & 0xffff_ffff, "the freed slot is reused");
         assert_ne!(c, a);
         assert_eq!(s.get_mut(a), None, "a stale id finds nothing");
+        assert!(!s.is_live(a));
         assert_eq!(s.take(a), None);
         s.free(a);
         assert_eq!(s.len(), 2, "freeing by a stale id frees nothing");
