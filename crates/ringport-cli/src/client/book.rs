@@ -115,9 +115,14 @@ fn run_with_timeout(
     let mut report = BookReport::default();
     let late = |report: &BookReport| {
         let limit = opts.limit.unwrap_or_default().as_secs_f64();
+        let (done, what) = if opts.send_only {
+            (report.sent, "messages sent")
+        } else {
+            (report.received, "echoes back")
+        };
         fail(format!(
-            "timed out: --timeout {limit} s passed with {} of {} echoes back",
-            report.received, opts.count
+            "timed out: --timeout {limit} s passed with {done} of {} {what}",
+            opts.count
         ))
     };
     // How long the next wait may last: `timeout`, cut short by `--timeout`.
@@ -130,7 +135,7 @@ fn run_with_timeout(
     };
     let first = wait(&report)?;
     let mut stream = TcpStream::connect_timeout(&addr, first).map_err(|e| {
-        if is_timeout(&e) && until.is_some_and(|t| Instant::now() >= t) {
+        if is_timeout(&e) && first < timeout {
             late(&report)
         } else {
             fail(describe(&e))
@@ -149,26 +154,41 @@ fn run_with_timeout(
             .map_err(|e| io_fail("set write timeout", &e))
     };
     set_timeouts(&stream, first)?;
-    // Whether a wait that timed out ran into `--timeout` rather than the I/O timeout.
-    let past_limit = || until.is_some_and(|t| Instant::now() >= t);
+    // Before each read or write with `--timeout`: cuts the socket's timeouts to what is left,
+    // and says whether they were cut (a wait cut short that times out ran into `--timeout`:
+    // the kernel may end it a tick early, before the clock says the limit passed).
+    let arm = |stream: &TcpStream, report: &BookReport| -> Result<bool, BookError> {
+        if until.is_none() {
+            return Ok(false);
+        }
+        let d = wait(report)?;
+        set_timeouts(stream, d)?;
+        Ok(d < timeout)
+    };
 
     let message = opts.message.as_bytes();
     let len = message.len();
     let mut echo = vec![0u8; len];
 
     for round in 1..=opts.count {
-        if until.is_some() {
-            set_timeouts(&stream, wait(&report)?)?;
-        }
-        stream.write_all(message).map_err(|e| {
-            if is_timeout(&e) && past_limit() {
-                late(&report)
-            } else if is_timeout(&e) {
-                fail(format!("send timed out after {} s", timeout.as_secs_f64()))
-            } else {
-                io_fail("send", &e)
+        // One write at a time, so that `--timeout` bounds a send that a slow reader stretches.
+        let mut written = 0;
+        while written < len {
+            let cut = arm(&stream, &report)?;
+            match stream.write(&message[written..]) {
+                Ok(0) => return Err(io_fail("send", &io::ErrorKind::WriteZero.into())),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) && cut => return Err(late(&report)),
+                Err(e) if is_timeout(&e) => {
+                    return Err(fail(format!(
+                        "send timed out after {} s",
+                        timeout.as_secs_f64()
+                    )))
+                }
+                Err(e) => return Err(io_fail("send", &e)),
             }
-        })?;
+        }
         report.sent += 1;
         writeln!(out, "Sent {len} bytes: '{}'", opts.message).map_err(print_fail)?;
 
@@ -179,9 +199,7 @@ fn run_with_timeout(
         // The echo may come back in several pieces: read until all of it is here.
         let mut filled = 0;
         while filled < len {
-            if until.is_some() {
-                set_timeouts(&stream, wait(&report)?)?;
-            }
+            let cut = arm(&stream, &report)?;
             match stream.read(&mut echo[filled..]) {
                 Ok(0) => {
                     return Err(fail(format!(
@@ -190,7 +208,7 @@ fn run_with_timeout(
                 }
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) && past_limit() => return Err(late(&report)),
+                Err(e) if is_timeout(&e) && cut => return Err(late(&report)),
                 Err(e) if is_timeout(&e) => {
                     return Err(fail(format!(
                         "receive timed out after {} s with {filled} of {len} bytes echoed",
@@ -223,6 +241,7 @@ fn run_with_timeout(
     if !opts.send_only {
         // Every echo came back: the server has nothing more to send, and closes its side once
         // it sees ours closed. Anything else it sends is an echo of nothing.
+        // (Once `--timeout` has passed every echo is back already: the check is skipped.)
         let extra = bytes_before_close(&mut stream, wait(&report).unwrap_or(Duration::ZERO));
         if extra > 0 {
             return Err(fail(format!(
@@ -358,6 +377,31 @@ mod tests {
         assert_eq!(
             result.unwrap_err().to_string(),
             format!("{addr}: timed out: --timeout 0.3 s passed with 0 of 5 echoes back")
+        );
+        server.join().unwrap();
+    }
+
+    /// A server that never reads: once the socket buffers are full, a send blocks, and
+    /// `--timeout` ends it (not the longer I/O timeout), counting what went out.
+    #[test]
+    fn the_overall_limit_ends_a_send_to_a_server_that_does_not_read() {
+        let (addr, server) = server(|stream| {
+            thread::sleep(Duration::from_secs(1));
+            drop(stream);
+        });
+        let opts = BookOptions {
+            count: 50,
+            message: "x".repeat(1 << 20),
+            send_only: true,
+            limit: Some(Duration::from_millis(300)),
+            ..BookOptions::new(addr)
+        };
+        let (result, _) = run_to_string(&opts);
+        let err = result.unwrap_err().to_string();
+        let prefix = format!("{addr}: timed out: --timeout 0.3 s passed with ");
+        assert!(
+            err.starts_with(&prefix) && err.ends_with(" of 50 messages sent"),
+            "{err}"
         );
         server.join().unwrap();
     }
