@@ -269,11 +269,9 @@ fn book_mode_against_resetting_server_fails_and_names_the_reset() {
 fn load_mode_counts_resets() {
     let bad = BadServer::resetting();
     let addr = bad.addr.to_string();
-    let output = run_cli(
+    let output = run_load_json(
+        &addr,
         &[
-            "client",
-            "--connect",
-            &addr,
             "--connections",
             "2",
             "--size",
@@ -282,11 +280,8 @@ fn load_mode_counts_resets() {
             "10",
             "--pipeline",
             "1",
-            "--json",
         ],
-        LOAD_TIMEOUT,
     );
-    output.assert_no_panic();
     assert_ne!(output.code(), Some(0), "{}", output.describe());
     assert!(
         output
@@ -303,10 +298,7 @@ fn load_mode_counts_resets() {
         json_num(&report, "error_total") >= 1.0,
         "no errors counted\n{d}"
     );
-    let Some(Json::Obj(kinds)) = report.get("errors") else {
-        unreachable!("checked by assert_report_shape")
-    };
-    let counted: f64 = kinds.iter().filter_map(|(_, v)| v.as_f64()).sum();
+    let counted = errors_named(&report, "");
     assert_eq!(
         counted,
         json_num(&report, "error_total"),
@@ -317,11 +309,9 @@ fn load_mode_counts_resets() {
 fn load_mode_detects_corrupted_echo() {
     let bad = BadServer::corrupting();
     let addr = bad.addr.to_string();
-    let output = run_cli(
+    let output = run_load_json(
+        &addr,
         &[
-            "client",
-            "--connect",
-            &addr,
             "--connections",
             "1",
             "--size",
@@ -330,11 +320,8 @@ fn load_mode_detects_corrupted_echo() {
             "10",
             "--pipeline",
             "1",
-            "--json",
         ],
-        LOAD_TIMEOUT,
     );
-    output.assert_no_panic();
     assert_ne!(output.code(), Some(0), "{}", output.describe());
     let report = json_report(&output);
     assert_report_shape(&report, &output);
@@ -384,11 +371,9 @@ fn load_mode_gives_up_at_the_overall_limit() {
     let bad = BadServer::trickling();
     let addr = bad.addr.to_string();
     // Without the limit: 2 x 3 messages of 64 bytes at 20 ms a byte, 3.8 s per connection.
-    let output = run_cli(
+    let output = run_load_json(
+        &addr,
         &[
-            "client",
-            "--connect",
-            &addr,
             "--connections",
             "2",
             "--size",
@@ -397,24 +382,35 @@ fn load_mode_gives_up_at_the_overall_limit() {
             "3",
             "--timeout",
             "0.5",
-            "--json",
         ],
-        LOAD_TIMEOUT,
     );
-    output.assert_no_panic();
     let d = output.describe();
     assert_ne!(output.code(), Some(0), "{d}");
     let report = json_report(&output);
     assert_report_shape(&report, &output);
+    assert_eq!(errors_named(&report, "--timeout 0.5 s passed"), 2.0, "{d}");
+}
+
+/// Runs `ringport client --connect addr ARGS --json` (checked not to panic).
+fn run_load_json(addr: &str, args: &[&str]) -> Output {
+    let mut all = vec!["client", "--connect", addr];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let output = run_cli(&all, LOAD_TIMEOUT);
+    output.assert_no_panic();
+    output
+}
+
+/// The errors a JSON report counts under kinds containing `needle` (all of them for "").
+fn errors_named(report: &Json, needle: &str) -> f64 {
     let Some(Json::Obj(kinds)) = report.get("errors") else {
-        unreachable!("checked by assert_report_shape")
+        panic!("the report has no \"errors\" object: {report:?}")
     };
-    let timed_out: f64 = kinds
+    kinds
         .iter()
-        .filter(|(k, _)| k.contains("--timeout 0.5 s passed"))
+        .filter(|(k, _)| k.contains(needle))
         .filter_map(|(_, v)| v.as_f64())
-        .sum();
-    assert_eq!(timed_out, 2.0, "{d}");
+        .sum()
 }
 
 per_backend!(
