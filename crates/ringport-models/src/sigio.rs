@@ -288,6 +288,15 @@ impl Signals {
     /// Takes one queued signal, waiting up to `timeout` (`None`: no limit). `None`: timed
     /// out or interrupted.
     fn wait(&self, timeout: Option<Duration>) -> io::Result<Option<Signal>> {
+        match self.take(timeout) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(None),
+            other => other,
+        }
+    }
+
+    /// As [`Signals::wait`], but an interruption (by a handler of some other signal) is the
+    /// error `EINTR`, not `None`: `None` means nothing was queued.
+    fn take(&self, timeout: Option<Duration>) -> io::Result<Option<Signal>> {
         let ts = timeout.map(|d| libc::timespec {
             tv_sec: d.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
             tv_nsec: d.subsec_nanos() as _,
@@ -300,9 +309,7 @@ impl Signals {
         let res = unsafe { syscall!(sigtimedwait(&self.set, info.as_mut_ptr(), ts_ptr)) };
         let signo = match res {
             Ok(signo) => signo,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
-                return Ok(None)
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(None),
             Err(e) => return Err(e),
         };
         // SAFETY: `sigtimedwait` succeeded and filled `info` (which was zeroed anyway).
@@ -329,7 +336,14 @@ impl Drop for Signals {
     fn drop(&mut self) {
         // Queued signals for closed sockets (or a stop not yet taken) must not be delivered
         // once unblocked: their default action ends the process.
-        while let Ok(Some(_)) = self.wait(Some(Duration::ZERO)) {}
+        // An interruption is not the end of the queue: go on until it says it is empty.
+        loop {
+            match self.take(Some(Duration::ZERO)) {
+                Ok(Some(_)) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
         // SAFETY: `old` is the mask saved by `block`.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
     }
