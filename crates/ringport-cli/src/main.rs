@@ -95,8 +95,8 @@ pub struct ServeArgs {
     pub model: String,
 
     /// Close connections that have neither received nor sent anything for this long, in
-    /// seconds (slowloris protection; 0: off) [default: off].
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    /// seconds (slowloris protection; 0: off; else at least 0.01) [default: off].
+    #[arg(long, value_name = "SECS", value_parser = parse_period)]
     pub idle_timeout: Option<Duration>,
 
     /// Connections open at once; more are closed as soon as they are accepted, counted, and
@@ -155,8 +155,8 @@ pub struct ServeArgs {
 
     /// Log one line of statistics every SECS seconds: connections open and accepted, bytes
     /// echoed and the rate, receive-pool buffers in use, and counts of refused and closed
-    /// connections (0: off) [default: off].
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    /// connections (0: off; else at least 0.01) [default: off].
+    #[arg(long, value_name = "SECS", value_parser = parse_period)]
     pub stats: Option<Duration>,
 
     /// On SIGINT/SIGTERM, how long to keep echoing what was already received before closing
@@ -187,15 +187,16 @@ pub struct ClientArgs {
 
     /// Book mode: how many times to send the message.
     #[arg(long, value_name = "N", default_value_t = client::book::DEFAULT_COUNT,
-          conflicts_with_all = LOAD_FLAGS)]
+          conflicts_with_all = LOAD_FLAGS, value_parser = clap::value_parser!(u32).range(1..))]
     pub count: u32,
 
-    /// Book mode: the message to send.
+    /// Book mode: the message to send (not empty).
     #[arg(
         long,
         value_name = "TEXT",
         default_value = "A test message from client",
-        conflicts_with_all = LOAD_FLAGS
+        conflicts_with_all = LOAD_FLAGS,
+        value_parser = clap::builder::NonEmptyStringValueParser::new()
     )]
     pub message: String,
 
@@ -293,6 +294,22 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a valid duration"))
 }
 
+/// The shortest period `--stats` and `--idle-timeout` take (the idle sweep's own period).
+const MIN_PERIOD: Duration = Duration::from_millis(10);
+
+/// [`parse_secs`] for a period: 0 (off), or at least [`MIN_PERIOD`], so that a typo such as
+/// `1e-9` cannot make the server log or sweep without pause.
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let d = parse_secs(s)?;
+    if !d.is_zero() && d < MIN_PERIOD {
+        return Err(format!(
+            "must be 0 (off) or at least {} seconds",
+            MIN_PERIOD.as_secs_f64()
+        ));
+    }
+    Ok(d)
+}
+
 /// [`parse_secs`], above zero.
 fn parse_positive_secs(s: &str) -> Result<Duration, String> {
     let d = parse_secs(s)?;
@@ -380,6 +397,35 @@ const PORT_ONLY_FLAGS: [&str; 12] = [
 /// Checks what clap cannot say in attributes: a flag given on the command line that the
 /// chosen mode would ignore. Exits 2 with the usage, as clap does for its own errors.
 fn check_ignored_flags(matches: &ArgMatches) {
+    let conflict = |subcommand: &str, message: String| -> ! {
+        let mut cli = Cli::command();
+        cli.build();
+        match cli.find_subcommand_mut(subcommand) {
+            Some(sub) => sub.error(ErrorKind::ArgumentConflict, message).exit(),
+            None => cli.error(ErrorKind::ArgumentConflict, message).exit(),
+        }
+    };
+    if let Some(("client", client)) = matches.subcommand() {
+        // `--backend` makes the client the load generator (clap cannot say so itself: from
+        // `RINGPORT_BACKEND` it does not), which has no use for the book's flags.
+        let given = |id: &str| client.value_source(id) == Some(ValueSource::CommandLine);
+        if given("get") {
+            if let Some(flag) = ["count", "message", "send_only"]
+                .into_iter()
+                .find(|id| given(id))
+            {
+                let flag = flag.replace('_', "-");
+                conflict(
+                    "client",
+                    format!(
+                        "--{flag} is the book client's, and --backend makes this the load \
+                         generator: they do not mix"
+                    ),
+                );
+            }
+        }
+        return;
+    }
     let Some(("serve", serve)) = matches.subcommand() else {
         return;
     };
@@ -397,16 +443,13 @@ fn check_ignored_flags(matches: &ArgMatches) {
         .or(backend)
     {
         let flag = flag.replace('_', "-");
-        let message = format!(
-            "--{flag} is not used by --model {model}: the chapter's other models take only \
-             --listen and --drain-timeout"
+        conflict(
+            "serve",
+            format!(
+                "--{flag} is not used by --model {model}: the chapter's other models take only \
+                 --listen and --drain-timeout"
+            ),
         );
-        let mut cli = Cli::command();
-        cli.build();
-        match cli.find_subcommand_mut("serve") {
-            Some(serve) => serve.error(ErrorKind::ArgumentConflict, message).exit(),
-            None => cli.error(ErrorKind::ArgumentConflict, message).exit(),
-        }
     }
 }
 

@@ -111,6 +111,31 @@ fn client_more_in_flight_than_memory_is_refused() {
         "the error does not name the flags\n{}",
         output.describe()
     );
+    // One-byte messages, but each one's send time is kept too: about 118 GB in flight.
+    let output = run_cli(
+        &[
+            "client",
+            "--connect",
+            "127.0.0.1:9",
+            "--connections",
+            "100000",
+            "--size",
+            "1",
+            "--pipeline",
+            "65536",
+            "--duration",
+            "1",
+        ],
+        CLI_TIMEOUT,
+    );
+    output.assert_no_panic();
+    assert!(
+        output
+            .stderr
+            .contains("--connections 100000 x --size 1 x --pipeline 65536"),
+        "the error does not name the flags\n{}",
+        output.describe()
+    );
 }
 
 /// A flag the chosen mode would not read is refused, naming it, rather than ignored.
@@ -155,6 +180,21 @@ fn flags_the_mode_would_ignore_are_exit_2_naming_them() {
         "--send-only",
     );
     assert_usage_error_naming(&["client", "--count", "5", "--duration", "1"], "--count");
+    assert_usage_error_naming(&["client", "--count", "3", "--backend", "epoll"], "--count");
+    assert_usage_error_naming(
+        &["client", "--send-only", "--backend", "uring"],
+        "--send-only",
+    );
+    assert_usage_error_naming(
+        &["client", "--message", "hi", "--backend", "auto"],
+        "--message",
+    );
+}
+
+/// A book run that would check nothing: no message, or an empty one.
+fn client_book_run_that_checks_nothing_is_exit_2() {
+    assert_usage_error_naming(&["client", "--count", "0"], "--count");
+    assert_usage_error_naming(&["client", "--message", ""], "--message");
 }
 
 /// `--backend` on the command line picks the load generator (the book's client has no
@@ -397,6 +437,11 @@ fn stats_lines_count_connections_and_bytes_echoed() {
 fn serve_bad_stats_period_is_exit_2_naming_the_flag() {
     let args = ["serve", "--listen", "127.0.0.1:0", "--stats", "often"];
     assert_usage_error_naming(&args, "--stats");
+    // A period so short the server would do nothing else.
+    for flag in ["--stats", "--idle-timeout"] {
+        let args = ["serve", "--listen", "127.0.0.1:0", flag, "1e-9"];
+        assert_usage_error_naming(&args, flag);
+    }
 }
 
 /// Receives end at `--conn-buffer` by default; `--strict-conn-buffer`, from when they did not,
@@ -433,6 +478,7 @@ per_backend!(
     client_warmup_without_duration_is_exit_2,
     client_more_in_flight_than_memory_is_refused,
     flags_the_mode_would_ignore_are_exit_2_naming_them,
+    client_book_run_that_checks_nothing_is_exit_2,
     negative_numbers_are_exit_2_naming_the_flag,
     client_backend_flag_means_load_mode,
     bench_only_naming_no_server_is_exit_2,

@@ -391,6 +391,24 @@ fn load_mode_gives_up_at_the_overall_limit() {
     assert_eq!(errors_named(&report, "--timeout 0.5 s passed"), 2.0, "{d}");
 }
 
+/// A window too short for any connection to send checks nothing: the run fails, saying so,
+/// rather than reporting a clean run of no messages.
+fn load_mode_that_checks_nothing_fails() {
+    let server = Server::start();
+    let addr = server.addr.to_string();
+    let output = run_load_json(&addr, &["--connections", "2", "--duration", "1e-9"]);
+    let d = output.describe();
+    assert_eq!(output.code(), Some(1), "{d}");
+    let report = json_report(&output);
+    assert_report_shape(&report, &output);
+    assert_eq!(report.get("ok"), Some(&Json::Bool(false)), "{d}");
+    assert_eq!(
+        errors_named(&report, "nothing checked: --duration"),
+        1.0,
+        "{d}"
+    );
+}
+
 /// Runs `ringport client --connect addr ARGS --json` (checked not to panic).
 fn run_load_json(addr: &str, args: &[&str]) -> Output {
     let mut all = vec!["client", "--connect", addr];
@@ -414,6 +432,7 @@ fn errors_named(report: &Json, needle: &str) -> f64 {
 }
 
 per_backend!(
+    load_mode_that_checks_nothing_fails,
     load_mode_gives_up_at_the_overall_limit,
     load_mode_detects_bytes_after_the_last_echo,
     book_mode_sends_and_receives_20_messages,

@@ -125,6 +125,24 @@ fn run_with_timeout(
             opts.count
         ))
     };
+    // Every echo came back, but the server kept its side open after ours closed: for `timeout`
+    // (10 s), or until `--timeout` passed (`cut`).
+    let not_closed = |cut: bool| {
+        let n = opts.count;
+        if cut {
+            let limit = opts.limit.unwrap_or_default().as_secs_f64();
+            fail(format!(
+                "timed out: --timeout {limit} s passed before the server closed its side \
+                 (all {n} echoes came back)"
+            ))
+        } else {
+            fail(format!(
+                "the server did not close its side within {} s of ours (all {n} echoes came \
+                 back)",
+                timeout.as_secs_f64()
+            ))
+        }
+    };
     // How long the next wait may last: `timeout`, cut short by `--timeout`.
     let wait = |report: &BookReport| match until {
         None => Ok(timeout),
@@ -240,34 +258,41 @@ fn run_with_timeout(
     }
     if !opts.send_only {
         // Every echo came back: the server has nothing more to send, and closes its side once
-        // it sees ours closed. Anything else it sends is an echo of nothing.
-        // (Once `--timeout` has passed every echo is back already: the check is skipped.)
-        let extra = bytes_before_close(&mut stream, wait(&report).unwrap_or(Duration::ZERO));
+        // it sees ours closed. Anything else it sends is an echo of nothing; a side it keeps
+        // open is an error too, as in load mode.
+        let left = wait(&report).map_err(|_| not_closed(true))?;
+        let (extra, closed) = bytes_before_close(&mut stream, left);
         if extra > 0 {
             return Err(fail(format!(
                 "the server sent {extra} bytes more than it was sent, after the last echo"
             )));
+        }
+        if !closed {
+            return Err(not_closed(left < timeout));
         }
     }
     Ok(report)
 }
 
 /// Reads until the server closes its side, an error, or `timeout` has passed; returns the bytes
-/// read. A server that keeps its side open, or keeps sending, is not waited for longer.
-fn bytes_before_close(stream: &mut TcpStream, timeout: Duration) -> u64 {
+/// read, and whether the server closed (or reset) its side. A server that keeps its side open,
+/// or keeps sending, is not waited for longer.
+fn bytes_before_close(stream: &mut TcpStream, timeout: Duration) -> (u64, bool) {
     let deadline = std::time::Instant::now() + timeout;
     let mut extra = 0u64;
     let mut buf = [0u8; 4096];
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return extra;
+            return (extra, false);
         }
         match stream.read(&mut buf) {
-            Ok(0) => return extra,
+            Ok(0) => return (extra, true),
             Ok(n) => extra += n as u64,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return extra,
+            Err(e) if is_timeout(&e) => return (extra, false),
+            // Reset or another error: the server's side is gone.
+            Err(_) => return (extra, true),
         }
     }
 }
@@ -478,6 +503,64 @@ mod tests {
             format!("{addr}: the server sent 78 bytes more than it was sent, after the last echo")
         );
         assert_eq!(text.lines().count(), 6, "every round matched: {text}");
+    }
+
+    /// Echoes `count` messages of `len` bytes, then keeps its side open (holding the stream)
+    /// until the client has hung up or `hold` has passed.
+    fn echo_then_hold(count: usize, len: usize, hold: Duration) -> impl FnOnce(TcpStream) {
+        move |mut stream| {
+            let mut buf = vec![0u8; len];
+            for _ in 0..count {
+                stream.read_exact(&mut buf).unwrap();
+                stream.write_all(&buf).unwrap();
+            }
+            stream.set_read_timeout(Some(hold)).unwrap();
+            // The client's FIN reads as 0 bytes: keep holding until it goes away or time is up.
+            let until = Instant::now() + hold;
+            while Instant::now() < until {
+                match stream.read(&mut buf) {
+                    Ok(0) => thread::sleep(Duration::from_millis(10)),
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+
+    /// Every echo came back, but the server keeps its side open after the client closed
+    /// its own: an error, as in load mode, whether the wait ends at the I/O timeout or at
+    /// `--timeout`.
+    #[test]
+    fn a_server_that_keeps_its_side_open_is_an_error() {
+        let (addr, _held) = server(echo_then_hold(2, 26, Duration::from_secs(3)));
+        let opts = BookOptions {
+            count: 2,
+            ..BookOptions::new(addr)
+        };
+        let mut out = Vec::new();
+        let err = run_with_timeout(&opts, &mut out, Duration::from_millis(200)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{addr}: the server did not close its side within 0.2 s of ours (all 2 echoes \
+                 came back)"
+            )
+        );
+
+        let (addr, _held) = server(echo_then_hold(2, 26, Duration::from_secs(3)));
+        let opts = BookOptions {
+            count: 2,
+            limit: Some(Duration::from_millis(500)),
+            ..BookOptions::new(addr)
+        };
+        let err = run_to_string(&opts).0.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{addr}: timed out: --timeout 0.5 s passed before the server closed its side \
+                 (all 2 echoes came back)"
+            )
+        );
     }
 
     #[test]

@@ -89,6 +89,19 @@ struct Gate {
     started: mpsc::Sender<Instant>,
 }
 
+/// Held by each worker thread: should the worker panic, the port shuts down, so that the
+/// workers waiting for it at the gate (and the main thread, waiting for the start) end too,
+/// and the run fails naming the panic instead of hanging.
+struct ShutdownOnPanic(Port<u32, Io>);
+
+impl Drop for ShutdownOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.shutdown();
+        }
+    }
+}
+
 /// The per-I/O data.
 #[derive(Debug)]
 enum Io {
@@ -147,8 +160,8 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         ));
     }
     // Every connection sends its whole pipeline at the start of the load: that much memory at
-    // once, and a receive buffer each.
-    let per_conn = (size as u64)
+    // once, the time each message went out, and a receive buffer each.
+    let per_conn = (size as u64 + std::mem::size_of::<Instant>() as u64)
         .saturating_mul(pipeline)
         .saturating_add(recv_buffer(size, pipeline) as u64);
     let in_flight = u64::from(connections).saturating_mul(per_conn);
@@ -193,7 +206,10 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         let gate = Arc::clone(&gate);
         let spawned = std::thread::Builder::new()
             .name(format!("client-{}", w.index()))
-            .spawn(move || Client::new(w, plan, gate).run());
+            .spawn(move || {
+                let _guard = ShutdownOnPanic(w.port());
+                Client::new(w, plan, gate).run()
+            });
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
@@ -249,6 +265,17 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         summary.errors.merge(&tally.errors);
         summary.mismatches += tally.mismatches;
         last = last.max(tally.last);
+    }
+    if summary.connections > 0 && summary.verified == 0 && summary.ok() {
+        // Connections opened, but the deadline came before any of them sent: a run that
+        // checked nothing does not pass.
+        summary.errors.add_kind(&match plan.duration {
+            Some(d) => format!(
+                "nothing checked: --duration {} s ended before the first message went out",
+                d.as_secs_f64()
+            ),
+            None => "nothing checked: no message went out".to_owned(),
+        });
     }
     summary.setup = start.map_or_else(|| began.elapsed(), |s| s - began);
     if let Some((opened, closed)) = window {
