@@ -93,8 +93,10 @@
 //! Buffers that piled up while a send was in flight go out together with
 //! [`Op::send_pooled_gather`]: one `sendmsg` for all of them instead of one send each, which is
 //! what keeps large messages and streams cheap (`BENCHMARKS.md`).
-//! When no buffer is free the receive ends with `ENOBUFS`; post it again once
-//! [`Worker::pool_available`] is non-zero. On io_uring the kernel picks buffers from a ring that
+//! When no buffer is free the receive ends with `ENOBUFS`: at once when posted then, else when
+//! the socket next has something to report (data, the peer's FIN or an error, which wait in the
+//! socket for the receive posted next); post it again once [`Worker::pool_available`] is
+//! non-zero. On io_uring the kernel picks buffers from a ring that
 //! holds only part of the pool, as much as recent demand needed, topped up before each wait
 //! with the buffers returned most recently (epoll likewise reuses the most recent first), so a
 //! lightly loaded worker keeps touching the same few pages of a large pool. That ring can run

@@ -547,7 +547,9 @@ where
 
     /// Shuts the port down: every worker cancels what it has in flight, delivers those
     /// completions (with `ECANCELED`), and then answers [`WaitError::Shutdown`]. Operations
-    /// posted afterwards complete at once with `ECANCELED`.
+    /// posted afterwards complete at once with `ECANCELED`; once a worker has answered
+    /// `Shutdown`, work sent to it from other threads (by [`Port::submit`], [`Port::post`], or
+    /// another worker) comes back in the [`Rejected`] instead.
     pub fn shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::Release);
         for slot in &self.shared.slots {
@@ -581,7 +583,8 @@ where
 /// more are dropped with their buffers and per-I/O data, as are operations and packets posted
 /// to it that it had not taken yet. To have every completion delivered, call
 /// [`Port::shutdown`] and dequeue until [`WaitError::Shutdown`] before dropping it; posting to
-/// a dropped worker fails.
+/// a dropped worker, or from another thread to one that has answered `Shutdown`, fails (the
+/// work comes back in the [`Rejected`]).
 pub struct Worker<K, D> {
     index: usize,
     /// The receive pool, when the port has one.
@@ -825,7 +828,7 @@ where
                 }
                 return Ok(());
             }
-            if self.shutting_down && self.inflight.is_empty() {
+            if self.shutting_down && self.inflight.is_empty() && self.close_mailbox() {
                 return Err(WaitError::Shutdown);
             }
             // All handed out: a burst (thousands of connections accepted in one pass) may have
@@ -937,6 +940,22 @@ where
                 Unsent::Op(_) => {}
                 Unsent::Socket(h) => self.cancel_socket_in_driver(&h),
             }
+        }
+    }
+
+    /// Before the worker answers [`WaitError::Shutdown`]: closes its mailbox under the lock,
+    /// unless work got in since it was last emptied (`false`: take it first, to fail it with
+    /// `ECANCELED`). From then on, work forwarded to it comes back to the sender in a
+    /// [`Rejected`], rather than wait in a queue nobody takes from.
+    fn close_mailbox(&mut self) -> bool {
+        let slot = &self.shared.slots[self.index];
+        let q = lock(&slot.queue);
+        if q.is_empty() {
+            slot.alive.store(false, Ordering::Release);
+            true
+        } else {
+            slot.pending.store(true, Ordering::Release);
+            false
         }
     }
 

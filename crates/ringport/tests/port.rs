@@ -82,6 +82,7 @@ per_backend!(
     accept_and_connect,
     multishot_accept_takes_every_connection_until_cancelled,
     connect_refused_is_named,
+    connect_refused_completes_beside_a_receive,
     operations_run_on_the_home_worker,
     shutdown_completes_in_flight_operations_then_reports_shutdown,
     dropping_a_worker_with_receives_in_flight_waits_for_the_kernel,
@@ -89,6 +90,7 @@ per_backend!(
     receive_without_spare_capacity_is_refused,
     pooled_receive_completes_many_times_and_holds_no_buffer_while_idle,
     pooled_receive_ends_with_enobufs_when_the_pool_runs_dry,
+    pooled_receive_without_a_buffer_ends_even_with_no_data,
     small_receives_share_a_pool_buffer,
     slices_of_a_shared_buffer_gather_and_return_from_another_thread,
     pooled_receive_on_a_datagram_socket_is_refused,
@@ -107,6 +109,7 @@ per_backend!(
     handle_addresses_and_shutdown,
     single_thread_workers_serve_from_their_own_thread,
     work_posted_to_a_dropped_worker_comes_back_whole,
+    work_sent_after_the_shutdown_answer_comes_back,
 );
 
 #[test]
@@ -529,6 +532,31 @@ fn connect_refused_is_named(b: Backend) {
     assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
 }
 
+/// A receive posted on a socket still connecting sees the refusal too, and may see it first
+/// (on epoll the read side runs before the write side): the connect still completes, with an
+/// error, instead of waiting for an edge that has already passed.
+fn connect_refused_completes_beside_a_receive(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    for _ in 0..20 {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let s = port.associate(sock, ()).unwrap();
+        w.submit(Op::connect(&s, addr), 0);
+        w.submit(Op::recv(&s, Vec::with_capacity(16)), 1);
+        let mut seen = [false; 2];
+        for _ in 0..2 {
+            let c = next(&mut w);
+            seen[usize::from(c.data)] = true;
+            assert!(c.result.is_err(), "op {} succeeded: {:?}", c.data, c.result);
+        }
+        assert_eq!(seen, [true, true]);
+    }
+}
+
 fn operations_run_on_the_home_worker(b: Backend) {
     let (port, workers) = Port::builder()
         .workers(2)
@@ -673,6 +701,41 @@ fn work_posted_to_a_dropped_worker_comes_back_whole(b: Backend) {
     // The live worker still takes packets.
     port.post(0, Packet::new(13)).unwrap();
     assert_eq!(next(&mut w).data, 13);
+}
+
+/// Work sent to a worker that has already answered `Shutdown` (its thread about to drop it)
+/// comes back to the sender whole, rather than wait in a queue nobody takes from; work that
+/// got in before the answer is failed first, with its buffer.
+fn work_sent_after_the_shutdown_answer_comes_back(b: Backend) {
+    let (port, mut w) = one_worker::<u8, u32>(b);
+    let (ours, _peer) = pair();
+    let h = port.associate(ours, 9).unwrap();
+    port.shutdown();
+    // Sent before the worker drains: failed by it, buffer and all.
+    let buf = |text: &[u8]| {
+        let mut v = Vec::with_capacity(64);
+        v.extend_from_slice(text);
+        v
+    };
+    port.submit(Op::recv(&h, buf(b"early")), 1).unwrap();
+    let c = next(&mut w);
+    assert_eq!(c.data, 1);
+    assert!(c.is_cancelled());
+    assert_eq!(c.buf.as_deref(), Some(&b"early"[..]));
+    assert!(matches!(w.dequeue(WAIT), Err(WaitError::Shutdown)));
+    // After the answer.
+    let (op, data) = port
+        .submit(Op::recv(&h, buf(b"late")), 2)
+        .unwrap_err()
+        .into_inner();
+    assert_eq!(data, 2);
+    let back = port.post(0, Packet::new(3)).unwrap_err().into_inner();
+    assert_eq!(back.data, 3);
+    // Still whole: through the worker itself, it fails with its buffer.
+    w.submit(op, data);
+    let c = next(&mut w);
+    assert!(c.is_cancelled());
+    assert_eq!(c.buf.as_deref(), Some(&b"late"[..]));
 }
 
 /// Dropping a worker with a multishot accept and pooled receives armed: the kernel gives
@@ -964,6 +1027,47 @@ fn pooled_receive_on_a_datagram_socket_is_refused(b: Backend) {
     ours.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let (n, _) = ours.recv_from(&mut got).unwrap();
     assert_eq!(&got[..n], b"datagram", "the datagram is still there, whole");
+}
+
+/// With every pool buffer in user hands, a pooled receive ends with `ENOBUFS` whether or not
+/// data is waiting: posted on an idle connection, or armed when the peer's FIN comes. Both
+/// backends, as io_uring picks the buffer before it looks at the socket.
+fn pooled_receive_without_a_buffer_ends_even_with_no_data(b: Backend) {
+    let (port, mut w) = pooled_worker(b, 16, 2);
+    let (busy, mut busy_peer) = pair();
+    let (idle, _idle_peer) = pair();
+    let (closing, closing_peer) = pair();
+    let hb = port.associate(busy, 0).unwrap();
+    let hi = port.associate(idle, 1).unwrap();
+    let hc = port.associate(closing, 2).unwrap();
+    // Armed while buffers are free.
+    w.submit_multishot(Op::recv_pooled(&hc), 2);
+    w.submit_multishot(Op::recv_pooled(&hb), 0);
+    let mut held = Vec::new();
+    while held.len() < 2 {
+        busy_peer.write_all(b"0123456789abcdef").unwrap();
+        let c = next(&mut w);
+        assert_eq!(c.data, 0);
+        held.push(c.pooled.expect("a whole buffer"));
+    }
+    assert_eq!(w.pool_available(), 0);
+    // Posted with the pool empty, on a connection with nothing to read.
+    w.submit_multishot(Op::recv_pooled(&hi), 1);
+    let c = next(&mut w);
+    assert_eq!(c.data, 1);
+    assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::ENOBUFS));
+    assert!(!c.more);
+    // The peer's FIN on the armed one.
+    drop(closing_peer);
+    let c = next(&mut w);
+    assert_eq!(c.data, 2);
+    assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::ENOBUFS));
+    assert!(!c.more);
+    // With buffers back, posted again: the FIN reads as the end of the stream.
+    drop(held);
+    w.submit_multishot(Op::recv_pooled(&hc), 3);
+    let c = next(&mut w);
+    assert_eq!((c.data, c.result.unwrap()), (3, 0));
 }
 
 fn pooled_receive_ends_with_enobufs_when_the_pool_runs_dry(b: Backend) {

@@ -491,25 +491,22 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
         }
         OpBody::Connect(addr) => {
             if op.connecting {
-                let mut err: libc::c_int = 0;
-                let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-                // SAFETY: getsockopt writes one c_int into `err` and its size into `len`.
-                let r = unsafe {
-                    libc::getsockopt(
-                        op.fd,
-                        libc::SOL_SOCKET,
-                        libc::SO_ERROR,
-                        std::ptr::from_mut(&mut err).cast(),
-                        &mut len,
-                    )
+                // Asking again says how the handshake went, as io_uring's connect does:
+                // `EALREADY` while it goes on, 0 once connected, else its error. (Not
+                // `SO_ERROR`: a receive on the same socket may have taken the error already,
+                // and the connect would then wait for an edge that never comes; asked again,
+                // the kernel says `ECONNABORTED`.)
+                // SAFETY: connect reads `addr.len()` bytes of the address owned by the record.
+                let r = unsafe { libc::connect(op.fd, addr.as_ptr().cast(), addr.len()) };
+                if r == 0 {
+                    return Outcome::Done(0);
+                }
+                return match last_errno() {
+                    libc::EALREADY | libc::EINPROGRESS | libc::EAGAIN => Outcome::Blocked,
+                    libc::EISCONN => Outcome::Done(0),
+                    libc::EINTR => attempt(op, pool),
+                    e => Outcome::Done(-e),
                 };
-                if r < 0 {
-                    return Outcome::Done(-last_errno());
-                }
-                if err == 0 && !is_connected(op.fd) {
-                    return Outcome::Blocked;
-                }
-                return Outcome::Done(-err);
             }
             // SAFETY: connect reads `addr.len()` bytes of the address owned by the record.
             let r = unsafe { libc::connect(op.fd, addr.as_ptr().cast(), addr.len()) };
@@ -593,20 +590,20 @@ fn recv_pooled(fd: RawFd, pool: Option<&mut PoolState>) -> Outcome {
     }
 }
 
-/// A pooled receive found the pool empty: like io_uring's, it ends with `ENOBUFS` only when
-/// data is waiting (a peek of one byte says so); with none, it waits for the next edge.
+/// An armed pooled receive found the pool empty. Like io_uring's, which picks a buffer before
+/// it reads, it ends with `ENOBUFS` once the socket has anything to report (data, the peer's
+/// FIN or an error, which a peek of one byte shows; they stay for the receive posted next);
+/// with nothing, it stays armed for the next edge. (Posted with the pool empty, it ends at
+/// once: see `Epoll::start`.)
 fn no_buffer(fd: RawFd) -> Outcome {
     let mut byte = 0u8;
     loop {
         // SAFETY: recv writes at most one byte into `byte`.
         let r = unsafe { libc::recv(fd, std::ptr::from_mut(&mut byte).cast(), 1, libc::MSG_PEEK) };
-        let e = if r < 0 { last_errno() } else { 0 };
-        return match (r, e) {
-            (1.., _) => Outcome::Done(-libc::ENOBUFS),
-            (0, _) => Outcome::Done(0),
+        return match (r, if r < 0 { last_errno() } else { 0 }) {
             (_, libc::EINTR) => continue,
             (_, libc::EAGAIN) => Outcome::Blocked,
-            (_, e) => Outcome::Done(-e),
+            _ => Outcome::Done(-libc::ENOBUFS),
         };
     }
 }
@@ -614,15 +611,6 @@ fn no_buffer(fd: RawFd) -> Outcome {
 /// The state of descriptor `fd`, if it was ever registered.
 fn fd_state(fds: &mut [FdState], fd: RawFd) -> Option<&mut FdState> {
     fds.get_mut(usize::try_from(fd).ok()?)
-}
-
-fn is_connected(fd: RawFd) -> bool {
-    // SAFETY: getpeername writes at most `len` bytes into the zeroed local storage.
-    unsafe {
-        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        libc::getpeername(fd, std::ptr::from_mut(&mut storage).cast(), &mut len) == 0
-    }
 }
 
 impl Driver for Epoll {
@@ -680,6 +668,12 @@ impl Driver for Epoll {
                 self.done.push(Event::done(id, res));
                 return Ok(());
             }
+        }
+        if pooled && self.pool.as_mut().is_some_and(|p| p.current().is_none()) {
+            // Posted with every pool buffer taken: as on io_uring, whose receive takes its
+            // buffer first, it ends at once, data or not.
+            self.done.push(Event::done(id, -libc::ENOBUFS));
+            return Ok(());
         }
         self.register(target)?;
         let state = fd_state(&mut self.fds, target.fd).expect("registered above");

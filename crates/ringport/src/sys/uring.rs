@@ -376,6 +376,23 @@ impl Uring {
 }
 
 /// A send of `bytes` (its SQE points into them).
+/// The longest single wait: the port's loop waits again for what is left of a longer one.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// The timespec of a wait of `t`, at most [`MAX_WAIT`]: the kernel adds a wait to the current
+/// time without saturating, so one of centuries would wrap into the past and end at once, and
+/// the worker would spin until its deadline.
+fn wait_timespec(t: Duration) -> types::Timespec {
+    let t = capped_wait(t);
+    types::Timespec::new()
+        .sec(t.as_secs())
+        .nsec(t.subsec_nanos())
+}
+
+fn capped_wait(t: Duration) -> Duration {
+    t.min(MAX_WAIT)
+}
+
 fn send_sqe(fd: types::Fd, bytes: &[u8]) -> squeue::Entry {
     let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
     opcode::Send::new(fd, bytes.as_ptr(), len)
@@ -537,9 +554,7 @@ impl Driver for Uring {
             _ if ready => self.ring.submit(),
             Some(t) if t.is_zero() => self.ring.submit(),
             Some(t) => {
-                let ts = types::Timespec::new()
-                    .sec(t.as_secs())
-                    .nsec(t.subsec_nanos());
+                let ts = wait_timespec(t);
                 let args = types::SubmitArgs::new().timespec(&ts);
                 self.ring.submitter().submit_with_args(1, &args)
             }
@@ -669,5 +684,22 @@ impl Drop for Uring {
             // down; eight bytes leaked once per worker are the price of never freeing it early.
             std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wait of centuries (still a valid `Instant` away) is cut to one the kernel can add to
+    /// its clock; shorter ones are left alone.
+    #[test]
+    fn waits_are_capped_below_the_kernels_clock_range() {
+        assert_eq!(capped_wait(Duration::from_secs(1 << 34)), MAX_WAIT);
+        assert_eq!(capped_wait(Duration::MAX), MAX_WAIT);
+        let short = Duration::from_millis(1500);
+        assert_eq!(capped_wait(short), short);
+        // The kernel's limit is about 292 years (`KTIME_SEC_MAX`), less the clock's own value.
+        assert!(MAX_WAIT < Duration::from_secs(100 * 365 * 24 * 3600));
     }
 }
