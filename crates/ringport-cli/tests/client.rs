@@ -249,6 +249,13 @@ fn load_mode_names_connection_refused() {
         "output does not name \"connection refused\"\n{}",
         output.describe()
     );
+    let report = json_report(&output);
+    assert_eq!(
+        report.get("server"),
+        Some(&Json::Str(addr.clone())),
+        "the report does not name the server\n{}",
+        output.describe()
+    );
 }
 
 fn book_mode_against_resetting_server_fails_and_names_the_reset() {

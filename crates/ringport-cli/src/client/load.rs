@@ -249,6 +249,7 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         }
     }
     let mut summary = Summary {
+        server: args.connect.to_string(),
         backend: port.backend().to_owned(),
         ..Summary::default()
     };

@@ -83,6 +83,8 @@ impl Default for Recorder {
 /// What a load-generator run did, ready to print.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
+    /// The echo server's address, as given to `--connect`.
+    pub server: String,
     /// The port backend the client ran on (`"io_uring"`, `"epoll"`, ...).
     pub backend: String,
     /// Connections opened.
@@ -128,6 +130,7 @@ impl Summary {
     pub fn render_text(&self) -> String {
         let mut s = String::new();
         // Writing to a `String` cannot fail.
+        let _ = writeln!(s, "server:      {}", self.server);
         let _ = writeln!(s, "backend:     {}", self.backend);
         let _ = writeln!(
             s,
@@ -181,7 +184,9 @@ impl Summary {
     /// written as 0.
     pub fn render_json(&self) -> String {
         let mut s = String::from("{");
-        s.push_str("\"backend\":");
+        s.push_str("\"server\":");
+        push_json_str(&mut s, &self.server);
+        s.push_str(",\"backend\":");
         push_json_str(&mut s, &self.backend);
         let _ = write!(
             s,
@@ -495,6 +500,7 @@ mod tests {
         errors.add(&io::Error::from_raw_os_error(libc::ECONNRESET));
         errors.add_kind("say \"hi\"\\\n\u{1}");
         Summary {
+            server: "[::1]:5150".to_owned(),
             backend: "io_uring".to_owned(),
             connections: 4,
             messages: 2_000_000,
@@ -586,6 +592,7 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "server",
                 "backend",
                 "connections",
                 "messages",
@@ -679,6 +686,7 @@ mod tests {
     fn text_lists_everything() {
         let text = sample().render_text();
         for needle in [
+            "server:      [::1]:5150",
             "connections: 4",
             "messages:    2000000",
             "bytes:       50000000",

@@ -850,6 +850,7 @@ pub fn json_num(report: &Json, key: &str) -> f64 {
 
 /// The keys the client's `--json` report must carry.
 pub const JSON_KEYS: &[&str] = &[
+    "server",
     "backend",
     "connections",
     "messages",
