@@ -1037,11 +1037,14 @@ fn pooled_receive_without_a_buffer_ends_even_with_no_data(b: Backend) {
     let (busy, mut busy_peer) = pair();
     let (idle, _idle_peer) = pair();
     let (closing, closing_peer) = pair();
+    let (reset, reset_peer) = pair();
     let hb = port.associate(busy, 0).unwrap();
     let hi = port.associate(idle, 1).unwrap();
     let hc = port.associate(closing, 2).unwrap();
+    let hr = port.associate(reset, 4).unwrap();
     // Armed while buffers are free.
     w.submit_multishot(Op::recv_pooled(&hc), 2);
+    w.submit_multishot(Op::recv_pooled(&hr), 4);
     w.submit_multishot(Op::recv_pooled(&hb), 0);
     let mut held = Vec::new();
     while held.len() < 2 {
@@ -1057,17 +1060,34 @@ fn pooled_receive_without_a_buffer_ends_even_with_no_data(b: Backend) {
     assert_eq!(c.data, 1);
     assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::ENOBUFS));
     assert!(!c.more);
-    // The peer's FIN on the armed one.
+    // The peer's FIN on an armed one, and a reset on another.
     drop(closing_peer);
-    let c = next(&mut w);
-    assert_eq!(c.data, 2);
-    assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::ENOBUFS));
-    assert!(!c.more);
-    // With buffers back, posted again: the FIN reads as the end of the stream.
+    socket2::SockRef::from(&reset_peer)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(reset_peer);
+    let mut ended = Vec::new();
+    while ended.len() < 2 {
+        let c = next(&mut w);
+        assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::ENOBUFS));
+        assert!(!c.more);
+        ended.push(c.data);
+    }
+    ended.sort_unstable();
+    assert_eq!(ended, [2, 4]);
+    // With buffers back, posted again: the FIN reads as the end of the stream, and the reset
+    // as the reset (not lost on the way).
     drop(held);
     w.submit_multishot(Op::recv_pooled(&hc), 3);
     let c = next(&mut w);
     assert_eq!((c.data, c.result.unwrap()), (3, 0));
+    w.submit_multishot(Op::recv_pooled(&hr), 5);
+    let c = next(&mut w);
+    assert_eq!(c.data, 5);
+    assert_eq!(
+        c.result.unwrap_err().raw_os_error(),
+        Some(libc::ECONNRESET)
+    );
 }
 
 fn pooled_receive_ends_with_enobufs_when_the_pool_runs_dry(b: Backend) {

@@ -592,18 +592,23 @@ fn recv_pooled(fd: RawFd, pool: Option<&mut PoolState>) -> Outcome {
 
 /// An armed pooled receive found the pool empty. Like io_uring's, which picks a buffer before
 /// it reads, it ends with `ENOBUFS` once the socket has anything to report (data, the peer's
-/// FIN or an error, which a peek of one byte shows; they stay for the receive posted next);
-/// with nothing, it stays armed for the next edge. (Posted with the pool empty, it ends at
-/// once: see `Epoll::start`.)
+/// FIN or an error); with nothing, it stays armed for the next edge. A zero-timeout `poll`
+/// asks, rather than a peek, which would take a pending error away from the receive posted
+/// next. (Posted with the pool empty, it ends at once: see `Epoll::start`.)
 fn no_buffer(fd: RawFd) -> Outcome {
-    let mut byte = 0u8;
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
     loop {
-        // SAFETY: recv writes at most one byte into `byte`.
-        let r = unsafe { libc::recv(fd, std::ptr::from_mut(&mut byte).cast(), 1, libc::MSG_PEEK) };
-        return match (r, if r < 0 { last_errno() } else { 0 }) {
-            (_, libc::EINTR) => continue,
-            (_, libc::EAGAIN) => Outcome::Blocked,
-            _ => Outcome::Done(-libc::ENOBUFS),
+        // SAFETY: poll reads and writes the one live `pollfd` it is given.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        return match r {
+            0 => Outcome::Blocked,
+            1.. => Outcome::Done(-libc::ENOBUFS),
+            _ if last_errno() == libc::EINTR => continue,
+            _ => Outcome::Done(-last_errno()),
         };
     }
 }
