@@ -66,6 +66,10 @@ const UNPAUSED_GRACE: Duration = Duration::from_secs(2);
 /// How long a connection may wait for a pool buffer before those that receive give it their
 /// turn (see `Server::received`); until then it waits for buffers to come back.
 const YIELD_AFTER: Duration = Duration::from_millis(100);
+/// How soon after being re-armed from the queue a connection that finds no buffer again still
+/// counts as waiting since it first did, in milliseconds (a lost race for a freed buffer comes
+/// within a turn or two).
+const REARM_CARRY_MS: u64 = 20;
 /// The most buffers one gathering send takes (512 KiB).
 const MAX_GATHER: usize = 64;
 /// Buffer lists, and echo queues, kept for reuse.
@@ -572,7 +576,8 @@ struct Server {
     /// Connections re-armed from `starved` that have not received since, with when they
     /// started waiting: one that finds no buffer again waits on from then, not from scratch
     /// (else one that keeps losing the race for a freed buffer would never seem to wait long).
-    rearmed: HashMap<u64, u64, BuildHasherDefault<IdHasher>>,
+    /// Each entry: (wait began, re-armed at), in the server's milliseconds.
+    rearmed: HashMap<u64, (u64, u64), BuildHasherDefault<IdHasher>>,
     /// A timer is pending to give waiting receives another turn.
     rearm_timer: bool,
     /// While connections wait for the pool: when to close a pool hog if the pool is dry.
@@ -797,7 +802,9 @@ impl Server {
                     self.post_accept();
                 }
             }
-            Err(_) if c.is_cancelled() || self.deadline.is_some() => {}
+            // Draining: the listener is closing. (A cancel at any other time was not ours:
+            // the accept is posted again below.)
+            Err(_) if self.deadline.is_some() => {}
             Err(e) => {
                 // Out of descriptors or memory, or a connection aborted before it was accepted:
                 // keep serving the others; pause when the cause is a resource.
@@ -937,7 +944,6 @@ impl Server {
         let Some(mut conn) = self.conns.take(id) else {
             return;
         };
-        let mut yielded = false;
         if std::mem::take(&mut conn.hold) && !matches!(c.result, Ok(n) if n > 0) {
             // What was held goes out now (with input, it goes out with that input, below).
             self.wants_send(id, &mut conn);
@@ -945,7 +951,7 @@ impl Server {
         if !c.more {
             conn.recv = None;
             conn.cancelling = false;
-            yielded = std::mem::take(&mut conn.yielding);
+            conn.yielding = false;
         }
         match c.result {
             Ok(n) if n > 0 => {
@@ -1027,7 +1033,9 @@ impl Server {
                 return self.keep(id, conn);
             }
             Err(_) if c.is_cancelled() => {
-                if yielded && !conn.paused && !conn.eof && self.deadline.is_none() {
+                // A yield, a pause, the drain, or a cancel from elsewhere (fault injection):
+                // whatever is not paused or ending waits for its next turn.
+                if !conn.paused && !conn.eof && self.deadline.is_none() {
                     self.wait_for_buffer(id, &mut conn);
                 }
                 self.maybe_resume(id, &mut conn);
@@ -1270,9 +1278,12 @@ impl Server {
         if !conn.starved {
             conn.starved = true;
             self.waiting += 1;
+            let now = self.millis(self.now);
+            // Re-armed from the queue and out of luck again at once: the wait goes on from
+            // when it began. (Re-armed, then quiet for a while: a new wait.)
             let since = match self.rearmed.remove(&id) {
-                Some(since) => since,
-                None => self.millis(self.now),
+                Some((since, at)) if now.saturating_sub(at) <= REARM_CARRY_MS => since,
+                _ => now,
             };
             self.starved.push_back((id, since));
         }
@@ -1289,6 +1300,12 @@ impl Server {
     /// unlucky ones wait longest). A re-armed receive on a socket with nothing to read takes no
     /// buffer, so while buffers stay free a short timer gives the rest their turn.
     fn rearm_starved(&mut self) {
+        if self.waiting == 0 && !self.rearmed.is_empty() {
+            // Nobody waits: those armed by earlier passes got a buffer or went quiet, and one
+            // that waits again starts afresh. (Not after this pass's arming: those it arms may
+            // yet find no buffer.)
+            self.rearmed = HashMap::default();
+        }
         let mut budget = self.free_receives();
         while budget > 0 {
             let Some((id, since)) = self.starved.pop_front() else {
@@ -1301,16 +1318,12 @@ impl Server {
                 self.done_waiting(&mut conn);
                 if conn.recv.is_none() && !conn.paused && !conn.eof {
                     self.arm(&mut conn);
-                    self.rearmed.insert(id, since);
+                    let at = self.millis(self.now);
+                    self.rearmed.insert(id, (since, at));
                     budget -= 1;
                 }
             }
             self.conns.put(id, conn);
-        }
-        if self.waiting == 0 && !self.rearmed.is_empty() {
-            // Nobody waits: the pool coped, and a connection that waits again starts afresh
-            // (this also frees the entries of those that went quiet once re-armed).
-            self.rearmed = HashMap::default();
         }
         if self.waiting > 0
             && !self.rearm_timer

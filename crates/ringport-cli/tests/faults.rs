@@ -207,6 +207,12 @@ fn receives_that_find_no_buffer_lose_nothing() {
     faults_lose_nothing("recv=ENOBUFS/3", 9000);
 }
 
+/// A receive cancelled by someone other than the server (here, injected) is not the end of
+/// its connection: it is re-armed in its turn, and no byte is lost or reordered.
+fn receives_cancelled_from_elsewhere_lose_nothing() {
+    faults_lose_nothing("recv=ECANCELED/3", 9500);
+}
+
 /// A send or receive that fails for want of memory (`ENOMEM`) is tried again after a pause:
 /// no connection is cut, every byte comes back in order, and the summary counts the retries.
 fn sends_and_receives_that_run_out_of_memory_are_retried_and_lose_nothing() {
@@ -359,6 +365,7 @@ per_backend!(
     failing_and_short_sends_cut_only_their_connection,
     failing_receives_cut_only_their_connection,
     receives_that_find_no_buffer_lose_nothing,
+    receives_cancelled_from_elsewhere_lose_nothing,
     sends_and_receives_that_run_out_of_memory_are_retried_and_lose_nothing,
     sends_that_keep_running_out_of_memory_close_their_connection,
     a_worker_that_cannot_wait_stops_the_server_with_status_1,
