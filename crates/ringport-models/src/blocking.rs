@@ -4,12 +4,13 @@
 //! until all it read is out, again, until the peer closes. The kernel does the backpressure: a
 //! thread blocked in `write` reads nothing.
 //!
-//! The waits for input are not plain blocking calls, since a thread blocked in `accept` or
-//! `read` cannot be told to stop. The acceptor `poll`s the listener together with the
-//! [`Stop`]'s descriptor. A connection's thread reads without waiting (`MSG_DONTWAIT`), so that
-//! while its peer keeps sending each read is one call, as in the plain blocking echo; only when
-//! there is nothing to read does it wait, in `poll` on its socket and the stop. (Waking a
-//! blocked `read` with `shutdown(Read)` instead would throw away what the peer had sent.)
+//! A thread blocked in `accept` or `read` cannot be told to stop, so neither waits without end.
+//! The acceptor `poll`s the listener together with the [`Stop`]'s descriptor. A connection's
+//! thread makes plain blocking reads, one call per read as in the plain blocking echo, but with
+//! a receive timeout ([`STOP_CHECK`], `SO_RCVTIMEO`): a read that times out looks at the stop
+//! and reads again. (Waking a blocked `read` with `shutdown(Read)` instead would throw away what
+//! the peer had sent; reading without waiting and then `poll`ing on the socket and the stop
+//! would cost two more calls for every message that finds the socket empty.)
 //!
 //! Once stopped, a thread goes on echoing until its connection is idle: all it read is sent,
 //! nothing is left to read (`FIONREAD` is 0), and no input came for [`DRAIN_QUIET`] (it waits
@@ -23,7 +24,7 @@
 //! [`Stats::refused`](crate::Stats::refused), and reported by a rate-limited warning.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +37,10 @@ use tracing::{debug, info, warn};
 use crate::conn::{Acceptor, RateLimit};
 use crate::sys;
 use crate::{Config, Stats, Stop, DRAIN_QUIET, READ_SIZE};
+
+/// How long a connection's blocking read waits before it looks at the stop and reads again:
+/// how late a thread with an idle connection sees the server stop.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// A connection thread's stack: the echo needs little, its buffer is on the heap.
 const STACK_SIZE: usize = 256 * 1024;
@@ -183,14 +188,20 @@ fn connection(id: u64, stream: Arc<TcpStream>, shared: &Shared) {
 fn echo(stream: &TcpStream, shared: &Shared) -> io::Result<()> {
     let mut buf = vec![0u8; READ_SIZE];
     let mut stream = stream;
+    stream.set_read_timeout(Some(STOP_CHECK))?;
     loop {
-        let n = match sys::recv_nowait(stream, &mut buf) {
+        let n = match stream.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !shared.stop.is_triggered() {
-                    wait_for_input(stream, Some(&shared.stop), None)?;
-                } else if !wait_for_input(stream, None, Some(DRAIN_QUIET))?
+            // No input for `STOP_CHECK`.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if shared.stop.is_triggered()
+                    && !wait_for_input(stream, None, Some(DRAIN_QUIET))?
                     && sys::unread(stream)? == 0
                 {
                     // Stopping, everything read is echoed, and no more input came.
