@@ -237,7 +237,20 @@ impl Setup {
         let mut notes = Vec::new();
         let server_cpus = match &common.server_cpus {
             Some(s) => proc::parse_cpu_list(s).map_err(|e| format!("--server-cpus {e}"))?,
-            None => default_server(&machine),
+            None => {
+                // Chosen among the CPUs that --load-cpus leaves (a bad list is reported below).
+                let load = common
+                    .load_cpus
+                    .as_deref()
+                    .and_then(|s| proc::parse_cpu_list(s).ok())
+                    .unwrap_or_default();
+                let free: Vec<usize> = machine
+                    .iter()
+                    .copied()
+                    .filter(|c| !load.contains(c))
+                    .collect();
+                default_server(if free.is_empty() { &machine } else { &free })
+            }
         };
         let outside: Vec<usize> = server_cpus
             .iter()

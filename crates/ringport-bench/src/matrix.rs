@@ -328,7 +328,8 @@ impl Sample {
             p50_us: m(|s| s.p50_us)?,
             p99_us: m(|s| s.p99_us)?,
             cpu_us_per_msg: m(|s| s.cpu_us_per_msg)?,
-            rss_bytes: m(|s| s.rss_bytes)?,
+            // Memory that could not be read leaves the other figures standing.
+            rss_bytes: m(|s| s.rss_bytes).unwrap_or(f64::NAN),
             rss_per_conn: m(|s| s.rss_per_conn).unwrap_or(f64::NAN),
         })
     }

@@ -128,21 +128,33 @@ pub fn pin_self(cpus: &[usize]) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes `cmd`'s process run only on `cpus` (nothing when `cpus` is empty).
+/// Makes `cmd`'s process run only on `cpus` (anywhere when `cpus` is empty), and die with the
+/// thread that starts it: a harness killed outright (a CI timeout, `kill -9`) leaves no server
+/// serving on, pinned to the server CPUs, under the next run.
 fn pin(cmd: &mut Command, cpus: &[usize]) {
-    if cpus.is_empty() {
-        return;
-    }
-    let set = cpu_set(cpus);
-    // SAFETY: the hook runs in the child between fork and exec. It only makes one system call,
-    // sched_setaffinity(2), which is async-signal-safe, on a set built before the fork; it does
-    // not allocate or take locks.
+    let set = (!cpus.is_empty()).then(|| cpu_set(cpus));
+    // SAFETY: getpid(2) only returns a number.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the hook runs in the child between fork and exec. It makes only async-signal-safe
+    // system calls (prctl(2), getppid(2), sched_setaffinity(2)) on values built before the
+    // fork; it does not allocate or take locks.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before the request was made.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            match &set {
+                Some(set)
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set)
+                        != 0 =>
+                {
+                    Err(io::Error::last_os_error())
+                }
+                _ => Ok(()),
             }
         });
     }
@@ -372,8 +384,17 @@ impl Server {
             .name("server-log".into())
             .spawn(move || {
                 let mut tx = Some(tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
+                let mut pipe = BufReader::new(stderr);
+                let mut raw = Vec::new();
+                loop {
+                    raw.clear();
+                    // Bytes, not lines of UTF-8: a stray byte must not stop the reading (the
+                    // server would block once the pipe filled).
+                    match pipe.read_until(b'\n', &mut raw) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    let line = String::from_utf8_lossy(&raw).trim_end().to_owned();
                     if let Some(addr) = parse_listening(&line) {
                         if let Some(tx) = tx.take() {
                             let _ = tx.send((addr, line.clone()));
@@ -403,9 +424,11 @@ impl Server {
                     stop_child(&mut child, Duration::from_millis(500));
                     format!("did not log `listening on ADDR` within {timeout:?}")
                 } else {
-                    match child.wait() {
-                        Ok(s) => format!("exited ({s}) before listening"),
-                        Err(e) => format!("stderr closed before listening ({e})"),
+                    // Its log ended: it is exiting, or closed stderr and may serve on (then
+                    // it is stopped after a grace).
+                    match wait_or_kill(&mut child, Duration::from_millis(500)) {
+                        Some(s) => format!("exited ({s}) before listening"),
+                        None => "closed its log before listening".to_owned(),
                     }
                 };
                 thread::sleep(Duration::from_millis(50));

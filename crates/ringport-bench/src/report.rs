@@ -60,6 +60,15 @@ pub fn fmt_count(x: f64) -> String {
     out
 }
 
+/// Formats bytes as MiB with one decimal, or `n/a` where memory could not be read.
+pub fn fmt_mib(bytes: f64) -> String {
+    if bytes.is_finite() {
+        format!("{:.1}", bytes / (1u64 << 20) as f64)
+    } else {
+        "n/a".to_owned()
+    }
+}
+
 /// Formats an axis value compactly: `1.2M`, `3.5k`, `2.5`.
 pub fn fmt_count_short(x: f64) -> String {
     let a = x.abs();
@@ -258,13 +267,13 @@ impl Report {
                         };
                         let _ = writeln!(
                             md,
-                            "| {label} | {} | {} | {} | {} | {} | {:.1} | {} | {rm} | {rc} | {} |",
+                            "| {label} | {} | {} | {} | {} | {} | {} | {} | {rm} | {rc} | {} |",
                             s.spec.label,
                             fmt_count(m.msgs_per_s),
                             fmt_us(m.cpu_us_per_msg),
                             fmt_us(m.p50_us),
                             fmt_us(m.p99_us),
-                            m.rss_bytes / (1u64 << 20) as f64,
+                            fmt_mib(m.rss_bytes),
                             fmt_count(m.rss_per_conn),
                             cell_text(&note, 120),
                         );
@@ -380,11 +389,11 @@ impl Report {
                         };
                         let _ = writeln!(
                             md,
-                            "| {} | {:.2} | {} | {:.1} | {} | {} | {} |",
+                            "| {} | {:.2} | {} | {} | {} | {} | {} |",
                             s.spec.label,
                             m.mb_per_s / 1000.0,
                             fmt_us(m.cpu_us_per_msg / per_mib),
-                            m.rss_bytes / (1u64 << 20) as f64,
+                            fmt_mib(m.rss_bytes),
                             if subject {
                                 ratio_with(Some(m.msgs_per_s), best.msgs.as_ref())
                             } else {
@@ -422,18 +431,22 @@ impl Report {
             "| server | opened | served | RSS before MiB | RSS after MiB | bytes/conn | ÷ best peer (<1 leaner) | note |"
         );
         let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---|");
-        let best_peer = self
-            .servers
-            .iter()
-            .filter(|s| s.spec.role == Role::Peer)
-            .filter_map(|s| Some((s.idle_median().0?, s.spec.label.clone())))
-            .min_by(|a, b| a.0.total_cmp(&b.0));
+        // The leanest peer (with the subject's worker count, where the report compares like
+        // with like). One that grew by nothing leaves the ratio n/a rather than be passed over.
+        let best_peer = |subject: &ServerResults| {
+            self.servers
+                .iter()
+                .filter(|s| s.spec.role == Role::Peer)
+                .filter(|s| !self.compare_same_workers || s.spec.workers == subject.spec.workers)
+                .filter_map(|s| Some((s.idle_median().0?, s.spec.label.clone())))
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+        };
         for s in &self.servers {
             let (per_conn, note) = s.idle_median();
             let last = s.idle.iter().rev().find_map(|r| r.as_ref().ok());
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
             let r = if s.spec.role == Role::Subject {
-                ratio_with(per_conn, best_peer.as_ref())
+                ratio_with(per_conn, best_peer(s).as_ref())
             } else {
                 String::new()
             };
