@@ -1,8 +1,8 @@
 //! What the peer echo servers (`peer-tokio`, `peer-monoio`, `peer-compio`) share, so that each
 //! peer's `main.rs` holds only its runtime's serving code.
 //!
-//! - [`Cli`]: the command line every peer takes, `[--listen ADDR] [--workers N]`, with
-//!   [`parse_args`] behind it.
+//! - [`Cli`]: the command line every peer takes, `[--listen ADDR] [--workers N] [--buffer
+//!   BYTES]`, with [`parse_args`] behind it.
 //! - [`serve_thread_per_core`]: the startup of the thread-per-core peers, a thread per worker, each
 //!   with its own runtime and listener.
 //! - `echo_check` and `echo_tests!` (feature `testing`): the echo checks every peer's
@@ -25,6 +25,15 @@ pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(
     5150,
 );
 
+/// Each connection's receive buffer without `--buffer`: the book's 8 KiB, a size echo servers
+/// commonly use. (`ringport serve` receives into 64 KiB pool buffers that connections share, and
+/// sends what piled up in one gathering send: `--buffer 65536` gives a peer reads of that size,
+/// at 64 KiB of memory per connection.)
+pub const DEFAULT_BUFFER: usize = 8 * 1024;
+
+/// The smallest and largest `--buffer`.
+pub const BUFFER_RANGE: std::ops::RangeInclusive<usize> = 512..=16 << 20;
+
 /// A peer's command line, parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Args {
@@ -32,6 +41,9 @@ pub struct Args {
     pub listen: SocketAddr,
     /// `--workers N`: how many threads serve, at least 1; 1 without it.
     pub workers: usize,
+    /// `--buffer BYTES`: each connection's receive buffer, in [`BUFFER_RANGE`];
+    /// [`DEFAULT_BUFFER`] without it.
+    pub buffer: usize,
 }
 
 impl Default for Args {
@@ -39,6 +51,7 @@ impl Default for Args {
         Args {
             listen: DEFAULT_LISTEN,
             workers: 1,
+            buffer: DEFAULT_BUFFER,
         }
     }
 }
@@ -68,7 +81,7 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Option<Arg
         if flag == "-h" || flag == "--help" {
             return Ok(None);
         }
-        if flag != "--listen" && flag != "--workers" {
+        if !["--listen", "--workers", "--buffer"].contains(&flag.as_str()) {
             return Err(format!("unknown argument '{flag}'"));
         }
         let value = match inline {
@@ -79,6 +92,17 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Option<Arg
             parsed.listen = value.parse().map_err(|_| {
                 format!("--listen: '{value}' is not an address like 127.0.0.1:5150")
             })?;
+        } else if flag == "--buffer" {
+            parsed.buffer = match value.parse::<usize>() {
+                Ok(n) if BUFFER_RANGE.contains(&n) => n,
+                _ => {
+                    return Err(format!(
+                        "--buffer: '{value}' is not a size in bytes from {} to {}",
+                        BUFFER_RANGE.start(),
+                        BUFFER_RANGE.end()
+                    ))
+                }
+            };
         } else {
             parsed.workers = match value.parse::<usize>() {
                 Ok(n) if n > 0 => n,
@@ -102,9 +126,10 @@ impl Cli {
     /// The usage text, without a final newline.
     pub fn usage(&self) -> String {
         format!(
-            "usage: {} [--listen ADDR] [--workers N]\n  \
-             --listen ADDR  address to listen on (default {DEFAULT_LISTEN}; port 0 picks one)\n  \
-             --workers N    {} (default 1)",
+            "usage: {} [--listen ADDR] [--workers N] [--buffer BYTES]\n  \
+             --listen ADDR   address to listen on (default {DEFAULT_LISTEN}; port 0 picks one)\n  \
+             --workers N     {} (default 1)\n  \
+             --buffer BYTES  receive buffer per connection (default {DEFAULT_BUFFER})",
             self.name, self.workers
         )
     }
@@ -178,19 +203,21 @@ where
     W: Fn(usize, SocketAddr, Bound) + Clone + Send + 'static,
 {
     let mut addr = args.listen;
-    let mut workers = Vec::with_capacity(args.workers);
+    // Each worker says here when it ends, however it ends (a panic included).
+    let (ended_tx, ended_rx) = mpsc::channel();
     for id in 0..args.workers {
         let (bound_tx, bound_rx) = mpsc::channel();
         let worker = worker.clone();
+        let ended = Ended(id, ended_tx.clone());
         let spawned = thread::Builder::new()
             .name(format!("{name}-{id}"))
-            .spawn(move || worker(id, addr, Bound(bound_tx)));
-        match spawned {
-            Ok(handle) => workers.push(handle),
-            Err(e) => {
-                eprintln!("{name}: cannot start worker thread {id}: {e}");
-                return ExitCode::FAILURE;
-            }
+            .spawn(move || {
+                let _ended = ended;
+                worker(id, addr, Bound(bound_tx));
+            });
+        if let Err(e) = spawned {
+            eprintln!("{name}: cannot start worker thread {id}: {e}");
+            return ExitCode::FAILURE;
         }
         match bound_rx.recv() {
             Ok(Ok(bound)) => addr = bound,
@@ -205,11 +232,21 @@ where
         }
     }
     eprintln!("listening on {addr}");
-    for handle in workers {
-        // Workers serve until the process is killed; one that returns has panicked (and said so).
-        let _ = handle.join();
+    // Workers serve until the process is killed; one that ends has panicked (and said so). The
+    // process ends with it, rather than serve on with a worker fewer than it was asked for.
+    if let Ok(id) = ended_rx.recv() {
+        eprintln!("{name}: worker {id} stopped serving");
     }
     ExitCode::FAILURE
+}
+
+/// Held by a worker thread: tells the main thread which worker ended, when it does.
+struct Ended(usize, mpsc::Sender<usize>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        let _ = self.1.send(self.0);
+    }
 }
 
 #[cfg(test)]
@@ -225,6 +262,7 @@ mod tests {
         let args = parse(&[]).unwrap().unwrap();
         assert_eq!(args.listen, "127.0.0.1:5150".parse().unwrap());
         assert_eq!(args.workers, 1);
+        assert_eq!(args.buffer, DEFAULT_BUFFER);
     }
 
     #[test]
@@ -232,10 +270,12 @@ mod tests {
         let want = Args {
             listen: "[::1]:0".parse().unwrap(),
             workers: 4,
+            buffer: 65536,
         };
-        let separate = parse(&["--listen", "[::1]:0", "--workers", "4"]);
+        let separate = parse(&["--listen", "[::1]:0", "--workers", "4", "--buffer", "65536"]);
         assert_eq!(separate, Ok(Some(want)));
-        assert_eq!(parse(&["--listen=[::1]:0", "--workers=4"]), Ok(Some(want)));
+        let inline = parse(&["--listen=[::1]:0", "--workers=4", "--buffer=65536"]);
+        assert_eq!(inline, Ok(Some(want)));
         assert_eq!(
             parse(&["--workers", "2", "--workers", "4"])
                 .unwrap()
@@ -253,7 +293,15 @@ mod tests {
 
     #[test]
     fn bad_command_lines_say_why() {
-        let cases: [(&[&str], &str); 6] = [
+        let cases: [(&[&str], &str); 8] = [
+            (
+                &["--buffer", "511"],
+                "--buffer: '511' is not a size in bytes from 512 to 16777216",
+            ),
+            (
+                &["--buffer=64k"],
+                "--buffer: '64k' is not a size in bytes from 512 to 16777216",
+            ),
             (
                 &["--workers", "0"],
                 "--workers: '0' is not a positive integer",
@@ -292,9 +340,10 @@ mod tests {
         };
         assert_eq!(
             cli.usage(),
-            "usage: peer-tokio [--listen ADDR] [--workers N]
-  --listen ADDR  address to listen on (default 127.0.0.1:5150; port 0 picks one)
-  --workers N    tokio worker threads (default 1)"
+            "usage: peer-tokio [--listen ADDR] [--workers N] [--buffer BYTES]
+  --listen ADDR   address to listen on (default 127.0.0.1:5150; port 0 picks one)
+  --workers N     tokio worker threads (default 1)
+  --buffer BYTES  receive buffer per connection (default 8192)"
         );
     }
 }

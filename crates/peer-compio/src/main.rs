@@ -19,9 +19,6 @@ use compio::runtime::Runtime;
 use compio::BufResult;
 use peer_common::{Bound, Cli};
 
-/// Receive buffer per connection; the same size as `ringport serve`'s.
-const BUFFER_SIZE: usize = 8 * 1024;
-
 /// Listen backlog: the one tokio's and monoio's `bind` use (compio's own `TcpListener::bind` says
 /// 128, but it cannot set `SO_REUSEPORT`, so this server goes through `TcpSocket` and has to name
 /// one).
@@ -35,14 +32,19 @@ const CLI: Cli = Cli {
 };
 
 fn main() -> ExitCode {
-    peer_common::serve_thread_per_core(NAME, CLI.args(), |_id, addr, bound| worker(addr, bound))
+    let args = CLI.args();
+    let buffer = args.buffer;
+    peer_common::serve_thread_per_core(NAME, args, move |_id, addr, bound| {
+        worker(addr, bound, buffer)
+    })
 }
 
-/// One thread of the server: a runtime, a listener on `addr`, and its connections.
+/// One thread of the server: a runtime, a listener on `addr`, and its connections (each with a
+/// receive buffer of `buffer` bytes).
 ///
 /// Sends the listener's bound address, or the error that prevented it, on `bound`, then serves
 /// forever.
-fn worker(addr: SocketAddr, bound: Bound) {
+fn worker(addr: SocketAddr, bound: Bound, buffer: usize) {
     let runtime = match Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => return bound.fail("cannot start the compio runtime (io_uring)", e),
@@ -57,7 +59,7 @@ fn worker(addr: SocketAddr, bound: Bound) {
                 Ok((stream, _)) => {
                     // A reset from a load generator that hung up is the connection's end, not news.
                     compio::runtime::spawn(async move {
-                        let _ = echo(stream).await;
+                        let _ = echo(stream, buffer).await;
                     })
                     .detach();
                 }
@@ -82,9 +84,9 @@ async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Echoes everything the peer sends until its EOF; returning drops (closes) the stream.
-async fn echo(mut stream: TcpStream) -> io::Result<()> {
+async fn echo(mut stream: TcpStream, buffer: usize) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let mut buf: Vec<u8> = Vec::with_capacity(BUFFER_SIZE);
+    let mut buf: Vec<u8> = Vec::with_capacity(buffer);
     loop {
         // `read` fills the buffer from its start but only ever raises its length (to `n` if that is
         // more), so the buffer goes in empty: cleared after each echo, as in monoio's example.

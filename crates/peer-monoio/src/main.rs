@@ -19,9 +19,6 @@ use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use monoio::{FusionDriver, FusionRuntime, RuntimeBuilder};
 use peer_common::{Bound, Cli};
 
-/// Receive buffer per connection; the same size as `ringport serve`'s.
-const BUFFER_SIZE: usize = 8 * 1024;
-
 const NAME: &str = "peer-monoio";
 
 const CLI: Cli = Cli {
@@ -30,14 +27,19 @@ const CLI: Cli = Cli {
 };
 
 fn main() -> ExitCode {
-    peer_common::serve_thread_per_core(NAME, CLI.args(), worker)
+    let args = CLI.args();
+    let buffer = args.buffer;
+    peer_common::serve_thread_per_core(NAME, args, move |id, addr, bound| {
+        worker(id, addr, bound, buffer)
+    })
 }
 
-/// One thread of the server: a runtime, a listener on `addr`, and its connections.
+/// One thread of the server: a runtime, a listener on `addr`, and its connections (each with a
+/// receive buffer of `buffer` bytes).
 ///
 /// Sends the listener's bound address, or the error that prevented it, on `bound`, then serves
 /// forever.
-fn worker(id: usize, addr: SocketAddr, bound: Bound) {
+fn worker(id: usize, addr: SocketAddr, bound: Bound, buffer: usize) {
     let mut runtime = match RuntimeBuilder::<FusionDriver>::new().build() {
         Ok(runtime) => runtime,
         Err(e) => return bound.fail("cannot start the monoio runtime", e),
@@ -56,7 +58,7 @@ fn worker(id: usize, addr: SocketAddr, bound: Bound) {
                 Ok((stream, _)) => {
                     // A reset from a load generator that hung up is the connection's end, not news.
                     monoio::spawn(async move {
-                        let _ = echo(stream).await;
+                        let _ = echo(stream, buffer).await;
                     });
                 }
                 // EMFILE and friends: this connection is lost, the listener is not.
@@ -67,9 +69,9 @@ fn worker(id: usize, addr: SocketAddr, bound: Bound) {
 }
 
 /// Echoes everything the peer sends until its EOF; returning drops (closes) the stream.
-async fn echo(mut stream: TcpStream) -> io::Result<()> {
+async fn echo(mut stream: TcpStream, buffer: usize) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let mut buf: Vec<u8> = Vec::with_capacity(BUFFER_SIZE);
+    let mut buf: Vec<u8> = Vec::with_capacity(buffer);
     let mut res;
     loop {
         // `read` fills the buffer from its start and sets its length to what came in.

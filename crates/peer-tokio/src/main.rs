@@ -13,9 +13,6 @@ use peer_common::Cli;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Receive buffer per connection; the same size as `ringport serve`'s.
-const BUFFER_SIZE: usize = 8 * 1024;
-
 const NAME: &str = "peer-tokio";
 
 const CLI: Cli = Cli {
@@ -36,7 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args.listen)) {
+    match runtime.block_on(serve(args.listen, args.buffer)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{NAME}: {e}");
@@ -45,8 +42,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Accepts connections on `addr` forever, one task each.
-async fn serve(addr: SocketAddr) -> io::Result<()> {
+/// Accepts connections on `addr` forever, one task each with a receive buffer of `buffer` bytes.
+async fn serve(addr: SocketAddr, buffer: usize) -> io::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
@@ -56,7 +53,7 @@ async fn serve(addr: SocketAddr) -> io::Result<()> {
             Ok((stream, _)) => {
                 tokio::spawn(async move {
                     // A reset from a load generator that hung up is the connection's end, not news.
-                    let _ = echo(stream).await;
+                    let _ = echo(stream, buffer).await;
                 });
             }
             // EMFILE and friends: this connection is lost, the listener is not.
@@ -66,9 +63,9 @@ async fn serve(addr: SocketAddr) -> io::Result<()> {
 }
 
 /// Echoes everything the peer sends until its EOF; returning drops (closes) the stream.
-async fn echo(mut stream: TcpStream) -> io::Result<()> {
+async fn echo(mut stream: TcpStream, buffer: usize) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let mut buf = vec![0; BUFFER_SIZE];
+    let mut buf = vec![0; buffer];
     loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {

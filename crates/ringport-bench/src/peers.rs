@@ -25,10 +25,26 @@ struct PeersArgs {
     /// Skip the bulk-streaming measurement.
     #[arg(long)]
     no_bulk: bool,
+
+    #[command(flatten)]
+    peer_buffer: PeerBuffer,
+}
+
+/// The peers' receive buffer.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct PeerBuffer {
+    /// Receive buffer of each peer connection, in bytes (the peers' `--buffer`) [default: the
+    /// peers' own, 8192]. `ringport serve` receives into 64 KiB pool buffers that its
+    /// connections share, and sends what piled up in one gathering send: 65536 gives the peers
+    /// reads of that size (at 64 KiB of memory per connection).
+    #[arg(long, value_name = "BYTES",
+          value_parser = clap::value_parser!(u32).range(512..=16 << 20))]
+    pub peer_buffer: Option<u32>,
 }
 
 /// The peer table: label, role, binary, package and argv of each server.
-pub fn specs(workers: u16) -> Vec<ServerSpec> {
+pub fn specs(workers: u16, peer_buffer: PeerBuffer) -> Vec<ServerSpec> {
+    let buffer = peer_buffer.peer_buffer.map(|b| b.to_string());
     let serve = |backend: &str, label: &str| {
         ServerSpec::new(
             label,
@@ -50,14 +66,16 @@ pub fn specs(workers: u16) -> Vec<ServerSpec> {
     };
     let peer = |name: &str| {
         let program = format!("peer-{name}");
-        ServerSpec::new(
-            name,
-            Role::Peer,
-            &program,
-            &program,
-            &["--listen", "{addr}", "--workers", "{workers}"],
-        )
-        .workers(workers)
+        let mut argv = vec!["--listen", "{addr}", "--workers", "{workers}"];
+        if let Some(b) = &buffer {
+            argv.extend(["--buffer", b.as_str()]);
+        }
+        let spec = ServerSpec::new(name, Role::Peer, &program, &program, &argv).workers(workers);
+        if buffer.is_some() {
+            spec.needs(&["--help"], &["--buffer"])
+        } else {
+            spec
+        }
     };
     vec![
         serve("uring", "ringport-uring"),
@@ -76,7 +94,7 @@ pub fn peers_main(prog: &str, args: &[String]) -> i32 {
 
 fn run(args: &PeersArgs) -> Result<i32, String> {
     let c = &args.common;
-    let specs = specs(args.workers);
+    let specs = specs(args.workers, args.peer_buffer);
     let setup = Setup::new(c, |m| m.iter().copied().take(1).collect(), &specs)?;
     let (ready, skipped) = setup.resolve(c, &specs);
     let (conns, sizes, pipes): (&[u32], &[u32], &[u32]) = if c.quick {

@@ -26,6 +26,9 @@ struct ScalingArgs {
         value_parser = clap::value_parser!(u16).range(1..=1024)
     )]
     workers_list: Vec<u16>,
+
+    #[command(flatten)]
+    peer_buffer: crate::peers::PeerBuffer,
 }
 
 /// Runs `ringport-bench scaling ARGS` (arguments without the program and mode names) and
@@ -55,7 +58,7 @@ pub fn fitting_workers(list: &[u16], cpus: usize) -> (Vec<u16>, Option<String>) 
 
 fn run(args: &ScalingArgs) -> Result<i32, String> {
     let c = &args.common;
-    let base = crate::peers::specs(1);
+    let base = crate::peers::specs(1, args.peer_buffer);
     // Default: the first half of the CPUs serve, the rest load.
     let setup = Setup::new(c, |m| m[..(m.len() / 2).max(1)].to_vec(), &base)?;
     let (workers, note) = fitting_workers(&args.workers_list, setup.server_cpus.len());
