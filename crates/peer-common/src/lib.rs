@@ -189,6 +189,17 @@ impl Bound {
     }
 }
 
+/// The kernel interface the peer's runtime drives, once a worker has said (see
+/// [`report_backend`]).
+static BACKEND: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Says which kernel interface the peer's runtime drives (`io_uring`, `epoll`): the listening
+/// line then ends in `backend=NAME`, which the bench harness shows next to the peer. The first
+/// call counts.
+pub fn report_backend(name: &'static str) {
+    let _ = BACKEND.set(name);
+}
+
 /// Runs a thread-per-core server: `workers` threads named `NAME-ID`, each running
 /// `worker(id, addr, bound)` with its own runtime and its own `SO_REUSEPORT` listener on `addr`.
 ///
@@ -231,7 +242,10 @@ where
             }
         }
     }
-    eprintln!("listening on {addr}");
+    match BACKEND.get() {
+        Some(backend) => eprintln!("listening on {addr} backend={backend}"),
+        None => eprintln!("listening on {addr}"),
+    }
     // Workers serve until the process is killed; one that ends has panicked (and said so). The
     // process ends with it, rather than serve on with a worker fewer than it was asked for.
     if let Ok(id) = ended_rx.recv() {

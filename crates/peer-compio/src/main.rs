@@ -49,6 +49,7 @@ fn worker(addr: SocketAddr, bound: Bound, buffer: usize) {
         Ok(runtime) => runtime,
         Err(e) => return bound.fail("cannot start the compio runtime (io_uring)", e),
     };
+    peer_common::report_backend("io_uring");
     runtime.block_on(async move {
         let listener = bind(addr).await;
         let Some(listener) = bound.listening(addr, listener, TcpListener::local_addr) else {

@@ -46,7 +46,9 @@ fn worker(id: usize, addr: SocketAddr, bound: Bound, buffer: usize) {
     };
     if id == 0 && matches!(runtime, FusionRuntime::Legacy(_)) {
         eprintln!("{NAME}: io_uring is unavailable; monoio fell back to its legacy (epoll) driver");
+        peer_common::report_backend("epoll");
     }
+    peer_common::report_backend("io_uring");
     runtime.block_on(async move {
         let opts = ListenerOpts::new().reuse_port(true);
         let listener = TcpListener::bind_with_config(addr, &opts);

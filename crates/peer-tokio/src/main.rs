@@ -47,7 +47,8 @@ async fn serve(addr: SocketAddr, buffer: usize) -> io::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
-    eprintln!("listening on {}", listener.local_addr()?);
+    // tokio's I/O driver is epoll (mio) on Linux.
+    eprintln!("listening on {} backend=epoll", listener.local_addr()?);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {

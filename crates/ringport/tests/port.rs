@@ -1084,10 +1084,7 @@ fn pooled_receive_without_a_buffer_ends_even_with_no_data(b: Backend) {
     w.submit_multishot(Op::recv_pooled(&hr), 5);
     let c = next(&mut w);
     assert_eq!(c.data, 5);
-    assert_eq!(
-        c.result.unwrap_err().raw_os_error(),
-        Some(libc::ECONNRESET)
-    );
+    assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::ECONNRESET));
 }
 
 fn pooled_receive_ends_with_enobufs_when_the_pool_runs_dry(b: Backend) {

@@ -375,7 +375,6 @@ impl Uring {
     }
 }
 
-/// A send of `bytes` (its SQE points into them).
 /// The longest single wait: the port's loop waits again for what is left of a longer one.
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
@@ -393,6 +392,7 @@ fn capped_wait(t: Duration) -> Duration {
     t.min(MAX_WAIT)
 }
 
+/// A send of `bytes` (its SQE points into them).
 fn send_sqe(fd: types::Fd, bytes: &[u8]) -> squeue::Entry {
     let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
     opcode::Send::new(fd, bytes.as_ptr(), len)
