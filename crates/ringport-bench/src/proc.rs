@@ -384,28 +384,19 @@ impl Server {
             .name("server-log".into())
             .spawn(move || {
                 let mut tx = Some(tx);
-                let mut pipe = BufReader::new(stderr);
-                let mut raw = Vec::new();
-                loop {
-                    raw.clear();
-                    // Bytes, not lines of UTF-8: a stray byte must not stop the reading (the
-                    // server would block once the pipe filled).
-                    match pipe.read_until(b'\n', &mut raw) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                    let line = String::from_utf8_lossy(&raw).trim_end().to_owned();
-                    if let Some(addr) = parse_listening(&line) {
+                // To the end: a server whose log is not read blocks once the pipe fills.
+                for_each_line(stderr, |line| {
+                    if let Some(addr) = parse_listening(line) {
                         if let Some(tx) = tx.take() {
-                            let _ = tx.send((addr, line.clone()));
+                            let _ = tx.send((addr, line.to_owned()));
                         }
                     }
                     let mut log = thread_log.lock().unwrap_or_else(|e| e.into_inner());
                     if log.len() == LOG_LINES {
                         log.pop_front();
                     }
-                    log.push_back(line);
-                }
+                    log.push_back(line.to_owned());
+                });
             });
         if let Err(e) = reader {
             stop_child(&mut child, Duration::from_millis(500));
@@ -640,27 +631,14 @@ pub fn run_client<T: Send>(
             let Some(pipe) = stderr_pipe else {
                 return (text, window);
             };
-            let mut pipe = BufReader::new(pipe);
-            let mut raw = Vec::new();
-            loop {
-                raw.clear();
-                // Bytes, not lines of UTF-8: a stray byte must not stop the reading (the
-                // marks after it would be lost).
-                match pipe.read_until(b'\n', &mut raw) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+            for_each_line(pipe, |line| match line {
+                WINDOW_OPEN => window.open = Some(sample()),
+                WINDOW_CLOSED => window.closed = Some(sample()),
+                _ => {
+                    text.push_str(line);
+                    text.push('\n');
                 }
-                let line = String::from_utf8_lossy(&raw);
-                let line = line.trim_end();
-                match line {
-                    WINDOW_OPEN => window.open = Some(sample()),
-                    WINDOW_CLOSED => window.closed = Some(sample()),
-                    _ => {
-                        text.push_str(line);
-                        text.push('\n');
-                    }
-                }
-            }
+            });
             (text, window)
         });
         let err = match err {
@@ -717,6 +695,20 @@ fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
                 let _ = child.wait();
                 return None;
             }
+        }
+    }
+}
+
+/// Calls `f` with each line of `pipe` (without its line end) until the end or an error. Read as
+/// bytes and decoded lossily: a stray byte that is not UTF-8 must not end the reading.
+fn for_each_line(pipe: impl Read, mut f: impl FnMut(&str)) {
+    let mut pipe = BufReader::new(pipe);
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        match pipe.read_until(b'\n', &mut raw) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => f(String::from_utf8_lossy(&raw).trim_end()),
         }
     }
 }
