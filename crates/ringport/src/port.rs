@@ -287,6 +287,11 @@ impl Builder {
             next_seq: AtomicU64::new(1),
             shutdown: AtomicBool::new(false),
             backend,
+            kind: if backend == "epoll" {
+                Backend::Epoll
+            } else {
+                Backend::Uring
+            },
             nonblocking: backend == "epoll",
         });
         let workers = drivers
@@ -435,9 +440,16 @@ where
         self.shared.slots.len()
     }
 
-    /// The backend in use: `"io_uring"` or `"epoll"`.
+    /// The backend in use, as logs name it: `"io_uring"` or `"epoll"`. (See
+    /// [`Port::backend_kind`] for the [`Backend`] to compare with.)
     pub fn backend(&self) -> &'static str {
         self.shared.backend
+    }
+
+    /// The backend in use: [`Backend::Uring`] or [`Backend::Epoll`] (never `Auto`, which
+    /// resolves to one of them when the port is built).
+    pub fn backend_kind(&self) -> Backend {
+        self.shared.kind
     }
 
     /// Associates a socket with the port under completion key `key`, on the worker with the
@@ -1282,6 +1294,8 @@ struct Shared<K, D> {
     next_seq: AtomicU64,
     shutdown: AtomicBool,
     backend: &'static str,
+    /// The same, as a [`Backend`].
+    kind: Backend,
     /// Whether associated sockets are put in non-blocking mode (the epoll backend).
     nonblocking: bool,
 }

@@ -29,6 +29,7 @@ fn one_worker<K: Send + Sync + 'static, D: Send + 'static>(
         .build::<K, D>()
         .unwrap();
     assert_eq!(port.backend(), expected_name(b));
+    assert_eq!(port.backend_kind(), b, "asked for {b}");
     (port, workers.pop().unwrap())
 }
 
@@ -52,6 +53,19 @@ fn expected_name(b: Backend) -> &'static str {
         Backend::Epoll => "epoll",
         _ => "io_uring",
     }
+}
+
+/// `Auto` resolves to one of the two when the port is built, and both names agree.
+#[test]
+fn auto_resolves_to_a_named_backend() {
+    let (port, _workers) = Port::builder()
+        .workers(1)
+        .backend(Backend::Auto)
+        .build::<(), ()>()
+        .unwrap();
+    let kind = port.backend_kind();
+    assert_ne!(kind, Backend::Auto);
+    assert_eq!(port.backend(), expected_name(kind));
 }
 
 /// Runs each listed test once per backend: `uring::name` and `epoll::name`.
