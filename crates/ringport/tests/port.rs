@@ -1156,21 +1156,27 @@ fn cancelling_a_pooled_receive_while_data_streams_loses_nothing(b: Backend) {
     let (port, mut w) = pooled_worker_with(b, 4096, 64, true);
     let (ours, mut peer) = pair();
     let h = port.associate(ours, 0).unwrap();
+    // The writer starts once the first receive is cancelled: that one is surely still armed,
+    // with nothing to read, when its cancel comes. (Later cancels may find their receive ended
+    // already, by a dry pool, when the writer runs ahead.)
+    let (go, wait_for_go) = std::sync::mpsc::channel::<()>();
     let writer = std::thread::spawn(move || {
         let data: Vec<u8> = (0..TOTAL).map(pattern).collect();
+        let _ = wait_for_go.recv();
         for chunk in data.chunks(1000) {
             peer.write_all(chunk).unwrap();
         }
         peer.shutdown(Shutdown::Write).unwrap();
         peer
     });
+    let mut go = Some(go);
     let mut got = 0usize;
     let mut cancels = 0;
     let mut cancelled_ends = 0;
     'stream: loop {
         let op = w.submit_multishot(Op::recv_pooled(&h), 0);
-        // Cancel after at most 64 KiB, or at once on every fourth arming.
-        let cancel_at = if cancels % 4 == 3 {
+        // Cancel after at most 64 KiB, or at once on every fourth arming (the first included).
+        let cancel_at = if cancels % 4 == 0 {
             got
         } else {
             got + (64 << 10)
@@ -1181,6 +1187,9 @@ fn cancelling_a_pooled_receive_while_data_streams_loses_nothing(b: Backend) {
                 w.cancel(op);
                 asked = true;
                 cancels += 1;
+                if let Some(go) = go.take() {
+                    go.send(()).unwrap();
+                }
             }
             let c = next(&mut w);
             assert_eq!(c.kind, OpKind::RecvPooled);
