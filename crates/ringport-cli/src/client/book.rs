@@ -532,32 +532,33 @@ mod tests {
     /// `--timeout`.
     #[test]
     fn a_server_that_keeps_its_side_open_is_an_error() {
-        let (addr, _held) = server(echo_then_hold(2, 26, Duration::from_secs(3)));
+        // Waits long enough for a loaded machine to echo in time; the server holds on longer.
+        let (addr, _held) = server(echo_then_hold(2, 26, Duration::from_secs(6)));
         let opts = BookOptions {
             count: 2,
             ..BookOptions::new(addr)
         };
         let mut out = Vec::new();
-        let err = run_with_timeout(&opts, &mut out, Duration::from_millis(200)).unwrap_err();
+        let err = run_with_timeout(&opts, &mut out, Duration::from_secs(1)).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
-                "{addr}: the server did not close its side within 0.2 s of ours (all 2 echoes \
+                "{addr}: the server did not close its side within 1 s of ours (all 2 echoes \
                  came back)"
             )
         );
 
-        let (addr, _held) = server(echo_then_hold(2, 26, Duration::from_secs(3)));
+        let (addr, _held) = server(echo_then_hold(2, 26, Duration::from_secs(6)));
         let opts = BookOptions {
             count: 2,
-            limit: Some(Duration::from_millis(500)),
+            limit: Some(Duration::from_secs(2)),
             ..BookOptions::new(addr)
         };
         let err = run_to_string(&opts).0.unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
-                "{addr}: timed out: --timeout 0.5 s passed before the server closed its side \
+                "{addr}: timed out: --timeout 2 s passed before the server closed its side \
                  (all 2 echoes came back)"
             )
         );
