@@ -292,7 +292,6 @@ impl Builder {
             } else {
                 Backend::Uring
             },
-            nonblocking: backend == "epoll",
         });
         let workers = drivers
             .into_iter()
@@ -476,7 +475,7 @@ where
         let fd: OwnedFd = socket.into();
         // io_uring waits on a blocking socket itself (on an O_NONBLOCK one it could hand back
         // EAGAIN); the epoll backend needs O_NONBLOCK.
-        set_nonblocking(&fd, self.shared.nonblocking)?;
+        set_nonblocking(&fd, self.shared.kind == Backend::Epoll)?;
         let worker = worker % self.shared.slots.len();
         let load = Arc::clone(&self.shared.slots[worker].load);
         Ok(Handle::new(fd, key, worker, load))
@@ -1296,8 +1295,6 @@ struct Shared<K, D> {
     backend: &'static str,
     /// The same, as a [`Backend`].
     kind: Backend,
-    /// Whether associated sockets are put in non-blocking mode (the epoll backend).
-    nonblocking: bool,
 }
 
 impl<K, D> Shared<K, D> {

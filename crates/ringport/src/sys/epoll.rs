@@ -490,29 +490,23 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
             unsafe { libc::recv(op.fd, spare.as_mut_ptr().cast(), spare.len(), 0) as i32 }
         }
         OpBody::Connect(addr) => {
-            if op.connecting {
-                // Asking again says how the handshake went, as io_uring's connect does:
-                // `EALREADY` while it goes on, 0 once connected, else its error. (Not
-                // `SO_ERROR`: a receive on the same socket may have taken the error already,
-                // and the connect would then wait for an edge that never comes; asked again,
-                // the kernel says `ECONNABORTED`.)
-                // SAFETY: connect reads `addr.len()` bytes of the address owned by the record.
-                let r = unsafe { libc::connect(op.fd, addr.as_ptr().cast(), addr.len()) };
-                if r == 0 {
-                    return Outcome::Done(0);
-                }
-                return match last_errno() {
-                    libc::EALREADY | libc::EINPROGRESS | libc::EAGAIN => Outcome::Blocked,
-                    libc::EISCONN => Outcome::Done(0),
-                    libc::EINTR => attempt(op, pool),
-                    e => Outcome::Done(-e),
-                };
-            }
+            // The first call starts the handshake. Once it is under way (`connecting`), asking
+            // again says how it went, as io_uring's connect does: `EALREADY` while it goes on, 0
+            // (or `EISCONN`) once connected, else its error. (Not `SO_ERROR`: a receive on the
+            // same socket may have taken the error already, and the connect would then wait for
+            // an edge that never comes; asked again, the kernel says `ECONNABORTED`.)
             // SAFETY: connect reads `addr.len()` bytes of the address owned by the record.
             let r = unsafe { libc::connect(op.fd, addr.as_ptr().cast(), addr.len()) };
-            if r < 0 && last_errno() == libc::EINPROGRESS {
-                op.connecting = true;
-                return Outcome::Blocked;
+            if r < 0 {
+                match last_errno() {
+                    libc::EINPROGRESS => {
+                        op.connecting = true;
+                        return Outcome::Blocked;
+                    }
+                    libc::EALREADY if op.connecting => return Outcome::Blocked,
+                    libc::EISCONN if op.connecting => return Outcome::Done(0),
+                    _ => {}
+                }
             }
             r
         }
