@@ -301,7 +301,7 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
 
 /// The receive buffer of a connection: room for its pipeline's echo, within bounds.
 fn recv_buffer(size: usize, pipeline: u64) -> usize {
-    (size as u64 * pipeline).clamp(512, 64 << 10) as usize
+    (size as u64 * pipeline).clamp(512, 256 << 10) as usize
 }
 
 /// `MemAvailable` from `/proc/meminfo`, in bytes; `None` where it cannot be read.
@@ -602,7 +602,7 @@ impl Client {
             return;
         }
         let mut buf = std::mem::take(&mut conn.spare_send);
-        buf.clear();
+        // Every byte is overwritten by `fill`: only a buffer that grows is zeroed first.
         buf.resize(k as usize * self.plan.size, 0);
         conn.tx.fill(&mut buf);
         let now = Instant::now();
