@@ -12,6 +12,22 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// Whether a peer that cannot start because the kernel refuses io_uring (built without it, the
+/// sysctl `kernel.io_uring_disabled`, a container's seccomp profile) skips its checks: yes,
+/// unless `RINGPORT_TEST_URING=require` (CI), where it fails them.
+pub fn uring_refusal_skips() -> bool {
+    std::env::var("RINGPORT_TEST_URING").map_or(true, |v| v != "require")
+}
+
+/// Whether a server's error line says the kernel refused io_uring: `EPERM` (the sysctl, or a
+/// seccomp profile), `EACCES`, or `ENOSYS` (a kernel without it).
+fn says_uring_refused(line: &str) -> bool {
+    line.contains("io_uring")
+        && ["(os error 1)", "(os error 13)", "(os error 38)"]
+            .iter()
+            .any(|code| line.contains(code))
+}
+
 /// The longest any single wait may take: a read, a write, a connect, the server's start or exit.
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -37,10 +53,15 @@ impl Server {
     ///
     /// The server's stderr is forwarded to the test's, prefixed, for the log of a failing test.
     ///
+    /// `None` (the test is then skipped, saying so) when the server exits before listening
+    /// because the kernel refuses io_uring, which an io_uring-only peer needs (see
+    /// [`uring_refusal_skips`]).
+    ///
     /// # Panics
     ///
-    /// If the server cannot start, exits, or prints no such line within [`WAIT`].
-    pub fn start(bin: &str, workers: usize) -> Server {
+    /// If the server cannot start, exits for another reason, or prints no such line within
+    /// [`WAIT`].
+    pub fn start(bin: &str, workers: usize) -> Option<Server> {
         let workers = workers.to_string();
         let mut child = Command::new(bin)
             .args(["--listen", "127.0.0.1:0", "--workers", &workers])
@@ -60,6 +81,7 @@ impl Server {
             }
         });
         let deadline = Instant::now() + WAIT;
+        let mut said: Vec<String> = Vec::new();
         let addr = loop {
             let line =
                 match lines_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -69,22 +91,30 @@ impl Server {
                     }
                     Err(RecvTimeoutError::Disconnected) => {
                         let status = wait_exit(&mut child.0, deadline);
+                        if let Some(why) = said.iter().find(|l| says_uring_refused(l.as_str())) {
+                            if uring_refusal_skips() {
+                                println!("SKIPPED: {bin} cannot run here: {why}");
+                                return None;
+                            }
+                        }
                         panic!("{bin}: exited before listening: {status:?}");
                     }
                 };
-            if let Some(rest) = line.strip_prefix("listening on ") {
-                let addr = rest.split_whitespace().next().unwrap_or_default();
-                break addr
-                    .parse::<SocketAddr>()
-                    .unwrap_or_else(|e| panic!("{bin}: bad address in {line:?}: {e}"));
-            }
+            let Some(rest) = line.strip_prefix("listening on ") else {
+                said.push(line);
+                continue;
+            };
+            let addr = rest.split_whitespace().next().unwrap_or_default();
+            break addr
+                .parse::<SocketAddr>()
+                .unwrap_or_else(|e| panic!("{bin}: bad address in {line:?}: {e}"));
         };
         assert_ne!(
             addr.port(),
             0,
             "{bin}: printed the requested port 0, not the bound one"
         );
-        Server { child, addr }
+        Some(Server { child, addr })
     }
 
     /// The address the server is bound to.
@@ -353,7 +383,9 @@ macro_rules! echo_tests {
 
         #[test]
         fn echoes_1_byte_64_kib_and_4_mib_exactly() {
-            let mut server = $crate::echo_check::Server::start(BIN, 1);
+            let Some(mut server) = $crate::echo_check::Server::start(BIN, 1) else {
+                return;
+            };
             for len in [1, 64 << 10, 4 << 20] {
                 $crate::echo_check::check_payload(server.addr(), len);
             }
@@ -362,21 +394,27 @@ macro_rules! echo_tests {
 
         #[test]
         fn echoes_on_50_concurrent_connections() {
-            let mut server = $crate::echo_check::Server::start(BIN, 1);
+            let Some(mut server) = $crate::echo_check::Server::start(BIN, 1) else {
+                return;
+            };
             $crate::echo_check::check_concurrent(server.addr(), 50, 8);
             server.assert_running();
         }
 
         #[test]
         fn $two_workers() {
-            let mut server = $crate::echo_check::Server::start(BIN, 2);
+            let Some(mut server) = $crate::echo_check::Server::start(BIN, 2) else {
+                return;
+            };
             $crate::echo_check::check_concurrent(server.addr(), 50, 8);
             server.assert_running();
         }
 
         #[test]
         fn half_close_gets_everything_back_then_eof() {
-            let mut server = $crate::echo_check::Server::start(BIN, 1);
+            let Some(mut server) = $crate::echo_check::Server::start(BIN, 1) else {
+                return;
+            };
             $crate::echo_check::check_half_close(server.addr());
             server.assert_running();
         }

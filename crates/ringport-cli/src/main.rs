@@ -232,7 +232,8 @@ pub struct ClientArgs {
     #[arg(long, value_name = "D", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub pipeline: Option<u32>,
 
-    /// Load mode: worker threads [default: the number of available cores].
+    /// Load mode: worker threads, never more than --connections [default: the number of
+    /// available cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
 

@@ -170,6 +170,12 @@ thread_local! {
 
 /// Runs `test` with every `ringport serve` this thread starts using `--model model`.
 pub fn with_model(model: &'static str, test: fn()) {
+    if model == "uring" {
+        if let Some(why) = uring_refused() {
+            println!("SKIPPED (--model uring): {why}");
+            return;
+        }
+    }
     MODEL.with(|m| m.set(Some(model)));
     eprintln!("model: {model}");
     test();
@@ -207,9 +213,45 @@ macro_rules! per_model {
 
 /// Runs `test` with every `ringport` this thread starts using `backend`.
 pub fn with_backend(backend: &'static str, test: fn()) {
+    if backend == "uring" {
+        if let Some(why) = uring_refused() {
+            println!("SKIPPED (io_uring): {why}");
+            return;
+        }
+    }
     BACKEND.with(|b| b.set(backend));
     eprintln!("backend: {backend}");
     test();
+}
+
+/// Why the io_uring tests cannot run here, if they cannot: the kernel refuses io_uring (built
+/// without it, the sysctl `kernel.io_uring_disabled`, a container's seccomp profile) or lacks
+/// what `ringport serve` needs. Always `None` with `RINGPORT_TEST_URING=require` (CI), where
+/// such a machine then fails the tests instead of skipping them.
+pub fn uring_refused() -> Option<String> {
+    static WHY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    WHY.get_or_init(|| {
+        if std::env::var("RINGPORT_TEST_URING").is_ok_and(|v| v == "require") {
+            return None;
+        }
+        match ringport::Port::builder()
+            .workers(1)
+            .backend(ringport::Backend::Uring)
+            .recv_pool(64 << 10, 1)
+            .build::<(), ()>()
+        {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Unsupported | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                Some(e.to_string())
+            }
+            _ => None,
+        }
+    })
+    .clone()
 }
 
 /// The backend the binary is started with in this test.
