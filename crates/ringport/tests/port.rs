@@ -118,6 +118,7 @@ macro_rules! per_backend {
 }
 
 per_backend!(
+    dropping_a_port_leaves_the_dropping_thread_uninterrupted,
     recv_and_send_carry_key_data_and_buffer,
     peer_close_is_a_zero_byte_receive,
     timeout_is_not_a_failure,
@@ -334,7 +335,7 @@ fn packets_posted_from_other_threads_wake_a_waiting_worker(b: Backend) {
         .collect();
     let mut seen = Vec::new();
     while seen.len() < 1000 {
-        let c = w.dequeue(None).unwrap();
+        let c = next(&mut w);
         assert_eq!(c.kind, OpKind::Packet);
         assert_eq!(*c.result.as_ref().unwrap(), 42);
         assert_eq!(c.key(), Some(&"key"));
@@ -365,13 +366,20 @@ fn several_receives_outstanding_on_one_socket_fill_in_order(b: Backend) {
         let c = next(&mut w);
         let n = c.result.unwrap();
         assert!(n > 0);
+        assert_eq!(
+            c.id, ids[c.data],
+            "a completion carries its own operation's id"
+        );
         total += n;
         got[c.data] = c.buf.unwrap();
         if total < 12 && got.iter().all(|b| !b.is_empty()) {
             break;
         }
     }
-    assert_eq!(ids.len(), 3);
+    assert!(
+        ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
+        "{ids:?}"
+    );
     // Posted order is execution order: concatenating by posting order restores the stream.
     assert_eq!(got.concat(), b"aaaabbbbcccc");
 }
@@ -1542,7 +1550,8 @@ fn single_thread_workers_serve_from_their_own_thread(b: Backend) {
     w.submit_multishot(Op::recv_pooled(&h), 1);
     let t = std::thread::spawn(move || {
         let mut echoed = 0;
-        while echoed < 2 {
+        let mut packet = false;
+        while echoed < 2 || !packet {
             let c = w
                 .dequeue(WAIT)
                 .expect("a completion on the worker's thread");
@@ -1553,7 +1562,11 @@ fn single_thread_workers_serve_from_their_own_thread(b: Backend) {
                 }
                 2 => echoed += 1,
                 // The packet from the main thread.
-                _ => {}
+                3 => {
+                    assert_eq!(c.kind, OpKind::Packet);
+                    packet = true;
+                }
+                other => panic!("unexpected completion {other}: {c:?}"),
             }
         }
         w
@@ -1627,6 +1640,33 @@ fn huge_timeouts_wait_instead_of_panicking(b: Backend) {
     match w.dequeue(Some(Duration::from_millis(200))) {
         Err(WaitError::TimedOut) => {}
         other => panic!("the huge timeout completed: {other:?}"),
+    }
+}
+
+/// Building and dropping a port leaves the thread that did so alone: its next blocking calls
+/// with a timeout time out, rather than fail with `EINTR` (the kernel interrupts the threads it
+/// counts as a ring's users when the ring is torn down, the one that created it among them).
+fn dropping_a_port_leaves_the_dropping_thread_uninterrupted(b: Backend) {
+    let built = Port::builder()
+        .workers(2)
+        .backend(b)
+        .recv_pool(4096, 4)
+        .build::<(), ()>()
+        .unwrap();
+    drop(built);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    for _ in 0..2 {
+        let err = socket.recv(&mut [0u8; 8]).unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "a read after the port was dropped: {err}"
+        );
     }
 }
 

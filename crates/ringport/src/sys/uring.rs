@@ -215,11 +215,18 @@ impl Uring {
                 .build(entries),
             other => other,
         };
-        let (mut ring, disabled) = match deferred.then(single) {
-            Some(Ok(ring)) => (ring, true),
-            Some(Err(e)) if e.raw_os_error() != Some(libc::EINVAL) => return Err(e),
-            _ => (shared()?, false),
+        // Created by a thread of its own: the kernel counts the thread that creates a ring
+        // among the ring's users, and when the ring is torn down it sends each user task work,
+        // as a signal, which makes that thread's next blocking call with a timeout (a socket
+        // read with `SO_RCVTIMEO`) fail with `EINTR` (seen on Linux 6.18). A thread that builds
+        // a port and later drops it is then left alone; a thread that waits on a worker is such
+        // a user all the same.
+        let create = || match deferred.then(single) {
+            Some(Ok(ring)) => Ok((ring, true)),
+            Some(Err(e)) if e.raw_os_error() != Some(libc::EINVAL) => Err(e),
+            _ => shared().map(|ring| (ring, false)),
         };
+        let (ring, disabled) = on_own_thread(create)?;
         if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_nodrop() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -236,31 +243,7 @@ impl Uring {
                 ));
             }
         }
-        // A disabled ring takes no submission yet (and the thread that would submit first
-        // becomes its only driver): the probes run on a plain ring of their own.
-        let mut plain = if disabled {
-            Some(IoUring::builder().build(8)?)
-        } else {
-            None
-        };
-        let probe_ring = plain.as_mut().unwrap_or(&mut ring);
-        probe_cancel_any(probe_ring)?;
-        // The same answers for every ring of the process: probed with the first.
-        static RECV_SUPPORT: OnceLock<(bool, bool)> = OnceLock::new();
-        let (recv_multishot, recv_limits) = match RECV_SUPPORT.get() {
-            Some(&known) => known,
-            None => {
-                let mut probe = |limit| {
-                    probe_multishot_recv(probe_ring, limit).map_err(|e| {
-                        io::Error::new(e.kind(), format!("io_uring multishot receive probe: {e}"))
-                    })
-                };
-                let multishot = probe(0)?;
-                let known = (multishot, multishot && probe(1)?);
-                *RECV_SUPPORT.get_or_init(|| known)
-            }
-        };
-        drop(plain);
+        let (recv_multishot, recv_limits) = kernel_support()?;
         Ok(Uring {
             recv_multishot,
             recv_limits,
@@ -398,6 +381,47 @@ fn send_sqe(fd: types::Fd, bytes: &[u8]) -> squeue::Entry {
     opcode::Send::new(fd, bytes.as_ptr(), len)
         .flags(libc::MSG_NOSIGNAL)
         .build()
+}
+
+/// What the kernel supports beyond the opcodes: whether it takes multishot receives, and
+/// whether those take a byte limit. The same for every ring of the process, so probed once.
+///
+/// The probes run on a plain ring of their own (a ring created disabled takes no submission
+/// until its driver enables it), from a thread of their own: a thread that submits to a ring
+/// is one of its users, whom the kernel interrupts when the ring is torn down (see
+/// `Uring::new`), and the thread that builds a port is not to be one.
+///
+/// # Errors
+/// A kernel that cannot cancel by "any" (see [`probe_cancel_any`]), or a probe that could not
+/// run (no ring, no socket pair).
+fn kernel_support() -> io::Result<(bool, bool)> {
+    static SUPPORT: OnceLock<(bool, bool)> = OnceLock::new();
+    if let Some(&known) = SUPPORT.get() {
+        return Ok(known);
+    }
+    let probed = on_own_thread(|| {
+        let mut ring = IoUring::builder().build(8)?;
+        probe_cancel_any(&mut ring)?;
+        let mut probe = |limit| {
+            probe_multishot_recv(&mut ring, limit).map_err(|e| {
+                io::Error::new(e.kind(), format!("io_uring multishot receive probe: {e}"))
+            })
+        };
+        let multishot = probe(0)?;
+        Ok((multishot, multishot && probe(1)?))
+    })?;
+    Ok(*SUPPORT.get_or_init(|| probed))
+}
+
+/// Runs `f` on a thread of its own and returns what it returned (see `Uring::new` for why).
+fn on_own_thread<T: Send>(f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("ringport-setup".into())
+            .spawn_scoped(scope, f)?
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("an io_uring setup thread panicked")))
+    })
 }
 
 /// Checks, on a new ring, that cancellation by "any" works (Linux 5.19): shutdown, close and
