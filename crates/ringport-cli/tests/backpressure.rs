@@ -25,6 +25,17 @@ const EXIT_GUARD: Duration = Duration::from_secs(15);
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// The largest size the kernel lets a TCP buffer grow to: the third field of
+/// `/proc/sys/net/ipv4/NAME` (`tcp_rmem` or `tcp_wmem`).
+fn tcp_buffer_max(name: &str) -> u64 {
+    let path = format!("/proc/sys/net/ipv4/{name}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.split_whitespace()
+        .nth(2)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: no third field in {text:?}"))
+}
+
 fn writer_that_never_reads_is_held_back(window: Duration) {
     let server = Server::start();
     let pid = server.pid();
@@ -75,6 +86,15 @@ fn writer_that_never_reads_is_held_back(window: Duration) {
         written < STREAM_LEN,
         "all {STREAM_LEN} bytes were accepted without the client reading anything: nothing \
          pushed back"
+    );
+    // What the kernel can hold on the way: each side's send and receive buffers at their
+    // largest, and what the server holds (its bound, twice, with room to spare).
+    let kernel = 2 * (tcp_buffer_max("tcp_rmem") + tcp_buffer_max("tcp_wmem"));
+    let bound = kernel + 4 * 1024 * 1024;
+    assert!(
+        written <= bound,
+        "{written} bytes were accepted without the client reading anything, more than the \
+         {bound} that socket buffers ({kernel}) and the server's bound could hold"
     );
     assert!(
         peak < baseline + RSS_GROWTH_LIMIT,

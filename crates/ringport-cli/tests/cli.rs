@@ -507,13 +507,25 @@ fn bench_error_with_its_output_readers_gone_is_exit_2() {
     // SAFETY: both descriptors were just created and nothing else owns them.
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     drop(read);
-    let status = Command::new(util::BIN)
+    let mut child = Command::new(util::BIN)
         // No such CPU: the harness fails before it starts anything.
         .args(["bench", "peers", "--quick", "--server-cpus", "100000"])
         .stdin(Stdio::null())
         .stdout(Stdio::from(write.try_clone().expect("dup the pipe")))
         .stderr(Stdio::from(write))
-        .status()
+        .spawn()
         .expect("run ringport bench");
+    let guard = std::time::Instant::now() + CLI_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait on ringport bench") {
+            break status;
+        }
+        if std::time::Instant::now() >= guard {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ringport bench did not exit within {CLI_TIMEOUT:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert_eq!(status.code(), Some(2), "{status}");
 }

@@ -20,6 +20,8 @@ const CHUNKS: usize = 8;
 const CHUNK: usize = 8 * 1024 + 123;
 /// Hang guard for the exit after SIGTERM (default drain timeout plus margin).
 const EXIT_GUARD: Duration = Duration::from_secs(15);
+/// Hang guard for each read and write of a connection whose worker may be lost.
+const IO_GUARD: Duration = Duration::from_secs(30);
 /// Fresh connections tried after the run (a fault may hit one of them too).
 const FRESH_TRIES: usize = 20;
 
@@ -275,9 +277,12 @@ fn a_worker_that_cannot_wait_stops_the_server_with_status_1() {
             let data = pattern(13000 + i as u64, CHUNKS * CHUNK);
             let what = format!("connection {i} ({spec})");
             thread::spawn(move || {
-                TcpStream::connect(addr)
-                    .ok()
-                    .map(|s| stream_on(s, data, what))
+                // Bounded: a server that served on without the lost worker would otherwise
+                // leave these reads waiting for ever.
+                let s = TcpStream::connect_timeout(&addr, IO_GUARD).ok()?;
+                s.set_read_timeout(Some(IO_GUARD)).unwrap();
+                s.set_write_timeout(Some(IO_GUARD)).unwrap();
+                Some(stream_on(s, data, what))
             })
         })
         .collect();

@@ -67,18 +67,31 @@ fn sigio_gives_the_listener_back_without_signal_driven_io() {
     let kept = listener.try_clone().expect("try_clone");
     let stop = Stop::new().expect("Stop::new");
     let server_stop = stop.clone();
-    let server = std::thread::spawn(move || {
-        ringport_models::serve(Model::Sigio, listener, &Config::default(), &server_stop)
+    let (done, served) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(ringport_models::serve(
+            Model::Sigio,
+            listener,
+            &Config::default(),
+            &server_stop,
+        ));
     });
     // One echo, so that the server is surely running (and has set the listener up) first.
+    // Every wait is bounded.
+    let wait = std::time::Duration::from_secs(20);
     let addr = kept.local_addr().expect("local_addr");
-    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    let mut c = std::net::TcpStream::connect_timeout(&addr, wait).expect("connect");
+    c.set_read_timeout(Some(wait)).expect("read timeout");
+    c.set_write_timeout(Some(wait)).expect("write timeout");
     std::io::Write::write_all(&mut c, b"x").expect("write");
     let mut b = [0u8; 1];
     std::io::Read::read_exact(&mut c, &mut b).expect("read the echo");
     drop(c);
     stop.trigger();
-    server.join().expect("serve thread").expect("serve");
+    served
+        .recv_timeout(wait)
+        .expect("the server stops within 20 s of its stop")
+        .expect("serve");
     // SAFETY: `F_GETFL` on a descriptor `kept` owns; it takes no argument.
     let flags = unsafe { libc::fcntl(kept.as_raw_fd(), libc::F_GETFL) };
     assert!(flags >= 0, "F_GETFL: {}", std::io::Error::last_os_error());

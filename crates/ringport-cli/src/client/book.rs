@@ -372,8 +372,9 @@ mod tests {
         assert_eq!(server.join().unwrap(), 20 * 26);
     }
 
-    /// A server that echoes a byte every 50 ms keeps each read short of the I/O timeout:
-    /// `--timeout` ends the conversation anyway, and says how far it got.
+    /// A server that echoes a byte every 200 ms keeps each read short of the I/O timeout:
+    /// `--timeout` ends the conversation anyway, and says how far it got (the first echo would
+    /// be complete only after 2.2 s, so none is, even on a loaded machine).
     #[test]
     fn the_overall_limit_ends_a_trickling_echo() {
         let (addr, server) = server(|mut stream| {
@@ -383,7 +384,7 @@ mod tests {
                     return;
                 }
                 for b in &buf[..n] {
-                    thread::sleep(Duration::from_millis(50));
+                    thread::sleep(Duration::from_millis(200));
                     if stream.write_all(std::slice::from_ref(b)).is_err() {
                         return;
                     }
@@ -396,7 +397,7 @@ mod tests {
             limit: Some(Duration::from_millis(300)),
             ..BookOptions::new(addr)
         };
-        // Without the limit this run would pass: 55 bytes at 50 ms each, each read well
+        // Without the limit this run would pass: 55 bytes at 200 ms each, each read well
         // within the I/O timeout.
         let (result, _) = run_to_string(&opts);
         assert_eq!(
@@ -410,8 +411,10 @@ mod tests {
     /// `--timeout` ends it (not the longer I/O timeout), counting what went out.
     #[test]
     fn the_overall_limit_ends_a_send_to_a_server_that_does_not_read() {
-        let (addr, server) = server(|stream| {
-            thread::sleep(Duration::from_secs(1));
+        // The server holds the connection, unread, until the client is done (10 s at most).
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let (addr, server) = server(move |stream| {
+            let _ = wait.recv_timeout(Duration::from_secs(10));
             drop(stream);
         });
         let opts = BookOptions {
@@ -422,6 +425,7 @@ mod tests {
             ..BookOptions::new(addr)
         };
         let (result, _) = run_to_string(&opts);
+        drop(done);
         let err = result.unwrap_err().to_string();
         let prefix = format!("{addr}: timed out: --timeout 0.3 s passed with ");
         assert!(
