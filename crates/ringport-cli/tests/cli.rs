@@ -200,7 +200,8 @@ fn client_book_run_that_checks_nothing_is_exit_2() {
 /// `--backend` on the command line picks the load generator (the book's client has no
 /// backend); from `RINGPORT_BACKEND` it does not.
 fn client_backend_flag_means_load_mode() {
-    let addr = util::unused_port().to_string();
+    let (addr, _held) = util::unused_port();
+    let addr = addr.to_string();
     let output = run_cli(
         &["client", "--connect", &addr, "--backend", "epoll"],
         CLI_TIMEOUT,

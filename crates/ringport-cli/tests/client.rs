@@ -218,7 +218,8 @@ fn load_mode_duration_is_bounded() {
 }
 
 fn book_mode_names_connection_refused() {
-    let addr = unused_port().to_string();
+    let (addr, _held) = unused_port();
+    let addr = addr.to_string();
     let output = run_cli(&["client", "--connect", &addr], CLI_TIMEOUT);
     output.assert_no_panic();
     assert_ne!(output.code(), Some(0), "{}", output.describe());
@@ -230,7 +231,8 @@ fn book_mode_names_connection_refused() {
 }
 
 fn load_mode_names_connection_refused() {
-    let addr = unused_port().to_string();
+    let (addr, _held) = unused_port();
+    let addr = addr.to_string();
     let output = run_cli(
         &[
             "client",

@@ -578,12 +578,19 @@ fn multishot_accept_takes_every_connection_until_cancelled(b: Backend) {
     assert!(c.accepted.is_none());
 }
 
+/// An address where connecting is refused, and the socket that keeps it so: bound and not
+/// listening, so that no other test can take the port meanwhile.
+fn refusing_addr() -> (std::net::SocketAddr, socket2::Socket) {
+    let held = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    held.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = held.local_addr().unwrap().as_socket().unwrap();
+    (addr, held)
+}
+
 fn connect_refused_is_named(b: Backend) {
     let (port, mut w) = one_worker::<(), ()>(b);
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (addr, _held) = refusing_addr();
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     let s = port.associate(sock, ()).unwrap();
     w.submit(Op::connect(&s, addr), ());
@@ -596,10 +603,7 @@ fn connect_refused_is_named(b: Backend) {
 /// error, instead of waiting for an edge that has already passed.
 fn connect_refused_completes_beside_a_receive(b: Backend) {
     let (port, mut w) = one_worker::<(), u8>(b);
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (addr, _held) = refusing_addr();
     for _ in 0..20 {
         let sock =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();

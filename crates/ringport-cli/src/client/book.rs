@@ -622,11 +622,13 @@ mod tests {
 
     #[test]
     fn refused_connection_names_the_address() {
-        // Bind and drop a listener: nothing listens on that port any more.
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
+        // A socket bound and not listening: connecting is refused, and no other test can take
+        // the port meanwhile.
+        let held =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
             .unwrap();
+        let addr = held.local_addr().unwrap().as_socket().unwrap();
         let mut out = Vec::new();
         let err = run(&BookOptions::new(addr), &mut out).unwrap_err();
         assert_eq!(

@@ -555,10 +555,15 @@ pub fn round_trip(stream: &mut TcpStream, data: &[u8]) {
     assert_bytes_eq(&got, data, "round trip");
 }
 
-/// A port on 127.0.0.1 with nothing listening (bound, then released).
-pub fn unused_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+/// A port on 127.0.0.1 where nothing listens, and the socket that keeps it so: bound and not
+/// listening, so connecting is refused, and no other test can take the port while it is held.
+pub fn unused_port() -> (SocketAddr, socket2::Socket) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (addr, socket)
 }
 
 /// Parses `... <prefix>NUMBER<suffix> ...`, e.g. `served 5 connections`.
