@@ -157,13 +157,24 @@ fn drain_timeout_bounds_shutdown_when_a_client_never_reads() {
     round_trip(&mut stuck, b"hello");
     // Write without ever reading the echo, until every buffer on the way is full: the server
     // cannot finish echoing this connection.
+    // Full means a write that would block for 200 ms in a row (the server may be slow to run).
     stuck.set_nonblocking(true).unwrap();
     let chunk = pattern(9, 64 * 1024);
     let mut written = 0usize;
+    let mut blocked_since: Option<std::time::Instant> = None;
     while written < 64 * 1024 * 1024 {
         match stuck.write(&chunk) {
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Ok(n) => {
+                written += n;
+                blocked_since = None;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let since = *blocked_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= Duration::from_millis(200) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
             Err(e) => panic!("write failed: {e}"),
         }
     }

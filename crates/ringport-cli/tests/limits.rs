@@ -144,6 +144,7 @@ fn idle_timeout_closes_idle_connections_only() {
     let addr = server.addr;
     let mut idle = connect(addr);
     round_trip(&mut idle, b"then silence");
+    let since = Instant::now();
     let mut active = connect(addr);
     round_trip(&mut active, b"keep-alive");
 
@@ -162,9 +163,15 @@ fn idle_timeout_closes_idle_connections_only() {
         }
     });
 
-    let since = Instant::now();
     expect_closed_by_server(&mut idle, "idle connection");
     let idle_for = since.elapsed();
+    // A lower bound only: the server was last active on the idle connection before `since`
+    // was taken, so it cannot close it sooner than 2 s after, less the time this thread took
+    // to see the echo and read the clock (1.5 s leaves half a second for that).
+    assert!(
+        idle_for >= Duration::from_millis(1500),
+        "the idle connection was closed after {idle_for:?}, before its 2 s timeout"
+    );
     done.store(true, Ordering::Relaxed);
     let (mut active, rounds) = keeper.join().expect("the active connection failed");
     println!("active connection: {rounds} round trips while the idle one lasted {idle_for:?}");

@@ -597,11 +597,13 @@ where
 /// a dropped worker, or from another thread to one that has answered `Shutdown`, fails (the
 /// work comes back in the [`Rejected`]).
 ///
-/// On io_uring, the kernel counts each thread that waited on the worker as a user of its ring,
-/// and interrupts each such thread still alive when the ring is torn down: a blocking call with
-/// a timeout that the thread is in, or makes next (a socket read with `SO_RCVTIMEO`), may fail
-/// once with `EINTR`. The thread that built the port is not one of them (unless it waited on a
-/// worker): the rings are created by a thread of their own.
+/// On io_uring, the kernel counts each thread that entered the worker's ring (to submit or
+/// wait: [`Worker::dequeue`] and the like, and dropping a worker with operations in flight,
+/// which waits for them) as a user of the ring, and interrupts each such thread still alive
+/// when the ring is torn down: a blocking call with a timeout that the thread is in, or makes
+/// next (a socket read with `SO_RCVTIMEO`), may fail once with `EINTR`. The thread that built
+/// the port is not one of them unless it did so: the rings are created by a thread of their
+/// own.
 pub struct Worker<K, D> {
     index: usize,
     /// The receive pool, when the port has one.

@@ -114,29 +114,47 @@ fn unsupported(model: Model) -> Option<String> {
         return None;
     }
     match model {
-        Model::Uring => match io_uring::IoUring::new(4) {
-            Ok(ring) => {
-                let mut probe = io_uring::Probe::new();
-                if ring.submitter().register_probe(&mut probe).is_err() {
-                    return Some("io_uring probe failed".into());
-                }
-                let needed = [
-                    io_uring::opcode::Accept::CODE,
-                    io_uring::opcode::Recv::CODE,
-                    io_uring::opcode::Send::CODE,
-                    io_uring::opcode::PollAdd::CODE,
-                    io_uring::opcode::Timeout::CODE,
-                    io_uring::opcode::AsyncCancel::CODE,
-                    io_uring::opcode::LinkTimeout::CODE,
-                ];
-                needed
-                    .iter()
-                    .find(|&&op| !probe.is_supported(op))
-                    .map(|op| format!("io_uring lacks opcode {op}"))
-            }
-            Err(e) => Some(format!("io_uring unavailable: {e}")),
-        },
+        Model::Uring => uring_unsupported(),
         _ => None,
+    }
+}
+
+/// Why the io_uring model cannot run here, if it cannot; asked once, on a thread of its own (a
+/// thread that created a ring is interrupted when the ring is torn down, and a test's next read
+/// with a timeout would fail with `EINTR`).
+fn uring_unsupported() -> Option<String> {
+    static WHY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    WHY.get_or_init(|| {
+        thread::spawn(probe_uring)
+            .join()
+            .unwrap_or_else(|_| Some("the io_uring probe panicked".into()))
+    })
+    .clone()
+}
+
+/// Sets up a ring and checks the opcodes the io_uring model uses.
+fn probe_uring() -> Option<String> {
+    match io_uring::IoUring::new(4) {
+        Ok(ring) => {
+            let mut probe = io_uring::Probe::new();
+            if ring.submitter().register_probe(&mut probe).is_err() {
+                return Some("io_uring probe failed".into());
+            }
+            let needed = [
+                io_uring::opcode::Accept::CODE,
+                io_uring::opcode::Recv::CODE,
+                io_uring::opcode::Send::CODE,
+                io_uring::opcode::PollAdd::CODE,
+                io_uring::opcode::Timeout::CODE,
+                io_uring::opcode::AsyncCancel::CODE,
+                io_uring::opcode::LinkTimeout::CODE,
+            ];
+            needed
+                .iter()
+                .find(|&&op| !probe.is_supported(op))
+                .map(|op| format!("io_uring lacks opcode {op}"))
+        }
+        Err(e) => Some(format!("io_uring unavailable: {e}")),
     }
 }
 

@@ -393,7 +393,7 @@ fn send_sqe(fd: types::Fd, bytes: &[u8]) -> squeue::Entry {
 ///
 /// # Errors
 /// A kernel that cannot cancel by "any" (see [`probe_cancel_any`]), or a probe that could not
-/// run (no ring, no socket pair).
+/// run (no ring, no socket pair, no thread to run it on).
 fn kernel_support() -> io::Result<(bool, bool)> {
     static SUPPORT: OnceLock<(bool, bool)> = OnceLock::new();
     if let Some(&known) = SUPPORT.get() {
@@ -433,7 +433,13 @@ fn probe_cancel_any(ring: &mut IoUring) -> io::Result<()> {
     // SAFETY: a cancel request points at no memory.
     unsafe { ring.submission().push(&sqe) }
         .map_err(|_| io::Error::other("io_uring: no room for the cancel probe"))?;
-    ring.submit_and_wait(1)?;
+    loop {
+        match ring.submit_and_wait(1) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+            Ok(_) => break,
+        }
+    }
     let res = ring
         .completion()
         .find(|c| c.user_data() == PROBE)
