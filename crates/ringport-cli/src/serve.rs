@@ -573,6 +573,8 @@ struct Server {
     /// re-arm, oldest first. May hold ids no longer waiting; `waiting` counts those that are.
     starved: VecDeque<(u64, u64)>,
     waiting: usize,
+    /// The bytes a receive has brought lately (a moving average, over about 16 receives).
+    recv_size: usize,
     /// Connections re-armed from `starved` that have not received since, with when they
     /// started waiting: one that finds no buffer again waits on from then, not from scratch
     /// (else one that keeps losing the race for a freed buffer would never seem to wait long).
@@ -635,6 +637,7 @@ impl Server {
             start: Instant::now(),
             starved: VecDeque::new(),
             waiting: 0,
+            recv_size: WHOLE_BUFFER,
             rearmed: HashMap::default(),
             rearm_timer: false,
             hog_check: None,
@@ -956,6 +959,7 @@ impl Server {
         match c.result {
             Ok(n) if n > 0 => {
                 trace!("socket {}: received {n} bytes", conn.handle.as_raw_fd());
+                self.recv_size = self.recv_size - self.recv_size / 16 + n / 16;
                 if !self.rearmed.is_empty() {
                     self.rearmed.remove(&id);
                 }
@@ -1243,10 +1247,14 @@ impl Server {
     }
 
     /// About how many receives the pool's free buffers can take: one each where a receive takes
-    /// a whole buffer; where receives share buffers, as many buffer-sized batches of a peer's
-    /// input (8 KiB) as fit in one. Budgets the turns of connections waiting for a buffer.
+    /// a whole buffer; where receives share buffers, as many of the receives seen lately as fit
+    /// in one (at most eight: as many buffer-sized batches of a peer's input, 8 KiB, as fit in
+    /// one). Budgets the turns of connections waiting for a buffer: arming more than the pool
+    /// can fill only has the rest end at once for want of a buffer, and wait again.
     fn free_receives(&self) -> usize {
-        self.worker.pool_available() * (self.limits.pool_buffer / WHOLE_BUFFER).max(1)
+        let most = (self.limits.pool_buffer / WHOLE_BUFFER).max(1);
+        let per_buffer = (self.limits.pool_buffer / self.recv_size.max(1)).clamp(1, most);
+        self.worker.pool_available() * per_buffer
     }
 
     /// How long the connection that has waited longest for a buffer has waited, in
