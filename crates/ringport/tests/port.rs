@@ -69,8 +69,9 @@ fn auto_resolves_to_a_named_backend() {
 }
 
 /// Why the io_uring tests cannot run here, if they cannot: the kernel refuses io_uring (built
-/// without it, the sysctl `kernel.io_uring_disabled`, a container's seccomp profile). Always `None` with `RINGPORT_TEST_URING=require` (CI), where such a
-/// machine then fails the tests instead of skipping them.
+/// without it, the sysctl `kernel.io_uring_disabled`, a container's seccomp profile). Always
+/// `None` with `RINGPORT_TEST_URING=require` (CI), where such a machine then fails the tests
+/// instead of skipping them.
 fn uring_refused() -> Option<String> {
     static WHY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     WHY.get_or_init(|| {
