@@ -220,13 +220,14 @@ impl Uring {
         // as a signal, which makes that thread's next blocking call with a timeout (a socket
         // read with `SO_RCVTIMEO`) fail with `EINTR` (seen on Linux 6.18). A thread that builds
         // a port and later drops it is then left alone; a thread that waits on a worker is such
-        // a user all the same.
+        // a user all the same. The kernel probes run there too, for the same reason.
         let create = || match deferred.then(single) {
             Some(Ok(ring)) => Ok((ring, true)),
             Some(Err(e)) if e.raw_os_error() != Some(libc::EINVAL) => Err(e),
             _ => shared().map(|ring| (ring, false)),
         };
-        let (ring, disabled) = on_own_thread(create)?;
+        let ((ring, disabled), (recv_multishot, recv_limits)) =
+            on_own_thread(|| Ok((create()?, kernel_support()?)))?;
         if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_nodrop() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -243,7 +244,6 @@ impl Uring {
                 ));
             }
         }
-        let (recv_multishot, recv_limits) = kernel_support()?;
         Ok(Uring {
             recv_multishot,
             recv_limits,
@@ -387,29 +387,26 @@ fn send_sqe(fd: types::Fd, bytes: &[u8]) -> squeue::Entry {
 /// whether those take a byte limit. The same for every ring of the process, so probed once.
 ///
 /// The probes run on a plain ring of their own (a ring created disabled takes no submission
-/// until its driver enables it), from a thread of their own: a thread that submits to a ring
-/// is one of its users, whom the kernel interrupts when the ring is torn down (see
-/// `Uring::new`), and the thread that builds a port is not to be one.
+/// until its driver enables it), and are to run on the thread that creates the rings, not the
+/// one that builds the port: a thread that submits to a ring is one of its users, whom the
+/// kernel interrupts when the ring is torn down (see `Uring::new`).
 ///
 /// # Errors
 /// A kernel that cannot cancel by "any" (see [`probe_cancel_any`]), or a probe that could not
-/// run (no ring, no socket pair, no thread to run it on).
+/// run (no ring, no socket pair).
 fn kernel_support() -> io::Result<(bool, bool)> {
     static SUPPORT: OnceLock<(bool, bool)> = OnceLock::new();
     if let Some(&known) = SUPPORT.get() {
         return Ok(known);
     }
-    let probed = on_own_thread(|| {
-        let mut ring = IoUring::builder().build(8)?;
-        probe_cancel_any(&mut ring)?;
-        let mut probe = |limit| {
-            probe_multishot_recv(&mut ring, limit).map_err(|e| {
-                io::Error::new(e.kind(), format!("io_uring multishot receive probe: {e}"))
-            })
-        };
-        let multishot = probe(0)?;
-        Ok((multishot, multishot && probe(1)?))
-    })?;
+    let mut ring = IoUring::builder().build(8)?;
+    probe_cancel_any(&mut ring)?;
+    let mut probe = |limit| {
+        probe_multishot_recv(&mut ring, limit)
+            .map_err(|e| io::Error::new(e.kind(), format!("io_uring multishot receive probe: {e}")))
+    };
+    let multishot = probe(0)?;
+    let probed = (multishot, multishot && probe(1)?);
     Ok(*SUPPORT.get_or_init(|| probed))
 }
 
