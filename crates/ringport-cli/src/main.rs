@@ -131,6 +131,14 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1 << 20..=256 << 20))]
     pub pool_size: u64,
 
+    /// Bytes of each worker's pool that circulate at once (0: the whole pool): the bytes
+    /// between a receive and the send that echoes them, kept small enough to stay in the
+    /// cache. Pool buffers held for 20 ms (by peers that stopped reading, say) do not count,
+    /// so the whole pool stays available to them.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20,
+          value_parser = clap::value_parser!(u64).range(0..=256 << 20))]
+    pub pool_working_set: u64,
+
     /// Use 8 KiB pool buffers, and on io_uring give each receive a whole one (as io_uring does
     /// before Linux 6.12), instead of filling 64 KiB buffers incrementally (small messages
     /// sharing one); epoll still fills its 8 KiB buffers incrementally. For comparison.
@@ -380,7 +388,7 @@ fn raise_nofile_limit() {
 
 /// The `serve` flags that only the completion-port server reads: the chapter's other models
 /// (`--model`) take `--listen` and `--drain-timeout` only.
-const PORT_ONLY_FLAGS: [&str; 12] = [
+const PORT_ONLY_FLAGS: [&str; 13] = [
     "workers",
     "idle_timeout",
     "max_connections",
@@ -388,6 +396,7 @@ const PORT_ONLY_FLAGS: [&str; 12] = [
     "no_strict_conn_buffer",
     "strict_conn_buffer",
     "pool_size",
+    "pool_working_set",
     "pool_whole_buffers",
     "udp",
     "udp_rate",

@@ -56,6 +56,10 @@ const REARM_AGAIN: Duration = Duration::from_millis(1);
 /// How long the receive pool may stay dry, with connections waiting for it, before the paused
 /// connection holding the most of it (its peer sends and does not read) is closed.
 const POOL_GRACE: Duration = Duration::from_millis(500);
+/// How often the worker looks for room in the pool while connections wait for a buffer and
+/// nothing completes: buffers held long enough leave the pool's working set
+/// (`Builder::recv_pool_working_set`) as time passes, without a completion to say so.
+const POOL_RECHECK: Duration = Duration::from_millis(20);
 /// While the pool stays dry after such a close, how soon the next (the closed connection's
 /// buffers come back once its send in flight has been cancelled).
 const HOG_AGAIN: Duration = Duration::from_millis(50);
@@ -294,6 +298,11 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     let pool_size = usize::try_from(args.pool_size).unwrap_or(usize::MAX);
     // At least 16 buffers: --pool-size is at least 1 MiB.
     let buffers = |size: usize| u16::try_from((pool_size / size).clamp(16, 32768)).unwrap_or(32768);
+    let working_set = match usize::try_from(args.pool_working_set).unwrap_or(usize::MAX) {
+        0 => usize::MAX,
+        bytes => bytes,
+    };
+    let circulating = |size: usize| u16::try_from((working_set / size).max(1)).unwrap_or(u16::MAX);
     let build = |size: usize, shared: bool| {
         Port::builder()
             .workers(workers)
@@ -301,6 +310,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
             // Each worker lives on its own thread (below).
             .single_thread_workers(true)
             .recv_pool(size, buffers(size))
+            .recv_pool_working_set(circulating(size))
             .recv_pool_incremental(shared)
             .build::<Key, Io>()
             .map_err(|e| port_error(&e))
@@ -352,16 +362,17 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         None
     };
     info!(
-        "listening on {local} backend={} workers={} pool={}x{}KiB{}",
+        "listening on {local} backend={} workers={} pool={}x{}KiB ({}, {} circulating)",
         port.backend(),
         port.workers(),
         buffers(pool_buffer),
         pool_buffer / 1024,
         if shared {
-            " (filled incrementally)"
+            "filled incrementally"
         } else {
-            " (a whole buffer per receive)"
-        }
+            "a whole buffer per receive"
+        },
+        circulating(pool_buffer).min(buffers(pool_buffer)),
     );
 
     let signal_port = port.clone();
@@ -681,10 +692,15 @@ impl Server {
                 .deadline
                 .map(|d| d.saturating_duration_since(Instant::now()));
             if self.waiting > 0 {
-                // Wake to see whether the pool is still dry (nothing else may complete).
-                let check = self.hog_check.map_or(POOL_GRACE, |at| {
-                    at.saturating_duration_since(Instant::now())
-                });
+                // Wake to see whether the pool is still dry (nothing else may complete), and
+                // whether buffers held long enough to be parked have made room (the pool
+                // counts them as the worker waits, not as a completion).
+                let check = self
+                    .hog_check
+                    .map_or(POOL_GRACE, |at| {
+                        at.saturating_duration_since(Instant::now())
+                    })
+                    .min(POOL_RECHECK);
                 timeout = Some(timeout.map_or(check, |t| t.min(check)));
             }
             match self.worker.dequeue_batch(&mut batch, BATCH, timeout) {
@@ -697,7 +713,10 @@ impl Server {
                     self.rearm_starved();
                     self.publish();
                 }
-                Err(WaitError::TimedOut) => self.now = Instant::now(),
+                Err(WaitError::TimedOut) => {
+                    self.now = Instant::now();
+                    self.rearm_starved();
+                }
                 Err(e) => {
                     // A worker that cannot wait for completions is lost, with its connections
                     // (closed as it is dropped); the others finish what they hold and the
@@ -749,7 +768,7 @@ impl Server {
     /// Publishes this worker's counters for `--stats` (when on).
     fn publish(&self) {
         if let Some(g) = self.totals.gauges.get(self.worker.index()) {
-            g.publish(self.connections, self.bytes, self.worker.pool_available());
+            g.publish(self.connections, self.bytes, self.worker.pool_in_use());
         }
     }
 

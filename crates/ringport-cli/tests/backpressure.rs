@@ -4,7 +4,7 @@
 mod util;
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -299,6 +299,35 @@ fn write_until_pushed_back(s: &mut std::net::TcpStream) -> io::Result<usize> {
     Ok(written)
 }
 
+/// `n` peers of the server at `addr`, each on a thread of its own writing until pushed back;
+/// each thread returns its peer's socket and what it wrote.
+fn start_writers(addr: SocketAddr, n: usize) -> Vec<thread::JoinHandle<(TcpStream, usize)>> {
+    (0..n)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut s = connect(addr);
+                let written = write_until_pushed_back(&mut s)
+                    .unwrap_or_else(|e| panic!("peer {i} was cut off while writing: {e}"));
+                (s, written)
+            })
+        })
+        .collect()
+}
+
+/// Each peer stops writing and reads back exactly what it wrote (`write_until_pushed_back`'s
+/// bytes): nobody was closed, nothing lost.
+fn expect_whole_echoes(peers: Vec<(TcpStream, usize)>) {
+    for (i, (mut s, written)) in peers.into_iter().enumerate() {
+        s.shutdown(Shutdown::Write)
+            .unwrap_or_else(|e| panic!("peer {i} was closed by the server: {e}"));
+        let mut echo = Vec::new();
+        s.read_to_end(&mut echo)
+            .unwrap_or_else(|e| panic!("peer {i}: echo cut short: {e}"));
+        assert_eq!(echo.len(), written, "peer {i}: echo length");
+        assert!(echo.iter().all(|&b| b == 0x5a), "peer {i}: echo content");
+    }
+}
+
 /// With receives that end at `--conn-buffer` (the default), peers that stop reading are paused at `--conn-buffer` (256 KiB),
 /// and their receives end there by themselves: eight of them sending at once stay within the
 /// pool (4 MiB), so nobody is closed for holding it, and each gets its whole echo once it
@@ -312,27 +341,10 @@ fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {
     }
     let server = one_worker_with_pool("4194304");
     let addr = server.addr;
-    let writers: Vec<_> = (0..8)
-        .map(|i| {
-            thread::spawn(move || {
-                let mut s = connect(addr);
-                let written = write_until_pushed_back(&mut s)
-                    .unwrap_or_else(|e| panic!("peer {i} was cut off while writing: {e}"));
-                (s, written)
-            })
-        })
-        .collect();
+    let writers = start_writers(addr, 8);
     let peers: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     echo_exact(server.addr, b"still served");
-    for (i, (mut s, written)) in peers.into_iter().enumerate() {
-        s.shutdown(Shutdown::Write)
-            .unwrap_or_else(|e| panic!("peer {i} was closed by the server: {e}"));
-        let mut echo = Vec::new();
-        s.read_to_end(&mut echo)
-            .unwrap_or_else(|e| panic!("peer {i}: echo cut short: {e}"));
-        assert_eq!(echo.len(), written, "peer {i}: echo length");
-        assert!(echo.iter().all(|&b| b == 0x5a), "peer {i}: echo content");
-    }
+    expect_whole_echoes(peers);
     let output = server.terminate_cleanly(EXIT_GUARD);
     assert!(
         !output
@@ -341,6 +353,57 @@ fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {
         "a peer was closed for holding the pool\n{}",
         output.describe()
     );
+}
+
+/// With a working set of two pool buffers (`--pool-working-set`), peers that stop reading
+/// hold far more than that, parked; a client that keeps echoing while they flood and after
+/// they stop is answered every time, and each peer gets its whole echo once it reads. (The
+/// room that parking makes appears as time passes, with nothing completing: a worker that
+/// looked for it only after completions would leave the client waiting for ever.)
+fn peers_that_stop_reading_are_parked_outside_the_working_set() {
+    if !util::receives_end_at_a_limit() {
+        eprintln!("skipped: io_uring on this kernel has no limit on a multishot receive");
+        return;
+    }
+    let server = Server::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--pool-size",
+        "4194304",
+        "--pool-working-set",
+        "131072",
+    ]);
+    let addr = server.addr;
+    let writers = start_writers(addr, 8);
+    let mut client = connect(addr);
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rounds = 0u32;
+    let message: Vec<u8> = (0..1024u32).map(|i| (i % 251) as u8).collect();
+    let mut round_trip = |rounds: &mut u32| {
+        client.write_all(&message).unwrap();
+        let mut echo = vec![0u8; message.len()];
+        client
+            .read_exact(&mut echo)
+            .unwrap_or_else(|e| panic!("round trip {rounds}: no echo: {e}"));
+        assert_eq!(echo, message, "round trip {rounds}");
+        *rounds += 1;
+    };
+    while writers.iter().any(|w| !w.is_finished()) {
+        round_trip(&mut rounds);
+    }
+    let peers: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    // The flood is over: every peer paused, nothing else to complete.
+    for _ in 0..50 {
+        round_trip(&mut rounds);
+        thread::sleep(Duration::from_millis(5));
+    }
+    expect_whole_echoes(peers);
+    drop(client);
+    server.terminate_cleanly(EXIT_GUARD);
 }
 
 /// Receives end every 256 KiB (`--conn-buffer`), often with input left in the
@@ -395,6 +458,7 @@ per_backend!(
     sender_without_reading_bounded_rss_then_exact_echo,
     peers_that_never_read_cannot_starve_the_others,
     peers_that_stop_reading_keep_to_their_share_of_the_pool,
+    peers_that_stop_reading_are_parked_outside_the_working_set,
     peers_that_stop_short_of_the_bound_cannot_starve_the_others,
 );
 

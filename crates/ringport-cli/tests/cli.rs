@@ -59,6 +59,19 @@ fn serve_pool_size_out_of_range_is_exit_2_naming_the_flag() {
     }
 }
 
+fn serve_pool_working_set_out_of_range_is_exit_2_naming_the_flag() {
+    for size in ["-1", "268435457", "4MiB"] {
+        let args = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--pool-working-set",
+            size,
+        ];
+        assert_usage_error_naming(&args, "--pool-working-set");
+    }
+}
+
 fn serve_non_numeric_drain_timeout_is_exit_2() {
     assert_usage_error(&[
         "serve",
@@ -471,6 +484,7 @@ per_backend!(
     serve_non_numeric_workers_is_exit_2,
     serve_zero_workers_is_exit_2,
     serve_pool_size_out_of_range_is_exit_2_naming_the_flag,
+    serve_pool_working_set_out_of_range_is_exit_2_naming_the_flag,
     serve_non_numeric_drain_timeout_is_exit_2,
     serve_unknown_flag_is_exit_2,
     unknown_top_level_flag_is_exit_2,

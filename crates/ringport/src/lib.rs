@@ -104,6 +104,12 @@
 //! buffers), so on io_uring `ENOBUFS` can come with [`Worker::pool_available`] above zero: post
 //! the receive again at once then.
 //!
+//! Where every connection keeps more in flight than the pool holds, a worker would lend out all
+//! of its buffers and cycle through them, the bytes between a receive and its echo spanning the
+//! whole pool: past the cache, for a large one. [`Builder::recv_pool_working_set`] bounds the
+//! buffers in circulation; those held for 20 ms count as parked instead, so the whole pool
+//! stays available to connections that hold on to their bytes.
+//!
 //! A multishot receive takes in whatever arrives until it ends; cancelling it takes effect only
 //! once the cancel reaches the kernel, by when a fast sender may have filled megabytes of the
 //! pool. [`Op::recv_pooled_max`] ends by itself after a given number of bytes, which bounds

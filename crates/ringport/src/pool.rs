@@ -7,10 +7,12 @@
 //! driver has let go of it and the last of its slices is dropped (a count per buffer).
 
 use std::alloc::{self, Layout};
+use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicIsize, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// In a buffer's count: the driver holds it (it is in the kernel's ring, or the epoll backend
 /// receives into it). The low bits count its live [`PoolBuf`]s.
@@ -28,6 +30,8 @@ pub(crate) struct Pool {
     out: AtomicIsize,
     /// Buffers let go of by everyone, not yet given back to the kernel (or the epoll free list).
     returned: Mutex<Vec<u16>>,
+    /// The most buffers in circulation at once, parked ones aside (see [`Circulation`]).
+    working_set: u16,
 }
 
 // SAFETY: `base` is an allocation owned by the pool. Its bytes are read through `PoolBuf`s only
@@ -39,7 +43,9 @@ unsafe impl Send for Pool {}
 unsafe impl Sync for Pool {}
 
 impl Pool {
-    pub(crate) fn new(size: usize, count: u16) -> std::io::Result<Arc<Pool>> {
+    /// A pool of `count` buffers of `size` bytes, of which at most `working_set` circulate
+    /// (clamped to `1..=count`).
+    pub(crate) fn new(size: usize, count: u16, working_set: u16) -> std::io::Result<Arc<Pool>> {
         if count == 0 || count > 32768 || size > i32::MAX as usize {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -70,6 +76,7 @@ impl Pool {
             refs: (0..count).map(|_| AtomicU32::new(0)).collect(),
             out: AtomicIsize::new(0),
             returned: Mutex::new(Vec::new()),
+            working_set: working_set.clamp(1, count),
         }))
     }
 
@@ -86,6 +93,11 @@ impl Pool {
         debug_assert!(bid < self.count);
         // SAFETY: `bid < count`, so the offset stays inside the allocation.
         unsafe { self.base.add(usize::from(bid) * self.size) }
+    }
+
+    /// The most buffers in circulation at once, parked ones aside.
+    pub(crate) fn working_set(&self) -> u16 {
+        self.working_set
     }
 
     /// Buffers that only slices in user hands hold right now.
@@ -140,6 +152,109 @@ impl Pool {
             off: off as u32,
             len: len.min(self.size - off) as u32,
         }
+    }
+}
+
+/// How long a buffer stays in user hands before it counts as parked rather than circulating.
+pub(crate) const PARK_AFTER: Duration = Duration::from_millis(20);
+
+/// A buffer's `lent_at` while the driver has it (in the kernel's ring, being received into, or
+/// free).
+const HOME: u64 = u64::MAX;
+/// A buffer's `lent_at` once it counts as parked.
+const PARKED: u64 = u64::MAX - 1;
+
+/// Keeps a pool's buffers in circulation within its working set, so that the bytes a receive
+/// writes are still in the cache when the send that echoes them reads them: where every
+/// connection has more in flight than the pool holds, a pool that lends out all its buffers
+/// cycles through all of them (`BENCHMARKS.md`, "Many fast connections").
+///
+/// A buffer circulates from when the driver takes it until it comes back; one that user hands
+/// have held for [`PARK_AFTER`] counts as parked instead (the slices of a connection that
+/// stopped reading its echo, say), and the driver may put another in its place. So the
+/// working set bounds the buffers in quick use, never what can be held: the whole pool stays
+/// available to those who hold on to theirs. One per driver, used by its thread only.
+pub(crate) struct Circulation {
+    working_set: usize,
+    count: usize,
+    /// Per buffer: when it left the driver, in milliseconds since `epoch`; [`HOME`] or
+    /// [`PARKED`].
+    lent_at: Vec<u64>,
+    /// Buffers in the order they left the driver, with when; an entry whose buffer has come
+    /// back (or left again since) is stale and skipped.
+    lent: VecDeque<(u16, u64)>,
+    parked: usize,
+    epoch: Instant,
+    now: u64,
+}
+
+impl Circulation {
+    pub(crate) fn new(pool: &Pool) -> Circulation {
+        let count = usize::from(pool.count);
+        Circulation {
+            working_set: usize::from(pool.working_set),
+            count,
+            lent_at: vec![HOME; count],
+            lent: VecDeque::new(),
+            parked: 0,
+            epoch: Instant::now(),
+            now: 0,
+        }
+    }
+
+    /// Buffer `bid` left the driver (filled, and let go of).
+    pub(crate) fn lent(&mut self, bid: u16) {
+        if self.working_set < self.count {
+            self.lent_at[usize::from(bid)] = self.now;
+            self.lent.push_back((bid, self.now));
+        }
+    }
+
+    /// Buffer `bid` came back to the driver's free list.
+    pub(crate) fn back(&mut self, bid: u16) {
+        let at = &mut self.lent_at[usize::from(bid)];
+        if *at == PARKED {
+            self.parked -= 1;
+        }
+        *at = HOME;
+    }
+
+    /// Reads the clock and counts the buffers held for [`PARK_AFTER`] as parked. Called once
+    /// per wait.
+    pub(crate) fn tick(&mut self) {
+        if self.working_set < self.count {
+            self.tick_at(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(PARKED - 1));
+        }
+    }
+
+    /// [`Circulation::tick`] at `now` milliseconds.
+    fn tick_at(&mut self, now: u64) {
+        self.now = now;
+        let park = u64::try_from(PARK_AFTER.as_millis()).unwrap_or(u64::MAX);
+        while let Some(&(bid, at)) = self.lent.front() {
+            let state = &mut self.lent_at[usize::from(bid)];
+            if *state == at {
+                if self.now.saturating_sub(at) < park {
+                    break;
+                }
+                *state = PARKED;
+                self.parked += 1;
+            }
+            self.lent.pop_front();
+        }
+    }
+
+    /// How many more buffers the driver may take from its `free` ones.
+    pub(crate) fn room(&self, free: usize) -> usize {
+        let circulating = self.count.saturating_sub(free);
+        (self.working_set + self.parked)
+            .min(self.count)
+            .saturating_sub(circulating)
+    }
+
+    /// Buffers parked in user hands (see [`Circulation`]).
+    pub(crate) fn parked(&self) -> usize {
+        self.parked
     }
 }
 
@@ -217,5 +332,78 @@ impl Drop for PoolBuf {
             self.pool.give_back(self.bid);
             self.pool.out.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn circulation(count: u16, working_set: u16) -> (Arc<Pool>, Circulation) {
+        let pool = Pool::new(16, count, working_set).unwrap();
+        let c = Circulation::new(&pool);
+        (pool, c)
+    }
+
+    #[test]
+    fn the_working_set_bounds_the_buffers_taken() {
+        let (_pool, c) = circulation(8, 3);
+        assert_eq!(c.room(8), 3, "all free: the working set");
+        assert_eq!(c.room(6), 1, "two circulating");
+        assert_eq!(c.room(5), 0);
+        assert_eq!(c.room(2), 0, "never below nothing");
+        let (_pool, whole) = circulation(8, 8);
+        assert_eq!(whole.room(5), 5, "the whole pool: every free buffer");
+        let (_pool, clamped) = circulation(4, 0);
+        assert_eq!(clamped.room(4), 1, "at least one buffer circulates");
+    }
+
+    #[test]
+    fn a_buffer_held_past_the_limit_is_parked_until_it_comes_back() {
+        let (_pool, mut c) = circulation(8, 2);
+        let park = PARK_AFTER.as_millis() as u64;
+        c.tick_at(100);
+        c.lent(0);
+        c.lent(1);
+        // Two out of eight: six free, none more may go out.
+        assert_eq!(c.room(6), 0);
+        c.tick_at(100 + park - 1);
+        assert_eq!((c.parked(), c.room(6)), (0, 0), "not held long enough yet");
+        c.lent(2); // Out beyond the working set only once the others are parked.
+        c.tick_at(100 + park);
+        assert_eq!(c.parked(), 2, "the first two are parked");
+        assert_eq!(c.room(5), 1, "two parked, one young out: one more may go");
+        c.back(0);
+        assert_eq!((c.parked(), c.room(6)), (1, 1));
+        c.tick_at(100 + 2 * park);
+        assert_eq!(c.parked(), 2, "buffer 2 is parked too");
+        c.back(1);
+        c.back(2);
+        assert_eq!((c.parked(), c.room(8)), (0, 2));
+    }
+
+    #[test]
+    fn a_buffer_back_and_out_again_is_timed_from_its_new_loan() {
+        let (_pool, mut c) = circulation(4, 1);
+        let park = PARK_AFTER.as_millis() as u64;
+        c.tick_at(10);
+        c.lent(3);
+        c.back(3);
+        c.tick_at(10 + park / 2);
+        c.lent(3);
+        c.tick_at(10 + park);
+        assert_eq!(c.parked(), 0, "its first loan ended; the second is young");
+        c.tick_at(10 + park / 2 + park);
+        assert_eq!(c.parked(), 1);
+        assert!(c.lent.is_empty(), "entries are dropped once dealt with");
+    }
+
+    #[test]
+    fn with_the_whole_pool_as_working_set_nothing_is_tracked() {
+        let (_pool, mut c) = circulation(4, 4);
+        c.lent(0);
+        c.tick();
+        assert!(c.lent.is_empty());
+        assert_eq!(c.room(3), 3);
     }
 }

@@ -166,6 +166,8 @@ pub struct Builder {
     entries: u32,
     backend: Backend,
     pool: Option<(usize, u16)>,
+    /// The most pool buffers in circulation at once (see [`Builder::recv_pool_working_set`]).
+    working_set: Option<u16>,
     /// io_uring: fill pool buffers incrementally (see [`Builder::recv_pool_incremental`]).
     incremental: bool,
     /// io_uring: each worker's ring driven by one thread (see
@@ -180,6 +182,7 @@ impl Default for Builder {
             entries: 256,
             backend: Backend::Auto,
             pool: None,
+            working_set: None,
             incremental: false,
             single_thread: false,
         }
@@ -210,6 +213,29 @@ impl Builder {
     /// `InvalidInput`; `buffers` must be 1 to 32768 (else [`Builder::build`] fails).
     pub fn recv_pool(mut self, size: usize, buffers: u16) -> Self {
         self.pool = Some((size, buffers));
+        self
+    }
+
+    /// Keeps at most `buffers` of each worker's receive pool ([`Builder::recv_pool`]) in
+    /// circulation at once (default: all of them). A buffer circulates from when the worker
+    /// gives it to the kernel (or, on epoll, receives into it) until every slice of it is
+    /// dropped; one that slices have held for 20 ms no longer counts: it is parked (the echo
+    /// of a peer that stopped reading, say), and the worker puts another in its place. So
+    /// this bounds the bytes between a receive and the send that passes them on, not what can
+    /// be held: the whole pool stays usable by those who hold on to their bytes.
+    ///
+    /// Where every connection has more in flight than the pool holds, a worker lends out
+    /// every buffer and cycles through all of them, and a pool larger than the cache then
+    /// costs a cache miss on both copies of each byte; a working set that fits the cache
+    /// avoids that (`ringport serve` keeps 4 MiB of its 16 MiB pool circulating; 10,000
+    /// connections each with 64 KiB in flight: 1.2 µs of server CPU per message instead of
+    /// 1.7, `BENCHMARKS.md`). Receives that find no buffer end with `ENOBUFS`, as with an
+    /// empty pool; [`Worker::pool_available`] counts what the working set allows. The worker
+    /// counts buffers as parked when it waits, so that count can grow with no completion to
+    /// say so: an application that re-posts receives once buffers are available should wait
+    /// with a timeout (20 ms suits) while any receive waits for one.
+    pub fn recv_pool_working_set(mut self, buffers: u16) -> Self {
+        self.working_set = Some(buffers);
         self
     }
 
@@ -325,7 +351,7 @@ impl Builder {
         for d in &mut drivers {
             let pool = match self.pool {
                 Some((size, count)) => {
-                    let pool = Pool::new(size, count)?;
+                    let pool = Pool::new(size, count, self.working_set.unwrap_or(count))?;
                     d.set_pool(Arc::clone(&pool), self.incremental)?;
                     Some(pool)
                 }
@@ -685,12 +711,21 @@ where
         self.submit_pending(worker, pending)
     }
 
-    /// Buffers of this worker's receive pool not in user hands (0 without a pool). Pooled
+    /// Buffers of this worker's receive pool not in user hands, as far as its working set
+    /// ([`Builder::recv_pool_working_set`]) lets them be used (0 without a pool). Pooled
     /// receives that ended with `ENOBUFS` can be posted again once this is non-zero.
     pub fn pool_available(&self) -> usize {
-        self.pool
-            .as_ref()
-            .map_or(0, |p| usize::from(p.count()).saturating_sub(p.out()))
+        self.pool.as_ref().map_or(0, |p| {
+            let count = usize::from(p.count());
+            let usable = (usize::from(p.working_set()) + self.driver.pool_parked()).min(count);
+            usable.saturating_sub(p.out())
+        })
+    }
+
+    /// Buffers of this worker's receive pool that slices in user hands
+    /// ([`PoolBuf`](crate::PoolBuf)s) keep from the pool (0 without a pool).
+    pub fn pool_in_use(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.out())
     }
 
     /// Whether pooled receives share buffers, each going on where the previous one stopped

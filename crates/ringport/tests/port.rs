@@ -5,7 +5,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ringport::{Backend, Completion, Handle, Op, OpKind, Packet, Port, WaitError, Worker};
 
@@ -144,6 +144,7 @@ per_backend!(
     pooled_receive_completes_many_times_and_holds_no_buffer_while_idle,
     pooled_receive_ends_with_enobufs_when_the_pool_runs_dry,
     pooled_receive_without_a_buffer_ends_even_with_no_data,
+    a_pool_buffer_held_on_to_is_parked_and_another_circulates,
     small_receives_share_a_pool_buffer,
     slices_of_a_shared_buffer_gather_and_return_from_another_thread,
     pooled_receive_on_a_datagram_socket_is_refused,
@@ -1034,6 +1035,59 @@ fn small_receives_share_a_pool_buffer(b: Backend) {
     let c = next(&mut w);
     assert_eq!(c.data, 2);
     assert_eq!(c.pooled.as_deref(), Some(&b"FGH"[..]));
+}
+
+/// With a working set of one buffer out of three, a buffer that user hands keep comes to count
+/// as parked and another circulates in its place: a connection that holds on to its bytes does
+/// not stop the others, and every byte stays where it was received. (Were the held buffer never
+/// parked, the second connection would find no buffer however long it waited.)
+fn a_pool_buffer_held_on_to_is_parked_and_another_circulates(b: Backend) {
+    let (port, mut workers) = Port::builder()
+        .workers(1)
+        .backend(b)
+        .recv_pool(8, 3)
+        .recv_pool_working_set(1)
+        .build::<u8, u8>()
+        .unwrap();
+    let mut w = workers.pop().unwrap();
+    let (a, mut peer_a) = pair();
+    let (bb, mut peer_b) = pair();
+    let ha = port.associate(a, 0).unwrap();
+    let hb = port.associate(bb, 1).unwrap();
+    w.submit_multishot(Op::recv_pooled(&ha), 0);
+    peer_a.write_all(b"12345678").unwrap();
+    let held = next(&mut w).pooled.expect("a's bytes fill a buffer");
+    assert_eq!(&held[..], b"12345678");
+
+    let mut armed = true;
+    w.submit_multishot(Op::recv_pooled(&hb), 1);
+    peer_b.write_all(b"abcdefgh").unwrap();
+    let deadline = Instant::now() + WAIT.unwrap();
+    let got = loop {
+        assert!(Instant::now() < deadline, "b never got a buffer");
+        match w.dequeue(Some(Duration::from_millis(20))) {
+            // a's receive may end for want of a buffer, with nothing received.
+            Ok(c) if c.data == 0 => assert_eq!(
+                c.result.err().and_then(|e| e.raw_os_error()),
+                Some(libc::ENOBUFS),
+                "a's peer sent nothing more"
+            ),
+            Ok(c) => match c.result {
+                Ok(_) => break c.pooled.expect("b's bytes in a pool buffer"),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => armed = false,
+                Err(e) => panic!("b's receive failed: {e}"),
+            },
+            Err(WaitError::TimedOut) => {}
+            Err(e) => panic!("wait failed: {e}"),
+        }
+        if !armed && w.pool_available() > 0 {
+            w.submit_multishot(Op::recv_pooled(&hb), 1);
+            armed = true;
+        }
+    };
+    assert_eq!(&got[..], b"abcdefgh");
+    assert_eq!(&held[..], b"12345678", "the parked buffer keeps its bytes");
+    assert_ne!(got.buffer_index(), held.buffer_index());
 }
 
 /// Slices of one shared buffer, at different offsets, go out in one gathering send and come

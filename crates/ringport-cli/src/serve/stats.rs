@@ -23,15 +23,15 @@ pub(super) struct Gauge {
     accepted: AtomicU64,
     /// Bytes it has echoed since the start.
     bytes: AtomicU64,
-    /// Its receive pool's buffers not in use.
-    pool_free: AtomicUsize,
+    /// Its receive pool's buffers in user hands.
+    pool_used: AtomicUsize,
 }
 
 impl Gauge {
-    pub(super) fn publish(&self, accepted: u64, bytes: u64, pool_free: usize) {
+    pub(super) fn publish(&self, accepted: u64, bytes: u64, pool_used: usize) {
         self.accepted.store(accepted, Ordering::Relaxed);
         self.bytes.store(bytes, Ordering::Relaxed);
-        self.pool_free.store(pool_free, Ordering::Relaxed);
+        self.pool_used.store(pool_used, Ordering::Relaxed);
     }
 }
 
@@ -46,7 +46,7 @@ pub(super) struct Stats {
 struct Reading {
     accepted: u64,
     bytes: u64,
-    pool_free: usize,
+    pool_used: usize,
 }
 
 fn read(totals: &Totals) -> Reading {
@@ -56,7 +56,7 @@ fn read(totals: &Totals) -> Reading {
         .fold(Reading::default(), |r, g| Reading {
             accepted: r.accepted + g.accepted.load(Ordering::Relaxed),
             bytes: r.bytes + g.bytes.load(Ordering::Relaxed),
-            pool_free: r.pool_free + g.pool_free.load(Ordering::Relaxed),
+            pool_used: r.pool_used + g.pool_used.load(Ordering::Relaxed),
         })
 }
 
@@ -71,7 +71,7 @@ fn line(totals: &Totals, now: Reading, last: Reading, secs: f64, pool_total: usi
         now.accepted.saturating_sub(last.accepted),
         now.bytes,
         bytes as f64 / secs.max(1e-9) / 1e6,
-        pool_total.saturating_sub(now.pool_free),
+        now.pool_used,
         pool_total,
     );
     for (what, n) in [
@@ -127,14 +127,14 @@ mod tests {
     #[test]
     fn a_line_gives_totals_changes_and_only_the_events_that_happened() {
         let totals = Totals::with_gauges(2);
-        totals.gauges[0].publish(3, 1000, 10);
-        totals.gauges[1].publish(2, 500, 16);
+        totals.gauges[0].publish(3, 1000, 6);
+        totals.gauges[1].publish(2, 500, 0);
         totals.live.store(4, Ordering::Relaxed);
         totals.retried.store(7, Ordering::Relaxed);
         let last = Reading {
             accepted: 1,
             bytes: 300,
-            pool_free: 0,
+            pool_used: 0,
         };
         let s = line(&totals, read(&totals), last, 2.0, 32);
         assert_eq!(

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use super::{Cancel, Driver, Event, Filled, IdHasher, OpBody, Target};
-use crate::pool::Pool;
+use crate::pool::{Circulation, Pool};
 
 /// `epoll_event.u64` of the worker's eventfd.
 const WAKE: u64 = u64::MAX;
@@ -210,6 +210,8 @@ struct PoolState {
     free: Vec<u16>,
     /// The buffer receives go into, and how many bytes of it are filled.
     current: Option<(u16, u32)>,
+    /// Keeps the buffers being filled and in user hands within the pool's working set.
+    circulation: Circulation,
 }
 
 impl PoolState {
@@ -219,13 +221,25 @@ impl PoolState {
     fn current(&mut self) -> Option<(u16, u32)> {
         if self.current.is_none() {
             if self.free.is_empty() {
-                self.pool.take_returned(&mut self.free);
+                self.collect();
+            }
+            if self.circulation.room(self.free.len()) == 0 {
+                return None;
             }
             let bid = self.free.pop()?;
             self.pool.hold(bid);
             self.current = Some((bid, 0));
         }
         self.current
+    }
+
+    /// Takes back the buffers dropped since the last call.
+    fn collect(&mut self) {
+        let from = self.free.len();
+        self.pool.take_returned(&mut self.free);
+        for &bid in &self.free[from..] {
+            self.circulation.back(bid);
+        }
     }
 }
 
@@ -562,6 +576,9 @@ fn recv_pooled(fd: RawFd, pool: Option<&mut PoolState>) -> Outcome {
             // A full buffer is let go of with this event (the port releases it once it has
             // taken its slice).
             pool.current = (!full).then_some((bid, off + n as u32));
+            if full {
+                pool.circulation.lent(bid);
+            }
             return Outcome::More {
                 res: r as i32,
                 buf: Some(Filled {
@@ -731,7 +748,8 @@ impl Driver for Epoll {
             }
         };
         if let Some(p) = &mut self.pool {
-            p.pool.take_returned(&mut p.free);
+            p.collect();
+            p.circulation.tick();
         }
         self.buf.clear();
         // SAFETY: epoll_wait writes at most `capacity` events into the vector's spare capacity.
@@ -786,6 +804,7 @@ impl Driver for Epoll {
     fn set_pool(&mut self, pool: Arc<Pool>, _incremental: bool) -> io::Result<()> {
         let free = (0..pool.count()).rev().collect();
         self.pool = Some(PoolState {
+            circulation: Circulation::new(&pool),
             pool,
             free,
             current: None,
@@ -795,6 +814,10 @@ impl Driver for Epoll {
 
     fn pool_incremental(&self) -> bool {
         true
+    }
+
+    fn pool_parked(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.circulation.parked())
     }
 
     fn recv_limits(&self) -> bool {

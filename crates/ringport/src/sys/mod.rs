@@ -212,6 +212,10 @@ pub(crate) trait Driver: Send {
     /// Whether pool buffers are filled incrementally (see [`Filled`]).
     fn pool_incremental(&self) -> bool;
 
+    /// Pool buffers held in user hands long enough to count as parked rather than
+    /// circulating (see [`Circulation`](crate::pool::Circulation)).
+    fn pool_parked(&self) -> usize;
+
     /// Whether a pooled receive's byte limit ([`OpBody::RecvPooled`]) is kept.
     /// Whether the driver is tied to the thread that first waits on it (see
     /// `Builder::single_thread_workers`).

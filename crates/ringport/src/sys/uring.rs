@@ -11,7 +11,7 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::{Cancel, Driver, Event, Filled, OpBody, Target};
-use crate::pool::Pool;
+use crate::pool::{Circulation, Pool};
 
 /// The buffer group id of the worker's receive pool.
 const POOL_GROUP: u16 = 0;
@@ -49,6 +49,8 @@ struct BufRing {
     target: usize,
     /// Free buffers outside the ring, the most recently returned last.
     spare: Vec<u16>,
+    /// Keeps the buffers in the ring and in user hands within the pool's working set.
+    circulation: Circulation,
     /// With incremental consumption: per buffer, the bytes the kernel has filled so far.
     filled: Option<Vec<u32>>,
 }
@@ -74,13 +76,19 @@ impl BufRing {
         }
     }
 
-    /// Tops the ring up to `target` from the spare buffers, the most recently returned first.
+    /// Tops the ring up to `target` from the spare buffers, the most recently returned first,
+    /// as far as the pool's working set allows.
     fn recycle(&mut self) {
+        let from = self.spare.len();
         self.pool.take_returned(&mut self.spare);
+        for &bid in &self.spare[from..] {
+            self.circulation.back(bid);
+        }
+        self.circulation.tick();
         let want = self
             .target
             .saturating_sub(self.in_ring)
-            .min(self.spare.len());
+            .min(self.circulation.room(self.spare.len()));
         if want > 0 {
             let from = self.spare.len() - want;
             let bids = self.spare.split_off(from);
@@ -98,6 +106,7 @@ impl BufRing {
     /// the ring with it.
     fn filled(&mut self, bid: u16, res: i32, flags: u32) -> Filled {
         let Some(filled) = &mut self.filled else {
+            self.circulation.lent(bid);
             return Filled {
                 bid,
                 off: 0,
@@ -112,6 +121,7 @@ impl BufRing {
         let released = res > 0 && !cqueue::buffer_more(flags);
         if released {
             *at = 0;
+            self.circulation.lent(bid);
         } else if res > 0 {
             *at += res as u32;
         }
@@ -657,6 +667,7 @@ impl Driver for Uring {
             // Popped from the end: buffer 0 first.
             spare: (0..count).rev().collect(),
             filled: incremental.then(|| vec![0; usize::from(count)]),
+            circulation: Circulation::new(&pool),
             pool,
         };
         bufs.recycle();
@@ -666,6 +677,10 @@ impl Driver for Uring {
 
     fn pool_incremental(&self) -> bool {
         self.bufs.as_ref().is_some_and(|b| b.filled.is_some())
+    }
+
+    fn pool_parked(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.circulation.parked())
     }
 
     fn single_thread(&self) -> bool {
