@@ -161,6 +161,8 @@ struct Limits {
     strict: bool,
     /// The size of a receive pool buffer.
     pool_buffer: usize,
+    /// Buffers in a worker's pool.
+    pool_buffers: usize,
 }
 
 struct Conn {
@@ -346,6 +348,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
             .max(pool_buffer),
         strict: !args.no_strict_conn_buffer,
         pool_buffer,
+        pool_buffers: usize::from(buffers(pool_buffer)),
     };
     if limits.conn_buffer != args.conn_buffer {
         info!(
@@ -1383,7 +1386,9 @@ impl Server {
         // The next look in `HOG_AGAIN` whatever happens now (a check time in the past would
         // make the worker's wait return at once, again and again).
         self.hog_check = Some(far(HOG_AGAIN));
-        if self.free_receives() > 0 {
+        // Dry: every buffer of the pool in user hands. (Buffers outside the working set are
+        // there for connections that hold on to theirs: a busy working set is not a dry pool.)
+        if self.worker.pool_in_use() < self.limits.pool_buffers {
             return;
         }
         // The connection holding the most, and with it every one holding more than twice the

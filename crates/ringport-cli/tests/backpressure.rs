@@ -299,6 +299,38 @@ fn write_until_pushed_back(s: &mut std::net::TcpStream) -> io::Result<usize> {
     Ok(written)
 }
 
+/// A server with one worker, a 4 MiB receive pool and a working set of `bytes` of it; `None`
+/// (the test skipped) where receives do not end at `--conn-buffer`, as then peers that stop
+/// reading could take in more than the pool before their pause takes effect.
+fn one_worker_with_working_set(bytes: &str) -> Option<Server> {
+    if !util::receives_end_at_a_limit() {
+        eprintln!("skipped: io_uring on this kernel has no limit on a multishot receive");
+        return None;
+    }
+    Some(Server::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--pool-size",
+        "4194304",
+        "--pool-working-set",
+        bytes,
+    ]))
+}
+
+/// Stops the server; nobody was closed for holding the receive pool.
+fn expect_nobody_closed_for_holding_the_pool(server: Server) {
+    let output = server.terminate_cleanly(EXIT_GUARD);
+    assert!(
+        !output
+            .stdout
+            .contains("that held the receive pool without reading their echo"),
+        "a peer was closed for holding the pool\n{}",
+        output.describe()
+    );
+}
+
 /// `n` peers of the server at `addr`, each on a thread of its own writing until pushed back;
 /// each thread returns its peer's socket and what it wrote.
 fn start_writers(addr: SocketAddr, n: usize) -> Vec<thread::JoinHandle<(TcpStream, usize)>> {
@@ -345,14 +377,7 @@ fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {
     let peers: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     echo_exact(server.addr, b"still served");
     expect_whole_echoes(peers);
-    let output = server.terminate_cleanly(EXIT_GUARD);
-    assert!(
-        !output
-            .stdout
-            .contains("that held the receive pool without reading their echo"),
-        "a peer was closed for holding the pool\n{}",
-        output.describe()
-    );
+    expect_nobody_closed_for_holding_the_pool(server);
 }
 
 /// With a working set of two pool buffers (`--pool-working-set`), peers that stop reading
@@ -361,20 +386,9 @@ fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {
 /// room that parking makes appears as time passes, with nothing completing: a worker that
 /// looked for it only after completions would leave the client waiting for ever.)
 fn peers_that_stop_reading_are_parked_outside_the_working_set() {
-    if !util::receives_end_at_a_limit() {
-        eprintln!("skipped: io_uring on this kernel has no limit on a multishot receive");
+    let Some(server) = one_worker_with_working_set("131072") else {
         return;
-    }
-    let server = Server::start_with(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--pool-size",
-        "4194304",
-        "--pool-working-set",
-        "131072",
-    ]);
+    };
     let addr = server.addr;
     let writers = start_writers(addr, 8);
     let mut client = connect(addr);
@@ -404,6 +418,45 @@ fn peers_that_stop_reading_are_parked_outside_the_working_set() {
     expect_whole_echoes(peers);
     drop(client);
     server.terminate_cleanly(EXIT_GUARD);
+}
+
+/// A busy working set is not a dry pool: with one buffer circulating (`--pool-working-set`)
+/// and 16 streams keeping connections waiting for it, a peer that stopped reading, its input
+/// parked while most of the pool is free, is not closed for holding the pool, and gets its
+/// whole echo once it reads.
+fn a_busy_working_set_is_not_a_dry_pool() {
+    let Some(server) = one_worker_with_working_set("65536") else {
+        return;
+    };
+    let addr = server.addr;
+    let hog: Vec<_> = start_writers(addr, 1)
+        .into_iter()
+        .map(|w| w.join().unwrap())
+        .collect();
+    // Longer than the pool's grace (0.5 s) and the hold of an echo that stands still.
+    let streams: Vec<_> = (0..16)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut s = connect(addr);
+                let chunk: Vec<u8> = (0..128 * 1024u32).map(|n| (n % 253) as u8).collect();
+                let mut echo = vec![0u8; chunk.len()];
+                let start = Instant::now();
+                let mut rounds = 0;
+                while start.elapsed() < Duration::from_millis(1500) && rounds < 100_000 {
+                    s.write_all(&chunk).unwrap();
+                    s.read_exact(&mut echo)
+                        .unwrap_or_else(|e| panic!("stream {i}, round {rounds}: {e}"));
+                    assert!(echo == chunk, "stream {i}, round {rounds}: echo differs");
+                    rounds += 1;
+                }
+            })
+        })
+        .collect();
+    for s in streams {
+        s.join().unwrap();
+    }
+    expect_whole_echoes(hog);
+    expect_nobody_closed_for_holding_the_pool(server);
 }
 
 /// Receives end every 256 KiB (`--conn-buffer`), often with input left in the
@@ -459,6 +512,7 @@ per_backend!(
     peers_that_never_read_cannot_starve_the_others,
     peers_that_stop_reading_keep_to_their_share_of_the_pool,
     peers_that_stop_reading_are_parked_outside_the_working_set,
+    a_busy_working_set_is_not_a_dry_pool,
     peers_that_stop_short_of_the_bound_cannot_starve_the_others,
 );
 

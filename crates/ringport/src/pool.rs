@@ -220,7 +220,7 @@ impl Circulation {
     }
 
     /// Reads the clock and counts the buffers held for [`PARK_AFTER`] as parked. Called once
-    /// per wait.
+    /// per wait, as it returns: buffers that leave the driver after it are timed from then.
     pub(crate) fn tick(&mut self) {
         if self.working_set < self.count {
             self.tick_at(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(PARKED - 1));
@@ -228,7 +228,7 @@ impl Circulation {
     }
 
     /// [`Circulation::tick`] at `now` milliseconds.
-    fn tick_at(&mut self, now: u64) {
+    pub(crate) fn tick_at(&mut self, now: u64) {
         self.now = now;
         let park = u64::try_from(PARK_AFTER.as_millis()).unwrap_or(u64::MAX);
         while let Some(&(bid, at)) = self.lent.front() {

@@ -216,8 +216,8 @@ impl Builder {
         self
     }
 
-    /// Keeps at most `buffers` of each worker's receive pool ([`Builder::recv_pool`]) in
-    /// circulation at once (default: all of them). A buffer circulates from when the worker
+    /// Keeps at most `buffers` (at least one) of each worker's receive pool
+    /// ([`Builder::recv_pool`]) in circulation at once (default: all of them). A buffer circulates from when the worker
     /// gives it to the kernel (or, on epoll, receives into it) until every slice of it is
     /// dropped; one that slices have held for 20 ms no longer counts: it is parked (the echo
     /// of a peer that stopped reading, say), and the worker puts another in its place. So

@@ -1058,6 +1058,10 @@ fn a_pool_buffer_held_on_to_is_parked_and_another_circulates(b: Backend) {
     peer_a.write_all(b"12345678").unwrap();
     let held = next(&mut w).pooled.expect("a's bytes fill a buffer");
     assert_eq!(&held[..], b"12345678");
+    // Two buffers free, but the working set is out (until the worker's next wait at the
+    // earliest, which is when a held buffer can be counted as parked).
+    assert_eq!(w.pool_available(), 0);
+    assert_eq!(w.pool_in_use(), 1);
 
     let mut armed = true;
     w.submit_multishot(Op::recv_pooled(&hb), 1);
@@ -1087,6 +1091,7 @@ fn a_pool_buffer_held_on_to_is_parked_and_another_circulates(b: Backend) {
     };
     assert_eq!(&got[..], b"abcdefgh");
     assert_eq!(&held[..], b"12345678", "the parked buffer keeps its bytes");
+    assert_eq!(w.pool_in_use(), 2, "a and b each hold a whole buffer");
     assert_ne!(got.buffer_index(), held.buffer_index());
 }
 

@@ -220,7 +220,8 @@ impl PoolState {
     /// worker keeps reusing a few warm buffers instead of paging in the whole pool.
     fn current(&mut self) -> Option<(u16, u32)> {
         if self.current.is_none() {
-            if self.free.is_empty() {
+            if self.free.is_empty() || self.circulation.room(self.free.len()) == 0 {
+                // Buffers dropped since the last wait are free, and no longer circulate.
                 self.collect();
             }
             if self.circulation.room(self.free.len()) == 0 {
@@ -749,7 +750,6 @@ impl Driver for Epoll {
         };
         if let Some(p) = &mut self.pool {
             p.collect();
-            p.circulation.tick();
         }
         self.buf.clear();
         // SAFETY: epoll_wait writes at most `capacity` events into the vector's spare capacity.
@@ -769,6 +769,10 @@ impl Driver for Epoll {
         } else {
             // SAFETY: the kernel initialized the first `n` entries.
             unsafe { self.buf.set_len(n as usize) };
+        }
+        // Buffers filled now leave the driver as of now; those held long enough are parked.
+        if let Some(p) = &mut self.pool {
+            p.circulation.tick();
         }
         for i in 0..self.buf.len() {
             let (data, events) = (self.buf[i].u64, self.buf[i].events);
@@ -837,8 +841,37 @@ impl Driver for Epoll {
 
 #[cfg(test)]
 mod tests {
-    use super::{OpTable, Side, Waiting};
+    use super::{OpTable, PoolState, Side, Waiting};
     use crate::inflight::Inflight;
+    use crate::pool::{Circulation, Pool, PARK_AFTER};
+    use std::sync::Arc;
+
+    /// With a working set of one buffer of three, a second buffer is taken only once the
+    /// first, still held, is parked.
+    #[test]
+    fn buffers_beyond_the_working_set_wait_until_one_is_parked() {
+        let pool = Pool::new(16, 3, 1).unwrap();
+        let mut p = PoolState {
+            circulation: Circulation::new(&pool),
+            free: (0..3).rev().collect(),
+            current: None,
+            pool: Arc::clone(&pool),
+        };
+        let (bid, _) = p.current().expect("a buffer within the working set");
+        // Filled and let go of, as `recv_pooled` does, with a slice still holding it.
+        p.current = None;
+        p.circulation.lent(bid);
+        // SAFETY: nothing writes the buffer; the driver state above holds it.
+        let slice = unsafe { pool.buf(bid, 0, 16) };
+        pool.release(bid);
+        assert_eq!(p.current(), None, "the working set is out");
+        p.circulation.tick_at(PARK_AFTER.as_millis() as u64);
+        let (next, _) = p
+            .current()
+            .expect("the held buffer is parked: room for another");
+        assert_ne!(next, bid);
+        drop(slice);
+    }
 
     fn waiting(fd: i32) -> Waiting {
         Waiting {

@@ -84,7 +84,6 @@ impl BufRing {
         for &bid in &self.spare[from..] {
             self.circulation.back(bid);
         }
-        self.circulation.tick();
         let want = self
             .target
             .saturating_sub(self.in_ring)
@@ -604,6 +603,10 @@ impl Driver for Uring {
                 _ => return Err(e),
             },
         }
+        // Buffers reaped now leave the ring as of now; those held long enough are parked.
+        if let Some(b) = &mut self.bufs {
+            b.circulation.tick();
+        }
         self.reap(out);
         // The read reset the eventfd's counter; re-arm it for the next post.
         self.arm_wake()?;
@@ -732,6 +735,53 @@ impl Drop for Uring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::PARK_AFTER;
+
+    /// The ring is topped up within the pool's working set: two buffers of four, then one
+    /// while a slice holds the other, then two again once that one is parked.
+    #[test]
+    fn the_ring_holds_no_more_than_the_working_set_allows() {
+        let pool = Pool::new(16, 4, 2).unwrap();
+        let layout =
+            Layout::from_size_align(4 * std::mem::size_of::<types::BufRingEntry>(), 4096).unwrap();
+        // SAFETY: a non-zero size; zeroed memory is a valid empty ring, never registered with
+        // a kernel here.
+        let entries = unsafe { alloc::alloc_zeroed(layout) }.cast::<types::BufRingEntry>();
+        assert!(!entries.is_null());
+        let mut b = BufRing {
+            entries,
+            layout,
+            mask: 3,
+            tail: 0,
+            in_ring: 0,
+            target: 4,
+            spare: (0..4).rev().collect(),
+            circulation: Circulation::new(&pool),
+            filled: None,
+            pool: Arc::clone(&pool),
+        };
+        b.recycle();
+        assert_eq!(b.in_ring, 2, "the working set, not the target");
+        // A receive takes the first buffer given (buffer 1: the spare list is popped from its
+        // end) and a slice holds it.
+        let f = b.filled(1, 16, 0);
+        assert!(f.released);
+        b.in_ring -= 1;
+        // SAFETY: nothing writes the buffer; the ring above holds it.
+        let slice = unsafe { pool.buf(1, 0, 16) };
+        pool.release(1);
+        b.recycle();
+        assert_eq!(b.in_ring, 1, "one in user hands, one in the ring");
+        b.circulation.tick_at(PARK_AFTER.as_millis() as u64);
+        b.recycle();
+        assert_eq!(
+            b.in_ring, 2,
+            "the held buffer is parked: another takes its place"
+        );
+        drop(slice);
+        // SAFETY: allocated above with this layout; no kernel ever saw it.
+        unsafe { alloc::dealloc(entries.cast(), layout) };
+    }
 
     /// A wait of centuries (still a valid `Instant` away) is cut to one the kernel can add to
     /// its clock; shorter ones are left alone.
