@@ -228,8 +228,8 @@ impl Builder {
     /// every buffer and cycles through all of them, and a pool larger than the cache then
     /// costs a cache miss on both copies of each byte; a working set that fits the cache
     /// avoids that (`ringport serve` keeps 4 MiB of its 16 MiB pool circulating; 10,000
-    /// connections each with 64 KiB in flight: 1.2 µs of server CPU per message instead of
-    /// 1.7, `BENCHMARKS.md`). Receives that find no buffer end with `ENOBUFS`, as with an
+    /// connections each with 64 KiB in flight: 16-35% less server CPU per message,
+    /// `BENCHMARKS.md`, L). Receives that find no buffer end with `ENOBUFS`, as with an
     /// empty pool; [`Worker::pool_available`] counts what the working set allows. The worker
     /// counts buffers as parked when it waits, so that count can grow with no completion to
     /// say so: an application that re-posts receives once buffers are available should wait
