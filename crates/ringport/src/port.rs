@@ -209,20 +209,21 @@ impl Builder {
     /// [`Op::recv_pooled`]: the kernel takes a buffer from the pool only when data arrives, so
     /// a connection waiting for input holds none (on io_uring, a provided-buffer ring with a
     /// multishot receive, Linux 6.0+). Receives fill a buffer one after another (see the crate
-    /// docs), so `size` bounds one receive, not one message. Without a pool, pooled receives fail with
-    /// `InvalidInput`; `buffers` must be 1 to 32768 (else [`Builder::build`] fails).
+    /// docs), so `size` bounds one receive, not one message. Without a pool, pooled receives
+    /// fail with `InvalidInput`; `buffers` must be 1 to 32768 (else [`Builder::build`] fails).
     pub fn recv_pool(mut self, size: usize, buffers: u16) -> Self {
         self.pool = Some((size, buffers));
         self
     }
 
     /// Keeps at most `buffers` (at least one) of each worker's receive pool
-    /// ([`Builder::recv_pool`]) in circulation at once (default: all of them). A buffer circulates from when the worker
-    /// gives it to the kernel (or, on epoll, receives into it) until every slice of it is
-    /// dropped; one that slices have held for 20 ms no longer counts: it is parked (the echo
-    /// of a peer that stopped reading, say), and the worker puts another in its place. So
-    /// this bounds the bytes between a receive and the send that passes them on, not what can
-    /// be held: the whole pool stays usable by those who hold on to their bytes.
+    /// ([`Builder::recv_pool`]) in circulation at once (default: all of them). A buffer
+    /// circulates from when the worker gives it to the kernel (or, on epoll, receives into it)
+    /// until every slice of it is dropped; one that slices have held for 20 ms no longer
+    /// counts: it is parked (the echo of a peer that stopped reading, say), and the worker puts
+    /// another in its place. So this bounds the bytes between a receive and the send that
+    /// passes them on, not what can be held: the whole pool stays usable by those who hold on
+    /// to their bytes.
     ///
     /// Where every connection has more in flight than the pool holds, a worker lends out
     /// every buffer and cycles through all of them, and a pool larger than the cache then
@@ -255,7 +256,8 @@ impl Builder {
 
     /// On io_uring, promise that each worker stays on one thread: the first that waits on it
     /// (or that submits so much at once that its submission queue must be flushed); posting
-    /// from the thread that builds the port, before moving the worker, is fine. Its ring is then single-issuer with deferred task work
+    /// from the thread that builds the port, before moving the worker, is fine. Its ring is
+    /// then single-issuer with deferred task work
     /// (`IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN`, Linux 6.1; ignored where the
     /// kernel lacks it): the kernel's part of completing operations (running a multishot
     /// receive once data has arrived, say) waits for the worker's next wait and runs there in
