@@ -54,7 +54,21 @@ const QUIET: u64 = u64::MAX - 5;
 /// Submission queue entries (the completion queue gets twice as many).
 const ENTRIES: u32 = 256;
 
+/// Serves on a thread of its own, which alone uses the ring: the kernel interrupts every
+/// thread that used a ring when the ring is torn down, which would make the caller's next
+/// blocking call with a timeout fail with `EINTR`.
 pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::Result<Stats> {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("ringport-uring-model".into())
+            .spawn_scoped(s, || serve_here(listener, config, stop))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start the serving thread: {e}")))?
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+fn serve_here(listener: TcpListener, config: &Config, stop: &Stop) -> io::Result<Stats> {
     let ring =
         IoUring::new(ENTRIES).map_err(|e| io::Error::new(e.kind(), format!("io_uring: {e}")))?;
     let mut server = Server {

@@ -101,3 +101,38 @@ fn sigio_gives_the_listener_back_without_signal_driven_io() {
         "O_ASYNC is still set on the listener"
     );
 }
+
+/// The `uring` model serves on a thread of its own: when its ring is torn down, the kernel
+/// interrupts the threads that used it, and the caller's next blocking call with a timeout
+/// would fail with `EINTR` had the caller used the ring itself.
+#[test]
+fn serving_with_io_uring_leaves_the_calling_thread_uninterrupted() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let stop = Stop::new().expect("Stop::new");
+    stop.trigger();
+    if let Err(e) = ringport_models::serve(Model::Uring, listener, &Config::default(), &stop) {
+        // The kernel's refusal (EPERM, EACCES, ENOSYS), named in the error's text.
+        let text = e.to_string();
+        let refused = ["(os error 1)", "(os error 13)", "(os error 38)"]
+            .iter()
+            .any(|code| text.contains(code));
+        let required = std::env::var("RINGPORT_TEST_URING").is_ok_and(|v| v == "require");
+        assert!(refused && !required, "serve: {e}");
+        eprintln!("SKIPPED: io_uring refused here: {e}");
+        return;
+    }
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .expect("read timeout");
+    for _ in 0..2 {
+        let err = socket.recv(&mut [0u8; 8]).unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "a read after serving: {err}"
+        );
+    }
+}
