@@ -361,9 +361,9 @@ fn expect_whole_echoes(peers: Vec<(TcpStream, usize)>) {
 }
 
 /// With receives that end at `--conn-buffer` (the default), peers that stop reading are paused
-/// at `--conn-buffer` (256 KiB), and their receives end there by themselves: eight of them sending at once stay within the
-/// pool (4 MiB), so nobody is closed for holding it, and each gets its whole echo once it
-/// reads. (Were each receive to run on until its cancel took effect, as without the flag, the
+/// at `--conn-buffer` (256 KiB), and their receives end there by themselves: eight of them
+/// sending at once stay within the pool (4 MiB), so nobody is closed for holding it, and each
+/// gets its whole echo once it reads. (Were each receive to run on until its cancel took effect, as without the flag, the
 /// busy server would take in megabytes from a fast sender first, and the pool would not hold
 /// eight.)
 fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {

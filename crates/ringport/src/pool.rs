@@ -184,7 +184,9 @@ pub(crate) struct Circulation {
     /// back (or left again since) is stale and skipped.
     lent: VecDeque<(u16, u64)>,
     parked: usize,
-    epoch: Instant,
+    /// The clock's origin; `None` for a clock that moves only with [`Circulation::tick_at`]
+    /// (tests).
+    epoch: Option<Instant>,
     now: u64,
 }
 
@@ -197,14 +199,33 @@ impl Circulation {
             lent_at: vec![HOME; count],
             lent: VecDeque::new(),
             parked: 0,
-            epoch: Instant::now(),
+            epoch: Some(Instant::now()),
             now: 0,
         }
     }
 
-    /// Buffer `bid` left the driver (filled, and let go of).
+    /// The same, with a clock that moves only with [`Circulation::tick_at`].
+    #[cfg(test)]
+    pub(crate) fn manual(pool: &Pool) -> Circulation {
+        Circulation {
+            epoch: None,
+            ..Circulation::new(pool)
+        }
+    }
+
+    /// Milliseconds since `epoch`.
+    fn clock(&self) -> u64 {
+        self.epoch.map_or(self.now, |e| {
+            u64::try_from(e.elapsed().as_millis()).unwrap_or(PARKED - 1)
+        })
+    }
+
+    /// Buffer `bid` left the driver (filled, and let go of). Timed by the clock, read now: a
+    /// driver lends buffers between its waits too (an operation run as it is posted, a queue
+    /// reaped to make room).
     pub(crate) fn lent(&mut self, bid: u16) {
         if self.working_set < self.count {
+            self.now = self.clock();
             self.lent_at[usize::from(bid)] = self.now;
             self.lent.push_back((bid, self.now));
         }
@@ -220,10 +241,10 @@ impl Circulation {
     }
 
     /// Reads the clock and counts the buffers held for [`PARK_AFTER`] as parked. Called once
-    /// per wait, as it returns: buffers that leave the driver after it are timed from then.
+    /// per wait, as it returns.
     pub(crate) fn tick(&mut self) {
         if self.working_set < self.count {
-            self.tick_at(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(PARKED - 1));
+            self.tick_at(self.clock());
         }
     }
 
@@ -341,7 +362,7 @@ mod tests {
 
     fn circulation(count: u16, working_set: u16) -> (Arc<Pool>, Circulation) {
         let pool = Pool::new(16, count, working_set).unwrap();
-        let c = Circulation::new(&pool);
+        let c = Circulation::manual(&pool);
         (pool, c)
     }
 

@@ -257,11 +257,11 @@ impl Builder {
     /// On io_uring, promise that each worker stays on one thread: the first that waits on it
     /// (or that submits so much at once that its submission queue must be flushed); posting
     /// from the thread that builds the port, before moving the worker, is fine. Its ring is
-    /// then single-issuer with deferred task work
-    /// (`IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN`, Linux 6.1; ignored where the
-    /// kernel lacks it): the kernel's part of completing operations (running a multishot
-    /// receive once data has arrived, say) waits for the worker's next wait and runs there in
-    /// one batch, so each completion carries what arrived meanwhile. Where many connections
+    /// then single-issuer with deferred task work (`IORING_SETUP_SINGLE_ISSUER |
+    /// IORING_SETUP_DEFER_TASKRUN`, Linux 6.1; ignored where the kernel lacks it): the
+    /// kernel's part of completing operations (running a multishot receive once data has
+    /// arrived, say) waits for the worker's next wait and runs there in one batch, so each
+    /// completion carries what arrived meanwhile. Where many connections
     /// keep data in flight this cuts the CPU per message (10,000 connections with 16 messages
     /// of 512 B in flight each: 0.40-0.42 µs in every round, against 0.42-0.71 without,
     /// `BENCHMARKS.md`). A worker used from another thread afterwards cannot wait: its next

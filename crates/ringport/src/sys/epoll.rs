@@ -852,7 +852,7 @@ mod tests {
     fn buffers_beyond_the_working_set_wait_until_one_is_parked() {
         let pool = Pool::new(16, 3, 1).unwrap();
         let mut p = PoolState {
-            circulation: Circulation::new(&pool),
+            circulation: Circulation::manual(&pool),
             free: (0..3).rev().collect(),
             current: None,
             pool: Arc::clone(&pool),
@@ -861,8 +861,12 @@ mod tests {
         // Filled and let go of, as `recv_pooled` does, with a slice still holding it.
         p.current = None;
         p.circulation.lent(bid);
-        // SAFETY: nothing writes the buffer; the driver state above holds it.
-        let slice = unsafe { pool.buf(bid, 0, 16) };
+        // SAFETY: the driver state above holds the buffer, and nothing else writes it: these
+        // are its bytes as a receive would leave them, and the slice covers only them.
+        let slice = unsafe {
+            std::ptr::write_bytes(pool.addr(bid), 0x5a, 16);
+            pool.buf(bid, 0, 16)
+        };
         pool.release(bid);
         assert_eq!(p.current(), None, "the working set is out");
         p.circulation.tick_at(PARK_AFTER.as_millis() as u64);

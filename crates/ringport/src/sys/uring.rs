@@ -756,7 +756,7 @@ mod tests {
             in_ring: 0,
             target: 4,
             spare: (0..4).rev().collect(),
-            circulation: Circulation::new(&pool),
+            circulation: Circulation::manual(&pool),
             filled: None,
             pool: Arc::clone(&pool),
         };
@@ -767,8 +767,12 @@ mod tests {
         let f = b.filled(1, 16, 0);
         assert!(f.released);
         b.in_ring -= 1;
-        // SAFETY: nothing writes the buffer; the ring above holds it.
-        let slice = unsafe { pool.buf(1, 0, 16) };
+        // SAFETY: the ring above holds the buffer, and no kernel writes it: these are its
+        // bytes as a receive would leave them, and the slice covers only them.
+        let slice = unsafe {
+            std::ptr::write_bytes(pool.addr(1), 0x5a, 16);
+            pool.buf(1, 0, 16)
+        };
         pool.release(1);
         b.recycle();
         assert_eq!(b.in_ring, 1, "one in user hands, one in the ring");
