@@ -12,20 +12,12 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Whether a peer that cannot start because the kernel refuses io_uring (built without it, the
-/// sysctl `kernel.io_uring_disabled`, a container's seccomp profile) skips its checks: yes,
-/// unless `RINGPORT_TEST_URING=require` (CI), where it fails them.
-pub fn uring_refusal_skips() -> bool {
-    std::env::var("RINGPORT_TEST_URING").map_or(true, |v| v != "require")
-}
+use crate::uring_check;
 
 /// Whether a server's error line says the kernel refused io_uring: `EPERM` (the sysctl, or a
 /// seccomp profile), `EACCES`, or `ENOSYS` (a kernel without it).
 fn says_uring_refused(line: &str) -> bool {
-    line.contains("io_uring")
-        && ["(os error 1)", "(os error 13)", "(os error 38)"]
-            .iter()
-            .any(|code| line.contains(code))
+    line.contains("io_uring") && uring_check::names_refusal(line)
 }
 
 /// The longest any single wait may take: a read, a write, a connect, the server's start or exit.
@@ -55,7 +47,7 @@ impl Server {
     ///
     /// `None` (the test is then skipped, saying so) when the server exits before listening
     /// because the kernel refuses io_uring, which an io_uring-only peer needs (see
-    /// [`uring_refusal_skips`]).
+    /// [`uring_check::refusal_skips`]).
     ///
     /// # Panics
     ///
@@ -92,7 +84,7 @@ impl Server {
                     Err(RecvTimeoutError::Disconnected) => {
                         let status = wait_exit(&mut child.0, deadline);
                         if let Some(why) = said.iter().find(|l| says_uring_refused(l.as_str())) {
-                            if uring_refusal_skips() {
+                            if uring_check::refusal_skips() {
                                 println!("SKIPPED: {bin} cannot run here: {why}");
                                 return None;
                             }

@@ -7,6 +7,8 @@
 //!   with its own runtime and listener.
 //! - `echo_check` and `echo_tests!` (feature `testing`): the echo checks every peer's
 //!   `tests/echo.rs` runs, so that all three are held to literally the same code.
+//! - `uring_check` (feature `testing`): the io_uring test policy every crate of the workspace
+//!   follows (when a kernel's refusal skips a test).
 
 use std::ffi::OsString;
 use std::fmt;
@@ -18,6 +20,8 @@ use std::thread;
 
 #[cfg(feature = "testing")]
 pub mod echo_check;
+#[cfg(feature = "testing")]
+pub mod uring_check;
 
 /// Where a peer listens without `--listen`.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(

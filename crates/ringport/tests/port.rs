@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use peer_common::uring_check;
 use ringport::{Backend, Completion, Handle, Op, OpKind, Packet, Port, WaitError, Worker};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
@@ -75,7 +76,7 @@ fn auto_resolves_to_a_named_backend() {
 fn uring_refused() -> Option<String> {
     static WHY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     WHY.get_or_init(|| {
-        if std::env::var("RINGPORT_TEST_URING").is_ok_and(|v| v == "require") {
+        if !uring_check::refusal_skips() {
             return None;
         }
         match Port::builder()
@@ -86,13 +87,7 @@ fn uring_refused() -> Option<String> {
         {
             // Only the kernel's own refusal (`EPERM`, `EACCES`, `ENOSYS` from setting a ring
             // up) skips: anything else, a failing probe of the port's included, fails.
-            Err(e)
-                if ["(os error 1)", "(os error 13)", "(os error 38)"]
-                    .iter()
-                    .any(|code| e.to_string().contains(code)) =>
-            {
-                Some(e.to_string())
-            }
+            Err(e) if uring_check::names_refusal(&e.to_string()) => Some(e.to_string()),
             _ => None,
         }
     })
@@ -1718,20 +1713,7 @@ fn dropping_a_port_leaves_the_dropping_thread_uninterrupted(b: Backend) {
         .build::<(), ()>()
         .unwrap();
     drop(built);
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    for _ in 0..2 {
-        let err = socket.recv(&mut [0u8; 8]).unwrap_err();
-        assert!(
-            matches!(
-                err.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ),
-            "a read after the port was dropped: {err}"
-        );
-    }
+    uring_check::assert_timed_reads_time_out("the port was dropped");
 }
 
 #[test]

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use peer_common::uring_check;
+
 /// Path of the binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_ringport");
 
@@ -231,7 +233,7 @@ pub fn with_backend(backend: &'static str, test: fn()) {
 pub fn uring_refused() -> Option<String> {
     static WHY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     WHY.get_or_init(|| {
-        if std::env::var("RINGPORT_TEST_URING").is_ok_and(|v| v == "require") {
+        if !uring_check::refusal_skips() {
             return None;
         }
         match ringport::Port::builder()
@@ -242,13 +244,7 @@ pub fn uring_refused() -> Option<String> {
         {
             // Only the kernel's own refusal (`EPERM`, `EACCES`, `ENOSYS` from setting a ring
             // up) skips: anything else, a failing probe of the port's included, fails.
-            Err(e)
-                if ["(os error 1)", "(os error 13)", "(os error 38)"]
-                    .iter()
-                    .any(|code| e.to_string().contains(code)) =>
-            {
-                Some(e.to_string())
-            }
+            Err(e) if uring_check::names_refusal(&e.to_string()) => Some(e.to_string()),
             _ => None,
         }
     })

@@ -110,7 +110,7 @@ fn listen_on_loopback(backlog: i32) -> TcpListener {
 /// Why `model` cannot run here, if it cannot. With `RINGPORT_TEST_URING=require` (CI) the
 /// io_uring model always runs, so that a machine refusing io_uring fails its tests.
 pub fn unsupported(model: Model) -> Option<String> {
-    if std::env::var("RINGPORT_TEST_URING").is_ok_and(|v| v == "require") {
+    if !peer_common::uring_check::refusal_skips() {
         return None;
     }
     match model {
