@@ -709,6 +709,9 @@ impl Server {
             match self.worker.dequeue_batch(&mut batch, BATCH, timeout) {
                 Ok(_) => {
                     self.now = Instant::now();
+                    for id in batch.iter().filter_map(conn_id) {
+                        self.conns.touch(id);
+                    }
                     for c in batch.drain(..) {
                         self.complete(c);
                     }

@@ -90,6 +90,11 @@ impl<K> Handle<K> {
         }
     }
 
+    /// Starts loading the handle's record (see `sys::prefetch`).
+    pub(crate) fn prefetch(&self) {
+        crate::sys::prefetch(Shared::as_ptr(&self.inner));
+    }
+
     pub(crate) fn mark_closed(&self) -> bool {
         !self.inner.closed.swap(true, Ordering::AcqRel)
     }

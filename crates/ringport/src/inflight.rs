@@ -135,6 +135,13 @@ impl<T> Inflight<T> {
             .or_else(|| self.map.get(&id))
     }
 
+    /// Starts loading the slot a slab id names (see `sys::prefetch`).
+    pub(crate) fn prefetch(&self, id: u64) {
+        if let Some(slot) = slot_index(id).and_then(|i| self.slots.get(i)) {
+            crate::sys::prefetch(slot);
+        }
+    }
+
     pub(crate) fn contains(&self, id: u64) -> bool {
         self.get(id).is_some()
     }

@@ -853,7 +853,14 @@ where
     ) -> Result<usize, WaitError> {
         self.fill(timeout)?;
         let n = self.ready.len().min(max.max(1));
+        let from = out.len();
         out.extend(self.ready.drain(..n));
+        // The caller is about to read each completion's key.
+        for c in &out[from..] {
+            if let Some(h) = &c.handle {
+                h.prefetch();
+            }
+        }
         self.handed_out += n;
         Ok(n)
     }
@@ -914,6 +921,16 @@ where
     }
 
     fn complete_events(&mut self) {
+        for ev in &self.events {
+            self.inflight.prefetch(ev.id);
+        }
+        for ev in &self.events {
+            if let Some(p) = self.inflight.get(ev.id) {
+                if let Some(h) = &p.handle {
+                    h.prefetch();
+                }
+            }
+        }
         for ev in self.events.drain(..) {
             let pooled = match (ev.buf, &self.pool) {
                 (Some(f), Some(pool)) => {

@@ -401,6 +401,30 @@ impl Epoll {
         }
     }
 
+    /// Starts loading what serving the batch of events in `buf` reads first: each
+    /// descriptor's state, then the record of the operation at the front of its queue.
+    fn prefetch_batch(&self) {
+        for ev in &self.buf {
+            if let Some(state) = usize::try_from(ev.u64).ok().and_then(|i| self.fds.get(i)) {
+                crate::sys::prefetch(state);
+            }
+        }
+        for ev in &self.buf {
+            let Some(state) = usize::try_from(ev.u64).ok().and_then(|i| self.fds.get(i)) else {
+                continue;
+            };
+            let reading = ev.events & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0;
+            let queue = if reading { &state.read } else { &state.write };
+            if let Some(slot) = queue
+                .front()
+                .and_then(crate::inflight::slot_index)
+                .and_then(|i| self.ops.slots.get(i))
+            {
+                crate::sys::prefetch(slot);
+            }
+        }
+    }
+
     fn cancel_op(&mut self, id: u64) {
         if let Some(op) = self.ops.remove(id) {
             if self.deadlines.remove(&id).is_some() {
@@ -774,6 +798,7 @@ impl Driver for Epoll {
         if let Some(p) = &mut self.pool {
             p.circulation.tick();
         }
+        self.prefetch_batch();
         for i in 0..self.buf.len() {
             let (data, events) = (self.buf[i].u64, self.buf[i].events);
             if data == WAKE {

@@ -237,6 +237,22 @@ pub(crate) trait Driver: Send {
     fn name(&self) -> &'static str;
 }
 
+/// Asks the CPU to start loading the cache line that holds `p`, so that a later read finds it
+/// there. With many connections, each one's records are out of the cache by the time it is
+/// served again; started for a whole batch before it is processed, those loads overlap instead
+/// of each stalling in turn. A hint only: nothing is read, and any address will do.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing the program sees and never faults, whatever the
+    // address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Whether `fd` is a stream socket (`SO_TYPE`).
 pub(crate) fn is_stream(fd: RawFd) -> bool {
     let mut ty: libc::c_int = 0;
