@@ -90,9 +90,11 @@ impl<K> Handle<K> {
         }
     }
 
-    /// Starts loading the handle's record (see `sys::prefetch`).
+    /// Starts loading the handle's record (see `sys::prefetch`): its start, where the
+    /// reference count is, and its key, which may lie in the next cache line.
     pub(crate) fn prefetch(&self) {
         crate::sys::prefetch(Shared::as_ptr(&self.inner));
+        crate::sys::prefetch(&self.inner.key);
     }
 
     pub(crate) fn mark_closed(&self) -> bool {

@@ -921,68 +921,79 @@ where
     }
 
     fn complete_events(&mut self) {
-        for ev in &self.events {
-            self.inflight.prefetch(ev.id);
-        }
-        for ev in &self.events {
-            if let Some(p) = self.inflight.get(ev.id) {
-                if let Some(h) = &p.handle {
+        let mut events = std::mem::take(&mut self.events);
+        // A window at a time (a reap can bring thousands): its records are loaded together,
+        // the in-flight slots and then the handles the completions clone, before it is served.
+        for window in events.chunks(PREFETCH_WINDOW) {
+            for ev in window {
+                self.inflight.prefetch(ev.id);
+            }
+            for ev in window {
+                if let Some(h) = self.inflight.get(ev.id).and_then(|p| p.handle.as_ref()) {
                     h.prefetch();
                 }
             }
-        }
-        for ev in self.events.drain(..) {
-            let pooled = match (ev.buf, &self.pool) {
-                (Some(f), Some(pool)) => {
-                    // SAFETY: the driver reported that the kernel (or its recv) wrote `res`
-                    // bytes at `off` in buffer `f.bid`, which it still holds; it writes only
-                    // past them from now on.
-                    let buf = (ev.res > 0)
-                        .then(|| unsafe { pool.buf(f.bid, f.off as usize, ev.res as usize) });
-                    if f.released {
-                        pool.release(f.bid);
-                    }
-                    buf
-                }
-                _ => None,
-            };
-            if ev.more {
-                let Some(p) = self.inflight.get(ev.id) else {
-                    // A record leaves the table only with its operation's last event, so an
-                    // intermediate one always finds it (an accept's descriptor would leak).
-                    debug_assert!(false, "intermediate event of {:#x} without a record", ev.id);
-                    continue;
-                };
-                let data = match (p.multishot, self.shared.clone.get()) {
-                    (true, Some(clone)) => clone(&p.data),
-                    // Not submitted as multishot: only the last completion is reported (and a
-                    // connection accepted meanwhile is closed).
-                    _ => {
-                        drop(p.outcome(ev.res));
-                        continue;
-                    }
-                };
-                let (result, accepted) = p.outcome(ev.res);
-                self.ready.push_back(Completion {
-                    id: OpId::from_raw(ev.id),
-                    kind: p.kind,
-                    result,
-                    handle: p.handle.clone(),
-                    data,
-                    buf: None,
-                    pooled,
-                    gathered: Vec::new(),
-                    accepted,
-                    more: true,
-                });
-            } else if let Some(p) = self.inflight.remove(ev.id) {
-                let result = p.result(ev.res);
-                let mut c = p.into_completion(ev.id, result);
-                if pooled.is_some() {
-                    c.pooled = pooled;
-                }
-                self.ready.push_back(c);
+            for &ev in window {
+                self.complete_event(ev);
             }
+        }
+        // Keeps the allocation.
+        events.clear();
+        self.events = events;
+    }
+
+    /// Turns one event from the driver into a completion.
+    fn complete_event(&mut self, ev: Event) {
+        let pooled = match (ev.buf, &self.pool) {
+            (Some(f), Some(pool)) => {
+                // SAFETY: the driver reported that the kernel (or its recv) wrote `res`
+                // bytes at `off` in buffer `f.bid`, which it still holds; it writes only
+                // past them from now on.
+                let buf = (ev.res > 0)
+                    .then(|| unsafe { pool.buf(f.bid, f.off as usize, ev.res as usize) });
+                if f.released {
+                    pool.release(f.bid);
+                }
+                buf
+            }
+            _ => None,
+        };
+        if ev.more {
+            let Some(p) = self.inflight.get(ev.id) else {
+                // A record leaves the table only with its operation's last event, so an
+                // intermediate one always finds it (an accept's descriptor would leak).
+                debug_assert!(false, "intermediate event of {:#x} without a record", ev.id);
+                return;
+            };
+            let data = match (p.multishot, self.shared.clone.get()) {
+                (true, Some(clone)) => clone(&p.data),
+                // Not submitted as multishot: only the last completion is reported (and a
+                // connection accepted meanwhile is closed).
+                _ => {
+                    drop(p.outcome(ev.res));
+                    return;
+                }
+            };
+            let (result, accepted) = p.outcome(ev.res);
+            self.ready.push_back(Completion {
+                id: OpId::from_raw(ev.id),
+                kind: p.kind,
+                result,
+                handle: p.handle.clone(),
+                data,
+                buf: None,
+                pooled,
+                gathered: Vec::new(),
+                accepted,
+                more: true,
+            });
+        } else if let Some(p) = self.inflight.remove(ev.id) {
+            let result = p.result(ev.res);
+            let mut c = p.into_completion(ev.id, result);
+            if pooled.is_some() {
+                c.pooled = pooled;
+            }
+            self.ready.push_back(c);
         }
     }
 
@@ -1297,6 +1308,9 @@ const TURN: usize = 64;
 
 /// Entries the ready queue keeps room for once drained (more after a burst is given back).
 const QUEUE_KEEP: usize = 4096;
+/// Events whose records are prefetched together before they are served (see
+/// `Worker::complete_events`): the server's batch size.
+const PREFETCH_WINDOW: usize = 64;
 
 /// Owns the descriptor a successful accept returned.
 fn accepted(fd: usize) -> TcpStream {

@@ -175,6 +175,13 @@ impl OpTable {
         }
     }
 
+    /// Starts loading the record of a slab id's operation (see `sys::prefetch`).
+    fn prefetch(&self, id: u64) {
+        if let Some(slot) = crate::inflight::slot_index(id).and_then(|i| self.slots.get(i)) {
+            crate::sys::prefetch(slot);
+        }
+    }
+
     fn ids(&self) -> Vec<u64> {
         self.slots
             .iter()
@@ -402,7 +409,8 @@ impl Epoll {
     }
 
     /// Starts loading what serving the batch of events in `buf` reads first: each
-    /// descriptor's state, then the record of the operation at the front of its queue.
+    /// descriptor's state, then the record of the operation at the front of the queue that
+    /// `wait` serves first.
     fn prefetch_batch(&self) {
         for ev in &self.buf {
             if let Some(state) = usize::try_from(ev.u64).ok().and_then(|i| self.fds.get(i)) {
@@ -413,14 +421,13 @@ impl Epoll {
             let Some(state) = usize::try_from(ev.u64).ok().and_then(|i| self.fds.get(i)) else {
                 continue;
             };
-            let reading = ev.events & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0;
-            let queue = if reading { &state.read } else { &state.write };
-            if let Some(slot) = queue
-                .front()
-                .and_then(crate::inflight::slot_index)
-                .and_then(|i| self.ops.slots.get(i))
-            {
-                crate::sys::prefetch(slot);
+            let queue = if wakes_reader(ev.events) {
+                &state.read
+            } else {
+                &state.write
+            };
+            if let Some(id) = queue.front() {
+                self.ops.prefetch(id);
             }
         }
     }
@@ -490,6 +497,15 @@ impl Waiting {
         debug_assert!(self.pooled);
         self.body = std::ptr::without_provenance_mut(left as usize);
     }
+}
+
+/// Readiness bits that say a descriptor's peer closed or it failed: a reader then reads on to
+/// the end (see `Epoll::run`).
+const CLOSING: u32 = (libc::EPOLLRDHUP | libc::EPOLLERR | libc::EPOLLHUP) as u32;
+
+/// Whether a readiness event is served on the descriptor's read queue (first, when both are).
+fn wakes_reader(events: u32) -> bool {
+    events & (libc::EPOLLIN as u32 | CLOSING) != 0
 }
 
 /// Tries the operation once.
@@ -811,12 +827,10 @@ impl Driver for Epoll {
                 continue;
             }
             let fd = data as RawFd;
-            let err = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
-            let closing = (libc::EPOLLRDHUP as u32) | err;
-            if events & (libc::EPOLLIN as u32 | closing) != 0 {
-                self.run(fd, Side::Read, events & closing == 0);
+            if wakes_reader(events) {
+                self.run(fd, Side::Read, events & CLOSING == 0);
             }
-            if events & (libc::EPOLLOUT as u32 | err) != 0 {
+            if events & (libc::EPOLLOUT | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
                 self.run(fd, Side::Write, false);
             }
         }

@@ -216,13 +216,13 @@ pub(crate) trait Driver: Send {
     /// circulating (see [`Circulation`](crate::pool::Circulation)).
     fn pool_parked(&self) -> usize;
 
-    /// Whether a pooled receive's byte limit ([`OpBody::RecvPooled`]) is kept.
     /// Whether the driver is tied to the thread that first waits on it (see
     /// `Builder::single_thread_workers`).
     fn single_thread(&self) -> bool {
         false
     }
 
+    /// Whether a pooled receive's byte limit ([`OpBody::RecvPooled`]) is kept.
     fn recv_limits(&self) -> bool;
 
     /// Called when operations were leaked because the kernel did not give them back: the
@@ -240,12 +240,13 @@ pub(crate) trait Driver: Send {
 /// Asks the CPU to start loading the cache line that holds `p`, so that a later read finds it
 /// there. With many connections, each one's records are out of the cache by the time it is
 /// served again; started for a whole batch before it is processed, those loads overlap instead
-/// of each stalling in turn. A hint only: nothing is read, and any address will do.
+/// of each stalling in turn. A hint only: nothing is read, and any address will do. It does
+/// nothing on other architectures than x86_64.
 #[inline(always)]
 pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch reads nothing the program sees and never faults, whatever the
-    // address.
+    // address; SSE, which it needs, is part of every x86_64 target.
     unsafe {
         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
     }
