@@ -709,6 +709,7 @@ impl Server {
             match self.worker.dequeue_batch(&mut batch, BATCH, timeout) {
                 Ok(_) => {
                     self.now = Instant::now();
+                    // The batch's connection records, loaded together (see `Slab::touch`).
                     for id in batch.iter().filter_map(conn_id) {
                         self.conns.touch(id);
                     }

@@ -60,10 +60,10 @@ impl<T> Slab<T> {
         self.slots.get_mut(index).filter(|s| s.used && s.gen == gen)
     }
 
-    /// Reads the generation of the slot `id` names and discards it. Called for a batch of ids before
-    /// they are worked on, so that the slots' cache misses overlap instead of each stalling in
-    /// turn (with thousands of connections, a record is out of the cache by the time its
-    /// connection is served again).
+    /// Reads the generation of the slot `id` names and discards it. Called for a batch of ids
+    /// before they are worked on, so that the slots' cache misses overlap instead of each
+    /// stalling in turn (with thousands of connections, a record is out of the cache by the
+    /// time its connection is served again).
     pub fn touch(&self, id: u64) {
         if let Some(slot) = self.slots.get(split(id).0) {
             std::hint::black_box(slot.gen);

@@ -992,6 +992,24 @@ mod tests {
         );
     }
 
+    /// The read queue is served (and prefetched) for input, the peer's FIN, a hang-up or an
+    /// error; the write queue alone for room to send.
+    #[test]
+    fn which_readiness_wakes_the_reader() {
+        use super::wakes_reader;
+        for bits in [
+            libc::EPOLLIN,
+            libc::EPOLLRDHUP,
+            libc::EPOLLHUP,
+            libc::EPOLLERR,
+            libc::EPOLLIN | libc::EPOLLOUT,
+        ] {
+            assert!(wakes_reader(bits as u32), "{bits:#x}");
+        }
+        assert!(!wakes_reader(libc::EPOLLOUT as u32));
+        assert!(!wakes_reader(0));
+    }
+
     /// Every idle connection keeps its armed receive here: one slot of the vector, no more.
     #[test]
     fn op_table_slots_stay_small() {
