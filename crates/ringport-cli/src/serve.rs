@@ -709,10 +709,7 @@ impl Server {
             match self.worker.dequeue_batch(&mut batch, BATCH, timeout) {
                 Ok(_) => {
                     self.now = Instant::now();
-                    // The batch's connection records, loaded together (see `Slab::touch`).
-                    for id in batch.iter().filter_map(conn_id) {
-                        self.conns.touch(id);
-                    }
+                    self.prefetch(&batch);
                     for c in batch.drain(..) {
                         self.complete(c);
                     }
@@ -781,6 +778,26 @@ impl Server {
 
     fn finished(&self) -> bool {
         self.deadline.is_some() && self.conns.is_empty() && self.accepts == 0
+    }
+
+    /// Reads what serving a batch reads first, and discards it: the connections' records
+    /// (see `Slab::touch`), the buffer lists of completed sends, and then the echo queues of
+    /// the connections that have one. With thousands of connections these are out of the cache
+    /// by the time a connection is served again; read together, their cache misses overlap
+    /// instead of each stalling in turn.
+    fn prefetch(&self, batch: &[Completion<Key, Io>]) {
+        for c in batch {
+            if let Some(id) = conn_id(c) {
+                self.conns.touch(id);
+            }
+            if let Some(b) = c.gathered.first() {
+                std::hint::black_box(b.len());
+            }
+        }
+        let conns = batch.iter().filter_map(conn_id);
+        for out in conns.filter_map(|id| self.conns.get(id)?.out.as_ref()) {
+            std::hint::black_box((out.held(), out.pending()));
+        }
     }
 
     fn complete(&mut self, c: Completion<Key, Io>) {

@@ -70,6 +70,13 @@ impl<T> Slab<T> {
         }
     }
 
+    /// The record `id` names, if held.
+    pub fn get(&self, id: u64) -> Option<&T> {
+        let (index, gen) = split(id);
+        let slot = self.slots.get(index).filter(|s| s.used && s.gen == gen)?;
+        slot.value.as_ref()
+    }
+
     /// Whether `id` names a slot in use: a record held, or one taken out.
     pub fn is_live(&mut self, id: u64) -> bool {
         self.slot(id).is_some()
@@ -171,6 +178,10 @@ mod tests {
         want.sort();
         assert_eq!(all, want);
         assert_eq!(s.get_mut(u64::MAX), None);
+        assert_eq!(
+            (s.get(c), s.get(a), s.get(u64::MAX)),
+            (Some(&"c"), None, None)
+        );
         // Touching an id with no slot, or a stale one, does not panic.
         s.touch(u64::MAX);
         s.touch(a);
