@@ -55,9 +55,18 @@ impl<T> Slab<T> {
         (u64::from(slot.gen) << 32) | index as u64
     }
 
-    fn slot(&mut self, id: u64) -> Option<&mut Slot<T>> {
+    /// The index of the slot `id` names, if that slot is in use under the id's generation.
+    fn index(&self, id: u64) -> Option<usize> {
         let (index, gen) = split(id);
-        self.slots.get_mut(index).filter(|s| s.used && s.gen == gen)
+        self.slots
+            .get(index)
+            .is_some_and(|s| s.used && s.gen == gen)
+            .then_some(index)
+    }
+
+    fn slot(&mut self, id: u64) -> Option<&mut Slot<T>> {
+        let index = self.index(id)?;
+        Some(&mut self.slots[index])
     }
 
     /// Reads the generation of the slot `id` names and discards it. Called for a batch of ids
@@ -72,9 +81,7 @@ impl<T> Slab<T> {
 
     /// The record `id` names, if held.
     pub fn get(&self, id: u64) -> Option<&T> {
-        let (index, gen) = split(id);
-        let slot = self.slots.get(index).filter(|s| s.used && s.gen == gen)?;
-        slot.value.as_ref()
+        self.slots[self.index(id)?].value.as_ref()
     }
 
     /// Whether `id` names a slot in use: a record held, or one taken out.

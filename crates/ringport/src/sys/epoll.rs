@@ -412,15 +412,14 @@ impl Epoll {
     /// descriptor's state, then the record of the operation at the front of the queue that
     /// `wait` serves first.
     fn prefetch_batch(&self) {
-        for ev in &self.buf {
-            if let Some(state) = usize::try_from(ev.u64).ok().and_then(|i| self.fds.get(i)) {
-                crate::sys::prefetch(state);
-            }
+        // The wake-up's token, `WAKE`, names no descriptor's state.
+        let state =
+            |ev: &libc::epoll_event| usize::try_from(ev.u64).ok().and_then(|i| self.fds.get(i));
+        for state in self.buf.iter().filter_map(state) {
+            crate::sys::prefetch(state);
         }
         for ev in &self.buf {
-            let Some(state) = usize::try_from(ev.u64).ok().and_then(|i| self.fds.get(i)) else {
-                continue;
-            };
+            let Some(state) = state(ev) else { continue };
             let queue = if wakes_reader(ev.events) {
                 &state.read
             } else {
