@@ -334,6 +334,7 @@ impl Builder {
                 inflight: Inflight::new(),
                 ready: VecDeque::new(),
                 handed_out: 0,
+                owed: 0,
                 events: Vec::new(),
                 shutting_down: false,
                 unsent_cancels: Vec::new(),
@@ -647,6 +648,12 @@ pub struct Worker<K, D> {
     ready: VecDeque<Completion<K, D>>,
     /// Completions handed out since the driver last submitted and reaped.
     handed_out: usize,
+    /// Of the completions queued when the driver last took in new input, how many are still
+    /// to be handed out (counted down a turn at a time). While a turn's worth
+    /// is left, the turns between them only flush ([`Driver::flush`]): completions the worker
+    /// queues for itself meanwhile (posts, operations that finish at once) go behind without
+    /// holding new input back for good.
+    owed: usize,
     events: Vec<Event>,
     shutting_down: bool,
     /// Cancels the driver could not queue (the kernel short of memory for a while): tried
@@ -881,13 +888,26 @@ where
                     // A long backlog: hand the kernel what was submitted meanwhile (the echo
                     // of what was handed out, the buffers it frees) and take what completed,
                     // behind the backlog, without waiting.
+                    self.owed = self.owed.saturating_sub(self.handed_out);
                     self.handed_out = 0;
+                    // While a turn of what the last reap brought is still queued, new input
+                    // stays in the kernel until that is served: read now, it would wait behind
+                    // it in pool buffers, out of the cache by the time it is echoed.
+                    let take_input = self.owed < TURN;
+                    let turn = if take_input {
+                        self.driver.wait(Some(Duration::ZERO), &mut self.events)
+                    } else {
+                        self.driver.flush(&mut self.events)
+                    };
                     // A failure here leaves the backlog to hand out; the next blocking wait
                     // reports one that lasts.
-                    if let Err(e) = self.driver.wait(Some(Duration::ZERO), &mut self.events) {
+                    if let Err(e) = turn {
                         tracing::debug!("worker {}: submitting during a backlog: {e}", self.index);
                     }
                     self.complete_events();
+                    if take_input {
+                        self.owed = self.ready.len();
+                    }
                 }
                 return Ok(());
             }
@@ -910,6 +930,7 @@ where
             let waited = self.driver.wait(remaining, &mut self.events);
             // What was reaped before a failure is still handed out.
             self.complete_events();
+            self.owed = self.ready.len();
             waited.map_err(WaitError::Io)?;
             if self.ready.is_empty() && remaining.is_some_and(|r| r.is_zero()) {
                 self.take_remote();

@@ -122,6 +122,7 @@ per_backend!(
     batch_dequeue_returns_many,
     packets_posted_from_other_threads_wake_a_waiting_worker,
     operations_submitted_during_a_backlog_start_before_it_drains,
+    input_waits_in_the_kernel_while_a_backlog_is_served,
     several_receives_outstanding_on_one_socket_fill_in_order,
     cancel_one_operation_and_all_of_a_socket,
     cancelling_a_finished_operation_leaves_later_ones_alone,
@@ -308,6 +309,75 @@ fn operations_submitted_during_a_backlog_start_before_it_drains(b: Backend) {
         packets, 700,
         "completions keep their order behind the backlog"
     );
+}
+
+/// Input that arrives while a worker hands out a backlog brought by one reap stays in the
+/// kernel until that backlog is served (read at once, it would wait in pool buffers behind
+/// it); then it is taken, even though the worker keeps queueing work for itself meanwhile.
+/// (On io_uring with single-thread workers, whose deferred task work runs only when the worker
+/// asks for completions; other io_uring rings take input as it comes.)
+fn input_waits_in_the_kernel_while_a_backlog_is_served(b: Backend) {
+    const SENDS: u64 = 1000;
+    let (port, mut workers) = Port::builder()
+        .workers(1)
+        .backend(b)
+        .single_thread_workers(true)
+        .recv_pool(4096, 16)
+        .build::<u8, u64>()
+        .unwrap();
+    let mut w = workers.pop().unwrap();
+    let (ours, mut peer) = pair();
+    let (quiet, mut talker) = pair();
+    let h = port.associate(ours, 1).unwrap();
+    let input = port.associate(quiet, 2).unwrap();
+    let recv = w.submit_multishot(Op::recv_pooled(&input), u64::MAX);
+    for i in 0..SENDS {
+        w.submit(Op::send(&h, vec![b'x'], 0), i);
+    }
+    // One reap brings every send's completion.
+    assert_eq!(next(&mut w).data, 0, "the backlog is queued");
+    talker.write_all(b"hello").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while input.readable_bytes().unwrap() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the input never reached the socket"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut handed = 1;
+    let mut received = None;
+    while handed < 4 * SENDS {
+        if handed == 300 {
+            assert_eq!(
+                input.readable_bytes().unwrap(),
+                5,
+                "input taken from the kernel with 700 of the backlog still queued"
+            );
+        }
+        let c = next(&mut w);
+        handed += 1;
+        if c.id == recv {
+            received = Some(c);
+            break;
+        }
+        // A packet for itself behind each one handed out: the queue never gets shorter.
+        let again = Packet {
+            bytes: 0,
+            handle: None,
+            data: c.data,
+        };
+        w.post(0, again).unwrap();
+    }
+    let c = received.expect("the input is taken once the backlog is served");
+    assert!(
+        handed > SENDS,
+        "taken at {handed}, before the backlog was served"
+    );
+    assert_eq!(c.pooled.as_deref(), Some(&b"hello"[..]));
+    let mut sent = vec![0u8; SENDS as usize];
+    peer.read_exact(&mut sent).unwrap();
+    assert!(sent.iter().all(|&x| x == b'x'));
 }
 
 fn packets_posted_from_other_threads_wake_a_waiting_worker(b: Backend) {

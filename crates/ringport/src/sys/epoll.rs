@@ -843,6 +843,11 @@ impl Driver for Epoll {
         Ok(())
     }
 
+    fn flush(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
+        out.append(&mut self.done);
+        Ok(())
+    }
+
     fn set_pool(&mut self, pool: Arc<Pool>, _incremental: bool) -> io::Result<()> {
         let free = (0..pool.count()).rev().collect();
         self.pool = Some(PoolState {

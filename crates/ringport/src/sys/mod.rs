@@ -206,6 +206,15 @@ pub(crate) trait Driver: Send {
     /// or a wake-up; appends the events to `out`.
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()>;
 
+    /// Called between completions handed out from a backlog that holds at least a turn's worth
+    /// of work: submits what was started meanwhile and appends to `out`, without waiting, the
+    /// events that are ready. A driver that reads on readiness reports only what completed
+    /// without reading (epoll: operations that finished when they were started), leaving new
+    /// input in the kernel until the backlog is served.
+    fn flush(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
+        self.wait(Some(Duration::ZERO), out)
+    }
+
     /// Gives the driver the worker's receive pool, before any operation starts.
     fn set_pool(&mut self, pool: Arc<Pool>, incremental: bool) -> io::Result<()>;
 

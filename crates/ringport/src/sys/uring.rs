@@ -614,6 +614,41 @@ impl Driver for Uring {
         Ok(())
     }
 
+    fn flush(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
+        let (queued, overflow) = {
+            let sq = self.ring.submission();
+            (sq.len(), sq.cq_overflow())
+        };
+        if !self.single || self.disabled || overflow {
+            return self.wait(Some(Duration::ZERO), out);
+        }
+        if let Some(b) = &mut self.bufs {
+            b.recycle();
+        }
+        out.append(&mut self.stash);
+        if queued > 0 {
+            // SAFETY: no flags and no argument: the kernel takes the queued submissions, whose
+            // pointers `push`'s callers keep valid until their completions are reaped.
+            let res = unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(queued as u32, 0, 0, None)
+            };
+            match res {
+                Ok(_) => {}
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
+                    _ => return Err(e),
+                },
+            }
+        }
+        if let Some(b) = &mut self.bufs {
+            b.circulation.tick();
+        }
+        self.reap(out);
+        self.arm_wake()
+    }
+
     fn set_pool(&mut self, pool: Arc<Pool>, incremental: bool) -> io::Result<()> {
         if !self.recv_multishot {
             return Err(io::Error::new(
