@@ -120,16 +120,19 @@
 //!
 //! A worker that falls behind (thousands of connections with data at once) hands its
 //! completions out in order, and every 64 of them it gives the kernel what was posted meanwhile
-//! (the echo of what it handed out) and collects what has completed, without waiting. New input
-//! is taken in only once most of what the previous reap brought has been handed out: read
-//! earlier, it would wait behind that backlog in pool buffers, long enough to leave the cache
-//! before it is echoed, and a worker that keeps falling behind would take input in faster than
-//! it serves it until its pool ran dry. Until then the input waits in the kernel's socket
-//! buffers. This holds on epoll, and on io_uring with [`Builder::single_thread_workers`], whose
-//! deferred task work (the kernel's part of a receive) runs only when the worker asks for
-//! completions; other io_uring rings take input in as it arrives. Completions that the worker
-//! queues for itself meanwhile (posted packets, operations that finish at once) go behind the
-//! backlog without holding input back.
+//! (the echo of what it handed out). New input is taken in only once most of what the previous
+//! reap brought has been handed out: read earlier, it would wait behind that backlog in pool
+//! buffers, long enough to leave the cache before it is echoed, and a worker that keeps falling
+//! behind would take input in faster than it serves it, until its pool ran dry. Until then the
+//! input waits in the kernel's socket buffers. This holds on epoll, and on io_uring with
+//! [`Builder::single_thread_workers`], whose deferred task work (the kernel's part of most
+//! operations) runs only when the worker asks for completions; other io_uring rings take input
+//! in as it arrives. Meanwhile a worker collects what completes without new input: on epoll,
+//! operations that finish at once, cancellations and timers; on io_uring, sends that find room
+//! as they are submitted. Its other completions (timeouts, cancellations, sends that waited for
+//! room) come with the next input, so they wait at most as long as the backlog that was there
+//! before them. Completions the worker queues for itself meanwhile (posted packets) go behind
+//! the backlog and count in the next one: they do not hold input back for longer.
 //!
 //! # Porting from Windows
 //!

@@ -313,7 +313,8 @@ fn operations_submitted_during_a_backlog_start_before_it_drains(b: Backend) {
 
 /// Input that arrives while a worker hands out a backlog brought by one reap stays in the
 /// kernel until that backlog is served (read at once, it would wait in pool buffers behind
-/// it); then it is taken, even though the worker keeps queueing work for itself meanwhile.
+/// it); then it is taken, even though the worker keeps queueing work for itself meanwhile, and
+/// comes behind that work.
 /// (On io_uring with single-thread workers, whose deferred task work runs only when the worker
 /// asks for completions; other io_uring rings take input as it comes.)
 fn input_waits_in_the_kernel_while_a_backlog_is_served(b: Backend) {
@@ -326,6 +327,10 @@ fn input_waits_in_the_kernel_while_a_backlog_is_served(b: Backend) {
         .build::<u8, u64>()
         .unwrap();
     let mut w = workers.pop().unwrap();
+    if b == Backend::Uring && !w.single_thread() {
+        println!("SKIPPED: this kernel's io_uring has no deferred task work (Linux 6.1)");
+        return;
+    }
     let (ours, mut peer) = pair();
     let (quiet, mut talker) = pair();
     let h = port.associate(ours, 1).unwrap();
@@ -348,11 +353,11 @@ fn input_waits_in_the_kernel_while_a_backlog_is_served(b: Backend) {
     let mut handed = 1;
     let mut received = None;
     while handed < 4 * SENDS {
-        if handed == 300 {
+        if handed <= SENDS - 100 {
             assert_eq!(
                 input.readable_bytes().unwrap(),
                 5,
-                "input taken from the kernel with 700 of the backlog still queued"
+                "input taken from the kernel after {handed} of the backlog of {SENDS}"
             );
         }
         let c = next(&mut w);
@@ -370,9 +375,10 @@ fn input_waits_in_the_kernel_while_a_backlog_is_served(b: Backend) {
         w.post(0, again).unwrap();
     }
     let c = received.expect("the input is taken once the backlog is served");
+    // Taken near the end of the backlog, it is handed out behind the packets queued meanwhile.
     assert!(
-        handed > SENDS,
-        "taken at {handed}, before the backlog was served"
+        (SENDS + SENDS / 2..3 * SENDS).contains(&handed),
+        "handed out after {handed}"
     );
     assert_eq!(c.pooled.as_deref(), Some(&b"hello"[..]));
     let mut sent = vec![0u8; SENDS as usize];

@@ -844,6 +844,12 @@ impl Driver for Epoll {
     }
 
     fn flush(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
+        // What `wait` does each turn, short of reading readiness.
+        if let Some(p) = &mut self.pool {
+            p.collect();
+            p.circulation.tick();
+        }
+        self.fire_timers();
         out.append(&mut self.done);
         Ok(())
     }

@@ -207,10 +207,12 @@ pub(crate) trait Driver: Send {
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()>;
 
     /// Called between completions handed out from a backlog that holds at least a turn's worth
-    /// of work: submits what was started meanwhile and appends to `out`, without waiting, the
-    /// events that are ready. A driver that reads on readiness reports only what completed
-    /// without reading (epoll: operations that finished when they were started), leaving new
-    /// input in the kernel until the backlog is served.
+    /// of work: submits what was started meanwhile and appends to `out`, without waiting, what
+    /// completed without taking in new input. epoll: operations that finished when they were
+    /// started or were cancelled, and timers due; io_uring with deferred task work: what
+    /// completed inline as it was submitted (a send with room), the rest (timeouts, cancels,
+    /// receives, sends that waited for room) waiting for the next `wait`. Other drivers wait
+    /// with a zero timeout.
     fn flush(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
         self.wait(Some(Duration::ZERO), out)
     }

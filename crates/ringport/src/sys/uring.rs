@@ -627,8 +627,11 @@ impl Driver for Uring {
         }
         out.append(&mut self.stash);
         if queued > 0 {
-            // SAFETY: no flags and no argument: the kernel takes the queued submissions, whose
-            // pointers `push`'s callers keep valid until their completions are reaped.
+            // SAFETY: the kernel takes the queued submissions, whose pointers `push`'s callers
+            // keep valid until their completions are reaped; their tail was published when
+            // `push` dropped its view of the queue. No flags (so no GETEVENTS: deferred task
+            // work stays queued) and no argument (a null pointer, read by the kernel only with
+            // EXT_ARG).
             let res = unsafe {
                 self.ring
                     .submitter()
