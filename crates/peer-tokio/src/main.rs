@@ -4,6 +4,11 @@
 //! and the canonical loop: `read` into a buffer, `write_all` what came in, until the peer's EOF. It
 //! is a baseline for `ringport serve` in the benchmarks, so it does nothing that tokio's
 //! documentation would not.
+//!
+//! For experiments only, the environment variable `PEER_TOKIO_GLOBAL_QUEUE_INTERVAL=N` sets the
+//! runtime's `global_queue_interval` (how many tasks a worker runs from its local queue before it
+//! takes one from the shared queue, where woken tasks beyond the local queue's 256 go). `1`
+//! serves woken connections about in the order they became ready; the benchmarks leave it unset.
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,6 +20,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 const NAME: &str = "peer-tokio";
 
+/// Sets the runtime's `global_queue_interval`, for experiments (see the crate docs).
+const QUEUE_INTERVAL_ENV: &str = "PEER_TOKIO_GLOBAL_QUEUE_INTERVAL";
+
 const CLI: Cli = Cli {
     name: NAME,
     workers: "tokio worker threads",
@@ -22,11 +30,24 @@ const CLI: Cli = Cli {
 
 fn main() -> ExitCode {
     let args = CLI.args();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers)
-        .enable_io()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(args.workers).enable_io();
+    if let Some(v) = std::env::var_os(QUEUE_INTERVAL_ENV) {
+        match v
+            .to_str()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|&n| n > 0)
+        {
+            Some(n) => {
+                builder.global_queue_interval(n);
+            }
+            None => {
+                eprintln!("{NAME}: {QUEUE_INTERVAL_ENV}: {v:?} is not a positive integer");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("{NAME}: cannot start the tokio runtime: {e}");
