@@ -162,4 +162,6 @@ pub use fault::FAULTS_ENV;
 pub use handle::Handle;
 pub use op::{Completion, IdHasher, Op, OpId, OpKind, Packet};
 pub use pool::PoolBuf;
-pub use port::{Backend, Builder, Port, Rejected, WaitError, Worker, FAULT_URING_SETUP_ENV};
+pub use port::{
+    Backend, Builder, CancelOutcome, Port, Rejected, WaitError, Worker, FAULT_URING_SETUP_ENV,
+};

@@ -805,16 +805,26 @@ where
     }
 
     /// Cancels one operation; it still completes (with `ECANCELED` unless already finished).
-    pub fn cancel(&mut self, id: OpId) {
+    /// Says whether it was in flight: [`CancelOutcome::NotFound`] is where IOCP's `CancelIoEx`
+    /// fails with `ERROR_NOT_FOUND`. An operation of another worker's socket is cancelled
+    /// there ([`CancelOutcome::Forwarded`]).
+    pub fn cancel(&mut self, id: OpId) -> CancelOutcome {
         let worker = id_worker(id.get());
         if worker == self.index {
             // An operation posted from another thread may still wait in this worker's queue.
             self.take_remote();
             if self.inflight.contains(id.get()) {
                 self.cancel_op_in_driver(id.get());
+                CancelOutcome::Requested
+            } else {
+                CancelOutcome::NotFound
             }
-        } else if worker < self.shared.slots.len() {
-            let _ = self.shared.send(worker, id.get(), Remote::Cancel);
+        } else {
+            match self.shared.send(worker, id.get(), Remote::Cancel) {
+                Ok(()) => CancelOutcome::Forwarded,
+                // No such worker, or it is gone with everything it had in flight.
+                Err(_) => CancelOutcome::NotFound,
+            }
         }
     }
 
@@ -1320,6 +1330,20 @@ impl<K, D> Pending<K, D> {
             more: false,
         }
     }
+}
+
+/// What [`Worker::cancel`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The operation was in flight on this worker and is being cancelled: it completes with
+    /// `ECANCELED`, or with its own result if it finishes first.
+    Requested,
+    /// No operation with that id is in flight: it has completed (its completion may still wait
+    /// to be dequeued), or the id names none of this port's operations.
+    NotFound,
+    /// The operation is another worker's, and the request was sent to it: whether it was still
+    /// in flight shows in its completion (`ECANCELED` or its own result).
+    Forwarded,
 }
 
 /// The most completions handed out from a backlog before the worker submits what was posted

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peer_common::uring_check;
-use ringport::{Backend, Completion, Handle, Op, OpKind, Packet, Port, WaitError, Worker};
+use ringport::{
+    Backend, CancelOutcome, Completion, Handle, Op, OpKind, Packet, Port, WaitError, Worker,
+};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 
@@ -125,6 +127,7 @@ per_backend!(
     input_waits_in_the_kernel_while_a_backlog_is_served,
     several_receives_outstanding_on_one_socket_fill_in_order,
     cancel_one_operation_and_all_of_a_socket,
+    cancelling_another_workers_operation_is_forwarded,
     cancelling_a_finished_operation_leaves_later_ones_alone,
     close_cancels_outstanding_refuses_new_and_releases_the_socket,
     short_send_is_reported,
@@ -497,11 +500,13 @@ fn cancel_one_operation_and_all_of_a_socket(b: Backend) {
         w.dequeue(Some(Duration::from_millis(20))),
         Err(WaitError::TimedOut)
     ));
-    w.cancel(id);
+    assert_eq!(w.cancel(id), CancelOutcome::Requested);
     let c = next(&mut w);
     assert_eq!(c.id, id);
     assert!(c.is_cancelled(), "{:?}", c.result);
     assert_eq!(c.buf.unwrap().capacity(), 8);
+    // Done: nothing left to cancel (IOCP's ERROR_NOT_FOUND).
+    assert_eq!(w.cancel(id), CancelOutcome::NotFound);
 
     w.submit(Op::recv(&h, Vec::with_capacity(8)), "a");
     w.submit(Op::recv(&h, Vec::with_capacity(8)), "b");
@@ -518,6 +523,29 @@ fn cancel_one_operation_and_all_of_a_socket(b: Backend) {
     let c = next(&mut w);
     assert_eq!(c.data, "timer");
     assert!(c.is_cancelled());
+}
+
+/// A worker cancelling an operation on another worker's socket sends the request there
+/// (`Forwarded`); that worker's completion tells whether it was still in flight. A worker that
+/// is gone has nothing in flight.
+fn cancelling_another_workers_operation_is_forwarded(b: Backend) {
+    let (port, workers) = Port::builder()
+        .workers(2)
+        .backend(b)
+        .build::<(), u8>()
+        .unwrap();
+    let [mut w0, mut w1]: [Worker<(), u8>; 2] = workers.try_into().unwrap();
+    let (ours, _peer) = pair();
+    let h = port.associate_with(1, ours, ()).unwrap();
+    let id = w0.submit(Op::recv(&h, Vec::with_capacity(8)), 7);
+    assert_eq!(w0.cancel(id), CancelOutcome::Forwarded);
+    let c = w1.dequeue(WAIT).unwrap();
+    assert_eq!((c.id, c.data), (id, 7));
+    assert!(c.is_cancelled(), "{:?}", c.result);
+    assert_eq!(w1.cancel(id), CancelOutcome::NotFound);
+    drop(c);
+    drop(w1);
+    assert_eq!(w0.cancel(id), CancelOutcome::NotFound);
 }
 
 fn close_cancels_outstanding_refuses_new_and_releases_the_socket(b: Backend) {
