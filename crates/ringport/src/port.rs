@@ -649,10 +649,10 @@ pub struct Worker<K, D> {
     /// Completions handed out since the driver last submitted and reaped.
     handed_out: usize,
     /// Of the completions queued when the driver last took in new input, how many are still
-    /// to be handed out (counted down a turn at a time). While a turn's worth
-    /// is left, the turns between them only flush ([`Driver::flush`]): completions the worker
-    /// queues for itself meanwhile (posts, operations that finish at once) go behind without
-    /// holding new input back for good.
+    /// to be handed out (counted down a turn at a time). While a turn's worth is left, the
+    /// turns between them only flush ([`Driver::flush`]): completions the worker queues for
+    /// itself meanwhile (posts, operations that finish at once) go behind without holding new
+    /// input back for good.
     owed: usize,
     events: Vec<Event>,
     shutting_down: bool,
@@ -896,7 +896,7 @@ where
             if !self.ready.is_empty() {
                 if self.handed_out >= TURN {
                     // A long backlog: hand the kernel what was submitted meanwhile (the echo
-                    // of what was handed out, the buffers it frees) and take what completed,
+                    // of what was handed out, the buffers it frees) and collect what completed,
                     // behind the backlog, without waiting.
                     self.owed = self.owed.saturating_sub(self.handed_out);
                     self.handed_out = 0;
