@@ -163,7 +163,7 @@ pub struct ServeArgs {
 
     /// Log one line of statistics every SECS seconds: connections open and accepted, bytes
     /// echoed and the rate, receive-pool buffers in use, and counts of refused and closed
-    /// connections (0: off; else at least 0.01) [default: off].
+    /// connections and of waits for a pool buffer (0: off; else at least 0.01) [default: off].
     #[arg(long, value_name = "SECS", value_parser = parse_period)]
     pub stats: Option<Duration>,
 

@@ -616,6 +616,8 @@ struct Server {
     forced: bool,
     connections: u64,
     bytes: u64,
+    /// Times a connection began to wait for a pool buffer (for `--stats`).
+    buffer_waits: u64,
     /// Whether the current run of accept failures was already logged.
     accept_failing: bool,
     /// Whether a connection was already closed, with a warning, for want of a resource.
@@ -665,6 +667,7 @@ impl Server {
             forced: false,
             connections: 0,
             bytes: 0,
+            buffer_waits: 0,
             accept_failing: false,
             resource_warned: false,
             refusals: (0, None),
@@ -772,7 +775,12 @@ impl Server {
     /// Publishes this worker's counters for `--stats` (when on).
     fn publish(&self) {
         if let Some(g) = self.totals.gauges.get(self.worker.index()) {
-            g.publish(self.connections, self.bytes, self.worker.pool_in_use());
+            g.publish(
+                self.connections,
+                self.bytes,
+                self.worker.pool_in_use(),
+                self.buffer_waits,
+            );
         }
     }
 
@@ -1329,6 +1337,7 @@ impl Server {
         if !conn.starved {
             conn.starved = true;
             self.waiting += 1;
+            self.buffer_waits += 1;
             let now = self.millis(self.now);
             // Re-armed from the queue and out of luck again at once: the wait goes on from
             // when it began. (Re-armed, then quiet for a while: a new wait.)

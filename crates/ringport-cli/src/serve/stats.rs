@@ -25,13 +25,16 @@ pub(super) struct Gauge {
     bytes: AtomicU64,
     /// Its receive pool's buffers in user hands.
     pool_used: AtomicUsize,
+    /// Times since the start that one of its connections had to wait for a pool buffer.
+    buffer_waits: AtomicU64,
 }
 
 impl Gauge {
-    pub(super) fn publish(&self, accepted: u64, bytes: u64, pool_used: usize) {
+    pub(super) fn publish(&self, accepted: u64, bytes: u64, pool_used: usize, buffer_waits: u64) {
         self.accepted.store(accepted, Ordering::Relaxed);
         self.bytes.store(bytes, Ordering::Relaxed);
         self.pool_used.store(pool_used, Ordering::Relaxed);
+        self.buffer_waits.store(buffer_waits, Ordering::Relaxed);
     }
 }
 
@@ -47,6 +50,7 @@ struct Reading {
     accepted: u64,
     bytes: u64,
     pool_used: usize,
+    buffer_waits: u64,
 }
 
 fn read(totals: &Totals) -> Reading {
@@ -57,6 +61,7 @@ fn read(totals: &Totals) -> Reading {
             accepted: r.accepted + g.accepted.load(Ordering::Relaxed),
             bytes: r.bytes + g.bytes.load(Ordering::Relaxed),
             pool_used: r.pool_used + g.pool_used.load(Ordering::Relaxed),
+            buffer_waits: r.buffer_waits + g.buffer_waits.load(Ordering::Relaxed),
         })
 }
 
@@ -74,6 +79,14 @@ fn line(totals: &Totals, now: Reading, last: Reading, secs: f64, pool_total: usi
         now.pool_used,
         pool_total,
     );
+    if now.buffer_waits > 0 {
+        // The pool (or its working set) ran dry, or a connection yielded its turn to others.
+        s.push_str(&format!(
+            ", waits for a pool buffer {} (+{})",
+            now.buffer_waits,
+            now.buffer_waits.saturating_sub(last.buffer_waits)
+        ));
+    }
     for (what, n) in [
         ("refused", &totals.refused),
         ("closed idle", &totals.idle_closed),
@@ -127,20 +140,33 @@ mod tests {
     #[test]
     fn a_line_gives_totals_changes_and_only_the_events_that_happened() {
         let totals = Totals::with_gauges(2);
-        totals.gauges[0].publish(3, 1000, 6);
-        totals.gauges[1].publish(2, 500, 0);
+        totals.gauges[0].publish(3, 1000, 6, 0);
+        totals.gauges[1].publish(2, 500, 0, 0);
         totals.live.store(4, Ordering::Relaxed);
         totals.retried.store(7, Ordering::Relaxed);
         let last = Reading {
             accepted: 1,
             bytes: 300,
             pool_used: 0,
+            buffer_waits: 0,
         };
         let s = line(&totals, read(&totals), last, 2.0, 32);
         assert_eq!(
             s,
             "stats: open 4, accepted 5 (+4), echoed 1500 bytes (+1200, 0.0 MB/s), pool 6/32 \
              buffers in use, retried for want of memory 7"
+        );
+        // Waits for a pool buffer, once there were any: the total and the change.
+        totals.gauges[0].publish(3, 1000, 6, 40);
+        totals.gauges[1].publish(2, 500, 0, 2);
+        let last = Reading {
+            buffer_waits: 12,
+            ..read(&totals)
+        };
+        let s = line(&totals, read(&totals), last, 2.0, 32);
+        assert!(
+            s.contains("buffers in use, waits for a pool buffer 42 (+30), retried"),
+            "{s}"
         );
     }
 }
