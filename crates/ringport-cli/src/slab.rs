@@ -85,8 +85,8 @@ impl<T> Slab<T> {
     }
 
     /// Whether `id` names a slot in use: a record held, or one taken out.
-    pub fn is_live(&mut self, id: u64) -> bool {
-        self.slot(id).is_some()
+    pub fn is_live(&self, id: u64) -> bool {
+        self.index(id).is_some()
     }
 
     pub fn get_mut(&mut self, id: u64) -> Option<&mut T> {

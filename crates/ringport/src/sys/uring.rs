@@ -367,6 +367,22 @@ impl Uring {
     }
 }
 
+/// What an `io_uring_enter` returned, with the outcomes that only end it early taken as done:
+/// the wait timed out, a signal came, or the kernel was short of completion slots or memory
+/// (what was not submitted stays queued for the next enter).
+fn entered(res: io::Result<usize>) -> io::Result<()> {
+    let early = |e: &io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+        )
+    };
+    match res {
+        Err(e) if !early(&e) => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// The longest single wait: the port's loop waits again for what is left of a longer one.
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
@@ -596,13 +612,7 @@ impl Driver for Uring {
             }
             None => self.ring.submit_and_wait(1),
         };
-        match res {
-            Ok(_) => {}
-            Err(e) => match e.raw_os_error() {
-                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
-                _ => return Err(e),
-            },
-        }
+        entered(res)?;
         // Buffers reaped now leave the ring as of now; those held long enough are parked.
         if let Some(b) = &mut self.bufs {
             b.circulation.tick();
@@ -637,13 +647,7 @@ impl Driver for Uring {
                     .submitter()
                     .enter::<libc::sigset_t>(queued as u32, 0, 0, None)
             };
-            match res {
-                Ok(_) => {}
-                Err(e) => match e.raw_os_error() {
-                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
-                    _ => return Err(e),
-                },
-            }
+            entered(res)?;
         }
         if let Some(b) = &mut self.bufs {
             b.circulation.tick();
