@@ -38,12 +38,15 @@ pub const DEFAULT_BUFFER: usize = 8 * 1024;
 /// The smallest and largest `--buffer`.
 pub const BUFFER_RANGE: std::ops::RangeInclusive<usize> = 512..=16 << 20;
 
+/// What `--workers` accepts: as many threads as `ringport serve --workers` allows.
+pub const WORKERS_RANGE: std::ops::RangeInclusive<usize> = 1..=1024;
+
 /// A peer's command line, parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Args {
     /// `--listen ADDR`: the address to listen on (port 0 picks one); [`DEFAULT_LISTEN`] without it.
     pub listen: SocketAddr,
-    /// `--workers N`: how many threads serve, at least 1; 1 without it.
+    /// `--workers N`: how many threads serve, in [`WORKERS_RANGE`]; 1 without it.
     pub workers: usize,
     /// `--buffer BYTES`: each connection's receive buffer, in [`BUFFER_RANGE`];
     /// [`DEFAULT_BUFFER`] without it.
@@ -109,8 +112,14 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Option<Arg
             };
         } else {
             parsed.workers = match value.parse::<usize>() {
-                Ok(n) if n > 0 => n,
-                _ => return Err(format!("--workers: '{value}' is not a positive integer")),
+                Ok(n) if WORKERS_RANGE.contains(&n) => n,
+                _ => {
+                    return Err(format!(
+                        "--workers: '{value}' is not a thread count from {} to {}",
+                        WORKERS_RANGE.start(),
+                        WORKERS_RANGE.end()
+                    ))
+                }
             };
         }
     }
@@ -311,7 +320,7 @@ mod tests {
 
     #[test]
     fn bad_command_lines_say_why() {
-        let cases: [(&[&str], &str); 8] = [
+        let cases: [(&[&str], &str); 9] = [
             (
                 &["--buffer", "511"],
                 "--buffer: '511' is not a size in bytes from 512 to 16777216",
@@ -322,11 +331,15 @@ mod tests {
             ),
             (
                 &["--workers", "0"],
-                "--workers: '0' is not a positive integer",
+                "--workers: '0' is not a thread count from 1 to 1024",
+            ),
+            (
+                &["--workers", "18446744073709551615"],
+                "--workers: '18446744073709551615' is not a thread count from 1 to 1024",
             ),
             (
                 &["--workers=many"],
-                "--workers: 'many' is not a positive integer",
+                "--workers: 'many' is not a thread count from 1 to 1024",
             ),
             (
                 &["--listen", "nowhere"],

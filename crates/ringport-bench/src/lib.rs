@@ -12,7 +12,8 @@
 //! | [`scaling_main`] | the peers servers | worker threads |
 //!
 //! For every cell it records messages per second, p50/p99 round trip, the server's CPU time
-//! (user + system, from `/proc/PID/stat`) per message and its resident memory. Servers are
+//! (user + system, from the process's CPU-time clock, or `/proc/PID/stat` where that cannot
+//! be read) per message and its resident memory. Servers are
 //! pinned to `--server-cpus`, the load generator to `--load-cpus`. Servers are interleaved:
 //! in each round, each cell runs on every server in turn (their processes stay up through the
 //! round), so a server's figures for a cell are taken within seconds of its peers'; the
@@ -65,6 +66,10 @@ pub const EXIT_MISMATCH: i32 = 1;
 /// Exit code: the harness itself failed.
 pub const EXIT_HARNESS: i32 = 2;
 
+/// The shortest `--cell-secs` accepted: a millisecond (a shorter window would hold no round
+/// trip to measure).
+const MIN_CELL_SECS: f64 = 0.001;
+
 /// Options every mode takes.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
@@ -111,23 +116,25 @@ pub struct CommonArgs {
     #[arg(long, value_name = "LABELS", value_delimiter = ',')]
     pub only: Vec<String>,
 
-    /// Connection counts to measure (comma-separated), instead of the mode's list.
+    /// Connection counts to measure (comma-separated), instead of the mode's list (`scaling`
+    /// measures one cell: one value).
     #[arg(long, value_name = "LIST", value_delimiter = ',',
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub connections: Vec<u32>,
 
-    /// Message sizes in bytes (comma-separated), instead of the mode's list.
+    /// Message sizes in bytes (comma-separated), instead of the mode's list (`scaling`: one
+    /// value).
     #[arg(long, value_name = "LIST", value_delimiter = ',',
           value_parser = clap::value_parser!(u32).range(1..=64 << 20))]
     pub sizes: Vec<u32>,
 
-    /// Pipeline depths (comma-separated), instead of the mode's list.
+    /// Pipeline depths (comma-separated), instead of the mode's list (`scaling`: one value).
     #[arg(long, value_name = "LIST", value_delimiter = ',',
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub pipelines: Vec<u32>,
 
-    /// Idle connections to open [default: as many as RLIMIT_NOFILE allows less 2000; 200 with
-    /// --quick]; 0 skips the idle measurement.
+    /// Idle connections to open; 0 skips the idle measurement [default: `peers` and `models`:
+    /// as many as RLIMIT_NOFILE allows less 2000, 200 with --quick; `scaling`: 0].
     #[arg(long, value_name = "N")]
     pub idle: Option<u64>,
 }
@@ -157,8 +164,6 @@ impl CommonArgs {
     }
 }
 
-/// Parses `args` (without the program name) as `name`'s options; an `Err` is the exit code
-/// after the message (or the help) has been printed.
 /// Parses a mode's arguments and runs it; a harness failure is reported with the mode's name.
 fn run_mode<T: Parser>(name: &str, args: &[String], run: fn(&T) -> Result<i32, String>) -> i32 {
     match parse_args(name, args) {
@@ -170,6 +175,8 @@ fn run_mode<T: Parser>(name: &str, args: &[String], run: fn(&T) -> Result<i32, S
     }
 }
 
+/// Parses `args` (without the program name) as `name`'s options; an `Err` is the exit code
+/// after the message (or the help) has been printed.
 fn parse_args<T: Parser>(name: &str, args: &[String]) -> Result<T, i32> {
     let argv = std::iter::once(OsString::from(name)).chain(args.iter().map(OsString::from));
     T::try_parse_from(argv).map_err(|e| {
@@ -218,17 +225,12 @@ impl Setup {
             ));
         }
         for (flag, secs, least) in [
-            ("--cell-secs", common.cell_secs(), f64::MIN_POSITIVE),
+            ("--cell-secs", common.cell_secs(), MIN_CELL_SECS),
             ("--warmup-secs", common.warmup_secs(), 0.0),
         ] {
             if !(secs.is_finite() && secs >= least && secs <= 86_400.0) {
                 return Err(format!(
-                    "{flag} {secs}: must be a number of seconds {} 86400",
-                    if least > 0.0 {
-                        "above 0 and up to"
-                    } else {
-                        "from 0 to"
-                    }
+                    "{flag} {secs}: must be a number of seconds from {least} to 86400"
                 ));
             }
         }

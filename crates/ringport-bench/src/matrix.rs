@@ -15,6 +15,10 @@ use crate::proc::{self, ClientReport, Server};
 /// Descriptors the harness and the client keep for themselves besides their connections.
 pub const FD_HEADROOM: u64 = 2000;
 
+/// How long the integrity check's client may run: 4 x 50 messages take milliseconds, and the
+/// client gives up by itself after 30 s without a completion.
+const INTEGRITY_LIMIT: Duration = Duration::from_secs(45);
+
 /// Whether a server is the one under test or a baseline it is compared with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -571,7 +575,9 @@ impl Harness {
             &self.client,
             &args,
             &plan.load_cpus,
-            Duration::from_secs(30),
+            // Past the client's own stall limit, so that a server that stops echoing is
+            // reported in the client's words.
+            INTEGRITY_LIMIT,
             &|| Ok(0),
         )
         .map_err(|e| (e, false))?;

@@ -115,7 +115,11 @@ fn run(args: &PeersArgs) -> Result<i32, String> {
             pipeline: 1,
         });
     }
-    let bulk_secs = if c.quick { 1.0 } else { c.cell_secs() };
+    // --quick's half-second cells are too short for a bulk figure; a given --cell-secs holds.
+    let bulk_secs = match c.cell_secs {
+        None if c.quick => 1.0,
+        _ => c.cell_secs(),
+    };
     let plan = setup.plan(c, cells, setup.idle_target(c), bulk_secs);
     let servers = matrix::run(&setup.harness, &ready, &plan);
     let report = Report {

@@ -58,6 +58,18 @@ pub fn fitting_workers(list: &[u16], cpus: usize) -> (Vec<u16>, Option<String>) 
 
 fn run(args: &ScalingArgs) -> Result<i32, String> {
     let c = &args.common;
+    for (flag, list) in [
+        ("--connections", &c.connections),
+        ("--sizes", &c.sizes),
+        ("--pipelines", &c.pipelines),
+    ] {
+        if list.len() > 1 {
+            return Err(format!(
+                "{flag}: scaling measures one cell, so takes one value, not {}",
+                list.len()
+            ));
+        }
+    }
     let base = crate::peers::specs(1, args.peer_buffer);
     // Default: the first half of the CPUs serve, the rest load.
     let setup = Setup::new(c, |m| m[..(m.len() / 2).max(1)].to_vec(), &base)?;

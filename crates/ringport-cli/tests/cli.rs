@@ -337,6 +337,13 @@ fn bench_mode_help_lists_the_mode_options() {
     assert_usage_error(&["bench", "peers", "--no-such-flag"]);
     assert_usage_error(&["bench", "peers", "--cell-secs", "0"]);
     assert_usage_error(&["bench", "peers", "--warmup-secs", "nan"]);
+    // Too short for the load generator to measure: refused before anything starts.
+    assert_usage_error_naming(&["bench", "peers", "--cell-secs", "1e-10"], "--cell-secs");
+    // Scaling measures one cell: a list is refused rather than cut to its first value.
+    assert_usage_error_naming(
+        &["bench", "scaling", "--connections", "10,20"],
+        "--connections",
+    );
 }
 
 fn serve_help_lists_flags_and_default_port() {
