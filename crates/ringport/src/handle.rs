@@ -2,15 +2,19 @@
 
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// A reference count without the weak count `std`'s `Arc` carries (never used here): every
 /// connection holds one record, and the 8 bytes put it in a smaller allocation size class.
 type Shared<T> = triomphe::Arc<T>;
 
-/// `Inner::stream` before the socket's type was asked.
-const STREAM_UNKNOWN: u8 = 2;
+/// `Inner::state`: a close was posted.
+const CLOSED: u8 = 1;
+/// `Inner::state`: the socket's type was asked, and `STREAM` holds the answer.
+const STREAM_KNOWN: u8 = 2;
+/// `Inner::state`: the socket is a stream socket.
+const STREAM: u8 = 4;
 
 /// A socket associated with a [`Port`](crate::Port), with its completion key (the per-handle
 /// data of the completion-port model).
@@ -32,10 +36,12 @@ pub(crate) struct Inner<K> {
     key: K,
     /// The home worker (a port has fewer than 2^16, see `Builder::build`).
     worker: u16,
-    closed: AtomicBool,
-    /// Whether the socket is a stream, once asked (`STREAM_UNKNOWN` until then); fits in the
-    /// record's padding.
-    stream: AtomicU8,
+    /// `CLOSED`, `STREAM_KNOWN` and `STREAM`.
+    state: AtomicU8,
+    /// The sides with an operation in the kernel (bit 1: receives; bit 2: sends and connects):
+    /// the port starts the next operation on a side only once that one completes. Read and
+    /// written only by the home worker. With `state`, `worker` and `fd`, fills 8 bytes.
+    busy: AtomicU8,
     /// The home worker's count of live handles, for least-loaded placement.
     load: Arc<AtomicUsize>,
 }
@@ -50,8 +56,8 @@ impl<K> Handle<K> {
                 serial: SERIAL.fetch_add(1, Ordering::Relaxed),
                 key,
                 worker: u16::try_from(worker).unwrap_or(u16::MAX),
-                closed: AtomicBool::new(false),
-                stream: AtomicU8::new(STREAM_UNKNOWN),
+                state: AtomicU8::new(0),
+                busy: AtomicU8::new(0),
                 load,
             }),
         }
@@ -71,7 +77,7 @@ impl<K> Handle<K> {
     /// Whether a close was posted for this socket. Operations posted after that complete at
     /// once with `EBADF`.
     pub fn is_closed(&self) -> bool {
-        self.inner.closed.load(Ordering::Acquire)
+        self.inner.state.load(Ordering::Acquire) & CLOSED != 0
     }
 
     pub(crate) fn serial(&self) -> u64 {
@@ -80,14 +86,26 @@ impl<K> Handle<K> {
 
     /// Whether the socket is a stream socket (`SO_TYPE`, asked once).
     pub(crate) fn is_stream(&self) -> bool {
-        match self.inner.stream.load(Ordering::Relaxed) {
-            STREAM_UNKNOWN => {
-                let stream = crate::sys::is_stream(self.as_raw_fd());
-                self.inner.stream.store(u8::from(stream), Ordering::Relaxed);
-                stream
-            }
-            known => known == 1,
+        let state = self.inner.state.load(Ordering::Relaxed);
+        if state & STREAM_KNOWN != 0 {
+            return state & STREAM != 0;
         }
+        let stream = crate::sys::is_stream(self.as_raw_fd());
+        let bits = STREAM_KNOWN | if stream { STREAM } else { 0 };
+        self.inner.state.fetch_or(bits, Ordering::Relaxed);
+        stream
+    }
+
+    /// Whether an operation of side `bit` is in the kernel (see `Inner::busy`).
+    pub(crate) fn busy(&self, bit: u8) -> bool {
+        self.inner.busy.load(Ordering::Relaxed) & bit != 0
+    }
+
+    /// Marks side `bit` as having an operation in the kernel, or none.
+    pub(crate) fn set_busy(&self, bit: u8, on: bool) {
+        let busy = self.inner.busy.load(Ordering::Relaxed);
+        let busy = if on { busy | bit } else { busy & !bit };
+        self.inner.busy.store(busy, Ordering::Relaxed);
     }
 
     /// Starts loading the handle's record (see `sys::prefetch`): its start, where the
@@ -98,7 +116,7 @@ impl<K> Handle<K> {
     }
 
     pub(crate) fn mark_closed(&self) -> bool {
-        !self.inner.closed.swap(true, Ordering::AcqRel)
+        self.inner.state.fetch_or(CLOSED, Ordering::AcqRel) & CLOSED == 0
     }
 
     /// Bytes received by the kernel and not yet read from the socket (`FIONREAD`): lets a

@@ -166,6 +166,20 @@ impl<T> Inflight<T> {
         value
     }
 
+    /// Takes a record out but keeps its slot reserved, so that the same id can be inserted
+    /// again (an operation started later than posted); `unreserve` frees it if it is not.
+    pub(crate) fn take(&mut self, id: u64) -> Option<T> {
+        let value = match self.slot(id) {
+            Some(slot) => slot.value.take(),
+            None => None,
+        }
+        .or_else(|| self.map.remove(&id));
+        if value.is_some() {
+            self.len -= 1;
+        }
+        value
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.len
     }

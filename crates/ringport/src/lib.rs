@@ -9,9 +9,12 @@
 //!   It returns at once. The operation owns its buffer until it completes; the buffer comes
 //!   back in the [`Completion`], on success and on error alike, so a buffer the kernel may still
 //!   write is never reachable from safe code. Several operations may be outstanding on one
-//!   socket; they execute in the order posted. (A short send leaves the rest of its buffer to
-//!   the caller: with several sends outstanding on one socket, the rest would follow the later
-//!   sends, so keep one send in flight per socket when the byte order matters, as
+//!   socket; its receives run one at a time in the order posted, and so do its sends (a
+//!   connect counts as one): the port starts the next only once the one before it completes,
+//!   on both backends, so the bytes come in and go out in the order the operations were
+//!   posted. Accepts on a listener run side by side. (A short send leaves the rest of its
+//!   buffer to the caller: with several sends outstanding on one socket, the rest would follow
+//!   the later sends, so keep one send in flight per socket when the byte order matters, as
 //!   `ringport serve` does.)
 //! * Worker threads call [`Worker::dequeue`] (`GetQueuedCompletionStatus`) or
 //!   [`Worker::dequeue_batch`] with a timeout (`Some(ZERO)` polls, `None` waits forever) and get

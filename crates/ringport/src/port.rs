@@ -1,7 +1,8 @@
 //! The port, its workers, and the routing of operations between them.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::fault::{Effect, Faults};
 use crate::handle::Handle;
 use crate::inflight::Inflight;
-use crate::op::{Completion, Op, OpId, OpKind, Packet};
+use crate::op::{Completion, IdHasher, Op, OpId, OpKind, Packet};
 use crate::pool::Pool;
 use crate::sys::{self, Cancel, Driver, Event, OpBody, Target};
 
@@ -338,6 +339,7 @@ impl Builder {
                 events: Vec::new(),
                 shutting_down: false,
                 unsent_cancels: Vec::new(),
+                held: HashMap::default(),
             })
             .collect();
         Ok((Port { shared }, workers))
@@ -659,6 +661,23 @@ pub struct Worker<K, D> {
     /// Cancels the driver could not queue (the kernel short of memory for a while): tried
     /// again on each turn, so that a cancel asked for is never lost.
     unsent_cancels: Vec<Unsent<K>>,
+    /// Operations waiting for the one in the kernel on the same side of their socket (see
+    /// [`side`]), by the socket's serial number: receives first, then sends. Their records
+    /// are in `inflight` (they can be cancelled, and count as in flight).
+    held: HashMap<u64, [VecDeque<u64>; 2], BuildHasherDefault<IdHasher>>,
+}
+
+/// The side of a socket whose operations run one at a time, in the order posted, and its bit
+/// in the handle's busy mask: receives (0), sends and a connect ahead of them (1). The kernel
+/// would not keep the order of operations that wait on one socket (io_uring wakes the last
+/// one posted first), and a send that went out in part would let the next one's bytes in
+/// ahead of the rest of its own. Accepts are independent (each takes its own connection).
+fn side(kind: OpKind) -> Option<(usize, u8)> {
+    match kind {
+        OpKind::Recv | OpKind::RecvPooled => Some((0, 1)),
+        OpKind::Send | OpKind::Connect => Some((1, 2)),
+        _ => None,
+    }
 }
 
 /// A cancel the driver could not queue. A socket's is kept with a clone of its handle, so that
@@ -1019,18 +1038,103 @@ where
                 more: true,
             });
         } else if let Some(p) = self.inflight.remove(ev.id) {
+            let freed = side(p.kind)
+                .zip(p.handle.as_ref())
+                .map(|((index, bit), h)| {
+                    h.set_busy(bit, false);
+                    (h.serial(), index)
+                });
             let result = p.result(ev.res);
             let mut c = p.into_completion(ev.id, result);
             if pooled.is_some() {
                 c.pooled = pooled;
             }
             self.ready.push_back(c);
+            if let Some((serial, index)) = freed.filter(|_| !self.held.is_empty()) {
+                self.start_held(serial, index);
+            }
+        }
+    }
+
+    /// Starts the operations held behind the one that just left the kernel on side `index` of
+    /// socket `serial`, in the order posted, until one is in the kernel (those that complete at
+    /// once, say with `EBADF` after a close, let the next go).
+    fn start_held(&mut self, serial: u64, index: usize) {
+        while let Some(queues) = self.held.get_mut(&serial) {
+            let next = queues[index].pop_front();
+            if queues.iter().all(VecDeque::is_empty) {
+                self.held.remove(&serial);
+            }
+            let Some(id) = next else { return };
+            let Some(p) = self.inflight.take(id) else {
+                continue;
+            };
+            let bit = side(p.kind).map_or(0, |(_, bit)| bit);
+            let handle = p.handle.clone();
+            self.start(id, p);
+            // The slot stays with the operation if it is in the kernel or held again.
+            self.inflight.unreserve(id);
+            if handle.is_some_and(|h| h.busy(bit)) {
+                return;
+            }
+        }
+    }
+
+    /// Takes an operation held behind another (see `held`) out of its queue, and completes it
+    /// with `ECANCELED`. `false`: it is not held.
+    fn cancel_held(&mut self, id: u64) -> bool {
+        if self.held.is_empty() {
+            return false;
+        }
+        let Some(serial) = self
+            .inflight
+            .get(id)
+            .and_then(|p| p.handle.as_ref())
+            .map(Handle::serial)
+        else {
+            return false;
+        };
+        let Some(queues) = self.held.get_mut(&serial) else {
+            return false;
+        };
+        let mut found = false;
+        for q in queues.iter_mut() {
+            if let Some(at) = q.iter().position(|&held| held == id) {
+                q.remove(at);
+                found = true;
+            }
+        }
+        if queues.iter().all(VecDeque::is_empty) {
+            self.held.remove(&serial);
+        }
+        if found {
+            if let Some(p) = self.inflight.remove(id) {
+                self.ready
+                    .push_back(p.into_completion(id, Err(errno(libc::ECANCELED))));
+            }
+        }
+        found
+    }
+
+    /// Completes every operation held on `socket` with `ECANCELED`, in the order posted.
+    fn cancel_held_of(&mut self, socket: &Handle<K>) {
+        let Some(queues) = self.held.remove(&socket.serial()) else {
+            return;
+        };
+        for id in queues.into_iter().flatten() {
+            if let Some(p) = self.inflight.remove(id) {
+                self.ready
+                    .push_back(p.into_completion(id, Err(errno(libc::ECANCELED))));
+            }
         }
     }
 
     /// Asks the driver to cancel one operation; if it cannot queue the request now, it is
     /// tried again on the next turn.
     fn cancel_op_in_driver(&mut self, id: u64) {
+        if self.cancel_held(id) {
+            return;
+        }
         if !self.driver.cancel(Cancel::Op(id)) {
             self.unsent_cancels.push(Unsent::Op(id));
         }
@@ -1038,6 +1142,7 @@ where
 
     /// Asks the driver to cancel every operation on `socket`, as [`Self::cancel_op_in_driver`].
     fn cancel_socket_in_driver(&mut self, socket: &Handle<K>) {
+        self.cancel_held_of(socket);
         if !self.driver.cancel(Cancel::Fd(socket.as_raw_fd())) {
             self.unsent_cancels.push(Unsent::Socket(socket.clone()));
         }
@@ -1096,7 +1201,7 @@ where
 
     /// Starts an operation on this worker's ring, or completes it at once when it cannot start.
     fn start(&mut self, id: u64, mut p: Pending<K, D>) {
-        if self.shutting_down {
+        if self.shutting_down || self.shared.shutdown.load(Ordering::Acquire) {
             return self
                 .ready
                 .push_back(p.into_completion(id, Err(errno(libc::ECANCELED))));
@@ -1163,6 +1268,15 @@ where
             );
             return self.ready.push_back(p.into_completion(id, Err(e)));
         }
+        let side = side(p.kind).zip(p.handle.as_ref());
+        if let Some(((index, bit), h)) = side {
+            if h.busy(bit) {
+                // Behind the operation in the kernel on this side: started when it completes.
+                self.held.entry(h.serial()).or_default()[index].push_back(id);
+                self.inflight.insert(id, p);
+                return;
+            }
+        }
         if let Some(effect) = self.faults.as_ref().and_then(|f| f.check(p.kind)) {
             let res = match (effect, &*body) {
                 (Effect::Errno(e), _) => Some(Err(errno(e))),
@@ -1174,6 +1288,9 @@ where
         }
         match self.driver.start(id, target, body) {
             Ok(()) => {
+                if let Some(((_, bit), h)) = side {
+                    h.set_busy(bit, true);
+                }
                 self.inflight.insert(id, p);
             }
             Err(e) => self.ready.push_back(p.into_completion(id, Err(e))),
@@ -1191,6 +1308,14 @@ impl<K, D> Drop for Worker<K, D> {
             std::mem::take(&mut *q)
         };
         drop(queued);
+        // Operations held behind others never reached the kernel: nothing to wait for.
+        for id in std::mem::take(&mut self.held)
+            .into_values()
+            .flatten()
+            .flatten()
+        {
+            drop(self.inflight.remove(id));
+        }
         // Cancel everything, including the driver's own wake-up read, and wait for the kernel
         // to give each operation back before its memory is freed.
         let mut cancelled = self.driver.cancel(Cancel::All);
