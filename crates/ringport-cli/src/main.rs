@@ -152,13 +152,13 @@ pub struct ServeArgs {
 
     /// UDP: datagrams per second echoed to one source address; the rest are dropped and
     /// counted (0: no limit).
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    #[arg(long, value_name = "N", default_value_t = 100, requires = "udp")]
     pub udp_rate: u32,
 
     /// UDP: datagrams per second echoed in all, whatever their sources; the rest are dropped
     /// and counted (0: no limit). Sources can be spoofed by the thousand, each with its own
     /// --udp-rate: this bounds what the server sends at whoever they name.
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    #[arg(long, value_name = "N", default_value_t = 10_000, requires = "udp")]
     pub udp_rate_total: u32,
 
     /// Log one line of statistics every SECS seconds: connections open and accepted, bytes
@@ -300,7 +300,13 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         .trim_end_matches('s')
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a valid duration"))
+    let d =
+        Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a valid duration"))?;
+    if secs > 0.0 && d.is_zero() {
+        // Would round to 0, which some flags read as "off".
+        return Err(format!("`{s}` is shorter than a nanosecond"));
+    }
+    Ok(d)
 }
 
 /// The shortest period `--stats` and `--idle-timeout` take (the idle sweep's own period).

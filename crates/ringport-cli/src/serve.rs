@@ -1140,6 +1140,9 @@ impl Server {
                 }
                 // Its retry arms it, after the pause.
                 None if conn.retry.waits(Retry::RECV) => {}
+                // Waiting for a pool buffer: armed when one is free (arming it here would
+                // only fail again, and end its wait, which the pool's holders are closed by).
+                None if conn.starved => {}
                 // Take what comes; the drain tick looks again.
                 None => self.arm(&mut conn),
             }
@@ -1403,7 +1406,9 @@ impl Server {
     /// stopping short of the pause) would keep every other connection of the worker waiting for
     /// as long as they like.
     fn close_pool_hog(&mut self) {
-        if self.waiting == 0 || self.deadline.is_some() {
+        // Draining too: the connections waiting have input to echo before the drain ends, and
+        // the holders would be closed at its end anyway.
+        if self.waiting == 0 {
             self.hog_check = None;
             return;
         }

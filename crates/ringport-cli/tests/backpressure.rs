@@ -254,6 +254,87 @@ fn peers_that_stop_short_of_the_bound_cannot_starve_the_others() {
     still_served_and_a_holder_closed(server, peers);
 }
 
+/// A connection that waits for a dry pool when the server is told to stop is still echoed
+/// during the drain: the peers holding the pool without reading are closed as they would be
+/// outside it (they would be closed at the drain's end anyway), rather than the waiting
+/// connection being reset, its input unread, when the drain times out.
+fn a_connection_waiting_for_the_pool_is_echoed_during_a_drain() {
+    let server = Server::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--pool-size",
+        "1048576",
+        "--drain-timeout",
+        "8",
+        "--stats",
+        "0.05",
+    ]);
+    let last_stats = |server: &Server| {
+        let err = util::strip_ansi(&server.stderr_so_far());
+        err.lines()
+            .rev()
+            .find(|l| l.contains("stats: open "))
+            .map(str::to_owned)
+    };
+    let pool_dry = |server: &Server| {
+        last_stats(server).is_some_and(|l| {
+            let used = util::number_between(&l, "pool ", "/");
+            used.is_some_and(|u| l.contains(&format!("pool {u}/{u} ")))
+        })
+    };
+    let mut hogs = Vec::new();
+    for _ in 0..8 {
+        let mut s = connect(server.addr);
+        // Closed by the server before it pushes back only once others wait: none do yet.
+        let _ = write_until_pushed_back(&mut s);
+        hogs.push(s);
+        if pool_dry(&server) {
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pool_dry(&server) {
+        assert!(
+            Instant::now() < deadline,
+            "the peers never took the whole pool: {:?}",
+            last_stats(&server)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let open = hogs.len() as u64 + 1;
+    let mut client = connect(server.addr);
+    let message = util::pattern(7, 1024);
+    client.write_all(&message).unwrap();
+    // Accepted (a connection still in the listener's queue would be reset with it).
+    while last_stats(&server)
+        .and_then(|l| util::number_between(&l, "stats: open ", ","))
+        .is_none_or(|n| n < open)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the client was never accepted: {:?}",
+            last_stats(&server)
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    server.signal(libc::SIGTERM);
+    // `connect` set a 10 s read timeout: longer than the drain.
+    let echo = util::read_to_eof(&mut client);
+    assert!(
+        echo == message,
+        "the echo during the drain: {} bytes, want {} (the server's log:)\n{}",
+        echo.len(),
+        message.len(),
+        util::strip_ansi(&server.stderr_so_far())
+    );
+    drop(hogs);
+    let output = server.wait_exit(EXIT_GUARD);
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+}
+
 /// A well-behaved client is answered while `peers` hold the pool (`connect` sets a 10 s read
 /// timeout: the hang guard), and the server closed at least one of them for holding it.
 fn still_served_and_a_holder_closed<P>(server: Server, peers: P) {
@@ -514,6 +595,7 @@ per_backend!(
     peers_that_stop_reading_are_parked_outside_the_working_set,
     a_busy_working_set_is_not_a_dry_pool,
     peers_that_stop_short_of_the_bound_cannot_starve_the_others,
+    a_connection_waiting_for_the_pool_is_echoed_during_a_drain,
 );
 
 /// The 20-second version: `cargo test -p ringport-cli --test backpressure -- --ignored`.

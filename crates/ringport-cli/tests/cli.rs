@@ -462,6 +462,17 @@ fn serve_bad_stats_period_is_exit_2_naming_the_flag() {
     for flag in ["--stats", "--idle-timeout"] {
         let args = ["serve", "--listen", "127.0.0.1:0", flag, "1e-9"];
         assert_usage_error_naming(&args, flag);
+        // Shorter than a nanosecond: not read as 0, which is "off".
+        let args = ["serve", "--listen", "127.0.0.1:0", flag, "1e-10"];
+        assert_usage_error_naming(&args, flag);
+    }
+}
+
+/// The UDP rates mean nothing without `--udp`: refused rather than ignored.
+fn serve_udp_rates_need_udp() {
+    for flag in ["--udp-rate", "--udp-rate-total"] {
+        let args = ["serve", "--listen", "127.0.0.1:0", flag, "10"];
+        assert_usage_error_naming(&args, "--udp");
     }
 }
 
@@ -486,6 +497,7 @@ per_backend!(
     serve_conn_buffer_limit_flags,
     stats_lines_count_connections_and_bytes_echoed,
     serve_bad_stats_period_is_exit_2_naming_the_flag,
+    serve_udp_rates_need_udp,
     serve_unparsable_listen_address_is_exit_2,
     serve_listen_address_without_port_is_exit_2,
     serve_non_numeric_workers_is_exit_2,
