@@ -115,6 +115,12 @@ impl<K> Handle<K> {
         crate::sys::prefetch(&self.inner.key);
     }
 
+    /// Whether `load` is the load counter of the handle's home worker: false for a handle of
+    /// another port, whose worker numbers mean nothing here.
+    pub(crate) fn has_home(&self, load: &Arc<AtomicUsize>) -> bool {
+        Arc::ptr_eq(&self.inner.load, load)
+    }
+
     pub(crate) fn mark_closed(&self) -> bool {
         self.inner.state.fetch_or(CLOSED, Ordering::AcqRel) & CLOSED == 0
     }

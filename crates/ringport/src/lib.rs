@@ -12,7 +12,8 @@
 //!   socket; its receives run one at a time in the order posted, and so do its sends (a
 //!   connect counts as one): the port starts the next only once the one before it completes,
 //!   on both backends, so the bytes come in and go out in the order the operations were
-//!   posted. Accepts on a listener run side by side. (A short send leaves the rest of its
+//!   posted. (The order is kept per [`Handle`]: two handles of one socket, associated from
+//!   duplicated descriptors, run side by side.) Accepts on a listener run side by side too. (A short send leaves the rest of its
 //!   buffer to the caller: with several sends outstanding on one socket, the rest would follow
 //!   the later sends, so keep one send in flight per socket when the byte order matters, as
 //!   `ringport serve` does.)
@@ -62,7 +63,7 @@
 //! | backend | kernel | how | known differences |
 //! |---|---|---|---|
 //! | `io_uring` | Linux 5.19+ (`EXT_ARG`, `NODROP`, `ASYNC_CANCEL` by fd and "any") | one ring per worker; each operation is one SQE whose `user_data` is its [`OpId`]; each CQE is one completion; sockets are kept in blocking mode (the ring waits on them) | the kernel owns an operation's buffer until its CQE: cancellation and shutdown wait for it |
-//! | `epoll` | any Linux | one epoll instance per worker; each socket registered once, edge-triggered for both directions (no `epoll_ctl` per message); per socket, one queue of operations per direction, run in posting order until `EAGAIN` (a pooled receive that fills less than a buffer ends the turn: the next arrival raises a new edge); timeouts from a timer heap; sockets are put in non-blocking mode | an operation that can finish at once does so inside `submit` (its completion is still queued, never skipped); cancellation is immediate |
+//! | `epoll` | any Linux | one epoll instance per worker; each socket registered once, edge-triggered for both directions (no `epoll_ctl` per message); per socket, one queue of operations per direction, run in posting order until `EAGAIN` (a pooled receive that fills less than a buffer ends the turn: the next arrival raises a new edge); timeouts from a timer heap; sockets are put in non-blocking mode | an operation that can finish at once does so inside `submit` (its completion is still queued, never skipped), unless it waits behind another on its socket; cancellation is immediate |
 //!
 //! Where io_uring is refused: Docker's default seccomp profile (`EPERM`), the sysctl
 //! `kernel.io_uring_disabled` (Linux 6.6+), kernels older than the features above (`ENOSYS`,

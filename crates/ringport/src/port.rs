@@ -714,7 +714,8 @@ where
         }
     }
 
-    /// Operations started on this worker's ring and not yet completed.
+    /// Operations posted to this worker and not yet completed: those on its ring, and those
+    /// waiting behind another on the same side of their socket.
     pub fn in_flight(&self) -> usize {
         self.inflight.len()
     }
@@ -1205,6 +1206,15 @@ where
             return self
                 .ready
                 .push_back(p.into_completion(id, Err(errno(libc::ECANCELED))));
+        }
+        if let Some(h) = p.handle.as_ref() {
+            if !h.has_home(&self.shared.slots[self.index].load) {
+                let e = io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the socket was associated with another port",
+                );
+                return self.ready.push_back(p.into_completion(id, Err(e)));
+            }
         }
         let target = Target {
             fd: p.handle.as_ref().map_or(-1, AsRawFd::as_raw_fd),

@@ -131,6 +131,7 @@ per_backend!(
     a_receive_waiting_behind_another_can_be_cancelled,
     cancelling_a_socket_cancels_the_operations_waiting_on_it,
     work_posted_after_shutdown_is_cancelled,
+    a_socket_of_another_port_is_refused,
     cancel_one_operation_and_all_of_a_socket,
     cancelling_another_workers_operation_is_forwarded,
     cancelling_a_finished_operation_leaves_later_ones_alone,
@@ -641,6 +642,33 @@ fn work_posted_after_shutdown_is_cancelled(b: Backend) {
         Err(std::io::ErrorKind::WouldBlock),
         "the send reached the socket"
     );
+}
+
+/// An operation on a handle of another port fails with `InvalidInput` (its buffer comes back)
+/// rather than run on a worker that is not its home; the port it belongs to is unaffected.
+fn a_socket_of_another_port_is_refused(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (other, mut w2) = one_worker::<(), u8>(b);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    w.submit(Op::recv(&h, Vec::with_capacity(4)), 1);
+    w2.submit(Op::recv(&h, Vec::with_capacity(4)), 2);
+    let c = next(&mut w2);
+    assert_eq!(c.data, 2);
+    assert_eq!(
+        c.result.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::InvalidInput)
+    );
+    assert!(c.buf.is_some(), "its buffer comes back");
+    assert_eq!(w2.in_flight(), 0);
+    let refused = other
+        .submit(Op::recv(&h, Vec::with_capacity(4)), 3)
+        .unwrap();
+    let c = next(&mut w2);
+    assert_eq!((c.id, c.result.is_err()), (refused, true));
+    peer.write_all(b"mine").unwrap();
+    let c = next(&mut w);
+    assert_eq!((c.data, c.buf.unwrap()), (1, b"mine".to_vec()));
 }
 
 /// Ids of finished operations stay dead: cancelling one, from this thread or another, leaves
