@@ -285,6 +285,76 @@ fn out_of_descriptors_backs_off_warns_once_and_recovers() {
     server.terminate_cleanly(EXIT_GUARD);
 }
 
+/// The `uring` model out of descriptors with nobody waiting to connect does not warn (io_uring's
+/// accept takes a descriptor before it looks at the backlog, so it fails then too); the warning
+/// comes once a connection waits.
+#[test]
+fn uring_model_out_of_descriptors_warns_only_when_a_connection_waits() {
+    if let Some(why) = util::uring_refused() {
+        println!("SKIPPED: io_uring refused: {why}");
+        return;
+    }
+    const LIMIT: u64 = 32;
+    let args = ["--listen", "127.0.0.1:0", "--model", "uring"];
+    let server = Server::start_configured(&args, |cmd| {
+        // SAFETY: the hook runs in the forked child before exec; it only calls setrlimit(2),
+        // which is async-signal-safe, on a struct on its own stack, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: LIMIT,
+                    rlim_max: LIMIT,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let warned = |server: &Server| {
+        util::strip_ansi(&server.stderr_so_far())
+            .to_lowercase()
+            .contains("too many open files")
+    };
+    let mut served = Vec::new();
+    loop {
+        assert!(
+            served.len() < LIMIT as usize,
+            "{} connections served under a limit of {LIMIT} descriptors",
+            served.len()
+        );
+        let mut s = connect(server.addr);
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        if !matches!(s.read(&mut byte), Ok(1)) {
+            // Not accepted: it waits in the backlog.
+            break;
+        }
+        served.push(s);
+        // Time for an accept that fails at once to be reported, were it to be.
+        thread::sleep(Duration::from_millis(200));
+        assert!(
+            !warned(&server),
+            "warned with {} connections open, all served, none waiting\n{}",
+            served.len(),
+            server.stderr_so_far()
+        );
+    }
+    let deadline = Instant::now() + CLOSE_GUARD;
+    while !warned(&server) {
+        assert!(
+            Instant::now() < deadline,
+            "no warning with a connection waiting\n{}",
+            server.stderr_so_far()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    drop(served);
+    server.terminate_cleanly(EXIT_GUARD);
+}
+
 per_backend!(
     max_connections_refuses_the_excess_and_recovers,
     idle_timeout_closes_idle_connections_only,

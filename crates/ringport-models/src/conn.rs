@@ -379,12 +379,7 @@ impl Acceptor {
     /// Whether a connection waits in the listener's backlog (asked without waiting; when the
     /// kernel cannot say, as if one did).
     fn has_waiting(&self) -> bool {
-        let mut fds = [libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        sys::poll(&mut fds, Some(std::time::Duration::ZERO)).map_or(true, |n| n > 0)
+        sys::has_waiting(self.fd())
     }
 }
 

@@ -69,6 +69,18 @@ pub(crate) fn eventfd_signal(fd: RawFd) {
     let _ = unsafe { syscall!(write(fd, (&raw const one).cast(), 8)) };
 }
 
+/// Whether a connection waits in listener `fd`'s backlog (asked without waiting; when the
+/// kernel cannot say, as if one did). Running out of descriptors is worth a warning and a
+/// pause only then: an accept may fail with `EMFILE` before it looks at the backlog.
+pub(crate) fn has_waiting(fd: RawFd) -> bool {
+    let mut fds = [libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    poll(&mut fds, Some(Duration::ZERO)).map_or(true, |n| n > 0)
+}
+
 /// `poll(2)` on a set of descriptors, retried on `EINTR` for what is left of the time;
 /// `None` waits without a time limit.
 pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {

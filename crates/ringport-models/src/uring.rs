@@ -304,7 +304,17 @@ impl Server {
             match sys::classify_accept_error(-res) {
                 AcceptError::Empty | AcceptError::Transient => {}
                 AcceptError::Exhausted => {
-                    if let Some(suppressed) = self.accept_warnings.check() {
+                    // io_uring takes the new descriptor before it looks at the backlog: out of
+                    // them, the accept fails with nobody connecting. Paused either way (armed
+                    // again at once, it would fail at once), but worth a warning only when a
+                    // connection waits.
+                    let waiting = self
+                        .listener
+                        .as_ref()
+                        .is_some_and(|l| sys::has_waiting(l.as_raw_fd()));
+                    if let Some(suppressed) =
+                        waiting.then(|| self.accept_warnings.check()).flatten()
+                    {
                         warn!(
                             suppressed,
                             "uring: accept: {err}; pausing accepts for {ACCEPT_BACKOFF:?}"

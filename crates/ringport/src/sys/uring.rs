@@ -667,7 +667,14 @@ impl Driver for Uring {
         let entries = u16::try_from(u32::from(pool.count()).next_power_of_two())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "receive pool too large"))?;
         let bytes = usize::from(entries) * std::mem::size_of::<types::BufRingEntry>();
-        let layout = Layout::from_size_align(bytes, 4096)
+        // The kernel wants the ring to start on a page: 4 KiB, or 16 or 64 KiB on some arm64
+        // kernels (`EINVAL` otherwise).
+        // SAFETY: sysconf only reads a system constant.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096);
+        let layout = Layout::from_size_align(bytes, page)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: the layout has a non-zero size; zeroed memory is a valid empty ring.
         let ring = unsafe { alloc::alloc_zeroed(layout) }.cast::<types::BufRingEntry>();
