@@ -557,7 +557,12 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
                         op.connecting = true;
                         return Outcome::Blocked;
                     }
-                    libc::EALREADY if op.connecting => return Outcome::Blocked,
+                    // Under way before this operation began: a connect whose socket epoll
+                    // refused to watch (the port reported that failure; the handshake went on).
+                    libc::EALREADY => {
+                        op.connecting = true;
+                        return Outcome::Blocked;
+                    }
                     libc::EISCONN if op.connecting => return Outcome::Done(0),
                     _ => {}
                 }
