@@ -154,9 +154,8 @@ impl<K> Op<K> {
     /// Its last completion (`more` false) can carry data too: on io_uring the kernel ends a
     /// multishot receive that way when it could not post another completion. Whatever ended it
     /// with data or with `ENOBUFS`, post it again to go on receiving (the crate docs say when
-    /// `ENOBUFS` comes while the pool still has buffers). Other receives on the same socket while
-    /// it is armed are not ordered with it: io_uring runs them as data arrives, epoll after it
-    /// ends; post one or the other.
+    /// `ENOBUFS` comes while the pool still has buffers). A receive posted on the same handle
+    /// while it is armed waits until it ends, on both backends: post one or the other.
     pub fn recv_pooled(socket: &Handle<K>) -> Self {
         Op::new(
             Some(socket),
