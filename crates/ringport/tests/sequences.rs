@@ -1,4 +1,4 @@
-//! Random sequences of receives, sends and cancels on one socket, with a peer that writes and
+//! Random sequences of receives (plain and pooled multishot), sends and cancels on one socket, with a peer that writes and
 //! reads at random points between them: whatever the interleaving, every operation completes
 //! exactly once with its buffer, the receives' bytes, taken in the order the receives were
 //! posted, are the peer's stream, and the peer reads the sends' bytes in the order the sends
@@ -18,6 +18,8 @@ use ringport::{Backend, Completion, Op, OpId, OpKind, Port, WaitError, Worker};
 enum Step {
     /// Post a receive with room for this many bytes.
     Recv(usize),
+    /// Post a pooled multishot receive: it completes with each arrival until it ends.
+    RecvPooled,
     /// Post a send of this many bytes of our stream.
     Send(usize),
     /// The peer writes this many bytes of its stream (as many as its socket takes now).
@@ -28,11 +30,14 @@ enum Step {
     Cancel(usize),
     /// Take the completions that are ready.
     Poll,
+    /// Post a close: what is outstanding is cancelled, what is posted later fails with `EBADF`.
+    Close,
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         3 => (1usize..64).prop_map(Step::Recv),
+        1 => Just(Step::RecvPooled),
         3 => (1usize..64).prop_map(Step::Send),
         // Past what the sockets' buffers hold while the peer does not read: it waits for room.
         1 => (64usize << 10..512 << 10).prop_map(Step::Send),
@@ -40,6 +45,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => Just(Step::PeerRead),
         1 => (0usize..4).prop_map(Step::Cancel),
         2 => Just(Step::Poll),
+        1 => Just(Step::Close),
     ]
 }
 
@@ -57,17 +63,35 @@ struct Posted {
 struct Run {
     worker: Worker<(), u64>,
     posted: Vec<(OpId, Posted)>,
+    /// Each operation's last completion.
     done: HashMap<OpId, Completion<(), u64>>,
+    /// What each pooled receive brought, in the order its completions came.
+    pooled: HashMap<OpId, Vec<u8>>,
     /// What the peer has written, and how far into our stream it has read.
     peer_wrote: usize,
     peer_got: Vec<u8>,
     our_next: usize,
+    /// How many operations were posted before the first close.
+    closed_at: Option<usize>,
 }
 
 impl Run {
-    fn take(&mut self, c: Completion<(), u64>) {
-        let fresh = self.done.insert(c.id, c);
-        assert!(fresh.is_none(), "an operation completed twice");
+    fn take(&mut self, mut c: Completion<(), u64>) {
+        assert!(
+            !self.done.contains_key(&c.id),
+            "a completion after an operation's last"
+        );
+        if let Some(buf) = c.pooled.take() {
+            // Copied out, so that the pool buffer goes back at once.
+            self.pooled.entry(c.id).or_default().extend_from_slice(&buf);
+        }
+        if !c.more {
+            self.done.insert(c.id, c);
+        }
+    }
+
+    fn post(&mut self, id: OpId, kind: OpKind, sent: Vec<u8>) {
+        self.posted.push((id, Posted { kind, sent }));
     }
 
     fn poll(&mut self) {
@@ -98,6 +122,7 @@ fn run(backend: Backend, steps: &[Step]) {
     let (port, mut workers) = Port::builder()
         .workers(1)
         .backend(backend)
+        .recv_pool(4096, 8)
         .build::<(), u64>()
         .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -109,34 +134,28 @@ fn run(backend: Backend, steps: &[Step]) {
         worker: workers.pop().unwrap(),
         posted: Vec::new(),
         done: HashMap::new(),
+        pooled: HashMap::new(),
         peer_wrote: 0,
         peer_got: Vec::new(),
         our_next: 0,
+        closed_at: None,
     };
     for (n, s) in steps.iter().enumerate() {
         let data = n as u64;
         match *s {
             Step::Recv(cap) => {
                 let id = r.worker.submit(Op::recv(&h, Vec::with_capacity(cap)), data);
-                r.posted.push((
-                    id,
-                    Posted {
-                        kind: OpKind::Recv,
-                        sent: Vec::new(),
-                    },
-                ));
+                r.post(id, OpKind::Recv, Vec::new());
+            }
+            Step::RecvPooled => {
+                let id = r.worker.submit_multishot(Op::recv_pooled(&h), data);
+                r.post(id, OpKind::RecvPooled, Vec::new());
             }
             Step::Send(len) => {
                 let bytes: Vec<u8> = (r.our_next..r.our_next + len).map(|i| byte(7, i)).collect();
                 r.our_next += len;
                 let id = r.worker.submit(Op::send(&h, bytes.clone(), 0), data);
-                r.posted.push((
-                    id,
-                    Posted {
-                        kind: OpKind::Send,
-                        sent: bytes,
-                    },
-                ));
+                r.post(id, OpKind::Send, bytes);
             }
             Step::PeerWrite(len) => {
                 let bytes: Vec<u8> = (r.peer_wrote..r.peer_wrote + len)
@@ -158,6 +177,11 @@ fn run(backend: Backend, steps: &[Step]) {
                 }
             }
             Step::Poll => r.poll(),
+            Step::Close => {
+                r.closed_at.get_or_insert(r.posted.len() + 1);
+                let id = r.worker.submit(Op::close(&h), data);
+                r.post(id, OpKind::Close, Vec::new());
+            }
         }
     }
     // The peer says it is done writing, reads until every send has come back, and every
@@ -181,9 +205,34 @@ fn run(backend: Backend, steps: &[Step]) {
     assert_eq!(r.worker.in_flight(), 0);
     let mut received = Vec::new();
     let mut sent = Vec::new();
-    for (id, p) in &r.posted {
+    for (n, (id, p)) in r.posted.iter().enumerate() {
         let c = &r.done[id];
         assert_eq!(c.kind, p.kind);
+        if r.closed_at.is_some_and(|at| n >= at) && p.kind != OpKind::Close {
+            assert_eq!(
+                c.result.as_ref().map_err(|e| e.raw_os_error()).err(),
+                Some(Some(libc::EBADF)),
+                "{:?} posted after a close",
+                p.kind
+            );
+        }
+        if p.kind == OpKind::Close {
+            assert!(c.result.is_ok(), "close: {:?}", c.result);
+            continue;
+        }
+        if p.kind == OpKind::RecvPooled {
+            // Ended by the end of the stream, a cancel, or a dry pool; what it brought before
+            // counts either way.
+            if let Err(e) = &c.result {
+                assert!(
+                    c.is_cancelled()
+                        || matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EBADF)),
+                    "a pooled receive failed: {e}"
+                );
+            }
+            received.extend_from_slice(r.pooled.get(id).map_or(&[][..], Vec::as_slice));
+            continue;
+        }
         let buf = c.buf.as_ref().expect("the buffer comes back");
         match (p.kind, &c.result) {
             (OpKind::Recv, Ok(n)) => {
@@ -196,7 +245,7 @@ fn run(backend: Backend, steps: &[Step]) {
             }
             (_, Err(e)) => {
                 assert!(
-                    c.is_cancelled() || e.raw_os_error() == Some(libc::ECONNRESET),
+                    c.is_cancelled() || e.raw_os_error() == Some(libc::EBADF),
                     "{:?} failed: {e}",
                     p.kind
                 );
