@@ -189,6 +189,24 @@ fn idle_timeout_closes_idle_connections_only() {
     );
 }
 
+/// Makes the server start with a descriptor limit (soft and hard) of `limit`.
+fn limit_descriptors(cmd: &mut std::process::Command, limit: u64) {
+    // SAFETY: the hook runs in the forked child before exec; it only calls setrlimit(2), which
+    // is async-signal-safe, on a struct on its own stack, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 fn out_of_descriptors_backs_off_warns_once_and_recovers() {
     let own = raise_own_nofile(4096);
     assert!(
@@ -197,20 +215,7 @@ fn out_of_descriptors_backs_off_warns_once_and_recovers() {
         EMFILE_CONNECTIONS + 100
     );
     let server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
-        // SAFETY: the hook runs in the forked child before exec; it only calls setrlimit(2), which
-        // is async-signal-safe, on a struct on its own stack, and allocates nothing.
-        unsafe {
-            cmd.pre_exec(|| {
-                let lim = libc::rlimit {
-                    rlim_cur: SERVER_NOFILE,
-                    rlim_max: SERVER_NOFILE,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        limit_descriptors(cmd, SERVER_NOFILE);
     });
     let addr = server.addr;
     let pid = server.pid();
@@ -296,22 +301,7 @@ fn uring_model_out_of_descriptors_warns_only_when_a_connection_waits() {
     }
     const LIMIT: u64 = 32;
     let args = ["--listen", "127.0.0.1:0", "--model", "uring"];
-    let server = Server::start_configured(&args, |cmd| {
-        // SAFETY: the hook runs in the forked child before exec; it only calls setrlimit(2),
-        // which is async-signal-safe, on a struct on its own stack, and allocates nothing.
-        unsafe {
-            cmd.pre_exec(|| {
-                let lim = libc::rlimit {
-                    rlim_cur: LIMIT,
-                    rlim_max: LIMIT,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    });
+    let server = Server::start_configured(&args, |cmd| limit_descriptors(cmd, LIMIT));
     let warned = |server: &Server| {
         util::strip_ansi(&server.stderr_so_far())
             .to_lowercase()

@@ -148,22 +148,13 @@ impl<T> Inflight<T> {
 
     /// Takes a record out; its slot is free again and the id finds nothing from now on.
     pub(crate) fn remove(&mut self, id: u64) -> Option<T> {
-        let value = match self.slot(id) {
-            Some(slot) => {
-                let value = slot.value.take();
-                if value.is_some() {
-                    slot.vacate();
-                    self.free.push_back((id & INDEX_MASK) as u32);
-                }
-                value
-            }
-            None => None,
+        let value = self.take(id)?;
+        // A slab id's record is always in its slot (`insert`): the slot is free again.
+        if let Some(slot) = self.slot(id) {
+            slot.vacate();
+            self.free.push_back((id & INDEX_MASK) as u32);
         }
-        .or_else(|| self.map.remove(&id));
-        if value.is_some() {
-            self.len -= 1;
-        }
-        value
+        Some(value)
     }
 
     /// Takes a record out but keeps its slot reserved, so that the same id can be inserted

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use peer_common::uring_check;
 use ringport::{
-    Backend, CancelOutcome, Completion, Handle, Op, OpKind, Packet, Port, WaitError, Worker,
+    Backend, CancelOutcome, Completion, Handle, Op, OpId, OpKind, Packet, Port, WaitError, Worker,
 };
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
@@ -471,20 +471,35 @@ fn several_receives_outstanding_on_one_socket_fill_in_order(b: Backend) {
     assert_eq!(got.concat(), b"aaaabbbbcccc");
 }
 
-/// Receives that reach the kernel before any data does (so each waits for readiness there)
-/// still fill in the order they were posted.
-fn receives_waiting_for_data_fill_in_order(b: Backend) {
+/// One worker with three 4-byte receives (data 0, 1, 2) posted on one socket and handed to the
+/// kernel, where they find nothing to read: the port, the worker, the socket, its peer, and the
+/// receives' ids.
+fn three_receives_waiting(
+    b: Backend,
+) -> (
+    Port<(), usize>,
+    Worker<(), usize>,
+    Handle<()>,
+    TcpStream,
+    Vec<OpId>,
+) {
     let (port, mut w) = one_worker::<(), usize>(b);
-    let (ours, mut peer) = pair();
+    let (ours, peer) = pair();
     let h = port.associate(ours, ()).unwrap();
-    for i in 0..3 {
-        w.submit(Op::recv(&h, Vec::with_capacity(4)), i);
-    }
-    // Hands the receives to the kernel, where they find nothing to read.
+    let ids = (0..3)
+        .map(|i| w.submit(Op::recv(&h, Vec::with_capacity(4)), i))
+        .collect();
     assert!(matches!(
         w.dequeue(Some(Duration::ZERO)),
         Err(WaitError::TimedOut)
     ));
+    (port, w, h, peer, ids)
+}
+
+/// Receives that reach the kernel before any data does (so each waits for readiness there)
+/// still fill in the order they were posted.
+fn receives_waiting_for_data_fill_in_order(b: Backend) {
+    let (_port, mut w, _h, mut peer, _ids) = three_receives_waiting(b);
     peer.write_all(b"aaaabbbbcccc").unwrap();
     let mut got = vec![Vec::new(); 3];
     for _ in 0..3 {
@@ -542,16 +557,7 @@ fn sends_waiting_for_room_go_out_in_order(b: Backend) {
 /// A receive posted behind another on the same socket can be cancelled before its turn; the
 /// others keep their order.
 fn a_receive_waiting_behind_another_can_be_cancelled(b: Backend) {
-    let (port, mut w) = one_worker::<(), usize>(b);
-    let (ours, mut peer) = pair();
-    let h = port.associate(ours, ()).unwrap();
-    let ids: Vec<_> = (0..3)
-        .map(|i| w.submit(Op::recv(&h, Vec::with_capacity(4)), i))
-        .collect();
-    assert!(matches!(
-        w.dequeue(Some(Duration::ZERO)),
-        Err(WaitError::TimedOut)
-    ));
+    let (_port, mut w, _h, mut peer, ids) = three_receives_waiting(b);
     assert_eq!(w.cancel(ids[1]), CancelOutcome::Requested);
     let c = next(&mut w);
     assert_eq!(c.id, ids[1]);
@@ -575,16 +581,7 @@ fn a_receive_waiting_behind_another_can_be_cancelled(b: Backend) {
 /// `cancel_all` and a close also cancel the operations waiting their turn on the socket, and
 /// leave the socket's sides free for what is posted next.
 fn cancelling_a_socket_cancels_the_operations_waiting_on_it(b: Backend) {
-    let (port, mut w) = one_worker::<(), usize>(b);
-    let (ours, mut peer) = pair();
-    let h = port.associate(ours, ()).unwrap();
-    for i in 0..3 {
-        w.submit(Op::recv(&h, Vec::with_capacity(4)), i);
-    }
-    assert!(matches!(
-        w.dequeue(Some(Duration::ZERO)),
-        Err(WaitError::TimedOut)
-    ));
+    let (_port, mut w, h, mut peer, _ids) = three_receives_waiting(b);
     w.cancel_all(&h);
     let mut cancelled: Vec<usize> = (0..3)
         .map(|_| {
