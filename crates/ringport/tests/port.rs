@@ -471,18 +471,19 @@ fn several_receives_outstanding_on_one_socket_fill_in_order(b: Backend) {
     assert_eq!(got.concat(), b"aaaabbbbcccc");
 }
 
-/// One worker with three 4-byte receives (data 0, 1, 2) posted on one socket and handed to the
-/// kernel, where they find nothing to read: the port, the worker, the socket, its peer, and the
-/// receives' ids.
-fn three_receives_waiting(
-    b: Backend,
-) -> (
+/// What [`three_receives_waiting`] gives back.
+type Waiting = (
     Port<(), usize>,
     Worker<(), usize>,
     Handle<()>,
     TcpStream,
     Vec<OpId>,
-) {
+);
+
+/// One worker with three 4-byte receives (data 0, 1, 2) posted on one socket and handed to the
+/// kernel, where they find nothing to read: the port, the worker, the socket, its peer, and the
+/// receives' ids.
+fn three_receives_waiting(b: Backend) -> Waiting {
     let (port, mut w) = one_worker::<(), usize>(b);
     let (ours, peer) = pair();
     let h = port.associate(ours, ()).unwrap();
