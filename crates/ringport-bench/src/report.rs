@@ -240,9 +240,10 @@ impl Report {
         let _ = writeln!(
             md,
             "RSS B/conn: the server's resident memory in the window (the larger of the readings \
-             at its two marks) less a reading taken just before the cell's load started, per connection. A server's process serves every \
-             cell of a round, so what earlier cells paged in is already in that reading: the \
-             column means most in the first cell and at 1,000 and 10,000 connections.\n"
+             at its two marks) less a reading taken just before the cell's load started, per \
+             connection. A server's process serves every cell of a round, so what earlier cells \
+             paged in is already in that reading: the column means most in the first cell and \
+             at 1,000 and 10,000 connections.\n"
         );
         let _ = writeln!(
             md,

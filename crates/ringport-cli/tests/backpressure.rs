@@ -146,16 +146,18 @@ fn sender_without_reading_bounded_rss_then_exact_echo() {
     writer_that_never_reads_is_held_back(WRITE_WINDOW);
 }
 
-/// A server with one worker and a receive pool of `bytes`.
-fn one_worker_with_pool(bytes: &str) -> Server {
-    Server::start_with(&[
+/// A server with one worker and a receive pool of `bytes`, started with the flags `more` too.
+fn one_worker_with_pool(bytes: &str, more: &[&str]) -> Server {
+    let mut args = vec![
         "--listen",
         "127.0.0.1:0",
         "--workers",
         "1",
         "--pool-size",
         bytes,
-    ])
+    ];
+    args.extend_from_slice(more);
+    Server::start_with(&args)
 }
 
 /// Peers that send and never read cannot keep a worker's whole receive pool: once others have
@@ -163,7 +165,7 @@ fn one_worker_with_pool(bytes: &str) -> Server {
 /// gets its echo.
 fn peers_that_never_read_cannot_starve_the_others() {
     // 16 buffers of 64 KiB: a handful of flooding peers is enough to take them all.
-    let server = one_worker_with_pool("1048576");
+    let server = one_worker_with_pool("1048576", &[]);
     let mut hogs = Vec::new();
     for _ in 0..8 {
         let mut s = connect(server.addr);
@@ -181,19 +183,16 @@ fn peers_that_never_read_cannot_starve_the_others() {
 fn peers_that_stop_short_of_the_bound_cannot_starve_the_others() {
     // 128 buffers of 8 KiB, a whole one per receive; a connection may hold 128 KiB, counted
     // as whole buffers.
-    let server = Server::start_with(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--pool-size",
+    let server = one_worker_with_pool(
         "1048576",
-        "--pool-whole-buffers",
-        "--conn-buffer",
-        "131072",
-        "--stats",
-        "0.05",
-    ]);
+        &[
+            "--pool-whole-buffers",
+            "--conn-buffer",
+            "131072",
+            "--stats",
+            "0.05",
+        ],
+    );
     let pool_in_use = |server: &Server| {
         let err = util::strip_ansi(&server.stderr_so_far());
         let line = err.lines().rev().find(|l| l.contains("stats: open "))?;
@@ -259,18 +258,7 @@ fn peers_that_stop_short_of_the_bound_cannot_starve_the_others() {
 /// outside it (they would be closed at the drain's end anyway), rather than the waiting
 /// connection being reset, its input unread, when the drain times out.
 fn a_connection_waiting_for_the_pool_is_echoed_during_a_drain() {
-    let server = Server::start_with(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--pool-size",
-        "1048576",
-        "--drain-timeout",
-        "8",
-        "--stats",
-        "0.05",
-    ]);
+    let server = one_worker_with_pool("1048576", &["--drain-timeout", "8", "--stats", "0.05"]);
     let last_stats = |server: &Server| {
         let err = util::strip_ansi(&server.stderr_so_far());
         err.lines()
@@ -452,7 +440,7 @@ fn peers_that_stop_reading_keep_to_their_share_of_the_pool() {
         eprintln!("skipped: io_uring on this kernel has no limit on a multishot receive");
         return;
     }
-    let server = one_worker_with_pool("4194304");
+    let server = one_worker_with_pool("4194304", &[]);
     let addr = server.addr;
     let writers = start_writers(addr, 8);
     let peers: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();

@@ -458,6 +458,17 @@ impl Epoll {
         }
     }
 
+    /// Fires the timers due and hands over every event finished since the last turn.
+    fn hand_over(&mut self, out: &mut Vec<Event>) {
+        self.fire_timers();
+        if out.is_empty() {
+            // Hands over the allocation too: after a burst the port gives it back.
+            std::mem::swap(out, &mut self.done);
+        } else {
+            out.append(&mut self.done);
+        }
+    }
+
     fn fire_timers(&mut self) {
         let now = Instant::now();
         while let Some(&Reverse((at, id))) = self.timers.peek() {
@@ -838,13 +849,7 @@ impl Driver for Epoll {
                 self.run(fd, Side::Write, false);
             }
         }
-        self.fire_timers();
-        if out.is_empty() {
-            // Hands over the allocation too: after a burst the port gives it back.
-            std::mem::swap(out, &mut self.done);
-        } else {
-            out.append(&mut self.done);
-        }
+        self.hand_over(out);
         Ok(())
     }
 
@@ -854,8 +859,7 @@ impl Driver for Epoll {
             p.collect();
             p.circulation.tick();
         }
-        self.fire_timers();
-        out.append(&mut self.done);
+        self.hand_over(out);
         Ok(())
     }
 
