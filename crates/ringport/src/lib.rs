@@ -12,10 +12,11 @@
 //!   socket; its receives run one at a time in the order posted, and so do its sends (a
 //!   connect counts as one): the port starts the next only once the one before it completes,
 //!   on both backends, so the bytes come in and go out in the order the operations were
-//!   posted. (The order is kept per [`Handle`]: two handles of one socket, associated from
-//!   duplicated descriptors, run side by side.) Accepts on a listener run side by side too. (A short send leaves the rest of its
-//!   buffer to the caller: with several sends outstanding on one socket, the rest would follow
-//!   the later sends, so keep one send in flight per socket when the byte order matters, as
+//!   posted, whether through the port or the worker. (The order is kept per [`Handle`]: two
+//!   handles of one socket, associated from duplicated descriptors, run side by side.) Accepts
+//!   on a listener run side by side too. (A short send leaves the rest of its buffer to the
+//!   caller: with several sends outstanding on one socket, the rest would follow the later
+//!   sends, so keep one send in flight per socket when the byte order matters, as
 //!   `ringport serve` does.)
 //! * Worker threads call [`Worker::dequeue`] (`GetQueuedCompletionStatus`) or
 //!   [`Worker::dequeue_batch`] with a timeout (`Some(ZERO)` polls, `None` waits forever) and get

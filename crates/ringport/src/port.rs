@@ -779,6 +779,9 @@ where
 
     fn submit_pending(&mut self, worker: usize, pending: Pending<K, D>) -> OpId {
         if worker == self.index {
+            // Operations posted through the port wait in this worker's queue: started first,
+            // they keep their place ahead of this one on the same socket.
+            self.take_remote();
             // A slot of this worker's slab, else (all taken) a sequence id.
             let id = self
                 .inflight
@@ -1117,7 +1120,9 @@ where
         found
     }
 
-    /// Completes every operation held on `socket` with `ECANCELED`, in the order posted.
+    /// Completes every operation held on `socket` with `ECANCELED`: the receives in the order
+    /// posted, then the sends. They carry no data, so they may complete before the operation
+    /// of their side that is still in the kernel.
     fn cancel_held_of(&mut self, socket: &Handle<K>) {
         let Some(queues) = self.held.remove(&socket.serial()) else {
             return;
@@ -1182,7 +1187,9 @@ where
 
     fn take_remote(&mut self) {
         let slot = &self.shared.slots[self.index];
-        if !slot.pending.swap(false, Ordering::AcqRel) {
+        // A load first: this runs for every operation a worker posts, and the queue is
+        // usually empty.
+        if !slot.pending.load(Ordering::Acquire) || !slot.pending.swap(false, Ordering::AcqRel) {
             return;
         }
         let items = std::mem::take(&mut *lock(&slot.queue));

@@ -128,6 +128,7 @@ per_backend!(
     several_receives_outstanding_on_one_socket_fill_in_order,
     receives_waiting_for_data_fill_in_order,
     sends_waiting_for_room_go_out_in_order,
+    operations_posted_through_the_port_keep_their_place,
     a_receive_waiting_behind_another_can_be_cancelled,
     cancelling_a_socket_cancels_the_operations_waiting_on_it,
     work_posted_after_shutdown_is_cancelled,
@@ -553,6 +554,36 @@ fn sends_waiting_for_room_go_out_in_order(b: Backend) {
         (want.len(), None),
         "the sends' bytes came out of order"
     );
+}
+
+/// An operation posted through the port, which waits in its worker's queue, still goes before
+/// one that the same thread then posts through the worker itself: sends and receives alike.
+fn operations_posted_through_the_port_keep_their_place(b: Backend) {
+    let (port, mut w) = one_worker::<(), usize>(b);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    port.submit(Op::send(&h, b"aaaa".to_vec(), 0), 1).unwrap();
+    w.submit(Op::send(&h, b"bbbb".to_vec(), 0), 2);
+    port.submit(Op::recv(&h, Vec::with_capacity(4)), 3).unwrap();
+    w.submit(Op::recv(&h, Vec::with_capacity(4)), 4);
+    for _ in 0..2 {
+        assert_eq!(next(&mut w).result.unwrap(), 4);
+    }
+    let mut sent = [0u8; 8];
+    peer.read_exact(&mut sent).unwrap();
+    assert_eq!(&sent, b"aaaabbbb");
+    peer.write_all(b"xxxx").unwrap();
+    let c = next(&mut w);
+    let (data, buf) = (c.data, c.buf.unwrap());
+    assert_eq!(
+        (data, &buf[..]),
+        (3, &b"xxxx"[..]),
+        "the first receive posted gets the bytes"
+    );
+    w.cancel_all(&h);
+    let c = next(&mut w);
+    assert_eq!(c.data, 4);
+    assert!(c.is_cancelled(), "{:?}", c.result);
 }
 
 /// A receive posted behind another on the same socket can be cancelled before its turn; the

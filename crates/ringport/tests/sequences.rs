@@ -1,5 +1,6 @@
-//! Random sequences of receives (plain and pooled multishot), sends and cancels on one socket, with a peer that writes and
-//! reads at random points between them: whatever the interleaving, every operation completes
+//! Random sequences of receives (plain and pooled multishot), sends and cancels on one socket,
+//! posted through the worker or through the port, with a peer that writes and reads at random
+//! points between them: whatever the interleaving, every operation completes
 //! exactly once with its buffer, the receives' bytes, taken in the order the receives were
 //! posted, are the peer's stream, and the peer reads the sends' bytes in the order the sends
 //! were posted. Each backend is checked the same way.
@@ -16,12 +17,13 @@ use ringport::{Backend, Completion, Op, OpId, OpKind, Port, WaitError, Worker};
 /// What happens next, from the test's side or the peer's.
 #[derive(Debug, Clone)]
 enum Step {
-    /// Post a receive with room for this many bytes.
-    Recv(usize),
+    /// Post a receive with room for this many bytes; through the port (from its queue, the
+    /// worker takes it when it next looks) if the flag is set, else through the worker.
+    Recv(usize, bool),
     /// Post a pooled multishot receive: it completes with each arrival until it ends.
     RecvPooled,
-    /// Post a send of this many bytes of our stream.
-    Send(usize),
+    /// Post a send of this many bytes of our stream; the flag as for `Recv`.
+    Send(usize, bool),
     /// The peer writes this many bytes of its stream (as many as its socket takes now).
     PeerWrite(usize),
     /// The peer reads what has arrived.
@@ -36,11 +38,11 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (1usize..64).prop_map(Step::Recv),
+        3 => (1usize..64, any::<bool>()).prop_map(|(n, port)| Step::Recv(n, port)),
         1 => Just(Step::RecvPooled),
-        3 => (1usize..64).prop_map(Step::Send),
+        3 => (1usize..64, any::<bool>()).prop_map(|(n, port)| Step::Send(n, port)),
         // Past what the sockets' buffers hold while the peer does not read: it waits for room.
-        1 => (64usize << 10..512 << 10).prop_map(Step::Send),
+        1 => (64usize << 10..512 << 10, any::<bool>()).prop_map(|(n, port)| Step::Send(n, port)),
         3 => (1usize..256).prop_map(Step::PeerWrite),
         2 => Just(Step::PeerRead),
         1 => (0usize..4).prop_map(Step::Cancel),
@@ -87,6 +89,15 @@ impl Run {
         }
         if !c.more {
             self.done.insert(c.id, c);
+        }
+    }
+
+    /// Posts `op` through the port if `via_port`, else through the worker.
+    fn submit(&mut self, port: &Port<(), u64>, op: Op<()>, data: u64, via_port: bool) -> OpId {
+        if via_port {
+            port.submit(op, data).expect("the worker is alive")
+        } else {
+            self.worker.submit(op, data)
         }
     }
 
@@ -143,18 +154,18 @@ fn run(backend: Backend, steps: &[Step]) {
     for (n, s) in steps.iter().enumerate() {
         let data = n as u64;
         match *s {
-            Step::Recv(cap) => {
-                let id = r.worker.submit(Op::recv(&h, Vec::with_capacity(cap)), data);
+            Step::Recv(cap, via_port) => {
+                let id = r.submit(&port, Op::recv(&h, Vec::with_capacity(cap)), data, via_port);
                 r.post(id, OpKind::Recv, Vec::new());
             }
             Step::RecvPooled => {
                 let id = r.worker.submit_multishot(Op::recv_pooled(&h), data);
                 r.post(id, OpKind::RecvPooled, Vec::new());
             }
-            Step::Send(len) => {
+            Step::Send(len, via_port) => {
                 let bytes: Vec<u8> = (r.our_next..r.our_next + len).map(|i| byte(7, i)).collect();
                 r.our_next += len;
-                let id = r.worker.submit(Op::send(&h, bytes.clone(), 0), data);
+                let id = r.submit(&port, Op::send(&h, bytes.clone(), 0), data, via_port);
                 r.post(id, OpKind::Send, bytes);
             }
             Step::PeerWrite(len) => {
