@@ -119,7 +119,9 @@ impl<K> Op<K> {
         Op::new(Some(listener), OpKind::Accept, Some(OpBody::AcceptMulti))
     }
 
-    /// Connect a stream socket to `addr`.
+    /// Connect a stream socket to `addr`. One posted while an earlier connect's handshake is
+    /// still under way (that one cancelled, say) fails with `EALREADY`, as `connect(2)` does;
+    /// such a socket is best closed.
     pub fn connect(socket: &Handle<K>, addr: SocketAddr) -> Self {
         let addr = socket2::SockAddr::from(addr);
         Op::new(
@@ -209,14 +211,16 @@ impl<K> Op<K> {
     }
 
     /// Close: cancel every operation still outstanding on the socket (each completes with
-    /// `ECANCELED`), refuse new ones (`EBADF`), and release the descriptor (FIN) once the last
-    /// [`Handle`] clone is dropped and every operation holding one has completed.
+    /// `ECANCELED`), refuse new ones, a second close included (`EBADF`), and release the
+    /// descriptor (FIN) once the last [`Handle`] clone is dropped and every operation holding
+    /// one has completed.
     pub fn close(socket: &Handle<K>) -> Self {
         Op::new(Some(socket), OpKind::Close, None)
     }
 
-    /// Complete after `after`, with `Ok(0)`; `ECANCELED` when cancelled first. A timeout too
-    /// long for the kernel to represent never fires.
+    /// Complete after `after`, with `Ok(0)`; `ECANCELED` when cancelled first (a cancel that
+    /// comes once it is due finds it expired: `Ok(0)`). A timeout too long for the kernel to
+    /// represent never fires.
     pub fn timeout(after: Duration) -> Self {
         // The kernel's seconds are signed: more would be read as a negative time.
         let secs = after.as_secs().min(i64::MAX as u64);

@@ -634,7 +634,11 @@ where
 /// when the ring is torn down: a blocking call with a timeout that the thread is in, or makes
 /// next (a socket read with `SO_RCVTIMEO`), may fail once with `EINTR`. The thread that built
 /// the port is not one of them unless it did so: the rings are created by a thread of their
-/// own.
+/// own. A worker may move to another thread between calls (unless
+/// [`Builder::single_thread_workers`]); the kernel still finishes the network operations
+/// that the old thread submitted on that thread, when it next enters the kernel or sleeps, so
+/// a thread that hands a worker on and then computes for long without a system call delays
+/// those completions as long.
 pub struct Worker<K, D> {
     index: usize,
     /// The receive pool, when the port has one.
@@ -944,8 +948,14 @@ where
                 }
                 return Ok(());
             }
-            if self.shutting_down && self.inflight.is_empty() && self.close_mailbox() {
-                return Err(WaitError::Shutdown);
+            if self.shutting_down && self.inflight.is_empty() {
+                if self.close_mailbox() {
+                    return Err(WaitError::Shutdown);
+                }
+                // Posted meanwhile: taken on the next turn. (Waiting instead could wait
+                // forever: the wake-up read is no longer armed, or the sender saw the flag
+                // that `close_mailbox` set and wrote no wake-up.)
+                continue;
             }
             // All handed out: a burst (thousands of connections accepted in one pass) may have
             // grown the queues far beyond what steady load needs; give that memory back.
@@ -1230,12 +1240,16 @@ where
         };
         let fd = target.fd;
         if p.kind == OpKind::Close {
-            if let Some(h) = &p.handle {
-                if h.mark_closed() {
+            // A second close is an operation posted after the first: `EBADF`.
+            let res = match &p.handle {
+                Some(h) if !h.mark_closed() => Err(errno(libc::EBADF)),
+                Some(h) => {
                     self.cancel_socket_in_driver(h);
+                    Ok(0)
                 }
-            }
-            return self.ready.push_back(p.into_completion(id, Ok(0)));
+                None => Ok(0),
+            };
+            return self.ready.push_back(p.into_completion(id, res));
         }
         if p.handle.as_ref().is_some_and(Handle::is_closed) {
             return self
@@ -1319,20 +1333,22 @@ impl<K, D> Drop for Worker<K, D> {
     fn drop(&mut self) {
         let slot = &self.shared.slots[self.index];
         // Refuse further forwarded work; what was queued never reached the kernel.
+        // What the caller's types hold (per-I/O data, keys) is dropped only at the end, once
+        // the kernel has given everything back or its memory is leaked: a `Drop` of theirs that
+        // panics must not cut the wait short and free a buffer the kernel may still write.
         let queued = {
             let mut q = lock(&slot.queue);
             slot.alive.store(false, Ordering::Release);
             std::mem::take(&mut *q)
         };
-        drop(queued);
         // Operations held behind others never reached the kernel: nothing to wait for.
-        for id in std::mem::take(&mut self.held)
+        let held: Vec<_> = std::mem::take(&mut self.held)
             .into_values()
             .flatten()
             .flatten()
-        {
-            drop(self.inflight.remove(id));
-        }
+            .filter_map(|id| self.inflight.remove(id))
+            .collect();
+        let mut given_back = Vec::new();
         // Cancel everything, including the driver's own wake-up read, and wait for the kernel
         // to give each operation back before its memory is freed.
         let mut cancelled = self.driver.cancel(Cancel::All);
@@ -1363,7 +1379,7 @@ impl<K, D> Drop for Worker<K, D> {
                     if let Some(p) = self.inflight.remove(ev.id) {
                         // Dropping the completion also closes a connection accepted meanwhile.
                         let result = p.result(ev.res);
-                        drop(p.into_completion(ev.id, result));
+                        given_back.push(p.into_completion(ev.id, result));
                     }
                 } else if let Some(p) = self.inflight.get(ev.id) {
                     // A multishot accept's connection meanwhile: closed.
@@ -1386,6 +1402,9 @@ impl<K, D> Drop for Worker<K, D> {
                 std::mem::forget(pool);
             }
         }
+        drop(given_back);
+        drop(held);
+        drop(queued);
     }
 }
 

@@ -121,8 +121,10 @@ per_backend!(
     peer_close_is_a_zero_byte_receive,
     timeout_is_not_a_failure,
     timeout_operation_expires_with_zero,
+    cancelling_a_timeout_that_is_due_finds_it_expired,
     batch_dequeue_returns_many,
     packets_posted_from_other_threads_wake_a_waiting_worker,
+    posts_racing_the_shutdown_neither_hang_the_worker_nor_get_lost,
     operations_submitted_during_a_backlog_start_before_it_drains,
     input_waits_in_the_kernel_while_a_backlog_is_served,
     several_receives_outstanding_on_one_socket_fill_in_order,
@@ -142,6 +144,8 @@ per_backend!(
     multishot_accept_takes_every_connection_until_cancelled,
     connect_refused_is_named,
     connect_refused_completes_beside_a_receive,
+    a_second_connect_during_a_handshake_is_already_under_way,
+    multishot_accept_on_a_file_is_not_a_socket,
     operations_run_on_the_home_worker,
     shutdown_completes_in_flight_operations_then_reports_shutdown,
     dropping_a_worker_with_receives_in_flight_waits_for_the_kernel,
@@ -169,6 +173,7 @@ per_backend!(
     handle_addresses_and_shutdown,
     single_thread_workers_serve_from_their_own_thread,
     work_posted_to_a_dropped_worker_comes_back_whole,
+    a_panicking_drop_while_a_worker_is_dropped_comes_after_the_kernel,
     work_sent_after_the_shutdown_answer_comes_back,
 );
 
@@ -260,6 +265,21 @@ fn timeout_operation_expires_with_zero(b: Backend) {
     assert_eq!(c.result.unwrap(), 0);
     assert_eq!(c.data, 3);
     assert!(c.handle.is_none());
+}
+
+/// A timeout cancelled after it fell due has expired: `Ok(0)` on both backends (on io_uring the
+/// kernel's timer has fired and the cancel finds nothing).
+fn cancelling_a_timeout_that_is_due_finds_it_expired(b: Backend) {
+    let (_port, mut w) = one_worker::<(), u8>(b);
+    let id = w.submit(Op::timeout(Duration::from_millis(1)), 3);
+    assert!(matches!(
+        w.dequeue(Some(Duration::ZERO)),
+        Err(WaitError::TimedOut)
+    ));
+    std::thread::sleep(Duration::from_millis(50));
+    w.cancel(id);
+    let c = next(&mut w);
+    assert_eq!((c.id, c.result.unwrap()), (id, 0));
 }
 
 fn batch_dequeue_returns_many(b: Backend) {
@@ -399,6 +419,45 @@ fn input_waits_in_the_kernel_while_a_backlog_is_served(b: Backend) {
     let mut sent = vec![0u8; SENDS as usize];
     peer.read_exact(&mut sent).unwrap();
     assert!(sent.iter().all(|&x| x == b'x'));
+}
+
+/// Packets posted while the worker finishes its shutdown: the worker still reports the
+/// shutdown (it never waits on a queue it was not woken for), and every packet the port
+/// accepted is dequeued.
+fn posts_racing_the_shutdown_neither_hang_the_worker_nor_get_lost(b: Backend) {
+    for _ in 0..100 {
+        let (port, mut w) = one_worker::<(), u32>(b);
+        let poster = {
+            let port = port.clone();
+            std::thread::spawn(move || {
+                let mut accepted = 0u32;
+                while accepted < 20_000 && port.post(0, Packet::new(accepted)).is_ok() {
+                    accepted += 1;
+                }
+                accepted
+            })
+        };
+        port.shutdown();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut dequeued = 0u32;
+            loop {
+                match w.dequeue(None) {
+                    Ok(c) => {
+                        assert_eq!(c.kind, OpKind::Packet);
+                        dequeued += 1;
+                    }
+                    Err(WaitError::Shutdown) => break,
+                    Err(e) => panic!("dequeue: {e}"),
+                }
+            }
+            let _ = tx.send(dequeued);
+        });
+        let dequeued = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the worker reported the shutdown");
+        assert_eq!(dequeued, poster.join().unwrap());
+    }
 }
 
 fn packets_posted_from_other_threads_wake_a_waiting_worker(b: Backend) {
@@ -806,7 +865,14 @@ fn close_cancels_outstanding_refuses_new_and_releases_the_socket(b: Backend) {
         c.result.as_ref().unwrap_err().raw_os_error(),
         Some(libc::EBADF)
     );
-    drop((got, c, h));
+    // A second close is posted after the first, too.
+    w.submit(Op::close(&h), 4);
+    let again = next(&mut w);
+    assert_eq!(
+        again.result.as_ref().unwrap_err().raw_os_error(),
+        Some(libc::EBADF)
+    );
+    drop((got, c, again, h));
     // The last handle is gone and nothing is in flight: the peer sees EOF.
     let mut buf = [0u8; 8];
     assert_eq!(peer.read(&mut buf).unwrap(), 0);
@@ -942,6 +1008,58 @@ fn connect_refused_is_named(b: Backend) {
 /// A receive posted on a socket still connecting sees the refusal too, and may see it first
 /// (on epoll the read side runs before the write side): the connect still completes, with an
 /// error, instead of waiting for an edge that has already passed.
+/// A connect posted while an earlier connect's handshake goes on (that one cancelled) fails
+/// with `EALREADY` on both backends, as `connect(2)` does.
+fn a_second_connect_during_a_handshake_is_already_under_way(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    // A listener whose accept queue is full drops the next SYN: that handshake waits.
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    // Connections nobody accepts fill the queue, until one's SYN goes unanswered.
+    let mut queued = Vec::new();
+    loop {
+        assert!(queued.len() < 64, "the listener's queue never filled");
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+            Ok(c) => queued.push(c),
+            Err(_) => break,
+        }
+    }
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let s = port.associate(sock, ()).unwrap();
+    let first = w.submit(Op::connect(&s, addr), 1);
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(20))),
+        Err(WaitError::TimedOut)
+    ));
+    assert_eq!(w.cancel(first), CancelOutcome::Requested);
+    let c = next(&mut w);
+    assert!(c.is_cancelled(), "{:?}", c.result);
+    w.submit(Op::connect(&s, addr), 2);
+    let c = next(&mut w);
+    assert_eq!(
+        (c.data, c.result.unwrap_err().raw_os_error()),
+        (2, Some(libc::EALREADY))
+    );
+}
+
+/// A multishot accept on a descriptor that is not a socket fails with `ENOTSOCK` on both
+/// backends (epoll cannot watch such a descriptor at all).
+fn multishot_accept_on_a_file_is_not_a_socket(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let h = port
+        .associate(std::fs::File::open("/dev/null").unwrap(), ())
+        .unwrap();
+    w.submit_multishot(Op::accept_multishot(&h), 1);
+    let c = next(&mut w);
+    assert!(!c.more);
+    assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::ENOTSOCK));
+}
+
 fn connect_refused_completes_beside_a_receive(b: Backend) {
     let (port, mut w) = one_worker::<(), u8>(b);
     let (addr, _held) = refusing_addr();
@@ -1068,6 +1186,46 @@ fn dropping_a_worker_with_receives_in_flight_waits_for_the_kernel(b: Backend) {
 /// What is posted to a worker that is gone comes back to the caller unstarted: the operation
 /// with its buffer (bytes already in it included) and per-I/O data, and the packet with its
 /// handle and data, rather than being dropped with an error.
+/// Per-I/O data that logs its drop, and panics there if it is named "panics".
+struct Probe {
+    name: &'static str,
+    log: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.log.lock().unwrap().push(self.name);
+        if self.name == "panics" && !std::thread::panicking() {
+            panic!("a per-I/O data's drop panics");
+        }
+    }
+}
+
+/// A worker dropped with a packet in its queue whose data panics when dropped: the receive in
+/// the kernel is still given back before anything of the caller's is dropped (else its buffer
+/// would be freed while the kernel may write it).
+fn a_panicking_drop_while_a_worker_is_dropped_comes_after_the_kernel(b: Backend) {
+    let (port, mut w) = one_worker::<(), Probe>(b);
+    let (ours, _peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let probe = |name| Probe {
+        name,
+        log: log.clone(),
+    };
+    w.submit(Op::recv(&h, Vec::with_capacity(64)), probe("receive"));
+    assert!(matches!(
+        w.dequeue(Some(Duration::ZERO)),
+        Err(WaitError::TimedOut)
+    ));
+    if port.post(0, Packet::new(probe("panics"))).is_err() {
+        panic!("the worker is alive");
+    }
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(w)));
+    assert!(dropped.is_err(), "the packet's data panicked");
+    assert_eq!(*log.lock().unwrap(), ["receive", "panics"]);
+}
+
 fn work_posted_to_a_dropped_worker_comes_back_whole(b: Backend) {
     let (port, mut workers) = Port::builder()
         .workers(2)

@@ -433,7 +433,13 @@ impl Epoll {
 
     fn cancel_op(&mut self, id: u64) {
         if let Some(op) = self.ops.remove(id) {
-            if self.deadlines.remove(&id).is_some() {
+            let mut res = -libc::ECANCELED;
+            if let Some(at) = self.deadlines.remove(&id) {
+                // Due already: it has expired, as the kernel's timer has on io_uring, where
+                // the cancel finds nothing.
+                if at <= Instant::now() {
+                    res = -libc::ETIME;
+                }
                 self.forget_cancelled_timers();
             }
             if let Some(state) = fd_state(&mut self.fds, op.fd) {
@@ -443,7 +449,7 @@ impl Epoll {
                 };
                 queue.remove(id);
             }
-            self.done.push(Event::done(id, -libc::ECANCELED));
+            self.done.push(Event::done(id, res));
         }
     }
 
@@ -568,12 +574,9 @@ fn attempt(op: &mut Waiting, pool: Option<&mut PoolState>) -> Outcome {
                         op.connecting = true;
                         return Outcome::Blocked;
                     }
-                    // Under way before this operation began: a connect whose socket epoll
-                    // refused to watch (the port reported that failure; the handshake went on).
-                    libc::EALREADY => {
-                        op.connecting = true;
-                        return Outcome::Blocked;
-                    }
+                    // This operation's handshake goes on. (One under way before it began, as
+                    // after a cancelled connect, ends it with `EALREADY`, as on io_uring.)
+                    libc::EALREADY if op.connecting => return Outcome::Blocked,
                     libc::EISCONN if op.connecting => return Outcome::Done(0),
                     _ => {}
                 }
@@ -747,7 +750,14 @@ impl Driver for Epoll {
             self.done.push(Event::done(id, -libc::ENOBUFS));
             return Ok(());
         }
-        self.register(target)?;
+        if let Err(e) = self.register(target) {
+            // `EPERM`: a descriptor that cannot be watched is a regular file or the like, not
+            // a socket; io_uring's socket operations say so.
+            return Err(match e.raw_os_error() {
+                Some(libc::EPERM) => io::Error::from_raw_os_error(libc::ENOTSOCK),
+                _ => e,
+            });
+        }
         let state = fd_state(&mut self.fds, target.fd).expect("registered above");
         match side {
             Side::Read => state.read.push_back(id),
