@@ -164,6 +164,8 @@ per_backend!(
     pooled_receive_posted_as_single_shot_is_refused,
     cancelling_a_pooled_receive_while_data_streams_loses_nothing,
     pooled_receive_with_a_limit_ends_there_and_the_rest_waits,
+    limited_receives_sharing_pool_buffers_each_get_their_own_bytes,
+    pooled_receive_reads_past_an_urgent_mark,
     closing_a_socket_with_a_pooled_receive_armed_gives_every_buffer_back,
     wake_ups_are_not_lost_when_the_submission_queue_fills,
     a_worker_moves_to_another_thread_after_use,
@@ -1842,6 +1844,105 @@ fn kernel_version() -> (u32, u32) {
 /// A pooled receive with a byte limit ends, with data, once it has delivered that much (at
 /// most one pool buffer more), however much the peer has sent; the rest waits in the socket for
 /// the next receive, in order.
+/// TCP urgent data between two runs of ordinary data: a read stops short at its mark with the
+/// rest already waiting, and the pooled receive still takes the rest (the urgent byte itself
+/// is not in the stream).
+fn pooled_receive_reads_past_an_urgent_mark(b: Backend) {
+    let (port, mut w) = pooled_worker(b, 4096, 8);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, 0).unwrap();
+    w.submit_multishot(Op::recv_pooled(&h), 0);
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(20))),
+        Err(WaitError::TimedOut)
+    ));
+    peer.write_all(b"hello").unwrap();
+    socket2::SockRef::from(&peer)
+        .send_out_of_band(b"!")
+        .unwrap();
+    peer.write_all(b"world").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let c = next(&mut w);
+        got.extend_from_slice(&c.pooled.expect("data"));
+    }
+    assert_eq!(got, b"helloworld");
+}
+
+/// Receives with a byte limit on several sockets, sharing pool buffers that fill a piece at a
+/// time: each completion's bytes are its own socket's (a receive that ends at its limit must
+/// not be given the place in a shared buffer of one that completed around it). Once with
+/// receives that mostly end at their first completion, once with longer ones on a ring whose
+/// kernel work runs in batches.
+fn limited_receives_sharing_pool_buffers_each_get_their_own_bytes(b: Backend) {
+    for (limit, batched) in [(1000, false), (20_000, true)] {
+        let (port, mut workers) = Port::builder()
+            .workers(1)
+            .backend(b)
+            .recv_pool(65536, 16)
+            .recv_pool_incremental(true)
+            .single_thread_workers(batched)
+            .build::<u8, u8>()
+            .unwrap();
+        let w = workers.pop().unwrap();
+        each_limited_receive_gets_its_own_bytes(&port, w, limit);
+    }
+}
+
+fn each_limited_receive_gets_its_own_bytes(port: &Port<u8, u8>, mut w: Worker<u8, u8>, limit: u32) {
+    const TOTAL: usize = 4_000_000;
+    let mut handles = Vec::new();
+    let mut writers = Vec::new();
+    for key in [0xaa_u8, 0xbb, 0xcc] {
+        let (ours, mut peer) = pair();
+        handles.push(port.associate(ours, key).unwrap());
+        writers.push(std::thread::spawn(move || {
+            let chunk = vec![key; 1000];
+            for _ in 0..TOTAL / chunk.len() {
+                peer.write_all(&chunk).unwrap();
+            }
+            peer
+        }));
+    }
+    let limit = std::num::NonZeroU32::new(limit).unwrap();
+    for h in &handles {
+        w.submit_multishot(Op::recv_pooled_max(h, limit), 0);
+    }
+    let mut got = [0usize; 3];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while got.iter().any(|&g| g < TOTAL) {
+        assert!(std::time::Instant::now() < deadline, "received {got:?}");
+        let c = next(&mut w);
+        let h = c.handle.clone().expect("a socket's completion");
+        let n = match &c.result {
+            // The pool ran dry for a moment: post again.
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                w.submit_multishot(Op::recv_pooled_max(&h, limit), 0);
+                continue;
+            }
+            r => *r.as_ref().unwrap(),
+        };
+        assert!(n > 0, "the peers do not close");
+        let key = *h.key();
+        let buf = c.pooled.expect("data comes in a pool buffer");
+        if let Some(at) = buf.iter().position(|&x| x != key) {
+            panic!(
+                "a completion for socket {key:#x} holds {:#x} at {at} of {n}",
+                buf[at]
+            );
+        }
+        let i = handles.iter().position(|x| Handle::ptr_eq(x, &h)).unwrap();
+        got[i] += n;
+        if !c.more && got[i] < TOTAL {
+            w.submit_multishot(Op::recv_pooled_max(&h, limit), 0);
+        }
+    }
+    for wr in writers {
+        wr.join().unwrap();
+    }
+}
+
 fn pooled_receive_with_a_limit_ends_there_and_the_rest_waits(b: Backend) {
     const TOTAL: usize = 200_000;
     const LIMIT: u32 = 10_000;

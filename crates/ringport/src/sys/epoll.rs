@@ -327,7 +327,11 @@ impl Epoll {
         state.read.clear();
         state.write.clear();
         let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            events: (libc::EPOLLIN
+                | libc::EPOLLPRI
+                | libc::EPOLLOUT
+                | libc::EPOLLRDHUP
+                | libc::EPOLLET) as u32,
             u64: target.fd as u64,
         };
         // SAFETY: `ev` is a live local; `target.fd` is an open descriptor held by a handle.
@@ -360,8 +364,8 @@ impl Epoll {
     /// Runs one queue of a descriptor in order until an operation would block. With
     /// `short_read_drains`, a pooled receive that got less than a whole buffer also stops: the
     /// socket was empty then, and data arriving later raises a new edge. (Not when the peer's
-    /// FIN or an error was signalled: that edge is already spent, so read on to the end.) This
-    /// saves the receive that would only say `EAGAIN`.
+    /// FIN, an error or urgent data was signalled: see `READ_TO_END`.) This saves the receive
+    /// that would only say `EAGAIN`.
     fn run(&mut self, fd: RawFd, side: Side, short_read_drains: bool) {
         loop {
             let Some(state) = fd_state(&mut self.fds, fd) else {
@@ -519,9 +523,15 @@ impl Waiting {
 /// the end (see `Epoll::run`).
 const CLOSING: u32 = (libc::EPOLLRDHUP | libc::EPOLLERR | libc::EPOLLHUP) as u32;
 
+/// Readiness bits after which a reader reads on until the socket is empty instead of taking a
+/// short read as its end: the peer closed or the socket failed (`CLOSING`), or TCP urgent data
+/// came (`EPOLLPRI`), at whose mark a read stops short with more data behind it, which brings
+/// no further edge.
+const READ_TO_END: u32 = CLOSING | libc::EPOLLPRI as u32;
+
 /// Whether a readiness event is served on the descriptor's read queue (first, when both are).
 fn wakes_reader(events: u32) -> bool {
-    events & (libc::EPOLLIN as u32 | CLOSING) != 0
+    events & (libc::EPOLLIN as u32 | READ_TO_END) != 0
 }
 
 /// Tries the operation once.
@@ -853,7 +863,7 @@ impl Driver for Epoll {
             }
             let fd = data as RawFd;
             if wakes_reader(events) {
-                self.run(fd, Side::Read, events & CLOSING == 0);
+                self.run(fd, Side::Read, events & READ_TO_END == 0);
             }
             if events & (libc::EPOLLOUT | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
                 self.run(fd, Side::Write, false);

@@ -612,7 +612,15 @@ impl Driver for Uring {
             }
             None => self.ring.submit_and_wait(1),
         };
+        // A wait that the kernel, short of memory, ended at once: a pause before the port's
+        // loop comes back, rather than a spin until memory is freed.
+        let short_of_memory = !ready
+            && !timeout.is_some_and(|t| t.is_zero())
+            && matches!(&res, Err(e) if e.raw_os_error() == Some(libc::EAGAIN));
         entered(res)?;
+        if short_of_memory {
+            std::thread::sleep(Duration::from_micros(100));
+        }
         // Buffers reaped now leave the ring as of now; those held long enough are parked.
         if let Some(b) = &mut self.bufs {
             b.circulation.tick();
