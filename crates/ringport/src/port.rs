@@ -819,6 +819,8 @@ where
     ) -> Result<(), Rejected<Packet<K, D>>> {
         let worker = worker % self.shared.slots.len();
         if worker == self.index {
+            // After what was posted to this worker through the port, as `submit`.
+            self.take_remote();
             let completion = self.shared.packet(worker, packet);
             self.ready.push_back(completion);
             Ok(())

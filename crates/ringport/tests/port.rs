@@ -131,6 +131,7 @@ per_backend!(
     receives_waiting_for_data_fill_in_order,
     sends_waiting_for_room_go_out_in_order,
     operations_posted_through_the_port_keep_their_place,
+    packets_posted_through_the_port_keep_their_place,
     a_receive_waiting_behind_another_can_be_cancelled,
     cancelling_a_socket_cancels_the_operations_waiting_on_it,
     work_posted_after_shutdown_is_cancelled,
@@ -273,12 +274,14 @@ fn timeout_operation_expires_with_zero(b: Backend) {
 /// kernel's timer has fired and the cancel finds nothing).
 fn cancelling_a_timeout_that_is_due_finds_it_expired(b: Backend) {
     let (_port, mut w) = one_worker::<(), u8>(b);
-    let id = w.submit(Op::timeout(Duration::from_millis(1)), 3);
-    assert!(matches!(
-        w.dequeue(Some(Duration::ZERO)),
-        Err(WaitError::TimedOut)
-    ));
-    std::thread::sleep(Duration::from_millis(50));
+    let id = w.submit(Op::timeout(Duration::from_millis(200)), 3);
+    match w.dequeue(Some(Duration::ZERO)) {
+        Err(WaitError::TimedOut) => {}
+        // This thread was held up past the deadline already: nothing left to cancel.
+        Ok(c) => return assert_eq!((c.id, c.result.unwrap()), (id, 0)),
+        Err(e) => panic!("dequeue: {e}"),
+    }
+    std::thread::sleep(Duration::from_millis(300));
     w.cancel(id);
     let c = next(&mut w);
     assert_eq!((c.id, c.result.unwrap()), (id, 0));
@@ -647,6 +650,20 @@ fn operations_posted_through_the_port_keep_their_place(b: Backend) {
     assert!(c.is_cancelled(), "{:?}", c.result);
 }
 
+/// A packet posted through the port, which waits in the worker's queue, comes out before one
+/// the same thread then posts through the worker itself.
+fn packets_posted_through_the_port_keep_their_place(b: Backend) {
+    let (port, mut w) = one_worker::<(), usize>(b);
+    if port.post(0, Packet::new(1)).is_err() {
+        panic!("the worker is alive");
+    }
+    if w.post(0, Packet::new(2)).is_err() {
+        panic!("the worker is alive");
+    }
+    let order: Vec<usize> = (0..2).map(|_| next(&mut w).data).collect();
+    assert_eq!(order, [1, 2]);
+}
+
 /// A receive posted behind another on the same socket can be cancelled before its turn; the
 /// others keep their order.
 fn a_receive_waiting_behind_another_can_be_cancelled(b: Backend) {
@@ -1007,9 +1024,6 @@ fn connect_refused_is_named(b: Backend) {
     assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
 }
 
-/// A receive posted on a socket still connecting sees the refusal too, and may see it first
-/// (on epoll the read side runs before the write side): the connect still completes, with an
-/// error, instead of waiting for an edge that has already passed.
 /// A connect posted while an earlier connect's handshake goes on (that one cancelled) fails
 /// with `EALREADY` on both backends, as `connect(2)` does.
 fn a_second_connect_during_a_handshake_is_already_under_way(b: Backend) {
@@ -1026,7 +1040,7 @@ fn a_second_connect_during_a_handshake_is_already_under_way(b: Backend) {
     let mut queued = Vec::new();
     loop {
         assert!(queued.len() < 64, "the listener's queue never filled");
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
             Ok(c) => queued.push(c),
             Err(_) => break,
         }
@@ -1062,6 +1076,9 @@ fn multishot_accept_on_a_file_is_not_a_socket(b: Backend) {
     assert_eq!(c.result.unwrap_err().raw_os_error(), Some(libc::ENOTSOCK));
 }
 
+/// A receive posted on a socket still connecting sees the refusal too, and may see it first
+/// (on epoll the read side runs before the write side): the connect still completes, with an
+/// error, instead of waiting for an edge that has already passed.
 fn connect_refused_completes_beside_a_receive(b: Backend) {
     let (port, mut w) = one_worker::<(), u8>(b);
     let (addr, _held) = refusing_addr();
@@ -1185,9 +1202,6 @@ fn dropping_a_worker_with_receives_in_flight_waits_for_the_kernel(b: Backend) {
     peer.shutdown(Shutdown::Both).unwrap();
 }
 
-/// What is posted to a worker that is gone comes back to the caller unstarted: the operation
-/// with its buffer (bytes already in it included) and per-I/O data, and the packet with its
-/// handle and data, rather than being dropped with an error.
 /// Per-I/O data that logs its drop, and panics there if it is named "panics".
 struct Probe {
     name: &'static str,
@@ -1228,6 +1242,9 @@ fn a_panicking_drop_while_a_worker_is_dropped_comes_after_the_kernel(b: Backend)
     assert_eq!(*log.lock().unwrap(), ["receive", "panics"]);
 }
 
+/// What is posted to a worker that is gone comes back to the caller unstarted: the operation
+/// with its buffer (bytes already in it included) and per-I/O data, and the packet with its
+/// handle and data, rather than being dropped with an error.
 fn work_posted_to_a_dropped_worker_comes_back_whole(b: Backend) {
     let (port, mut workers) = Port::builder()
         .workers(2)
@@ -1841,9 +1858,6 @@ fn kernel_version() -> (u32, u32) {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
-/// A pooled receive with a byte limit ends, with data, once it has delivered that much (at
-/// most one pool buffer more), however much the peer has sent; the rest waits in the socket for
-/// the next receive, in order.
 /// TCP urgent data between two runs of ordinary data: a read stops short at its mark with the
 /// rest already waiting, and the pooled receive still takes the rest (the urgent byte itself
 /// is not in the stream).
@@ -1851,6 +1865,8 @@ fn pooled_receive_reads_past_an_urgent_mark(b: Backend) {
     let (port, mut w) = pooled_worker(b, 4096, 8);
     let (ours, mut peer) = pair();
     let h = port.associate(ours, 0).unwrap();
+    // Each write its own segment, all in before the worker looks.
+    peer.set_nodelay(true).unwrap();
     w.submit_multishot(Op::recv_pooled(&h), 0);
     assert!(matches!(
         w.dequeue(Some(Duration::from_millis(20))),
@@ -1943,6 +1959,9 @@ fn each_limited_receive_gets_its_own_bytes(port: &Port<u8, u8>, mut w: Worker<u8
     }
 }
 
+/// A pooled receive with a byte limit ends, with data, once it has delivered that much (at
+/// most one pool buffer more), however much the peer has sent; the rest waits in the socket for
+/// the next receive, in order.
 fn pooled_receive_with_a_limit_ends_there_and_the_rest_waits(b: Backend) {
     const TOTAL: usize = 200_000;
     const LIMIT: u32 = 10_000;
