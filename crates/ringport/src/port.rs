@@ -1334,10 +1334,10 @@ where
 impl<K, D> Drop for Worker<K, D> {
     fn drop(&mut self) {
         let slot = &self.shared.slots[self.index];
-        // Refuse further forwarded work; what was queued never reached the kernel.
         // What the caller's types hold (per-I/O data, keys) is dropped only at the end, once
         // the kernel has given everything back or its memory is leaked: a `Drop` of theirs that
         // panics must not cut the wait short and free a buffer the kernel may still write.
+        // Refuse further forwarded work; what was queued never reached the kernel.
         let queued = {
             let mut q = lock(&slot.queue);
             slot.alive.store(false, Ordering::Release);
