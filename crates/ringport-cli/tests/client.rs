@@ -402,6 +402,28 @@ fn load_mode_gives_up_at_the_overall_limit() {
     assert_eq!(errors_named(&report, "--timeout 0.5 s passed"), 2.0, "{d}");
 }
 
+/// A server slower than the whole window echoes nothing within it: the run fails, saying so,
+/// even though the echoes that came after the deadline were checked.
+fn load_mode_that_measures_nothing_fails() {
+    let bad = BadServer::trickling();
+    let addr = bad.addr.to_string();
+    // One 16-byte message, echoed at 20 ms a byte: 0.32 s, past the 0.1 s window.
+    let output = run_load_json(
+        &addr,
+        &["--connections", "1", "--size", "16", "--duration", "0.1"],
+    );
+    let d = output.describe();
+    assert_eq!(output.code(), Some(1), "{d}");
+    let report = json_report(&output);
+    assert_report_shape(&report, &output);
+    assert_eq!(report.get("ok"), Some(&Json::Bool(false)), "{d}");
+    assert_eq!(
+        errors_named(&report, "nothing measured: no message was echoed"),
+        1.0,
+        "{d}"
+    );
+}
+
 /// A window too short for any connection to send checks nothing: the run fails, saying so,
 /// rather than reporting a clean run of no messages.
 fn load_mode_that_checks_nothing_fails() {
@@ -444,6 +466,7 @@ fn errors_named(report: &Json, needle: &str) -> f64 {
 
 per_backend!(
     load_mode_that_checks_nothing_fails,
+    load_mode_that_measures_nothing_fails,
     load_mode_gives_up_at_the_overall_limit,
     load_mode_detects_bytes_after_the_last_echo,
     book_mode_sends_and_receives_20_messages,
