@@ -138,6 +138,18 @@ fn ipv6_loopback_echo() {
     echo_exact(server.addr, &pattern(8, 64 * 1024));
 }
 
+/// TCP urgent data (`MSG_OOB`) is part of what the peer sent: it is echoed in its place.
+fn urgent_data_is_echoed_in_place() {
+    let server = Server::start();
+    let mut s = connect(server.addr);
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"hello").unwrap();
+    socket2::SockRef::from(&s).send_out_of_band(b"!").unwrap();
+    s.write_all(b"world").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_bytes_eq(&read_to_eof(&mut s), b"hello!world", "the echo");
+}
+
 per_backend!(
     echo_1_byte,
     echo_1_kib,
@@ -150,6 +162,7 @@ per_backend!(
     half_close_echoes_everything_then_eof,
     half_close_with_nothing_sent_gives_eof,
     ipv6_loopback_echo,
+    urgent_data_is_echoed_in_place,
 );
 
 per_model!(
@@ -163,4 +176,5 @@ per_model!(
     half_close_echoes_everything_then_eof,
     half_close_with_nothing_sent_gives_eof,
     ipv6_loopback_echo,
+    urgent_data_is_echoed_in_place,
 );

@@ -46,10 +46,23 @@ pub(crate) fn accept(listener: RawFd, nonblocking: bool) -> io::Result<TcpStream
     };
     // SAFETY: `accept4` returned a new descriptor that nothing else owns.
     let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    // Echoes go out at once, as in `ringport serve` (the comparison is of I/O models, not of
-    // Nagle's algorithm).
-    let _ = stream.set_nodelay(true);
+    prepare(&stream);
     Ok(stream)
+}
+
+/// Sets up an accepted connection as `ringport serve` does: echoes go out at once (the
+/// comparison is of I/O models, not of Nagle's algorithm), and TCP urgent data stays in the
+/// stream (`SO_OOBINLINE`), so it is echoed in its place like the rest; without that the
+/// kernel takes the urgent byte out and no read sees it.
+pub(crate) fn prepare(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = socket2::SockRef::from(stream).set_out_of_band_inline(true) {
+        tracing::warn!(
+            "socket {}: cannot keep urgent data inline (SO_OOBINLINE): {e}; an urgent byte from \
+             this peer would not be echoed",
+            stream.as_raw_fd()
+        );
+    }
 }
 
 /// Creates an eventfd (close-on-exec, non-blocking) with a zero counter.

@@ -304,7 +304,7 @@ impl Server {
         if res >= 0 {
             // SAFETY: a successful accept completion is a new descriptor that nothing else owns.
             let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(res) });
-            let _ = stream.set_nodelay(true);
+            sys::prepare(&stream);
             // One accepted while stopping (before the cancel took effect) is served like the
             // others: whatever its peer sent is echoed before the drain closes it.
             self.add(stream)?;
