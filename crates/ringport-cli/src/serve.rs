@@ -944,11 +944,13 @@ impl Server {
             return;
         }
         let fd = handle.as_raw_fd();
-        if self.deadline.is_some() {
-            debug!("closing socket {fd} (draining)");
+        if self.forced {
+            debug!("closing socket {fd} (the drain timed out)");
             self.totals.live.fetch_sub(1, Ordering::Relaxed);
             return;
         }
+        // Accepted before the drain began (by another worker, say): served like the others,
+        // so what its peer sent is echoed before the drain closes it with a FIN.
         debug!("socket {fd} connected");
         self.connections += 1;
         let mut conn = Conn {
@@ -967,8 +969,14 @@ impl Server {
             hold: false,
         };
         self.arm(&mut conn);
+        let alone = self.conns.is_empty();
         let id = self.conns.insert(conn);
         handle.key().0.store(id, Ordering::Relaxed);
+        if self.deadline.is_some() && alone {
+            // The drain's ticks stopped with the last connection: they look at this one until
+            // it is done.
+            self.worker.submit(Op::timeout(DRAIN_TICK), Io::DrainTick);
+        }
     }
 
     /// Arms the connection's pooled receive.
@@ -1721,6 +1729,57 @@ mod tests {
         for w in &mut workers {
             assert!(w.dequeue(Some(std::time::Duration::ZERO)).is_err());
         }
+    }
+
+    #[test]
+    fn a_connection_handed_over_as_the_drain_begins_is_echoed_then_closed() {
+        use super::{Io, Key, Limits, Server, Totals};
+        use std::io::{Read, Write};
+        use std::time::Duration;
+        let (port, mut workers) = ringport::Port::builder()
+            .workers(1)
+            .recv_pool(super::WHOLE_BUFFER, 64)
+            .build::<Key, Io>()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        let listener = port.associate_with(0, listener, Key::listener()).unwrap();
+        peer.write_all(b"hello").unwrap();
+        let conn = port.associate_with(0, ours, Key::conn()).unwrap();
+        let totals = std::sync::Arc::new(Totals::with_gauges(0));
+        totals
+            .live
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The drain reaches the worker first, then the connection another worker accepted.
+        let post = |data, handle| {
+            let packet = ringport::Packet {
+                bytes: 0,
+                handle,
+                data,
+            };
+            assert!(port.post(0, packet).is_ok());
+        };
+        post(Io::Drain, None);
+        post(Io::Adopt, Some(conn));
+        let limits = Limits {
+            drain_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            max_connections: 0,
+            conn_buffer: 1 << 20,
+            strict: true,
+            pool_buffer: super::WHOLE_BUFFER,
+            pool_buffers: 64,
+        };
+        let worker = workers.pop().unwrap();
+        let server =
+            std::thread::spawn(move || Server::new(worker, listener, limits, totals).run());
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut echo = Vec::new();
+        peer.read_to_end(&mut echo).expect("a FIN, not a reset");
+        assert_eq!(echo, b"hello");
+        server.join().unwrap().unwrap();
     }
 
     #[test]
