@@ -70,6 +70,7 @@ pub struct ErrorCounts {
 
 impl ErrorCounts {
     /// Counts one I/O error under its [`describe`] text.
+    #[cfg(test)]
     pub fn add(&mut self, err: &io::Error) {
         self.add_n(&describe(err), 1);
     }

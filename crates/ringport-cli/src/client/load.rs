@@ -433,7 +433,10 @@ impl Client {
                     break;
                 }
                 Err(e) => {
-                    self.tally.errors.add(&std::io::Error::from(e));
+                    // Every connection this worker still had ends with it, counted and closed.
+                    let e = std::io::Error::from(e);
+                    let why = format!("the client's wait failed: {}", describe(&e));
+                    self.abandon(&why, &why);
                     break;
                 }
             }
@@ -447,21 +450,28 @@ impl Client {
     /// the server did not close its side {when}` for those waiting for the server's close,
     /// `timed out: {otherwise}` for the rest (connections still being opened included).
     fn give_up(&mut self, when: &str, otherwise: &str) {
+        self.abandon(
+            &format!("timed out: the server did not close its side {when}"),
+            &format!("timed out: {otherwise}"),
+        );
+    }
+
+    /// Ends every connection this worker still has, each counted as an error: `closing` for
+    /// one that waited for the server to close its side, `otherwise` for the rest, those not
+    /// yet opened included.
+    fn abandon(&mut self, closing: &str, otherwise: &str) {
         let open: Vec<u32> = self.conns.keys().copied().collect();
         for index in open {
-            let closing = self.conns.get(&index).is_some_and(|c| c.closing);
-            let what = if closing {
-                format!("timed out: the server did not close its side {when}")
+            let what = if self.conns.get(&index).is_some_and(|c| c.closing) {
+                closing
             } else {
-                format!("timed out: {otherwise}")
+                otherwise
             };
-            self.fail(index, &what);
+            self.fail(index, what);
         }
         let left = u64::from(self.owned - self.done);
         for _ in 0..left {
-            self.tally
-                .errors
-                .add_kind(&format!("timed out: {otherwise}"));
+            self.tally.errors.add_kind(otherwise);
         }
         self.done = self.owned;
     }
