@@ -148,7 +148,10 @@ pub fn best_peer<'a>(peers: impl IntoIterator<Item = (&'a str, Sample)>) -> Best
         if s.msgs_per_s.is_finite() && best.msgs.as_ref().is_none_or(|(m, _)| s.msgs_per_s > *m) {
             best.msgs = Some((s.msgs_per_s, label.to_owned()));
         }
+        // A CPU time of zero is no measurement (a `/proc` reading in whole ticks over a short
+        // window): it would be "best", and leave every ratio to it undefined.
         if s.cpu_us_per_msg.is_finite()
+            && s.cpu_us_per_msg > 0.0
             && best.cpu.as_ref().is_none_or(|(c, _)| s.cpu_us_per_msg < *c)
         {
             best.cpu = Some((s.cpu_us_per_msg, label.to_owned()));
@@ -571,6 +574,9 @@ mod tests {
         assert_eq!(best.msgs, Some((120.0, "monoio".to_owned())));
         assert_eq!(best.cpu, Some((2.5, "compio".to_owned())));
         assert_eq!(best_peer([]).msgs, None);
+        // A peer whose CPU time read as zero is not the leanest.
+        let best = best_peer([("tokio", s(100.0, 0.0)), ("monoio", s(90.0, 2.0))]);
+        assert_eq!(best.cpu, Some((2.0, "monoio".to_owned())));
     }
 
     /// A report of one ping-pong cell: a subject and a peer, `failed` of the subject's three
