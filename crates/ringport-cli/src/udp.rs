@@ -13,6 +13,10 @@ use tracing::{debug, info, warn};
 
 /// Sources remembered by the rate limiter; past this, the oldest are forgotten.
 const MAX_SOURCES: usize = 65536;
+/// With the table of sources full, how often it is swept for sources that are no longer over
+/// the limit: a sweep reads every entry, and a flood of new (spoofed) sources must not make
+/// each of their datagrams pay for one.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// How often the thread checks whether it should stop.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -118,6 +122,8 @@ pub struct Limiter {
     total: u32,
     /// The shared bucket's tokens, and when it was last filled.
     shared: (f64, Instant),
+    /// When the full table of sources was last swept.
+    swept: Option<Instant>,
 }
 
 impl Limiter {
@@ -127,6 +133,7 @@ impl Limiter {
             buckets: HashMap::new(),
             total,
             shared: (f64::from(total), Instant::now()),
+            swept: None,
         }
     }
 
@@ -153,10 +160,18 @@ impl Limiter {
             return true;
         }
         if self.buckets.len() >= MAX_SOURCES && !self.buckets.contains_key(&ip) {
-            // Forget sources whose buckets are full again: they are not over the limit.
+            // Forget sources whose buckets are full again: they are not over the limit. At
+            // most once per `SWEEP_EVERY`; until then a new source waits, as over the limit.
+            if self
+                .swept
+                .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY)
+            {
+                return false;
+            }
+            self.swept = Some(now);
             let rate = f64::from(self.rate);
             self.buckets.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * rate < rate
+                *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < rate
             });
             if self.buckets.len() >= MAX_SOURCES {
                 return false;
@@ -193,6 +208,25 @@ mod tests {
         let t1 = t0 + Duration::from_millis(500);
         let later = (0..20).filter(|_| l.allow(ip, t1)).count();
         assert_eq!(later, 5);
+    }
+
+    #[test]
+    fn a_full_table_of_sources_is_swept_at_most_once_per_interval() {
+        let mut l = Limiter::new(1, 0);
+        let t0 = Instant::now();
+        let source = |i: usize| IpAddr::from(std::net::Ipv6Addr::from(i as u128 + 1));
+        for i in 0..MAX_SOURCES {
+            assert!(l.allow(source(i), t0));
+        }
+        let new = source(MAX_SOURCES);
+        // Every source is over its limit (its one token spent): a sweep frees nothing.
+        let almost = t0 + Duration::from_millis(990);
+        assert!(!l.allow(new, almost));
+        // Their buckets are full again 1 s after t0, but the next sweep comes only
+        // `SWEEP_EVERY` after the last: until then new sources wait.
+        assert!(!l.allow(new, t0 + Duration::from_millis(1010)));
+        assert!(l.allow(new, almost + SWEEP_EVERY));
+        assert!(l.buckets.len() < 10, "the sweep forgot the quiet sources");
     }
 
     #[test]
