@@ -100,30 +100,30 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Option<Arg
                 format!("--listen: '{value}' is not an address like 127.0.0.1:5150")
             })?;
         } else if flag == "--buffer" {
-            parsed.buffer = match value.parse::<usize>() {
-                Ok(n) if BUFFER_RANGE.contains(&n) => n,
-                _ => {
-                    return Err(format!(
-                        "--buffer: '{value}' is not a size in bytes from {} to {}",
-                        BUFFER_RANGE.start(),
-                        BUFFER_RANGE.end()
-                    ))
-                }
-            };
+            parsed.buffer = in_range(&flag, &value, "a size in bytes", &BUFFER_RANGE)?;
         } else {
-            parsed.workers = match value.parse::<usize>() {
-                Ok(n) if WORKERS_RANGE.contains(&n) => n,
-                _ => {
-                    return Err(format!(
-                        "--workers: '{value}' is not a thread count from {} to {}",
-                        WORKERS_RANGE.start(),
-                        WORKERS_RANGE.end()
-                    ))
-                }
-            };
+            parsed.workers = in_range(&flag, &value, "a thread count", &WORKERS_RANGE)?;
         }
     }
     Ok(Some(parsed))
+}
+
+/// `value` of `flag` as a number in `range`, or an error naming the flag, the value and the
+/// range (`what`: what the number is).
+fn in_range(
+    flag: &str,
+    value: &str,
+    what: &str,
+    range: &std::ops::RangeInclusive<usize>,
+) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{flag}: '{value}' is not {what} from {} to {}",
+            range.start(),
+            range.end()
+        )),
+    }
 }
 
 /// A peer's command-line interface: its name and what its `--workers` counts.

@@ -892,7 +892,10 @@ impl Server {
         // TCP urgent data stays in the stream, so it is echoed like the rest (without this
         // the kernel takes the urgent byte out, and no receive ever sees it).
         if let Err(e) = socket2::SockRef::from(&stream).set_out_of_band_inline(true) {
-            warn!("socket {fd}: cannot keep urgent data inline (SO_OOBINLINE): {e}; an urgent byte from this peer would not be echoed");
+            warn!(
+                "socket {fd}: cannot keep urgent data inline (SO_OOBINLINE): {e}; an urgent \
+                 byte from this peer would not be echoed"
+            );
         }
         match self.port.associate(stream, Key::conn()) {
             Ok(h) => {

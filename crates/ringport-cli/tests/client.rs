@@ -412,16 +412,7 @@ fn load_mode_that_measures_nothing_fails() {
         &addr,
         &["--connections", "1", "--size", "16", "--duration", "0.1"],
     );
-    let d = output.describe();
-    assert_eq!(output.code(), Some(1), "{d}");
-    let report = json_report(&output);
-    assert_report_shape(&report, &output);
-    assert_eq!(report.get("ok"), Some(&Json::Bool(false)), "{d}");
-    assert_eq!(
-        errors_named(&report, "nothing measured: no message was echoed"),
-        1.0,
-        "{d}"
-    );
+    assert_fails_once_naming(&output, "nothing measured: no message was echoed");
 }
 
 /// A window too short for any connection to send checks nothing: the run fails, saying so,
@@ -430,16 +421,17 @@ fn load_mode_that_checks_nothing_fails() {
     let server = Server::start();
     let addr = server.addr.to_string();
     let output = run_load_json(&addr, &["--connections", "2", "--duration", "1e-9"]);
+    assert_fails_once_naming(&output, "nothing checked: --duration");
+}
+
+/// The run failed (exit status 1, `ok` false) with one error whose kind contains `needle`.
+fn assert_fails_once_naming(output: &Output, needle: &str) {
     let d = output.describe();
     assert_eq!(output.code(), Some(1), "{d}");
-    let report = json_report(&output);
-    assert_report_shape(&report, &output);
+    let report = json_report(output);
+    assert_report_shape(&report, output);
     assert_eq!(report.get("ok"), Some(&Json::Bool(false)), "{d}");
-    assert_eq!(
-        errors_named(&report, "nothing checked: --duration"),
-        1.0,
-        "{d}"
-    );
+    assert_eq!(errors_named(&report, needle), 1.0, "{d}");
 }
 
 /// Runs `ringport client --connect addr ARGS --json` (checked not to panic).

@@ -1124,12 +1124,17 @@ where
             self.held.remove(&serial);
         }
         if found {
-            if let Some(p) = self.inflight.remove(id) {
-                self.ready
-                    .push_back(p.into_completion(id, Err(errno(libc::ECANCELED))));
-            }
+            self.complete_held_as_cancelled(id);
         }
         found
+    }
+
+    /// Completes a held operation, which never reached the kernel, with `ECANCELED`.
+    fn complete_held_as_cancelled(&mut self, id: u64) {
+        if let Some(p) = self.inflight.remove(id) {
+            self.ready
+                .push_back(p.into_completion(id, Err(errno(libc::ECANCELED))));
+        }
     }
 
     /// Completes every operation held on `socket` with `ECANCELED`: the receives in the order
@@ -1140,10 +1145,7 @@ where
             return;
         };
         for id in queues.into_iter().flatten() {
-            if let Some(p) = self.inflight.remove(id) {
-                self.ready
-                    .push_back(p.into_completion(id, Err(errno(libc::ECANCELED))));
-            }
+            self.complete_held_as_cancelled(id);
         }
     }
 
