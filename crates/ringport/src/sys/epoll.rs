@@ -361,6 +361,16 @@ impl Epoll {
         Ok(())
     }
 
+    /// `register`, with the error an operation on the descriptor reports: `EPERM`, for a
+    /// descriptor that cannot be watched, is a regular file or the like, not a socket, which
+    /// io_uring's socket operations report as `ENOTSOCK`.
+    fn watch(&mut self, target: Target) -> io::Result<()> {
+        self.register(target).map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM) => io::Error::from_raw_os_error(libc::ENOTSOCK),
+            _ => e,
+        })
+    }
+
     /// Runs one queue of a descriptor in order until an operation would block. With
     /// `short_read_drains`, a pooled receive that got less than a whole buffer also stops: the
     /// socket was empty then, and data arriving later raises a new edge. (Not when the peer's
@@ -730,6 +740,7 @@ impl Driver for Epoll {
         };
         let pooled = limit.is_some();
         let multishot = pooled || matches!(body, OpBody::AcceptMulti);
+        let connect = matches!(body, OpBody::Connect(_));
         let mut op = Waiting {
             fd: target.fd,
             side,
@@ -747,8 +758,13 @@ impl Driver for Epoll {
                     Side::Write => s.write.is_empty(),
                 }
         });
+        if connect {
+            // Watched before it is issued: once the handshake is under way, a failure to watch
+            // the socket could no longer be reported as the connect's own failure.
+            self.watch(target)?;
+        }
         if first && !multishot {
-            // Alone in its queue: try it now (a connect must be issued before it is watched).
+            // Alone in its queue: try it now.
             if let Outcome::Done(res) = attempt(&mut op, self.pool.as_mut()) {
                 self.done.push(Event::done(id, res));
                 return Ok(());
@@ -760,14 +776,7 @@ impl Driver for Epoll {
             self.done.push(Event::done(id, -libc::ENOBUFS));
             return Ok(());
         }
-        if let Err(e) = self.register(target) {
-            // `EPERM`: a descriptor that cannot be watched is a regular file or the like, not
-            // a socket; io_uring's socket operations say so.
-            return Err(match e.raw_os_error() {
-                Some(libc::EPERM) => io::Error::from_raw_os_error(libc::ENOTSOCK),
-                _ => e,
-            });
-        }
+        self.watch(target)?;
         let state = fd_state(&mut self.fds, target.fd).expect("registered above");
         match side {
             Side::Read => state.read.push_back(id),
@@ -996,6 +1005,54 @@ mod tests {
         );
         assert!(!ep.fds[fd as usize].registered, "taken as registered");
         assert!(ep.register(target(2)).is_err(), "not tried again");
+    }
+
+    /// A connect on a socket epoll will not watch fails without starting its handshake: begun,
+    /// the handshake would go on after the connect had reported its failure.
+    #[test]
+    fn a_connect_that_cannot_be_watched_is_not_issued() {
+        use crate::sys::{Driver, OpBody, Target};
+        use std::os::fd::AsRawFd;
+        let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut ep = super::Epoll::new(wake.as_raw_fd()).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let sock = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM.nonblocking(),
+            None,
+        )
+        .unwrap();
+        let fd = sock.as_raw_fd();
+        // Already in this epoll set with `EPOLLEXCLUSIVE`, which no `EPOLL_CTL_MOD` may change:
+        // the registration the connect needs fails (`EINVAL`).
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+            u64: 0,
+        };
+        // SAFETY: `ev` is a live local; both descriptors are open.
+        let added =
+            unsafe { libc::epoll_ctl(ep.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        assert_eq!(added, 0);
+        let target = Target {
+            fd,
+            serial: 1,
+            stream: true,
+        };
+        let addr = socket2::SockAddr::from(listener.local_addr().unwrap());
+        let mut body = OpBody::Connect(Box::new(addr));
+        let err = ep.start(1, target, &mut body).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        assert!(ep.done.is_empty(), "a completion as well as the error");
+        assert_eq!(
+            listener.accept().map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::WouldBlock),
+            "the handshake was started"
+        );
+        assert_eq!(
+            sock.peer_addr().map_err(|e| e.raw_os_error()).err(),
+            Some(Some(libc::ENOTCONN))
+        );
     }
 
     /// Timeouts posted and cancelled one after another (a timeout per request) do not pile up
