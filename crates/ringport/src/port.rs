@@ -1054,6 +1054,9 @@ where
                 more: true,
             });
         } else if let Some(p) = self.inflight.remove(ev.id) {
+            if p.kind == OpKind::RecvPooled && ev.res == -libc::ENOBUFS {
+                self.driver.pool_starved();
+            }
             let freed = side(p.kind)
                 .zip(p.handle.as_ref())
                 .map(|((index, bit), h)| {

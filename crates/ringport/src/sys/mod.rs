@@ -223,6 +223,10 @@ pub(crate) trait Driver: Send {
     /// Whether pool buffers are filled incrementally (see [`Filled`]).
     fn pool_incremental(&self) -> bool;
 
+    /// A pooled receive ended with `ENOBUFS`: the pool had no buffer ready for it. (Other
+    /// operations can fail with `ENOBUFS` too, for reasons of their own.)
+    fn pool_starved(&mut self) {}
+
     /// Pool buffers held in user hands long enough to count as parked rather than
     /// circulating (see [`Circulation`](crate::pool::Circulation)).
     fn pool_parked(&self) -> usize;

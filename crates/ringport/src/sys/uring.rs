@@ -292,6 +292,10 @@ impl Uring {
             }
             // Entering the kernel: from the thread that drives the ring from now on.
             self.enable()?;
+            // The receives among what is submitted now find the ring topped up, as at a wait.
+            if let Some(b) = &mut self.bufs {
+                b.recycle();
+            }
             match self.ring.submit() {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
@@ -330,7 +334,6 @@ impl Uring {
 
     fn reap(&mut self, out: &mut Vec<Event>) {
         let mut taken = 0;
-        let mut starved = false;
         for cqe in self.ring.completion() {
             match cqe.user_data() {
                 WAKE => {
@@ -348,7 +351,6 @@ impl Uring {
                         _ => None,
                     };
                     taken += usize::from(buf.is_some_and(|f| f.released));
-                    starved |= res == -libc::ENOBUFS;
                     out.push(Event {
                         id,
                         res,
@@ -360,9 +362,6 @@ impl Uring {
         }
         if let Some(b) = &mut self.bufs {
             b.in_ring = b.in_ring.saturating_sub(taken);
-            if starved {
-                b.starved();
-            }
         }
     }
 }
@@ -737,6 +736,12 @@ impl Driver for Uring {
 
     fn pool_incremental(&self) -> bool {
         self.bufs.as_ref().is_some_and(|b| b.filled.is_some())
+    }
+
+    fn pool_starved(&mut self) {
+        if let Some(b) = &mut self.bufs {
+            b.starved();
+        }
     }
 
     fn pool_parked(&self) -> usize {
