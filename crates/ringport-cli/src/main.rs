@@ -99,6 +99,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_period)]
     pub idle_timeout: Option<Duration>,
 
+    /// Probe a connection once nothing has been received on it for SECS seconds (TCP
+    /// keepalive: up to three probes, 10 s apart or SECS apart if shorter), and close it when
+    /// the peer does not answer: a peer that vanished without a FIN or a reset (a crash, a cut
+    /// link) does not hold its connection forever (0: off; at most 32767).
+    #[arg(long, value_name = "SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u32).range(0..=32767))]
+    pub keepalive: u32,
+
     /// Connections open at once; more are closed as soon as they are accepted, counted, and
     /// logged at most once a second (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -393,7 +401,7 @@ fn raise_nofile_limit() {
 }
 
 /// The `serve` flags that only the completion-port server reads: the chapter's other models
-/// (`--model`) take `--listen` and `--drain-timeout` only.
+/// (`--model`) take `--listen`, `--keepalive` and `--drain-timeout` only.
 const PORT_ONLY_FLAGS: [&str; 13] = [
     "workers",
     "idle_timeout",
@@ -463,7 +471,7 @@ fn check_ignored_flags(matches: &ArgMatches) {
             "serve",
             format!(
                 "--{flag} is not used by --model {model}: the chapter's other models take only \
-                 --listen and --drain-timeout"
+                 --listen, --keepalive and --drain-timeout"
             ),
         );
     }

@@ -286,7 +286,8 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
                 .map_err(|e| format!("--model {name}: {e} (or completion-port)"))?,
         ),
     };
-    let listener = bind(args.listen).map_err(|e| format!("{}: {}", args.listen, describe(&e)))?;
+    let listener = bind(args.listen, args.keepalive)
+        .map_err(|e| format!("{}: {}", args.listen, describe(&e)))?;
     if let Some(model) = model {
         return run_model(model, listener, args);
     }
@@ -558,13 +559,25 @@ pub fn port_error(e: &io::Error) -> String {
     msg
 }
 
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// The listening socket. Its keepalive settings (`keepalive` seconds idle, 0: off) pass to
+/// every connection it accepts, at no cost per connection.
+fn bind(addr: SocketAddr, keepalive: u32) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM.cloexec(),
         None,
     )?;
     socket.set_reuse_address(true)?;
+    if keepalive > 0 {
+        let idle = Duration::from_secs(u64::from(keepalive));
+        let probes = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(idle.min(Duration::from_secs(10)))
+            .with_retries(3);
+        socket
+            .set_tcp_keepalive(&probes)
+            .map_err(|e| io::Error::new(e.kind(), format!("--keepalive {keepalive}: {e}")))?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())

@@ -72,6 +72,13 @@ fn serve_pool_working_set_out_of_range_is_exit_2_naming_the_flag() {
     }
 }
 
+fn serve_keepalive_out_of_range_is_exit_2_naming_the_flag() {
+    for secs in ["-1", "32768", "5m", "0.5"] {
+        let args = ["serve", "--listen", "127.0.0.1:0", "--keepalive", secs];
+        assert_usage_error_naming(&args, "--keepalive");
+    }
+}
+
 fn serve_non_numeric_drain_timeout_is_exit_2() {
     assert_usage_error(&[
         "serve",
@@ -504,6 +511,7 @@ per_backend!(
     serve_zero_workers_is_exit_2,
     serve_pool_size_out_of_range_is_exit_2_naming_the_flag,
     serve_pool_working_set_out_of_range_is_exit_2_naming_the_flag,
+    serve_keepalive_out_of_range_is_exit_2_naming_the_flag,
     serve_non_numeric_drain_timeout_is_exit_2,
     serve_unknown_flag_is_exit_2,
     unknown_top_level_flag_is_exit_2,

@@ -350,3 +350,71 @@ per_backend!(
     idle_timeout_closes_idle_connections_only,
     out_of_descriptors_backs_off_warns_once_and_recovers,
 );
+
+/// The kernel's timer on the server's end of the connection from `client`, from
+/// `/proc/net/tcp`: which timer is pending (0: none, 1: retransmit, 2: keepalive) and in how
+/// many hundredths of a second it fires. Waits (bounded) for the echo's acknowledgement, while
+/// the retransmit timer runs.
+fn server_side_timer(client: &TcpStream) -> (u32, u64) {
+    let (server_port, client_port) = (
+        client.peer_addr().unwrap().port(),
+        client.local_addr().unwrap().port(),
+    );
+    let deadline = Instant::now() + CLOSE_GUARD;
+    loop {
+        let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+        // `sl local rem st tx:rx tr:when ...`, addresses as `HEXADDR:HEXPORT`.
+        let port = |addr: &str| {
+            addr.split(':')
+                .nth(1)
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+        };
+        let row = table.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 5 && port(f[1]) == Some(server_port) && port(f[2]) == Some(client_port))
+                .then(|| f[5].to_string())
+        });
+        let row = row.unwrap_or_else(|| panic!("no row for the server's end of :{client_port}"));
+        let (tr, when) = row.split_once(':').expect("tr:when");
+        let tr = u32::from_str_radix(tr, 16).unwrap();
+        let when = u64::from_str_radix(when, 16).unwrap();
+        if tr != 1 || Instant::now() > deadline {
+            return (tr, when);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `--keepalive SECS` arms the kernel's keepalive timer on every accepted connection, SECS
+/// seconds out (by default 300); `--keepalive 0` arms none. Also with `--model blocking`.
+#[test]
+fn keepalive_probes_idle_connections_after_the_given_time() {
+    fn check() {
+        for (args, timer) in [
+            (&["--keepalive", "7"][..], Some(7)),
+            (&[][..], Some(300)),
+            (&["--keepalive", "0"][..], None),
+        ] {
+            let mut all = vec!["--listen", "127.0.0.1:0"];
+            all.extend_from_slice(args);
+            let server = Server::start_with(&all);
+            let mut conn = connect(server.addr);
+            round_trip(&mut conn, b"are you there");
+            let (tr, when) = server_side_timer(&conn);
+            match timer {
+                Some(secs) => {
+                    assert_eq!(tr, 2, "{args:?}: no keepalive timer (timer {tr})");
+                    assert!(
+                        when <= secs * 100 && when > 100,
+                        "{args:?}: keepalive due in {when} hundredths of a second, not {secs} s"
+                    );
+                }
+                None => assert_eq!(tr, 0, "{args:?}: a timer ({tr}) is armed"),
+            }
+            drop(conn);
+            server.terminate_cleanly(EXIT_GUARD).assert_no_panic();
+        }
+    }
+    check();
+    util::with_model("blocking", check);
+}

@@ -183,8 +183,8 @@ pub fn with_model(model: &'static str, test: fn()) {
     test();
 }
 
-/// The `--model` this thread's servers are started with, if any (those take only `--listen`
-/// and `--drain-timeout`).
+/// The `--model` this thread's servers are started with, if any (those take only `--listen`,
+/// `--keepalive` and `--drain-timeout`).
 pub fn model() -> Option<&'static str> {
     MODEL.with(|m| m.get())
 }
