@@ -46,23 +46,7 @@ impl Pool {
     /// A pool of `count` buffers of `size` bytes, of which at most `working_set` circulate
     /// (clamped to `1..=count`).
     pub(crate) fn new(size: usize, count: u16, working_set: u16) -> std::io::Result<Arc<Pool>> {
-        if count == 0 || count > 32768 || size > i32::MAX as usize {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "receive pool of {count} x {size} bytes: 1 to 32768 buffers of less than 2 GiB"
-                ),
-            ));
-        }
-        let bytes = size.checked_mul(usize::from(count)).filter(|&b| b > 0);
-        let layout = bytes
-            .and_then(|b| Layout::from_size_align(b, 4096).ok())
-            .ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("receive pool of {count} x {size} bytes is not possible"),
-                )
-            })?;
+        let layout = Pool::layout(size, count)?;
         // SAFETY: the layout has a non-zero size (checked above).
         let base = unsafe { alloc::alloc(layout) };
         if base.is_null() {
@@ -78,6 +62,28 @@ impl Pool {
             returned: Mutex::new(Vec::new()),
             working_set: working_set.clamp(1, count),
         }))
+    }
+
+    /// The allocation a pool of `count` buffers of `size` bytes takes; an error naming the
+    /// two when no pool can have them.
+    pub(crate) fn layout(size: usize, count: u16) -> std::io::Result<Layout> {
+        if count == 0 || count > 32768 || size > i32::MAX as usize {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "receive pool of {count} x {size} bytes: 1 to 32768 buffers of less than 2 GiB"
+                ),
+            ));
+        }
+        let bytes = size.checked_mul(usize::from(count)).filter(|&b| b > 0);
+        bytes
+            .and_then(|b| Layout::from_size_align(b, 4096).ok())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("receive pool of {count} x {size} bytes is not possible"),
+                )
+            })
     }
 
     pub(crate) fn size(&self) -> usize {

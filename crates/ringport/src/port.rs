@@ -283,9 +283,12 @@ impl Builder {
     /// Creates the port and its workers; give each [`Worker`] to a thread of its own.
     ///
     /// # Errors
-    /// Creating a worker's eventfd, ring or epoll instance failed. With [`Backend::Uring`], the
-    /// error says why io_uring was refused (`EPERM` from a seccomp profile or
-    /// `kernel.io_uring_disabled`, `ENOSYS`, `ENOMEM` from `RLIMIT_MEMLOCK`, a missing opcode).
+    /// `InvalidInput`: 65,536 workers or more; a receive pool ([`Builder::recv_pool`]) of no
+    /// buffers, of more than 32,768, or of buffers of 2 GiB or more; a malformed
+    /// [`FAULTS_ENV`](crate::FAULTS_ENV). Otherwise, creating a worker's eventfd, ring, epoll
+    /// instance or pool failed. With [`Backend::Uring`], the error says why io_uring was
+    /// refused (`EPERM` from a seccomp profile or `kernel.io_uring_disabled`, `ENOSYS`,
+    /// `ENOMEM` from `RLIMIT_MEMLOCK`, a missing opcode).
     #[allow(clippy::type_complexity)] // The pair is the API: one port, its workers.
     pub fn build<K, D>(self) -> io::Result<(Port<K, D>, Vec<Worker<K, D>>)>
     where
@@ -308,6 +311,11 @@ impl Builder {
             slots.push(Slot::new()?);
         }
         let faults = Faults::from_env()?.map(Arc::new);
+        // Checked before any backend is tried: a pool no backend can have is not a reason to
+        // fall back from io_uring to epoll.
+        if let Some((size, count)) = self.pool {
+            Pool::layout(size, count)?;
+        }
         let (drivers, pools) = self.drivers(&slots)?;
         let backend = drivers[0].name();
         let shared = Arc::new(Shared {

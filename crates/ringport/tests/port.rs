@@ -71,6 +71,27 @@ fn auto_resolves_to_a_named_backend() {
     assert_eq!(port.backend(), expected_name(kind));
 }
 
+/// A receive pool no backend can have is refused as such, on every backend: not reported as
+/// io_uring being unavailable, and not a reason for `Auto` to try epoll.
+#[test]
+fn an_impossible_receive_pool_is_refused_whatever_the_backend() {
+    for backend in [Backend::Uring, Backend::Epoll, Backend::Auto] {
+        for (size, count) in [(4096, 0), (4096, 40_000), (1 << 31, 1)] {
+            let err = Port::builder()
+                .workers(1)
+                .backend(backend)
+                .recv_pool(size, count)
+                .build::<(), ()>()
+                .err()
+                .unwrap_or_else(|| panic!("{backend:?}: a pool of {count} x {size} was built"));
+            let msg = err.to_string();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{msg}");
+            assert!(msg.contains("receive pool"), "{backend:?}: {msg}");
+            assert!(!msg.contains("io_uring"), "{backend:?}: {msg}");
+        }
+    }
+}
+
 /// Why the io_uring tests cannot run here, if they cannot: the kernel refuses io_uring (built
 /// without it, the sysctl `kernel.io_uring_disabled`, a container's seccomp profile). Always
 /// `None` with `RINGPORT_TEST_URING=require` (CI), where such a machine then fails the tests
