@@ -74,8 +74,11 @@ impl<K> Handle<K> {
         usize::from(self.inner.worker)
     }
 
-    /// Whether a close was posted for this socket. Operations posted after that complete at
-    /// once with `EBADF`.
+    /// Whether the socket's home worker has started a close for it
+    /// ([`Op::close`](crate::Op::close)). Operations it starts after that complete at once with
+    /// `EBADF`. A close posted from another thread counts once the home worker takes it; one
+    /// posted after [`Port::shutdown`](crate::Port::shutdown) is cancelled like every other
+    /// operation, and does not count.
     pub fn is_closed(&self) -> bool {
         self.inner.state.load(Ordering::Acquire) & CLOSED != 0
     }

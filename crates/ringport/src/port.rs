@@ -598,8 +598,9 @@ where
     /// Shuts the port down: every worker cancels what it has in flight, delivers those
     /// completions (with `ECANCELED`), and then answers [`WaitError::Shutdown`]. Operations
     /// posted afterwards complete at once with `ECANCELED`; once a worker has answered
-    /// `Shutdown`, work sent to it from other threads (by [`Port::submit`], [`Port::post`], or
-    /// another worker) comes back in the [`Rejected`] instead.
+    /// `Shutdown`, work sent to it from other threads comes back instead: in the [`Rejected`]
+    /// from [`Port::submit`], [`Port::post`] and [`Worker::post`], and as an `ECANCELED`
+    /// completion on the posting worker from [`Worker::submit`] (and `submit_multishot`).
     pub fn shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::Release);
         for slot in &self.shared.slots {
@@ -633,8 +634,9 @@ where
 /// more are dropped with their buffers and per-I/O data, as are operations and packets posted
 /// to it that it had not taken yet. To have every completion delivered, call
 /// [`Port::shutdown`] and dequeue until [`WaitError::Shutdown`] before dropping it; posting to
-/// a dropped worker, or from another thread to one that has answered `Shutdown`, fails (the
-/// work comes back in the [`Rejected`]).
+/// a dropped worker, or from another thread to one that has answered `Shutdown`, fails: the
+/// work comes back in the [`Rejected`] ([`Port::submit`], [`Port::post`], [`Worker::post`]),
+/// or as an `ECANCELED` completion on the posting worker ([`Worker::submit`]).
 ///
 /// On io_uring, the kernel counts each thread that entered the worker's ring (to submit or
 /// wait: [`Worker::dequeue`] and the like, and dropping a worker with operations in flight,
