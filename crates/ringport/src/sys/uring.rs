@@ -47,6 +47,8 @@ struct BufRing {
     in_ring: usize,
     /// How many buffers the ring is kept at.
     target: usize,
+    /// A pooled receive found the ring empty since the last top-up.
+    starved: bool,
     /// Free buffers outside the ring, the most recently returned last.
     spare: Vec<u16>,
     /// Keeps the buffers in the ring and in user hands within the pool's working set.
@@ -79,6 +81,11 @@ impl BufRing {
     /// Tops the ring up to `target` from the spare buffers, the most recently returned first,
     /// as far as the pool's working set allows.
     fn recycle(&mut self) {
+        if std::mem::take(&mut self.starved) {
+            // Once per top-up, however many receives found the ring empty meanwhile: a burst
+            // of them would otherwise take the target to the whole pool at once.
+            self.target = (self.target * 2).min(usize::from(self.pool.count()));
+        }
         let from = self.spare.len();
         self.pool.take_returned(&mut self.spare);
         for &bid in &self.spare[from..] {
@@ -96,9 +103,9 @@ impl BufRing {
         }
     }
 
-    /// A receive found the ring empty: keep more buffers in it from now on.
+    /// A receive found the ring empty: keep more buffers in it from the next top-up on.
     fn starved(&mut self) {
-        self.target = (self.target * 2).min(usize::from(self.pool.count()));
+        self.starved = true;
     }
 
     /// Where a completion with buffer `bid` put its `res` bytes, and whether the buffer left
@@ -723,6 +730,7 @@ impl Driver for Uring {
             tail: 0,
             in_ring: 0,
             target: RING_START.min(usize::from(count)),
+            starved: false,
             // Popped from the end: buffer 0 first.
             spare: (0..count).rev().collect(),
             filled: incremental.then(|| vec![0; usize::from(count)]),
@@ -772,17 +780,18 @@ impl Driver for Uring {
 impl Drop for Uring {
     fn drop(&mut self) {
         if let Some(b) = self.bufs.take() {
-            if self.abandoned
-                || self
-                    .ring
-                    .submitter()
-                    .unregister_buf_ring(POOL_GROUP)
-                    .is_err()
-            {
+            if self.abandoned {
                 // The kernel may still pick buffers from this ring: never free it.
                 std::mem::forget(b);
             } else {
-                // SAFETY: unregistered above, so the kernel no longer reads the ring.
+                // Refused (`EEXIST`) when a single-issuer ring is dropped on another thread
+                // than its own; freed all the same, as no request is left to read it.
+                if let Err(e) = self.ring.submitter().unregister_buf_ring(POOL_GROUP) {
+                    tracing::debug!("io_uring: unregistering the buffer ring: {e}");
+                }
+                // SAFETY: the kernel reads the ring only to pick a buffer for a request, and
+                // none is left: the port calls `abandon` when any operation was not given
+                // back, and the driver's own requests (the wake-up read, cancels) pick none.
                 unsafe { alloc::dealloc(b.entries.cast(), b.layout) };
             }
         }
@@ -799,29 +808,43 @@ mod tests {
     use super::*;
     use crate::pool::PARK_AFTER;
 
+    /// A ring for `pool`, kept at `target` buffers, that no kernel ever sees; free it with
+    /// [`free_unregistered`].
+    fn unregistered(pool: &Arc<Pool>, target: usize) -> BufRing {
+        let count = usize::from(pool.count()).next_power_of_two();
+        let layout =
+            Layout::from_size_align(count * std::mem::size_of::<types::BufRingEntry>(), 4096)
+                .unwrap();
+        // SAFETY: a non-zero size; zeroed memory is a valid empty ring, never registered with
+        // a kernel here.
+        let entries = unsafe { alloc::alloc_zeroed(layout) }.cast::<types::BufRingEntry>();
+        assert!(!entries.is_null());
+        BufRing {
+            entries,
+            layout,
+            mask: u16::try_from(count - 1).unwrap(),
+            tail: 0,
+            in_ring: 0,
+            target,
+            starved: false,
+            spare: (0..pool.count()).rev().collect(),
+            circulation: Circulation::manual(pool),
+            filled: None,
+            pool: Arc::clone(pool),
+        }
+    }
+
+    fn free_unregistered(b: BufRing) {
+        // SAFETY: allocated by `unregistered` with this layout; no kernel ever saw it.
+        unsafe { alloc::dealloc(b.entries.cast(), b.layout) };
+    }
+
     /// The ring is topped up within the pool's working set: two buffers of four, then one
     /// while a slice holds the other, then two again once that one is parked.
     #[test]
     fn the_ring_holds_no_more_than_the_working_set_allows() {
         let pool = Pool::new(16, 4, 2).unwrap();
-        let layout =
-            Layout::from_size_align(4 * std::mem::size_of::<types::BufRingEntry>(), 4096).unwrap();
-        // SAFETY: a non-zero size; zeroed memory is a valid empty ring, never registered with
-        // a kernel here.
-        let entries = unsafe { alloc::alloc_zeroed(layout) }.cast::<types::BufRingEntry>();
-        assert!(!entries.is_null());
-        let mut b = BufRing {
-            entries,
-            layout,
-            mask: 3,
-            tail: 0,
-            in_ring: 0,
-            target: 4,
-            spare: (0..4).rev().collect(),
-            circulation: Circulation::manual(&pool),
-            filled: None,
-            pool: Arc::clone(&pool),
-        };
+        let mut b = unregistered(&pool, 4);
         b.recycle();
         assert_eq!(b.in_ring, 2, "the working set, not the target");
         // A receive takes the first buffer given (buffer 1: the spare list is popped from its
@@ -845,8 +868,27 @@ mod tests {
             "the held buffer is parked: another takes its place"
         );
         drop(slice);
-        // SAFETY: allocated above with this layout; no kernel ever saw it.
-        unsafe { alloc::dealloc(entries.cast(), layout) };
+        free_unregistered(b);
+    }
+
+    /// However many receives found the ring empty between two top-ups, the ring's target
+    /// doubles once at the next.
+    #[test]
+    fn a_burst_of_starved_receives_doubles_the_target_once() {
+        let pool = Pool::new(16, 1024, 1024).unwrap();
+        let mut b = unregistered(&pool, 4);
+        b.recycle();
+        assert_eq!(b.in_ring, 4);
+        for _ in 0..10 {
+            b.starved();
+        }
+        assert_eq!(b.target, 4, "changed before the top-up");
+        b.recycle();
+        assert_eq!(b.target, 8);
+        assert_eq!(b.in_ring, 8);
+        b.recycle();
+        assert_eq!(b.target, 8, "doubled again without a starved receive");
+        free_unregistered(b);
     }
 
     /// A wait of centuries (still a valid `Instant` away) is cut to one the kernel can add to
