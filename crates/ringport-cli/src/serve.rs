@@ -876,7 +876,9 @@ impl Server {
                 // Out of descriptors or memory, or a connection aborted before it was accepted:
                 // keep serving the others; pause when the cause is a resource.
                 if is_resource(&e) {
-                    if !self.accept_failing {
+                    if self.accept_failing {
+                        debug!("accept: {}; again in 100 ms", describe(&e));
+                    } else {
                         warn!("accept: {}; retrying every 100 ms", describe(&e));
                         self.accept_failing = true;
                     }

@@ -98,7 +98,7 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStat
                 continue;
             }
         };
-        if from.port() < FIRST_CLIENT_PORT {
+        if from_service_port(from) {
             stats.from_service_ports += 1;
             continue;
         }
@@ -112,6 +112,12 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStat
         }
     }
     stats
+}
+
+/// Whether a datagram's source is a service port (below 1024: another echo server, or a
+/// spoofed source aimed at one), which gets no answer.
+fn from_service_port(from: SocketAddr) -> bool {
+    from.port() < FIRST_CLIENT_PORT
 }
 
 /// A token bucket per source address: `rate` tokens a second, bursts of up to `rate`; and one
@@ -193,6 +199,21 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The integration test of this needs the privilege to bind a port below 1024.
+    #[test]
+    fn service_ports_are_told_from_client_ports() {
+        for (addr, service) in [
+            ("127.0.0.1:7", true),
+            ("127.0.0.1:19", true),
+            ("[::1]:1023", true),
+            ("10.0.0.1:1024", false),
+            ("127.0.0.1:5150", false),
+            ("[::1]:65535", false),
+        ] {
+            assert_eq!(from_service_port(addr.parse().unwrap()), service, "{addr}");
+        }
+    }
 
     #[test]
     fn limiter_allows_a_burst_then_the_rate() {

@@ -108,11 +108,14 @@ fn client_unparsable_connect_address_is_exit_2() {
 /// More in flight at once than any machine here has memory for: refused before anything is
 /// opened, naming the flags, instead of the process being killed for memory.
 fn client_more_in_flight_than_memory_is_refused() {
+    // Nothing listens there: should the refusal ever fail, the client connects to nothing.
+    let (addr, _held) = util::unused_port();
+    let addr = addr.to_string();
     let output = run_cli(
         &[
             "client",
             "--connect",
-            "127.0.0.1:9",
+            &addr,
             "--connections",
             "1000000",
             "--size",
@@ -136,7 +139,7 @@ fn client_more_in_flight_than_memory_is_refused() {
         &[
             "client",
             "--connect",
-            "127.0.0.1:9",
+            &addr,
             "--connections",
             "100000",
             "--size",
