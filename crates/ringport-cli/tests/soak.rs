@@ -262,6 +262,14 @@ fn soak(total_cycles: usize, mixed: Duration) {
         bound as f64 / MIB
     );
 
+    // The listener's queue is first in, first out: once a connection made now is echoed,
+    // every one made before it was accepted. (One its client reset at once could otherwise
+    // still wait there when the listener closes, and not be counted.)
+    let mut last = connect(server.addr);
+    util::round_trip(&mut last, b"the last one");
+    drop(last);
+    connections += 1;
+
     let output = server.terminate_cleanly(EXIT_GUARD);
     let served = number_between(&output.stdout, "served ", " connections")
         .unwrap_or_else(|| panic!("no summary\n{}", output.describe()));
