@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::conn::{Acceptor, RateLimit};
+use crate::conn::{accept_failed, Acceptor, RateLimit};
 use crate::sys;
 use crate::{Config, Stats, Stop, DRAIN_QUIET, READ_SIZE};
 
@@ -126,7 +126,7 @@ fn accept_loop(
         if fds[1].revents == 0 {
             continue;
         }
-        while let Some(stream) = acceptor.accept()? {
+        while let Some(stream) = acceptor.accept().map_err(|e| accept_failed(&e))? {
             let fd = stream.as_raw_fd();
             debug!("socket {fd} connected");
             let stream = Arc::new(stream);

@@ -28,10 +28,10 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::sys::{self, AcceptError};
-use crate::{Stats, DRAIN_QUIET};
+use crate::{Stats, Stop, DRAIN_QUIET};
 
 /// The size of one read. One buffer of this size serves every connection of a loop; a
 /// connection holds bytes of its own only while the peer is not reading its echo.
@@ -271,6 +271,11 @@ pub(crate) struct Acceptor {
     cut_short: bool,
 }
 
+/// The error a model reports for its listener's failure: the accept's, saying so.
+pub(crate) fn accept_failed(e: &io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("accept: {e}"))
+}
+
 /// Connections one turn of a loop accepts at most before it serves those it holds: a flood of
 /// connects (that close at once, say) cannot keep it from its connections.
 pub(crate) const ACCEPT_TURN: usize = 64;
@@ -333,6 +338,28 @@ impl Acceptor {
             None => self.taken = 0,
         }
         Ok(accepted)
+    }
+
+    /// [`Acceptor::accept`] for a loop that serves its connections on after its listener
+    /// fails: the error is logged and kept in `failed`, and `stop` triggered, so that the loop
+    /// drains its connections, at its next turn, as on a stop, and then reports the error.
+    pub(crate) fn accept_or_stop(
+        &mut self,
+        stop: &Stop,
+        failed: &mut Option<io::Error>,
+    ) -> Option<TcpStream> {
+        match self.accept() {
+            Ok(stream) => stream,
+            Err(e) => {
+                error!(
+                    "{}: accept: {e}; stopping, the connections are drained",
+                    self.model
+                );
+                stop.trigger();
+                failed.get_or_insert_with(|| accept_failed(&e));
+                None
+            }
+        }
     }
 
     /// Whether the last turn ended because it took [`ACCEPT_TURN`] connections: more may wait,

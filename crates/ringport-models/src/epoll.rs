@@ -56,6 +56,8 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
     let mut ready: VecDeque<RawFd> = VecDeque::new();
     let mut events = Vec::with_capacity(EVENTS);
     let mut stats = Stats::default();
+    // The listener's failure, reported once the connections are drained.
+    let mut failed: Option<io::Error> = None;
     let mut scratch = vec![0u8; SCRATCH];
     let mut refusals = RateLimit::new();
     let mut deadline: Option<Instant> = None;
@@ -77,7 +79,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
 
         if let Some(a) = acceptor.as_mut() {
             if accept_pending && !a.paused(now) {
-                while let Some(stream) = a.accept()? {
+                while let Some(stream) = a.accept_or_stop(stop, &mut failed) {
                     let fd = stream.as_raw_fd();
                     if let Err(e) = epoll.add(fd, CONN_EVENTS, fd as u64) {
                         // ENOMEM, or ENOSPC: past /proc/sys/fs/epoll/max_user_watches.
@@ -131,7 +133,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
             &mut stats,
         );
     }
-    Ok(stats)
+    failed.map_or(Ok(stats), Err)
 }
 
 /// An epoll instance.

@@ -32,6 +32,8 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
     ];
     let mut conns: Vec<Conn> = Vec::new();
     let mut stats = Stats::default();
+    // The listener's failure, reported once the connections are drained.
+    let mut failed: Option<io::Error> = None;
     let mut scratch = vec![0u8; SCRATCH];
     let mut deadline: Option<Instant> = None;
 
@@ -95,7 +97,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
             continue;
         }
         let Some(a) = acceptor.as_mut() else { continue };
-        while let Some(stream) = a.accept()? {
+        while let Some(stream) = a.accept_or_stop(stop, &mut failed) {
             stats.connections += 1;
             conns.push(Conn::new(stream));
             fds.push(pollfd(conns[conns.len() - 1].fd(), libc::POLLIN));
@@ -103,7 +105,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
             turn(&mut conns, &mut fds, last, &mut scratch, &mut stats);
         }
     }
-    Ok(stats)
+    failed.map_or(Ok(stats), Err)
 }
 
 /// Drives `conns[i]`, then updates its `pollfd`, or closes it and removes both. Returns the

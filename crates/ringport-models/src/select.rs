@@ -46,6 +46,8 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
     let mut acceptor = Some(Acceptor::new("select", listener, true)?);
     let mut conns: Vec<Conn> = Vec::new();
     let mut stats = Stats::default();
+    // The listener's failure, reported once the connections are drained.
+    let mut failed: Option<io::Error> = None;
     let mut scratch = vec![0u8; SCRATCH];
     let mut refusals = RateLimit::new();
     let mut deadline: Option<Instant> = None;
@@ -125,7 +127,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
         let Some(a) = acceptor.as_mut().filter(|a| read.contains(a.fd())) else {
             continue;
         };
-        while let Some(stream) = a.accept()? {
+        while let Some(stream) = a.accept_or_stop(stop, &mut failed) {
             if !FdSet::fits(stream.as_raw_fd()) {
                 refuse(stream, &mut stats, &mut refusals);
                 continue;
@@ -138,7 +140,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
             }
         }
     }
-    Ok(stats)
+    failed.map_or(Ok(stats), Err)
 }
 
 /// Closes a connection `select` cannot watch (see the module docs).

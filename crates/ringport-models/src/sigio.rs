@@ -98,6 +98,8 @@ fn run(
     let mut conns: HashMap<RawFd, Conn> = HashMap::new();
     let mut ready: VecDeque<RawFd> = VecDeque::new();
     let mut stats = Stats::default();
+    // The listener's failure, reported once the connections are drained.
+    let mut failed: Option<io::Error> = None;
     let mut scratch = vec![0u8; SCRATCH];
     let mut refusals = RateLimit::new();
     let mut overflows = RateLimit::new();
@@ -117,7 +119,7 @@ fn run(
 
         if let Some(a) = acceptor.as_mut() {
             if accept_pending && !a.paused(now) {
-                while let Some(stream) = a.accept()? {
+                while let Some(stream) = a.accept_or_stop(stop, &mut failed) {
                     let fd = stream.as_raw_fd();
                     if let Err(e) = notify(fd, tid, signal) {
                         if let Some(suppressed) = refusals.check() {
@@ -181,7 +183,7 @@ fn run(
             &mut stats,
         );
     }
-    Ok(stats)
+    failed.map_or(Ok(stats), Err)
 }
 
 /// The listener's acceptor, which gives up signal-driven I/O on the listener before closing it:

@@ -36,9 +36,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::conn::{RateLimit, ACCEPT_BACKOFF};
+use crate::conn::{accept_failed, RateLimit, ACCEPT_BACKOFF};
 use crate::sys::{self, AcceptError};
 use crate::{Config, Stats, Stop, DRAIN_QUIET, READ_SIZE};
 
@@ -91,6 +91,7 @@ fn serve_here(listener: TcpListener, config: &Config, stop: &Stop) -> io::Result
         deadline_passed: false,
         stats: Stats::default(),
         accept_warnings: RateLimit::new(),
+        failed: None,
         backoff: Box::new(timespec(ACCEPT_BACKOFF)),
         drain: Box::new(timespec(config.drain_timeout.min(crate::FAR))),
         quiet: Box::new(timespec(DRAIN_QUIET)),
@@ -140,6 +141,8 @@ struct Server {
     deadline_passed: bool,
     stats: Stats,
     accept_warnings: RateLimit,
+    /// The listener's failure, reported once the connections are drained.
+    failed: Option<io::Error>,
     /// Timeout lengths; the kernel reads them when their requests are submitted, so they live
     /// (boxed, at a fixed address) as long as the server.
     backoff: Box<types::Timespec>,
@@ -174,7 +177,7 @@ impl Server {
             for &(user_data, res, flags) in &completions {
                 match user_data {
                     STOP => self.on_stop(stop)?,
-                    ACCEPT => self.on_accept(res, flags)?,
+                    ACCEPT => self.on_accept(res, flags, stop)?,
                     ACCEPT_RETRY => self.on_accept_retry()?,
                     DEADLINE => self.on_deadline()?,
                     CANCEL | QUIET => {}
@@ -185,7 +188,7 @@ impl Server {
         // Still in flight: the stop's poll, if the server never stopped (it did), and the
         // drain timeout if the connections finished first; neither points to our memory, and
         // dropping the ring cancels them.
-        Ok(self.stats)
+        self.failed.take().map_or(Ok(self.stats), Err)
     }
 
     /// Queues entries, all together (a linked pair must not be split by a submission),
@@ -296,7 +299,7 @@ impl Server {
         Ok(())
     }
 
-    fn on_accept(&mut self, res: i32, flags: u32) -> io::Result<()> {
+    fn on_accept(&mut self, res: i32, flags: u32, stop: &Stop) -> io::Result<()> {
         let more = cqueue::more(flags);
         if !more {
             self.accept = Accept::Off;
@@ -340,7 +343,11 @@ impl Server {
                     }
                 }
                 AcceptError::Fatal => {
-                    return Err(io::Error::new(err.kind(), format!("uring: accept: {err}")))
+                    // The connections are drained as on a stop (which the stop's poll starts),
+                    // and the error reported then.
+                    error!("uring: accept: {err}; stopping, the connections are drained");
+                    stop.trigger();
+                    self.failed.get_or_insert_with(|| accept_failed(&err));
                 }
             }
         }
@@ -571,9 +578,10 @@ impl Server {
 }
 
 impl Drop for Server {
-    /// Only reached with connections left when `run` failed (the ring refused a submission):
-    /// their operations may still be in the kernel, which would write into freed memory, so
-    /// their buffers are leaked, never freed. Then the ring is dropped, which cancels them.
+    /// Only reached with connections left when `run` failed in the kernel (a submission
+    /// refused, a wait that failed): their operations may still be in the kernel, which would
+    /// write into freed memory, so their buffers are leaked, never freed. Then the ring is
+    /// dropped, which cancels them.
     fn drop(&mut self) {
         for c in self.conns.iter_mut().flatten() {
             if c.op.is_some() {

@@ -100,6 +100,28 @@ mod cases {
         assert_eq!(server.stop().connections, CLIENTS as u64, "{model}");
     }
 
+    /// A listener that fails (here, shut down under the server: `accept` then says `EINVAL`)
+    /// stops the server as a stop does: the connections it holds are drained, their echo
+    /// whole, and then the error is reported.
+    pub fn a_failed_listener_drains_the_connections_then_fails(model: Model) {
+        let Some((server, listener)) = util::start_keeping_listener(model) else {
+            return;
+        };
+        let mut client = server.connect();
+        round_trip(&mut client, b"accepted");
+        // All of it in the server's socket, with the end of the stream, before the listener
+        // fails (256 KiB fits in loopback's socket buffers).
+        let payload = pattern(256 << 10, 41);
+        client.write_all(&payload).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        SockRef::from(&listener).shutdown(Shutdown::Read).unwrap();
+        let got = read_to_eof(&mut client).expect("the echo ends with a FIN");
+        assert_eq!(got.len(), payload.len(), "{model}: echo length");
+        assert!(got == payload, "{model}: the echo differs");
+        let err = server.wait().expect_err("serve returned no error");
+        assert!(err.to_string().contains("accept"), "{model}: {err}");
+    }
+
     pub fn pipelined(model: Model) {
         let Some(server) = start(model) else { return };
         let stream = server.connect();
@@ -416,6 +438,10 @@ macro_rules! conformance {
                 #[test]
                 fn pipelined() {
                     cases::pipelined(MODEL);
+                }
+                #[test]
+                fn a_failed_listener_drains_the_connections_then_fails() {
+                    cases::a_failed_listener_drains_the_connections_then_fails(MODEL);
                 }
                 #[test]
                 fn half_close() {

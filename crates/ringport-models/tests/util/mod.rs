@@ -52,9 +52,31 @@ pub fn start_after<T>(
     // Listener and stop first, so that they get low descriptors. A backlog of 1024 (std's is
     // 128) lets `before` queue hundreds of clients.
     let listener = listen_on_loopback(1024);
-    let addr = listener.local_addr().expect("local_addr");
     let stop = Stop::new().expect("Stop::new");
-    let waiting = before(addr);
+    let waiting = before(listener.local_addr().expect("local_addr"));
+    Some((spawn(model, config, listener, stop), waiting))
+}
+
+/// Starts `model` (see [`start`]), and returns a second descriptor of its listener too, with
+/// which a test can break the listener under the server.
+pub fn start_keeping_listener(model: Model) -> Option<(Server, TcpListener)> {
+    init_tracing();
+    if let Some(why) = unsupported(model) {
+        eprintln!("SKIPPED: {model}: {why}");
+        return None;
+    }
+    let listener = listen_on_loopback(1024);
+    let stop = Stop::new().expect("Stop::new");
+    let kept = listener.try_clone().expect("dup the listener");
+    let config = Config {
+        drain_timeout: Duration::from_secs(10),
+    };
+    Some((spawn(model, config, listener, stop), kept))
+}
+
+/// Runs `model` on `listener` on a thread of its own.
+fn spawn(model: Model, config: Config, listener: TcpListener, stop: Stop) -> Server {
+    let addr = listener.local_addr().expect("local_addr");
     let (tx, rx) = mpsc::channel();
     let server_stop = stop.clone();
     thread::Builder::new()
@@ -63,13 +85,12 @@ pub fn start_after<T>(
             let _ = tx.send(serve(model, listener, &config, &server_stop));
         })
         .expect("spawn the server");
-    let server = Server {
+    Server {
         model,
         addr,
         stop,
         result: Some(rx),
-    };
-    Some((server, waiting))
+    }
 }
 
 impl Server {
@@ -82,6 +103,13 @@ impl Server {
             Ok(Err(e)) => panic!("{}: serve failed: {e}", self.model),
             Err(e) => panic!("{}: serve did not return within {WAIT:?}: {e}", self.model),
         }
+    }
+
+    /// Waits (bounded) for `serve` to return by itself, and returns what it returned.
+    pub fn wait(mut self) -> io::Result<Stats> {
+        let rx = self.result.take().expect("not stopped yet");
+        rx.recv_timeout(WAIT)
+            .unwrap_or_else(|e| panic!("{}: serve did not return within {WAIT:?}: {e}", self.model))
     }
 
     /// A client connected to the server.
