@@ -44,6 +44,28 @@ pub fn start_after<T>(
     config: Config,
     before: impl FnOnce(SocketAddr) -> T,
 ) -> Option<(Server, T)> {
+    start_on_listener(model, config, |l| {
+        before(l.local_addr().expect("local_addr"))
+    })
+}
+
+/// Starts `model` (see [`start`]), and returns a second descriptor of its listener too, with
+/// which a test can break the listener under the server.
+pub fn start_keeping_listener(model: Model) -> Option<(Server, TcpListener)> {
+    let config = Config {
+        drain_timeout: Duration::from_secs(10),
+    };
+    start_on_listener(model, config, |l| {
+        l.try_clone().expect("a second descriptor of the listener")
+    })
+}
+
+/// Starts `model` with `config` (see [`start`]) once `before` has run with its listener.
+fn start_on_listener<T>(
+    model: Model,
+    config: Config,
+    before: impl FnOnce(&TcpListener) -> T,
+) -> Option<(Server, T)> {
     init_tracing();
     if let Some(why) = unsupported(model) {
         eprintln!("SKIPPED: {model}: {why}");
@@ -53,25 +75,8 @@ pub fn start_after<T>(
     // 128) lets `before` queue hundreds of clients.
     let listener = listen_on_loopback(1024);
     let stop = Stop::new().expect("Stop::new");
-    let waiting = before(listener.local_addr().expect("local_addr"));
+    let waiting = before(&listener);
     Some((spawn(model, config, listener, stop), waiting))
-}
-
-/// Starts `model` (see [`start`]), and returns a second descriptor of its listener too, with
-/// which a test can break the listener under the server.
-pub fn start_keeping_listener(model: Model) -> Option<(Server, TcpListener)> {
-    init_tracing();
-    if let Some(why) = unsupported(model) {
-        eprintln!("SKIPPED: {model}: {why}");
-        return None;
-    }
-    let listener = listen_on_loopback(1024);
-    let stop = Stop::new().expect("Stop::new");
-    let kept = listener.try_clone().expect("dup the listener");
-    let config = Config {
-        drain_timeout: Duration::from_secs(10),
-    };
-    Some((spawn(model, config, listener, stop), kept))
 }
 
 /// Runs `model` on `listener` on a thread of its own.
