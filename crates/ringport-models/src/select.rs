@@ -224,7 +224,9 @@ fn select(read: &mut FdSet, write: &mut FdSet, timeout: Option<Duration>) -> io:
     };
     match res {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+        // A signal, or the kernel short of memory for the wait's tables for now (then after a
+        // pause, not to spin): nothing is ready this turn, and the loop comes back.
+        Err(e) if e.kind() == io::ErrorKind::Interrupted || sys::short_of_memory(&e) => {
             *read = FdSet::new();
             *write = FdSet::new();
             Ok(())

@@ -9,6 +9,8 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use tracing::debug;
+
 /// Calls a `libc` function and maps a `-1` result to `io::Error::last_os_error()`.
 ///
 /// The macro only names the call; the caller's `unsafe` block (and its `// SAFETY:` comment)
@@ -110,9 +112,26 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::R
                     wait = timeout_ms(Some(d.saturating_duration_since(Instant::now())));
                 }
             }
+            // Nothing is reported ready this turn (and the loop comes back).
+            Err(e) if short_of_memory(&e) => {
+                fds.iter_mut().for_each(|p| p.revents = 0);
+                return Ok(0);
+            }
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Whether a wait (`poll`, `select`) failed because the kernel was short of memory for its
+/// tables, which passes: after a pause of a millisecond (so that a loop that tries again
+/// does not spin), true. The server keeps its connections rather than fail.
+pub(crate) fn short_of_memory(e: &io::Error) -> bool {
+    if e.raw_os_error() != Some(libc::ENOMEM) {
+        return false;
+    }
+    debug!("the kernel is short of memory for a wait: {e}; trying again in 1 ms");
+    std::thread::sleep(Duration::from_millis(1));
+    true
 }
 
 /// A timeout in whole milliseconds for `poll`/`epoll_wait`, rounded up so a wait never ends
@@ -223,5 +242,23 @@ pub(crate) fn classify_accept_error(errno: i32) -> AcceptError {
         | libc::ETIMEDOUT => AcceptError::Transient,
         libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => AcceptError::Exhausted,
         _ => AcceptError::Fatal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wait the kernel could not make for want of memory is tried again (after a pause);
+    /// every other failure is the caller's to report.
+    #[test]
+    fn only_a_wait_short_of_memory_is_tried_again() {
+        assert!(short_of_memory(&io::Error::from_raw_os_error(libc::ENOMEM)));
+        for errno in [libc::EINVAL, libc::EBADF, libc::EFAULT, libc::EINTR] {
+            assert!(
+                !short_of_memory(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
     }
 }
