@@ -52,6 +52,9 @@ struct Shared {
     /// Notified when a connection leaves `conns`.
     closed: Condvar,
     bytes: AtomicU64,
+    /// The server's own stop, which the connection threads watch: triggered once the acceptor
+    /// ends, on the caller's stop or when the listener fails (which must not stop other
+    /// servers that share the caller's).
     stop: Stop,
 }
 
@@ -70,16 +73,13 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
         conns: Mutex::new(HashMap::new()),
         closed: Condvar::new(),
         bytes: AtomicU64::new(0),
-        stop: stop.clone(),
+        stop: Stop::new()?,
     });
     let mut stats = Stats::default();
     let mut threads = Vec::new();
-    let result = accept_loop(&mut acceptor, &shared, &mut stats, &mut threads);
-    if result.is_err() {
-        // The listener failed: the connection threads drain as on a stop, which they wait
-        // for (the caller's `stop` is triggered too: the server is stopping).
-        shared.stop.trigger();
-    }
+    let result = accept_loop(&mut acceptor, stop, &shared, &mut stats, &mut threads);
+    // Stopped, or the listener failed: either way the connection threads drain.
+    shared.stop.trigger();
     drop(acceptor);
     drain(&shared, config);
     for t in threads {
@@ -91,9 +91,10 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
     result.map(|()| stats)
 }
 
-/// Accepts and spawns until the stop (or a listener error).
+/// Accepts and spawns until the caller's `stop` (or a listener error).
 fn accept_loop(
     acceptor: &mut Acceptor,
+    stop: &Stop,
     shared: &Arc<Shared>,
     stats: &mut Stats,
     threads: &mut Vec<JoinHandle<()>>,
@@ -101,7 +102,7 @@ fn accept_loop(
     let mut refusals = RateLimit::new();
     let mut next_id = 0u64;
     loop {
-        if shared.stop.is_triggered() {
+        if stop.is_triggered() {
             return Ok(());
         }
         let now = Instant::now();
@@ -112,7 +113,7 @@ fn accept_loop(
         };
         let mut fds = [
             libc::pollfd {
-                fd: shared.stop.as_raw_fd(),
+                fd: stop.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },

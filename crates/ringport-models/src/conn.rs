@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, warn};
 
 use crate::sys::{self, AcceptError};
-use crate::{Stats, Stop, DRAIN_QUIET};
+use crate::{Stats, DRAIN_QUIET};
 
 /// The size of one read. One buffer of this size serves every connection of a loop; a
 /// connection holds bytes of its own only while the peer is not reading its echo.
@@ -341,13 +341,9 @@ impl Acceptor {
     }
 
     /// [`Acceptor::accept`] for a loop that serves its connections on after its listener
-    /// fails: the error is logged and kept in `failed`, and `stop` triggered, so that the loop
-    /// drains its connections, at its next turn, as on a stop, and then reports the error.
-    pub(crate) fn accept_or_stop(
-        &mut self,
-        stop: &Stop,
-        failed: &mut Option<io::Error>,
-    ) -> Option<TcpStream> {
+    /// fails: the error is logged and kept in `failed`, and the loop, seeing it, drains its
+    /// connections as on a stop at its next turn, and then reports it.
+    pub(crate) fn accept_or_fail(&mut self, failed: &mut Option<io::Error>) -> Option<TcpStream> {
         match self.accept() {
             Ok(stream) => stream,
             Err(e) => {
@@ -355,7 +351,6 @@ impl Acceptor {
                     "{}: accept: {e}; stopping, the connections are drained",
                     self.model
                 );
-                stop.trigger();
                 failed.get_or_insert_with(|| accept_failed(&e));
                 None
             }

@@ -64,7 +64,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
 
     loop {
         let now = Instant::now();
-        if deadline.is_none() && stop.is_triggered() {
+        if deadline.is_none() && (stop.is_triggered() || failed.is_some()) {
             info!("epoll: stopping, draining {} connections", conns.len());
             deadline = Some(crate::later(now, config.drain_timeout));
             if let Some(a) = acceptor.take() {
@@ -79,7 +79,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
 
         if let Some(a) = acceptor.as_mut() {
             if accept_pending && !a.paused(now) {
-                while let Some(stream) = a.accept_or_stop(stop, &mut failed) {
+                while let Some(stream) = a.accept_or_fail(&mut failed) {
                     let fd = stream.as_raw_fd();
                     if let Err(e) = epoll.add(fd, CONN_EVENTS, fd as u64) {
                         // ENOMEM, or ENOSPC: past /proc/sys/fs/epoll/max_user_watches.
@@ -102,6 +102,10 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
             }
         }
 
+        if failed.is_some() && deadline.is_none() {
+            // The listener failed: the top of the loop starts the drain, before any wait.
+            continue;
+        }
         let timeout = wait_timeout(now, &conns, &ready, acceptor.as_ref(), deadline);
         epoll.wait(&mut events, timeout)?;
 

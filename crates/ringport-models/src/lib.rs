@@ -301,8 +301,8 @@ pub struct Stats {
 /// Setting up the model failed (for [`Model::Uring`]: io_uring is unavailable, e.g. disabled
 /// by `kernel.io_uring_disabled` or a seccomp profile; for [`Model::Select`]: the listener or
 /// the stop's descriptor is `>= FD_SETSIZE`), or the listener failed with an error that is not
-/// about one connection (`accept: ...`): then `stop` is triggered, the connections are drained
-/// as on a stop, and the error is returned after. Errors on single connections close those
+/// about one connection (`accept: ...`): then the server stops as on `stop` (which is left
+/// alone: other servers may share it), drains its connections, and returns the error after. Errors on single connections close those
 /// connections and are not returned.
 pub fn serve(
     model: Model,

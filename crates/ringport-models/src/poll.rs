@@ -39,7 +39,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
 
     loop {
         let now = Instant::now();
-        if deadline.is_none() && stop.is_triggered() {
+        if deadline.is_none() && (stop.is_triggered() || failed.is_some()) {
             info!("poll: stopping, draining {} connections", conns.len());
             deadline = Some(crate::later(now, config.drain_timeout));
             acceptor = None;
@@ -74,7 +74,12 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
         let paused = acceptor.as_ref().and_then(Acceptor::paused_until);
         // While draining (only then: it is a scan), when the first quiet period ends.
         let quiet = deadline.and_then(|_| conns.iter().filter_map(Conn::quiet_until).min());
-        sys::poll(&mut fds, sys::until(now, [deadline, paused, quiet]))?;
+        match sys::poll(&mut fds, sys::until(now, [deadline, paused, quiet])) {
+            Ok(_) => {}
+            // Nothing is ready this turn, and the loop comes back.
+            Err(e) if sys::short_of_memory(&e) => fds.iter_mut().for_each(|p| p.revents = 0),
+            Err(e) => return Err(e),
+        }
 
         // Connections first: a socket accepted this turn has no `revents` yet. While draining,
         // a connection whose quiet period is over is driven too (to be closed).
@@ -97,7 +102,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
             continue;
         }
         let Some(a) = acceptor.as_mut() else { continue };
-        while let Some(stream) = a.accept_or_stop(stop, &mut failed) {
+        while let Some(stream) = a.accept_or_fail(&mut failed) {
             stats.connections += 1;
             conns.push(Conn::new(stream));
             fds.push(pollfd(conns[conns.len() - 1].fd(), libc::POLLIN));

@@ -54,7 +54,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
 
     loop {
         let now = Instant::now();
-        if deadline.is_none() && stop.is_triggered() {
+        if deadline.is_none() && (stop.is_triggered() || failed.is_some()) {
             info!("select: stopping, draining {} connections", conns.len());
             deadline = Some(crate::later(now, config.drain_timeout));
             acceptor = None;
@@ -127,7 +127,7 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
         let Some(a) = acceptor.as_mut().filter(|a| read.contains(a.fd())) else {
             continue;
         };
-        while let Some(stream) = a.accept_or_stop(stop, &mut failed) {
+        while let Some(stream) = a.accept_or_fail(&mut failed) {
             if !FdSet::fits(stream.as_raw_fd()) {
                 refuse(stream, &mut stats, &mut refusals);
                 continue;

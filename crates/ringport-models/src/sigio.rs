@@ -107,7 +107,7 @@ fn run(
 
     loop {
         let now = Instant::now();
-        if deadline.is_none() && stop.is_triggered() {
+        if deadline.is_none() && (stop.is_triggered() || failed.is_some()) {
             info!("sigio: stopping, draining {} connections", conns.len());
             deadline = Some(crate::later(now, config.drain_timeout));
             acceptor = None;
@@ -119,7 +119,7 @@ fn run(
 
         if let Some(a) = acceptor.as_mut() {
             if accept_pending && !a.paused(now) {
-                while let Some(stream) = a.accept_or_stop(stop, &mut failed) {
+                while let Some(stream) = a.accept_or_fail(&mut failed) {
                     let fd = stream.as_raw_fd();
                     if let Err(e) = notify(fd, tid, signal) {
                         if let Some(suppressed) = refusals.check() {
@@ -141,6 +141,10 @@ fn run(
             }
         }
 
+        if failed.is_some() && deadline.is_none() {
+            // The listener failed: the top of the loop starts the drain, before any wait.
+            continue;
+        }
         let timeout = wait_timeout(now, &conns, &ready, acceptor.as_deref(), deadline);
         match signals.wait(timeout)? {
             // Timed out, woken by the stop (the top of the loop sees it), or a stray signal.

@@ -112,11 +112,6 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::R
                     wait = timeout_ms(Some(d.saturating_duration_since(Instant::now())));
                 }
             }
-            // Nothing is reported ready this turn (and the loop comes back).
-            Err(e) if short_of_memory(&e) => {
-                fds.iter_mut().for_each(|p| p.revents = 0);
-                return Ok(0);
-            }
             Err(e) => return Err(e),
         }
     }

@@ -177,7 +177,7 @@ impl Server {
             for &(user_data, res, flags) in &completions {
                 match user_data {
                     STOP => self.on_stop(stop)?,
-                    ACCEPT => self.on_accept(res, flags, stop)?,
+                    ACCEPT => self.on_accept(res, flags)?,
                     ACCEPT_RETRY => self.on_accept_retry()?,
                     DEADLINE => self.on_deadline()?,
                     CANCEL | QUIET => {}
@@ -256,6 +256,14 @@ impl Server {
             // Cannot happen (the flag is set before the eventfd is written); wait again.
             return self.arm_stop(stop);
         }
+        self.begin_stop()
+    }
+
+    /// Stops accepting and starts the drain: on the stop, or when the listener failed.
+    fn begin_stop(&mut self) -> io::Result<()> {
+        if self.stopping {
+            return Ok(());
+        }
         info!("uring: stopping, draining {} connections", self.live);
         self.stopping = true;
         match self.accept {
@@ -299,7 +307,7 @@ impl Server {
         Ok(())
     }
 
-    fn on_accept(&mut self, res: i32, flags: u32, stop: &Stop) -> io::Result<()> {
+    fn on_accept(&mut self, res: i32, flags: u32) -> io::Result<()> {
         let more = cqueue::more(flags);
         if !more {
             self.accept = Accept::Off;
@@ -343,11 +351,10 @@ impl Server {
                     }
                 }
                 AcceptError::Fatal => {
-                    // The connections are drained as on a stop (which the stop's poll starts),
-                    // and the error reported then.
+                    // The connections are drained as on a stop, and the error reported then.
                     error!("uring: accept: {err}; stopping, the connections are drained");
-                    stop.trigger();
                     self.failed.get_or_insert_with(|| accept_failed(&err));
+                    self.begin_stop()?;
                 }
             }
         }

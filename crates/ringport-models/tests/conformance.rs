@@ -101,8 +101,8 @@ mod cases {
     }
 
     /// A listener that fails (here, shut down under the server: `accept` then says `EINVAL`)
-    /// stops the server as a stop does: the connections it holds are drained, their echo
-    /// whole, and then the error is reported.
+    /// stops the server as a stop does, without triggering the caller's stop: the connections
+    /// it holds are drained, their echo whole, and then the error is reported.
     pub fn a_failed_listener_drains_the_connections_then_fails(model: Model) {
         let Some((server, listener)) = util::start_keeping_listener(model) else {
             return;
@@ -118,6 +118,10 @@ mod cases {
         let got = read_to_eof(&mut client).expect("the echo ends with a FIN");
         assert_eq!(got.len(), payload.len(), "{model}: echo length");
         assert!(got == payload, "{model}: the echo differs");
+        assert!(
+            !server.stop.is_triggered(),
+            "{model}: the caller's stop was triggered (other servers may share it)"
+        );
         let err = server.wait().expect_err("serve returned no error");
         assert!(err.to_string().contains("accept"), "{model}: {err}");
     }
