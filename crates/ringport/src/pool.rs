@@ -50,7 +50,13 @@ impl Pool {
         // SAFETY: the layout has a non-zero size (checked above).
         let base = unsafe { alloc::alloc(layout) };
         if base.is_null() {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!(
+                    "receive pool of {count} x {size} bytes: cannot allocate {} bytes",
+                    layout.size()
+                ),
+            ));
         }
         Ok(Arc::new(Pool {
             base,

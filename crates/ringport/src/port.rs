@@ -267,9 +267,9 @@ impl Builder {
     /// of 512 B in flight each: 0.40-0.42 µs in every round, against 0.42-0.71 without,
     /// `BENCHMARKS.md`). A worker used from another thread afterwards cannot wait: its next
     /// wait that enters the kernel fails with [`WaitError::Io`] (`EEXIST`), and dropping it
-    /// there leaks what it has in flight rather than free it (with nothing in flight, nothing
-    /// is leaked). [`Worker::single_thread`] says
-    /// whether it took effect. Off by default; the epoll backend ignores it.
+    /// there leaks what it has in flight rather than free it (with nothing in flight, only the
+    /// 8-byte buffer of its wake-up read). [`Worker::single_thread`] says whether it took
+    /// effect. Off by default; the epoll backend ignores it.
     pub fn single_thread_workers(mut self, on: bool) -> Self {
         self.single_thread = on;
         self
@@ -285,7 +285,8 @@ impl Builder {
     ///
     /// # Errors
     /// `InvalidInput`: 65,536 workers or more; a receive pool ([`Builder::recv_pool`]) of no
-    /// buffers, of more than 32,768, or of buffers of 2 GiB or more; a malformed
+    /// buffers, of more than 32,768, or of buffers of 0 bytes or of 2 GiB or more (`OutOfMemory`:
+    /// one too large to allocate); a malformed
     /// [`FAULTS_ENV`](crate::FAULTS_ENV). Otherwise, creating a worker's eventfd, ring, epoll
     /// instance or pool failed. With [`Backend::Uring`], the error says why io_uring was
     /// refused (`EPERM` from a seccomp profile or `kernel.io_uring_disabled`, `ENOSYS`,
@@ -312,10 +313,10 @@ impl Builder {
             slots.push(Slot::new()?);
         }
         let faults = Faults::from_env()?.map(Arc::new);
-        // Checked before any backend is tried: a pool no backend can have is not a reason to
-        // fall back from io_uring to epoll.
+        // Made (and dropped) before any backend is tried: a pool that cannot be had, on any
+        // backend, is not io_uring's failure, nor a reason to fall back to epoll.
         if let Some((size, count)) = self.pool {
-            Pool::layout(size, count)?;
+            drop(Pool::new(size, count, count)?);
         }
         let (drivers, pools) = self.drivers(&slots)?;
         let backend = drivers[0].name();

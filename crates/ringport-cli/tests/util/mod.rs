@@ -941,8 +941,10 @@ impl Server {
         configure: impl FnOnce(&mut Command),
     ) -> Result<Server, Output> {
         let mut cmd = Command::new(BIN);
+        // The log level is the test's (`-v`): some tests read the server's log.
         cmd.arg("serve")
             .args(args)
+            .env_remove("RUST_LOG")
             .env("RINGPORT_BACKEND", backend())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

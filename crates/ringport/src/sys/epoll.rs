@@ -1053,6 +1053,25 @@ mod tests {
             sock.peer_addr().map_err(|e| e.raw_os_error()).err(),
             Some(Some(libc::ENOTCONN))
         );
+        // Whether or not the handshake would have finished by now: the socket never left
+        // `TCP_CLOSE` (a connect issued would have made it `SYN_SENT` at once).
+        // SAFETY: all-zero bytes are a valid `tcp_info` (plain integers).
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `info`, a live local, and the new
+        // length into `len`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        const TCP_CLOSE: u8 = 7;
+        assert_eq!(info.tcpi_state, TCP_CLOSE, "the connect was issued");
     }
 
     /// Timeouts posted and cancelled one after another (a timeout per request) do not pile up

@@ -34,8 +34,9 @@ const RING_START: usize = 64;
 /// Small messages then share a buffer instead of taking one each.
 ///
 /// The ring holds only part of the pool: as many buffers as recent demand needed (`target`,
-/// doubled each time a receive found the ring empty), topped up before each wait from the
-/// buffers returned most recently. A lightly loaded server thus keeps reusing a few warm
+/// doubled at a top-up when a receive found the ring empty since the last), topped up before
+/// each wait (and before a submission made to free the submission queue) from the buffers
+/// returned most recently. A lightly loaded server thus keeps reusing a few warm
 /// buffers instead of cycling through, and paging in, the whole pool.
 struct BufRing {
     pool: Arc<Pool>,
