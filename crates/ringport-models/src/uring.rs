@@ -497,7 +497,11 @@ impl Server {
                 Ok(())
             }
             // Cancelled by the stop, by its timeout, or by the deadline: nothing was received.
-            Some(recv @ (Op::Recv | Op::QuietRecv)) if self.stopping && -res == libc::ECANCELED => {
+            // (`EINTR`: a receive the kernel had handed to a worker thread of its own, where it
+            // blocked, is cancelled by interrupting it.)
+            Some(recv @ (Op::Recv | Op::QuietRecv))
+                if self.stopping && matches!(-res, libc::ECANCELED | libc::EINTR) =>
+            {
                 self.on_idle(slot, recv == Op::QuietRecv)
             }
             Some(Op::Send) if res > 0 => {
