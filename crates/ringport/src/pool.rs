@@ -47,7 +47,7 @@ impl Pool {
     /// (clamped to `1..=count`).
     pub(crate) fn new(size: usize, count: u16, working_set: u16) -> std::io::Result<Arc<Pool>> {
         let layout = Pool::layout(size, count)?;
-        // SAFETY: the layout has a non-zero size (checked above).
+        // SAFETY: the layout has a non-zero size (`Pool::layout` refuses a zero one).
         let base = unsafe { alloc::alloc(layout) };
         if base.is_null() {
             return Err(std::io::Error::new(

@@ -285,10 +285,9 @@ impl Builder {
     ///
     /// # Errors
     /// `InvalidInput`: 65,536 workers or more; a receive pool ([`Builder::recv_pool`]) of no
-    /// buffers, of more than 32,768, or of buffers of 0 bytes or of 2 GiB or more (`OutOfMemory`:
-    /// one too large to allocate); a malformed
-    /// [`FAULTS_ENV`](crate::FAULTS_ENV). Otherwise, creating a worker's eventfd, ring, epoll
-    /// instance or pool failed. With [`Backend::Uring`], the error says why io_uring was
+    /// buffers, of more than 32,768, or of buffers of 0 bytes or of 2 GiB or more; a malformed
+    /// [`FAULTS_ENV`](crate::FAULTS_ENV). `OutOfMemory`: a receive pool too large to allocate.
+    /// Otherwise, creating a worker's eventfd, ring, epoll instance or pool failed. With [`Backend::Uring`], the error says why io_uring was
     /// refused (`EPERM` from a seccomp profile or `kernel.io_uring_disabled`, `ENOSYS`,
     /// `ENOMEM` from `RLIMIT_MEMLOCK`, a missing opcode).
     #[allow(clippy::type_complexity)] // The pair is the API: one port, its workers.
