@@ -240,7 +240,8 @@ pub struct ClientArgs {
     pub duration: Option<Duration>,
 
     /// Load mode: with --duration, send for this many seconds before the measured window
-    /// opens (their echoes are verified, not counted) [default: 0].
+    /// opens (echoes that come back before it opens are verified, not counted; the window
+    /// counts the echoes that come back in it) [default: 0].
     #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "duration")]
     pub warmup: Option<Duration>,
 

@@ -256,43 +256,64 @@ fn run_with_timeout(
         Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(io_fail("shutdown", &e)),
         _ => {}
     }
-    if !opts.send_only {
+    if opts.send_only {
+        // The echoes were not read: read (and drop) them until the server closes its side, so
+        // that closing ours is a FIN. With echoes unread, the kernel would close it with a
+        // reset, which also discards whatever of the messages it has not sent yet.
+        if let Ok(left) = wait(&report) {
+            bytes_before_close(&mut stream, left);
+        }
+    } else {
         // Every echo came back: the server has nothing more to send, and closes its side once
         // it sees ours closed. Anything else it sends is an echo of nothing; a side it keeps
         // open is an error too, as in load mode.
         let left = wait(&report).map_err(|_| not_closed(true))?;
-        let (extra, closed) = bytes_before_close(&mut stream, left);
+        let (extra, end) = bytes_before_close(&mut stream, left);
         if extra > 0 {
             return Err(fail(format!(
                 "the server sent {extra} bytes more than it was sent, after the last echo"
             )));
         }
-        if !closed {
-            return Err(not_closed(left < timeout));
+        match end {
+            End::Closed => {}
+            // As in load mode: the echo is whole, but the connection did not end well.
+            End::Failed(e) => {
+                return Err(io_fail("receive, after the last echo", &e));
+            }
+            End::Open => return Err(not_closed(left < timeout)),
         }
     }
     Ok(report)
 }
 
+/// How the server's side of a connection ended, once ours was closed.
+enum End {
+    /// With a FIN.
+    Closed,
+    /// With a reset or another error.
+    Failed(io::Error),
+    /// It did not, within the time given.
+    Open,
+}
+
 /// Reads until the server closes its side, an error, or `timeout` has passed; returns the bytes
-/// read, and whether the server closed (or reset) its side. A server that keeps its side open,
-/// or keeps sending, is not waited for longer.
-fn bytes_before_close(stream: &mut TcpStream, timeout: Duration) -> (u64, bool) {
+/// read, and how the server's side ended. A server that keeps its side open, or keeps sending,
+/// is not waited for longer.
+fn bytes_before_close(stream: &mut TcpStream, timeout: Duration) -> (u64, End) {
     let deadline = std::time::Instant::now() + timeout;
     let mut extra = 0u64;
     let mut buf = [0u8; 4096];
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return (extra, false);
+            return (extra, End::Open);
         }
         match stream.read(&mut buf) {
-            Ok(0) => return (extra, true),
+            Ok(0) => return (extra, End::Closed),
             Ok(n) => extra += n as u64,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => return (extra, false),
-            // Reset or another error: the server's side is gone.
-            Err(_) => return (extra, true),
+            Err(e) if is_timeout(&e) => return (extra, End::Open),
+            Err(e) => return (extra, End::Failed(e)),
         }
     }
 }
@@ -433,6 +454,45 @@ mod tests {
             "{err}"
         );
         server.join().unwrap();
+    }
+
+    /// Send-only against an echo server: the echoes go unread while sending, but the client
+    /// reads (and drops) them until the server closes, so that the server's last sends reach
+    /// an open socket rather than draw a reset.
+    #[test]
+    fn send_only_ends_with_a_fin_against_an_echo_server() {
+        let (addr, server) = server(|mut stream| {
+            let mut buf = [0u8; 64];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => stream.write_all(&buf[..n]).map_err(|e| e.kind())?,
+                    Err(e) => return Err(e.kind()),
+                }
+            }
+            // The client's FIN is in; the echo of the last bytes may still be on its way, as
+            // from a server that is slow to send. A client that has closed its socket answers
+            // them with a reset, which the next send reports.
+            for _ in 0..2 {
+                thread::sleep(Duration::from_millis(50));
+                stream.write_all(b"late").map_err(|e| e.kind())?;
+            }
+            Ok(())
+        });
+        let opts = BookOptions {
+            count: 50,
+            send_only: true,
+            ..BookOptions::new(addr)
+        };
+        let (result, _) = run_to_string(&opts);
+        assert_eq!(
+            result,
+            Ok(BookReport {
+                sent: 50,
+                received: 0
+            })
+        );
+        assert_eq!(server.join().unwrap(), Ok(()), "the server saw a reset");
     }
 
     #[test]
@@ -598,6 +658,34 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("connection reset by peer (ECONNRESET)"),
+            "{err}"
+        );
+    }
+
+    /// Every echo came back, and then the server reset the connection: an error, as in load
+    /// mode, naming the reset.
+    #[test]
+    fn a_reset_after_the_last_echo_is_an_error() {
+        let (addr, _server) = server(|mut stream| {
+            let mut buf = [0u8; 26];
+            for _ in 0..2 {
+                stream.read_exact(&mut buf).unwrap();
+                stream.write_all(&buf).unwrap();
+            }
+            // The client's FIN, then a close that resets (zero linger).
+            let _ = stream.read(&mut buf);
+            socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        });
+        let opts = BookOptions {
+            count: 2,
+            ..BookOptions::new(addr)
+        };
+        let err = run_to_string(&opts).0.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("receive, after the last echo: connection reset by peer (ECONNRESET)"),
             "{err}"
         );
     }
