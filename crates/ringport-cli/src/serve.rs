@@ -136,6 +136,9 @@ pub enum Io {
     Adopt,
     /// Start draining (a posted packet).
     Drain,
+    /// The listener's worker has closed the listener and hands over no more connections (a
+    /// posted packet, after every `Adopt` it posted).
+    HandedOver,
     /// The idle-timeout sweep.
     Sweep,
     /// Another try for sends and receives that failed for want of memory.
@@ -588,8 +591,14 @@ struct Server {
     worker: Worker<Key, Io>,
     port: Port<Key, Io>,
     listener: Option<Handle<Key>>,
+    /// The worker that accepts (the listener's home).
+    listener_worker: usize,
     /// Accepts (or accept back-offs) outstanding, on the listener's worker.
     accepts: usize,
+    /// Another worker: the listener's worker may still hand this one connections (until it
+    /// says it is done, `Io::HandedOver`). The listener's worker: the others are still to be
+    /// told so.
+    handing_over: bool,
     /// This worker's connections, by the id in their key.
     conns: Slab<Conn>,
     /// The time when the current batch of completions was dequeued.
@@ -655,12 +664,15 @@ impl Server {
         limits: Limits,
         totals: Arc<Totals>,
     ) -> Self {
-        let owns_listener = listener.worker() == worker.index();
+        let listener_worker = listener.worker();
+        let owns_listener = listener_worker == worker.index();
         Server {
             port: worker.port(),
             worker,
+            listener_worker,
             listener: owns_listener.then_some(listener),
             accepts: 0,
+            handing_over: true,
             conns: Slab::new(),
             now: Instant::now(),
             start: Instant::now(),
@@ -732,6 +744,7 @@ impl Server {
                     self.post_sends();
                     self.rearm_starved();
                     self.publish();
+                    self.tell_handed_over(false);
                 }
                 Err(WaitError::TimedOut) => {
                     self.now = Instant::now();
@@ -763,6 +776,7 @@ impl Server {
                 self.force_close();
             }
         };
+        self.tell_handed_over(true);
         // Completions of operations cut short by the closes still say what went out.
         let until = Instant::now() + FORCE_GRACE;
         loop {
@@ -798,7 +812,31 @@ impl Server {
     }
 
     fn finished(&self) -> bool {
-        self.deadline.is_some() && self.conns.is_empty() && self.accepts == 0
+        let more_may_come = self.handing_over && !self.owns_listener();
+        self.deadline.is_some() && self.conns.is_empty() && self.accepts == 0 && !more_may_come
+    }
+
+    /// Whether this worker accepts the server's connections (and hands them to the others).
+    fn owns_listener(&self) -> bool {
+        self.listener_worker == self.worker.index()
+    }
+
+    /// The listener's worker, once its drain has closed the listener and every accept has
+    /// completed (or as it stops for good): tells the other workers that no more connections
+    /// come, after every one it handed over, so that they can finish.
+    fn tell_handed_over(&mut self, stopping: bool) {
+        if !self.owns_listener() || !self.handing_over {
+            return;
+        }
+        let accepting_done = self.deadline.is_some() && self.accepts == 0;
+        if !(stopping || accepting_done) {
+            return;
+        }
+        self.handing_over = false;
+        for w in (0..self.port.workers()).filter(|&w| w != self.worker.index()) {
+            // A worker gone already needs no telling.
+            let _ = self.port.post(w, Packet::new(Io::HandedOver));
+        }
     }
 
     /// Reads what serving a batch reads first, and discards it: the connections' records
@@ -831,6 +869,7 @@ impl Server {
             }
             Io::Adopt => self.adopt(c),
             Io::Drain => self.drain(),
+            Io::HandedOver => self.handing_over = false,
             // Cancelled by the drain, which has its own way of closing quiet connections.
             Io::Sweep if c.is_cancelled() || self.deadline.is_some() => {}
             Io::Sweep => self.sweep(),
@@ -1792,6 +1831,65 @@ mod tests {
         let worker = workers.pop().unwrap();
         let server =
             std::thread::spawn(move || Server::new(worker, listener, limits, totals).run());
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut echo = Vec::new();
+        peer.read_to_end(&mut echo).expect("a FIN, not a reset");
+        assert_eq!(echo, b"hello");
+        server.join().unwrap().unwrap();
+    }
+
+    /// A worker without the listener that drains with no connection of its own does not
+    /// finish before the listener's worker says it hands over no more: a connection that
+    /// worker accepted just before its own drain, and hands over late, is still echoed and
+    /// closed with a FIN.
+    #[test]
+    fn a_worker_waits_for_the_last_connection_handed_over_before_it_finishes() {
+        use super::{Io, Key, Limits, Server, Totals};
+        use std::io::{Read, Write};
+        use std::time::Duration;
+        let (port, mut workers) = ringport::Port::builder()
+            .workers(2)
+            .recv_pool(super::WHOLE_BUFFER, 64)
+            .build::<Key, Io>()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        // The listener's home is worker 0, which this test plays; worker 1 runs the server.
+        let listener = port.associate_with(0, listener, Key::listener()).unwrap();
+        peer.write_all(b"hello").unwrap();
+        let conn = port.associate_with(1, ours, Key::conn()).unwrap();
+        let totals = std::sync::Arc::new(Totals::with_gauges(0));
+        totals
+            .live
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let post = |data, handle| {
+            let packet = ringport::Packet {
+                bytes: 0,
+                handle,
+                data,
+            };
+            assert!(port.post(1, packet).is_ok());
+        };
+        post(Io::Drain, None);
+        let limits = Limits {
+            drain_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            max_connections: 0,
+            conn_buffer: 1 << 20,
+            strict: true,
+            pool_buffer: super::WHOLE_BUFFER,
+            pool_buffers: 64,
+        };
+        let worker = workers.pop().unwrap();
+        assert_eq!(worker.index(), 1);
+        let server =
+            std::thread::spawn(move || Server::new(worker, listener, limits, totals).run());
+        // Time for a worker that did not wait to have finished.
+        std::thread::sleep(Duration::from_millis(200));
+        post(Io::Adopt, Some(conn));
+        post(Io::HandedOver, None);
         peer.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let mut echo = Vec::new();
