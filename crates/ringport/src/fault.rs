@@ -12,12 +12,18 @@ use crate::op::OpKind;
 /// errno name (`ECONNRESET`, `EPIPE`, `ENOBUFS`, `ECANCELED`, `EMFILE`, `ENFILE`, `ENOMEM`,
 /// `ETIMEDOUT`, `ECONNREFUSED`, `ECONNABORTED`, `EIO`) or `short` (a send that sends one byte),
 /// and `N` makes every Nth such operation fail (default 1: all); `N*K` stops after K failures.
-/// A rule counts over all of a port's workers (which worker's wait fails is not chosen).
-/// Example:
+/// A rule counts over all of a port's workers (which worker's wait fails is not chosen), and
+/// every rule counts every operation it applies to: where several are due at once, the first
+/// listed decides. A `short` rule applies only to sends on stream sockets with more than a
+/// byte to send (a datagram is never sent in part), and one that cannot send its byte at once
+/// (the socket's buffer full) does not count as fired. Example:
 /// `RINGPORT_FAULTS=recv=ECONNRESET/50,send=short/7,wait=EIO/40*1`.
 ///
 /// A failing operation completes at once with the error (its buffer given back) without
-/// reaching the kernel; a `short` send sends one byte and completes with `Ok(1)`. A failing
+/// reaching the kernel; a `short` send sends one byte and completes with `Ok(1)`. The error
+/// stays with that operation: unlike the kernel's `ECONNRESET` or `EPIPE`, it does not end the
+/// connection, and later operations on the socket go ahead (an application that reacts to it
+/// by closing behaves as it would against the kernel). A failing
 /// wait makes [`Worker::dequeue`](crate::Worker::dequeue) (or `dequeue_batch`) return
 /// [`WaitError::Io`](crate::WaitError::Io) with the error, as a failing `io_uring_enter` or
 /// `epoll_wait` would; nothing is lost, and the next wait may succeed.
@@ -44,10 +50,18 @@ struct Rule {
 }
 
 impl Rule {
-    /// Counts one more operation (or wait) it applies to; whether this one fails.
-    fn fires(&self) -> bool {
+    /// Counts one more operation (or wait) it applies to; whether this one is its Nth.
+    fn due(&self) -> bool {
         (self.seen.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(self.every)
-            && self.fired.fetch_add(1, Ordering::Relaxed) < self.limit
+    }
+
+    /// Fires once more, unless it has fired its K times.
+    fn fire(&self) -> bool {
+        self.fired
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .is_ok()
     }
 }
 
@@ -62,6 +76,10 @@ impl Faults {
     pub(crate) fn from_env() -> io::Result<Option<Faults>> {
         match std::env::var(FAULTS_ENV) {
             Ok(v) if !v.trim().is_empty() => Faults::parse(&v).map(Some),
+            Err(std::env::VarError::NotUnicode(_)) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{FAULTS_ENV}: not valid UTF-8"),
+            )),
             _ => Ok(None),
         }
     }
@@ -84,6 +102,9 @@ impl Faults {
                     .filter(|&n| n > 0)
                     .ok_or_else(|| bad(rule, what))
             };
+            if !rest.contains('/') && rest.contains('*') {
+                return Err(bad(rule, "K needs N: OP=EFFECT/N*K"));
+            }
             let (effect, every, limit) = match rest.split_once('/') {
                 Some((e, n)) => match n.split_once('*') {
                     Some((n, k)) => (
@@ -123,25 +144,38 @@ impl Faults {
         Ok(Faults { rules })
     }
 
-    /// Whether this operation is to fail, and how.
-    pub(crate) fn check(&self, kind: OpKind) -> Option<Effect> {
-        self.rules
-            .iter()
-            .filter(|r| r.ops.contains(&kind))
-            .find(|r| r.fires())
-            .map(|r| r.effect)
+    /// Whether this operation is to fail, and how, with the rule that says so (see
+    /// [`Faults::missed`]). `short_ok`: a short send can be made of it (see [`FAULTS_ENV`]).
+    pub(crate) fn check(&self, kind: OpKind, short_ok: bool) -> Option<(Effect, usize)> {
+        self.first_fired(|r| r.ops.contains(&kind) && (short_ok || r.effect != Effect::Short))
+            .map(|i| (self.rules[i].effect, i))
     }
 
     /// Whether this wait for completions is to fail, and with which errno.
     pub(crate) fn check_wait(&self) -> Option<i32> {
-        self.rules
-            .iter()
-            .filter(|r| r.wait)
-            .find(|r| r.fires())
-            .and_then(|r| match r.effect {
+        self.first_fired(|r| r.wait)
+            .and_then(|i| match self.rules[i].effect {
                 Effect::Errno(e) => Some(e),
                 Effect::Short => None,
             })
+    }
+
+    /// Rule `rule` fired, but its effect could not be had (a short send that would block):
+    /// it does not count as fired.
+    pub(crate) fn missed(&self, rule: usize) {
+        self.rules[rule].fired.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Counts the operation in every rule that applies to it; the first of those that is due
+    /// (and has not fired its K times) fires.
+    fn first_fired(&self, applies: impl Fn(&Rule) -> bool) -> Option<usize> {
+        let mut hit = None;
+        for (i, r) in self.rules.iter().enumerate().filter(|(_, r)| applies(r)) {
+            if r.due() && hit.is_none() && r.fire() {
+                hit = Some(i);
+            }
+        }
+        hit
     }
 }
 
@@ -169,18 +203,23 @@ mod tests {
     #[test]
     fn every_nth_operation_of_a_kind_fails() {
         let f = Faults::parse("recv=ECONNRESET/3, send=short").unwrap();
-        let recv: Vec<_> = (0..6).map(|_| f.check(OpKind::RecvPooled)).collect();
+        let recv: Vec<_> = (0..6)
+            .map(|_| f.check(OpKind::RecvPooled, true).map(|(e, _)| e))
+            .collect();
         let reset = Some(Effect::Errno(libc::ECONNRESET));
         assert_eq!(recv, vec![None, None, reset, None, None, reset]);
-        assert_eq!(f.check(OpKind::Send), Some(Effect::Short));
-        assert_eq!(f.check(OpKind::Accept), None);
+        assert_eq!(
+            f.check(OpKind::Send, true).map(|(e, _)| e),
+            Some(Effect::Short)
+        );
+        assert_eq!(f.check(OpKind::Accept, true), None);
         assert_eq!(f.check_wait(), None);
 
         let f = Faults::parse("wait=EIO/2").unwrap();
         let waits: Vec<_> = (0..4).map(|_| f.check_wait()).collect();
         assert_eq!(waits, vec![None, Some(libc::EIO), None, Some(libc::EIO)]);
         assert_eq!(
-            f.check(OpKind::RecvPooled),
+            f.check(OpKind::RecvPooled, true),
             None,
             "a wait rule fails no operation"
         );
@@ -193,10 +232,49 @@ mod tests {
         let waits: Vec<_> = (0..6).map(|_| f.check_wait()).collect();
         assert_eq!(waits, vec![None, Some(libc::EIO), None, None, None, None]);
         let pipe = Some(Effect::Errno(libc::EPIPE));
-        let sends: Vec<_> = (0..3).map(|_| f.check(OpKind::Send)).collect();
+        let sends: Vec<_> = (0..3)
+            .map(|_| f.check(OpKind::Send, true).map(|(e, _)| e))
+            .collect();
         assert_eq!(sends, vec![pipe, pipe, None], "K stops it");
         assert!(Faults::parse("send=EPIPE/1*0").is_err());
         assert!(Faults::parse("send=EPIPE/1*x").is_err());
+        let no_n = Faults::parse("send=EPIPE*2").unwrap_err().to_string();
+        assert!(no_n.contains("K needs N"), "{no_n}");
+    }
+
+    /// Every rule counts every operation it applies to, whichever fires: the second rule
+    /// below fails the 5th receive, as it says, not a later one.
+    #[test]
+    fn every_rule_counts_every_operation() {
+        let f = Faults::parse("recv=EIO/2, recv=ECONNRESET/5").unwrap();
+        let got: Vec<_> = (0..10)
+            .map(|_| f.check(OpKind::Recv, true).map(|(e, _)| e))
+            .collect();
+        let (eio, reset) = (
+            Some(Effect::Errno(libc::EIO)),
+            Some(Effect::Errno(libc::ECONNRESET)),
+        );
+        assert_eq!(
+            got,
+            vec![None, eio, None, eio, reset, eio, None, eio, None, eio],
+            "the 10th is due for both: the first listed decides"
+        );
+    }
+
+    /// A `short` rule passes over sends that cannot be short (datagrams, a byte or none to
+    /// send), and one whose byte could not go out does not count towards its K.
+    #[test]
+    fn short_sends_count_only_where_they_happen() {
+        let f = Faults::parse("send=short/1*1").unwrap();
+        assert_eq!(f.check(OpKind::Send, false), None);
+        let (effect, rule) = f.check(OpKind::Send, true).expect("fires");
+        assert_eq!(effect, Effect::Short);
+        f.missed(rule);
+        assert!(
+            f.check(OpKind::Send, true).is_some(),
+            "a missed short send used up its K"
+        );
+        assert_eq!(f.check(OpKind::Send, true), None, "K stops it");
     }
 
     proptest::proptest! {

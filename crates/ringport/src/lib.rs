@@ -13,11 +13,13 @@
 //!   connect counts as one): the port starts the next only once the one before it completes,
 //!   on both backends, so the bytes come in and go out in the order the operations were
 //!   posted, whether through the port or the worker. (The order is kept per [`Handle`]: two
-//!   handles of one socket, associated from duplicated descriptors, run side by side.) Accepts
-//!   on a listener run side by side too. (A short send leaves the rest of its buffer to the
-//!   caller: with several sends outstanding on one socket, the rest would follow the later
-//!   sends, so keep one send in flight per socket when the byte order matters, as
-//!   `ringport serve` does.)
+//!   handles of one socket, associated from duplicated descriptors, run side by side; on
+//!   io_uring, though, closing one, or cancelling all of its operations, also cancels the
+//!   other's operations in the kernel on the same worker: the kernel matches the socket, not
+//!   the descriptor.) Accepts on a listener run side by side too. (A short send leaves the
+//!   rest of its buffer to the caller: with several sends outstanding on one socket, the rest
+//!   would follow the later sends, so keep one send in flight per socket when the byte order
+//!   matters, as `ringport serve` does.)
 //! * Worker threads call [`Worker::dequeue`] (`GetQueuedCompletionStatus`) or
 //!   [`Worker::dequeue_batch`] with a timeout (`Some(ZERO)` polls, `None` waits forever) and get
 //!   the byte count or the errno, the key (via [`Completion::handle`]), and the per-I/O data. A

@@ -870,7 +870,8 @@ where
 
     /// Cancels every operation outstanding on `socket`. (Should the kernel not take the request
     /// at once, it is tried again on the next turn, and then also cancels what was posted on
-    /// the socket meanwhile.)
+    /// the socket meanwhile. On io_uring, the operations in the kernel of another handle of the
+    /// same socket on this worker, from a duplicated descriptor, are cancelled too.)
     pub fn cancel_all(&mut self, socket: &Handle<K>) {
         if socket.worker() == self.index {
             // Operations posted from other threads first, so that they are cancelled too.
@@ -1326,13 +1327,19 @@ where
                 return;
             }
         }
-        if let Some(effect) = self.faults.as_ref().and_then(|f| f.check(p.kind)) {
-            let res = match (effect, &*body) {
-                (Effect::Errno(e), _) => Some(Err(errno(e))),
-                (Effect::Short, body) => sys::send_one(fd, body.unsent_head()),
-            };
-            if let Some(res) = res {
-                return self.ready.push_back(p.into_completion(id, res));
+        if let Some(f) = &self.faults {
+            // A short send needs a stream and more than a byte to send.
+            let short_ok = target.stream && body.unsent_head().len() > 1;
+            if let Some((effect, rule)) = f.check(p.kind, short_ok) {
+                let res = match effect {
+                    Effect::Errno(e) => Some(Err(errno(e))),
+                    Effect::Short => sys::send_one(fd, body.unsent_head()),
+                };
+                match res {
+                    Some(res) => return self.ready.push_back(p.into_completion(id, res)),
+                    // Its byte could not go out at once: sent in full, as if no rule fired.
+                    None => f.missed(rule),
+                }
             }
         }
         match self.driver.start(id, target, body) {
