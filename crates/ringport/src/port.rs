@@ -1282,6 +1282,11 @@ where
             None if p.kind == OpKind::RecvPooled => &mut pooled_body,
             None => return self.ready.push_back(p.into_completion(id, Ok(0))),
         };
+        if matches!(body, OpBody::Timeout(after, _) if after.is_zero()) {
+            // Due as it is posted, on both backends alike: ready for the next dequeue, a poll
+            // included (io_uring's own timer would report it only a turn later).
+            return self.ready.push_back(p.into_completion(id, Ok(0)));
+        }
         if matches!(body, OpBody::RecvPooled(_) | OpBody::AcceptMulti) && !p.multishot {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,

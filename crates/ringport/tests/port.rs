@@ -142,6 +142,7 @@ per_backend!(
     peer_close_is_a_zero_byte_receive,
     timeout_is_not_a_failure,
     timeout_operation_expires_with_zero,
+    a_zero_timeout_is_ready_for_the_next_poll,
     cancelling_a_timeout_that_is_due_finds_it_expired,
     batch_dequeue_returns_many,
     packets_posted_from_other_threads_wake_a_waiting_worker,
@@ -289,6 +290,26 @@ fn timeout_operation_expires_with_zero(b: Backend) {
     assert_eq!(c.result.unwrap(), 0);
     assert_eq!(c.data, 3);
     assert!(c.handle.is_none());
+}
+
+/// A timeout of zero is due as it is posted: the next poll (a dequeue with a zero timeout)
+/// takes it, on both backends. (On io_uring with deferred task work, as single-thread workers
+/// have, the kernel's own timer would report it only at a later wait.)
+fn a_zero_timeout_is_ready_for_the_next_poll(b: Backend) {
+    let (_port, mut workers) = Port::builder()
+        .workers(1)
+        .backend(b)
+        .single_thread_workers(true)
+        .build::<(), u8>()
+        .unwrap();
+    let mut w = workers.pop().unwrap();
+    w.submit(Op::timeout(Duration::ZERO), 4);
+    let c = w
+        .dequeue(Some(Duration::ZERO))
+        .expect("the zero timeout was not ready");
+    assert_eq!(c.kind, OpKind::Timeout);
+    assert_eq!(c.result.unwrap(), 0);
+    assert_eq!(c.data, 4);
 }
 
 /// A timeout cancelled after it fell due has expired: `Ok(0)` on both backends (on io_uring the
