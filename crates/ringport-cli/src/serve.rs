@@ -1788,13 +1788,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_connection_handed_over_as_the_drain_begins_is_echoed_then_closed() {
-        use super::{Io, Key, Limits, Server, Totals};
-        use std::io::{Read, Write};
-        use std::time::Duration;
-        let (port, mut workers) = ringport::Port::builder()
-            .workers(1)
+    /// A connection handed over to worker `to` of a port of `workers`, whose listener's home
+    /// is worker 0, with "hello" sent by its peer: the port, the workers, the listener, the
+    /// peer, the connection's handle, and the limits and totals for the worker's `Server`.
+    #[allow(clippy::type_complexity)]
+    fn handed_over(
+        workers: usize,
+        to: usize,
+    ) -> (
+        ringport::Port<super::Key, super::Io>,
+        Vec<ringport::Worker<super::Key, super::Io>>,
+        ringport::Handle<super::Key>,
+        std::net::TcpStream,
+        ringport::Handle<super::Key>,
+        super::Limits,
+        std::sync::Arc<super::Totals>,
+    ) {
+        use super::{Io, Key, Limits, Totals};
+        use std::io::Write;
+        let (port, workers) = ringport::Port::builder()
+            .workers(workers)
             .recv_pool(super::WHOLE_BUFFER, 64)
             .build::<Key, Io>()
             .unwrap();
@@ -1803,24 +1816,15 @@ mod tests {
         let (ours, _) = listener.accept().unwrap();
         let listener = port.associate_with(0, listener, Key::listener()).unwrap();
         peer.write_all(b"hello").unwrap();
-        let conn = port.associate_with(0, ours, Key::conn()).unwrap();
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let conn = port.associate_with(to, ours, Key::conn()).unwrap();
         let totals = std::sync::Arc::new(Totals::with_gauges(0));
         totals
             .live
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // The drain reaches the worker first, then the connection another worker accepted.
-        let post = |data, handle| {
-            let packet = ringport::Packet {
-                bytes: 0,
-                handle,
-                data,
-            };
-            assert!(port.post(0, packet).is_ok());
-        };
-        post(Io::Drain, None);
-        post(Io::Adopt, Some(conn));
         let limits = Limits {
-            drain_timeout: Duration::from_secs(10),
+            drain_timeout: std::time::Duration::from_secs(10),
             idle_timeout: None,
             max_connections: 0,
             conn_buffer: 1 << 20,
@@ -1828,11 +1832,35 @@ mod tests {
             pool_buffer: super::WHOLE_BUFFER,
             pool_buffers: 64,
         };
+        (port, workers, listener, peer, conn, limits, totals)
+    }
+
+    /// Posts a packet of `data` (and `handle`) to worker `to`.
+    fn post_to(
+        port: &ringport::Port<super::Key, super::Io>,
+        to: usize,
+        data: super::Io,
+        handle: Option<ringport::Handle<super::Key>>,
+    ) {
+        let packet = ringport::Packet {
+            bytes: 0,
+            handle,
+            data,
+        };
+        assert!(port.post(to, packet).is_ok(), "worker {to} is gone");
+    }
+
+    #[test]
+    fn a_connection_handed_over_as_the_drain_begins_is_echoed_then_closed() {
+        use super::{Io, Server};
+        use std::io::Read;
+        let (port, mut workers, listener, mut peer, conn, limits, totals) = handed_over(1, 0);
+        // The drain reaches the worker first, then the connection another worker accepted.
+        post_to(&port, 0, Io::Drain, None);
+        post_to(&port, 0, Io::Adopt, Some(conn));
         let worker = workers.pop().unwrap();
         let server =
             std::thread::spawn(move || Server::new(worker, listener, limits, totals).run());
-        peer.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
         let mut echo = Vec::new();
         peer.read_to_end(&mut echo).expect("a FIN, not a reset");
         assert_eq!(echo, b"hello");
@@ -1845,53 +1873,20 @@ mod tests {
     /// closed with a FIN.
     #[test]
     fn a_worker_waits_for_the_last_connection_handed_over_before_it_finishes() {
-        use super::{Io, Key, Limits, Server, Totals};
-        use std::io::{Read, Write};
+        use super::{Io, Server};
+        use std::io::Read;
         use std::time::Duration;
-        let (port, mut workers) = ringport::Port::builder()
-            .workers(2)
-            .recv_pool(super::WHOLE_BUFFER, 64)
-            .build::<Key, Io>()
-            .unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
         // The listener's home is worker 0, which this test plays; worker 1 runs the server.
-        let listener = port.associate_with(0, listener, Key::listener()).unwrap();
-        peer.write_all(b"hello").unwrap();
-        let conn = port.associate_with(1, ours, Key::conn()).unwrap();
-        let totals = std::sync::Arc::new(Totals::with_gauges(0));
-        totals
-            .live
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let post = |data, handle| {
-            let packet = ringport::Packet {
-                bytes: 0,
-                handle,
-                data,
-            };
-            assert!(port.post(1, packet).is_ok());
-        };
-        post(Io::Drain, None);
-        let limits = Limits {
-            drain_timeout: Duration::from_secs(10),
-            idle_timeout: None,
-            max_connections: 0,
-            conn_buffer: 1 << 20,
-            strict: true,
-            pool_buffer: super::WHOLE_BUFFER,
-            pool_buffers: 64,
-        };
+        let (port, mut workers, listener, mut peer, conn, limits, totals) = handed_over(2, 1);
+        post_to(&port, 1, Io::Drain, None);
         let worker = workers.pop().unwrap();
         assert_eq!(worker.index(), 1);
         let server =
             std::thread::spawn(move || Server::new(worker, listener, limits, totals).run());
         // Time for a worker that did not wait to have finished.
         std::thread::sleep(Duration::from_millis(200));
-        post(Io::Adopt, Some(conn));
-        post(Io::HandedOver, None);
-        peer.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        post_to(&port, 1, Io::Adopt, Some(conn));
+        post_to(&port, 1, Io::HandedOver, None);
         let mut echo = Vec::new();
         peer.read_to_end(&mut echo).expect("a FIN, not a reset");
         assert_eq!(echo, b"hello");
