@@ -15,6 +15,8 @@ const CLOSED: u8 = 1;
 const STREAM_KNOWN: u8 = 2;
 /// `Inner::state`: the socket is a stream socket.
 const STREAM: u8 = 4;
+/// `Inner::state`: the socket is a TCP socket (asked with `STREAM`).
+const TCP: u8 = 8;
 
 /// A socket associated with a [`Port`](crate::Port), with its completion key (the per-handle
 /// data of the completion-port model).
@@ -36,7 +38,7 @@ pub(crate) struct Inner<K> {
     key: K,
     /// The home worker (a port has fewer than 2^16, see `Builder::build`).
     worker: u16,
-    /// `CLOSED`, `STREAM_KNOWN` and `STREAM`.
+    /// `CLOSED`, `STREAM_KNOWN`, `STREAM` and `TCP`.
     state: AtomicU8,
     /// The sides with an operation in the kernel (bit 1: receives; bit 2: sends and connects):
     /// the port starts the next operation on a side only once that one completes. Read and
@@ -89,14 +91,24 @@ impl<K> Handle<K> {
 
     /// Whether the socket is a stream socket (`SO_TYPE`, asked once).
     pub(crate) fn is_stream(&self) -> bool {
+        self.kind() & STREAM != 0
+    }
+
+    /// Whether the socket is a TCP socket (`SO_PROTOCOL`, asked once).
+    pub(crate) fn is_tcp(&self) -> bool {
+        self.kind() & TCP != 0
+    }
+
+    /// The `STREAM` and `TCP` bits of the state, asked of the socket the first time.
+    fn kind(&self) -> u8 {
         let state = self.inner.state.load(Ordering::Relaxed);
         if state & STREAM_KNOWN != 0 {
-            return state & STREAM != 0;
+            return state;
         }
-        let stream = crate::sys::is_stream(self.as_raw_fd());
-        let bits = STREAM_KNOWN | if stream { STREAM } else { 0 };
+        let (stream, tcp) = crate::sys::socket_kind(self.as_raw_fd());
+        let bits = STREAM_KNOWN | if stream { STREAM } else { 0 } | if tcp { TCP } else { 0 };
         self.inner.state.fetch_or(bits, Ordering::Relaxed);
-        stream
+        bits
     }
 
     /// Whether an operation of side `bit` is in the kernel (see `Inner::busy`).

@@ -1256,6 +1256,7 @@ where
             fd: p.handle.as_ref().map_or(-1, AsRawFd::as_raw_fd),
             serial: p.handle.as_ref().map_or(0, Handle::serial),
             stream: p.handle.as_ref().is_some_and(Handle::is_stream),
+            tcp: p.handle.as_ref().is_some_and(Handle::is_tcp),
         };
         let fd = target.fd;
         if p.kind == OpKind::Close {

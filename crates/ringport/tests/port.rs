@@ -189,6 +189,7 @@ per_backend!(
     pooled_receive_with_a_limit_ends_there_and_the_rest_waits,
     limited_receives_sharing_pool_buffers_each_get_their_own_bytes,
     pooled_receive_reads_past_an_urgent_mark,
+    pooled_receive_reads_past_a_message_with_descriptors,
     closing_a_socket_with_a_pooled_receive_armed_gives_every_buffer_back,
     wake_ups_are_not_lost_when_the_submission_queue_fills,
     a_worker_moves_to_another_thread_after_use,
@@ -1937,6 +1938,61 @@ fn pooled_receive_reads_past_an_urgent_mark(b: Backend) {
         got.extend_from_slice(&c.pooled.expect("data"));
     }
     assert_eq!(got, b"helloworld");
+}
+
+/// A Unix stream socket's read stops after a message that carries descriptors, with more
+/// already waiting behind it: the pooled receive still takes the rest. (On epoll a read short
+/// of its buffer means an empty socket for TCP only.)
+fn pooled_receive_reads_past_a_message_with_descriptors(b: Backend) {
+    use std::os::fd::AsRawFd;
+    let (port, mut w) = pooled_worker(b, 4096, 8);
+    let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let h = port.associate(ours, 0).unwrap();
+    w.submit_multishot(Op::recv_pooled(&h), 0);
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(20))),
+        Err(WaitError::TimedOut)
+    ));
+    // Both in before the worker looks: "a" with a descriptor, then "rest".
+    let passed = std::fs::File::open("/proc/self/stat").unwrap();
+    let mut iov = libc::iovec {
+        iov_base: b"a".as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    let fd_len = std::mem::size_of::<libc::c_int>() as u32;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_len) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    // SAFETY: all-zero bytes are a valid `msghdr` (null pointers, zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `msg` describes `control`, which has room for one header and one descriptor
+    // (`CMSG_SPACE`), so the first header is in it and its data holds a c_int; `iov` points
+    // at one live byte. sendmsg only reads them.
+    let sent = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_len) as usize;
+        std::ptr::write_unaligned(
+            libc::CMSG_DATA(cmsg).cast::<libc::c_int>(),
+            passed.as_raw_fd(),
+        );
+        libc::sendmsg(peer.as_raw_fd(), &msg, 0)
+    };
+    assert_eq!(sent, 1, "sendmsg: {}", std::io::Error::last_os_error());
+    (&peer).write_all(b"rest").unwrap();
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let c = w
+            .dequeue(Some(Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("after {got:?}: {e:?}: the rest waits unread"));
+        got.extend_from_slice(&c.pooled.expect("data"));
+    }
+    assert_eq!(got, b"arest");
 }
 
 /// Receives with a byte limit on several sockets, sharing pool buffers that fill a piece at a

@@ -55,8 +55,9 @@ struct FdState {
     /// number means the old socket was closed and the number reused.
     serial: u64,
     registered: bool,
-    /// A stream socket: a short read there means it was empty (not so for datagrams).
-    stream: bool,
+    /// A TCP socket: a short read there means it was empty (not so for datagrams, nor for
+    /// every stream: see `Target::tcp`).
+    tcp: bool,
     read: OpQueue,
     write: OpQueue,
 }
@@ -323,7 +324,7 @@ impl Epoll {
         // fail, the next operation on the socket tries again.
         state.registered = false;
         state.serial = target.serial;
-        state.stream = target.stream;
+        state.tcp = target.tcp;
         state.read.clear();
         state.write.clear();
         let mut ev = libc::epoll_event {
@@ -381,7 +382,7 @@ impl Epoll {
             let Some(state) = fd_state(&mut self.fds, fd) else {
                 return;
             };
-            let short_read_drains = short_read_drains && state.stream;
+            let short_read_drains = short_read_drains && state.tcp;
             let queue = match side {
                 Side::Read => &mut state.read,
                 Side::Write => &mut state.write,
@@ -988,6 +989,7 @@ mod tests {
             fd,
             serial,
             stream: false,
+            tcp: false,
         };
         ep.register(target(1)).unwrap();
         assert!(ep.fds[fd as usize].registered);
@@ -1038,6 +1040,7 @@ mod tests {
             fd,
             serial: 1,
             stream: true,
+            tcp: true,
         };
         let addr = socket2::SockAddr::from(listener.local_addr().unwrap());
         let mut body = OpBody::Connect(Box::new(addr));
@@ -1086,6 +1089,7 @@ mod tests {
             fd: -1,
             serial: 0,
             stream: false,
+            tcp: false,
         };
         let after = std::time::Duration::from_secs(600);
         let mut live = OpBody::Timeout(after, io_uring::types::Timespec::new().sec(600));

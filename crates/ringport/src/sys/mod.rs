@@ -176,6 +176,10 @@ pub(crate) struct Target {
     pub(crate) serial: u64,
     /// A stream socket (the handle asks `SO_TYPE` once and remembers).
     pub(crate) stream: bool,
+    /// A TCP socket: a read that gets less than it asked for has emptied the socket. (Not so
+    /// for every stream: a Unix socket's read stops at a message that carries descriptors,
+    /// an SCTP socket's at each message.)
+    pub(crate) tcp: bool,
 }
 
 /// What to cancel.
@@ -269,21 +273,28 @@ pub(crate) fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
-/// Whether `fd` is a stream socket (`SO_TYPE`).
-pub(crate) fn is_stream(fd: RawFd) -> bool {
-    let mut ty: libc::c_int = 0;
+/// Whether `fd` is a stream socket (`SO_TYPE`), and whether a TCP one (`SO_PROTOCOL`).
+pub(crate) fn socket_kind(fd: RawFd) -> (bool, bool) {
+    let stream = socket_option(fd, libc::SO_TYPE) == Some(libc::SOCK_STREAM);
+    let tcp = stream && socket_option(fd, libc::SO_PROTOCOL) == Some(libc::IPPROTO_TCP);
+    (stream, tcp)
+}
+
+/// An integer option of socket `fd` at `SOL_SOCKET` level; `None` when it cannot be read.
+fn socket_option(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
+    let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes one c_int into `ty` and its size into `len`.
+    // SAFETY: getsockopt writes one c_int into `value` and its size into `len`.
     let r = unsafe {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            std::ptr::from_mut(&mut ty).cast(),
+            name,
+            std::ptr::from_mut(&mut value).cast(),
             &mut len,
         )
     };
-    r == 0 && ty == libc::SOCK_STREAM
+    (r == 0).then_some(value)
 }
 
 /// Sends at most one byte of `bytes` at once, for fault injection's short sends. `None` when
