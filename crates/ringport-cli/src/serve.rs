@@ -383,7 +383,15 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     );
 
     let signal_port = port.clone();
-    on_signals(signals, move || drain_every_worker(&signal_port))?;
+    let stop_udp = udp.as_ref().map(crate::udp::Udp::stopper);
+    on_signals(signals, move || {
+        drain_every_worker(&signal_port);
+        // The drain answers no new datagram either.
+        if let Some(stop) = &stop_udp {
+            stop();
+            info!("UDP echo stopped");
+        }
+    })?;
 
     let every = args.stats.filter(|d| !d.is_zero());
     let totals = Arc::new(Totals::with_gauges(if every.is_some() {
@@ -454,7 +462,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         let s = udp.stop();
         summary.push_str(&format!(
             ", UDP: echoed {} datagrams, dropped {} over the rate limit and {} from service \
-             ports (below 1024)",
+             ports (below 1024) or this server's own",
             s.echoed, s.limited, s.from_service_ports
         ));
         if s.failed > 0 {

@@ -25,7 +25,7 @@ const POLL: Duration = Duration::from_millis(200);
 pub struct UdpStats {
     pub echoed: u64,
     pub limited: u64,
-    /// From service ports (below 1024), not answered.
+    /// From service ports (below 1024) or from this server's own port, not answered.
     pub from_service_ports: u64,
     /// Receives and echoes that failed (the first is logged as a warning).
     pub failed: u64,
@@ -55,6 +55,13 @@ pub struct Udp {
 }
 
 impl Udp {
+    /// What stops the echo from another thread (the signal handler's: the drain answers no
+    /// new datagram); `stop` still collects the totals.
+    pub fn stopper(&self) -> impl Fn() + Send + 'static {
+        let stop = Arc::clone(&self.stop);
+        move || stop.store(true, Ordering::Relaxed)
+    }
+
     /// Stops the echo and returns its totals.
     pub fn stop(self) -> UdpStats {
         self.stop.store(true, Ordering::Relaxed);
@@ -81,6 +88,7 @@ pub fn start(addr: SocketAddr, rate: u32, total: u32) -> io::Result<Udp> {
 
 fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStats {
     let mut stats = UdpStats::default();
+    let own = socket.local_addr().map_or(0, |a| a.port());
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::Relaxed) {
         let (n, from) = match socket.recv_from(&mut buf) {
@@ -88,7 +96,9 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStat
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) =>
             {
                 continue
@@ -98,7 +108,11 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStat
                 continue;
             }
         };
-        if from_service_port(from) {
+        if stop.load(Ordering::Relaxed) {
+            // Stopped while this one came in: not answered.
+            break;
+        }
+        if from_service_port(from, own) {
             stats.from_service_ports += 1;
             continue;
         }
@@ -115,9 +129,11 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStat
 }
 
 /// Whether a datagram's source is a service port (below 1024: another echo server, or a
-/// spoofed source aimed at one), which gets no answer.
-fn from_service_port(from: SocketAddr) -> bool {
-    from.port() < FIRST_CLIENT_PORT
+/// spoofed source aimed at one), or this server's own port `own` (another server like this
+/// one, or a spoofed source naming it: answering would start the two bouncing datagrams
+/// between them): it gets no answer.
+fn from_service_port(from: SocketAddr, own: u16) -> bool {
+    from.port() < FIRST_CLIENT_PORT || from.port() == own
 }
 
 /// A token bucket per source address: `rate` tokens a second, bursts of up to `rate`; and one
@@ -200,7 +216,8 @@ impl Limiter {
 mod tests {
     use super::*;
 
-    /// The integration test of this needs the privilege to bind a port below 1024.
+    /// Below 1024, and the server's own port (7777 here). (The integration test of the first
+    /// needs the privilege to bind a port below 1024.)
     #[test]
     fn service_ports_are_told_from_client_ports() {
         for (addr, service) in [
@@ -210,8 +227,13 @@ mod tests {
             ("10.0.0.1:1024", false),
             ("127.0.0.1:5150", false),
             ("[::1]:65535", false),
+            ("10.0.0.9:7777", true),
         ] {
-            assert_eq!(from_service_port(addr.parse().unwrap()), service, "{addr}");
+            assert_eq!(
+                from_service_port(addr.parse().unwrap(), 7777),
+                service,
+                "{addr}"
+            );
         }
     }
 

@@ -256,7 +256,62 @@ fn datagrams_from_service_ports_are_not_answered() {
     assert_eq!(refused, 3, "{}", output.describe());
 }
 
+/// On SIGTERM the UDP echo stops at once, while a TCP connection still holds the drain: a
+/// datagram sent then gets no answer, and the summary counts only the one before.
+fn sigterm_stops_the_udp_echo_at_once() {
+    use std::io::Write;
+    let server = Server::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--udp",
+        "--udp-rate",
+        "0",
+        "--drain-timeout",
+        "3",
+    ]);
+    let sock = udp_client(server.addr);
+    sock.set_read_timeout(Some(ECHO_WAIT)).unwrap();
+    let mut buf = [0u8; 64];
+    sock.send(b"before").unwrap();
+    assert_eq!(sock.recv(&mut buf).expect("the echo before SIGTERM"), 6);
+    // A TCP peer that sends and reads nothing keeps the drain going until its timeout (its
+    // echo cannot be sent); it is closed then, which ends the writes.
+    let mut tcp = util::connect(server.addr);
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![7u8; 1 << 16];
+        for _ in 0..512 {
+            if tcp.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    server.signal(libc::SIGTERM);
+    assert!(
+        server.wait_for_stderr("UDP echo stopped", Duration::from_secs(10)),
+        "the UDP echo was not stopped on SIGTERM\n{}",
+        server.stderr_so_far()
+    );
+    sock.send(b"after").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    match sock.recv(&mut buf) {
+        Ok(n) => panic!("answered during the drain: {:?}", &buf[..n]),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "UDP receive: {e}"
+        ),
+    }
+    let output = server.wait_exit(EXIT_GUARD);
+    writer.join().expect("the TCP writer");
+    let (echoed, _) = udp_summary(&output);
+    assert_eq!(echoed, 1, "{}", output.describe());
+}
+
 per_backend!(
+    sigterm_stops_the_udp_echo_at_once,
     datagrams_from_service_ports_are_not_answered,
     datagrams_of_every_size_echo_exactly,
     rate_limit_drops_and_counts_the_excess,
