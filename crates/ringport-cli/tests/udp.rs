@@ -32,6 +32,25 @@ fn udp_client(server: SocketAddr) -> UdpSocket {
     sock
 }
 
+/// Receives on `sock` (within its read timeout) and fails if an answer comes from `from`:
+/// nothing, or the kernel's "port unreachable" (ECONNREFUSED on a connected socket), is no
+/// answer.
+fn expect_no_answer(sock: &UdpSocket, from: &str) {
+    let mut buf = [0u8; 64];
+    match sock.recv(&mut buf) {
+        Ok(n) => panic!("a {n}-byte UDP answer from {from}: {:?}", &buf[..n]),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::WouldBlock
+                    | io::ErrorKind::TimedOut
+            ),
+            "UDP receive: {e}"
+        ),
+    }
+}
+
 /// Summary counts: (echoed, dropped).
 fn udp_summary(output: &Output) -> (u64, u64) {
     let echoed =
@@ -164,7 +183,6 @@ fn without_udp_nothing_answers() {
     let sock = udp_client(server.addr);
     sock.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
-    let mut buf = [0u8; 64];
     for _ in 0..3 {
         // A connected UDP socket reports the ICMP port-unreachable as ECONNREFUSED, on the
         // send or the receive after it.
@@ -173,18 +191,7 @@ fn without_udp_nothing_answers() {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
             Err(e) => panic!("UDP send: {e}"),
         }
-        match sock.recv(&mut buf) {
-            Ok(n) => panic!("got a {n}-byte UDP answer from a server started without --udp"),
-            Err(e) => assert!(
-                matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionRefused
-                        | io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                ),
-                "UDP receive: {e}"
-            ),
-        }
+        expect_no_answer(&sock, "a server started without --udp");
     }
     let output = server.terminate_cleanly(EXIT_GUARD);
     assert!(
@@ -296,18 +303,7 @@ fn sigterm_stops_the_udp_echo_at_once() {
     sock.send(b"after").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
-    match sock.recv(&mut buf) {
-        Ok(n) => panic!("answered during the drain: {:?}", &buf[..n]),
-        Err(e) => assert!(
-            matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock
-                    | io::ErrorKind::TimedOut
-                    | io::ErrorKind::ConnectionRefused
-            ),
-            "UDP receive: {e}"
-        ),
-    }
+    expect_no_answer(&sock, "the drain");
     let output = server.wait_exit(EXIT_GUARD);
     writer.join().expect("the TCP writer");
     let (echoed, _) = udp_summary(&output);
