@@ -74,6 +74,13 @@ impl Udp {
 pub fn start(addr: SocketAddr, rate: u32, total: u32) -> io::Result<Udp> {
     let socket = UdpSocket::bind(addr)?;
     socket.set_read_timeout(Some(POLL))?;
+    // On a wildcard address the reply's source would be chosen by the route back, which on a
+    // host with several addresses need not be the one the client sent to (and a connected
+    // client drops a reply from any other): ask for each datagram's destination.
+    let wildcard = addr.ip().is_unspecified();
+    if wildcard {
+        wire::want_destinations(&socket, addr.is_ipv6())?;
+    }
     info!(
         "UDP echo on {} (at most {rate} datagrams/s per source, {total} in all; 0: no limit)",
         socket.local_addr()?
@@ -91,7 +98,7 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStat
     let own = socket.local_addr().map_or(0, |a| a.port());
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::Relaxed) {
-        let (n, from) = match socket.recv_from(&mut buf) {
+        let (n, from, dest) = match wire::recv(socket, &mut buf) {
             Ok(r) => r,
             Err(e)
                 if matches!(
@@ -120,12 +127,233 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStat
             stats.limited += 1;
             continue;
         }
-        match socket.send_to(&buf[..n], from) {
+        match wire::send(socket, &buf[..n], from, dest.as_ref()) {
             Ok(_) => stats.echoed += 1,
             Err(e) => stats.failed(&format!("echo to {from}"), &e),
         }
     }
     stats
+}
+
+/// The kernel edge: receives that report a datagram's destination address, and replies sent
+/// from it.
+mod wire {
+    use std::io;
+    use std::mem::{size_of, MaybeUninit};
+    use std::net::{SocketAddr, UdpSocket};
+    use std::os::fd::AsRawFd;
+
+    use socket2::SockAddr;
+
+    /// Where a datagram was sent: its destination as the kernel reports it (`IP_PKTINFO` or
+    /// `IPV6_PKTINFO`).
+    #[derive(Clone, Copy)]
+    pub enum Dest {
+        V4(libc::in_pktinfo),
+        V6(libc::in6_pktinfo),
+    }
+
+    /// Room for either control message (32 bytes each on 64-bit Linux), aligned for its header.
+    #[repr(C, align(8))]
+    struct Control([u8; 64]);
+
+    fn set_flag(socket: &UdpSocket, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
+        let one: libc::c_int = 1;
+        // SAFETY: the option value is a live `c_int` whose size is passed with it; the
+        // descriptor is `socket`'s, open for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Has the kernel report each datagram's destination on `socket` (for an IPv6 socket also
+    /// that of IPv4 datagrams it receives, as `IP_PKTINFO`, whose local address is the one to
+    /// answer from even for a broadcast).
+    pub fn want_destinations(socket: &UdpSocket, v6: bool) -> io::Result<()> {
+        if v6 {
+            set_flag(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+                .map_err(|e| io::Error::new(e.kind(), format!("IPV6_RECVPKTINFO: {e}")))?;
+        }
+        set_flag(socket, libc::IPPROTO_IP, libc::IP_PKTINFO)
+            .map_err(|e| io::Error::new(e.kind(), format!("IP_PKTINFO: {e}")))
+    }
+
+    /// Receives one datagram into `buf`: its length, its source and, where the socket reports
+    /// it, its destination.
+    pub fn recv(
+        socket: &UdpSocket,
+        buf: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr, Option<Dest>)> {
+        let mut control = Control([0; 64]);
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: all zeros is a valid `msghdr` (no name, buffers or control).
+        let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = control.0.len();
+        // SAFETY: `try_init` hands a zeroed address storage and its size, which the call fills
+        // and sets to the length written; the buffer, the control area and the message header
+        // are locals that outlive the call, and their lengths are theirs.
+        let (n, from) = unsafe {
+            SockAddr::try_init(|storage, len| {
+                msg.msg_name = storage.cast();
+                msg.msg_namelen = *len;
+                let n = libc::recvmsg(socket.as_raw_fd(), &raw mut msg, 0);
+                *len = msg.msg_namelen;
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            })?
+        };
+        let from = from.as_socket().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a datagram from a non-IP address",
+            )
+        })?;
+        let mut dest = None;
+        // SAFETY: the kernel set `msg_controllen` to the control bytes it wrote into `control`,
+        // which is still borrowed by `msg`; the macros walk only those bytes, and each message's
+        // data is read unaligned, only where its length covers the type read.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+            while !c.is_null() {
+                let data = libc::CMSG_DATA(c);
+                let len = (*c).cmsg_len as usize - (data as usize - c as usize);
+                match ((*c).cmsg_level, (*c).cmsg_type) {
+                    (libc::IPPROTO_IP, libc::IP_PKTINFO)
+                        if len >= size_of::<libc::in_pktinfo>() =>
+                    {
+                        dest = Some(Dest::V4(data.cast::<libc::in_pktinfo>().read_unaligned()));
+                    }
+                    (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO)
+                        if len >= size_of::<libc::in6_pktinfo>() && dest.is_none() =>
+                    {
+                        dest = Some(Dest::V6(data.cast::<libc::in6_pktinfo>().read_unaligned()));
+                    }
+                    _ => {}
+                }
+                c = libc::CMSG_NXTHDR(&raw const msg, c);
+            }
+        }
+        Ok((n, from, dest))
+    }
+
+    /// The destination to answer from, as the control message that asks for it: for IPv4
+    /// the local address the datagram was delivered to (for a broadcast, the receiving
+    /// interface's), on whatever interface the route picks; for IPv6 the destination itself,
+    /// with its interface only where a link-local address needs one. `None` where the route
+    /// back's choice stands: an IPv6 multicast destination cannot be a source.
+    fn reply_from(dest: &Dest) -> Option<Dest> {
+        match *dest {
+            Dest::V4(info) => Some(Dest::V4(libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: info.ipi_spec_dst,
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            })),
+            Dest::V6(info) => {
+                let addr = std::net::Ipv6Addr::from(info.ipi6_addr.s6_addr);
+                if addr.is_multicast() {
+                    return None;
+                }
+                Some(Dest::V6(libc::in6_pktinfo {
+                    ipi6_addr: info.ipi6_addr,
+                    ipi6_ifindex: if addr.is_unicast_link_local() {
+                        info.ipi6_ifindex
+                    } else {
+                        0
+                    },
+                }))
+            }
+        }
+    }
+
+    /// Sends `data` to `to`, from the address `dest` names where it is given. Should the
+    /// kernel refuse that source (`EINVAL`: an IPv4 broadcast reaching an IPv6 socket, say),
+    /// the route back's choice answers instead.
+    pub fn send(
+        socket: &UdpSocket,
+        data: &[u8],
+        to: SocketAddr,
+        dest: Option<&Dest>,
+    ) -> io::Result<usize> {
+        let Some(reply) = dest.and_then(reply_from) else {
+            return socket.send_to(data, to);
+        };
+        let (level, kind, len) = match reply {
+            Dest::V4(_) => (
+                libc::IPPROTO_IP,
+                libc::IP_PKTINFO,
+                size_of::<libc::in_pktinfo>(),
+            ),
+            Dest::V6(_) => (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_PKTINFO,
+                size_of::<libc::in6_pktinfo>(),
+            ),
+        };
+        let name = SockAddr::from(to);
+        let mut control = Control([0; 64]);
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr().cast_mut().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: all zeros is a valid `msghdr`.
+        let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+        msg.msg_name = name.as_ptr().cast_mut().cast();
+        msg.msg_namelen = name.len();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        // SAFETY: `CMSG_SPACE` only computes.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(len as u32) } as usize;
+        debug_assert!(msg.msg_controllen <= control.0.len());
+        // SAFETY: the control area is `control`, aligned for a header and at least
+        // `msg_controllen` long (32 bytes for either message on 64-bit Linux, of 64), so
+        // `CMSG_FIRSTHDR` returns its start and the header and the `len` data bytes written
+        // stay inside it. `sendmsg` only reads the message, whose buffer, address and control
+        // area are live for the call; nothing writes to `data` through the `iovec`.
+        let n = unsafe {
+            let c = libc::CMSG_FIRSTHDR(&raw const msg);
+            (*c).cmsg_level = level;
+            (*c).cmsg_type = kind;
+            (*c).cmsg_len = libc::CMSG_LEN(len as u32) as usize;
+            match reply {
+                Dest::V4(info) => libc::CMSG_DATA(c)
+                    .cast::<libc::in_pktinfo>()
+                    .write_unaligned(info),
+                Dest::V6(info) => libc::CMSG_DATA(c)
+                    .cast::<libc::in6_pktinfo>()
+                    .write_unaligned(info),
+            }
+            libc::sendmsg(socket.as_raw_fd(), &raw const msg, 0)
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            return socket.send_to(data, to);
+        }
+        Err(e)
+    }
 }
 
 /// Whether a datagram's source is a service port (below 1024: another echo server, or a

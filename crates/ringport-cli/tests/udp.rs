@@ -310,6 +310,53 @@ fn sigterm_stops_the_udp_echo_at_once() {
     assert_eq!(echoed, 1, "{}", output.describe());
 }
 
+/// Bound to a wildcard address, the echo answers from the address the datagram was sent to:
+/// a client connected to 127.0.0.2 drops an answer from 127.0.0.1, the source the route back
+/// to it (from 127.0.0.1) would choose. On `0.0.0.0` and, as IPv4-mapped, on `[::]`.
+#[test]
+fn a_wildcard_echo_answers_from_the_address_it_was_sent_to() {
+    for listen in ["0.0.0.0:0", "[::]:0"] {
+        if listen.starts_with('[')
+            && std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
+                .is_ok_and(|v| v.trim() == "1")
+        {
+            eprintln!("SKIPPED for {listen}: IPv6 sockets take no IPv4 here (net.ipv6.bindv6only)");
+            continue;
+        }
+        let server = Server::start_with(&["--listen", listen, "--udp", "--udp-rate", "0"]);
+        let to = SocketAddr::from(([127, 0, 0, 2], server.addr.port()));
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.connect(to).unwrap();
+        sock.set_read_timeout(Some(ECHO_WAIT)).unwrap();
+        let mut buf = [0u8; 64];
+        let mut echoed = None;
+        for _attempt in 0..3 {
+            sock.send(b"from the address asked").unwrap();
+            match sock.recv(&mut buf) {
+                Ok(n) => {
+                    echoed = Some(buf[..n].to_vec());
+                    break;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("UDP receive from {to} (server on {listen}): {e}"),
+            }
+        }
+        assert_eq!(
+            echoed.as_deref(),
+            Some(&b"from the address asked"[..]),
+            "no echo from {to} in 3 tries (server on {listen})\n{}",
+            server.stderr_so_far()
+        );
+        let output = server.terminate_cleanly(EXIT_GUARD);
+        let (echoed, _) = udp_summary(&output);
+        assert!(echoed >= 1, "{}", output.describe());
+    }
+}
+
 per_backend!(
     sigterm_stops_the_udp_echo_at_once,
     datagrams_from_service_ports_are_not_answered,
