@@ -27,6 +27,8 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub struct Server {
     child: KillOnDrop,
     addr: SocketAddr,
+    /// The `backend=NAME` of its listening line, if it had one.
+    backend: Option<String>,
 }
 
 /// Kills and reaps the child when dropped, also while a test unwinds.
@@ -74,7 +76,7 @@ impl Server {
         });
         let deadline = Instant::now() + WAIT;
         let mut said: Vec<String> = Vec::new();
-        let addr = loop {
+        let (addr, backend) = loop {
             let line =
                 match lines_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                     Ok(line) => line,
@@ -97,16 +99,31 @@ impl Server {
                 continue;
             };
             let addr = rest.split_whitespace().next().unwrap_or_default();
-            break addr
-                .parse::<SocketAddr>()
-                .unwrap_or_else(|e| panic!("{bin}: bad address in {line:?}: {e}"));
+            let backend = rest
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix("backend="))
+                .map(str::to_owned);
+            break (
+                addr.parse::<SocketAddr>()
+                    .unwrap_or_else(|e| panic!("{bin}: bad address in {line:?}: {e}")),
+                backend,
+            );
         };
         assert_ne!(
             addr.port(),
             0,
             "{bin}: printed the requested port 0, not the bound one"
         );
-        Some(Server { child, addr })
+        Some(Server {
+            child,
+            addr,
+            backend,
+        })
+    }
+
+    /// The kernel interface the server said it drives (`backend=NAME`), if it said.
+    pub fn backend(&self) -> Option<&str> {
+        self.backend.as_deref()
     }
 
     /// The address the server is bound to.
@@ -296,6 +313,61 @@ pub fn check_concurrent(addr: SocketAddr, connections: usize, messages: usize) {
     );
 }
 
+/// Two connections served at once: the first sends half a message and gets it back, then the
+/// second is echoed whole while the first is still open mid-message, then the first finishes.
+/// A server that served its connections one after another would not answer the second until
+/// the first ended, and the read would time out.
+pub fn check_interleaved(addr: SocketAddr) {
+    let data = payload(4096, 5150);
+    let (head, tail) = data.split_at(1000);
+    let mut first = connect(addr);
+    first.write_all(head).expect("first connection: write");
+    let mut echoed = vec![0; head.len()];
+    first
+        .read_exact(&mut echoed)
+        .expect("first connection: read the echo of its first part");
+    assert_echo(head, &echoed, "first connection, first part");
+
+    let mut second = connect(addr);
+    let other = payload(2000, 862);
+    second.write_all(&other).expect("second connection: write");
+    let mut echoed = vec![0; other.len()];
+    second.read_exact(&mut echoed).unwrap_or_else(|e| {
+        panic!("second connection, while the first is open: read the echo: {e}")
+    });
+    assert_echo(
+        &other,
+        &echoed,
+        "second connection, while the first is open",
+    );
+    drop(second);
+
+    first
+        .write_all(tail)
+        .expect("first connection: write the rest");
+    let mut echoed = vec![0; tail.len()];
+    first
+        .read_exact(&mut echoed)
+        .expect("first connection: read the echo of the rest");
+    assert_echo(tail, &echoed, "first connection, the rest");
+}
+
+/// Asserts that `server` drives `expected` (`backend=NAME` on its listening line). A peer that
+/// falls back to another interface where the kernel refuses io_uring is skipped there, as
+/// [`Server::start`] skips a peer that cannot run, unless the policy requires io_uring
+/// ([`uring_check::refusal_skips`]).
+pub fn check_backend(server: &Server, bin: &str, expected: &str) {
+    let said = server.backend();
+    if said == Some(expected) {
+        return;
+    }
+    if expected == "io_uring" && said.is_some() && uring_check::refusal_skips() {
+        println!("SKIPPED: {bin} fell back to {said:?}: io_uring is refused here");
+        return;
+    }
+    panic!("{bin}: drives {said:?}, not {expected}");
+}
+
 /// Half-close: what the client sent before `shutdown(Write)` all comes back, then EOF; the server
 /// must neither close early nor hold the connection open after echoing.
 pub fn check_half_close(addr: SocketAddr) {
@@ -362,16 +434,38 @@ pub fn check_bad_args(bin: &str) {
 /// ```text
 /// peer_common::echo_tests! {
 ///     bin: env!("CARGO_BIN_EXE_peer-tokio"),
+///     backend: "epoll",
 ///     two_workers: echoes_on_50_concurrent_connections_with_2_workers,
 /// }
 /// ```
 ///
-/// `two_workers` names the test that runs the server with `--workers 2` (what two workers are
-/// differs between the peers).
+/// `backend` is the kernel interface the peer must say it drives on every worker (see
+/// [`check_backend`]); `two_workers` names the test that runs the server with `--workers 2`
+/// (what two workers are differs between the peers).
 #[macro_export]
 macro_rules! echo_tests {
-    (bin: $bin:expr, two_workers: $two_workers:ident $(,)?) => {
+    (bin: $bin:expr, backend: $backend:expr, two_workers: $two_workers:ident $(,)?) => {
         const BIN: &str = $bin;
+
+        #[test]
+        fn says_which_backend_it_drives_on_every_worker() {
+            for workers in [1, 2] {
+                let Some(mut server) = $crate::echo_check::Server::start(BIN, workers) else {
+                    return;
+                };
+                $crate::echo_check::check_backend(&server, BIN, $backend);
+                server.assert_running();
+            }
+        }
+
+        #[test]
+        fn serves_a_second_connection_while_the_first_is_mid_message() {
+            let Some(mut server) = $crate::echo_check::Server::start(BIN, 1) else {
+                return;
+            };
+            $crate::echo_check::check_interleaved(server.addr());
+            server.assert_running();
+        }
 
         #[test]
         fn echoes_1_byte_64_kib_and_4_mib_exactly() {

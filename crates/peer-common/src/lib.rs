@@ -202,15 +202,27 @@ impl Bound {
     }
 }
 
+/// The listen backlog of every peer's listener: `ringport serve`'s, so that no server's
+/// connections wait on SYN retransmits where another's are queued (tokio's `bind` would use
+/// 128, monoio's and compio's 1024).
+pub const BACKLOG: i32 = 4096;
+
 /// The kernel interface the peer's runtime drives, once a worker has said (see
 /// [`report_backend`]).
-static BACKEND: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+static BACKEND: std::sync::Mutex<Option<&'static str>> = std::sync::Mutex::new(None);
 
 /// Says which kernel interface the peer's runtime drives (`io_uring`, `epoll`): the listening
-/// line then ends in `backend=NAME`, which the bench harness shows next to the peer. The first
-/// call counts.
+/// line then ends in `backend=NAME`, which the bench harness shows next to the peer. Every
+/// worker says; should two say different things (one fell back), the line says `mixed`.
 pub fn report_backend(name: &'static str) {
-    let _ = BACKEND.set(name);
+    let mut backend = BACKEND
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *backend = match *backend {
+        None => Some(name),
+        Some(said) if said == name => Some(said),
+        Some(_) => Some("mixed"),
+    };
 }
 
 /// Runs a thread-per-core server: `workers` threads named `NAME-ID`, each running
@@ -255,7 +267,10 @@ where
             }
         }
     }
-    match BACKEND.get() {
+    let backend = *BACKEND
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match backend {
         Some(backend) => eprintln!("listening on {addr} backend={backend}"),
         None => eprintln!("listening on {addr}"),
     }
@@ -279,6 +294,20 @@ impl Drop for Ended {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Workers that agree name their backend; one that differs (fell back) makes it `mixed`,
+    /// whichever spoke first. (The only test of the process-wide record.)
+    #[test]
+    fn a_worker_that_fell_back_makes_the_backend_mixed() {
+        let said = || *BACKEND.lock().unwrap();
+        report_backend("io_uring");
+        report_backend("io_uring");
+        assert_eq!(said(), Some("io_uring"));
+        report_backend("epoll");
+        assert_eq!(said(), Some("mixed"));
+        report_backend("io_uring");
+        assert_eq!(said(), Some("mixed"));
+    }
 
     fn parse(args: &[&str]) -> Result<Option<Args>, String> {
         parse_args(args.iter().map(OsString::from))

@@ -19,11 +19,6 @@ use compio::runtime::Runtime;
 use compio::BufResult;
 use peer_common::{Bound, Cli};
 
-/// Listen backlog: the one tokio's and monoio's `bind` use (compio's own `TcpListener::bind` says
-/// 128, but it cannot set `SO_REUSEPORT`, so this server goes through `TcpSocket` and has to name
-/// one).
-const BACKLOG: i32 = 1024;
-
 const NAME: &str = "peer-compio";
 
 const CLI: Cli = Cli {
@@ -81,7 +76,7 @@ async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.bind(addr).await?;
-    socket.listen(BACKLOG).await
+    socket.listen(peer_common::BACKLOG).await
 }
 
 /// Echoes everything the peer sends until its EOF; returning drops (closes) the stream.

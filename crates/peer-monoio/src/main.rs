@@ -44,13 +44,19 @@ fn worker(id: usize, addr: SocketAddr, bound: Bound, buffer: usize) {
         Ok(runtime) => runtime,
         Err(e) => return bound.fail("cannot start the monoio runtime", e),
     };
-    if id == 0 && matches!(runtime, FusionRuntime::Legacy(_)) {
-        eprintln!("{NAME}: io_uring is unavailable; monoio fell back to its legacy (epoll) driver");
+    if matches!(runtime, FusionRuntime::Legacy(_)) {
+        eprintln!(
+            "{NAME}: worker {id}: io_uring is unavailable; monoio fell back to its legacy (epoll) \
+             driver"
+        );
         peer_common::report_backend("epoll");
+    } else {
+        peer_common::report_backend("io_uring");
     }
-    peer_common::report_backend("io_uring");
     runtime.block_on(async move {
-        let opts = ListenerOpts::new().reuse_port(true);
+        let opts = ListenerOpts::new()
+            .reuse_port(true)
+            .backlog(peer_common::BACKLOG);
         let listener = TcpListener::bind_with_config(addr, &opts);
         let Some(listener) = bound.listening(addr, listener, TcpListener::local_addr) else {
             return;

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use peer_common::Cli;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 const NAME: &str = "peer-tokio";
 
@@ -65,9 +65,7 @@ fn main() -> ExitCode {
 
 /// Accepts connections on `addr` forever, one task each with a receive buffer of `buffer` bytes.
 async fn serve(addr: SocketAddr, buffer: usize) -> io::Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
+    let listener = bind(addr).map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
     // tokio's I/O driver is epoll (mio) on Linux.
     eprintln!("listening on {} backend=epoll", listener.local_addr()?);
     loop {
@@ -82,6 +80,19 @@ async fn serve(addr: SocketAddr, buffer: usize) -> io::Result<()> {
             Err(e) => eprintln!("{NAME}: accept: {e}"),
         }
     }
+}
+
+/// A listener on `addr`: what `TcpListener::bind` makes (`SO_REUSEADDR`), with the backlog of
+/// a server meant for thousands of connections rather than `bind`'s 128.
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(peer_common::BACKLOG as u32)
 }
 
 /// Echoes everything the peer sends until its EOF; returning drops (closes) the stream.
