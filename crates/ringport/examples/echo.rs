@@ -7,15 +7,15 @@ use std::time::Duration;
 
 fn main() -> std::io::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:5150")?;
-    // Completion key: none needed beyond the socket; per-I/O data: bytes already sent.
-    let (port, workers) = Port::builder().build::<(), usize>()?;
+    // Completion key and per-I/O data: none needed beyond the socket and the operation.
+    let (port, workers) = Port::builder().build::<(), ()>()?;
     let listener = port.associate(listener, ())?;
     let mut threads = Vec::new();
     for mut worker in workers {
         let listener = listener.clone();
         threads.push(std::thread::spawn(move || {
             if worker.index() == listener.worker() {
-                worker.submit(Op::accept(&listener), 0);
+                worker.submit(Op::accept(&listener), ());
             }
             serve(&mut worker, &listener)
         }));
@@ -26,13 +26,13 @@ fn main() -> std::io::Result<()> {
     Ok(())
 }
 
-fn serve(worker: &mut Worker<(), usize>, listener: &Handle<()>) -> std::io::Result<()> {
+fn serve(worker: &mut Worker<(), ()>, listener: &Handle<()>) -> std::io::Result<()> {
     let port = worker.port();
     loop {
         let c = worker.dequeue(None)?;
         if c.kind == OpKind::Timeout {
             // The pause after a failed accept is over.
-            worker.submit(Op::accept(listener), 0);
+            worker.submit(Op::accept(listener), ());
             continue;
         }
         let Some(handle) = c.handle.clone() else {
@@ -40,37 +40,33 @@ fn serve(worker: &mut Worker<(), usize>, listener: &Handle<()>) -> std::io::Resu
         };
         match (c.kind, c.result) {
             (OpKind::Accept, Ok(_)) => {
-                worker.submit(Op::accept(&handle), 0);
+                worker.submit(Op::accept(&handle), ());
                 if let Some(stream) = c.accepted {
                     let conn = port.associate(stream, ())?;
-                    worker.submit(Op::recv(&conn, Vec::with_capacity(8192)), 0);
+                    worker.submit(Op::recv(&conn, Vec::with_capacity(8192)), ());
                 }
             }
             // Out of descriptors, say: accept again after a pause (not at once, which would
             // spin; not never, which would stop the server accepting for good).
             (OpKind::Accept, Err(e)) => {
                 eprintln!("accept: {e}; trying again in 100 ms");
-                worker.submit(Op::timeout(Duration::from_millis(100)), 0);
+                worker.submit(Op::timeout(Duration::from_millis(100)), ());
             }
             // Something arrived: echo it back.
             (OpKind::Recv, Ok(n)) if n > 0 => {
                 let buf = c.buf.expect("a receive gives its buffer back");
-                worker.submit(Op::send(&handle, buf, 0), 0);
+                worker.submit(Op::send(&handle, buf, 0), ());
             }
-            // A short send: post the rest.
-            (OpKind::Send, Ok(n)) if c.data + n < c.buf.as_ref().map_or(0, Vec::len) => {
-                let buf = c.buf.expect("a send gives its buffer back");
-                worker.submit(Op::send(&handle, buf, c.data + n), c.data + n);
-            }
-            // All sent: receive again, into the same buffer.
+            // All sent (a send completes once all of it has gone out, or fails part-way: then
+            // the socket's next operation fails too): receive again, into the same buffer.
             (OpKind::Send, Ok(_)) => {
                 let mut buf = c.buf.expect("a send gives its buffer back");
                 buf.clear();
-                worker.submit(Op::recv(&handle, buf), 0);
+                worker.submit(Op::recv(&handle, buf), ());
             }
             // Peer closed (0 bytes) or an error: close this socket only.
             (OpKind::Recv | OpKind::Send, _) => {
-                worker.submit(Op::close(&handle), 0);
+                worker.submit(Op::close(&handle), ());
             }
             _ => {}
         }

@@ -10,7 +10,8 @@ use crate::op::OpKind;
 /// comma-separated list of `OP=EFFECT/N` rules, where `OP` is `accept`, `connect`, `recv` or
 /// `send` (pooled variants included), or `wait` (a worker's wait for completions), `EFFECT` an
 /// errno name (`ECONNRESET`, `EPIPE`, `ENOBUFS`, `ECANCELED`, `EMFILE`, `ENFILE`, `ENOMEM`,
-/// `ETIMEDOUT`, `ECONNREFUSED`, `ECONNABORTED`, `EIO`) or `short` (a send that sends one byte),
+/// `ETIMEDOUT`, `ECONNREFUSED`, `ECONNABORTED`, `EIO`) or `short` (a send whose first part is
+/// one byte),
 /// and `N` makes every Nth such operation fail (default 1: all); `N*K` stops after K failures.
 /// A rule counts over all of a port's workers (which worker's wait fails is not chosen), and
 /// every rule counts every operation it applies to: where several are due at once, the first
@@ -20,7 +21,8 @@ use crate::op::OpKind;
 /// `RINGPORT_FAULTS=recv=ECONNRESET/50,send=short/7,wait=EIO/40*1`.
 ///
 /// A failing operation completes at once with the error (its buffer given back) without
-/// reaching the kernel; a `short` send sends one byte and completes with `Ok(1)`. The error
+/// reaching the kernel; a `short` send sends one byte at once and the rest as the port does
+/// whenever the kernel takes only part of a send (it completes whole). The error
 /// stays with that operation: unlike the kernel's `ECONNRESET` or `EPIPE`, it does not end the
 /// connection, and later operations on the socket go ahead (an application that reacts to it
 /// by closing behaves as it would against the kernel). A failing

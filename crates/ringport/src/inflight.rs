@@ -135,6 +135,20 @@ impl<T> Inflight<T> {
             .or_else(|| self.map.get(&id))
     }
 
+    pub(crate) fn get_mut(&mut self, id: u64) -> Option<&mut T> {
+        match decode(id) {
+            Some((index, gen))
+                if self
+                    .slots
+                    .get(index)
+                    .is_some_and(|s| s.used && s.gen == gen && s.value.is_some()) =>
+            {
+                self.slots[index].value.as_mut()
+            }
+            _ => self.map.get_mut(&id),
+        }
+    }
+
     /// Starts loading the slot a slab id names (see `sys::prefetch`).
     pub(crate) fn prefetch(&self, id: u64) {
         if let Some(slot) = slot_index(id).and_then(|i| self.slots.get(i)) {

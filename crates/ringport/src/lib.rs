@@ -16,10 +16,11 @@
 //!   handles of one socket, associated from duplicated descriptors, run side by side; on
 //!   io_uring, though, closing one, or cancelling all of its operations, also cancels the
 //!   other's operations in the kernel on the same worker: the kernel matches the socket, not
-//!   the descriptor.) Accepts on a listener run side by side too. (A short send leaves the
-//!   rest of its buffer to the caller: with several sends outstanding on one socket, the rest
-//!   would follow the later sends, so keep one send in flight per socket when the byte order
-//!   matters, as `ringport serve` does.)
+//!   the descriptor.) Accepts on a listener run side by side too. A send on a stream completes
+//!   once all of its bytes have gone out, as a completion port's does: where the kernel takes
+//!   only part, the port sends the rest before the socket's next send, so several sends
+//!   posted together go out whole and in order; one that fails or is cancelled part-way
+//!   completes with the count that went out.
 //! * Worker threads call [`Worker::dequeue`] (`GetQueuedCompletionStatus`) or
 //!   [`Worker::dequeue_batch`] with a timeout (`Some(ZERO)` polls, `None` waits forever) and get
 //!   the byte count or the errno, the key (via [`Completion::handle`]), and the per-I/O data. A

@@ -1,6 +1,6 @@
 //! The port, its workers, and the routing of operations between them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::hash::BuildHasherDefault;
 use std::io;
@@ -349,6 +349,9 @@ impl Builder {
                 shutting_down: false,
                 unsent_cancels: Vec::new(),
                 held: HashMap::default(),
+                sent_before: HashMap::default(),
+                sends_cancelled: HashSet::default(),
+                sockets_cancelled: HashSet::default(),
             })
             .collect();
         Ok((Port { shared }, workers))
@@ -680,6 +683,15 @@ pub struct Worker<K, D> {
     /// [`side`]), by the socket's serial number: receives first, then sends. Their records
     /// are in `inflight` (they can be cancelled, and count as in flight).
     held: HashMap<u64, [VecDeque<u64>; 2], BuildHasherDefault<IdHasher>>,
+    /// Sends on streams that the kernel took only part of, going on from where they stopped:
+    /// the bytes sent so far, by operation id (see [`Worker::send_goes_on`]).
+    sent_before: HashMap<u64, usize, BuildHasherDefault<IdHasher>>,
+    /// Sends in the kernel whose cancel was asked for, by operation id, and sockets with a
+    /// send in the kernel when all their operations were cancelled, by serial number: should
+    /// the kernel have taken part of the send before the cancel reached it, the rest is not
+    /// sent (see [`Worker::send_goes_on`]). Each is forgotten with the send's completion.
+    sends_cancelled: HashSet<u64, BuildHasherDefault<IdHasher>>,
+    sockets_cancelled: HashSet<u64, BuildHasherDefault<IdHasher>>,
 }
 
 /// The side of a socket whose operations run one at a time, in the order posted, and its bit
@@ -690,10 +702,13 @@ pub struct Worker<K, D> {
 fn side(kind: OpKind) -> Option<(usize, u8)> {
     match kind {
         OpKind::Recv | OpKind::RecvPooled => Some((0, 1)),
-        OpKind::Send | OpKind::Connect => Some((1, 2)),
+        OpKind::Send | OpKind::Connect => Some((1, SEND_SIDE)),
         _ => None,
     }
 }
+
+/// The busy bit of a socket's sends (see [`side`]).
+const SEND_SIDE: u8 = 2;
 
 /// A cancel the driver could not queue. A socket's is kept with a clone of its handle, so that
 /// its descriptor number cannot go to another socket before the cancel is queued.
@@ -1065,6 +1080,8 @@ where
                 accepted,
                 more: true,
             });
+        } else if ev.res > 0 && self.send_goes_on(ev.id, ev.res as usize) {
+            // The rest of the send is in the kernel again: no completion yet.
         } else if let Some(p) = self.inflight.remove(ev.id) {
             if p.kind == OpKind::RecvPooled && ev.res == -libc::ENOBUFS {
                 self.driver.pool_starved();
@@ -1075,7 +1092,25 @@ where
                     h.set_busy(bit, false);
                     (h.serial(), index)
                 });
-            let result = p.result(ev.res);
+            if p.kind == OpKind::Send || p.kind == OpKind::Connect {
+                if !self.sends_cancelled.is_empty() {
+                    self.sends_cancelled.remove(&ev.id);
+                }
+                if let Some(h) = p
+                    .handle
+                    .as_ref()
+                    .filter(|_| !self.sockets_cancelled.is_empty())
+                {
+                    self.sockets_cancelled.remove(&h.serial());
+                }
+            }
+            let mut result = p.result(ev.res);
+            if let Some(before) = self.sent_before.remove(&ev.id) {
+                // The count is the operation's: what went out before this last part, and, should
+                // this part have failed (or been cancelled), just that, so that the caller knows
+                // which bytes went; a failure of the socket shows again in its next operation.
+                result = Ok(before + result.unwrap_or(0));
+            }
             let mut c = p.into_completion(ev.id, result);
             if pooled.is_some() {
                 c.pooled = pooled;
@@ -1085,6 +1120,52 @@ where
                 self.start_held(serial, index);
             }
         }
+    }
+
+    /// A send on a stream that the kernel took only `n` bytes of goes on from there in the same
+    /// operation, as a completion port's send does: it completes once all of its bytes are
+    /// sent, or it fails or is cancelled part-way. Held sends behind it stay held, so their
+    /// bytes cannot go out ahead of its rest. Whether it went on (if not, it completes now with
+    /// what it sent: all of it, or the port is shutting down, or its socket was closed, or the
+    /// rest could not be started).
+    fn send_goes_on(&mut self, id: u64, n: usize) -> bool {
+        if self.shutting_down || self.shared.shutdown.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.sends_cancelled.contains(&id) {
+            return false;
+        }
+        let Some(p) = self.inflight.get_mut(id) else {
+            return false;
+        };
+        if p.kind != OpKind::Send
+            || p.handle
+                .as_ref()
+                .is_some_and(|h| self.sockets_cancelled.contains(&h.serial()))
+        {
+            return false;
+        }
+        let Some(h) = p
+            .handle
+            .as_ref()
+            .filter(|h| h.is_stream() && !h.is_closed())
+        else {
+            return false;
+        };
+        let target = Target {
+            fd: h.as_raw_fd(),
+            serial: h.serial(),
+            stream: true,
+            tcp: h.is_tcp(),
+        };
+        let Some(body) = p.body.as_mut().map(|b| b.get_mut()) else {
+            return false;
+        };
+        if !body.advance(n) || self.driver.start(id, target, body).is_err() {
+            return false;
+        }
+        *self.sent_before.entry(id).or_default() += n;
+        true
     }
 
     /// Starts the operations held behind the one that just left the kernel on side `index` of
@@ -1170,6 +1251,13 @@ where
         if self.cancel_held(id) {
             return;
         }
+        if self
+            .inflight
+            .get(id)
+            .is_some_and(|p| p.kind == OpKind::Send)
+        {
+            self.sends_cancelled.insert(id);
+        }
         if !self.driver.cancel(Cancel::Op(id)) {
             self.unsent_cancels.push(Unsent::Op(id));
         }
@@ -1178,6 +1266,9 @@ where
     /// Asks the driver to cancel every operation on `socket`, as [`Self::cancel_op_in_driver`].
     fn cancel_socket_in_driver(&mut self, socket: &Handle<K>) {
         self.cancel_held_of(socket);
+        if socket.busy(SEND_SIDE) {
+            self.sockets_cancelled.insert(socket.serial());
+        }
         if !self.driver.cancel(Cancel::Fd(socket.as_raw_fd())) {
             self.unsent_cancels.push(Unsent::Socket(socket.clone()));
         }
@@ -1336,16 +1427,21 @@ where
         if let Some(f) = &self.faults {
             // A short send needs a stream and more than a byte to send.
             let short_ok = target.stream && body.unsent_head().len() > 1;
-            if let Some((effect, rule)) = f.check(p.kind, short_ok) {
-                let res = match effect {
-                    Effect::Errno(e) => Some(Err(errno(e))),
-                    Effect::Short => sys::send_one(fd, body.unsent_head()),
-                };
-                match res {
-                    Some(res) => return self.ready.push_back(p.into_completion(id, res)),
-                    // Its byte could not go out at once: sent in full, as if no rule fired.
-                    None => f.missed(rule),
+            match f.check(p.kind, short_ok) {
+                Some((Effect::Errno(e), _)) => {
+                    return self.ready.push_back(p.into_completion(id, Err(errno(e))))
                 }
+                // One byte goes out at once, and the send goes on from there as after any
+                // short send (`send_goes_on`).
+                Some((Effect::Short, rule)) => match sys::send_one(fd, body.unsent_head()) {
+                    Some(Ok(n)) => {
+                        body.advance(n);
+                        self.sent_before.insert(id, n);
+                    }
+                    // Its byte could not go out at once: sent in full, as if no rule fired.
+                    _ => f.missed(rule),
+                },
+                None => {}
             }
         }
         match self.driver.start(id, target, body) {
@@ -1355,7 +1451,11 @@ where
                 }
                 self.inflight.insert(id, p);
             }
-            Err(e) => self.ready.push_back(p.into_completion(id, Err(e))),
+            Err(e) => {
+                // A fault's one byte went out before: the send completes with it.
+                let res = self.sent_before.remove(&id).ok_or(e);
+                self.ready.push_back(p.into_completion(id, res));
+            }
         }
     }
 }

@@ -162,7 +162,11 @@ per_backend!(
     cancelling_another_workers_operation_is_forwarded,
     cancelling_a_finished_operation_leaves_later_ones_alone,
     close_cancels_outstanding_refuses_new_and_releases_the_socket,
-    short_send_is_reported,
+    a_send_completes_when_all_of_it_has_gone,
+    sends_posted_together_go_out_whole_and_in_order,
+    a_send_cancelled_part_way_reports_what_went,
+    a_gathering_send_goes_on_across_its_buffers,
+    a_send_cancelled_before_its_part_is_seen_goes_no_further,
     accept_and_connect,
     multishot_accept_takes_every_connection_until_cancelled,
     connect_refused_is_named,
@@ -940,20 +944,105 @@ fn close_cancels_outstanding_refuses_new_and_releases_the_socket(b: Backend) {
     assert_eq!(peer.read(&mut buf).unwrap(), 0);
 }
 
-fn short_send_is_reported(b: Backend) {
+/// `len` bytes that tell their offset and `seed`: a byte out of place shows.
+fn numbered(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8) ^ ((i >> 8) as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+/// Reads exactly `len` bytes from `peer` on a thread of its own.
+fn read_on_thread(mut peer: TcpStream, len: usize) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut got = vec![0u8; len];
+        peer.read_exact(&mut got)
+            .expect("the peer reads what was sent");
+        got
+    })
+}
+
+/// A send on a stream completes once all of its bytes have gone out, as a completion port's
+/// does, though the kernel takes them in parts: 64 MiB to a peer that reads nothing yet stays
+/// in flight; once the peer reads, it completes with the whole count, every byte in order.
+fn a_send_completes_when_all_of_it_has_gone(b: Backend) {
     let (port, mut w) = one_worker::<(), ()>(b);
     let (ours, peer) = pair();
     let h = port.associate(ours, ()).unwrap();
-    let big = vec![7u8; 64 << 20];
-    w.submit(Op::send(&h, big, 0), ());
+    let data = numbered(64 << 20, 1);
+    w.submit(Op::send(&h, data.clone(), 0), ());
+    // The socket buffers take a part; the rest waits for the peer.
+    match w.dequeue(Some(Duration::from_millis(200))) {
+        Err(WaitError::TimedOut) => {}
+        Ok(c) => panic!(
+            "a 64 MiB send to a peer that reads nothing completed: {:?}",
+            c.result
+        ),
+        Err(e) => panic!("dequeue: {e:?}"),
+    }
+    let reader = read_on_thread(peer, data.len());
     let c = next(&mut w);
-    let n = c.result.unwrap();
+    assert_eq!(c.result.unwrap(), data.len());
+    assert_eq!(c.buf.unwrap().len(), data.len());
+    assert!(reader.join().unwrap() == data, "the peer got other bytes");
+}
+
+/// Two sends posted together on one socket: the second goes out only after all of the first,
+/// though the kernel takes the first in parts (the peer reads only once both are posted).
+fn sends_posted_together_go_out_whole_and_in_order(b: Backend) {
+    let (port, mut w) = one_worker::<(), usize>(b);
+    let (ours, peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let first = numbered(16 << 20, 2);
+    let second = numbered(1000, 3);
+    w.submit(Op::send(&h, first.clone(), 0), 0);
+    w.submit(Op::send(&h, second.clone(), 0), 1);
+    // Let the first fill the socket buffers before anyone reads.
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(100))),
+        Err(WaitError::TimedOut)
+    ));
+    let reader = read_on_thread(peer, first.len() + second.len());
+    let mut counts = [None, None];
+    for _ in 0..2 {
+        let c = next(&mut w);
+        counts[c.data] = Some(c.result.unwrap());
+    }
+    assert_eq!(counts, [Some(first.len()), Some(second.len())]);
+    let got = reader.join().unwrap();
+    let expected = [first, second].concat();
+    let at = got.iter().zip(&expected).position(|(g, e)| g != e);
+    assert_eq!(
+        at, None,
+        "the bytes differ from those sent, first at this offset"
+    );
+}
+
+/// A send cancelled part-way completes with the count of the bytes that went out (not
+/// `ECANCELED`, which would leave the caller not knowing which did), and the peer gets exactly
+/// those.
+fn a_send_cancelled_part_way_reports_what_went(b: Backend) {
+    let (port, mut w) = one_worker::<(), ()>(b);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let data = numbered(64 << 20, 4);
+    let id = w.submit(Op::send(&h, data.clone(), 0), ());
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(200))),
+        Err(WaitError::TimedOut)
+    ));
+    w.cancel(id);
+    let c = next(&mut w);
+    let n = *c.result.as_ref().expect("the count of what went");
     assert!(
-        n > 0 && n < 64 << 20,
+        n > 0 && n < data.len(),
         "sent {n} of 64 MiB to a peer that reads nothing"
     );
-    assert_eq!(c.buf.unwrap().len(), 64 << 20);
-    drop(peer);
+    drop((c, h));
+    // The last handle is gone and nothing is in flight: the peer reads to EOF.
+    let mut got = Vec::new();
+    peer.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), n, "the peer got another count than reported");
+    assert!(got == data[..n], "the peer got other bytes");
 }
 
 fn accept_and_connect(b: Backend) {
@@ -1485,6 +1574,92 @@ fn pooled_worker_with(
         .build::<u8, u8>()
         .unwrap();
     (port, workers.pop().unwrap())
+}
+
+/// A send cancelled as soon as it is posted, before the worker has seen that the kernel took
+/// only part of it (one way by its id, one way with all of its socket's operations): the
+/// rest is not sent after the cancel; it completes with the count that went.
+fn a_send_cancelled_before_its_part_is_seen_goes_no_further(b: Backend) {
+    for by_id in [true, false] {
+        let (port, mut w) = one_worker::<(), ()>(b);
+        let (ours, mut peer) = pair();
+        let h = port.associate(ours, ()).unwrap();
+        let data = numbered(64 << 20, 6);
+        let id = w.submit(Op::send(&h, data.clone(), 0), ());
+        if by_id {
+            w.cancel(id);
+        } else {
+            w.cancel_all(&h);
+        }
+        let c = next(&mut w);
+        let n = *c.result.as_ref().expect("the count of what went");
+        assert!(
+            n < data.len(),
+            "all of 64 MiB went to a peer that reads nothing"
+        );
+        drop((c, h));
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), n, "the peer got another count than reported");
+        assert!(got == data[..n], "the peer got other bytes");
+    }
+}
+
+/// A gathering send larger than the socket buffers hold goes on from where the kernel
+/// stopped, across its buffers, and completes once all of it has gone: 16 MiB received into
+/// pool buffers and sent back in one gather (3 bytes into the first) to a peer that reads only
+/// later.
+fn a_gathering_send_goes_on_across_its_buffers(b: Backend) {
+    const LEN: usize = 16 << 20;
+    let (port, mut w) = pooled_worker(b, 64 << 10, 1024);
+    let (ours, peer) = pair();
+    let h = port.associate(ours, 0).unwrap();
+    w.submit_multishot(Op::recv_pooled(&h), 0);
+    let data = numbered(LEN, 5);
+    let mut writer = peer.try_clone().unwrap();
+    let sent = data.clone();
+    let writing = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+    let mut bufs = Vec::new();
+    let mut received = 0;
+    while received < LEN {
+        let c = next(&mut w);
+        if !c.more {
+            // Ended (on io_uring the buffer ring can run dry while the pool has buffers, see
+            // `Op::recv_pooled`): posted again.
+            let e = c
+                .result
+                .as_ref()
+                .err()
+                .and_then(std::io::Error::raw_os_error);
+            assert!(
+                c.pooled.is_some() || e == Some(libc::ENOBUFS),
+                "{:?}",
+                c.result
+            );
+            w.submit_multishot(Op::recv_pooled(&h), 0);
+        }
+        if let Some(buf) = c.pooled {
+            received += buf.len();
+            bufs.push(buf);
+        }
+    }
+    writing.join().unwrap();
+    assert_eq!(received, LEN);
+    w.submit(Op::send_pooled_gather(&h, bufs, 3), 1);
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(200))),
+        Err(WaitError::TimedOut)
+    ));
+    let reader = read_on_thread(peer, LEN - 3);
+    let c = next(&mut w);
+    assert_eq!((c.kind, c.data), (OpKind::Send, 1));
+    assert_eq!(c.result.unwrap(), LEN - 3);
+    let got = reader.join().unwrap();
+    let at = got.iter().zip(&data[3..]).position(|(g, e)| g != e);
+    assert_eq!(
+        at, None,
+        "the bytes differ from those sent, first at this offset"
+    );
 }
 
 fn pooled_receive_completes_many_times_and_holds_no_buffer_while_idle(b: Backend) {

@@ -64,6 +64,25 @@ impl OpBody {
         }
     }
 
+    /// Counts `n` more bytes of a send as sent; whether any are left to send.
+    pub(crate) fn advance(&mut self, n: usize) -> bool {
+        match self {
+            OpBody::Send(buf, offset) => {
+                *offset += n;
+                *offset < buf.len()
+            }
+            OpBody::SendPooled(buf, offset) => {
+                *offset += n;
+                *offset < buf.len()
+            }
+            OpBody::SendGather(g) => {
+                g.offset += n;
+                !g.first().is_empty()
+            }
+            _ => false,
+        }
+    }
+
     /// A send whose offset lies past the end of its (first) buffer.
     pub(crate) fn offset_past_end(&self) -> bool {
         match self {
@@ -81,7 +100,8 @@ impl OpBody {
 #[derive(Debug)]
 pub(crate) struct Gather {
     pub(crate) bufs: Vec<PoolBuf>,
-    /// Where to start in the first buffer.
+    /// Where to start: an offset into the first buffer when posted, then, as the kernel takes
+    /// part of the bytes, into the buffers laid end to end.
     pub(crate) offset: usize,
     iov: Vec<libc::iovec>,
     msg: libc::msghdr,
@@ -102,12 +122,21 @@ impl Gather {
         }
     }
 
-    /// The unsent bytes of the first buffer (all of them when there is one buffer).
+    /// The unsent bytes, a buffer at a time (empty ones left out).
+    fn unsent(&self) -> impl Iterator<Item = &[u8]> {
+        let mut skip = self.offset;
+        self.bufs.iter().filter_map(move |b| {
+            let bytes: &[u8] = b;
+            let from = skip.min(bytes.len());
+            skip -= from;
+            Some(&bytes[from..]).filter(|rest| !rest.is_empty())
+        })
+    }
+
+    /// The unsent bytes of the first buffer that has any (all of them when there is one
+    /// buffer); empty when all are sent.
     pub(crate) fn first(&self) -> &[u8] {
-        self.bufs
-            .first()
-            .and_then(|b| b.get(self.offset..))
-            .unwrap_or_default()
+        self.unsent().next().unwrap_or_default()
     }
 
     /// Describes the unsent bytes as `iovec`s (at most `UIO_MAXIOV`: beyond, the send is short)
@@ -115,18 +144,13 @@ impl Gather {
     /// valid while `self` is neither changed nor dropped.
     pub(crate) fn prepare(&mut self) -> *const libc::msghdr {
         const UIO_MAXIOV: usize = 1024;
-        self.iov.clear();
-        let mut skip = self.offset;
-        for b in self.bufs.iter().take(UIO_MAXIOV) {
-            let rest = b.get(skip..).unwrap_or_default();
-            skip = 0;
-            if !rest.is_empty() {
-                self.iov.push(libc::iovec {
-                    iov_base: rest.as_ptr().cast_mut().cast(),
-                    iov_len: rest.len(),
-                });
-            }
-        }
+        let mut iov = std::mem::take(&mut self.iov);
+        iov.clear();
+        iov.extend(self.unsent().take(UIO_MAXIOV).map(|rest| libc::iovec {
+            iov_base: rest.as_ptr().cast_mut().cast(),
+            iov_len: rest.len(),
+        }));
+        self.iov = iov;
         // SAFETY: as in `new`.
         self.msg = unsafe { std::mem::zeroed() };
         self.msg.msg_iov = self.iov.as_mut_ptr();
