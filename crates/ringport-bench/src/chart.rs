@@ -11,12 +11,25 @@ use crate::matrix::{Cell, Sample, ServerResults};
 pub struct Series {
     /// Legend text.
     pub label: String,
-    /// `(x, y)` points, in x order.
+    /// `(x, y)` points, in x order; a point whose `y` is not finite (a failed cell) is a gap,
+    /// where the line breaks.
     pub points: Vec<(f64, f64)>,
 }
 
+impl Series {
+    /// The runs of finite points between the gaps: the pieces of the line.
+    pub fn segments(&self) -> Vec<Vec<(f64, f64)>> {
+        self.points
+            .split(|p| !p.1.is_finite())
+            .filter(|run| !run.is_empty())
+            .map(<[(f64, f64)]>::to_vec)
+            .collect()
+    }
+}
+
 /// One line per server: `y(median)` at each cell that `x` maps to a position (cells it maps
-/// to `None` are left out, as are failed cells).
+/// to `None` are left out); a failed cell is a gap (its `y` is NaN), so the line does not
+/// bridge it.
 pub fn series_by_cell(
     servers: &[ServerResults],
     x: impl Fn(&Cell) -> Option<f64>,
@@ -28,8 +41,7 @@ pub fn series_by_cell(
             let mut points: Vec<(f64, f64)> = s
                 .cells
                 .iter()
-                .filter_map(|c| Some((x(&c.cell)?, y(&c.median()?))))
-                .filter(|(_, y)| y.is_finite())
+                .filter_map(|c| Some((x(&c.cell)?, c.median().map_or(f64::NAN, |m| y(&m)))))
                 .collect();
             points.sort_by(|a, b| a.0.total_cmp(&b.0));
             Series {
@@ -57,6 +69,7 @@ pub fn line_chart(
     let all: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
         .collect();
     if all.is_empty() {
         return Ok(false);
@@ -93,25 +106,23 @@ pub fn line_chart(
         .y_label_formatter(&|y| crate::report::fmt_count_short(*y))
         .draw()
         .map_err(|e| fail(&e))?;
-    for (i, s) in series
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !s.points.is_empty())
-    {
+    for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(
-                s.points.iter().copied(),
-                color.stroke_width(2),
-            ))
-            .map_err(|e| fail(&e))?
-            .label(s.label.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
-            .map_err(|e| fail(&e))?;
+        // One line per run of points, so that a failed cell breaks it; the first carries the
+        // legend entry.
+        for (k, seg) in s.segments().into_iter().enumerate() {
+            let drawn = chart
+                .draw_series(LineSeries::new(seg.iter().copied(), color.stroke_width(2)))
+                .map_err(|e| fail(&e))?;
+            if k == 0 {
+                drawn.label(s.label.as_str()).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            }
+            chart
+                .draw_series(seg.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| fail(&e))?;
+        }
     }
     chart
         .configure_series_labels()
@@ -127,6 +138,65 @@ pub fn line_chart(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_cell_breaks_the_line() {
+        use crate::matrix::{CellResult, Outcome, Role, ServerSpec};
+        let cells = [1, 50, 1000].map(|c| Cell::ping(c, 64, 16));
+        let measured = |msgs: f64| {
+            let client = crate::proc::parse_client_json(concat!(
+                r#"{"backend":"epoll","connections":1,"messages":1,"bytes":64,"elapsed_s":1.0,"#,
+                r#""msgs_per_s":1.0,"mb_per_s":1.0,"p50_us":1.0,"p99_us":1.0,"p999_us":1.0,"#,
+                r#""max_us":1.0,"errors":{},"error_total":0,"mismatches":0,"ok":true}"#,
+            ));
+            Outcome::Ok {
+                sample: Sample {
+                    msgs_per_s: msgs,
+                    mb_per_s: 0.0,
+                    p50_us: 0.0,
+                    p99_us: 0.0,
+                    cpu_us_per_msg: 0.0,
+                    rss_bytes: 0.0,
+                    rss_per_conn: 0.0,
+                },
+                client: client.unwrap(),
+            }
+        };
+        let rounds = [
+            measured(10.0),
+            Outcome::Failed {
+                why: "refused".to_owned(),
+                client: None,
+            },
+            measured(30.0),
+        ];
+        let server = ServerResults {
+            spec: ServerSpec::new("tokio", Role::Peer, "peer-tokio", "peer-tokio", &[]),
+            listen_line: None,
+            integrity_failures: Vec::new(),
+            mismatched: false,
+            cells: cells
+                .iter()
+                .zip(rounds)
+                .map(|(&cell, o)| CellResult {
+                    server: "tokio".to_owned(),
+                    cell,
+                    rounds: vec![o],
+                })
+                .collect(),
+            idle: Vec::new(),
+        };
+        let series = series_by_cell(
+            &[server],
+            |c| Some(f64::from(c.connections)),
+            |s| s.msgs_per_s,
+        );
+        assert_eq!(series[0].points.len(), 3);
+        assert_eq!(
+            series[0].segments(),
+            [vec![(1.0, 10.0)], vec![(1000.0, 30.0)]]
+        );
+    }
 
     #[test]
     fn chart_is_written_as_svg() {

@@ -23,7 +23,8 @@
 //! Each `*_main` takes the program name to show in usage and errors, parses its own arguments
 //! (without the program or mode name) and returns the
 //! process exit code: 0 when the harness ran (failed cells are reported, not fatal), 1 when a
-//! server echoed a wrong byte, 2 when the harness itself failed.
+//! server echoed a wrong byte, 2 when the harness itself failed or the project's own server
+//! (`ringport serve`, the subject) was skipped or measured no cell.
 //!
 //! ```no_run
 //! let code = ringport_bench::peers_main("ringport bench", &["--quick".to_owned()]);
@@ -185,6 +186,52 @@ fn parse_args<T: Parser>(name: &str, args: &[String]) -> Result<T, i32> {
     })
 }
 
+/// Checks that every `--only` entry names a server's label or group in `specs`.
+fn check_only(only: &[String], specs: &[ServerSpec]) -> Result<(), String> {
+    if let Some(unknown) = only
+        .iter()
+        .find(|o| !specs.iter().any(|s| &&s.label == o || &&s.group == o))
+    {
+        let mut names: Vec<&str> = Vec::new();
+        for name in specs
+            .iter()
+            .flat_map(|s| [s.group.as_str(), s.label.as_str()])
+        {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        return Err(format!(
+            "--only {unknown}: no such server (servers: {})",
+            names.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `--cell-secs` and `--warmup-secs` as the client will read them: a number of seconds
+/// up to a day, the cell at least [`MIN_CELL_SECS`], and a warm-up that is 0 or at least a
+/// nanosecond (the client refuses one that would round to nothing).
+fn check_secs(common: &CommonArgs) -> Result<(), String> {
+    for (flag, secs, least) in [
+        ("--cell-secs", common.cell_secs(), MIN_CELL_SECS),
+        ("--warmup-secs", common.warmup_secs(), 0.0),
+    ] {
+        if !(secs.is_finite() && secs >= least && secs <= 86_400.0) {
+            return Err(format!(
+                "{flag} {secs}: must be a number of seconds from {least} to 86400"
+            ));
+        }
+        if secs > 0.0 && std::time::Duration::try_from_secs_f64(secs).is_ok_and(|d| d.is_zero()) {
+            return Err(format!(
+                "{flag} {secs}: shorter than a nanosecond, which the load generator cannot time \
+                 (use 0 for none)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What every mode needs before it measures: the binaries, the CPU sets, the descriptor limit.
 #[derive(Debug, Clone)]
 struct Setup {
@@ -195,6 +242,19 @@ struct Setup {
     load_cpus: Vec<usize>,
     nofile: u64,
     notes: Vec<String>,
+    warnings: Vec<String>,
+}
+
+/// The warning for a binary directory of unoptimised (debug) builds, if `bin_dir` is one.
+fn debug_build_warning(bin_dir: &Path) -> Option<String> {
+    matrix::is_debug_dir(bin_dir).then(|| {
+        format!(
+            "the servers and the load generator in {} are debug (unoptimised) builds: their \
+             figures say little about optimised code (build with `cargo build --release` and \
+             pass --bin-dir target/release, or run from a release build)",
+            bin_dir.display()
+        )
+    })
 }
 
 impl Setup {
@@ -204,36 +264,8 @@ impl Setup {
         default_server: impl FnOnce(&[usize]) -> Vec<usize>,
         specs: &[ServerSpec],
     ) -> Result<Self, String> {
-        // An `--only` entry must name a server's label or group.
-        if let Some(unknown) = common
-            .only
-            .iter()
-            .find(|o| !specs.iter().any(|s| &&s.label == o || &&s.group == o))
-        {
-            let mut names: Vec<&str> = Vec::new();
-            for name in specs
-                .iter()
-                .flat_map(|s| [s.label.as_str(), s.group.as_str()])
-            {
-                if !names.contains(&name) {
-                    names.push(name);
-                }
-            }
-            return Err(format!(
-                "--only {unknown}: no such server (servers: {})",
-                names.join(", ")
-            ));
-        }
-        for (flag, secs, least) in [
-            ("--cell-secs", common.cell_secs(), MIN_CELL_SECS),
-            ("--warmup-secs", common.warmup_secs(), 0.0),
-        ] {
-            if !(secs.is_finite() && secs >= least && secs <= 86_400.0) {
-                return Err(format!(
-                    "{flag} {secs}: must be a number of seconds from {least} to 86400"
-                ));
-            }
-        }
+        check_only(&common.only, specs)?;
+        check_secs(common)?;
         let (_, nofile) = proc::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
         let machine = proc::available_cpus().map_err(|e| format!("sched_getaffinity: {e}"))?;
         let mut notes = Vec::new();
@@ -332,11 +364,16 @@ impl Setup {
         matrix::build_missing(&bin_dir, &packages);
         let client = proc::find_binary(&bin_dir, "ringport").ok_or_else(|| {
             format!(
-                "the load generator `ringport` is not in {}: build it with \
-                 `cargo build --release -p ringport-cli` (or pass --bin-dir)",
-                bin_dir.display()
+                "the load generator `ringport` is not in {}: build it with `cargo {}` (or pass \
+                 --bin-dir)",
+                bin_dir.display(),
+                matrix::build_args(&bin_dir, "ringport-cli").join(" ")
             )
         })?;
+        let warnings: Vec<String> = debug_build_warning(&bin_dir).into_iter().collect();
+        for w in &warnings {
+            errln!("ringport-bench: WARNING: {w}");
+        }
         // The harness's own threads (reading the client's output, waiting for it) stay off
         // the servers' CPUs; each server and client still gets its own CPUs when started.
         if !load_cpus.iter().any(|c| server_cpus.contains(c)) {
@@ -352,6 +389,7 @@ impl Setup {
             load_cpus,
             nofile,
             notes,
+            warnings,
         })
     }
 
@@ -485,28 +523,57 @@ fn finish(report: &Report, out: &Path, charts: Vec<ChartSpec>) -> i32 {
         );
         return EXIT_MISMATCH;
     }
-    // This project's own servers must run: one that measured no cell at all (it did not
-    // start, say) fails the run, so that `--quick` in CI keeps every mode working. A peer that
-    // cannot run here (no io_uring for compio, say) is only reported.
-    let dead: Vec<&str> = report
-        .servers
-        .iter()
-        .filter(|s| s.spec.program == "ringport" && !s.cells.is_empty())
-        .filter(|s| {
-            !s.cells
-                .iter()
-                .flat_map(|c| &c.rounds)
-                .any(|o| matches!(o, matrix::Outcome::Ok { .. }))
-        })
-        .map(|s| s.spec.label.as_str())
-        .collect();
+    // This project's own completion-port server must run: one that was skipped or measured no
+    // cell at all (it did not start, say) fails the run, so that `--quick` in CI keeps every
+    // mode working. A peer that cannot run here (no io_uring for compio, say), or an I/O model
+    // that fails by its documented limit (select at 1024 descriptors), is only reported.
+    let dead = report.unmeasured_subjects();
     if dead.is_empty() {
         0
     } else {
         errln!(
-            "ringport-bench: {}: no cell measured (the failures are in the report)",
-            dead.join(", ")
+            "ringport-bench: {} (the failures are in the report)",
+            dead.join("; ")
         );
         EXIT_HARNESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common(args: &[&str]) -> CommonArgs {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            common: CommonArgs,
+        }
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        parse_args::<Cli>("test", &args).unwrap().common
+    }
+
+    #[test]
+    fn durations_the_client_cannot_time_are_refused_up_front() {
+        let err = check_secs(&common(&["--warmup-secs", "1e-10"])).unwrap_err();
+        assert!(
+            err.starts_with("--warmup-secs 0.0000000001: shorter than a nanosecond"),
+            "{err}"
+        );
+        assert_eq!(check_secs(&common(&["--warmup-secs", "0"])), Ok(()));
+        assert_eq!(check_secs(&common(&["--warmup-secs", "1e-9"])), Ok(()));
+        assert!(check_secs(&common(&["--warmup-secs=-1"])).is_err());
+        assert!(check_secs(&common(&["--cell-secs", "1e-4"])).is_err());
+        assert_eq!(check_secs(&common(&["--quick"])), Ok(()));
+    }
+
+    #[test]
+    fn a_debug_bin_dir_is_a_warning() {
+        let w = debug_build_warning(Path::new("/w/target/debug")).unwrap();
+        assert!(
+            w.contains("/w/target/debug are debug (unoptimised) builds"),
+            "{w}"
+        );
+        assert_eq!(debug_build_warning(Path::new("/w/target/release")), None);
     }
 }

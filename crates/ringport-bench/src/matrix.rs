@@ -109,11 +109,32 @@ pub struct Ready {
 pub struct Skipped {
     /// Row label.
     pub label: String,
+    /// Subject or peer.
+    pub role: Role,
     /// Why, e.g. `peer-monoio not found in target/release`.
     pub why: String,
 }
 
-/// Builds the missing binaries of `specs` (and the load generator) when `$CARGO` is set.
+/// Whether `bin_dir` is a Cargo `debug` profile directory (`target/debug`): its binaries are
+/// unoptimised.
+pub fn is_debug_dir(bin_dir: &Path) -> bool {
+    bin_dir.file_name().is_some_and(|n| n == "debug")
+}
+
+/// The `cargo` arguments that build `package` into `bin_dir`'s profile: a plain `cargo build`
+/// for a `debug` directory, `cargo build --release` otherwise.
+pub fn build_args<'a>(bin_dir: &Path, package: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["build"];
+    if !is_debug_dir(bin_dir) {
+        args.push("--release");
+    }
+    args.extend(["-p", package]);
+    args
+}
+
+/// Builds the missing binaries of `specs` (and the load generator) when `$CARGO` is set, in
+/// the profile `bin_dir` holds (see [`build_args`]), so that they land where they are looked
+/// for.
 ///
 /// Each package is built on its own, so that one that does not compile does not hold back the
 /// others.
@@ -127,9 +148,13 @@ pub fn build_missing(bin_dir: &Path, packages: &[(&str, &str)]) {
             continue;
         }
         done.push(package);
-        errln!("ringport-bench: {program} is missing: cargo build --release -p {package}");
+        let args = build_args(bin_dir, package);
+        errln!(
+            "ringport-bench: {program} is missing: cargo {}",
+            args.join(" ")
+        );
         let status = std::process::Command::new(&cargo)
-            .args(["build", "--release", "-p", package])
+            .args(&args)
             .stdout(std::process::Stdio::null())
             .status();
         match status {
@@ -149,11 +174,12 @@ pub fn resolve(specs: &[ServerSpec], bin_dir: &Path) -> (Vec<Ready>, Vec<Skipped
         let Some(path) = proc::find_binary(bin_dir, &spec.program) else {
             skipped.push(Skipped {
                 label: spec.label.clone(),
+                role: spec.role,
                 why: format!(
-                    "{} not found in {} (build it: cargo build --release -p {})",
+                    "{} not found in {} (build it: cargo {})",
                     spec.program,
                     bin_dir.display(),
-                    spec.package
+                    build_args(bin_dir, &spec.package).join(" ")
                 ),
             });
             continue;
@@ -175,6 +201,7 @@ pub fn resolve(specs: &[ServerSpec], bin_dir: &Path) -> (Vec<Ready>, Vec<Skipped
                 Err(e) => {
                     skipped.push(Skipped {
                         label: spec.label.clone(),
+                        role: spec.role,
                         why: format!(
                             "probing `{} {}`: {e}",
                             spec.program,
@@ -187,6 +214,7 @@ pub fn resolve(specs: &[ServerSpec], bin_dir: &Path) -> (Vec<Ready>, Vec<Skipped
             if !missing.is_empty() {
                 skipped.push(Skipped {
                     label: spec.label.clone(),
+                    role: spec.role,
                     why: format!(
                         "`{} {}` has no {} flag yet",
                         spec.program,
@@ -426,6 +454,8 @@ pub struct IdleSample {
     pub answered: u64,
     /// Connections that answered with a byte other than the one sent.
     pub mismatched: u64,
+    /// Connections the server closed or reset instead of answering.
+    pub closed: u64,
     /// Server RSS before opening, bytes.
     pub rss_before: u64,
     /// Server RSS with every connection open, bytes.
@@ -435,10 +465,23 @@ pub struct IdleSample {
 }
 
 impl IdleSample {
-    /// RSS growth per answered connection, in bytes.
+    /// Connections the server holds: those opened, less those it closed.
+    pub fn held(&self) -> u64 {
+        self.opened.saturating_sub(self.closed)
+    }
+
+    /// RSS growth per connection held (see [`IdleSample::held`]), in bytes; `None` when no
+    /// connection was served (the server did not take part).
+    ///
+    /// The server's memory grows with every connection it accepts and keeps, whether or not
+    /// it answered within the 5 s allowed (a thread-per-connection server may still be
+    /// starting threads), so the growth is divided by the connections opened, not by the
+    /// answered ones. A connection the server closed at once (the select model refuses
+    /// descriptors >= `FD_SETSIZE`) costs it nothing, and counting it would make that server
+    /// look lean: those are left out.
     pub fn bytes_per_conn(&self) -> Option<f64> {
         (self.answered > 0)
-            .then(|| (self.rss_after as f64 - self.rss_before as f64) / self.answered as f64)
+            .then(|| (self.rss_after as f64 - self.rss_before as f64) / self.held() as f64)
     }
 }
 
@@ -460,18 +503,55 @@ pub struct ServerResults {
 }
 
 impl ServerResults {
-    /// The median bytes per idle connection over the rounds, and the last note.
-    pub fn idle_median(&self) -> (Option<f64>, Option<String>) {
-        let v: Vec<f64> = self
-            .idle
+    /// The idle rounds that measured bytes per connection.
+    pub fn idle_measured(&self) -> Vec<&IdleSample> {
+        self.idle
             .iter()
-            .filter_map(|r| r.as_ref().ok()?.bytes_per_conn())
-            .collect();
-        let note = self.idle.iter().rev().find_map(|r| match r {
-            Ok(s) => s.note.clone(),
-            Err(e) => Some(e.clone()),
-        });
-        (median(&v), note)
+            .filter_map(|r| r.as_ref().ok())
+            .filter(|s| s.bytes_per_conn().is_some())
+            .collect()
+    }
+
+    /// The median of `f` over the idle rounds that measured, or `None` when none did.
+    pub fn idle_median(&self, f: impl Fn(&IdleSample) -> f64) -> Option<f64> {
+        median(&self.idle_measured().into_iter().map(f).collect::<Vec<_>>())
+    }
+
+    /// Like [`CellResult::failures`]: the idle rounds that measured nothing (an error, or no
+    /// connection served), and their distinct reasons.
+    pub fn idle_failures(&self) -> (usize, Vec<String>) {
+        let mut whys: Vec<String> = Vec::new();
+        let mut n = 0;
+        for r in &self.idle {
+            let why = match r {
+                Err(e) => e.clone(),
+                Ok(s) if s.bytes_per_conn().is_none() => s
+                    .note
+                    .clone()
+                    .unwrap_or_else(|| "no connection was served".to_owned()),
+                Ok(_) => continue,
+            };
+            n += 1;
+            if !whys.contains(&why) {
+                whys.push(why);
+            }
+        }
+        (n, whys)
+    }
+
+    /// The distinct notes of the idle rounds that measured (fewer connections than asked).
+    pub fn idle_notes(&self) -> Vec<String> {
+        let mut notes: Vec<String> = Vec::new();
+        for n in self
+            .idle_measured()
+            .into_iter()
+            .filter_map(|s| s.note.clone())
+        {
+            if !notes.contains(&n) {
+                notes.push(n);
+            }
+        }
+        notes
     }
 
     /// The result of `cell`, if it was planned.
@@ -900,9 +980,12 @@ fn idle_connections(server: &mut Server, target: u64) -> Result<IdleSample, Stri
     let opened = conns.len() as u64;
     // One byte each: an answer proves the server accepted and serves the connection.
     let mut pending: Vec<usize> = Vec::new();
+    let mut closed = 0u64;
     for (i, c) in conns.iter_mut().enumerate() {
         if std::io::Write::write_all(c, b"x").is_ok() {
             pending.push(i);
+        } else {
+            closed += 1;
         }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -917,12 +1000,11 @@ fn idle_connections(server: &mut Server, target: u64) -> Result<IdleSample, Stri
             if ready.peek() == Some(&k) {
                 ready.next();
                 let mut b = [0u8; 1];
-                if matches!(conns[i].read(&mut b), Ok(1)) {
-                    if b[0] == b'x' {
-                        answered += 1;
-                    } else {
-                        mismatched += 1;
-                    }
+                match conns[i].read(&mut b) {
+                    Ok(1) if b[0] == b'x' => answered += 1,
+                    Ok(1) => mismatched += 1,
+                    // End of stream, or reset: the server let it go.
+                    _ => closed += 1,
                 }
             } else {
                 still.push(i);
@@ -931,10 +1013,19 @@ fn idle_connections(server: &mut Server, target: u64) -> Result<IdleSample, Stri
         pending = still;
     }
     if answered < opened && note.is_none() {
-        note = Some(format!(
-            "{} of {opened} connections not served within 5 s",
-            opened - answered
-        ));
+        let late = opened.saturating_sub(answered + mismatched + closed);
+        let mut why = Vec::new();
+        if closed > 0 {
+            why.push(format!(
+                "{closed} of {opened} connections closed by the server"
+            ));
+        }
+        if late > 0 {
+            why.push(format!(
+                "{late} of {opened} connections not served within 5 s"
+            ));
+        }
+        note = (!why.is_empty()).then(|| why.join("; "));
     }
     std::thread::sleep(Duration::from_millis(100));
     let rss_after = server.rss_bytes();
@@ -947,6 +1038,7 @@ fn idle_connections(server: &mut Server, target: u64) -> Result<IdleSample, Stri
         opened,
         answered,
         mismatched,
+        closed,
         rss_before,
         rss_after: rss_after.ok_or_else(|| "cannot read the server's VmRSS".to_owned())?,
         note,
@@ -1053,17 +1145,41 @@ mod tests {
     }
 
     #[test]
-    fn idle_bytes_per_connection() {
+    fn missing_binaries_are_built_in_the_bin_dirs_profile() {
+        assert_eq!(
+            build_args(Path::new("/w/target/debug"), "peer-tokio"),
+            ["build", "-p", "peer-tokio"]
+        );
+        assert_eq!(
+            build_args(Path::new("/w/target/release"), "peer-tokio"),
+            ["build", "--release", "-p", "peer-tokio"]
+        );
+        assert!(is_debug_dir(Path::new(
+            "target/x86_64-unknown-linux-gnu/debug"
+        )));
+        assert!(!is_debug_dir(Path::new("target/debug/deps")));
+    }
+
+    #[test]
+    fn idle_bytes_per_connection_held() {
         let s = IdleSample {
             target: 100,
             opened: 100,
             answered: 80,
             mismatched: 0,
+            closed: 0,
             rss_before: 1000,
             rss_after: 9000,
             note: None,
         };
-        assert_eq!(s.bytes_per_conn(), Some(100.0));
+        // 20 not answered in time are still held, and cost memory.
+        assert_eq!(s.bytes_per_conn(), Some(80.0));
+        // 20 closed by the server (select's descriptors >= FD_SETSIZE) cost nothing.
+        let closed = IdleSample {
+            closed: 20,
+            ..s.clone()
+        };
+        assert_eq!(closed.bytes_per_conn(), Some(100.0));
         let none = IdleSample { answered: 0, ..s };
         assert_eq!(none.bytes_per_conn(), None);
     }

@@ -132,6 +132,7 @@ fn run(args: &PeersArgs) -> Result<i32, String> {
         machine_cpus: setup.machine.clone(),
         clock_ticks_per_sec: crate::proc::clock_ticks_per_sec(),
         notes: setup.notes.clone(),
+        warnings: setup.warnings.clone(),
         skipped,
         compare_same_workers: false,
         servers,

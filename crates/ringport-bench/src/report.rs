@@ -22,6 +22,8 @@ pub struct Report {
     pub clock_ticks_per_sec: u64,
     /// Remarks about the run (e.g. worker counts left out).
     pub notes: Vec<String>,
+    /// What makes the figures themselves doubtful (e.g. unoptimised binaries), shown first.
+    pub warnings: Vec<String>,
     /// Servers that could not run, and why.
     pub skipped: Vec<Skipped>,
     /// Compare a subject only with peers running the same worker count.
@@ -128,12 +130,14 @@ fn cell_text(s: &str, max: usize) -> String {
     }
 }
 
-/// The best peer figure for a cell: the highest msgs/s and the lowest CPU per message, each
-/// with the peer's label.
+/// The best peer figure for a cell: the highest msgs/s and MB/s and the lowest CPU per
+/// message, each with the peer's label.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Best {
     /// Highest messages per second, and who.
     pub msgs: Option<(f64, String)>,
+    /// Highest megabytes per second, and who.
+    pub mb: Option<(f64, String)>,
     /// Lowest CPU microseconds per message, and who.
     pub cpu: Option<(f64, String)>,
 }
@@ -142,11 +146,15 @@ pub struct Best {
 pub fn best_peer<'a>(peers: impl IntoIterator<Item = (&'a str, Sample)>) -> Best {
     let mut best = Best {
         msgs: None,
+        mb: None,
         cpu: None,
     };
     for (label, s) in peers {
         if s.msgs_per_s.is_finite() && best.msgs.as_ref().is_none_or(|(m, _)| s.msgs_per_s > *m) {
             best.msgs = Some((s.msgs_per_s, label.to_owned()));
+        }
+        if s.mb_per_s.is_finite() && best.mb.as_ref().is_none_or(|(m, _)| s.mb_per_s > *m) {
+            best.mb = Some((s.mb_per_s, label.to_owned()));
         }
         // A CPU time of zero is no measurement (a `/proc` reading in whole ticks over a short
         // window): it would be "best", and leave every ratio to it undefined.
@@ -160,19 +168,74 @@ pub fn best_peer<'a>(peers: impl IntoIterator<Item = (&'a str, Sample)>) -> Best
     best
 }
 
+/// What a `*` after a ratio means.
+const PARTIAL_LEGEND: &str = "\\* some rounds of this measurement failed on the subject or on a \
+     peer it is compared with: the ratio compares medians of fewer rounds, and a peer that \
+     failed every round is left out of the best peer (the notes say why).";
+
 impl Report {
+    /// The peers `subject` is compared with (those with its worker count, where the report
+    /// compares like with like).
+    fn peers_of<'a>(
+        &'a self,
+        subject: &'a ServerResults,
+    ) -> impl Iterator<Item = &'a ServerResults> + 'a {
+        self.servers
+            .iter()
+            .filter(|s| s.spec.role == Role::Peer)
+            .filter(|s| !self.compare_same_workers || s.spec.workers == subject.spec.workers)
+    }
+
     fn best_for(&self, subject: &ServerResults, index: usize) -> Best {
         best_peer(
-            self.servers
-                .iter()
-                .filter(|s| s.spec.role == Role::Peer)
-                .filter(|s| !self.compare_same_workers || s.spec.workers == subject.spec.workers)
+            self.peers_of(subject)
                 .filter_map(|s| Some((s.spec.label.as_str(), s.cells.get(index)?.median()?))),
         )
     }
 
+    /// Whether a round of cell `index` failed on `subject` or on any peer it is compared with
+    /// (so its ratios compare medians of fewer rounds, or leave a peer out).
+    fn partial(&self, subject: &ServerResults, index: usize) -> bool {
+        std::iter::once(subject)
+            .chain(self.peers_of(subject))
+            .any(|s| s.cells.get(index).is_some_and(|c| c.failures().0 > 0))
+    }
+
+    /// Like [`Report::partial`], for the idle measurement.
+    fn idle_partial(&self, subject: &ServerResults) -> bool {
+        std::iter::once(subject)
+            .chain(self.peers_of(subject))
+            .any(|s| s.idle_failures().0 > 0)
+    }
+
     fn subjects(&self) -> impl Iterator<Item = &ServerResults> {
         self.servers.iter().filter(|s| s.spec.role == Role::Subject)
+    }
+
+    /// The subjects (this project's own completion-port server, `ringport serve`, in every
+    /// mode) that were skipped or measured no cell in any round, each with why: the run could
+    /// not measure what it exists to measure. Peers (the I/O models included) are only
+    /// reported: a model that fails a cell by its documented limit is a result.
+    pub fn unmeasured_subjects(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .skipped
+            .iter()
+            .filter(|s| s.role == Role::Subject)
+            .map(|s| format!("{}: skipped ({})", s.label, s.why))
+            .collect();
+        out.extend(
+            self.subjects()
+                .filter(|s| {
+                    !s.cells.is_empty()
+                        && !s
+                            .cells
+                            .iter()
+                            .flat_map(|c| &c.rounds)
+                            .any(|o| matches!(o, crate::matrix::Outcome::Ok { .. }))
+                })
+                .map(|s| format!("{}: no cell measured", s.spec.label)),
+        );
+        out
     }
 
     /// Renders the Markdown report.
@@ -182,7 +245,7 @@ impl Report {
         let _ = writeln!(md, "# {}\n", self.title);
         let _ = writeln!(
             md,
-            "Median of {} interleaved round(s); {} s per cell, measured after {} s of warm-up \
+            "Median of {} interleaved round(s); {} s per cell{}, measured after {} s of warm-up \
              load; servers on CPU(s) {}, load \
              (`ringport client`, {} worker(s)) on CPU(s) {}; RLIMIT_NOFILE {}; server CPU time \
              from its CPU-time clock (or, where that cannot be read, `/proc` in {} Hz ticks). \
@@ -190,6 +253,11 @@ impl Report {
              each other (the ratios), not with other machines.\n",
             p.rounds,
             p.cell_secs,
+            if p.cells.iter().any(|c| c.kind == Kind::Bulk) {
+                format!(" ({} s per bulk cell)", p.bulk_secs)
+            } else {
+                String::new()
+            },
             p.warmup_secs,
             crate::proc::format_cpu_list(&p.server_cpus),
             p.client_workers,
@@ -197,6 +265,9 @@ impl Report {
             p.nofile,
             self.clock_ticks_per_sec,
         );
+        for w in &self.warnings {
+            let _ = writeln!(md, "- **WARNING**: {w}");
+        }
         for n in &self.notes {
             let _ = writeln!(md, "- note: {n}");
         }
@@ -254,6 +325,7 @@ impl Report {
              best peer (>1 faster) | CPU/msg ÷ best peer (<1 leaner) | note |"
         );
         let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        let mut marked = false;
         for &i in &ping {
             let cell = self.plan.cells[i];
             for (k, s) in self.servers.iter().enumerate() {
@@ -269,9 +341,20 @@ impl Report {
                     Some(m) => {
                         let (rm, rc) = if s.spec.role == Role::Subject {
                             let best = self.best_for(s, i);
+                            let partial = self.partial(s, i);
                             (
-                                ratio_with(Some(m.msgs_per_s), best.msgs.as_ref()),
-                                ratio_with(Some(m.cpu_us_per_msg), best.cpu.as_ref()),
+                                ratio_marked(
+                                    Some(m.msgs_per_s),
+                                    best.msgs.as_ref(),
+                                    partial,
+                                    &mut marked,
+                                ),
+                                ratio_marked(
+                                    Some(m.cpu_us_per_msg),
+                                    best.cpu.as_ref(),
+                                    partial,
+                                    &mut marked,
+                                ),
                             )
                         } else {
                             (String::new(), String::new())
@@ -301,6 +384,9 @@ impl Report {
                 }
             }
         }
+        if marked {
+            let _ = writeln!(md, "\n{PARTIAL_LEGEND}");
+        }
         md.push('\n');
     }
 
@@ -327,47 +413,31 @@ impl Report {
             for s in &subjects {
                 let m = s.cells[i].median();
                 let best = self.best_for(s, i);
-                // Marked where a median rests on fewer rounds than were run.
-                let mut mark = |peer: Option<&(f64, String)>| {
-                    let partial = m.is_some()
-                        && peer.is_some_and(|(_, who)| {
-                            self.failed_rounds(&s.spec.label, i) + self.failed_rounds(who, i) > 0
-                        });
-                    marked |= partial;
-                    if partial {
-                        " *"
-                    } else {
-                        ""
-                    }
+                let partial = self.partial(s, i);
+                // Bulk cells are compared by the figure their table shows.
+                let (fast, best_fast) = if cell.kind == Kind::Bulk {
+                    (m.map(|m| m.mb_per_s), best.mb.as_ref())
+                } else {
+                    (m.map(|m| m.msgs_per_s), best.msgs.as_ref())
                 };
                 let _ = write!(
                     row,
-                    " {}{} | {}{} |",
-                    ratio_with(m.map(|m| m.msgs_per_s), best.msgs.as_ref()),
-                    mark(best.msgs.as_ref()),
-                    ratio_with(m.map(|m| m.cpu_us_per_msg), best.cpu.as_ref()),
-                    mark(best.cpu.as_ref()),
+                    " {} | {} |",
+                    ratio_marked(fast, best_fast, partial, &mut marked),
+                    ratio_marked(
+                        m.map(|m| m.cpu_us_per_msg),
+                        best.cpu.as_ref(),
+                        partial,
+                        &mut marked
+                    ),
                 );
             }
             let _ = writeln!(md, "{row}");
         }
         if marked {
-            let _ = writeln!(
-                md,
-                "\n\\* some rounds of the subject or of that peer failed in this cell: the ratio \
-             compares medians of fewer rounds (the tables above say why)."
-            );
+            let _ = writeln!(md, "\n{PARTIAL_LEGEND}");
         }
         md.push('\n');
-    }
-
-    /// Rounds of cell `index` that failed on the server labelled `label`.
-    fn failed_rounds(&self, label: &str, index: usize) -> usize {
-        self.servers
-            .iter()
-            .find(|s| s.spec.label == label)
-            .and_then(|s| s.cells.get(index))
-            .map_or(0, |c| c.failures().0)
     }
 
     fn bulk_table(&self, md: &mut String) {
@@ -376,6 +446,7 @@ impl Report {
             .collect();
         for &i in &bulk {
             let cell = self.plan.cells[i];
+            let mut marked = false;
             let _ = writeln!(
                 md,
                 "## Bulk streaming: {} connections, {} messages, pipeline {}\n",
@@ -392,6 +463,7 @@ impl Report {
                 match r.median() {
                     Some(m) => {
                         let best = self.best_for(s, i);
+                        let partial = self.partial(s, i);
                         let subject = s.spec.role == Role::Subject;
                         let note = if nfail > 0 {
                             format!("{nfail}/{} failed: {}", r.rounds.len(), whys.join("; "))
@@ -406,12 +478,22 @@ impl Report {
                             fmt_us(m.cpu_us_per_msg / per_mib),
                             fmt_mib(m.rss_bytes),
                             if subject {
-                                ratio_with(Some(m.msgs_per_s), best.msgs.as_ref())
+                                ratio_marked(
+                                    Some(m.mb_per_s),
+                                    best.mb.as_ref(),
+                                    partial,
+                                    &mut marked,
+                                )
                             } else {
                                 String::new()
                             },
                             if subject {
-                                ratio_with(Some(m.cpu_us_per_msg), best.cpu.as_ref())
+                                ratio_marked(
+                                    Some(m.cpu_us_per_msg),
+                                    best.cpu.as_ref(),
+                                    partial,
+                                    &mut marked,
+                                )
                             } else {
                                 String::new()
                             },
@@ -427,6 +509,9 @@ impl Report {
                         );
                     }
                 }
+            }
+            if marked {
+                let _ = writeln!(md, "\n{PARTIAL_LEGEND}");
             }
             md.push('\n');
         }
@@ -445,45 +530,71 @@ impl Report {
         // The leanest peer (with the subject's worker count, where the report compares like
         // with like). One that grew by nothing leaves the ratio n/a rather than be passed over.
         let best_peer = |subject: &ServerResults| {
-            self.servers
-                .iter()
-                .filter(|s| s.spec.role == Role::Peer)
-                .filter(|s| !self.compare_same_workers || s.spec.workers == subject.spec.workers)
-                .filter_map(|s| Some((s.idle_median().0?, s.spec.label.clone())))
+            self.peers_of(subject)
+                .filter_map(|s| {
+                    Some((
+                        s.idle_median(|i| i.bytes_per_conn().unwrap_or(f64::NAN))?,
+                        s.spec.label.clone(),
+                    ))
+                })
                 .min_by(|a, b| a.0.total_cmp(&b.0))
         };
+        let mut marked = false;
         for s in &self.servers {
-            let (per_conn, note) = s.idle_median();
-            let last = s.idle.iter().rev().find_map(|r| r.as_ref().ok());
-            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            // Medians over the rounds that measured, as for the cells.
+            let per_conn = s.idle_median(|i| i.bytes_per_conn().unwrap_or(f64::NAN));
+            let (nfail, whys) = s.idle_failures();
             let r = if s.spec.role == Role::Subject {
-                ratio_with(per_conn, best_peer(s).as_ref())
+                ratio_marked(
+                    per_conn,
+                    best_peer(s).as_ref(),
+                    self.idle_partial(s),
+                    &mut marked,
+                )
             } else {
                 String::new()
             };
-            match (per_conn, last) {
-                (Some(b), Some(l)) => {
+            let med = |f: fn(&crate::matrix::IdleSample) -> u64| {
+                s.idle_median(|i| f(i) as f64).unwrap_or(f64::NAN)
+            };
+            match per_conn {
+                Some(b) => {
+                    let mut notes = s.idle_notes();
+                    if nfail > 0 {
+                        notes.insert(
+                            0,
+                            format!("{nfail}/{} failed: {}", s.idle.len(), whys.join("; ")),
+                        );
+                    }
                     let _ = writeln!(
                         md,
-                        "| {} | {} | {} | {:.1} | {:.1} | {} | {r} | {} |",
+                        "| {} | {} | {} | {} | {} | {} | {r} | {} |",
                         s.spec.label,
-                        l.opened,
-                        l.answered,
-                        mib(l.rss_before),
-                        mib(l.rss_after),
+                        fmt_count(med(|i| i.opened)),
+                        fmt_count(med(|i| i.answered)),
+                        fmt_mib(med(|i| i.rss_before)),
+                        fmt_mib(med(|i| i.rss_after)),
                         fmt_count(b),
-                        cell_text(note.as_deref().unwrap_or(""), 120)
+                        cell_text(&notes.join("; "), 120)
                     );
                 }
-                _ => {
+                None => {
+                    let why = if whys.is_empty() {
+                        "not measured".to_owned()
+                    } else {
+                        whys.join("; ")
+                    };
                     let _ = writeln!(
                         md,
                         "| {} | **failed** | | | | | | {} |",
                         s.spec.label,
-                        cell_text(note.as_deref().unwrap_or("not measured"), 160)
+                        cell_text(&why, 160)
                     );
                 }
             }
+        }
+        if marked {
+            let _ = writeln!(md, "\n{PARTIAL_LEGEND}");
         }
         md.push('\n');
     }
@@ -501,6 +612,23 @@ impl Report {
         let text = serde_json::to_string_pretty(self).map_err(|e| format!("JSON: {e}"))?;
         std::fs::write(&json, text + "\n").map_err(|e| format!("{}: {e}", json.display()))?;
         Ok(vec![md, json])
+    }
+}
+
+/// [`ratio_with`], followed by ` *` when `partial` and a ratio is shown (and then `marked` is
+/// set, for the legend).
+fn ratio_marked(
+    a: Option<f64>,
+    best: Option<&(f64, String)>,
+    partial: bool,
+    marked: &mut bool,
+) -> String {
+    let text = ratio_with(a, best);
+    if partial && ratio(a, best.map(|b| b.0)).is_some() {
+        *marked = true;
+        text + " *"
+    } else {
+        text
     }
 }
 
@@ -579,64 +707,80 @@ mod tests {
         assert_eq!(best.cpu, Some((2.0, "monoio".to_owned())));
     }
 
-    /// A report of one ping-pong cell: a subject and a peer, `failed` of the subject's three
-    /// rounds failed.
-    fn one_cell_report(failed: usize) -> Report {
-        use crate::matrix::{Cell, CellResult, Outcome, Role, ServerSpec};
-        let cell = Cell::ping(100, 64, 1);
-        let client = crate::proc::ClientReport {
-            backend: "io_uring".to_owned(),
-            connections: 100,
-            messages: 1000,
-            bytes: 64_000,
-            elapsed_s: 1.0,
-            msgs_per_s: 1000.0,
-            mb_per_s: 0.064,
-            p50_us: 1.0,
-            p99_us: 2.0,
-            p999_us: 3.0,
-            max_us: 4.0,
-            errors: std::collections::BTreeMap::new(),
-            error_total: 0,
-            mismatches: 0,
-            ok: true,
-        };
-        let ok = |cpu: f64, per_conn: f64| Outcome::Ok {
+    use crate::matrix::{Cell, CellResult, IdleSample, Outcome, ServerSpec};
+
+    /// A measured round: `msgs` msgs/s, `mb` MB/s, `cpu` µs per message, `per_conn` RSS bytes
+    /// per connection.
+    fn ok(msgs: f64, mb: f64, cpu: f64, per_conn: f64) -> Outcome {
+        Outcome::Ok {
             sample: Sample {
-                msgs_per_s: 1000.0,
-                mb_per_s: 0.064,
+                msgs_per_s: msgs,
+                mb_per_s: mb,
                 p50_us: 1.0,
                 p99_us: 2.0,
                 cpu_us_per_msg: cpu,
                 rss_bytes: f64::from(1u32 << 20),
                 rss_per_conn: per_conn,
             },
-            client: client.clone(),
-        };
-        let server = |label: &str, role, rounds: Vec<Outcome>| ServerResults {
-            spec: ServerSpec::new(label, role, label, label, &[]),
+            client: crate::proc::ClientReport {
+                backend: "io_uring".to_owned(),
+                connections: 100,
+                messages: 1000,
+                bytes: 64_000,
+                elapsed_s: 1.0,
+                msgs_per_s: msgs,
+                mb_per_s: mb,
+                p50_us: 1.0,
+                p99_us: 2.0,
+                p999_us: 3.0,
+                max_us: 4.0,
+                errors: std::collections::BTreeMap::new(),
+                error_total: 0,
+                mismatches: 0,
+                ok: true,
+            },
+        }
+    }
+
+    fn failed(why: &str) -> Outcome {
+        Outcome::Failed {
+            why: why.to_owned(),
+            client: None,
+        }
+    }
+
+    /// A server of `program` with `rounds[i]` as the rounds of `cells[i]`.
+    fn server(
+        label: &str,
+        role: Role,
+        program: &str,
+        cells: &[Cell],
+        rounds: Vec<Vec<Outcome>>,
+    ) -> ServerResults {
+        ServerResults {
+            spec: ServerSpec::new(label, role, program, program, &[]),
             listen_line: None,
             integrity_failures: Vec::new(),
             mismatched: false,
-            cells: vec![CellResult {
-                server: label.to_owned(),
-                cell,
-                rounds,
-            }],
+            cells: cells
+                .iter()
+                .zip(rounds)
+                .map(|(&cell, rounds)| CellResult {
+                    server: label.to_owned(),
+                    cell,
+                    rounds,
+                })
+                .collect(),
             idle: Vec::new(),
-        };
-        let mut subject = vec![ok(4.0, 130.0), ok(4.0, 130.0), ok(4.0, 130.0)];
-        for r in subject.iter_mut().take(failed) {
-            *r = Outcome::Failed {
-                why: "the server exited".to_owned(),
-                client: None,
-            };
         }
+    }
+
+    fn report(cells: Vec<Cell>, servers: Vec<ServerResults>) -> Report {
         Report {
             mode: "peers".to_owned(),
             title: "test".to_owned(),
             plan: Plan {
-                cells: vec![cell],
+                cells,
                 idle: 0,
                 rounds: 3,
                 cell_secs: 1.0,
@@ -650,13 +794,34 @@ mod tests {
             machine_cpus: vec![0, 1],
             clock_ticks_per_sec: 100,
             notes: Vec::new(),
+            warnings: Vec::new(),
             skipped: Vec::new(),
             compare_same_workers: false,
-            servers: vec![
-                server("ringport", Role::Subject, subject),
-                server("tokio", Role::Peer, vec![ok(5.0, 9000.0); 3]),
-            ],
+            servers,
         }
+    }
+
+    /// A report of one ping-pong cell: a subject and a peer, `failed` of the subject's three
+    /// rounds failed.
+    fn one_cell_report(failed_rounds: usize) -> Report {
+        let cells = [Cell::ping(100, 64, 1)];
+        let mut subject = vec![ok(1000.0, 0.064, 4.0, 130.0); 3];
+        for r in subject.iter_mut().take(failed_rounds) {
+            *r = failed("the server exited");
+        }
+        report(
+            cells.to_vec(),
+            vec![
+                server("ringport", Role::Subject, "ringport", &cells, vec![subject]),
+                server(
+                    "tokio",
+                    Role::Peer,
+                    "peer-tokio",
+                    &cells,
+                    vec![vec![ok(1000.0, 0.064, 5.0, 9000.0); 3]],
+                ),
+            ],
+        )
     }
 
     #[test]
@@ -672,6 +837,181 @@ mod tests {
         assert!(partial.contains("| 0.80x (tokio) * |"), "{partial}");
         assert!(partial.contains("fewer rounds"), "{partial}");
         assert!(partial.contains("2/3 failed"), "{partial}");
+    }
+
+    #[test]
+    fn a_peer_that_failed_every_round_marks_the_ratios() {
+        let mut r = one_cell_report(0);
+        let cells = r.plan.cells.clone();
+        r.servers.push(server(
+            "monoio",
+            Role::Peer,
+            "peer-monoio",
+            &cells,
+            vec![vec![failed("connection refused"); 3]],
+        ));
+        let md = r.markdown();
+        // The ping-pong table and the ratio table mark it alike, and say what it means.
+        assert_eq!(md.matches("| 0.80x (tokio) * |").count(), 2, "{md}");
+        assert_eq!(md.matches("| 1.00x (tokio) * |").count(), 2, "{md}");
+        assert_eq!(
+            md.matches("is left out of the best peer").count(),
+            2,
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn bulk_ratio_is_of_the_figure_shown_and_the_header_gives_its_duration() {
+        let bulk = Cell {
+            kind: Kind::Bulk,
+            connections: 4,
+            size: 1 << 20,
+            pipeline: 1,
+        };
+        let cells = [bulk];
+        // Same messages per second, twice the verified bytes.
+        let mut r = report(
+            cells.to_vec(),
+            vec![
+                server(
+                    "ringport",
+                    Role::Subject,
+                    "ringport",
+                    &cells,
+                    vec![vec![ok(100.0, 2000.0, 4.0, 0.0); 3]],
+                ),
+                server(
+                    "tokio",
+                    Role::Peer,
+                    "peer-tokio",
+                    &cells,
+                    vec![vec![ok(100.0, 1000.0, 4.0, 0.0); 3]],
+                ),
+            ],
+        );
+        r.plan.cell_secs = 0.5;
+        r.plan.bulk_secs = 2.5;
+        let md = r.markdown();
+        // In the bulk table and in the ratio table.
+        assert!(
+            md.contains("| ringport | 2.00 | 4.00 | 1.0 | 2.00x (tokio) | 1.00x (tokio) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 4c 1MiB p1 bulk | 2.00x (tokio) | 1.00x (tokio) |"),
+            "{md}"
+        );
+        assert!(md.contains("0.5 s per cell (2.5 s per bulk cell)"), "{md}");
+        // Without a bulk cell, no bulk duration.
+        assert!(!one_cell_report(0).markdown().contains("bulk cell"));
+    }
+
+    #[test]
+    fn idle_rows_count_failed_rounds_and_keep_notes_of_the_measured_ones() {
+        let mut r = one_cell_report(0);
+        r.plan.idle = 100;
+        let round = |answered: u64, growth: u64, note: Option<&str>| {
+            Ok(IdleSample {
+                target: 100,
+                opened: 100,
+                answered,
+                mismatched: 0,
+                closed: 0,
+                rss_before: 1 << 20,
+                rss_after: (1 << 20) + growth,
+                note: note.map(str::to_owned),
+            })
+        };
+        r.servers[0].idle = vec![
+            round(100, 10_000, None),
+            Err("the server exited".to_owned()),
+            round(100, 30_000, Some("stopped at 100: connect: timed out")),
+        ];
+        // The last round served nothing: it failed, and its note is no longer "the" note.
+        r.servers[1].idle = vec![
+            round(100, 50_000, None),
+            round(100, 70_000, None),
+            round(0, 0, Some("100 of 100 connections not served within 5 s")),
+        ];
+        let md = r.markdown();
+        assert!(
+            md.contains(
+                "| ringport | 100 | 100 | 1.0 | 1.0 | 200 | 0.33x (tokio) * | 1/3 failed: the \
+                 server exited; stopped at 100: connect: timed out |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| tokio | 100 | 100 | 1.0 | 1.1 | 600 |  | 1/3 failed: 100 of 100 connections \
+                 not served within 5 s |"
+            ),
+            "{md}"
+        );
+        r.servers[1].idle = vec![Err("cannot start".to_owned()); 2];
+        let md = r.markdown();
+        assert!(
+            md.contains("| tokio | **failed** | | | | | | cannot start |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn only_a_subject_that_was_skipped_or_measured_nothing_fails_the_run() {
+        let cells = [Cell::ping(2000, 64, 1)];
+        let models = |subject: Vec<Outcome>| {
+            report(
+                cells.to_vec(),
+                vec![
+                    // The select model refuses descriptors >= FD_SETSIZE: a result, not a failure.
+                    server(
+                        "select",
+                        Role::Peer,
+                        "ringport",
+                        &cells,
+                        vec![vec![failed("connection reset"); 3]],
+                    ),
+                    server(
+                        "completion-port",
+                        Role::Subject,
+                        "ringport",
+                        &cells,
+                        vec![subject],
+                    ),
+                ],
+            )
+        };
+        assert_eq!(
+            models(vec![ok(1.0, 1.0, 1.0, 1.0); 3]).unmeasured_subjects(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            models(vec![failed("x"); 3]).unmeasured_subjects(),
+            ["completion-port: no cell measured"]
+        );
+        let mut r = models(vec![ok(1.0, 1.0, 1.0, 1.0); 3]);
+        r.skipped.push(Skipped {
+            label: "ringport-epoll".to_owned(),
+            role: Role::Subject,
+            why: "ringport not found in target/debug".to_owned(),
+        });
+        r.skipped.push(Skipped {
+            label: "monoio".to_owned(),
+            role: Role::Peer,
+            why: "peer-monoio not found in target/debug".to_owned(),
+        });
+        assert_eq!(
+            r.unmeasured_subjects(),
+            ["ringport-epoll: skipped (ringport not found in target/debug)"]
+        );
+    }
+
+    #[test]
+    fn warnings_head_the_report() {
+        let mut r = one_cell_report(0);
+        r.warnings.push("debug builds".to_owned());
+        assert!(r.markdown().contains("\n- **WARNING**: debug builds\n"));
     }
 
     #[test]

@@ -72,23 +72,14 @@ fn run(args: &ScalingArgs) -> Result<i32, String> {
     }
     let base = crate::peers::specs(1, args.peer_buffer);
     // Default: the first half of the CPUs serve, the rest load.
-    let setup = Setup::new(c, |m| m[..(m.len() / 2).max(1)].to_vec(), &base)?;
+    let setup = Setup::new(c, |m| m[..(m.len() / 2).max(1)].to_vec(), &selectable(args))?;
     let (workers, note) = fitting_workers(&args.workers_list, setup.server_cpus.len());
     if workers.is_empty() {
         return Err(note.unwrap_or_else(|| "--workers-list is empty".to_owned()));
     }
     let mut notes = setup.notes.clone();
     notes.extend(note);
-    let specs: Vec<ServerSpec> = base
-        .iter()
-        .flat_map(|s| {
-            workers.iter().map(move |&w| {
-                let mut spec = s.clone().workers(w);
-                spec.label = format!("{} w{w}", s.label);
-                spec
-            })
-        })
-        .collect();
+    let specs = with_workers(&base, &workers);
     let (ready, skipped) = setup.resolve(c, &specs);
     let default_conns = if c.quick { 100 } else { 1000 };
     let cell = Cell::ping(
@@ -105,6 +96,7 @@ fn run(args: &ScalingArgs) -> Result<i32, String> {
         machine_cpus: setup.machine.clone(),
         clock_ticks_per_sec: crate::proc::clock_ticks_per_sec(),
         notes,
+        warnings: setup.warnings.clone(),
         skipped,
         compare_same_workers: true,
         servers,
@@ -134,14 +126,35 @@ fn run(args: &ScalingArgs) -> Result<i32, String> {
     Ok(crate::finish(&report, &c.out, charts))
 }
 
-/// One line per server group (label without the worker count), x = workers.
+/// The servers `--only` may name: every peers server with every listed worker count, labelled
+/// as the report labels them (`tokio w2`), and their groups (`tokio`).
+fn selectable(args: &ScalingArgs) -> Vec<ServerSpec> {
+    with_workers(
+        &crate::peers::specs(1, args.peer_buffer),
+        &args.workers_list,
+    )
+}
+
+/// Each of `base` with each of `workers` workers, labelled `LABEL wN` (the group stays `LABEL`).
+fn with_workers(base: &[ServerSpec], workers: &[u16]) -> Vec<ServerSpec> {
+    base.iter()
+        .flat_map(|s| {
+            workers.iter().map(move |&w| {
+                let mut spec = s.clone().workers(w);
+                spec.label = format!("{} w{w}", s.label);
+                spec
+            })
+        })
+        .collect()
+}
+
+/// One line per server group (label without the worker count), x = workers; a worker count
+/// whose cell failed is a gap (see [`Series::points`]).
 fn by_workers(servers: &[ServerResults], y: fn(&matrix::Sample) -> f64) -> Vec<Series> {
     let mut out: Vec<Series> = Vec::new();
     for s in servers {
-        let Some(m) = s.cells.first().and_then(matrix::CellResult::median) else {
-            continue;
-        };
-        let point = (f64::from(s.spec.workers), y(&m));
+        let m = s.cells.first().and_then(matrix::CellResult::median);
+        let point = (f64::from(s.spec.workers), m.map_or(f64::NAN, |m| y(&m)));
         match out.iter_mut().find(|x| x.label == s.spec.group) {
             Some(series) => series.points.push(point),
             None => out.push(Series {
@@ -171,5 +184,22 @@ mod tests {
         let (fit, note) = fitting_workers(&[1, 2, 4, 8], 8);
         assert_eq!(fit, vec![1, 2, 4, 8]);
         assert_eq!(note, None);
+    }
+
+    #[test]
+    fn only_takes_the_labels_the_report_shows() {
+        let parse = |args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+            crate::parse_args::<ScalingArgs>("scaling", &args).unwrap()
+        };
+        let args = parse(&["--only", "tokio w2,ringport-epoll"]);
+        assert_eq!(
+            crate::check_only(&args.common.only, &selectable(&args)),
+            Ok(())
+        );
+        let args = parse(&["--only", "tokio w3", "--workers-list", "1,2"]);
+        let err = crate::check_only(&args.common.only, &selectable(&args)).unwrap_err();
+        assert!(err.starts_with("--only tokio w3: no such server"), "{err}");
+        assert!(err.contains("tokio w2"), "{err}");
     }
 }
