@@ -102,7 +102,9 @@ impl Pool {
 
     /// The start of buffer `bid`.
     pub(crate) fn addr(&self, bid: u16) -> *mut u8 {
-        debug_assert!(bid < self.count);
+        // A buffer id from the kernel or a caller in the crate: checked, as an offset past the
+        // allocation would be undefined behaviour.
+        assert!(bid < self.count, "buffer {bid} of {}", self.count);
         // SAFETY: `bid < count`, so the offset stays inside the allocation.
         unsafe { self.base.add(usize::from(bid) * self.size) }
     }

@@ -945,6 +945,10 @@ where
         loop {
             self.take_remote();
             self.retry_cancels();
+            if !self.events.is_empty() {
+                // Left unserved by a panic in the caller's code (see `complete_events`).
+                self.complete_events();
+            }
             if self.shared.shutdown.load(Ordering::Acquire) && !self.shutting_down {
                 // Tried again on the next turn if the request could not be queued.
                 self.shutting_down = self.driver.cancel(Cancel::All);
@@ -1015,20 +1019,34 @@ where
 
     fn complete_events(&mut self) {
         let mut events = std::mem::take(&mut self.events);
-        // A window at a time (a reap can bring thousands): its records are loaded together,
-        // the in-flight slots and then the handles the completions clone, before it is served.
-        for window in events.chunks(PREFETCH_WINDOW) {
-            for ev in window {
-                self.inflight.prefetch(ev.id);
-            }
-            for ev in window {
-                if let Some(h) = self.inflight.get(ev.id).and_then(|p| p.handle.as_ref()) {
-                    h.prefetch();
+        let mut served = 0;
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // A window at a time (a reap can bring thousands): its records are loaded
+            // together, the in-flight slots and then the handles the completions clone, before
+            // it is served.
+            for window in events.chunks(PREFETCH_WINDOW) {
+                for ev in window {
+                    self.inflight.prefetch(ev.id);
+                }
+                for ev in window {
+                    if let Some(h) = self.inflight.get(ev.id).and_then(|p| p.handle.as_ref()) {
+                        h.prefetch();
+                    }
+                }
+                for &ev in window {
+                    served += 1;
+                    self.complete_event(ev);
                 }
             }
-            for &ev in window {
-                self.complete_event(ev);
-            }
+        }));
+        if let Err(panic) = outcome {
+            // The caller's code panicked (a multishot completion's clone of its per-I/O data):
+            // the events after that one are kept for the next turn, or for the drain when the
+            // worker is dropped, rather than lost with their records, pool buffers and
+            // accepted connections.
+            events.drain(..served);
+            self.events = events;
+            std::panic::resume_unwind(panic);
         }
         // Keeps the allocation.
         events.clear();
@@ -1315,6 +1333,17 @@ where
         let items = std::mem::take(&mut *lock(&slot.queue));
         for item in items {
             match item {
+                Remote::Op(id, p) if self.inflight.contains(id) => {
+                    // The ids of work posted from other threads count on in 47 bits: after
+                    // 2^47 of them one could name an operation still in flight here (a
+                    // multishot receive armed for months), whose record it must not replace.
+                    let e = io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        "the operation's id is still in use by one posted 2^47 operations \
+                         before it",
+                    );
+                    self.ready.push_back(p.into_completion(id, Err(e)));
+                }
                 Remote::Op(id, p) => self.start(id, p),
                 Remote::Done(c) => self.ready.push_back(c),
                 Remote::Cancel(id) => {
@@ -1918,6 +1947,100 @@ pub(crate) fn set_nonblocking(fd: &OwnedFd, on: bool) -> io::Result<()> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Per-I/O data whose clone panics for one value, as a caller's might.
+    #[derive(Debug)]
+    struct Fussy(u8);
+
+    impl Clone for Fussy {
+        fn clone(&self) -> Self {
+            assert_ne!(self.0, 1, "Fussy(1) is not cloned");
+            Fussy(self.0)
+        }
+    }
+
+    /// A panic in the caller's clone of a multishot completion's per-I/O data loses none of
+    /// the other events reaped with it: the next dequeue brings the other connection's data.
+    #[test]
+    fn a_panicking_clone_loses_no_other_completion_of_its_batch() {
+        let (port, mut workers) = Port::builder()
+            .workers(1)
+            .backend(Backend::Epoll)
+            .recv_pool(4096, 8)
+            .build::<(), Fussy>()
+            .unwrap();
+        let mut w = workers.pop().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peers = Vec::new();
+        for tag in [1, 2] {
+            let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (ours, _) = l.accept().unwrap();
+            let h = port.associate(ours, ()).unwrap();
+            w.submit_multishot(Op::recv_pooled(&h), Fussy(tag));
+            peers.push(peer);
+        }
+        assert!(matches!(
+            w.dequeue(Some(Duration::ZERO)),
+            Err(WaitError::TimedOut)
+        ));
+        // Both arrive before the next wait, so that one reap brings both: 1's first.
+        for peer in &mut peers {
+            std::io::Write::write_all(peer, b"data").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            w.dequeue(Some(Duration::from_secs(10)))
+        }));
+        assert!(panicked.is_err(), "Fussy(1)'s clone panics");
+        let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!((c.data.0, c.result.unwrap()), (2, 4));
+    }
+
+    /// An operation posted from another thread whose id has come round to that of one still
+    /// in flight (after 2^47 such ids) completes at once with an error, and the one in flight
+    /// keeps its record: its completion still comes, with its own per-I/O data.
+    #[test]
+    fn a_posted_operation_whose_id_came_round_leaves_the_one_in_flight_alone() {
+        let (port, mut workers) = Port::builder()
+            .workers(1)
+            .backend(Backend::Epoll)
+            .build::<(), u8>()
+            .unwrap();
+        let mut w = workers.pop().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        let h = port.associate(ours, ()).unwrap();
+        let seq = port.shared.next_seq.load(Ordering::Relaxed);
+        let first = port
+            .submit(Op::recv(&h, Vec::with_capacity(16)), 1)
+            .unwrap();
+        assert!(matches!(
+            w.dequeue(Some(Duration::ZERO)),
+            Err(WaitError::TimedOut)
+        ));
+        port.shared
+            .next_seq
+            .store(seq + (1 << 47), Ordering::Relaxed);
+        let second = port
+            .submit(Op::recv(&h, Vec::with_capacity(16)), 2)
+            .unwrap();
+        assert_eq!(first, second, "the id came round");
+        let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(c.data, 2);
+        assert_eq!(
+            c.result.unwrap_err().kind(),
+            io::ErrorKind::AddrInUse,
+            "the second is refused"
+        );
+        std::io::Write::write_all(&mut peer, b"hi").unwrap();
+        let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(
+            (c.data, c.result.unwrap()),
+            (1, 2),
+            "the first completes as its own"
+        );
+    }
 
     /// A single-issuer worker dropped on another thread than the one that waited on it, with
     /// nothing in flight, frees its receive pool: only what may still be in the kernel is

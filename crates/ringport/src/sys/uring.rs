@@ -165,8 +165,9 @@ pub(crate) struct Uring {
     woken: bool,
     /// The eventfd that other threads write to wake this worker.
     wake_fd: RawFd,
-    /// Target of the read on `wake_fd`; the kernel may write it while `wake_armed`.
-    wake_buf: Box<u64>,
+    /// Target of the read on `wake_fd`: a heap allocation (from `Box::into_raw`, never read),
+    /// which the kernel may write while `wake_armed`; freed in `Drop` unless it is.
+    wake_buf: *mut u64,
     wake_armed: bool,
     /// Set once everything was cancelled for good: no more wake-up reads.
     quiescing: bool,
@@ -187,8 +188,9 @@ pub(crate) struct Uring {
     single: bool,
 }
 
-// SAFETY: the buffer ring's raw pointer refers to memory owned by this driver (and the pool it
-// holds); it moves between threads together with the driver and is used by one thread at a time.
+// SAFETY: the raw pointers (the buffer ring's, the wake-up read's buffer) refer to memory owned
+// by this driver (and the pool it holds); it moves between threads together with the driver and
+// is used by one thread at a time.
 unsafe impl Send for Uring {}
 
 impl Uring {
@@ -269,7 +271,7 @@ impl Uring {
             ring,
             woken: false,
             wake_fd,
-            wake_buf: Box::new(0),
+            wake_buf: Box::into_raw(Box::new(0)),
             wake_armed: false,
             quiescing: false,
             stash: Vec::new(),
@@ -328,8 +330,7 @@ impl Uring {
         if self.wake_armed || self.quiescing {
             return Ok(());
         }
-        let buf: *mut u64 = &mut *self.wake_buf;
-        let sqe = opcode::Read::new(types::Fd(self.wake_fd), buf.cast(), 8)
+        let sqe = opcode::Read::new(types::Fd(self.wake_fd), self.wake_buf.cast(), 8)
             .build()
             .user_data(WAKE);
         // SAFETY: `wake_buf` is a heap allocation owned by `self`; while `wake_armed` is set,
@@ -698,7 +699,8 @@ impl Driver for Uring {
         }
         let register = |flags: u16| {
             // SAFETY: `ring` is a page-aligned allocation of `entries` entries that stays alive
-            // (or is leaked) until the ring is unregistered in `Drop`.
+            // until `Drop`, which leaks it if an operation was not given back (and otherwise
+            // frees it, no request being left that could pick a buffer from it).
             unsafe {
                 self.ring.submitter().register_buf_ring_with_flags(
                     ring as u64,
@@ -796,10 +798,13 @@ impl Drop for Uring {
                 unsafe { alloc::dealloc(b.entries.cast(), b.layout) };
             }
         }
-        if self.wake_armed {
-            // The kernel may still complete the read into this buffer while the ring is torn
-            // down; eight bytes leaked once per worker are the price of never freeing it early.
-            std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
+        // While the read is armed, the kernel may still complete it into this buffer as the
+        // ring is torn down: eight bytes leaked once per worker are the price of never freeing
+        // it early.
+        if !self.wake_armed {
+            // SAFETY: `wake_buf` came from `Box::into_raw` and is freed only here, once; no
+            // read is armed, so the kernel holds no pointer to it.
+            drop(unsafe { Box::from_raw(self.wake_buf) });
         }
     }
 }
