@@ -1310,6 +1310,7 @@ impl Server {
         if n > 0 {
             conn.retry.succeeded();
         }
+        trace!("socket {}: sent {n} bytes", conn.handle.as_raw_fd());
         // What was not sent goes back to the front of the queue.
         let idle = conn.out.as_mut().is_none_or(|out| {
             out.sent(&mut bufs, n);

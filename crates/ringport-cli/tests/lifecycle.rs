@@ -212,7 +212,41 @@ fn drain_timeout_bounds_shutdown_when_a_client_never_reads() {
     }
 }
 
+/// With `-vv` the server logs each step of a connection, as the book's server prints them:
+/// connected, bytes received, bytes sent, closing.
+fn every_step_of_a_connection_is_logged_with_vv() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "-vv"]);
+    let mut s = connect(server.addr);
+    round_trip(&mut s, b"hello");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut s), Vec::<u8>::new());
+    let output = server.terminate_cleanly(EXIT_GUARD);
+    let fd = output
+        .stderr
+        .lines()
+        .find_map(|l| {
+            l.split("socket ")
+                .nth(1)?
+                .strip_suffix(" connected")?
+                .parse::<u32>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no `socket N connected` line\n{}", output.describe()));
+    for step in [
+        format!("socket {fd}: received 5 bytes"),
+        format!("socket {fd}: sent 5 bytes"),
+        format!("closing socket {fd}"),
+    ] {
+        assert!(
+            output.stderr.contains(&step),
+            "no `{step}` line\n{}",
+            output.describe()
+        );
+    }
+}
+
 per_backend!(
+    every_step_of_a_connection_is_logged_with_vv,
     sigterm_with_open_connections_drains_and_exits_0,
     sigint_with_open_connections_drains_and_exits_0,
     sigterm_when_idle_exits_0_with_zero_summary,
