@@ -167,6 +167,7 @@ per_backend!(
     a_send_cancelled_part_way_reports_what_went,
     a_gathering_send_goes_on_across_its_buffers,
     a_send_cancelled_before_its_part_is_seen_goes_no_further,
+    cancels_from_any_thread_reach_the_home_worker,
     accept_and_connect,
     multishot_accept_takes_every_connection_until_cancelled,
     connect_refused_is_named,
@@ -911,6 +912,57 @@ fn cancelling_another_workers_operation_is_forwarded(b: Backend) {
     drop(c);
     drop(w1);
     assert_eq!(w0.cancel(id), CancelOutcome::NotFound);
+}
+
+/// Cancels asked for from a thread that is no worker (`Port::cancel`, `Port::cancel_all`), and
+/// a worker's `cancel_all` of another worker's socket, reach the socket's home worker: its
+/// operations there complete as cancelled, one posted behind another included.
+fn cancels_from_any_thread_reach_the_home_worker(b: Backend) {
+    let (port, workers) = Port::builder()
+        .workers(2)
+        .backend(b)
+        .build::<(), u8>()
+        .unwrap();
+    let [mut w0, mut w1]: [Worker<(), u8>; 2] = workers.try_into().unwrap();
+    let (ours, _peer) = pair();
+    let h = port.associate_with(1, ours, ()).unwrap();
+    let cancelled = |w: &mut Worker<(), u8>, n: usize| {
+        let mut got: Vec<u8> = (0..n)
+            .map(|_| {
+                let c = w.dequeue(WAIT).unwrap();
+                assert!(c.is_cancelled(), "{}: {:?}", c.data, c.result);
+                c.data
+            })
+            .collect();
+        got.sort_unstable();
+        got
+    };
+
+    // One operation, by its id, from another thread.
+    let id = w1.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
+    std::thread::scope(|s| {
+        s.spawn(|| port.cancel(id));
+    });
+    assert_eq!(cancelled(&mut w1, 1), [1]);
+
+    // Every operation of the socket, from another thread: the one in the kernel and the one
+    // held behind it.
+    w1.submit(Op::recv(&h, Vec::with_capacity(8)), 2);
+    w1.submit(Op::recv(&h, Vec::with_capacity(8)), 3);
+    std::thread::scope(|s| {
+        s.spawn(|| port.cancel_all(&h));
+    });
+    assert_eq!(cancelled(&mut w1, 2), [2, 3]);
+
+    // Every operation of the socket, from the other worker.
+    w1.submit(Op::recv(&h, Vec::with_capacity(8)), 4);
+    w1.submit(Op::recv(&h, Vec::with_capacity(8)), 5);
+    w0.cancel_all(&h);
+    assert_eq!(cancelled(&mut w1, 2), [4, 5]);
+    assert!(matches!(
+        w0.dequeue(Some(Duration::ZERO)),
+        Err(WaitError::TimedOut)
+    ));
 }
 
 fn close_cancels_outstanding_refuses_new_and_releases_the_socket(b: Backend) {
