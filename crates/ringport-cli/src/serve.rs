@@ -289,11 +289,16 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
                 .map_err(|e| format!("--model {name}: {e} (or completion-port)"))?,
         ),
     };
-    let listener = bind(args.listen, args.keepalive)
+    let mut listener = bind(args.listen, args.keepalive)
         .map_err(|e| format!("{}: {}", args.listen, describe(&e)))?;
     if let Some(model) = model {
         return run_model(model, listener, args);
     }
+    let udp_socket = if args.udp {
+        Some(bind_udp_beside(&mut listener, args.listen, args.keepalive)?)
+    } else {
+        None
+    };
     let local = listener
         .local_addr()
         .map_err(|e| format!("{}: {}", args.listen, describe(&e)))?;
@@ -361,12 +366,12 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
             args.conn_buffer, limits.conn_buffer
         );
     }
-    let udp = if args.udp {
-        let bound = crate::udp::start(local, args.udp_rate, args.udp_rate_total)
-            .map_err(|e| format!("{local} (UDP): {}", describe(&e)))?;
-        Some(bound)
-    } else {
-        None
+    let udp = match udp_socket {
+        Some(socket) => Some(
+            crate::udp::start(socket, args.udp_rate, args.udp_rate_total)
+                .map_err(|e| format!("{local} (UDP): {}", describe(&e)))?,
+        ),
+        None => None,
     };
     info!(
         "listening on {local} backend={} workers={} pool={}x{}KiB ({}, {} circulating)",
@@ -572,6 +577,39 @@ pub fn port_error(e: &io::Error) -> String {
 
 /// The listening socket. Its keepalive settings (`keepalive` seconds idle, 0: off) pass to
 /// every connection it accepts, at no cost per connection.
+/// The UDP echo's socket, on the TCP listener's address and port. With `--listen` (`listen`)
+/// on port 0 the port the kernel chose for TCP may be taken for UDP: then both are bound
+/// again, on another port (a few tries).
+fn bind_udp_beside(
+    listener: &mut TcpListener,
+    listen: SocketAddr,
+    keepalive: u32,
+) -> Result<std::net::UdpSocket, String> {
+    const TRIES: usize = 16;
+    let mut tries = 1;
+    loop {
+        let local = listener
+            .local_addr()
+            .map_err(|e| format!("{listen}: {}", describe(&e)))?;
+        match crate::udp::bind(local) {
+            Ok(socket) => return Ok(socket),
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse && listen.port() == 0 && tries < TRIES =>
+            {
+                debug!(
+                    "{local} (UDP): {}; binding both on another port",
+                    describe(&e)
+                );
+                // Bound before the old one is closed, so that the kernel picks another port.
+                *listener =
+                    bind(listen, keepalive).map_err(|e| format!("{listen}: {}", describe(&e)))?;
+                tries += 1;
+            }
+            Err(e) => return Err(format!("{local} (UDP): {}", describe(&e))),
+        }
+    }
+}
+
 fn bind(addr: SocketAddr, keepalive: u32) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -1273,7 +1311,12 @@ impl Server {
             let mut bufs = spare.pop().unwrap_or_default();
             match out.take(MAX_GATHER, &mut bufs) {
                 Some(offset) => {
-                    worker.submit(Op::send_pooled_gather(&conn.handle, bufs, offset), Io::Send);
+                    // One send in flight per connection, and what was not sent goes out with
+                    // what came in since (`sent`): the kernel's part is all it waits for.
+                    worker.submit(
+                        Op::send_pooled_gather(&conn.handle, bufs, offset).partial(),
+                        Io::Send,
+                    );
                 }
                 None => spare.push(bufs),
             }
@@ -1764,6 +1807,27 @@ fn conn_id(c: &Completion<Key, Io>) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    /// With `--listen` on port 0 and the UDP port of the kernel's choice for TCP taken, both
+    /// are bound again on another port, the same for both; with a port given, that is an
+    /// error naming it.
+    #[test]
+    fn udp_beside_a_listener_on_port_0_finds_a_port_free_for_both() {
+        let mut listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = listener.local_addr().unwrap();
+        let _holder = std::net::UdpSocket::bind(taken).unwrap();
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let udp = super::bind_udp_beside(&mut listener, any, 0).unwrap();
+        let tcp = listener.local_addr().unwrap();
+        assert_ne!(tcp, taken, "bound again");
+        assert_eq!(udp.local_addr().unwrap(), tcp);
+
+        let mut fixed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = fixed.local_addr().unwrap();
+        let _holder = std::net::UdpSocket::bind(at).unwrap();
+        let err = super::bind_udp_beside(&mut fixed, at, 0).unwrap_err();
+        assert!(err.contains(&format!("{at} (UDP)")), "{err}");
+    }
+
     /// Every connection, idle or not, holds one record in its worker's table: keep it small.
     #[test]
     fn connection_records_stay_small() {

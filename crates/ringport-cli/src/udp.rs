@@ -69,10 +69,15 @@ impl Udp {
     }
 }
 
-/// Binds `addr` and echoes datagrams, at most `rate` per second per source and `total` per
-/// second in all (0: no limit).
-pub fn start(addr: SocketAddr, rate: u32, total: u32) -> io::Result<Udp> {
-    let socket = UdpSocket::bind(addr)?;
+/// The UDP echo's socket, bound to `addr`.
+pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    UdpSocket::bind(addr)
+}
+
+/// Echoes datagrams on `socket` (from [`bind`]), at most `rate` per second per source and
+/// `total` per second in all (0: no limit).
+pub fn start(socket: UdpSocket, rate: u32, total: u32) -> io::Result<Udp> {
+    let addr = socket.local_addr()?;
     socket.set_read_timeout(Some(POLL))?;
     // On a wildcard address the reply's source would be chosen by the route back, which on a
     // host with several addresses need not be the one the client sent to (and a connected

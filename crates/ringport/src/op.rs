@@ -91,6 +91,8 @@ pub struct Op<K> {
     pub(crate) handle: Option<Handle<K>>,
     pub(crate) kind: OpKind,
     pub(crate) body: Option<OpBody>,
+    /// A send that may complete with part of its bytes ([`Op::partial`]).
+    pub(crate) partial: bool,
 }
 
 impl<K> Op<K> {
@@ -99,7 +101,20 @@ impl<K> Op<K> {
             handle: handle.cloned(),
             kind,
             body,
+            partial: false,
         }
+    }
+
+    /// Lets a send complete with the part the kernel takes at once, as `send(2)` does, instead
+    /// of going on until all of it has gone out: the rest is the caller's to send. Only for a
+    /// caller that keeps one send in flight per socket, as a send posted meanwhile would go out
+    /// ahead of the rest. What it saves is the port sending the rest on its own, when the caller
+    /// would rather send it together with what came in since (as `ringport serve`'s gathering
+    /// sends do), and the wait for the last byte before the buffers come back. No effect on
+    /// other operations.
+    pub fn partial(mut self) -> Self {
+        self.partial = true;
+        self
     }
 
     /// Accept one connection on a listening socket. Post several to keep a pool of pending

@@ -1157,6 +1157,7 @@ where
             return false;
         };
         if p.kind != OpKind::Send
+            || p.partial
             || p.handle
                 .as_ref()
                 .is_some_and(|h| self.sockets_cancelled.contains(&h.serial()))
@@ -1463,6 +1464,9 @@ where
                 // One byte goes out at once, and the send goes on from there as after any
                 // short send (`send_goes_on`).
                 Some((Effect::Short, rule)) => match sys::send_one(fd, body.unsent_head()) {
+                    Some(Ok(n)) if p.partial => {
+                        return self.ready.push_back(p.into_completion(id, Ok(n)))
+                    }
                     Some(Ok(n)) => {
                         body.advance(n);
                         self.sent_before.insert(id, n);
@@ -1576,6 +1580,8 @@ struct Pending<K, D> {
     data: D,
     /// Submitted as multishot: each intermediate completion gets a clone of `data`.
     multishot: bool,
+    /// A send that completes with what the kernel takes at once ([`Op::partial`]).
+    partial: bool,
     /// A pooled receive's byte limit ([`Op::recv_pooled_max`]; 0: none). Kept here rather than
     /// in a boxed body: it fits in the record's padding.
     limit: u32,
@@ -1594,6 +1600,7 @@ impl<K, D> Pending<K, D> {
             handle: self.handle,
             kind: self.kind,
             body,
+            partial: self.partial,
         };
         (op, self.data)
     }
@@ -1794,6 +1801,7 @@ impl<K, D> Shared<K, D> {
                 .map(OpBox::new),
             data,
             multishot: clone.is_some(),
+            partial: op.partial,
             limit,
         }
     }

@@ -163,6 +163,7 @@ per_backend!(
     cancelling_a_finished_operation_leaves_later_ones_alone,
     close_cancels_outstanding_refuses_new_and_releases_the_socket,
     a_send_completes_when_all_of_it_has_gone,
+    a_partial_send_completes_with_what_the_kernel_took,
     sends_posted_together_go_out_whole_and_in_order,
     a_send_cancelled_part_way_reports_what_went,
     a_gathering_send_goes_on_across_its_buffers,
@@ -1036,6 +1037,30 @@ fn a_send_completes_when_all_of_it_has_gone(b: Backend) {
     assert_eq!(c.result.unwrap(), data.len());
     assert_eq!(c.buf.unwrap().len(), data.len());
     assert!(reader.join().unwrap() == data, "the peer got other bytes");
+}
+
+/// A send marked `partial` completes with the part the kernel took at once, as `send(2)`
+/// does: 64 MiB to a peer that reads nothing comes back short, its buffer whole.
+fn a_partial_send_completes_with_what_the_kernel_took(b: Backend) {
+    let (port, mut w) = one_worker::<(), ()>(b);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let data = numbered(64 << 20, 7);
+    w.submit(Op::send(&h, data.clone(), 0).partial(), ());
+    let c = next(&mut w);
+    let n = *c.result.as_ref().unwrap();
+    assert!(
+        n > 0 && n < data.len(),
+        "sent {n} of 64 MiB to a peer that reads nothing"
+    );
+    assert_eq!(c.buf.as_ref().unwrap().len(), data.len());
+    drop((c, h));
+    let mut got = Vec::new();
+    peer.read_to_end(&mut got).unwrap();
+    assert!(
+        got == data[..n],
+        "the peer got other bytes than the {n} reported"
+    );
 }
 
 /// Two sends posted together on one socket: the second goes out only after all of the first,
