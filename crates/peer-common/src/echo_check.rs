@@ -313,7 +313,7 @@ pub fn check_concurrent(addr: SocketAddr, connections: usize, messages: usize) {
     );
 }
 
-/// Two connections served at once: the first sends half a message and gets it back, then the
+/// Two connections served at once: the first sends part of a message and gets it back, then the
 /// second is echoed whole while the first is still open mid-message, then the first finishes.
 /// A server that served its connections one after another would not answer the second until
 /// the first ended, and the read would time out.
@@ -353,17 +353,19 @@ pub fn check_interleaved(addr: SocketAddr) {
 }
 
 /// Asserts that `server` drives `expected` (`backend=NAME` on its listening line). A peer that
-/// falls back to another interface where the kernel refuses io_uring is skipped there, as
-/// [`Server::start`] skips a peer that cannot run, unless the policy requires io_uring
-/// ([`uring_check::refusal_skips`]).
+/// falls back to another interface where the kernel refuses io_uring ([`uring_check::refusal`])
+/// is skipped there, as [`Server::start`] skips a peer that cannot run, unless the policy
+/// requires io_uring ([`uring_check::refusal_skips`]); a fallback for any other reason fails.
 pub fn check_backend(server: &Server, bin: &str, expected: &str) {
     let said = server.backend();
     if said == Some(expected) {
         return;
     }
-    if expected == "io_uring" && said.is_some() && uring_check::refusal_skips() {
-        println!("SKIPPED: {bin} fell back to {said:?}: io_uring is refused here");
-        return;
+    if expected == "io_uring" && uring_check::refusal_skips() {
+        if let Some(why) = uring_check::refusal() {
+            println!("SKIPPED: {bin} drives {said:?}: the kernel refuses io_uring ({why})");
+            return;
+        }
     }
     panic!("{bin}: drives {said:?}, not {expected}");
 }

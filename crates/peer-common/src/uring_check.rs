@@ -22,6 +22,18 @@ pub fn names_refusal(text: &str) -> bool {
         .any(|code| text.contains(code))
 }
 
+/// Why this kernel refuses io_uring, if it does: a ring cannot be set up, for one of the
+/// reasons [`names_refusal`] accepts.
+pub fn refusal() -> Option<String> {
+    match io_uring::IoUring::new(2) {
+        Ok(_) => None,
+        Err(e) => {
+            let why = format!("io_uring_setup: {e}");
+            names_refusal(&why).then_some(why)
+        }
+    }
+}
+
 /// Asserts that this thread's blocking calls with a timeout time out rather than fail with
 /// `EINTR`, twice: the kernel interrupts every thread it counts as a ring's user when the ring is
 /// torn down. `after` says what happened before, for the message.

@@ -396,6 +396,13 @@ impl Report {
             return;
         }
         let _ = writeln!(md, "## Ratios: subject ÷ best peer\n");
+        if self.plan.cells.iter().any(|c| c.kind == Kind::Bulk) {
+            let _ = writeln!(
+                md,
+                "In the bulk row the first column of each pair is the ratio of GB/s, and the \
+                 second of CPU per MiB.\n"
+            );
+        }
         let mut head = String::from("| cell |");
         let mut rule = String::from("|---|");
         for s in &subjects {

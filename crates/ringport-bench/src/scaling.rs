@@ -81,6 +81,17 @@ fn run(args: &ScalingArgs) -> Result<i32, String> {
     notes.extend(note);
     let specs = with_workers(&base, &workers);
     let (ready, skipped) = setup.resolve(c, &specs);
+    if ready.is_empty() && skipped.is_empty() {
+        return Err(format!(
+            "--only {}: none of these runs with the worker counts that fit the server CPUs ({})",
+            c.only.join(","),
+            workers
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
     let default_conns = if c.quick { 100 } else { 1000 };
     let cell = Cell::ping(
         c.connections.first().copied().unwrap_or(default_conns),

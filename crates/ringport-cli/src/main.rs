@@ -197,8 +197,9 @@ pub struct BackendArg {
 /// Options of `ringport client`.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// Address of the echo server.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5150")]
+    /// Address of the echo server: IP:PORT, or HOST:PORT (a name is resolved once, its IPv4
+    /// addresses first, as `ringport serve` listens on IPv4 by default).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5150", value_parser = parse_server)]
     pub connect: SocketAddr,
 
     /// Book mode: how many times to send the message.
@@ -316,6 +317,26 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` is shorter than a nanosecond"));
     }
     Ok(d)
+}
+
+/// `--connect`: an address, or a host name and port resolved to its first IPv4 address (or,
+/// with none, its first address).
+fn parse_server(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if !s.contains(':') {
+        return Err(format!("`{s}` has no port (HOST:PORT or IP:PORT)"));
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(s)
+        .map_err(|e| format!("`{s}`: cannot resolve: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| format!("`{s}`: the name has no address"))
 }
 
 /// The shortest period `--stats` and `--idle-timeout` take (the idle sweep's own period).

@@ -575,8 +575,6 @@ pub fn port_error(e: &io::Error) -> String {
     msg
 }
 
-/// The listening socket. Its keepalive settings (`keepalive` seconds idle, 0: off) pass to
-/// every connection it accepts, at no cost per connection.
 /// The UDP echo's socket, on the TCP listener's address and port. With `--listen` (`listen`)
 /// on port 0 the port the kernel chose for TCP may be taken for UDP: then both are bound
 /// again, on another port (a few tries).
@@ -610,6 +608,8 @@ fn bind_udp_beside(
     }
 }
 
+/// The listening socket. Its keepalive settings (`keepalive` seconds idle, 0: off) pass to
+/// every connection it accepts, at no cost per connection.
 fn bind(addr: SocketAddr, keepalive: u32) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),

@@ -158,9 +158,11 @@ mod wire {
         V6(libc::in6_pktinfo),
     }
 
-    /// Room for either control message (32 bytes each on 64-bit Linux), aligned for its header.
+    /// Room for both control messages an IPv4 datagram brings to a dual-stack socket
+    /// (`IPV6_PKTINFO`, 40 bytes on 64-bit Linux, then `IP_PKTINFO`, 32), aligned for their
+    /// headers.
     #[repr(C, align(8))]
-    struct Control([u8; 64]);
+    struct Control([u8; 128]);
 
     fn set_flag(socket: &UdpSocket, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
         let one: libc::c_int = 1;
@@ -184,7 +186,8 @@ mod wire {
 
     /// Has the kernel report each datagram's destination on `socket` (for an IPv6 socket also
     /// that of IPv4 datagrams it receives, as `IP_PKTINFO`, whose local address is the one to
-    /// answer from even for a broadcast).
+    /// answer from even for a broadcast; `recv` prefers it to the IPv4-mapped `IPV6_PKTINFO`
+    /// that comes with it).
     pub fn want_destinations(socket: &UdpSocket, v6: bool) -> io::Result<()> {
         if v6 {
             set_flag(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
@@ -200,7 +203,7 @@ mod wire {
         socket: &UdpSocket,
         buf: &mut [u8],
     ) -> io::Result<(usize, SocketAddr, Option<Dest>)> {
-        let mut control = Control([0; 64]);
+        let mut control = Control([0; 128]);
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
@@ -241,7 +244,7 @@ mod wire {
             let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
             while !c.is_null() {
                 let data = libc::CMSG_DATA(c);
-                let len = (*c).cmsg_len as usize - (data as usize - c as usize);
+                let len = ((*c).cmsg_len as usize).saturating_sub(data as usize - c as usize);
                 match ((*c).cmsg_level, (*c).cmsg_type) {
                     (libc::IPPROTO_IP, libc::IP_PKTINFO)
                         if len >= size_of::<libc::in_pktinfo>() =>
@@ -315,7 +318,7 @@ mod wire {
             ),
         };
         let name = SockAddr::from(to);
-        let mut control = Control([0; 64]);
+        let mut control = Control([0; 128]);
         let mut iov = libc::iovec {
             iov_base: data.as_ptr().cast_mut().cast(),
             iov_len: data.len(),
@@ -331,7 +334,7 @@ mod wire {
         msg.msg_controllen = unsafe { libc::CMSG_SPACE(len as u32) } as usize;
         debug_assert!(msg.msg_controllen <= control.0.len());
         // SAFETY: the control area is `control`, aligned for a header and at least
-        // `msg_controllen` long (32 bytes for either message on 64-bit Linux, of 64), so
+        // `msg_controllen` long (32 or 40 bytes on 64-bit Linux, of 128), so
         // `CMSG_FIRSTHDR` returns its start and the header and the `len` data bytes written
         // stay inside it. `sendmsg` only reads the message, whose buffer, address and control
         // area are live for the call; nothing writes to `data` through the `iovec`.

@@ -103,6 +103,7 @@ fn client_unknown_flag_is_exit_2() {
 
 fn client_unparsable_connect_address_is_exit_2() {
     assert_usage_error(&["client", "--connect", "nonsense"]);
+    assert_usage_error_naming(&["client", "--connect", "localhost"], "has no port");
 }
 
 /// More in flight at once than any machine here has memory for: refused before anything is

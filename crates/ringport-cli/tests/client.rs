@@ -75,6 +75,15 @@ fn book_mode_sends_and_receives_20_messages() {
     );
 }
 
+/// `--connect` takes a host name: `localhost` (from the hosts file, no DNS) reaches the server
+/// on 127.0.0.1 even where the name also has the IPv6 loopback, which nothing listens on.
+fn book_mode_connects_to_a_host_name() {
+    let server = Server::start();
+    let addr = format!("localhost:{}", server.addr.port());
+    let output = run_cli(&["client", "--connect", &addr, "--count", "2"], CLI_TIMEOUT);
+    assert_book_run(&output, 2);
+}
+
 fn book_mode_honours_count() {
     let server = Server::start();
     let addr = server.addr.to_string();
@@ -463,6 +472,7 @@ per_backend!(
     load_mode_detects_bytes_after_the_last_echo,
     book_mode_sends_and_receives_20_messages,
     book_mode_honours_count,
+    book_mode_connects_to_a_host_name,
     load_mode_json_reports_every_message_verified,
     load_mode_duration_is_bounded,
     book_mode_names_connection_refused,

@@ -57,14 +57,15 @@ fn serve(worker: &mut Worker<(), ()>, listener: &Handle<()>) -> std::io::Result<
                 let buf = c.buf.expect("a receive gives its buffer back");
                 worker.submit(Op::send(&handle, buf, 0), ());
             }
-            // All sent (a send completes once all of it has gone out, or fails part-way: then
-            // the socket's next operation fails too): receive again, into the same buffer.
-            (OpKind::Send, Ok(_)) => {
+            // All sent (a send completes once all of it has gone out): receive again, into
+            // the same buffer.
+            (OpKind::Send, Ok(n)) if n == c.buf.as_ref().map_or(0, Vec::len) => {
                 let mut buf = c.buf.expect("a send gives its buffer back");
                 buf.clear();
                 worker.submit(Op::recv(&handle, buf), ());
             }
-            // Peer closed (0 bytes) or an error: close this socket only.
+            // Peer closed (0 bytes), an error, or a send cut short by one: close this socket
+            // only.
             (OpKind::Recv | OpKind::Send, _) => {
                 worker.submit(Op::close(&handle), ());
             }

@@ -22,7 +22,8 @@ use crate::op::OpKind;
 ///
 /// A failing operation completes at once with the error (its buffer given back) without
 /// reaching the kernel; a `short` send sends one byte at once and the rest as the port does
-/// whenever the kernel takes only part of a send (it completes whole). The error
+/// whenever the kernel takes only part of a send (it completes whole), or, posted with
+/// [`Op::partial`](crate::Op::partial), completes with `Ok(1)`. The error
 /// stays with that operation: unlike the kernel's `ECONNRESET` or `EPIPE`, it does not end the
 /// connection, and later operations on the socket go ahead (an application that reacts to it
 /// by closing behaves as it would against the kernel). A failing

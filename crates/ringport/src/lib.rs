@@ -20,7 +20,9 @@
 //!   once all of its bytes have gone out, as a completion port's does: where the kernel takes
 //!   only part, the port sends the rest before the socket's next send, so several sends
 //!   posted together go out whole and in order; one that fails or is cancelled part-way
-//!   completes with the count that went out.
+//!   completes with the count that went out, and those posted behind it with `ECANCELED`.
+//!   ([`Op::partial`] lets a send complete with the kernel's part instead, for a caller that
+//!   keeps one send in flight per socket.)
 //! * Worker threads call [`Worker::dequeue`] (`GetQueuedCompletionStatus`) or
 //!   [`Worker::dequeue_batch`] with a timeout (`Some(ZERO)` polls, `None` waits forever) and get
 //!   the byte count or the errno, the key (via [`Completion::handle`]), and the per-I/O data. A

@@ -68,7 +68,8 @@ pub enum OpKind {
     /// [`Op::recv`]: the byte count was appended to the buffer; `0` means the peer closed.
     Recv,
     /// [`Op::send`], [`Op::send_pooled`] or [`Op::send_pooled_gather`]: on a stream, the byte
-    /// count is all that was asked unless the send failed or was cancelled part-way.
+    /// count is all that was asked unless the send failed or was cancelled part-way, or was
+    /// posted with [`Op::partial`].
     Send,
     /// [`Op::recv_pooled`]: each completion carries [`Completion::pooled`]; `0` means the peer
     /// closed; `ENOBUFS` means no buffer was free (post it again, see [`Op::recv_pooled`]).
@@ -155,10 +156,11 @@ impl<K> Op<K> {
 
     /// Send `buf[offset..]`. On a stream socket it completes once all of it has gone out, as
     /// a completion port's send does: where the kernel takes only part, the port sends the
-    /// rest in the same operation, before any later send on the socket. Should it fail or be
-    /// cancelled part-way, it completes with the count that went out (`Ok`, less than asked;
-    /// a failed socket fails its next operation too). An `offset` past the end of `buf`
-    /// completes at once with `InvalidInput`.
+    /// rest in the same operation, before any later send on the socket (unless posted with
+    /// [`Op::partial`]). Should it fail or be cancelled part-way, it completes with the count
+    /// that went out (`Ok`, less than asked: the rest was not sent), and the sends posted
+    /// behind it on the socket complete with `ECANCELED`, as their bytes would follow a gap.
+    /// An `offset` past the end of `buf` completes at once with `InvalidInput`.
     pub fn send(socket: &Handle<K>, buf: Vec<u8>, offset: usize) -> Self {
         Op::new(Some(socket), OpKind::Send, Some(OpBody::Send(buf, offset)))
     }
@@ -216,7 +218,7 @@ impl<K> Op<K> {
     /// Send several pool buffers in order with one gathering send (`sendmsg`, like `WSASend`
     /// with several `WSABUF`s), starting `offset` bytes into the first. The byte count covers
     /// them all and, as for [`Op::send`], falls short only if the send fails or is cancelled
-    /// part-way; the buffers come back, in order, in [`Completion::gathered`] (and the `Vec`,
+    /// part-way (or was posted with [`Op::partial`]); the buffers come back, in order, in [`Completion::gathered`] (and the `Vec`,
     /// to be reused for the next send). With one buffer this is [`Op::send_pooled`]; past 1024
     /// buffers (the kernel's `UIO_MAXIOV`) the rest goes in further `sendmsg` calls. An
     /// `offset` past the end of the first buffer completes at once with `InvalidInput`.

@@ -1076,16 +1076,14 @@ where
                 debug_assert!(false, "intermediate event of {:#x} without a record", ev.id);
                 return;
             };
+            // Before the caller's clone, which may panic: a connection accepted is closed then.
+            let (result, accepted) = p.outcome(ev.res);
             let data = match (p.multishot, self.shared.clone.get()) {
                 (true, Some(clone)) => clone(&p.data),
                 // Not submitted as multishot: only the last completion is reported (and a
                 // connection accepted meanwhile is closed).
-                _ => {
-                    drop(p.outcome(ev.res));
-                    return;
-                }
+                _ => return,
             };
-            let (result, accepted) = p.outcome(ev.res);
             self.ready.push_back(Completion {
                 id: OpId::from_raw(ev.id),
                 kind: p.kind,
@@ -1100,7 +1098,7 @@ where
             });
         } else if ev.res > 0 && self.send_goes_on(ev.id, ev.res as usize) {
             // The rest of the send is in the kernel again: no completion yet.
-        } else if let Some(p) = self.inflight.remove(ev.id) {
+        } else if let Some(mut p) = self.inflight.remove(ev.id) {
             if p.kind == OpKind::RecvPooled && ev.res == -libc::ENOBUFS {
                 self.driver.pool_starved();
             }
@@ -1122,6 +1120,16 @@ where
                     self.sockets_cancelled.remove(&h.serial());
                 }
             }
+            // A send that failed or was cancelled before all of it went out: the sends held
+            // behind it would put their bytes after a gap in the stream, so they are cancelled.
+            let gap = (p.kind == OpKind::Send && !p.partial && !self.held.is_empty())
+                .then(|| {
+                    // Out of the kernel now: its body may be read.
+                    let left = p.body.as_mut().map_or(0, |b| b.get_mut().unsent_len());
+                    let h = p.handle.as_ref().filter(|h| h.is_stream())?;
+                    (left > usize::try_from(ev.res).unwrap_or(0)).then(|| h.serial())
+                })
+                .flatten();
             let mut result = p.result(ev.res);
             if let Some(before) = self.sent_before.remove(&ev.id) {
                 // The count is the operation's: what went out before this last part, and, should
@@ -1134,6 +1142,9 @@ where
                 c.pooled = pooled;
             }
             self.ready.push_back(c);
+            if let Some(serial) = gap {
+                self.cancel_held_sends(serial);
+            }
             if let Some((serial, index)) = freed.filter(|_| !self.held.is_empty()) {
                 self.start_held(serial, index);
             }
@@ -1249,6 +1260,20 @@ where
         if let Some(p) = self.inflight.remove(id) {
             self.ready
                 .push_back(p.into_completion(id, Err(errno(libc::ECANCELED))));
+        }
+    }
+
+    /// Completes the sends (and connects) held on socket `serial` with `ECANCELED`.
+    fn cancel_held_sends(&mut self, serial: u64) {
+        let Some(queues) = self.held.get_mut(&serial) else {
+            return;
+        };
+        let sends = std::mem::take(&mut queues[1]);
+        if queues.iter().all(VecDeque::is_empty) {
+            self.held.remove(&serial);
+        }
+        for id in sends {
+            self.complete_held_as_cancelled(id);
         }
     }
 

@@ -168,6 +168,7 @@ per_backend!(
     a_send_cancelled_part_way_reports_what_went,
     a_gathering_send_goes_on_across_its_buffers,
     a_send_cancelled_before_its_part_is_seen_goes_no_further,
+    a_send_cut_short_cancels_the_sends_held_behind_it,
     cancels_from_any_thread_reach_the_home_worker,
     accept_and_connect,
     multishot_accept_takes_every_connection_until_cancelled,
@@ -1651,6 +1652,38 @@ fn pooled_worker_with(
         .build::<u8, u8>()
         .unwrap();
     (port, workers.pop().unwrap())
+}
+
+/// A send cancelled part-way leaves a gap in the stream: the send held behind it is cancelled
+/// too, rather than put its bytes after the gap.
+fn a_send_cut_short_cancels_the_sends_held_behind_it(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let data = numbered(64 << 20, 8);
+    let first = w.submit(Op::send(&h, data.clone(), 0), 1);
+    w.submit(Op::send(&h, b"after the gap".to_vec(), 0), 2);
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(200))),
+        Err(WaitError::TimedOut)
+    ));
+    w.cancel(first);
+    let mut got = [None, None];
+    for _ in 0..2 {
+        let c = next(&mut w);
+        let at = usize::from(c.data - 1);
+        got[at] = Some(c);
+    }
+    let [Some(a), Some(b)] = got else {
+        panic!("one completion for each send")
+    };
+    let n = *a.result.as_ref().expect("the count of what went");
+    assert!(n < data.len());
+    assert!(b.is_cancelled(), "the send behind: {:?}", b.result);
+    drop((a, b, h));
+    let mut echoed = Vec::new();
+    peer.read_to_end(&mut echoed).unwrap();
+    assert_eq!(echoed.len(), n, "only the first send's part went out");
 }
 
 /// A send cancelled as soon as it is posted, before the worker has seen that the kernel took

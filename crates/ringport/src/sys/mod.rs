@@ -64,6 +64,15 @@ impl OpBody {
         }
     }
 
+    /// How many bytes a send has yet to send, all its buffers together; 0 for other operations.
+    pub(crate) fn unsent_len(&self) -> usize {
+        match self {
+            OpBody::Send(..) | OpBody::SendPooled(..) => self.unsent_head().len(),
+            OpBody::SendGather(g) => g.unsent().map(<[u8]>::len).sum(),
+            _ => 0,
+        }
+    }
+
     /// Counts `n` more bytes of a send as sent; whether any are left to send.
     pub(crate) fn advance(&mut self, n: usize) -> bool {
         match self {
