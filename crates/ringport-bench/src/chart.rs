@@ -141,7 +141,7 @@ mod tests {
 
     #[test]
     fn a_failed_cell_breaks_the_line() {
-        use crate::matrix::{CellResult, Outcome, Role, ServerSpec};
+        use crate::matrix::{Outcome, Role};
         let cells = [1, 50, 1000].map(|c| Cell::ping(c, 64, 16));
         let measured = |msgs: f64| {
             let client = crate::proc::parse_client_json(concat!(
@@ -170,22 +170,13 @@ mod tests {
             },
             measured(30.0),
         ];
-        let server = ServerResults {
-            spec: ServerSpec::new("tokio", Role::Peer, "peer-tokio", "peer-tokio", &[]),
-            listen_line: None,
-            integrity_failures: Vec::new(),
-            mismatched: false,
-            cells: cells
-                .iter()
-                .zip(rounds)
-                .map(|(&cell, o)| CellResult {
-                    server: "tokio".to_owned(),
-                    cell,
-                    rounds: vec![o],
-                })
-                .collect(),
-            idle: Vec::new(),
-        };
+        let server = crate::report::tests::server(
+            "tokio",
+            Role::Peer,
+            "peer-tokio",
+            &cells,
+            rounds.into_iter().map(|o| vec![o]).collect(),
+        );
         let series = series_by_cell(
             &[server],
             |c| Some(f64::from(c.connections)),

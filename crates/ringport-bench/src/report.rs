@@ -648,7 +648,7 @@ fn ratio_with(a: Option<f64>, best: Option<&(f64, String)>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -756,8 +756,9 @@ mod tests {
         }
     }
 
-    /// A server of `program` with `rounds[i]` as the rounds of `cells[i]`.
-    fn server(
+    /// A server of `program` with `rounds[i]` as the rounds of `cells[i]` (also for the
+    /// chart's tests).
+    pub(crate) fn server(
         label: &str,
         role: Role,
         program: &str,

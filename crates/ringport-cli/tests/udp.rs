@@ -51,6 +51,25 @@ fn expect_no_answer(sock: &UdpSocket, from: &str) {
     }
 }
 
+/// Sends `msg` on `sock` (connected, with a read timeout) and returns what comes back, sending
+/// again up to three times in all if nothing does; `None` if nothing ever did.
+fn echo_of(sock: &UdpSocket, msg: &[u8]) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 65536];
+    for _attempt in 0..3 {
+        sock.send(msg).unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) => return Some(buf[..n].to_vec()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("UDP receive of the echo of {} bytes: {e}", msg.len()),
+        }
+    }
+    None
+}
+
 /// Summary counts: (echoed, dropped).
 fn udp_summary(output: &Output) -> (u64, u64) {
     let echoed =
@@ -74,28 +93,11 @@ fn datagrams_of_every_size_echo_exactly() {
     let server = Server::start_with(&["--listen", "127.0.0.1:0", "--udp", "--udp-rate", "0"]);
     let sock = udp_client(server.addr);
     sock.set_read_timeout(Some(ECHO_WAIT)).unwrap();
-    let mut buf = vec![0u8; 65536];
     let sizes = [1usize, 1000, 60_000];
     for (i, &len) in sizes.iter().enumerate() {
         let msg = pattern(500 + i as u64, len);
-        let mut echoed = None;
-        for _attempt in 0..3 {
-            sock.send(&msg).unwrap();
-            match sock.recv(&mut buf) {
-                Ok(n) => {
-                    echoed = Some(buf[..n].to_vec());
-                    break;
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => panic!("UDP receive of the {len}-byte echo: {e}"),
-            }
-        }
-        let echoed =
-            echoed.unwrap_or_else(|| panic!("no echo of a {len}-byte datagram in 3 tries"));
+        let echoed = echo_of(&sock, &msg)
+            .unwrap_or_else(|| panic!("no echo of a {len}-byte datagram in 3 tries"));
         assert_eq!(
             echoed.len(),
             len,
@@ -328,23 +330,7 @@ fn a_wildcard_echo_answers_from_the_address_it_was_sent_to() {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.connect(to).unwrap();
         sock.set_read_timeout(Some(ECHO_WAIT)).unwrap();
-        let mut buf = [0u8; 64];
-        let mut echoed = None;
-        for _attempt in 0..3 {
-            sock.send(b"from the address asked").unwrap();
-            match sock.recv(&mut buf) {
-                Ok(n) => {
-                    echoed = Some(buf[..n].to_vec());
-                    break;
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => panic!("UDP receive from {to} (server on {listen}): {e}"),
-            }
-        }
+        let echoed = echo_of(&sock, b"from the address asked");
         assert_eq!(
             echoed.as_deref(),
             Some(&b"from the address asked"[..]),

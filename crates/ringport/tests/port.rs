@@ -893,18 +893,47 @@ fn cancel_one_operation_and_all_of_a_socket(b: Backend) {
     assert!(c.is_cancelled());
 }
 
+/// Two workers, and a connected socket whose home is the second.
+struct SecondOfTwo {
+    port: Port<(), u8>,
+    w0: Worker<(), u8>,
+    w1: Worker<(), u8>,
+    h: Handle<()>,
+    /// The socket's peer, kept open.
+    peer: TcpStream,
+}
+
+impl SecondOfTwo {
+    fn new(b: Backend) -> Self {
+        let (port, workers) = Port::builder()
+            .workers(2)
+            .backend(b)
+            .build::<(), u8>()
+            .unwrap();
+        let [w0, w1]: [Worker<(), u8>; 2] = workers.try_into().unwrap();
+        let (ours, peer) = pair();
+        let h = port.associate_with(1, ours, ()).unwrap();
+        SecondOfTwo {
+            port,
+            w0,
+            w1,
+            h,
+            peer,
+        }
+    }
+}
+
 /// A worker cancelling an operation on another worker's socket sends the request there
 /// (`Forwarded`); that worker's completion tells whether it was still in flight. A worker that
 /// is gone has nothing in flight.
 fn cancelling_another_workers_operation_is_forwarded(b: Backend) {
-    let (port, workers) = Port::builder()
-        .workers(2)
-        .backend(b)
-        .build::<(), u8>()
-        .unwrap();
-    let [mut w0, mut w1]: [Worker<(), u8>; 2] = workers.try_into().unwrap();
-    let (ours, _peer) = pair();
-    let h = port.associate_with(1, ours, ()).unwrap();
+    let SecondOfTwo {
+        port: _port,
+        mut w0,
+        mut w1,
+        h,
+        peer: _peer,
+    } = SecondOfTwo::new(b);
     let id = w0.submit(Op::recv(&h, Vec::with_capacity(8)), 7);
     assert_eq!(w0.cancel(id), CancelOutcome::Forwarded);
     let c = w1.dequeue(WAIT).unwrap();
@@ -920,14 +949,13 @@ fn cancelling_another_workers_operation_is_forwarded(b: Backend) {
 /// a worker's `cancel_all` of another worker's socket, reach the socket's home worker: its
 /// operations there complete as cancelled, one posted behind another included.
 fn cancels_from_any_thread_reach_the_home_worker(b: Backend) {
-    let (port, workers) = Port::builder()
-        .workers(2)
-        .backend(b)
-        .build::<(), u8>()
-        .unwrap();
-    let [mut w0, mut w1]: [Worker<(), u8>; 2] = workers.try_into().unwrap();
-    let (ours, _peer) = pair();
-    let h = port.associate_with(1, ours, ()).unwrap();
+    let SecondOfTwo {
+        port,
+        mut w0,
+        mut w1,
+        h,
+        peer: _peer,
+    } = SecondOfTwo::new(b);
     let cancelled = |w: &mut Worker<(), u8>, n: usize| {
         let mut got: Vec<u8> = (0..n)
             .map(|_| {
@@ -1015,6 +1043,19 @@ fn read_on_thread(mut peer: TcpStream, len: usize) -> std::thread::JoinHandle<Ve
     })
 }
 
+/// Reads `peer` to EOF (every handle of our end dropped, nothing in flight) and asserts that
+/// it got exactly `sent`: the count a completion reported, and those bytes.
+fn assert_peer_got_exactly(mut peer: TcpStream, sent: &[u8]) {
+    let mut got = Vec::new();
+    peer.read_to_end(&mut got).unwrap();
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "the peer got another count than reported"
+    );
+    assert!(got == sent, "the peer got other bytes");
+}
+
 /// A send on a stream completes once all of its bytes have gone out, as a completion port's
 /// does, though the kernel takes them in parts: 64 MiB to a peer that reads nothing yet stays
 /// in flight; once the peer reads, it completes with the whole count, every byte in order.
@@ -1044,7 +1085,7 @@ fn a_send_completes_when_all_of_it_has_gone(b: Backend) {
 /// does: 64 MiB to a peer that reads nothing comes back short, its buffer whole.
 fn a_partial_send_completes_with_what_the_kernel_took(b: Backend) {
     let (port, mut w) = one_worker::<(), ()>(b);
-    let (ours, mut peer) = pair();
+    let (ours, peer) = pair();
     let h = port.associate(ours, ()).unwrap();
     let data = numbered(64 << 20, 7);
     w.submit(Op::send(&h, data.clone(), 0).partial(), ());
@@ -1056,12 +1097,7 @@ fn a_partial_send_completes_with_what_the_kernel_took(b: Backend) {
     );
     assert_eq!(c.buf.as_ref().unwrap().len(), data.len());
     drop((c, h));
-    let mut got = Vec::new();
-    peer.read_to_end(&mut got).unwrap();
-    assert!(
-        got == data[..n],
-        "the peer got other bytes than the {n} reported"
-    );
+    assert_peer_got_exactly(peer, &data[..n]);
 }
 
 /// Two sends posted together on one socket: the second goes out only after all of the first,
@@ -1100,7 +1136,7 @@ fn sends_posted_together_go_out_whole_and_in_order(b: Backend) {
 /// those.
 fn a_send_cancelled_part_way_reports_what_went(b: Backend) {
     let (port, mut w) = one_worker::<(), ()>(b);
-    let (ours, mut peer) = pair();
+    let (ours, peer) = pair();
     let h = port.associate(ours, ()).unwrap();
     let data = numbered(64 << 20, 4);
     let id = w.submit(Op::send(&h, data.clone(), 0), ());
@@ -1116,11 +1152,7 @@ fn a_send_cancelled_part_way_reports_what_went(b: Backend) {
         "sent {n} of 64 MiB to a peer that reads nothing"
     );
     drop((c, h));
-    // The last handle is gone and nothing is in flight: the peer reads to EOF.
-    let mut got = Vec::new();
-    peer.read_to_end(&mut got).unwrap();
-    assert_eq!(got.len(), n, "the peer got another count than reported");
-    assert!(got == data[..n], "the peer got other bytes");
+    assert_peer_got_exactly(peer, &data[..n]);
 }
 
 fn accept_and_connect(b: Backend) {
@@ -1658,7 +1690,7 @@ fn pooled_worker_with(
 /// too, rather than put its bytes after the gap.
 fn a_send_cut_short_cancels_the_sends_held_behind_it(b: Backend) {
     let (port, mut w) = one_worker::<(), u8>(b);
-    let (ours, mut peer) = pair();
+    let (ours, peer) = pair();
     let h = port.associate(ours, ()).unwrap();
     let data = numbered(64 << 20, 8);
     let first = w.submit(Op::send(&h, data.clone(), 0), 1);
@@ -1681,9 +1713,8 @@ fn a_send_cut_short_cancels_the_sends_held_behind_it(b: Backend) {
     assert!(n < data.len());
     assert!(b.is_cancelled(), "the send behind: {:?}", b.result);
     drop((a, b, h));
-    let mut echoed = Vec::new();
-    peer.read_to_end(&mut echoed).unwrap();
-    assert_eq!(echoed.len(), n, "only the first send's part went out");
+    // Only the first send's part went out.
+    assert_peer_got_exactly(peer, &data[..n]);
 }
 
 /// A send cancelled as soon as it is posted, before the worker has seen that the kernel took
@@ -1692,7 +1723,7 @@ fn a_send_cut_short_cancels_the_sends_held_behind_it(b: Backend) {
 fn a_send_cancelled_before_its_part_is_seen_goes_no_further(b: Backend) {
     for by_id in [true, false] {
         let (port, mut w) = one_worker::<(), ()>(b);
-        let (ours, mut peer) = pair();
+        let (ours, peer) = pair();
         let h = port.associate(ours, ()).unwrap();
         let data = numbered(64 << 20, 6);
         let id = w.submit(Op::send(&h, data.clone(), 0), ());
@@ -1708,10 +1739,7 @@ fn a_send_cancelled_before_its_part_is_seen_goes_no_further(b: Backend) {
             "all of 64 MiB went to a peer that reads nothing"
         );
         drop((c, h));
-        let mut got = Vec::new();
-        peer.read_to_end(&mut got).unwrap();
-        assert_eq!(got.len(), n, "the peer got another count than reported");
-        assert!(got == data[..n], "the peer got other bytes");
+        assert_peer_got_exactly(peer, &data[..n]);
     }
 }
 
