@@ -1981,6 +1981,46 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A `short` fault sends one byte of a send at once: a send then goes on and completes
+    /// whole, every byte in order, on both backends; one posted with `Op::partial` completes
+    /// with that byte.
+    #[test]
+    fn a_short_fault_makes_a_whole_send_go_on_and_a_partial_one_stop() {
+        use std::io::Read;
+        for backend in [Backend::Epoll, Backend::Uring] {
+            let built = Port::builder()
+                .workers(1)
+                .backend(backend)
+                .build::<(), u8>();
+            let (port, mut workers) = match built {
+                Err(e)
+                    if peer_common::uring_check::refusal_skips()
+                        && peer_common::uring_check::names_refusal(&e.to_string()) =>
+                {
+                    println!("SKIPPED for {backend}: {e}");
+                    continue;
+                }
+                built => built.unwrap(),
+            };
+            let mut w = workers.pop().unwrap();
+            w.faults = Some(Arc::new(Faults::parse("send=short").unwrap()));
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (ours, _) = l.accept().unwrap();
+            let h = port.associate(ours, ()).unwrap();
+            let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+            w.submit(Op::send(&h, data.clone(), 0), 1);
+            let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!((c.data, c.result.unwrap()), (1, data.len()), "{backend}");
+            let mut got = vec![0u8; data.len()];
+            peer.read_exact(&mut got).unwrap();
+            assert!(got == data, "{backend}: the peer got other bytes");
+            w.submit(Op::send(&h, data.clone(), 0).partial(), 2);
+            let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!((c.data, c.result.unwrap()), (2, 1), "{backend}");
+        }
+    }
+
     /// Per-I/O data whose clone panics for one value, as a caller's might.
     #[derive(Debug)]
     struct Fussy(u8);
