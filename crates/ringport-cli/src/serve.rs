@@ -617,6 +617,9 @@ fn bind(addr: SocketAddr, keepalive: u32) -> io::Result<TcpListener> {
         None,
     )?;
     socket.set_reuse_address(true)?;
+    if dual_stack(addr) {
+        socket.set_only_v6(false)?;
+    }
     if keepalive > 0 {
         let idle = Duration::from_secs(u64::from(keepalive));
         let probes = socket2::TcpKeepalive::new()
@@ -630,6 +633,13 @@ fn bind(addr: SocketAddr, keepalive: u32) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
+}
+
+/// Whether a socket bound to `addr` should take IPv4 as well: `[::]` does, whatever the
+/// system's default (`net.ipv6.bindv6only`) says, as a wildcard address promises every
+/// address of the host.
+pub(crate) fn dual_stack(addr: SocketAddr) -> bool {
+    addr.is_ipv6() && addr.ip().is_unspecified()
 }
 
 /// One worker's share of the server.

@@ -69,9 +69,19 @@ impl Udp {
     }
 }
 
-/// The UDP echo's socket, bound to `addr`.
+/// The UDP echo's socket, bound to `addr` (on `[::]`, for IPv4 too: see
+/// [`dual_stack`](crate::serve::dual_stack)).
 pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
-    UdpSocket::bind(addr)
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM.cloexec(),
+        None,
+    )?;
+    if crate::serve::dual_stack(addr) {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Echoes datagrams on `socket` (from [`bind`]), at most `rate` per second per source and

@@ -138,6 +138,21 @@ fn ipv6_loopback_echo() {
     echo_exact(server.addr, &pattern(8, 64 * 1024));
 }
 
+/// `--listen [::]` takes IPv4 as well as IPv6 (the server asks for it, whatever the system's
+/// `net.ipv6.bindv6only`): both loopbacks echo.
+fn ipv6_wildcard_takes_ipv4_too() {
+    if let Err(e) = TcpListener::bind("[::1]:0") {
+        println!("SKIPPED ipv6_wildcard_takes_ipv4_too: cannot bind [::1]:0 here ({e})");
+        return;
+    }
+    let server = Server::start_with(&["--listen", "[::]:0"]);
+    let port = server.addr.port();
+    for ip in ["127.0.0.1", "::1"] {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        echo_exact(std::net::SocketAddr::new(ip, port), &pattern(9, 4096));
+    }
+}
+
 /// TCP urgent data (`MSG_OOB`) is part of what the peer sent: it is echoed in its place.
 fn urgent_data_is_echoed_in_place() {
     let server = Server::start();
@@ -162,6 +177,7 @@ per_backend!(
     half_close_echoes_everything_then_eof,
     half_close_with_nothing_sent_gives_eof,
     ipv6_loopback_echo,
+    ipv6_wildcard_takes_ipv4_too,
     urgent_data_is_echoed_in_place,
 );
 
@@ -176,5 +192,6 @@ per_model!(
     half_close_echoes_everything_then_eof,
     half_close_with_nothing_sent_gives_eof,
     ipv6_loopback_echo,
+    ipv6_wildcard_takes_ipv4_too,
     urgent_data_is_echoed_in_place,
 );
