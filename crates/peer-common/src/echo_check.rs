@@ -56,9 +56,15 @@ impl Server {
     /// If the server cannot start, exits for another reason, or prints no such line within
     /// [`WAIT`].
     pub fn start(bin: &str, workers: usize) -> Option<Server> {
+        Server::start_with(bin, workers, &[])
+    }
+
+    /// [`Server::start`] with more arguments after `--listen` and `--workers`.
+    pub fn start_with(bin: &str, workers: usize, more: &[&str]) -> Option<Server> {
         let workers = workers.to_string();
         let mut child = Command::new(bin)
             .args(["--listen", "127.0.0.1:0", "--workers", &workers])
+            .args(more)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -458,6 +464,20 @@ macro_rules! echo_tests {
                 $crate::echo_check::check_backend(&server, BIN, $backend);
                 server.assert_running();
             }
+        }
+
+        #[test]
+        fn echoes_exactly_with_the_smallest_buffer() {
+            let smallest = $crate::BUFFER_RANGE.start().to_string();
+            let Some(mut server) =
+                $crate::echo_check::Server::start_with(BIN, 1, &["--buffer", &smallest])
+            else {
+                return;
+            };
+            for len in [1, 64 << 10] {
+                $crate::echo_check::check_payload(server.addr(), len);
+            }
+            server.assert_running();
         }
 
         #[test]
