@@ -1134,7 +1134,7 @@ where
             if let Some(before) = self.sent_before.remove(&ev.id) {
                 // The count is the operation's: what went out before this last part, and, should
                 // this part have failed (or been cancelled), just that, so that the caller knows
-                // which bytes went; a failure of the socket shows again in its next operation.
+                // which bytes went (a count below what was asked: the rest was not sent).
                 result = Ok(before + result.unwrap_or(0));
             }
             let mut c = p.into_completion(ev.id, result);
@@ -1510,9 +1510,14 @@ where
                 self.inflight.insert(id, p);
             }
             Err(e) => {
-                // A fault's one byte went out before: the send completes with it.
+                // A fault's one byte went out before: the send completes with it, and the sends
+                // held behind it, which would follow a gap, are cancelled.
                 let res = self.sent_before.remove(&id).ok_or(e);
+                let gap = res.is_ok().then_some(target.serial);
                 self.ready.push_back(p.into_completion(id, res));
+                if let Some(serial) = gap {
+                    self.cancel_held_sends(serial);
+                }
             }
         }
     }

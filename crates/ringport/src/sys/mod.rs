@@ -148,7 +148,8 @@ impl Gather {
         self.unsent().next().unwrap_or_default()
     }
 
-    /// Describes the unsent bytes as `iovec`s (at most `UIO_MAXIOV`: beyond, the send is short)
+    /// Describes the unsent bytes as `iovec`s (at most `UIO_MAXIOV`: beyond, the kernel takes
+    /// part, and the port sends the rest after it)
     /// and returns the message header for `sendmsg`. The header and what it points to stay
     /// valid while `self` is neither changed nor dropped.
     pub(crate) fn prepare(&mut self) -> *const libc::msghdr {
