@@ -196,16 +196,25 @@ impl Report {
     /// Whether a round of cell `index` failed on `subject` or on any peer it is compared with
     /// (so its ratios compare medians of fewer rounds, or leave a peer out).
     fn partial(&self, subject: &ServerResults, index: usize) -> bool {
-        std::iter::once(subject)
-            .chain(self.peers_of(subject))
-            .any(|s| s.cells.get(index).is_some_and(|c| c.failures().0 > 0))
+        self.failed_somewhere(subject, |s| {
+            s.cells.get(index).is_some_and(|c| c.failures().0 > 0)
+        })
     }
 
     /// Like [`Report::partial`], for the idle measurement.
     fn idle_partial(&self, subject: &ServerResults) -> bool {
+        self.failed_somewhere(subject, |s| s.idle_failures().0 > 0)
+    }
+
+    /// Whether `failed` holds for `subject` or any peer it is compared with.
+    fn failed_somewhere(
+        &self,
+        subject: &ServerResults,
+        failed: impl Fn(&ServerResults) -> bool,
+    ) -> bool {
         std::iter::once(subject)
             .chain(self.peers_of(subject))
-            .any(|s| s.idle_failures().0 > 0)
+            .any(failed)
     }
 
     fn subjects(&self) -> impl Iterator<Item = &ServerResults> {

@@ -611,15 +611,8 @@ fn bind_udp_beside(
 /// The listening socket. Its keepalive settings (`keepalive` seconds idle, 0: off) pass to
 /// every connection it accepts, at no cost per connection.
 fn bind(addr: SocketAddr, keepalive: u32) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM.cloexec(),
-        None,
-    )?;
+    let socket = socket_for(addr, socket2::Type::STREAM)?;
     socket.set_reuse_address(true)?;
-    if dual_stack(addr) {
-        socket.set_only_v6(false)?;
-    }
     if keepalive > 0 {
         let idle = Duration::from_secs(u64::from(keepalive));
         let probes = socket2::TcpKeepalive::new()
@@ -635,11 +628,15 @@ fn bind(addr: SocketAddr, keepalive: u32) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Whether a socket bound to `addr` should take IPv4 as well: `[::]` does, whatever the
-/// system's default (`net.ipv6.bindv6only`) says, as a wildcard address promises every
-/// address of the host.
-pub(crate) fn dual_stack(addr: SocketAddr) -> bool {
-    addr.is_ipv6() && addr.ip().is_unspecified()
+/// A close-on-exec socket of type `ty` for binding to `addr` (its options set, not yet bound).
+/// On `[::]` it takes IPv4 as well, whatever the system's default (`net.ipv6.bindv6only`)
+/// says, as a wildcard address promises every address of the host.
+pub(crate) fn socket_for(addr: SocketAddr, ty: socket2::Type) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), ty.cloexec(), None)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    Ok(socket)
 }
 
 /// One worker's share of the server.

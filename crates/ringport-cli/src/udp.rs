@@ -70,16 +70,9 @@ impl Udp {
 }
 
 /// The UDP echo's socket, bound to `addr` (on `[::]`, for IPv4 too: see
-/// [`dual_stack`](crate::serve::dual_stack)).
+/// [`socket_for`](crate::serve::socket_for)).
 pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM.cloexec(),
-        None,
-    )?;
-    if crate::serve::dual_stack(addr) {
-        socket.set_only_v6(false)?;
-    }
+    let socket = crate::serve::socket_for(addr, socket2::Type::DGRAM)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
