@@ -1191,7 +1191,15 @@ where
         let Some(body) = p.body.as_mut().map(|b| b.get_mut()) else {
             return false;
         };
-        if !body.advance(n) || self.driver.start(id, target, body).is_err() {
+        if body.unsent_len() <= n {
+            // All of it went.
+            return false;
+        }
+        body.advance(n);
+        if self.driver.start(id, target, body).is_err() {
+            // It completes with what went; its body as before this part, so that the rest
+            // left unsent is seen as a gap (`complete_event`).
+            body.rewind(n);
             return false;
         }
         *self.sent_before.entry(id).or_default() += n;

@@ -73,22 +73,21 @@ impl OpBody {
         }
     }
 
-    /// Counts `n` more bytes of a send as sent; whether any are left to send.
-    pub(crate) fn advance(&mut self, n: usize) -> bool {
+    /// Counts `n` more bytes of a send as sent.
+    pub(crate) fn advance(&mut self, n: usize) {
         match self {
-            OpBody::Send(buf, offset) => {
-                *offset += n;
-                *offset < buf.len()
-            }
-            OpBody::SendPooled(buf, offset) => {
-                *offset += n;
-                *offset < buf.len()
-            }
-            OpBody::SendGather(g) => {
-                g.offset += n;
-                !g.first().is_empty()
-            }
-            _ => false,
+            OpBody::Send(_, offset) | OpBody::SendPooled(_, offset) => *offset += n,
+            OpBody::SendGather(g) => g.offset += n,
+            _ => {}
+        }
+    }
+
+    /// Undoes [`OpBody::advance`] by `n` bytes.
+    pub(crate) fn rewind(&mut self, n: usize) {
+        match self {
+            OpBody::Send(_, offset) | OpBody::SendPooled(_, offset) => *offset -= n,
+            OpBody::SendGather(g) => g.offset -= n,
+            _ => {}
         }
     }
 
