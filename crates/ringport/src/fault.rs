@@ -26,7 +26,9 @@ use crate::op::OpKind;
 /// [`Op::partial`](crate::Op::partial), completes with `Ok(1)`. The error
 /// stays with that operation: unlike the kernel's `ECONNRESET` or `EPIPE`, it does not end the
 /// connection, and later operations on the socket go ahead (an application that reacts to it
-/// by closing behaves as it would against the kernel). A failing
+/// by closing behaves as it would against the kernel), except that a failed send on a stream
+/// leaves a gap as one the kernel fails does: the sends behind it, up to the dequeue of its
+/// completion, are cancelled (see [`Op::send`](crate::Op::send)). A failing
 /// wait makes [`Worker::dequeue`](crate::Worker::dequeue) (or `dequeue_batch`) return
 /// [`WaitError::Io`](crate::WaitError::Io) with the error, as a failing `io_uring_enter` or
 /// `epoll_wait` would; nothing is lost, and the next wait may succeed.

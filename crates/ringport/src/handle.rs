@@ -41,7 +41,8 @@ pub(crate) struct Inner<K> {
     /// `CLOSED`, `STREAM_KNOWN`, `STREAM` and `TCP`.
     state: AtomicU8,
     /// The sides with an operation in the kernel (bit 1: receives; bit 2: sends and connects):
-    /// the port starts the next operation on a side only once that one completes. Read and
+    /// the port starts the next operation on a side only once that one completes; and bit 4,
+    /// a gap in the socket's stream not yet reported (see `Worker::open_gap`). Read and
     /// written only by the home worker. With `state`, `worker` and `fd`, fills 8 bytes.
     busy: AtomicU8,
     /// The home worker's count of live handles, for least-loaded placement.

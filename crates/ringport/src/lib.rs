@@ -19,10 +19,13 @@
 //!   the descriptor.) Accepts on a listener run side by side too. A send on a stream completes
 //!   once all of its bytes have gone out, as a completion port's does: where the kernel takes
 //!   only part, the port sends the rest before the socket's next send, so several sends
-//!   posted together go out whole and in order; one that fails or is cancelled part-way
-//!   completes with the count that went out, and those posted behind it with `ECANCELED`.
-//!   ([`Op::partial`] lets a send complete with the kernel's part instead, for a caller that
-//!   keeps one send in flight per socket.)
+//!   posted together go out whole and in order. One that fails, or is cancelled after part of
+//!   it went, completes with the error or the count that went out, and leaves a gap in the
+//!   stream: the socket's sends queued behind it, and those posted until its completion is
+//!   dequeued, complete with `ECANCELED` (theirs would follow the gap); once the caller has
+//!   it, it decides (send the rest again, or close). A send cancelled before any of it went is
+//!   only taken out, as a queued one is. ([`Op::partial`] lets a send complete with the
+//!   kernel's part instead, for a caller that keeps one send in flight per socket.)
 //! * Worker threads call [`Worker::dequeue`] (`GetQueuedCompletionStatus`) or
 //!   [`Worker::dequeue_batch`] with a timeout (`Some(ZERO)` polls, `None` waits forever) and get
 //!   the byte count or the errno, the key (via [`Completion::handle`]), and the per-I/O data. A
@@ -68,7 +71,7 @@
 //!
 //! | backend | kernel | how | known differences |
 //! |---|---|---|---|
-//! | `io_uring` | Linux 5.19+ (`EXT_ARG`, `NODROP`, `ASYNC_CANCEL` by fd and "any") | one ring per worker; each operation is one SQE whose `user_data` is its [`OpId`]; each CQE is one completion; sockets are kept in blocking mode (the ring waits on them) | the kernel owns an operation's buffer until its CQE: cancellation and shutdown wait for it |
+//! | `io_uring` | Linux 5.19+ (`EXT_ARG`, `NODROP`, `ASYNC_CANCEL` by fd and "any") | one ring per worker; an operation's SQEs carry its [`OpId`] as `user_data` (a send on a stream that the kernel takes in parts is sent on in further SQEs; a multishot operation completes once per CQE); sockets are kept in blocking mode (the ring waits on them) | the kernel owns an operation's buffer until its last CQE: cancellation and shutdown wait for it |
 //! | `epoll` | any Linux | one epoll instance per worker; each socket registered once, edge-triggered for both directions (no `epoll_ctl` per message); per socket, one queue of operations per direction, run in posting order until `EAGAIN` (a pooled receive that fills less than a buffer ends the turn: the next arrival raises a new edge); timeouts from a timer heap; sockets are put in non-blocking mode | an operation that can finish at once does so inside `submit` (its completion is still queued, never skipped), unless it waits behind another on its socket; cancellation is immediate |
 //!
 //! Where io_uring is refused: Docker's default seccomp profile (`EPERM`), the sysctl

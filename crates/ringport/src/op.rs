@@ -68,7 +68,7 @@ pub enum OpKind {
     /// [`Op::recv`]: the byte count was appended to the buffer; `0` means the peer closed.
     Recv,
     /// [`Op::send`], [`Op::send_pooled`] or [`Op::send_pooled_gather`]: on a stream, the byte
-    /// count is all that was asked unless the send failed or was cancelled part-way, or was
+    /// count is all that was asked unless the send was cancelled after part of it went, or was
     /// posted with [`Op::partial`].
     Send,
     /// [`Op::recv_pooled`]: each completion carries [`Completion::pooled`]; `0` means the peer
@@ -157,10 +157,14 @@ impl<K> Op<K> {
     /// Send `buf[offset..]`. On a stream socket it completes once all of it has gone out, as
     /// a completion port's send does: where the kernel takes only part, the port sends the
     /// rest in the same operation, before any later send on the socket (unless posted with
-    /// [`Op::partial`]). Should it fail or be cancelled part-way, it completes with the count
-    /// that went out (`Ok`, less than asked: the rest was not sent), and the sends posted
-    /// behind it on the socket complete with `ECANCELED`, as their bytes would follow a gap.
-    /// An `offset` past the end of `buf` completes at once with `InvalidInput`.
+    /// [`Op::partial`]). Cancelled after part of it went, it completes with the count that
+    /// went out (`Ok`, less than asked: the rest was not sent); should the kernel fail it
+    /// part-way, with that count too, or with the error if none of it went. Either way its
+    /// bytes are not all in the stream: the socket's sends queued behind it, and any posted
+    /// before its completion is dequeued, complete with `ECANCELED`, as their bytes would
+    /// follow the gap; what the caller sends once it has that completion goes. (Cancelled
+    /// before any of it went, it is only taken out, as a send still queued is.) An `offset`
+    /// past the end of `buf` completes at once with `InvalidInput`.
     pub fn send(socket: &Handle<K>, buf: Vec<u8>, offset: usize) -> Self {
         Op::new(Some(socket), OpKind::Send, Some(OpBody::Send(buf, offset)))
     }
@@ -218,9 +222,11 @@ impl<K> Op<K> {
     /// Send several pool buffers in order with one gathering send (`sendmsg`, like `WSASend`
     /// with several `WSABUF`s), starting `offset` bytes into the first. The byte count covers
     /// them all and, as for [`Op::send`], falls short only if the send fails or is cancelled
-    /// part-way (or was posted with [`Op::partial`]); the buffers come back, in order, in [`Completion::gathered`] (and the `Vec`,
-    /// to be reused for the next send). With one buffer this is [`Op::send_pooled`]; past 1024
-    /// buffers (the kernel's `UIO_MAXIOV`) the rest goes in further `sendmsg` calls. An
+    /// part-way (or was posted with [`Op::partial`]); the buffers come back, in order, in
+    /// [`Completion::gathered`] (and the `Vec`, to be reused for the next send). With one
+    /// buffer this is [`Op::send_pooled`]; past 1024 buffers (the kernel's `UIO_MAXIOV`) the
+    /// rest goes in further `sendmsg` calls (with [`Op::partial`], it completes after the
+    /// first, its count saying how far that got). An
     /// `offset` past the end of the first buffer completes at once with `InvalidInput`.
     pub fn send_pooled_gather(socket: &Handle<K>, bufs: Vec<PoolBuf>, offset: usize) -> Self {
         Op::new(

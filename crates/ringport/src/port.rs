@@ -352,6 +352,7 @@ impl Builder {
                 sent_before: HashMap::default(),
                 sends_cancelled: HashSet::default(),
                 sockets_cancelled: HashSet::default(),
+                gaps: Vec::new(),
             })
             .collect();
         Ok((Port { shared }, workers))
@@ -692,6 +693,9 @@ pub struct Worker<K, D> {
     /// sent (see [`Worker::send_goes_on`]). Each is forgotten with the send's completion.
     sends_cancelled: HashSet<u64, BuildHasherDefault<IdHasher>>,
     sockets_cancelled: HashSet<u64, BuildHasherDefault<IdHasher>>,
+    /// Sends that left a gap in their socket's stream and are not handed out yet, by id, with
+    /// their socket (marked [`SEND_GAP`] until then).
+    gaps: Vec<(u64, Handle<K>)>,
 }
 
 /// The side of a socket whose operations run one at a time, in the order posted, and its bit
@@ -709,6 +713,11 @@ fn side(kind: OpKind) -> Option<(usize, u8)> {
 
 /// The busy bit of a socket's sends (see [`side`]).
 const SEND_SIDE: u8 = 2;
+
+/// A bit of the handle's busy mask: a send on the socket left a gap in its stream, and the
+/// completion that says so has not been handed out yet. Until it is, the socket's sends are
+/// cancelled (see [`Worker::open_gap`]).
+const SEND_GAP: u8 = 4;
 
 /// A cancel the driver could not queue. A socket's is kept with a clone of its handle, so that
 /// its descriptor number cannot go to another socket before the cancel is queued.
@@ -910,7 +919,11 @@ where
     pub fn dequeue(&mut self, timeout: Option<Duration>) -> Result<Completion<K, D>, WaitError> {
         self.fill(timeout)?;
         self.handed_out += 1;
-        Ok(self.ready.pop_front().expect("fill leaves a completion"))
+        let c = self.ready.pop_front().expect("fill leaves a completion");
+        if !self.gaps.is_empty() {
+            self.close_gap(c.id.get());
+        }
+        Ok(c)
     }
 
     /// Like [`Worker::dequeue`], but moves up to `max` completions (at least one) into `out`,
@@ -932,6 +945,11 @@ where
         for c in &out[from..] {
             if let Some(h) = &c.handle {
                 h.prefetch();
+            }
+        }
+        if !self.gaps.is_empty() {
+            for c in &out[from..] {
+                self.close_gap(c.id.get());
             }
         }
         self.handed_out += n;
@@ -1120,14 +1138,18 @@ where
                     self.sockets_cancelled.remove(&h.serial());
                 }
             }
-            // A send that failed or was cancelled before all of it went out: the sends held
-            // behind it would put their bytes after a gap in the stream, so they are cancelled.
-            let gap = (p.kind == OpKind::Send && !p.partial && !self.held.is_empty())
+            // A send that failed, or was cancelled after part of it went out, leaves a gap in
+            // the stream. (One cancelled before any of it went is only taken out, as a held
+            // one is.)
+            let gap = (p.kind == OpKind::Send && !p.partial)
                 .then(|| {
                     // Out of the kernel now: its body may be read.
                     let left = p.body.as_mut().map_or(0, |b| b.get_mut().unsent_len());
+                    let short = left > usize::try_from(ev.res).unwrap_or(0);
+                    let taken_out =
+                        ev.res == -libc::ECANCELED && !self.sent_before.contains_key(&ev.id);
                     let h = p.handle.as_ref().filter(|h| h.is_stream())?;
-                    (left > usize::try_from(ev.res).unwrap_or(0)).then(|| h.serial())
+                    (short && !taken_out).then(|| h.clone())
                 })
                 .flatten();
             let mut result = p.result(ev.res);
@@ -1142,8 +1164,8 @@ where
                 c.pooled = pooled;
             }
             self.ready.push_back(c);
-            if let Some(serial) = gap {
-                self.cancel_held_sends(serial);
+            if let Some(h) = gap {
+                self.open_gap(ev.id, &h);
             }
             if let Some((serial, index)) = freed.filter(|_| !self.held.is_empty()) {
                 self.start_held(serial, index);
@@ -1268,6 +1290,27 @@ where
         if let Some(p) = self.inflight.remove(id) {
             self.ready
                 .push_back(p.into_completion(id, Err(errno(libc::ECANCELED))));
+        }
+    }
+
+    /// Send `id`, just completed, left a gap in the stream of socket `h`: it failed, or its
+    /// rest could not be sent. The sends held behind it, and those posted until its completion
+    /// is handed out, would put their bytes after the gap: they are cancelled. Once the caller
+    /// has it, it knows, and what it sends next goes.
+    fn open_gap(&mut self, id: u64, h: &Handle<K>) {
+        self.cancel_held_sends(h.serial());
+        if !h.busy(SEND_GAP) {
+            h.set_busy(SEND_GAP, true);
+            self.gaps.push((id, h.clone()));
+        }
+    }
+
+    /// The completion of operation `id` is being handed out: if it is a send that left a gap,
+    /// its socket's sends go again.
+    fn close_gap(&mut self, id: u64) {
+        if let Some(at) = self.gaps.iter().position(|(g, _)| *g == id) {
+            let (_, h) = self.gaps.swap_remove(at);
+            h.set_busy(SEND_GAP, false);
         }
     }
 
@@ -1430,6 +1473,12 @@ where
                 .ready
                 .push_back(p.into_completion(id, Err(errno(libc::EBADF))));
         }
+        if p.kind == OpKind::Send && p.handle.as_ref().is_some_and(|h| h.busy(SEND_GAP)) {
+            // Its bytes would follow the gap a send before it left (see `open_gap`).
+            return self
+                .ready
+                .push_back(p.into_completion(id, Err(errno(libc::ECANCELED))));
+        }
         // A pooled receive's body is not boxed (the driver keeps no pointer into it).
         let mut pooled_body = OpBody::RecvPooled(p.limit);
         let body = match p.body.as_mut() {
@@ -1492,7 +1541,15 @@ where
             let short_ok = target.stream && body.unsent_head().len() > 1;
             match f.check(p.kind, short_ok) {
                 Some((Effect::Errno(e), _)) => {
-                    return self.ready.push_back(p.into_completion(id, Err(errno(e))))
+                    // As when the kernel fails it: a send leaves a gap.
+                    let gap = (p.kind == OpKind::Send && !p.partial && target.stream)
+                        .then(|| p.handle.clone())
+                        .flatten();
+                    self.ready.push_back(p.into_completion(id, Err(errno(e))));
+                    if let Some(h) = gap {
+                        self.open_gap(id, &h);
+                    }
+                    return;
                 }
                 // One byte goes out at once, and the send goes on from there as after any
                 // short send (`send_goes_on`).
@@ -1518,13 +1575,15 @@ where
                 self.inflight.insert(id, p);
             }
             Err(e) => {
-                // A fault's one byte went out before: the send completes with it, and the sends
-                // held behind it, which would follow a gap, are cancelled.
+                // It completes with the error, or with a fault's one byte if that went out
+                // before; a send leaves a gap either way.
                 let res = self.sent_before.remove(&id).ok_or(e);
-                let gap = res.is_ok().then_some(target.serial);
+                let gap = (p.kind == OpKind::Send && !p.partial && target.stream)
+                    .then(|| p.handle.clone())
+                    .flatten();
                 self.ready.push_back(p.into_completion(id, res));
-                if let Some(serial) = gap {
-                    self.cancel_held_sends(serial);
+                if let Some(h) = gap {
+                    self.open_gap(id, &h);
                 }
             }
         }
@@ -1702,7 +1761,9 @@ impl<K, D> Pending<K, D> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
     /// The operation was in flight on this worker and is being cancelled: it completes with
-    /// `ECANCELED`, or with its own result if it finishes first.
+    /// `ECANCELED`, or with its own result if it finishes first (a send on a stream that part
+    /// of went out: with that count; see [`Op::send`](crate::Op::send) for the sends behind
+    /// it).
     Requested,
     /// No operation with that id is in flight: it has completed (its completion may still wait
     /// to be dequeued), or the id names none of this port's operations.
@@ -2031,6 +2092,72 @@ mod tests {
             w.submit(Op::send(&h, data.clone(), 0).partial(), 2);
             let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
             assert_eq!((c.data, c.result.unwrap()), (2, 1), "{backend}");
+        }
+    }
+
+    /// A send that an injected error fails as it leaves the queue behind another acts as one
+    /// the kernel fails: the send queued behind it, which would follow the missing bytes, is
+    /// cancelled; one posted after its completion was handed out goes.
+    #[test]
+    fn an_injected_send_error_cancels_the_sends_queued_behind_it() {
+        use std::io::Read;
+        for backend in [Backend::Epoll, Backend::Uring] {
+            let built = Port::builder()
+                .workers(1)
+                .backend(backend)
+                .build::<(), u8>();
+            let (port, mut workers) = match built {
+                Err(e)
+                    if peer_common::uring_check::refusal_skips()
+                        && peer_common::uring_check::names_refusal(&e.to_string()) =>
+                {
+                    println!("SKIPPED for {backend}: {e}");
+                    continue;
+                }
+                built => built.unwrap(),
+            };
+            let mut w = workers.pop().unwrap();
+            // The first send checked goes; the second fails.
+            w.faults = Some(Arc::new(Faults::parse("send=ECONNRESET/2*1").unwrap()));
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (ours, _) = l.accept().unwrap();
+            let h = port.associate(ours, ()).unwrap();
+            // Larger than the socket buffers: the sends behind it are queued.
+            let first: Vec<u8> = (0..(32u32 << 20)).map(|i| (i % 251) as u8).collect();
+            w.submit(Op::send(&h, first.clone(), 0), 1);
+            w.submit(Op::send(&h, b"second".to_vec(), 0), 2);
+            w.submit(Op::send(&h, b"third".to_vec(), 0), 3);
+            let mut reader = peer.try_clone().unwrap();
+            let len = first.len();
+            let reading = std::thread::spawn(move || {
+                let mut got = vec![0u8; len];
+                reader.read_exact(&mut got).map(|()| got)
+            });
+            let mut results = Vec::new();
+            while results.len() < 3 {
+                let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
+                let n = c.result.as_ref().map_err(|e| e.raw_os_error());
+                results.push((c.data, n.copied()));
+            }
+            assert_eq!(
+                results,
+                [
+                    (1, Ok(len)),
+                    (2, Err(Some(libc::ECONNRESET))),
+                    (3, Err(Some(libc::ECANCELED)))
+                ],
+                "{backend}"
+            );
+            assert!(reading.join().unwrap().unwrap() == first, "{backend}");
+            w.submit(Op::send(&h, b"fourth".to_vec(), 0), 4);
+            let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!((c.data, c.result.as_ref().ok()), (4, Some(&6)), "{backend}");
+            drop((c, h, w, port));
+            let mut rest = Vec::new();
+            let mut peer = peer;
+            peer.read_to_end(&mut rest).unwrap();
+            assert_eq!(rest, b"fourth", "{backend}");
         }
     }
 

@@ -169,6 +169,8 @@ per_backend!(
     a_gathering_send_goes_on_across_its_buffers,
     a_send_cancelled_before_its_part_is_seen_goes_no_further,
     a_send_cut_short_cancels_the_sends_held_behind_it,
+    sends_posted_before_a_gap_is_handed_out_are_cancelled,
+    a_send_cancelled_before_any_of_it_went_lets_the_next_go,
     cancels_from_any_thread_reach_the_home_worker,
     accept_and_connect,
     multishot_accept_takes_every_connection_until_cancelled,
@@ -1715,6 +1717,110 @@ fn a_send_cut_short_cancels_the_sends_held_behind_it(b: Backend) {
     drop((a, b, h));
     // Only the first send's part went out.
     assert_peer_got_exactly(peer, &data[..n]);
+}
+
+/// A send cut short leaves a gap until its completion is handed out: a send posted before
+/// then (here in answer to another completion dequeued first) is cancelled too, whether the
+/// worker had already seen the gap or still held the send behind it; one posted after it has
+/// been handed out goes.
+fn sends_posted_before_a_gap_is_handed_out_are_cancelled(b: Backend) {
+    let (port, mut w) = one_worker::<usize, u8>(b);
+    let data = numbered(64 << 20, 9);
+    let mut socks = Vec::new();
+    let mut peers = Vec::new();
+    for i in 0..2 {
+        let (ours, peer) = pair();
+        let h = port.associate(ours, i).unwrap();
+        let id = w.submit(Op::send(&h, data.clone(), 0), 1);
+        socks.push((h, id));
+        peers.push(peer);
+    }
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(200))),
+        Err(WaitError::TimedOut)
+    ));
+    // Both cancels reach the kernel in the same turn.
+    for (_, id) in &socks {
+        w.cancel(*id);
+    }
+    let first = next(&mut w);
+    assert_eq!(first.data, 1);
+    let went_first = *first.result.as_ref().expect("the count of what went");
+    let first_at = *first.key().unwrap();
+    let other = 1 - first_at;
+    let h = socks[other].0.clone();
+    w.submit(Op::send(&h, b"before the gap is seen".to_vec(), 0), 2);
+    let (mut went, mut before, mut after) = (None, None, None);
+    while went.is_none() || before.is_none() || after.is_none() {
+        let c = next(&mut w);
+        match c.data {
+            1 => {
+                went = Some(*c.result.as_ref().expect("the count of what went"));
+                w.submit(Op::send(&h, b"after".to_vec(), 0), 3);
+            }
+            2 => before = Some(c),
+            _ => after = Some(c),
+        }
+    }
+    let (went, before, after) = (went.unwrap(), before.unwrap(), after.unwrap());
+    assert!(
+        before.is_cancelled(),
+        "a send posted before the gap was handed out: {:?}",
+        before.result
+    );
+    assert_eq!(after.result.as_ref().ok(), Some(&5), "{:?}", after.result);
+    drop((first, before, after, h, socks, w, port));
+    let mut peers = peers.into_iter();
+    let (p0, p1) = (peers.next().unwrap(), peers.next().unwrap());
+    let (first_peer, other_peer) = if first_at == 0 { (p0, p1) } else { (p1, p0) };
+    assert_peer_got_exactly(first_peer, &data[..went_first]);
+    let mut expected = data[..went].to_vec();
+    expected.extend_from_slice(b"after");
+    assert_peer_got_exactly(other_peer, &expected);
+}
+
+/// A send cancelled in the kernel before any of its bytes went is only taken out, as a queued
+/// one is: the send queued behind it goes (no gap). A partial send fills the socket's buffer
+/// first (a Unix stream: no room opens until the peer reads), so the one cancelled waits for
+/// room with nothing sent.
+fn a_send_cancelled_before_any_of_it_went_lets_the_next_go(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let h = port.associate(ours, ()).unwrap();
+    let filler = numbered(16 << 20, 3);
+    w.submit(Op::send(&h, filler.clone(), 0).partial(), 0);
+    let c = next(&mut w);
+    let filled = *c.result.as_ref().expect("what the socket took");
+    assert!(filled < filler.len());
+    let cancelled = w.submit(Op::send(&h, numbered(1 << 20, 4), 0), 1);
+    w.submit(Op::send(&h, b"next".to_vec(), 0), 2);
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(200))),
+        Err(WaitError::TimedOut)
+    ));
+    w.cancel(cancelled);
+    let c = next(&mut w);
+    assert_eq!(c.data, 1);
+    assert!(
+        c.is_cancelled(),
+        "a send waiting for room, nothing of it sent: {:?}",
+        c.result
+    );
+    let len = filled + 4;
+    let reading = std::thread::spawn(move || {
+        let mut got = vec![0u8; len];
+        peer.read_exact(&mut got).map(|()| got)
+    });
+    let c = next(&mut w);
+    assert_eq!(
+        (c.data, c.result.as_ref().ok()),
+        (2, Some(&4)),
+        "{:?}",
+        c.result
+    );
+    let got = reading.join().unwrap().unwrap();
+    assert!(got[..filled] == filler[..filled], "the filler's bytes");
+    assert_eq!(&got[filled..], b"next");
 }
 
 /// A send cancelled as soon as it is posted, before the worker has seen that the kernel took
