@@ -1245,12 +1245,15 @@ impl Server {
         if self.deadline.is_some() {
             // A peer may still hold bytes it wrote before the signal in its own send buffer,
             // sent only once our window opens: an empty socket is final only after a quiet
-            // spell, or closing would reset the connection and lose that echo.
+            // spell, or closing would reset the connection and lose that echo. Nor is it final
+            // while the peer has not taken all of the echo: should it send anything more after
+            // the close, the reset would drop the echo still in the kernel.
             let now = self.millis(Instant::now()) + 1;
             if conn.quiet_since == 0 {
                 conn.quiet_since = now;
             }
-            let quiet = now.saturating_sub(conn.quiet_since) >= DRAIN_QUIET.as_millis() as u64;
+            let quiet = now.saturating_sub(conn.quiet_since) >= DRAIN_QUIET.as_millis() as u64
+                && conn.handle.unacked_bytes().map_or(true, |n| n == 0);
             match conn.recv {
                 Some(op) => {
                     if quiet && !conn.cancelling {

@@ -141,6 +141,39 @@ fn sigterm_echoes_backlogged_data_sent_before_the_signal() {
     );
 }
 
+/// A client that has not read its echo when the drain begins, and writes once more after the
+/// server has gone quiet (before it has seen any FIN), still gets all of its echo and a clean
+/// EOF: the server does not close while the client has not taken the echo (a close would make
+/// the kernel answer that write with a reset, and drop the echo it still held).
+fn a_client_writing_during_the_drain_gets_all_of_its_echo() {
+    let server = Server::start();
+    let mut stream = connect(server.addr);
+    round_trip(&mut stream, b"accepted?");
+    // More than the client's receive buffer takes at first: part of the echo waits in the
+    // server's kernel.
+    let data = pattern(31, 200_000);
+    stream.write_all(&data).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    server.signal(libc::SIGTERM);
+    // Longer than the drain's quiet spell.
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut expected = data.clone();
+    if stream.write_all(b"z").is_ok() {
+        expected.push(b'z');
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let got = read_to_eof(&mut stream);
+    assert_bytes_eq(
+        &got,
+        &expected,
+        "echo of a client that wrote during the drain",
+    );
+    drop(stream);
+    let output = server.wait_exit(EXIT_GUARD);
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}", output.describe());
+}
+
 fn drain_timeout_bounds_shutdown_when_a_client_never_reads() {
     let server = Server::start_with(&["--listen", "127.0.0.1:0", "--drain-timeout", "1"]);
     // A small receive buffer, so the kernel cannot take in the whole echo on the client's
@@ -251,6 +284,7 @@ per_backend!(
     sigint_with_open_connections_drains_and_exits_0,
     sigterm_when_idle_exits_0_with_zero_summary,
     sigterm_echoes_backlogged_data_sent_before_the_signal,
+    a_client_writing_during_the_drain_gets_all_of_its_echo,
     drain_timeout_bounds_shutdown_when_a_client_never_reads,
 );
 
@@ -259,6 +293,7 @@ per_model!(
     sigint_with_open_connections_drains_and_exits_0,
     sigterm_when_idle_exits_0_with_zero_summary,
     sigterm_echoes_backlogged_data_sent_before_the_signal,
+    a_client_writing_during_the_drain_gets_all_of_its_echo,
     drain_timeout_bounds_shutdown_when_a_client_never_reads,
 );
 

@@ -204,8 +204,10 @@ fn echo(stream: &TcpStream, shared: &Shared) -> io::Result<()> {
                 if shared.stop.is_triggered()
                     && !wait_for_input(stream, None, Some(DRAIN_QUIET))?
                     && sys::unread(stream)? == 0
+                    && sys::unacked(stream)? == 0
                 {
-                    // Stopping, everything read is echoed, and no more input came.
+                    // Stopping, everything read is echoed, no more input came, and the peer
+                    // has taken all of the echo.
                     return Ok(());
                 }
                 continue;

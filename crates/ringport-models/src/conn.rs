@@ -17,8 +17,9 @@
 //! * While a connection has unsent bytes it does not read (backpressure): a peer that sends
 //!   without reading makes the server hold at most one read's worth ([`SCRATCH`]) for it.
 //! * Once the server stops ([`Conn::drain`]), a connection goes on reading and echoing until
-//!   it is idle: nothing left to send, nothing unread in the socket (`FIONREAD`), and no input
-//!   for [`DRAIN_QUIET`]. While it waits for that, [`Conn::quiet_until`] says until when; the
+//!   it is idle: nothing left to send, nothing unread in the socket (`FIONREAD`), no input
+//!   for [`DRAIN_QUIET`], and all of the echo taken by the peer (`SIOCOUTQ`, looked at again
+//!   every [`UNACKED_CHECK`]). While it waits for that, [`Conn::quiet_until`] says until when; the
 //!   loop must then drive it again even if the kernel reported nothing, and [`Conn::drive`]
 //!   returns [`Step::Close`].
 
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, warn};
 
 use crate::sys::{self, AcceptError};
-use crate::{Stats, DRAIN_QUIET};
+use crate::{Stats, DRAIN_QUIET, UNACKED_CHECK};
 
 /// The size of one read. One buffer of this size serves every connection of a loop; a
 /// connection holds bytes of its own only while the peer is not reading its echo.
@@ -147,7 +148,16 @@ impl Conn {
                         if now < until {
                             return Step::Read;
                         }
-                        return Step::Close(Closing::Drained);
+                        // Not while the peer has not taken all of the echo: should it send
+                        // anything after the close, the reset would drop the rest.
+                        match sys::unacked(&self.stream) {
+                            Ok(0) => return Step::Close(Closing::Drained),
+                            Ok(_) => {
+                                self.quiet_until = Some(now + UNACKED_CHECK);
+                                return Step::Read;
+                            }
+                            Err(e) => return Step::Close(Closing::Failed(e)),
+                        }
                     }
                     Ok(_) => self.readable = true,
                     Err(e) => return Step::Close(Closing::Failed(e)),

@@ -33,8 +33,10 @@
 //! * [`Stop::trigger`] stops the server gracefully: it stops accepting (closes the listener),
 //!   and goes on reading and echoing on every open connection until that connection is idle:
 //!   nothing left to send, nothing unread in its socket (`ioctl(FIONREAD)` is 0, asked whenever
-//!   the connection would wait for input), and no input for a short quiet period (250 ms, see
-//!   below). So everything a peer sent before the stop comes back (backpressure still holds: a
+//!   the connection would wait for input), no input for a short quiet period (250 ms, see
+//!   below), and the peer has acknowledged all of the echo (`ioctl(SIOCOUTQ)` is 0: closed
+//!   before, the connection would be reset should the peer send anything more, and the echo
+//!   still in the kernel dropped). So everything a peer sent before the stop comes back (backpressure still holds: a
 //!   connection with unsent bytes reads nothing). Then the connection is closed with a FIN
 //!   (`shutdown(Write)`, then `close`). Connections still busy after [`Config::drain_timeout`]
 //!   are closed anyway (with a FIN after whatever did get out). Then the server joins its
@@ -102,6 +104,10 @@ const READ_SIZE: usize = 8192;
 /// (see the crate docs). Far above the gaps measured on loopback, far below any drain timeout
 /// worth setting.
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
+
+/// While stopping, how often an idle connection whose peer has not taken all of its echo is
+/// looked at again (it is closed once the peer has).
+const UNACKED_CHECK: Duration = Duration::from_millis(20);
 
 mod blocking;
 mod epoll;

@@ -166,6 +166,19 @@ pub(crate) fn unread(stream: &TcpStream) -> io::Result<usize> {
     Ok(usize::try_from(n).unwrap_or(0))
 }
 
+/// How many bytes written to `stream` its peer has not acknowledged yet (`SIOCOUTQ`).
+///
+/// A stopping server waits for `0` before it closes an idle connection: should the peer send
+/// anything after the close, the kernel would answer with a reset and drop the echo it still
+/// held for the peer.
+pub(crate) fn unacked(stream: &TcpStream) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: `SIOCOUTQ` (`TIOCOUTQ`) writes one `c_int` through its pointer, which points to
+    // `n`, live and exclusively borrowed; `stream` keeps the descriptor open.
+    unsafe { syscall!(ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &raw mut n))? };
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// Closes a connection with a FIN: [`finish`], then `close`.
 pub(crate) fn close_gracefully(stream: TcpStream) {
     finish(&stream);

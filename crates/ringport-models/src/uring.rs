@@ -545,14 +545,21 @@ impl Server {
     /// A connection of a stopping server has nothing in flight and nothing to send. Unless
     /// it has `waited` for input in vain (its receive timed out), it gets a receive that
     /// waits for [`DRAIN_QUIET`]; if it has, it is closed with a FIN, unless input came just
-    /// then (`FIONREAD`): another receive takes it.
+    /// then (`FIONREAD`): another receive takes it; or unless the peer has not taken all of
+    /// the echo yet (`SIOCOUTQ`: closed, the connection would be reset should the peer send
+    /// anything more, and the rest dropped): another receive waits.
     fn on_idle(&mut self, slot: usize, waited: bool) -> io::Result<()> {
         if !waited && !self.deadline_passed {
             return self.post_recv(slot);
         }
         let c = self.conns[slot].as_ref().expect("a live slot");
         match sys::unread(&c.stream) {
-            Ok(0) => self.close(slot, None),
+            Ok(0) if self.deadline_passed => self.close(slot, None),
+            Ok(0) => match sys::unacked(&c.stream) {
+                Ok(0) => self.close(slot, None),
+                Ok(_) => return self.post_recv(slot),
+                Err(e) => self.close(slot, Some(e)),
+            },
             Ok(_) if self.deadline_passed => self.close(slot, Some(error_unsent())),
             Ok(_) => return self.post_recv(slot),
             Err(e) => self.close(slot, Some(e)),

@@ -156,6 +156,24 @@ impl<K> Handle<K> {
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
+    /// Bytes written to the socket that its peer has not yet acknowledged (`SIOCOUTQ`: on TCP,
+    /// sent or not): while there are any, closing the socket could lose them, should the peer
+    /// send anything more before it has read them (the kernel answers data for a closed socket
+    /// with a reset, and drops what it still held).
+    ///
+    /// # Errors
+    /// The `ioctl` failed (e.g. not a socket).
+    pub fn unacked_bytes(&self) -> std::io::Result<usize> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int into `n`; the descriptor is open while
+        // `self` lives.
+        let r = unsafe { libc::ioctl(self.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
     /// The address of the socket's peer (`getpeername`): what `GetAcceptExSockaddrs` gives an
     /// IOCP server for an accepted connection.
     ///
