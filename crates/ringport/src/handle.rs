@@ -18,6 +18,18 @@ const STREAM: u8 = 4;
 /// `Inner::state`: the socket is a TCP socket (asked with `STREAM`).
 const TCP: u8 = 8;
 
+/// `Inner::busy`, bits 3-5: the error that ended the connection, as an index into this list
+/// plus one (0: none seen).
+const ENDINGS: [i32; 5] = [
+    libc::ECONNRESET,
+    libc::ECONNREFUSED,
+    libc::ETIMEDOUT,
+    libc::EHOSTUNREACH,
+    libc::ENETUNREACH,
+];
+const ENDING_SHIFT: u8 = 3;
+const ENDING_MASK: u8 = 7 << ENDING_SHIFT;
+
 /// A socket associated with a [`Port`](crate::Port), with its completion key (the per-handle
 /// data of the completion-port model).
 ///
@@ -43,7 +55,8 @@ pub(crate) struct Inner<K> {
     /// The sides with an operation in the kernel (bit 1: receives; bit 2: sends and connects):
     /// the port starts the next operation on a side only once that one completes; and bit 4,
     /// a gap in the socket's stream not yet reported (see `Worker::open_gap`). Read and
-    /// written only by the home worker. With `state`, `worker` and `fd`, fills 8 bytes.
+    /// written only by the home worker. Bits 3-5: the error that ended the connection (see
+    /// `Handle::note_ending`). With `state`, `worker` and `fd`, fills 8 bytes.
     busy: AtomicU8,
     /// The home worker's count of live handles, for least-loaded placement.
     load: Arc<AtomicUsize>,
@@ -122,6 +135,29 @@ impl<K> Handle<K> {
         let busy = self.inner.busy.load(Ordering::Relaxed);
         let busy = if on { busy | bit } else { busy & !bit };
         self.inner.busy.store(busy, Ordering::Relaxed);
+    }
+
+    /// An operation on the socket failed with `errno`: if that is an error that ends a
+    /// connection (a reset, a refusal, a timeout, no route), the first one seen is kept. The
+    /// kernel reports such an error to one operation only (the first to look, which on
+    /// io_uring is the one it wakes first), and the socket's others then find it merely shut:
+    /// see [`Handle::ending`]. Whether `errno` is such an error.
+    pub(crate) fn note_ending(&self, errno: i32) -> bool {
+        let Some(at) = ENDINGS.iter().position(|&e| e == errno) else {
+            return false;
+        };
+        let busy = self.inner.busy.load(Ordering::Relaxed);
+        if busy & ENDING_MASK == 0 {
+            let code = (at as u8 + 1) << ENDING_SHIFT;
+            self.inner.busy.store(busy | code, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// The error that ended the connection, if an operation on the socket has seen one.
+    pub(crate) fn ending(&self) -> Option<i32> {
+        let code = (self.inner.busy.load(Ordering::Relaxed) & ENDING_MASK) >> ENDING_SHIFT;
+        ENDINGS.get(usize::from(code).checked_sub(1)?).copied()
     }
 
     /// Starts loading the handle's record (see `sys::prefetch`): its start, where the

@@ -63,16 +63,20 @@ pub enum OpKind {
     /// [`Op::accept`] or [`Op::accept_multishot`]: on success, [`Completion::accepted`] holds
     /// the new connection.
     Accept,
-    /// [`Op::connect`].
+    /// [`Op::connect`]: a refusal (or another error that ended the handshake) is reported
+    /// as such even where another operation on the socket saw it first.
     Connect,
     /// [`Op::recv`]: the byte count was appended to the buffer; `0` means the peer closed.
+    /// A connection that ended in an error (a reset, a refusal, a timeout) reports that error,
+    /// not `0`, even where another operation on the socket saw it first (the kernel hands it
+    /// to one operation only).
     Recv,
     /// [`Op::send`], [`Op::send_pooled`] or [`Op::send_pooled_gather`]: on a stream, the byte
     /// count is all that was asked unless the send was cancelled after part of it went, or was
     /// posted with [`Op::partial`].
     Send,
     /// [`Op::recv_pooled`]: each completion carries [`Completion::pooled`]; `0` means the peer
-    /// closed; `ENOBUFS` means no buffer was free (post it again, see [`Op::recv_pooled`]).
+    /// closed (an error that ended the connection is reported as for [`OpKind::Recv`]); `ENOBUFS` means no buffer was free (post it again, see [`Op::recv_pooled`]).
     RecvPooled,
     /// [`Op::close`].
     Close,

@@ -1072,7 +1072,10 @@ where
     }
 
     /// Turns one event from the driver into a completion.
-    fn complete_event(&mut self, ev: Event) {
+    fn complete_event(&mut self, mut ev: Event) {
+        if ev.res <= 0 {
+            self.carry_ending(&mut ev);
+        }
         let pooled = match (ev.buf, &self.pool) {
             (Some(f), Some(pool)) => {
                 // SAFETY: the driver reported that the kernel (or its recv) wrote `res`
@@ -1170,6 +1173,36 @@ where
             if let Some((serial, index)) = freed.filter(|_| !self.held.is_empty()) {
                 self.start_held(serial, index);
             }
+        }
+    }
+
+    /// The kernel hands the error that ended a connection (a reset, a refusal) to one of its
+    /// socket's operations, the first to look; the others find the socket merely shut: a
+    /// receive sees the end of the stream, a connect `ECONNABORTED`. Which one looks first
+    /// differs between the backends (epoll tries receives first; io_uring wakes the operation
+    /// that began to wait last). So the error is kept on the handle when first seen, and
+    /// reported by those others as well, the same on both backends.
+    fn carry_ending(&self, ev: &mut Event) {
+        let Some(p) = self.inflight.get(ev.id) else {
+            return;
+        };
+        let Some(h) = p.handle.as_ref() else {
+            return;
+        };
+        let on_connection = matches!(
+            p.kind,
+            OpKind::Recv | OpKind::RecvPooled | OpKind::Send | OpKind::Connect
+        );
+        if !on_connection || !h.is_stream() || (ev.res < 0 && h.note_ending(-ev.res)) {
+            return;
+        }
+        let found_shut = match p.kind {
+            OpKind::Recv | OpKind::RecvPooled => ev.res == 0,
+            OpKind::Connect => ev.res == -libc::ECONNABORTED,
+            _ => false,
+        };
+        if let Some(e) = h.ending().filter(|_| found_shut) {
+            ev.res = -e;
         }
     }
 

@@ -169,6 +169,7 @@ per_backend!(
     a_gathering_send_goes_on_across_its_buffers,
     a_send_cancelled_before_its_part_is_seen_goes_no_further,
     a_send_cut_short_cancels_the_sends_held_behind_it,
+    a_reset_reaches_the_waiting_receive,
     sends_posted_before_a_gap_is_handed_out_are_cancelled,
     a_send_cancelled_before_any_of_it_went_lets_the_next_go,
     cancels_from_any_thread_reach_the_home_worker,
@@ -1336,11 +1337,17 @@ fn connect_refused_completes_beside_a_receive(b: Backend) {
         for _ in 0..2 {
             let c = next(&mut w);
             seen[usize::from(c.data)] = true;
-            // The receive sees the refusal, or, should the connect have taken it first, the
-            // end of the stream; the connect fails either way.
-            if c.data == 0 {
-                assert!(c.result.is_err(), "the connect succeeded: {:?}", c.result);
-            }
+            // Whichever of the two the kernel hands the refusal to, both report it (the other
+            // finds the socket shut: the end of the stream, or `ECONNABORTED`).
+            assert_eq!(
+                c.result
+                    .as_ref()
+                    .map_err(std::io::Error::raw_os_error)
+                    .copied(),
+                Err(Some(libc::ECONNREFUSED)),
+                "{}",
+                ["the connect", "the receive"][usize::from(c.data)]
+            );
         }
         assert_eq!(seen, [true, true]);
     }
@@ -1821,6 +1828,44 @@ fn a_send_cancelled_before_any_of_it_went_lets_the_next_go(b: Backend) {
     let got = reading.join().unwrap().unwrap();
     assert!(got[..filled] == filler[..filled], "the filler's bytes");
     assert_eq!(&got[filled..], b"next");
+}
+
+/// A peer that resets the connection while a receive waits and a send waits for room: the
+/// receive reports the reset (`ECONNRESET`), not an end of stream, whichever operation the
+/// kernel hands the socket's error to; the send completes with what went.
+fn a_reset_reaches_the_waiting_receive(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (ours, peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    w.submit(Op::recv(&h, Vec::with_capacity(4096)), 1);
+    let data = numbered(64 << 20, 2);
+    w.submit(Op::send(&h, data, 0), 2);
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(200))),
+        Err(WaitError::TimedOut)
+    ));
+    socket2::SockRef::from(&peer)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(peer);
+    let (mut recv, mut send) = (None, None);
+    while recv.is_none() || send.is_none() {
+        let c = next(&mut w);
+        if c.data == 1 {
+            recv = Some(c);
+        } else {
+            send = Some(c);
+        }
+    }
+    let recv = recv.unwrap();
+    assert_eq!(
+        recv.result
+            .as_ref()
+            .map_err(std::io::Error::raw_os_error)
+            .copied(),
+        Err(Some(libc::ECONNRESET)),
+        "the receive waiting when the peer reset"
+    );
 }
 
 /// A send cancelled as soon as it is posted, before the worker has seen that the kernel took
