@@ -127,7 +127,12 @@ fn accept_loop(
                 revents: 0,
             },
         ];
-        sys::poll(&mut fds, sys::until(now, [acceptor.paused_until()]))?;
+        match sys::poll(&mut fds, sys::until(now, [acceptor.paused_until()])) {
+            Ok(_) => {}
+            // The connections' threads go on; the acceptor waits again.
+            Err(e) if sys::short_of_memory(&e) => continue,
+            Err(e) => return Err(e),
+        }
         if fds[1].revents == 0 {
             continue;
         }
