@@ -141,6 +141,8 @@ pub enum Io {
     HandedOver,
     /// The idle-timeout sweep.
     Sweep,
+    /// Time to log the refusals not logged yet.
+    RefusalLog,
     /// Another try for sends and receives that failed for want of memory.
     Retry,
     /// A look at every connection while draining.
@@ -324,7 +326,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
             .recv_pool_working_set(circulating(size))
             .recv_pool_incremental(shared)
             .build::<Key, Io>()
-            .map_err(|e| port_error(&e))
+            .map_err(|e| port_error(&e, args.workers.map(usize::from)))
     };
     // Shared buffers where the backend fills them incrementally, else whole 8 KiB ones.
     let (port, workers, pool_buffer) = if args.pool_whole_buffers {
@@ -420,7 +422,12 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
                 let _guard = DrainOnPanic(worker.port());
                 Server::new(worker, listener, limits, totals).run()
             })
-            .map_err(|e| format!("cannot start a worker thread: {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "--workers {}: cannot start a worker thread: {e}",
+                    port.workers()
+                )
+            })?;
         threads.push(t);
     }
     drop(listener);
@@ -566,11 +573,26 @@ fn on_signals(
         .map_err(|e| format!("cannot start the signal thread: {e}"))
 }
 
-/// Names why the port could not start, and what to do about it.
-pub fn port_error(e: &io::Error) -> String {
-    let mut msg = format!("cannot start the completion port: {}", describe(e));
+/// Names why the port could not start with `workers` workers (`None`: the default, one per
+/// core), and what to do about it.
+pub fn port_error(e: &io::Error, workers: Option<usize>) -> String {
+    let workers = workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let mut msg = format!(
+        "cannot start the completion port with {workers} worker(s) (--workers): {}",
+        describe(e)
+    );
     if msg.contains("io_uring is not available") {
         msg.push_str(" (run with --backend auto or --backend epoll)");
+    }
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    ) {
+        msg.push_str(
+            " (each worker takes descriptors and memory of its own: lower --workers, or raise              the limit)",
+        );
     }
     msg
 }
@@ -699,6 +721,8 @@ struct Server {
     resource_warned: bool,
     /// Refusals since the last warning, and when that was.
     refusals: (u64, Option<Instant>),
+    /// The timer that logs the refusals held back by the rate limit.
+    refusal_timer: Option<OpId>,
     /// The idle-timeout sweep's pending timer.
     sweep: Option<OpId>,
     /// Connections due to try a send or receive again (when, in milliseconds since the worker
@@ -749,6 +773,7 @@ impl Server {
             accept_failing: false,
             resource_warned: false,
             refusals: (0, None),
+            refusal_timer: None,
             sweep: None,
             retries: Vec::new(),
             retry_timer: false,
@@ -926,6 +951,10 @@ impl Server {
             // Cancelled by the drain, which has its own way of closing quiet connections.
             Io::Sweep if c.is_cancelled() || self.deadline.is_some() => {}
             Io::Sweep => self.sweep(),
+            Io::RefusalLog => {
+                self.refusal_timer = None;
+                self.flush_refusals();
+            }
             Io::DrainTick => self.drain_tick(),
             Io::Retry => self.retry_due(),
             Io::Rearm => self.rearm_timer = false,
@@ -1034,7 +1063,12 @@ impl Server {
             .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY)
         {
             self.flush_refusals();
-            self.refusals.1 = Some(now);
+        } else if self.refusal_timer.is_none() {
+            // Logged once the second is up, even if no other refusal comes.
+            let timer = self
+                .worker
+                .submit(Op::timeout(REFUSAL_LOG_EVERY), Io::RefusalLog);
+            self.refusal_timer = Some(timer);
         }
     }
 
@@ -1045,6 +1079,7 @@ impl Server {
                 self.refusals.0, self.limits.max_connections
             );
             self.refusals.0 = 0;
+            self.refusals.1 = Some(Instant::now());
         }
     }
 
@@ -1608,6 +1643,10 @@ impl Server {
         }
         self.deadline = Some(far(self.limits.drain_timeout));
         if let Some(op) = self.sweep.take() {
+            self.worker.cancel(op);
+        }
+        // Its refusals are logged as it completes.
+        if let Some(op) = self.refusal_timer {
             self.worker.cancel(op);
         }
         if let Some(l) = self.listener.take() {

@@ -386,10 +386,65 @@ fn uring_model_out_of_descriptors_warns_only_when_a_connection_waits() {
     server.terminate_cleanly(EXIT_GUARD);
 }
 
+/// A burst of connections over `--max-connections` is logged within about a second, though
+/// no other refusal follows it (the rate limit holds back all but the first until then).
+fn a_burst_of_refusals_is_logged_without_waiting_for_another() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--max-connections", "1"]);
+    let addr = server.addr;
+    let mut held = connect(addr);
+    round_trip(&mut held, b"the one allowed");
+    const BURST: u64 = 20;
+    for i in 0..BURST {
+        let mut extra = connect(addr);
+        expect_closed_by_server(&mut extra, &format!("connection {} over the limit", i + 2));
+    }
+    // Every refusal shows in the log, in one warning or more, with no connection after them.
+    let logged = || -> u64 {
+        util::strip_ansi(&server.stderr_so_far())
+            .lines()
+            .filter_map(|l| {
+                let (_, rest) = l.split_once("refused ")?;
+                rest.split_once(" connections over")?.0.parse::<u64>().ok()
+            })
+            .sum()
+    };
+    let guard = Instant::now() + CLOSE_GUARD;
+    while logged() < BURST && Instant::now() < guard {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        logged(),
+        BURST,
+        "refusals logged before the server stopped\n{}",
+        server.stderr_so_far()
+    );
+    drop(held);
+    server.terminate_cleanly(EXIT_GUARD);
+}
+
+/// More workers than the descriptor limit allows (each takes a ring or an epoll instance, and
+/// a descriptor to be woken by): the server does not start, and the error names the flag.
+fn too_many_workers_for_the_descriptor_limit_names_the_flag() {
+    let output = util::run_cli_configured(
+        &["serve", "--listen", "127.0.0.1:0", "--workers", "256"],
+        Duration::from_secs(30),
+        |cmd| limit_descriptors(cmd, 64),
+    );
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(1), "{}", output.describe());
+    assert!(
+        output.stderr.contains("--workers") && output.stderr.contains("256 worker"),
+        "the error does not name --workers 256\n{}",
+        output.describe()
+    );
+}
+
 per_backend!(
     max_connections_refuses_the_excess_and_recovers,
     idle_timeout_closes_idle_connections_only,
     out_of_descriptors_backs_off_warns_once_and_recovers,
+    too_many_workers_for_the_descriptor_limit_names_the_flag,
+    a_burst_of_refusals_is_logged_without_waiting_for_another,
 );
 
 /// The kernel's timer on the server's end of the connection from `client`, from

@@ -198,6 +198,16 @@ fn run_with_timeout(
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_timeout(&e) && cut => return Err(late(&report)),
+                Err(e) if is_timeout(&e) && opts.send_only => {
+                    let unread = report.sent * len as u64 + written as u64;
+                    return Err(fail(format!(
+                        "send timed out after {} s: with --send-only the echo goes unread \
+                         ({unread} bytes sent so far), and once the buffers on the way are \
+                         full the server stops reading (its backpressure); send less \
+                         (--count, --message) or drop --send-only",
+                        timeout.as_secs_f64()
+                    )));
+                }
                 Err(e) if is_timeout(&e) => {
                     return Err(fail(format!(
                         "send timed out after {} s",
@@ -368,6 +378,28 @@ mod tests {
         let mut out = Vec::new();
         let result = run_with_timeout(opts, &mut out, Duration::from_secs(5));
         (result, String::from_utf8(out).unwrap())
+    }
+
+    /// A server that reads nothing: with `--send-only`, the send that finds the buffers full
+    /// times out with an error that says why (the echo unread, the server's backpressure).
+    #[test]
+    fn a_send_only_run_that_fills_the_buffers_says_why_it_stopped() {
+        let (addr, server) = server(|stream| {
+            thread::sleep(Duration::from_secs(3));
+            drop(stream);
+        });
+        let mut opts = BookOptions::new(addr);
+        opts.send_only = true;
+        opts.count = 1000;
+        opts.message = "x".repeat(60_000);
+        let mut out = Vec::new();
+        let result = run_with_timeout(&opts, &mut out, Duration::from_millis(500));
+        let err = result.expect_err("60 MB to a server that reads nothing");
+        assert!(
+            err.message.contains("send timed out") && err.message.contains("--send-only"),
+            "{err}"
+        );
+        server.join().unwrap();
     }
 
     #[test]

@@ -169,7 +169,7 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         if in_flight > available / 4 * 3 {
             return Err(format!(
                 "--connections {connections} x --size {size} x --pipeline {pipeline}: {:.1} GiB \
-                 in flight at once, more than this machine can spare ({:.1} GiB available)",
+                 in flight at once, more than this machine (or its cgroup) can spare ({:.1} GiB available)",
                 in_flight as f64 / f64::from(1u32 << 30),
                 available as f64 / f64::from(1u32 << 30)
             ));
@@ -194,7 +194,7 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         .workers(plan.workers)
         .backend(args.backend.get)
         .build::<u32, Io>()
-        .map_err(|e| crate::serve::port_error(&e))?;
+        .map_err(|e| crate::serve::port_error(&e, Some(plan.workers)))?;
     let began = Instant::now();
     let (started, start_rx) = mpsc::channel();
     let gate = Arc::new(Gate {
@@ -313,12 +313,42 @@ fn recv_buffer(size: usize, pipeline: u64) -> usize {
     (size as u64 * pipeline).clamp(512, 256 << 10) as usize
 }
 
-/// `MemAvailable` from `/proc/meminfo`, in bytes; `None` where it cannot be read.
+/// The memory this process may still take, in bytes: `MemAvailable` from `/proc/meminfo`, or
+/// less where the process's cgroup (v2) has a `memory.max` closer to its `memory.current` (in
+/// a container, going past that gets the process killed without a word). `None` where neither
+/// can be read.
 fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| mem_available(&t));
+    let group = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| {
+            let path = t.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+            let dir = format!("/sys/fs/cgroup{}", path.trim_end_matches('/'));
+            let max = std::fs::read_to_string(format!("{dir}/memory.max")).ok()?;
+            let current = std::fs::read_to_string(format!("{dir}/memory.current")).ok()?;
+            cgroup_room(&max, &current)
+        });
+    match (machine, group) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
+}
+
+/// What a cgroup's `memory.max` leaves above its `memory.current`; `None` without a limit
+/// (`max`) or where either cannot be read.
+fn cgroup_room(max: &str, current: &str) -> Option<u64> {
+    let max: u64 = max.trim().parse().ok()?;
+    let current: u64 = current.trim().parse().ok()?;
+    Some(max.saturating_sub(current))
 }
 
 /// Sleeps until `deadline` or until every worker has ended, whichever comes first, and returns
@@ -766,5 +796,24 @@ impl Client {
             self.worker.submit(Op::close(&conn.handle), Io::Close);
             self.done += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_to_spare_is_the_smaller_of_the_machines_and_the_cgroups() {
+        let meminfo = "MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(mem_available(meminfo), Some(20_000_000 * 1024));
+        assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
+        assert_eq!(
+            cgroup_room("1073741824\n", "73741824\n"),
+            Some(1_000_000_000)
+        );
+        // No limit, or over it already.
+        assert_eq!(cgroup_room("max\n", "73741824\n"), None);
+        assert_eq!(cgroup_room("100\n", "200\n"), Some(0));
     }
 }
