@@ -591,7 +591,8 @@ pub fn port_error(e: &io::Error, workers: Option<usize>) -> String {
         Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
     ) {
         msg.push_str(
-            " (each worker takes descriptors and memory of its own: lower --workers, or raise              the limit)",
+            " (each worker takes descriptors and memory of its own: lower --workers, or raise \
+             the limit)",
         );
     }
     msg

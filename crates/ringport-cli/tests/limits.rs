@@ -437,6 +437,13 @@ fn too_many_workers_for_the_descriptor_limit_names_the_flag() {
         "the error does not name --workers 256\n{}",
         output.describe()
     );
+    assert!(
+        output
+            .stderr
+            .contains("lower --workers, or raise the limit"),
+        "the error does not say what to do\n{}",
+        output.describe()
+    );
 }
 
 per_backend!(
