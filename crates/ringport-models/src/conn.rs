@@ -19,9 +19,9 @@
 //! * Once the server stops ([`Conn::drain`]), a connection goes on reading and echoing until
 //!   it is idle: nothing left to send, nothing unread in the socket (`FIONREAD`), no input
 //!   for [`DRAIN_QUIET`], and all of the echo taken by the peer (`SIOCOUTQ`, looked at again
-//!   every [`UNACKED_CHECK`]). While it waits for that, [`Conn::quiet_until`] says until when; the
-//!   loop must then drive it again even if the kernel reported nothing, and [`Conn::drive`]
-//!   returns [`Step::Close`].
+//!   every [`UNACKED_CHECK`]). While it waits for that, [`Conn::quiet_until`] says until
+//!   when; the loop must then drive it again even if the kernel reported nothing, and
+//!   [`Conn::drive`] returns [`Step::Close`].
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};

@@ -36,8 +36,8 @@
 //!   the connection would wait for input), no input for a short quiet period (250 ms, see
 //!   below), and the peer has acknowledged all of the echo (`ioctl(SIOCOUTQ)` is 0: closed
 //!   before, the connection would be reset should the peer send anything more, and the echo
-//!   still in the kernel dropped). So everything a peer sent before the stop comes back (backpressure still holds: a
-//!   connection with unsent bytes reads nothing). Then the connection is closed with a FIN
+//!   still in the kernel dropped). So everything a peer sent before the stop comes back
+//!   (backpressure still holds: a connection with unsent bytes reads nothing). Then the connection is closed with a FIN
 //!   (`shutdown(Write)`, then `close`). Connections still busy after [`Config::drain_timeout`]
 //!   are closed anyway (with a FIN after whatever did get out). Then the server joins its
 //!   threads and returns the [`Stats`].

@@ -52,11 +52,11 @@ pub(crate) struct Inner<K> {
     worker: u16,
     /// `CLOSED`, `STREAM_KNOWN`, `STREAM` and `TCP`.
     state: AtomicU8,
-    /// The sides with an operation in the kernel (bit 1: receives; bit 2: sends and connects):
-    /// the port starts the next operation on a side only once that one completes; and bit 4,
-    /// a gap in the socket's stream not yet reported (see `Worker::open_gap`). Read and
-    /// written only by the home worker. Bits 3-5: the error that ended the connection (see
-    /// `Handle::note_ending`). With `state`, `worker` and `fd`, fills 8 bytes.
+    /// The sides with an operation in the kernel (the value 1: receives; 2: sends and
+    /// connects): the port starts the next operation on a side only once that one completes.
+    /// Also 4: a gap in the socket's stream not yet reported (see `Worker::open_gap`); and in
+    /// bits 3-5, the error that ended the connection (see `Handle::note_ending`). Read and
+    /// written only by the home worker. With `state`, `worker` and `fd`, fills 8 bytes.
     busy: AtomicU8,
     /// The home worker's count of live handles, for least-loaded placement.
     load: Arc<AtomicUsize>,

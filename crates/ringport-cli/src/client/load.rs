@@ -169,7 +169,8 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         if in_flight > available / 4 * 3 {
             return Err(format!(
                 "--connections {connections} x --size {size} x --pipeline {pipeline}: {:.1} GiB \
-                 in flight at once, more than this machine (or its cgroup) can spare ({:.1} GiB available)",
+                 in flight at once, more than this machine (or its cgroup) can spare ({:.1} GiB \
+                 available)",
                 in_flight as f64 / f64::from(1u32 << 30),
                 available as f64 / f64::from(1u32 << 30)
             ));
