@@ -183,13 +183,7 @@ impl<K> Handle<K> {
     /// # Errors
     /// The `ioctl` failed (e.g. not a socket).
     pub fn readable_bytes(&self) -> std::io::Result<usize> {
-        let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one c_int into `n`; the descriptor is open while `self` lives.
-        let r = unsafe { libc::ioctl(self.as_raw_fd(), libc::FIONREAD, &mut n) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(usize::try_from(n).unwrap_or(0))
+        self.count_ioctl(libc::FIONREAD)
     }
 
     /// Bytes written to the socket that its peer has not yet acknowledged (`SIOCOUTQ`: on TCP,
@@ -200,10 +194,17 @@ impl<K> Handle<K> {
     /// # Errors
     /// The `ioctl` failed (e.g. not a socket).
     pub fn unacked_bytes(&self) -> std::io::Result<usize> {
+        // SIOCOUTQ is TIOCOUTQ.
+        self.count_ioctl(libc::TIOCOUTQ)
+    }
+
+    /// A byte count the socket's `ioctl` `request` gives: `FIONREAD` or `SIOCOUTQ`, each of
+    /// which writes one `c_int`.
+    fn count_ioctl(&self, request: libc::Ioctl) -> std::io::Result<usize> {
         let mut n: libc::c_int = 0;
-        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int into `n`; the descriptor is open while
-        // `self` lives.
-        let r = unsafe { libc::ioctl(self.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        // SAFETY: the requests this is called with write one c_int, into `n`; the descriptor
+        // is open while `self` lives.
+        let r = unsafe { libc::ioctl(self.as_raw_fd(), request, &mut n) };
         if r < 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -2088,6 +2088,35 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A port, its one worker, our end of a connection associated with it, and the peer's end.
+    type Faulty = (Port<(), u8>, Worker<(), u8>, Handle<()>, TcpStream);
+
+    /// A one-worker port on `backend` whose worker injects `faults`, and a connected TCP pair
+    /// (our end associated); `None` where the kernel refuses io_uring (the caller skips it).
+    fn faulty_pair(backend: Backend, faults: &str) -> Option<Faulty> {
+        let built = Port::builder()
+            .workers(1)
+            .backend(backend)
+            .build::<(), u8>();
+        let (port, mut workers) = match built {
+            Err(e)
+                if peer_common::uring_check::refusal_skips()
+                    && peer_common::uring_check::names_refusal(&e.to_string()) =>
+            {
+                println!("SKIPPED for {backend}: {e}");
+                return None;
+            }
+            built => built.unwrap(),
+        };
+        let mut w = workers.pop().unwrap();
+        w.faults = Some(Arc::new(Faults::parse(faults).unwrap()));
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        let h = port.associate(ours, ()).unwrap();
+        Some((port, w, h, peer))
+    }
+
     /// A `short` fault sends one byte of a send at once: a send then goes on and completes
     /// whole, every byte in order, on both backends; one posted with `Op::partial` completes
     /// with that byte.
@@ -2095,26 +2124,9 @@ mod tests {
     fn a_short_fault_makes_a_whole_send_go_on_and_a_partial_one_stop() {
         use std::io::Read;
         for backend in [Backend::Epoll, Backend::Uring] {
-            let built = Port::builder()
-                .workers(1)
-                .backend(backend)
-                .build::<(), u8>();
-            let (port, mut workers) = match built {
-                Err(e)
-                    if peer_common::uring_check::refusal_skips()
-                        && peer_common::uring_check::names_refusal(&e.to_string()) =>
-                {
-                    println!("SKIPPED for {backend}: {e}");
-                    continue;
-                }
-                built => built.unwrap(),
+            let Some((_port, mut w, h, mut peer)) = faulty_pair(backend, "send=short") else {
+                continue;
             };
-            let mut w = workers.pop().unwrap();
-            w.faults = Some(Arc::new(Faults::parse("send=short").unwrap()));
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (ours, _) = l.accept().unwrap();
-            let h = port.associate(ours, ()).unwrap();
             let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
             w.submit(Op::send(&h, data.clone(), 0), 1);
             let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
@@ -2135,27 +2147,11 @@ mod tests {
     fn an_injected_send_error_cancels_the_sends_queued_behind_it() {
         use std::io::Read;
         for backend in [Backend::Epoll, Backend::Uring] {
-            let built = Port::builder()
-                .workers(1)
-                .backend(backend)
-                .build::<(), u8>();
-            let (port, mut workers) = match built {
-                Err(e)
-                    if peer_common::uring_check::refusal_skips()
-                        && peer_common::uring_check::names_refusal(&e.to_string()) =>
-                {
-                    println!("SKIPPED for {backend}: {e}");
-                    continue;
-                }
-                built => built.unwrap(),
-            };
-            let mut w = workers.pop().unwrap();
             // The first send checked goes; the second fails.
-            w.faults = Some(Arc::new(Faults::parse("send=ECONNRESET/2*1").unwrap()));
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (ours, _) = l.accept().unwrap();
-            let h = port.associate(ours, ()).unwrap();
+            let Some((port, mut w, h, mut peer)) = faulty_pair(backend, "send=ECONNRESET/2*1")
+            else {
+                continue;
+            };
             // Larger than the socket buffers: the sends behind it are queued.
             let first: Vec<u8> = (0..(32u32 << 20)).map(|i| (i % 251) as u8).collect();
             w.submit(Op::send(&h, first.clone(), 0), 1);
@@ -2188,7 +2184,6 @@ mod tests {
             assert_eq!((c.data, c.result.as_ref().ok()), (4, Some(&6)), "{backend}");
             drop((c, h, w, port));
             let mut rest = Vec::new();
-            let mut peer = peer;
             peer.read_to_end(&mut rest).unwrap();
             assert_eq!(rest, b"fourth", "{backend}");
         }
