@@ -26,10 +26,14 @@
 //! `None`); to end one early it is cancelled, and its completion awaited. A buffer is a
 //! `Box<[u8]>`, so moving the connection (the table grows) does not move the bytes.
 //!
-//! Limits: a full submission ring is submitted to make room; a full completion ring is not an
-//! error, since the kernel keeps the overflow (`IORING_FEAT_NODROP`, Linux 5.5) until it is
-//! reaped. Multishot accept needs Linux 5.19.
+//! Limits: a full submission ring is submitted to make room; where the kernel refuses that
+//! submission for now (`EAGAIN`: short of memory; `EBUSY`: completions to reap first), the
+//! entries wait in a backlog of the server's own, in order, and go to the ring after the next
+//! reap, so a passing shortage neither closes a connection nor stops the server. A full
+//! completion ring is not an error, since the kernel keeps the overflow (`IORING_FEAT_NODROP`,
+//! Linux 5.5) until it is reaped. Multishot accept needs Linux 5.19.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -95,6 +99,7 @@ fn serve_here(listener: TcpListener, config: &Config, stop: &Stop) -> io::Result
         backoff: Box::new(timespec(ACCEPT_BACKOFF)),
         drain: Box::new(timespec(config.drain_timeout.min(crate::FAR))),
         quiet: Box::new(timespec(DRAIN_QUIET)),
+        backlog: VecDeque::new(),
     };
     server.run(stop)
 }
@@ -148,6 +153,9 @@ struct Server {
     backoff: Box<types::Timespec>,
     drain: Box<types::Timespec>,
     quiet: Box<types::Timespec>,
+    /// Entries the kernel could not take for now, in the order queued, each group (a linked
+    /// pair) whole; they go to the ring before anything queued after them (see `push`).
+    backlog: VecDeque<Vec<squeue::Entry>>,
 }
 
 impl Server {
@@ -157,6 +165,7 @@ impl Server {
 
         let mut completions: Vec<(u64, i32, u32)> = Vec::with_capacity(2 * ENTRIES as usize);
         while !(self.stopping && self.live == 0 && self.accept == Accept::Off) {
+            self.feed_backlog();
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 // EBUSY: completions are waiting to be reaped; reap them below.
@@ -198,9 +207,10 @@ impl Server {
     ///
     /// Every buffer the entries point to stays valid, and is not used by anything else, until
     /// its completion has been reaped (for a timeout: until it has been submitted).
+    /// Where the kernel will not take a submission for now (`EAGAIN`, `EBUSY`), they join the
+    /// backlog, which `run` feeds to the ring after each reap (a handler cannot reap).
     unsafe fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
-        let mut short_of_memory = 0;
-        loop {
+        while self.backlog.is_empty() {
             // SAFETY: the caller's promise is the one `push_multiple` requires.
             if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
                 return Ok(());
@@ -208,13 +218,24 @@ impl Server {
             match self.ring.submit() {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                // Short of memory for now: a while, then the error.
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && short_of_memory < 1000 => {
-                    short_of_memory += 1;
-                    std::thread::sleep(std::time::Duration::from_micros(100));
-                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => break,
                 Err(e) => return Err(e),
             }
+        }
+        self.backlog.push_back(entries.to_vec());
+        Ok(())
+    }
+
+    /// Moves what the backlog holds to the ring, in order, as far as there is room.
+    fn feed_backlog(&mut self) {
+        while let Some(group) = self.backlog.front() {
+            // SAFETY: each group was queued through `push`, whose callers promised what
+            // `push_multiple` requires; they keep that promise until the completion is reaped,
+            // which cannot come before the entry is submitted.
+            if unsafe { self.ring.submission().push_multiple(group) }.is_err() {
+                return;
+            }
+            self.backlog.pop_front();
         }
     }
 
@@ -418,9 +439,10 @@ impl Server {
         self.or_close(slot, queued, "send")
     }
 
-    /// Closes the connection in `slot` when its operation could not be queued (the kernel kept
-    /// refusing the submission for want of memory, say): that one connection, not the server.
-    /// Nothing of it is in flight then, since the ring took none of the entries.
+    /// Closes the connection in `slot` when its operation could not be queued (the kernel
+    /// refused the submission for a reason that does not pass): that one connection, not the
+    /// server. Nothing of it is in flight then, since neither the ring nor the backlog took
+    /// any of the entries.
     fn or_close(&mut self, slot: usize, queued: io::Result<()>, what: &str) -> io::Result<()> {
         if let Err(e) = queued {
             if let Some(c) = self.conns[slot].as_mut() {
