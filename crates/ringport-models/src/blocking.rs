@@ -240,7 +240,8 @@ fn echo(stream: &TcpStream, shared: &Shared) -> io::Result<()> {
 }
 
 /// Blocks until `stream` has input (or an error, or end-of-file), the stop (if given) is
-/// triggered, or the timeout (if given) expires. Returns whether `stream` is ready.
+/// triggered, or the timeout (if given) expires. Returns whether `stream` is ready (or may be:
+/// a wait the kernel had no memory for says so).
 fn wait_for_input(
     stream: &TcpStream,
     stop: Option<&Stop>,
@@ -256,8 +257,13 @@ fn wait_for_input(
         pollfd(stream.as_raw_fd()),
         pollfd(stop.map_or(-1, AsRawFd::as_raw_fd)),
     ];
-    sys::poll(&mut fds, timeout)?;
-    Ok(fds[0].revents != 0)
+    match sys::poll(&mut fds, timeout) {
+        Ok(_) => Ok(fds[0].revents != 0),
+        // Short of memory for the wait, which passes: as if input came (the caller reads, and
+        // waits again), rather than fail the connection.
+        Err(e) if sys::short_of_memory(&e) => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 /// Waits for the connections to finish until the drain deadline, then shuts down those still
