@@ -147,10 +147,18 @@ fn sigterm_echoes_backlogged_data_sent_before_the_signal() {
 /// the kernel answer that write with a reset, and drop the echo it still held).
 fn a_client_writing_during_the_drain_gets_all_of_its_echo() {
     let server = Server::start();
-    let mut stream = connect(server.addr);
+    // A receive buffer of its own size, whatever the host's default: the echo below is more
+    // than it takes, so part of it waits in the server's kernel, unacknowledged.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(64 << 10).unwrap();
+    socket
+        .connect_timeout(&server.addr.into(), Duration::from_secs(10))
+        .unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     round_trip(&mut stream, b"accepted?");
-    // More than the client's receive buffer takes at first: part of the echo waits in the
-    // server's kernel.
     let data = pattern(31, 200_000);
     stream.write_all(&data).unwrap();
     std::thread::sleep(Duration::from_millis(500));

@@ -154,6 +154,14 @@ impl<K> Handle<K> {
         true
     }
 
+    /// Forgets the error that ended a connection: a connect starts a new one.
+    pub(crate) fn clear_ending(&self) {
+        let busy = self.inner.busy.load(Ordering::Relaxed);
+        self.inner
+            .busy
+            .store(busy & !ENDING_MASK, Ordering::Relaxed);
+    }
+
     /// The error that ended the connection, if an operation on the socket has seen one.
     pub(crate) fn ending(&self) -> Option<i32> {
         let code = (self.inner.busy.load(Ordering::Relaxed) & ENDING_MASK) >> ENDING_SHIFT;

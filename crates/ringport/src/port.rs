@@ -352,7 +352,7 @@ impl Builder {
                 sent_before: HashMap::default(),
                 sends_cancelled: HashSet::default(),
                 sockets_cancelled: HashSet::default(),
-                gaps: Vec::new(),
+                gaps: HashMap::default(),
             })
             .collect();
         Ok((Port { shared }, workers))
@@ -695,7 +695,7 @@ pub struct Worker<K, D> {
     sockets_cancelled: HashSet<u64, BuildHasherDefault<IdHasher>>,
     /// Sends that left a gap in their socket's stream and are not handed out yet, by id, with
     /// their socket (marked [`SEND_GAP`] until then).
-    gaps: Vec<(u64, Handle<K>)>,
+    gaps: HashMap<u64, Handle<K>, BuildHasherDefault<IdHasher>>,
 }
 
 /// The side of a socket whose operations run one at a time, in the order posted, and its bit
@@ -927,7 +927,9 @@ where
     }
 
     /// Like [`Worker::dequeue`], but moves up to `max` completions (at least one) into `out`,
-    /// and returns how many.
+    /// and returns how many. A send that left a gap in its stream (see
+    /// [`Op::send`](crate::Op::send)) always heads a batch, so that the caller has it before it
+    /// answers anything that completed after it.
     ///
     /// # Errors
     /// As [`Worker::dequeue`].
@@ -938,7 +940,14 @@ where
         timeout: Option<Duration>,
     ) -> Result<usize, WaitError> {
         self.fill(timeout)?;
-        let n = self.ready.len().min(max.max(1));
+        let mut n = self.ready.len().min(max.max(1));
+        if !self.gaps.is_empty() {
+            // A send that left a gap heads a batch: the caller must have it before it handles
+            // (and sends in answer to) anything after it, as with `dequeue`.
+            if let Some(at) = (1..n).find(|&i| self.gaps.contains_key(&self.ready[i].id.get())) {
+                n = at;
+            }
+        }
         let from = out.len();
         out.extend(self.ready.drain(..n));
         // The caller is about to read each completion's key.
@@ -1334,15 +1343,14 @@ where
         self.cancel_held_sends(h.serial());
         if !h.busy(SEND_GAP) {
             h.set_busy(SEND_GAP, true);
-            self.gaps.push((id, h.clone()));
+            self.gaps.insert(id, h.clone());
         }
     }
 
     /// The completion of operation `id` is being handed out: if it is a send that left a gap,
     /// its socket's sends go again.
     fn close_gap(&mut self, id: u64) {
-        if let Some(at) = self.gaps.iter().position(|(g, _)| *g == id) {
-            let (_, h) = self.gaps.swap_remove(at);
+        if let Some(h) = self.gaps.remove(&id) {
             h.set_busy(SEND_GAP, false);
         }
     }
@@ -1505,6 +1513,12 @@ where
             return self
                 .ready
                 .push_back(p.into_completion(id, Err(errno(libc::EBADF))));
+        }
+        if p.kind == OpKind::Connect {
+            // A new connection: what ended an earlier one on the socket is no longer news.
+            if let Some(h) = &p.handle {
+                h.clear_ending();
+            }
         }
         if p.kind == OpKind::Send && p.handle.as_ref().is_some_and(|h| h.busy(SEND_GAP)) {
             // Its bytes would follow the gap a send before it left (see `open_gap`).

@@ -171,11 +171,14 @@ per_backend!(
     a_send_cut_short_cancels_the_sends_held_behind_it,
     a_reset_reaches_the_waiting_receive,
     sends_posted_before_a_gap_is_handed_out_are_cancelled,
+    sends_posted_before_a_gap_is_handed_out_in_a_batch_are_cancelled,
+    a_reset_seen_by_a_send_reaches_a_later_receive,
     a_send_cancelled_before_any_of_it_went_lets_the_next_go,
     cancels_from_any_thread_reach_the_home_worker,
     accept_and_connect,
     multishot_accept_takes_every_connection_until_cancelled,
     connect_refused_is_named,
+    a_socket_connected_again_after_a_refusal_ends_cleanly,
     connect_refused_completes_beside_a_receive,
     a_second_connect_during_a_handshake_is_already_under_way,
     multishot_accept_on_a_file_is_not_a_socket,
@@ -1269,6 +1272,26 @@ fn connect_refused_is_named(b: Backend) {
     assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
 }
 
+/// A socket whose first connect was refused and whose second one went through reports its
+/// new connection's clean close as the end of the stream, not the old refusal.
+fn a_socket_connected_again_after_a_refusal_ends_cleanly(b: Backend) {
+    let (port, mut w) = one_worker::<(), ()>(b);
+    let (refusing, _held) = refusing_addr();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let s = port.associate(sock, ()).unwrap();
+    w.submit(Op::connect(&s, refusing), ());
+    let e = next(&mut w).result.unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    w.submit(Op::connect(&s, listener.local_addr().unwrap()), ());
+    next(&mut w).result.expect("the second connect");
+    let (peer, _) = listener.accept().unwrap();
+    drop(peer);
+    w.submit(Op::recv(&s, Vec::with_capacity(16)), ());
+    let c = next(&mut w);
+    assert_eq!(c.result.as_ref().ok(), Some(&0), "{:?}", c.result);
+}
+
 /// A connect posted while an earlier connect's handshake goes on (that one cancelled) fails
 /// with `EALREADY` on both backends, as `connect(2)` does.
 fn a_second_connect_during_a_handshake_is_already_under_way(b: Backend) {
@@ -1731,6 +1754,41 @@ fn a_send_cut_short_cancels_the_sends_held_behind_it(b: Backend) {
 /// worker had already seen the gap or still held the send behind it; one posted after it has
 /// been handed out goes.
 fn sends_posted_before_a_gap_is_handed_out_are_cancelled(b: Backend) {
+    gap_until_handed_out(b, false);
+}
+
+/// As above, with completions taken a batch at a time: a batch ends before a send that left a
+/// gap, so that the caller has it before it answers anything behind it.
+fn sends_posted_before_a_gap_is_handed_out_in_a_batch_are_cancelled(b: Backend) {
+    gap_until_handed_out(b, true);
+}
+
+/// Completions one at a time, or a batch at a time and then one by one from it.
+struct Taker {
+    batch: bool,
+    taken: std::collections::VecDeque<Completion<usize, u8>>,
+}
+
+impl Taker {
+    fn next(&mut self, w: &mut Worker<usize, u8>) -> Completion<usize, u8> {
+        if !self.batch {
+            return next(w);
+        }
+        if self.taken.is_empty() {
+            let mut batch = Vec::new();
+            w.dequeue_batch(&mut batch, 16, WAIT)
+                .expect("a completion within 10 s");
+            self.taken.extend(batch);
+        }
+        self.taken.pop_front().expect("a batch of at least one")
+    }
+}
+
+fn gap_until_handed_out(b: Backend, batch: bool) {
+    let mut taker = Taker {
+        batch,
+        taken: std::collections::VecDeque::new(),
+    };
     let (port, mut w) = one_worker::<usize, u8>(b);
     let data = numbered(64 << 20, 9);
     let mut socks = Vec::new();
@@ -1750,7 +1808,7 @@ fn sends_posted_before_a_gap_is_handed_out_are_cancelled(b: Backend) {
     for (_, id) in &socks {
         w.cancel(*id);
     }
-    let first = next(&mut w);
+    let first = taker.next(&mut w);
     assert_eq!(first.data, 1);
     let went_first = *first.result.as_ref().expect("the count of what went");
     let first_at = *first.key().unwrap();
@@ -1759,7 +1817,7 @@ fn sends_posted_before_a_gap_is_handed_out_are_cancelled(b: Backend) {
     w.submit(Op::send(&h, b"before the gap is seen".to_vec(), 0), 2);
     let (mut went, mut before, mut after) = (None, None, None);
     while went.is_none() || before.is_none() || after.is_none() {
-        let c = next(&mut w);
+        let c = taker.next(&mut w);
         match c.data {
             1 => {
                 went = Some(*c.result.as_ref().expect("the count of what went"));
@@ -1865,6 +1923,36 @@ fn a_reset_reaches_the_waiting_receive(b: Backend) {
             .copied(),
         Err(Some(libc::ECONNRESET)),
         "the receive waiting when the peer reset"
+    );
+}
+
+/// A reset that a waiting send takes from the kernel reaches a receive posted afterwards (which
+/// the kernel would let find only the end of the stream), the same on both backends.
+fn a_reset_seen_by_a_send_reaches_a_later_receive(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (ours, peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    w.submit(Op::send(&h, numbered(64 << 20, 7), 0), 2);
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(200))),
+        Err(WaitError::TimedOut)
+    ));
+    socket2::SockRef::from(&peer)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(peer);
+    let send = next(&mut w);
+    assert_eq!(send.data, 2);
+    w.submit(Op::recv(&h, Vec::with_capacity(4096)), 1);
+    let recv = next(&mut w);
+    assert_eq!(
+        recv.result
+            .as_ref()
+            .map_err(std::io::Error::raw_os_error)
+            .copied(),
+        Err(Some(libc::ECONNRESET)),
+        "a receive after the send saw the reset (the send: {:?})",
+        send.result
     );
 }
 
