@@ -69,7 +69,9 @@ pub enum OpKind {
     /// [`Op::recv`]: the byte count was appended to the buffer; `0` means the peer closed.
     /// A connection that ended in an error (a reset, a refusal, a timeout) reports that error,
     /// not `0`, even where another operation on the socket saw it first (the kernel hands it
-    /// to one operation only).
+    /// to one operation only). (On a socket with `IP_RECVERR` set, where an ICMP error such as
+    /// `EHOSTUNREACH` reaches an operation without ending the connection, the end of that
+    /// connection's stream reports the error too.)
     Recv,
     /// [`Op::send`], [`Op::send_pooled`] or [`Op::send_pooled_gather`]: on a stream, the byte
     /// count is all that was asked unless the send was cancelled after part of it went, or was
