@@ -141,6 +141,21 @@ fn sigterm_echoes_backlogged_data_sent_before_the_signal() {
     );
 }
 
+/// A connection to `addr` whose receive buffer is `size` bytes (set before it connects, so the
+/// window it offers follows), with a 10 s read timeout.
+fn connect_with_recv_buffer(addr: std::net::SocketAddr, size: usize) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(size).unwrap();
+    socket
+        .connect_timeout(&addr.into(), Duration::from_secs(10))
+        .unwrap();
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
 /// A client that has not read its echo when the drain begins, and writes once more after the
 /// server has gone quiet (before it has seen any FIN), still gets all of its echo and a clean
 /// EOF: the server does not close while the client has not taken the echo (a close would make
@@ -149,15 +164,7 @@ fn a_client_writing_during_the_drain_gets_all_of_its_echo() {
     let server = Server::start();
     // A receive buffer of its own size, whatever the host's default: the echo below is more
     // than it takes, so part of it waits in the server's kernel, unacknowledged.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(64 << 10).unwrap();
-    socket
-        .connect_timeout(&server.addr.into(), Duration::from_secs(10))
-        .unwrap();
-    let mut stream: TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stream = connect_with_recv_buffer(server.addr, 64 << 10);
     round_trip(&mut stream, b"accepted?");
     let data = pattern(31, 200_000);
     stream.write_all(&data).unwrap();
@@ -186,15 +193,7 @@ fn drain_timeout_bounds_shutdown_when_a_client_never_reads() {
     let server = Server::start_with(&["--listen", "127.0.0.1:0", "--drain-timeout", "1"]);
     // A small receive buffer, so the kernel cannot take in the whole echo on the client's
     // behalf (it would, a few MiB of it, and the drain would then finish on time).
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket
-        .connect_timeout(&server.addr.into(), Duration::from_secs(10))
-        .unwrap();
-    let mut stuck: TcpStream = socket.into();
-    stuck
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stuck = connect_with_recv_buffer(server.addr, 4096);
     round_trip(&mut stuck, b"hello");
     // Write without ever reading the echo, until every buffer on the way is full: the server
     // cannot finish echoing this connection.

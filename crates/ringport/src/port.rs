@@ -1587,16 +1587,9 @@ where
             // A short send needs a stream and more than a byte to send.
             let short_ok = target.stream && body.unsent_head().len() > 1;
             match f.check(p.kind, short_ok) {
+                // As when the kernel fails it.
                 Some((Effect::Errno(e), _)) => {
-                    // As when the kernel fails it: a send leaves a gap.
-                    let gap = (p.kind == OpKind::Send && !p.partial && target.stream)
-                        .then(|| p.handle.clone())
-                        .flatten();
-                    self.ready.push_back(p.into_completion(id, Err(errno(e))));
-                    if let Some(h) = gap {
-                        self.open_gap(id, &h);
-                    }
-                    return;
+                    return self.fail_start(id, p, Err(errno(e)), target.stream)
                 }
                 // One byte goes out at once, and the send goes on from there as after any
                 // short send (`send_goes_on`).
@@ -1623,16 +1616,22 @@ where
             }
             Err(e) => {
                 // It completes with the error, or with a fault's one byte if that went out
-                // before; a send leaves a gap either way.
+                // before.
                 let res = self.sent_before.remove(&id).ok_or(e);
-                let gap = (p.kind == OpKind::Send && !p.partial && target.stream)
-                    .then(|| p.handle.clone())
-                    .flatten();
-                self.ready.push_back(p.into_completion(id, res));
-                if let Some(h) = gap {
-                    self.open_gap(id, &h);
-                }
+                self.fail_start(id, p, res, target.stream);
             }
+        }
+    }
+
+    /// Completes operation `p`, which could not start, with `res`; a send on a stream (not
+    /// `partial`) leaves a gap in it, as when the kernel fails one (see `open_gap`).
+    fn fail_start(&mut self, id: u64, p: Pending<K, D>, res: io::Result<usize>, stream: bool) {
+        let gap = (p.kind == OpKind::Send && !p.partial && stream)
+            .then(|| p.handle.clone())
+            .flatten();
+        self.ready.push_back(p.into_completion(id, res));
+        if let Some(h) = gap {
+            self.open_gap(id, &h);
         }
     }
 }

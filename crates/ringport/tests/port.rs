@@ -1262,26 +1262,27 @@ fn refusing_addr() -> (std::net::SocketAddr, socket2::Socket) {
     (addr, held)
 }
 
-fn connect_refused_is_named(b: Backend) {
-    let (port, mut w) = one_worker::<(), ()>(b);
+/// A new socket of `port`, whose connect to an address that refuses has failed, as asserted.
+fn refused_socket(port: &Port<(), ()>, w: &mut Worker<(), ()>) -> Handle<()> {
     let (addr, _held) = refusing_addr();
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     let s = port.associate(sock, ()).unwrap();
     w.submit(Op::connect(&s, addr), ());
-    let e = next(&mut w).result.unwrap_err();
+    let e = next(w).result.unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
+    s
+}
+
+fn connect_refused_is_named(b: Backend) {
+    let (port, mut w) = one_worker::<(), ()>(b);
+    refused_socket(&port, &mut w);
 }
 
 /// A socket whose first connect was refused and whose second one went through reports its
 /// new connection's clean close as the end of the stream, not the old refusal.
 fn a_socket_connected_again_after_a_refusal_ends_cleanly(b: Backend) {
     let (port, mut w) = one_worker::<(), ()>(b);
-    let (refusing, _held) = refusing_addr();
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let s = port.associate(sock, ()).unwrap();
-    w.submit(Op::connect(&s, refusing), ());
-    let e = next(&mut w).result.unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
+    let s = refused_socket(&port, &mut w);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     w.submit(Op::connect(&s, listener.local_addr().unwrap()), ());
     next(&mut w).result.expect("the second connect");
@@ -1363,10 +1364,7 @@ fn connect_refused_completes_beside_a_receive(b: Backend) {
             // Whichever of the two the kernel hands the refusal to, both report it (the other
             // finds the socket shut: the end of the stream, or `ECONNABORTED`).
             assert_eq!(
-                c.result
-                    .as_ref()
-                    .map_err(std::io::Error::raw_os_error)
-                    .copied(),
+                os_result(&c),
                 Err(Some(libc::ECONNREFUSED)),
                 "{}",
                 ["the connect", "the receive"][usize::from(c.data)]
@@ -1892,20 +1890,7 @@ fn a_send_cancelled_before_any_of_it_went_lets_the_next_go(b: Backend) {
 /// receive reports the reset (`ECONNRESET`), not an end of stream, whichever operation the
 /// kernel hands the socket's error to; the send completes with what went.
 fn a_reset_reaches_the_waiting_receive(b: Backend) {
-    let (port, mut w) = one_worker::<(), u8>(b);
-    let (ours, peer) = pair();
-    let h = port.associate(ours, ()).unwrap();
-    w.submit(Op::recv(&h, Vec::with_capacity(4096)), 1);
-    let data = numbered(64 << 20, 2);
-    w.submit(Op::send(&h, data, 0), 2);
-    assert!(matches!(
-        w.dequeue(Some(Duration::from_millis(200))),
-        Err(WaitError::TimedOut)
-    ));
-    socket2::SockRef::from(&peer)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(peer);
+    let (_port, mut w, _h) = reset_while_a_send_waits(b, true);
     let (mut recv, mut send) = (None, None);
     while recv.is_none() || send.is_none() {
         let c = next(&mut w);
@@ -1915,24 +1900,27 @@ fn a_reset_reaches_the_waiting_receive(b: Backend) {
             send = Some(c);
         }
     }
-    let recv = recv.unwrap();
     assert_eq!(
-        recv.result
-            .as_ref()
-            .map_err(std::io::Error::raw_os_error)
-            .copied(),
+        os_result(&recv.unwrap()),
         Err(Some(libc::ECONNRESET)),
         "the receive waiting when the peer reset"
     );
 }
 
-/// A reset that a waiting send takes from the kernel reaches a receive posted afterwards (which
-/// the kernel would let find only the end of the stream), the same on both backends.
-fn a_reset_seen_by_a_send_reaches_a_later_receive(b: Backend) {
+/// A connection whose peer resets it (`SO_LINGER` 0) while a 64 MiB send (data 2) waits for
+/// room, behind a receive (data 1) posted first when `recv_first`: the port, its worker and
+/// our end.
+fn reset_while_a_send_waits(
+    b: Backend,
+    recv_first: bool,
+) -> (Port<(), u8>, Worker<(), u8>, Handle<()>) {
     let (port, mut w) = one_worker::<(), u8>(b);
     let (ours, peer) = pair();
     let h = port.associate(ours, ()).unwrap();
-    w.submit(Op::send(&h, numbered(64 << 20, 7), 0), 2);
+    if recv_first {
+        w.submit(Op::recv(&h, Vec::with_capacity(4096)), 1);
+    }
+    w.submit(Op::send(&h, numbered(64 << 20, 2), 0), 2);
     assert!(matches!(
         w.dequeue(Some(Duration::from_millis(200))),
         Err(WaitError::TimedOut)
@@ -1941,15 +1929,26 @@ fn a_reset_seen_by_a_send_reaches_a_later_receive(b: Backend) {
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(peer);
+    (port, w, h)
+}
+
+/// A completion's result as its count or its errno.
+fn os_result<K, D>(c: &Completion<K, D>) -> Result<usize, Option<i32>> {
+    c.result
+        .as_ref()
+        .map_err(std::io::Error::raw_os_error)
+        .copied()
+}
+
+/// A reset that a waiting send takes from the kernel reaches a receive posted afterwards (which
+/// the kernel would let find only the end of the stream), the same on both backends.
+fn a_reset_seen_by_a_send_reaches_a_later_receive(b: Backend) {
+    let (_port, mut w, h) = reset_while_a_send_waits(b, false);
     let send = next(&mut w);
     assert_eq!(send.data, 2);
     w.submit(Op::recv(&h, Vec::with_capacity(4096)), 1);
-    let recv = next(&mut w);
     assert_eq!(
-        recv.result
-            .as_ref()
-            .map_err(std::io::Error::raw_os_error)
-            .copied(),
+        os_result(&next(&mut w)),
         Err(Some(libc::ECONNRESET)),
         "a receive after the send saw the reset (the send: {:?})",
         send.result

@@ -388,10 +388,12 @@ mod tests {
             thread::sleep(Duration::from_secs(3));
             drop(stream);
         });
-        let mut opts = BookOptions::new(addr);
-        opts.send_only = true;
-        opts.count = 1000;
-        opts.message = "x".repeat(60_000);
+        let opts = BookOptions {
+            count: 1000,
+            message: "x".repeat(60_000),
+            send_only: true,
+            ..BookOptions::new(addr)
+        };
         let mut out = Vec::new();
         let result = run_with_timeout(&opts, &mut out, Duration::from_millis(500));
         let err = result.expect_err("60 MB to a server that reads nothing");
