@@ -43,6 +43,21 @@ impl UdpStats {
     }
 }
 
+/// The pause after a failed receive: 1 ms, doubling with each failure in a row up to
+/// [`POLL`] (so a stop is still seen within about that long).
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let pause = Duration::from_millis(1) * (1u32 << self.failures.min(16));
+        self.failures = self.failures.saturating_add(1);
+        pause.min(POLL)
+    }
+}
+
 /// Datagrams from ports below this are not answered: they come from services (echo, chargen,
 /// daytime, DNS, ...) or carry a spoofed source aimed at one, and answering would let two such
 /// services bounce datagrams between them for ever.
@@ -105,6 +120,7 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStat
     let mut stats = UdpStats::default();
     let own = socket.local_addr().map_or(0, |a| a.port());
     let mut buf = vec![0u8; 65536];
+    let mut pause = Backoff::default();
     while !stop.load(Ordering::Relaxed) {
         let (n, from, dest) = match wire::recv(socket, &mut buf) {
             Ok(r) => r,
@@ -120,9 +136,15 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStat
             }
             Err(e) => {
                 stats.failed("receive", &e);
+                // A datagram the kernel could not describe is one datagram's; a failure of the
+                // socket itself (ENOMEM, say) may last, and is not retried in a tight loop.
+                if e.kind() != io::ErrorKind::InvalidData {
+                    std::thread::sleep(pause.next());
+                }
                 continue;
             }
         };
+        pause = Backoff::default();
         if stop.load(Ordering::Relaxed) {
             // Stopped while this one came in: not answered.
             break;
@@ -473,6 +495,19 @@ mod tests {
                 service,
                 "{addr}"
             );
+        }
+    }
+
+    #[test]
+    fn failed_receives_in_a_row_pause_longer_up_to_the_poll() {
+        let mut b = Backoff::default();
+        let pauses: Vec<Duration> = (0..12).map(|_| b.next()).collect();
+        assert_eq!(pauses[0], Duration::from_millis(1));
+        assert_eq!(pauses[3], Duration::from_millis(8));
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
+        assert_eq!(pauses[11], POLL, "capped at the stop check's period");
+        for _ in 0..100 {
+            assert_eq!(b.next(), POLL);
         }
     }
 
