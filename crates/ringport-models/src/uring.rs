@@ -31,7 +31,8 @@
 //! entries wait in a backlog of the server's own, in order, and go to the ring after the next
 //! reap, so a passing shortage neither closes a connection nor stops the server. A full
 //! completion ring is not an error, since the kernel keeps the overflow (`IORING_FEAT_NODROP`,
-//! Linux 5.5) until it is reaped. Multishot accept needs Linux 5.19.
+//! Linux 5.5) until it is reaped. Multishot accept needs Linux 5.19: on an older kernel the
+//! model refuses to start.
 
 use std::collections::VecDeque;
 use std::io;
@@ -84,6 +85,7 @@ fn serve_here(listener: TcpListener, config: &Config, stop: &Stop) -> io::Result
         .setup_clamp()
         .build(ENTRIES)
         .map_err(|e| io::Error::new(e.kind(), format!("io_uring: {e}")))?;
+    check_kernel(&ring)?;
     let mut server = Server {
         ring,
         conns: Vec::new(),
@@ -102,6 +104,24 @@ fn serve_here(listener: TcpListener, config: &Config, stop: &Stop) -> io::Result
         backlog: VecDeque::new(),
     };
     server.run(stop)
+}
+
+/// Refuses, at the start rather than at the first accept, a kernel without multishot accept
+/// (Linux 5.19). That is a flag of the accept opcode, which a probe does not list; the socket
+/// opcode came in the same release, so its presence stands for it.
+fn check_kernel(ring: &IoUring) -> io::Result<()> {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| io::Error::new(e.kind(), format!("io_uring probe: {e}")))?;
+    if probe.is_supported(opcode::Socket::CODE) {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the uring model needs multishot accept (Linux 5.19 or later)",
+        ))
+    }
 }
 
 /// The state of the listener's accept request.
