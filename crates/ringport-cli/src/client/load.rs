@@ -137,8 +137,10 @@ struct Conn {
 #[derive(Default)]
 struct Tally {
     connections: u64,
-    /// Messages echoed in the measured window, and their bytes.
+    /// Messages whose echo completed in the measured window.
     messages: u64,
+    /// Bytes echoed in the measured window (a message that straddles its opening counts only
+    /// its bytes inside it).
     bytes: u64,
     /// Every byte echoed and checked, in the window or after it.
     verified: u64,
@@ -255,10 +257,12 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         ..Summary::default()
     };
     let mut last = None;
+    let mut panicked = false;
     for t in threads {
-        let tally = t
-            .join()
-            .map_err(|_| "a client worker panicked".to_owned())?;
+        let Ok(tally) = t.join() else {
+            panicked = true;
+            continue;
+        };
         summary.connections += tally.connections;
         summary.messages += tally.messages;
         summary.bytes += tally.bytes;
@@ -267,6 +271,13 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         summary.errors.merge(&tally.errors);
         summary.mismatches += tally.mismatches;
         last = last.max(tally.last);
+    }
+    if panicked {
+        if start.is_some() && window.is_none() {
+            // A harness that saw the window open waits for it to close.
+            mark(WINDOW_CLOSED);
+        }
+        return Err("a client worker panicked".to_owned());
     }
     // With a window, what counts is what it measured: echoes of the warm-up, or drained after
     // the deadline, are checked but not counted.
