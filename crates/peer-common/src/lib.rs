@@ -3,6 +3,8 @@
 //!
 //! - [`Cli`]: the command line every peer takes, `[--listen ADDR] [--workers N] [--buffer
 //!   BYTES]`, with [`parse_args`] behind it.
+//! - [`AcceptErrors`]: what a peer does when an accept fails (pause, and log at most once a
+//!   second), so that running out of descriptors does not spin a core.
 //! - [`serve_thread_per_core`]: the startup of the thread-per-core peers, a thread per worker, each
 //!   with its own runtime and listener.
 //! - `echo_check` and `echo_tests!` (feature `testing`): the echo checks every peer's
@@ -291,8 +293,102 @@ impl Drop for Ended {
     }
 }
 
+/// A peer's accept loop after a failed accept: how long to pause, and whether to log it.
+///
+/// An accept that fails for want of a resource (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`) fails
+/// again at once while the connection waits in the backlog: retried without a pause, it would
+/// spin a core (and fill stderr). So the loop pauses, 10 ms after the first failure in a row and
+/// twice as long after each next one, up to a second; a connection the peer gave up on
+/// (`ECONNABORTED`) or a signal (`EINTR`) is retried at once. One line is logged per second at
+/// most, with the count of the failures it stands for.
+#[derive(Debug)]
+pub struct AcceptErrors {
+    in_a_row: u32,
+    unlogged: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+impl Default for AcceptErrors {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AcceptErrors {
+    /// The first pause, and the longest.
+    pub const FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+    pub const LONGEST_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+    pub fn new() -> Self {
+        AcceptErrors {
+            in_a_row: 0,
+            unlogged: 0,
+            last_log: None,
+        }
+    }
+
+    /// An accept succeeded: the next failure pauses the shortest time again.
+    pub fn accepted(&mut self) {
+        self.in_a_row = 0;
+    }
+
+    /// An accept failed with `e` at `now`: logs it (named `name`) unless a line went out less
+    /// than a second ago, and returns how long to wait before the next accept.
+    pub fn failed(
+        &mut self,
+        name: &str,
+        e: &io::Error,
+        now: std::time::Instant,
+    ) -> std::time::Duration {
+        self.unlogged += 1;
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1))
+        {
+            let more = match self.unlogged {
+                1 => String::new(),
+                n => format!(" ({n} failures since the last line)"),
+            };
+            eprintln!("{name}: accept: {e}{more}");
+            self.last_log = Some(now);
+            self.unlogged = 0;
+        }
+        if matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+        ) {
+            return std::time::Duration::ZERO;
+        }
+        let pause = Self::FIRST_PAUSE * (1u32 << self.in_a_row.min(7));
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        pause.min(Self::LONGEST_PAUSE)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn accept_failures_pause_longer_in_a_row_and_not_for_an_aborted_connection() {
+        let mut a = super::AcceptErrors::new();
+        let t = Instant::now();
+        // What an accept out of descriptors gives (any kind but the two retried at once).
+        let emfile = io::Error::other("Too many open files (os error 24)");
+        let pauses: Vec<Duration> = (0..10).map(|_| a.failed("test", &emfile, t)).collect();
+        assert_eq!(pauses[0], Duration::from_millis(10));
+        assert_eq!(pauses[1], Duration::from_millis(20));
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
+        assert_eq!(pauses[9], Duration::from_secs(1), "capped");
+        let aborted = io::Error::from(io::ErrorKind::ConnectionAborted);
+        assert_eq!(a.failed("test", &aborted, t), Duration::ZERO);
+        a.accepted();
+        assert_eq!(
+            a.failed("test", &emfile, t),
+            Duration::from_millis(10),
+            "reset"
+        );
+    }
     use super::*;
 
     /// Workers that agree name their backend; one that differs (fell back) makes it `mixed`,

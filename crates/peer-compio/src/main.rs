@@ -50,17 +50,24 @@ fn worker(addr: SocketAddr, bound: Bound, buffer: usize) {
         let Some(listener) = bound.listening(addr, listener, TcpListener::local_addr) else {
             return;
         };
+        let mut errors = peer_common::AcceptErrors::new();
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
+                    errors.accepted();
                     // A reset from a load generator that hung up is the connection's end, not news.
                     compio::runtime::spawn(async move {
                         let _ = echo(stream, buffer).await;
                     })
                     .detach();
                 }
-                // EMFILE and friends: this connection is lost, the listener is not.
-                Err(e) => eprintln!("{NAME}: accept: {e}"),
+                // EMFILE and friends: the listener is not lost; the connection waits meanwhile.
+                Err(e) => {
+                    let pause = errors.failed(NAME, &e, std::time::Instant::now());
+                    if !pause.is_zero() {
+                        compio::time::sleep(pause).await;
+                    }
+                }
             }
         }
     });

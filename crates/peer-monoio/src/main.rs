@@ -40,7 +40,7 @@ fn main() -> ExitCode {
 /// Sends the listener's bound address, or the error that prevented it, on `bound`, then serves
 /// forever.
 fn worker(id: usize, addr: SocketAddr, bound: Bound, buffer: usize) {
-    let mut runtime = match RuntimeBuilder::<FusionDriver>::new().build() {
+    let mut runtime = match RuntimeBuilder::<FusionDriver>::new().enable_timer().build() {
         Ok(runtime) => runtime,
         Err(e) => return bound.fail("cannot start the monoio runtime", e),
     };
@@ -61,16 +61,23 @@ fn worker(id: usize, addr: SocketAddr, bound: Bound, buffer: usize) {
         let Some(listener) = bound.listening(addr, listener, TcpListener::local_addr) else {
             return;
         };
+        let mut errors = peer_common::AcceptErrors::new();
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
+                    errors.accepted();
                     // A reset from a load generator that hung up is the connection's end, not news.
                     monoio::spawn(async move {
                         let _ = echo(stream, buffer).await;
                     });
                 }
-                // EMFILE and friends: this connection is lost, the listener is not.
-                Err(e) => eprintln!("{NAME}: accept: {e}"),
+                // EMFILE and friends: the listener is not lost; the connection waits meanwhile.
+                Err(e) => {
+                    let pause = errors.failed(NAME, &e, std::time::Instant::now());
+                    if !pause.is_zero() {
+                        monoio::time::sleep(pause).await;
+                    }
+                }
             }
         }
     });

@@ -31,7 +31,10 @@ const CLI: Cli = Cli {
 fn main() -> ExitCode {
     let args = CLI.args();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(args.workers).enable_io();
+    builder
+        .worker_threads(args.workers)
+        .enable_io()
+        .enable_time();
     if let Some(v) = std::env::var_os(QUEUE_INTERVAL_ENV) {
         match v
             .to_str()
@@ -68,16 +71,23 @@ async fn serve(addr: SocketAddr, buffer: usize) -> io::Result<()> {
     let listener = bind(addr).map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
     // tokio's I/O driver is epoll (mio) on Linux.
     eprintln!("listening on {} backend=epoll", listener.local_addr()?);
+    let mut errors = peer_common::AcceptErrors::new();
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                errors.accepted();
                 tokio::spawn(async move {
                     // A reset from a load generator that hung up is the connection's end, not news.
                     let _ = echo(stream, buffer).await;
                 });
             }
-            // EMFILE and friends: this connection is lost, the listener is not.
-            Err(e) => eprintln!("{NAME}: accept: {e}"),
+            // EMFILE and friends: the listener is not lost; the connection waits meanwhile.
+            Err(e) => {
+                let pause = errors.failed(NAME, &e, std::time::Instant::now());
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
         }
     }
 }
