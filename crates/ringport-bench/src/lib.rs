@@ -135,7 +135,9 @@ pub struct CommonArgs {
     pub pipelines: Vec<u32>,
 
     /// Idle connections to open; 0 skips the idle measurement [default: `peers` and `models`:
-    /// as many as RLIMIT_NOFILE allows less 2000, 200 with --quick; `scaling`: 0].
+    /// as many as RLIMIT_NOFILE and the local port range (net.ipv4.ip_local_port_range: the
+    /// connections all come from one address) allow, less 2000; 200 with --quick; `scaling`:
+    /// 0].
     #[arg(long, value_name = "N")]
     pub idle: Option<u64>,
 }
@@ -245,6 +247,30 @@ struct Setup {
     warnings: Vec<String>,
 }
 
+/// Checks before any measurement that `--out` is a directory the results can be written to
+/// (creating it), so that a long run does not lose them at its end.
+fn check_out(dir: &Path) -> Result<(), String> {
+    let fail = |e: std::io::Error| format!("--out {}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(format!(".ringport-bench-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)
+}
+
+/// The idle connections one client address can hold open to one server: the lesser of what
+/// the descriptor limit `nofile` and the local port range (`ports`, when known) allow, each less
+/// [`matrix::FD_HEADROOM`] (or halved, where that leaves too little).
+fn default_idle(nofile: u64, ports: Option<u64>) -> u64 {
+    let room = |n: u64| {
+        if n > 2 * matrix::FD_HEADROOM {
+            n - matrix::FD_HEADROOM
+        } else {
+            n / 2
+        }
+    };
+    room(nofile).min(ports.map_or(u64::MAX, room))
+}
+
 /// The warning for a binary directory of unoptimised (debug) builds, if `bin_dir` is one.
 fn debug_build_warning(bin_dir: &Path) -> Option<String> {
     matrix::is_debug_dir(bin_dir).then(|| {
@@ -266,6 +292,7 @@ impl Setup {
     ) -> Result<Self, String> {
         check_only(&common.only, specs)?;
         check_secs(common)?;
+        check_out(&common.out)?;
         let (_, nofile) = proc::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
         let machine = proc::available_cpus().map_err(|e| format!("sched_getaffinity: {e}"))?;
         let mut notes = Vec::new();
@@ -393,14 +420,13 @@ impl Setup {
         })
     }
 
-    /// The idle-connection target: `--idle`, 200 with `--quick`, else the limit less headroom.
+    /// The idle-connection target: `--idle`, 200 with `--quick`, else what the descriptor limit
+    /// and the local port range allow (see [`default_idle`]).
     fn idle_target(&self, common: &CommonArgs) -> u64 {
         common.idle.unwrap_or(if common.quick {
             200
-        } else if self.nofile > 2 * matrix::FD_HEADROOM {
-            self.nofile - matrix::FD_HEADROOM
         } else {
-            self.nofile / 2
+            default_idle(self.nofile, proc::local_ports())
         })
     }
 
@@ -485,13 +511,13 @@ fn finish(report: &Report, out: &Path, charts: Vec<ChartSpec>) -> i32 {
             .lock()
             .write_all(report.markdown().as_bytes());
     }
-    let mut written = match report.write(out) {
-        Ok(w) => w,
-        Err(e) => {
-            errln!("ringport-bench: {e}");
-            return EXIT_HARNESS;
-        }
-    };
+    // Every failure is reported; an echo that differs decides the exit code over the rest.
+    let mut failed = false;
+    let mut written = report.write(out).unwrap_or_else(|e| {
+        errln!("ringport-bench: {e}");
+        failed = true;
+        Vec::new()
+    });
     for c in charts {
         let path = out.join(format!("{}-{}.svg", report.mode, c.suffix));
         match chart::line_chart(&path, &c.title, c.x_desc, c.y_desc, &c.series) {
@@ -503,7 +529,7 @@ fn finish(report: &Report, out: &Path, charts: Vec<ChartSpec>) -> i32 {
             ),
             Err(e) => {
                 errln!("ringport-bench: chart {e}");
-                return EXIT_HARNESS;
+                failed = true;
             }
         }
     }
@@ -522,6 +548,9 @@ fn finish(report: &Report, out: &Path, charts: Vec<ChartSpec>) -> i32 {
             bad.join(", ")
         );
         return EXIT_MISMATCH;
+    }
+    if failed {
+        return EXIT_HARNESS;
     }
     // This project's own completion-port server must run: one that was skipped or measured no
     // cell at all (it did not start, say) fails the run, so that `--quick` in CI keeps every
@@ -551,6 +580,42 @@ mod tests {
         }
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         parse_args::<Cli>("test", &args).unwrap().common
+    }
+
+    #[test]
+    fn an_out_directory_that_cannot_be_written_is_refused_up_front() {
+        let dir = std::env::temp_dir().join(format!("ringport-bench-out-{}", std::process::id()));
+        let nested = dir.join("a/b");
+        assert_eq!(check_out(&nested), Ok(()), "created");
+        assert!(nested.is_dir());
+        assert_eq!(
+            std::fs::read_dir(&nested).unwrap().count(),
+            0,
+            "the probe is gone"
+        );
+        // A file where the directory should be.
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = check_out(&file.join("sub")).unwrap_err();
+        assert!(
+            err.starts_with(&format!("--out {}", file.join("sub").display())),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_idle_default_fits_the_descriptor_limit_and_the_port_range() {
+        // The usual local port range (32768-60999) and a large descriptor limit: the ports bound.
+        let ports = proc::parse_port_range("32768\t60999\n");
+        assert_eq!(ports, Some(28_232));
+        assert_eq!(default_idle(1 << 20, ports), 26_232);
+        // A smaller limit bounds it; the range unknown, the limit alone.
+        assert_eq!(default_idle(20_000, ports), 18_000);
+        assert_eq!(default_idle(20_000, None), 18_000);
+        assert_eq!(default_idle(1024, ports), 512);
+        assert_eq!(proc::parse_port_range("60999 32768"), None);
+        assert_eq!(proc::parse_port_range("x"), None);
     }
 
     #[test]

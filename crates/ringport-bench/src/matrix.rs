@@ -738,6 +738,13 @@ impl Harness {
                     cell.label()
                 ));
                 let outcome = self.run_cell(ready, plan, res, server, start_error, cell);
+                if matches!(outcome, Outcome::Failed { .. }) {
+                    // A server that failed a cell may be stuck (stopped, deadlocked) or hold
+                    // what that cell left: the next cell starts a fresh one.
+                    if let Some(s) = server.take() {
+                        s.stop();
+                    }
+                }
                 if let Outcome::Ok { client, .. }
                 | Outcome::Failed {
                     client: Some(client),
@@ -924,7 +931,13 @@ impl Harness {
             mb_per_s: report.mb_per_s,
             p50_us: report.p50_us,
             p99_us: report.p99_us,
-            cpu_us_per_msg: cpu_us / report.messages as f64,
+            // No CPU time at all is no reading (one in whole clock ticks over a short window):
+            // shown as n/a rather than as infinitely lean.
+            cpu_us_per_msg: if cpu_us > 0.0 {
+                cpu_us / report.messages as f64
+            } else {
+                f64::NAN
+            },
             rss_bytes: rss.map_or(f64::NAN, |r| r as f64),
             rss_per_conn: match (rss_start, rss) {
                 (Some(start), Some(end)) => {
@@ -1012,7 +1025,7 @@ fn idle_connections(server: &mut Server, target: u64) -> Result<IdleSample, Stri
         }
         pending = still;
     }
-    if answered < opened && note.is_none() {
+    if answered < opened {
         let late = opened.saturating_sub(answered + mismatched + closed);
         let mut why = Vec::new();
         if closed > 0 {
@@ -1025,7 +1038,14 @@ fn idle_connections(server: &mut Server, target: u64) -> Result<IdleSample, Stri
                 "{late} of {opened} connections not served within 5 s"
             ));
         }
-        note = (!why.is_empty()).then(|| why.join("; "));
+        if !why.is_empty() {
+            let why = why.join("; ");
+            // After the note of where opening stopped, if there is one.
+            note = Some(match note {
+                Some(stopped) => format!("{stopped}; {why}"),
+                None => why,
+            });
+        }
     }
     std::thread::sleep(Duration::from_millis(100));
     let rss_after = server.rss_bytes();

@@ -186,6 +186,19 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     Ok((lim.rlim_cur, lim.rlim_max))
 }
 
+/// How many local ports `net.ipv4.ip_local_port_range` (its text: `LOW HIGH`) gives outgoing
+/// connections: the most one address can open to one server address and port.
+pub fn parse_port_range(text: &str) -> Option<u64> {
+    let mut it = text.split_whitespace().map(|w| w.parse::<u64>().ok());
+    let (low, high) = (it.next()??, it.next()??);
+    (high >= low).then(|| high - low + 1)
+}
+
+/// The local port range's size, from `/proc`; `None` where it cannot be read.
+pub fn local_ports() -> Option<u64> {
+    parse_port_range(&std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?)
+}
+
 /// Returns the clock ticks per second that `/proc/PID/stat` times are counted in.
 pub fn clock_ticks_per_sec() -> u64 {
     // SAFETY: sysconf only reads a configuration value.

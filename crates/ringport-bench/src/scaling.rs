@@ -37,12 +37,19 @@ pub fn scaling_main(prog: &str, args: &[String]) -> i32 {
     crate::run_mode::<ScalingArgs>(&format!("{prog} scaling"), args, run)
 }
 
-/// Worker counts that fit on `cpus` server CPUs, and a note about the others.
+/// Worker counts that fit on `cpus` server CPUs (each once, in the order given), and a note
+/// about the others.
 pub fn fitting_workers(list: &[u16], cpus: usize) -> (Vec<u16>, Option<String>) {
+    let mut seen = Vec::with_capacity(list.len());
     let (fit, left): (Vec<u16>, Vec<u16>) = list
         .iter()
         .copied()
-        .filter(|&w| w > 0)
+        .filter(|&w| {
+            w > 0 && !seen.contains(&w) && {
+                seen.push(w);
+                true
+            }
+        })
         .partition(|&w| usize::from(w) <= cpus);
     let note = (!left.is_empty()).then(|| {
         format!(
@@ -71,8 +78,13 @@ fn run(args: &ScalingArgs) -> Result<i32, String> {
         }
     }
     let base = crate::peers::specs(1, args.peer_buffer);
-    // Default: the first half of the CPUs serve, the rest load.
-    let setup = Setup::new(c, |m| m[..(m.len() / 2).max(1)].to_vec(), &selectable(args))?;
+    // Default: the CPUs --load-cpus leaves serve; without it, the first half of them serve and
+    // the rest load.
+    let pick = |m: &[usize]| match c.load_cpus {
+        Some(_) => m.to_vec(),
+        None => m[..(m.len() / 2).max(1)].to_vec(),
+    };
+    let setup = Setup::new(c, pick, &selectable(args))?;
     let (workers, note) = fitting_workers(&args.workers_list, setup.server_cpus.len());
     if workers.is_empty() {
         return Err(note.unwrap_or_else(|| "--workers-list is empty".to_owned()));
@@ -191,6 +203,12 @@ mod tests {
         assert_eq!(
             note.unwrap(),
             "2, 4, 8 worker(s) left out: only 1 server CPU(s) here"
+        );
+        let (fit, note) = fitting_workers(&[2, 1, 2, 8, 8], 4);
+        assert_eq!(fit, vec![2, 1], "each count once");
+        assert_eq!(
+            note.unwrap(),
+            "8 worker(s) left out: only 4 server CPU(s) here"
         );
         let (fit, note) = fitting_workers(&[1, 2, 4, 8], 8);
         assert_eq!(fit, vec![1, 2, 4, 8]);
