@@ -1636,28 +1636,11 @@ where
     }
 }
 
-impl<K, D> Drop for Worker<K, D> {
-    fn drop(&mut self) {
-        let slot = &self.shared.slots[self.index];
-        // What the caller's types hold (per-I/O data, keys) is dropped only at the end, once
-        // the kernel has given everything back or its memory is leaked: a `Drop` of theirs that
-        // panics must not cut the wait short and free a buffer the kernel may still write.
-        // Refuse further forwarded work; what was queued never reached the kernel.
-        let queued = {
-            let mut q = lock(&slot.queue);
-            slot.alive.store(false, Ordering::Release);
-            std::mem::take(&mut *q)
-        };
-        // Operations held behind others never reached the kernel: nothing to wait for.
-        let held: Vec<_> = std::mem::take(&mut self.held)
-            .into_values()
-            .flatten()
-            .flatten()
-            .filter_map(|id| self.inflight.remove(id))
-            .collect();
-        let mut given_back = Vec::new();
-        // Cancel everything, including the driver's own wake-up read, and wait for the kernel
-        // to give each operation back before its memory is freed.
+impl<K, D> Worker<K, D> {
+    /// For `drop`: cancels everything, including the driver's own wake-up read, and waits (up
+    /// to `DRAIN_LIMIT`) for the kernel to give each operation back, collecting their
+    /// completions in `given_back`. What is still in `inflight` afterwards was not given back.
+    fn drain_for_drop(&mut self, given_back: &mut Vec<Completion<K, D>>) {
         let mut cancelled = self.driver.cancel(Cancel::All);
         let deadline = Instant::now() + DRAIN_LIMIT;
         while !(self.inflight.is_empty() && self.driver.idle()) {
@@ -1694,13 +1677,38 @@ impl<K, D> Drop for Worker<K, D> {
                 }
             }
         }
-        if !self.inflight.is_empty() {
-            tracing::error!(
-                "worker {}: {} operations were not given back by the kernel; leaking their \
-                 buffers instead of freeing them",
-                self.index,
-                self.inflight.len()
-            );
+    }
+}
+
+impl<K, D> Drop for Worker<K, D> {
+    fn drop(&mut self) {
+        let slot = &self.shared.slots[self.index];
+        // What the caller's types hold (per-I/O data, keys) is dropped only at the end, once
+        // the kernel has given everything back or its memory is leaked: a `Drop` of theirs that
+        // panics must not cut the wait short and free a buffer the kernel may still write.
+        // Refuse further forwarded work; what was queued never reached the kernel.
+        let queued = {
+            let mut q = lock(&slot.queue);
+            slot.alive.store(false, Ordering::Release);
+            std::mem::take(&mut *q)
+        };
+        // Operations held behind others never reached the kernel: nothing to wait for.
+        let held: Vec<_> = std::mem::take(&mut self.held)
+            .into_values()
+            .flatten()
+            .flatten()
+            .filter_map(|id| self.inflight.remove(id))
+            .collect();
+        let mut given_back = Vec::new();
+        // A panic while waiting (a tracing layer's, or a `Clone` of the caller's per-I/O data
+        // for a multishot completion) must not unwind through the fields' drops while the
+        // kernel may still write into what they own: it is caught, the memory leaked, and the
+        // panic resumed.
+        let drained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.drain_for_drop(&mut given_back);
+        }));
+        let left = self.inflight.len();
+        if left > 0 || drained.is_err() {
             for p in self.inflight.drain() {
                 std::mem::forget(p);
             }
@@ -1708,6 +1716,16 @@ impl<K, D> Drop for Worker<K, D> {
             if let Some(pool) = self.pool.take() {
                 std::mem::forget(pool);
             }
+        }
+        if let Err(panic) = drained {
+            std::panic::resume_unwind(panic);
+        }
+        if left > 0 {
+            tracing::error!(
+                "worker {}: {left} operations were not given back by the kernel; leaked their \
+                 buffers instead of freeing them",
+                self.index
+            );
         }
         drop(given_back);
         drop(held);

@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -211,6 +211,7 @@ per_backend!(
     send_offset_past_the_end_is_refused,
     handle_addresses_and_shutdown,
     single_thread_workers_serve_from_their_own_thread,
+    a_panic_while_a_worker_is_dropped_leaks_what_the_kernel_may_still_write,
     work_posted_to_a_dropped_worker_comes_back_whole,
     a_panicking_drop_while_a_worker_is_dropped_comes_after_the_kernel,
     work_sent_after_the_shutdown_answer_comes_back,
@@ -2935,6 +2936,84 @@ fn single_thread_workers_serve_from_their_own_thread(b: Backend) {
         }
         Err(WaitError::TimedOut) => assert!(!w.single_thread()),
         other => panic!("{other:?}"),
+    }
+}
+
+/// A subscriber that panics on every warning or error: a user's tracing layer that does so is
+/// user code running inside the worker's drop.
+struct PanicOnWarning;
+
+impl tracing::Subscriber for PanicOnWarning {
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        *m.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        panic!("a {} event", e.metadata().level());
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Per-I/O data that says when it is dropped.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A worker dropped where it cannot wait for its operations (a single-issuer ring on another
+/// thread) logs a warning; a subscriber that panics there must not unwind through the drop of
+/// the operations the kernel still holds: their buffers (and per-I/O data) are leaked, and the
+/// panic reaches the caller. Where the worker can wait (epoll), the receive is cancelled and
+/// its data dropped as usual, with nothing logged.
+fn a_panic_while_a_worker_is_dropped_leaks_what_the_kernel_may_still_write(b: Backend) {
+    let (port, mut workers) = Port::builder()
+        .workers(1)
+        .backend(b)
+        .single_thread_workers(true)
+        .build::<(), DropFlag>()
+        .unwrap();
+    let mut w = workers.pop().unwrap();
+    let (ours, _peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let dropped = Arc::new(AtomicBool::new(false));
+    w.submit(
+        Op::recv(&h, Vec::with_capacity(64)),
+        DropFlag(Arc::clone(&dropped)),
+    );
+    // Tied to another thread by its first wait.
+    let w = std::thread::spawn(move || {
+        assert!(matches!(
+            w.dequeue(Some(Duration::ZERO)),
+            Err(WaitError::TimedOut)
+        ));
+        w
+    })
+    .join()
+    .unwrap();
+    let tied = w.single_thread();
+    let outcome = tracing::subscriber::with_default(PanicOnWarning, || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(w)))
+    });
+    if tied {
+        assert!(outcome.is_err(), "the warning's panic reaches the caller");
+        assert!(
+            !dropped.load(Ordering::SeqCst),
+            "the receive the kernel still holds was freed"
+        );
+    } else {
+        assert!(outcome.is_ok());
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "a cancelled receive's data is dropped"
+        );
     }
 }
 

@@ -186,6 +186,27 @@ pub(crate) struct Uring {
     disabled: bool,
     /// Made single-issuer with deferred task work.
     single: bool,
+    /// A buffer ring the kernel refused to unregister (see `Drop`): freed after `ring`, whose
+    /// descriptor's close tears the registration down, as fields drop in declaration order.
+    unregistered_late: Option<LateBufRing>,
+}
+
+/// The memory of a buffer ring still registered with a ring being dropped, and the pool its
+/// entries point into; freed when dropped.
+struct LateBufRing {
+    entries: *mut types::BufRingEntry,
+    layout: Layout,
+    _pool: Arc<Pool>,
+}
+
+impl Drop for LateBufRing {
+    fn drop(&mut self) {
+        // SAFETY: dropped only as a field of `Uring` declared after its `IoUring`, whose
+        // descriptor is closed by then, so no request can be submitted to pick a buffer from
+        // this ring, and none was left (`Uring::drop` leaks the ring instead when one may be);
+        // the kernel reads a buffer ring's entries only to pick a buffer, not to tear it down.
+        unsafe { alloc::dealloc(self.entries.cast(), self.layout) };
+    }
 }
 
 // SAFETY: the raw pointers (the buffer ring's, the wake-up read's buffer) refer to memory owned
@@ -268,6 +289,7 @@ impl Uring {
             recv_limits,
             disabled,
             single: disabled,
+            unregistered_late: None,
             ring,
             woken: false,
             wake_fd,
@@ -786,15 +808,19 @@ impl Drop for Uring {
             if self.abandoned {
                 // The kernel may still pick buffers from this ring: never free it.
                 std::mem::forget(b);
-            } else {
+            } else if let Err(e) = self.ring.submitter().unregister_buf_ring(POOL_GROUP) {
                 // Refused (`EEXIST`) when a single-issuer ring is dropped on another thread
-                // than its own; freed all the same, as no request is left to read it.
-                if let Err(e) = self.ring.submitter().unregister_buf_ring(POOL_GROUP) {
-                    tracing::debug!("io_uring: unregistering the buffer ring: {e}");
-                }
-                // SAFETY: the kernel reads the ring only to pick a buffer for a request, and
-                // none is left: the port calls `abandon` when any operation was not given
-                // back, and the driver's own requests (the wake-up read, cancels) pick none.
+                // than its own. No request is left to read it, but the kernel keeps its address
+                // until the ring's descriptor closes: freed after that.
+                tracing::debug!("io_uring: unregistering the buffer ring: {e}");
+                self.unregistered_late = Some(LateBufRing {
+                    entries: b.entries,
+                    layout: b.layout,
+                    _pool: b.pool,
+                });
+            } else {
+                // SAFETY: the ring is no longer registered, so the kernel holds no pointer to
+                // it.
                 unsafe { alloc::dealloc(b.entries.cast(), b.layout) };
             }
         }
