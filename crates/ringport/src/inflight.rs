@@ -114,20 +114,28 @@ impl<T> Inflight<T> {
         }
     }
 
-    /// Adds the record of a started operation: into its reserved slot, or the map.
+    /// Adds the record of a started operation: into its reserved slot, or the map. The caller
+    /// gives an id that names no record (see `contains`); should one be there all the same, it
+    /// is leaked rather than dropped, as the kernel may still use what it owns.
     pub(crate) fn insert(&mut self, id: u64, value: T) {
-        if is_local(id) {
+        let displaced = if is_local(id) {
             match self.slot(id) {
-                Some(slot) => slot.value = Some(value),
+                Some(slot) => slot.value.replace(value),
                 None => {
                     debug_assert!(false, "slot of id {id:#x} was not reserved");
-                    self.map.insert(id, value);
+                    self.map.insert(id, value)
                 }
             }
         } else {
-            self.map.insert(id, value);
+            self.map.insert(id, value)
+        };
+        match displaced {
+            Some(old) => {
+                debug_assert!(false, "id {id:#x} was in use");
+                std::mem::forget(old);
+            }
+            None => self.len += 1,
         }
-        self.len += 1;
     }
 
     pub(crate) fn get(&self, id: u64) -> Option<&T> {

@@ -821,11 +821,17 @@ where
             // Operations posted through the port wait in this worker's queue: started first,
             // they keep their place ahead of this one on the same socket.
             self.take_remote();
-            // A slot of this worker's slab, else (all taken) a sequence id.
-            let id = self
-                .inflight
-                .reserve(worker_bits(self.index))
-                .unwrap_or_else(|| self.shared.next_id(worker));
+            // A slot of this worker's slab, else (all taken) a sequence id that names nothing
+            // in flight here (after 2^47 of them, one could: see `take_remote`).
+            let id = match self.inflight.reserve(worker_bits(self.index)) {
+                Some(id) => id,
+                None => loop {
+                    let id = self.shared.next_id(worker);
+                    if !self.inflight.contains(id) {
+                        break id;
+                    }
+                },
+            };
             self.start(id, pending);
             // Gives the slot back if the operation completed at once (nothing to track).
             self.inflight.unreserve(id);
