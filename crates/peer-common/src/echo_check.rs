@@ -29,6 +29,8 @@ pub struct Server {
     addr: SocketAddr,
     /// The `backend=NAME` of its listening line, if it had one.
     backend: Option<String>,
+    /// Its stderr lines after the listening line.
+    lines: mpsc::Receiver<String>,
 }
 
 /// Kills and reaps the child when dropped, also while a test unwinds.
@@ -61,8 +63,25 @@ impl Server {
 
     /// [`Server::start`] with more arguments after `--listen` and `--workers`.
     pub fn start_with(bin: &str, workers: usize, more: &[&str]) -> Option<Server> {
+        Server::start_in(Command::new(bin), bin, workers, more)
+    }
+
+    /// [`Server::start`] with a soft descriptor limit (`RLIMIT_NOFILE`) of `nofile`.
+    pub fn start_limited(bin: &str, workers: usize, nofile: u64) -> Option<Server> {
+        let mut sh = Command::new("sh");
+        sh.args([
+            "-c",
+            "ulimit -Sn \"$0\" && exec \"$@\"",
+            &nofile.to_string(),
+            bin,
+        ]);
+        Server::start_in(sh, bin, workers, &[])
+    }
+
+    /// Starts `command` (which runs `bin`) with the listening arguments and `more`.
+    fn start_in(mut command: Command, bin: &str, workers: usize, more: &[&str]) -> Option<Server> {
         let workers = workers.to_string();
-        let mut child = Command::new(bin)
+        let mut child = command
             .args(["--listen", "127.0.0.1:0", "--workers", &workers])
             .args(more)
             .stdin(Stdio::null())
@@ -124,6 +143,7 @@ impl Server {
             child,
             addr,
             backend,
+            lines: lines_rx,
         })
     }
 
@@ -135,6 +155,11 @@ impl Server {
     /// The address the server is bound to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The lines the server wrote on stderr since its listening line (or the last call).
+    pub fn said(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
     }
 
     /// Panics if the server has exited: a check passed by a server that then died has not passed.
@@ -155,6 +180,42 @@ fn wait_exit(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
         }
         thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Opens `connections` connections to a server that has descriptors for only some of them,
+/// and checks that each is served (a byte echoed) or closed at once: none is left waiting, and
+/// the server neither spins on its failing accepts nor floods its log with them.
+pub fn check_out_of_descriptors(server: &Server, connections: usize) {
+    let mut conns: Vec<TcpStream> = (0..connections).map(|_| connect(server.addr())).collect();
+    let (mut echoed, mut closed) = (0, 0);
+    // Every connection stays open to the end: one closed here would free its descriptor.
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("set_read_timeout");
+        let mut b = [0u8; 1];
+        let got = c.write_all(b"x").and_then(|()| c.read(&mut b));
+        match got {
+            Ok(1) if b[0] == b'x' => echoed += 1,
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => closed += 1,
+            Ok(_) => panic!("connection {i}: a wrong byte {:?} echoed", b[0]),
+            Err(e) => panic!("connection {i} neither served nor closed: {e}"),
+        }
+    }
+    assert!(echoed > 0, "no connection was served");
+    assert!(
+        closed > 0,
+        "every connection was served: the limit was not reached"
+    );
+    let accept_lines = server
+        .said()
+        .into_iter()
+        .filter(|l| l.contains("accept"))
+        .count();
+    assert!(
+        accept_lines < 20,
+        "{accept_lines} lines about failed accepts: the accept loop spins"
+    );
 }
 
 /// A connection to `addr` whose every read and write times out after [`WAIT`].
@@ -506,6 +567,15 @@ macro_rules! echo_tests {
                 return;
             };
             $crate::echo_check::check_concurrent(server.addr(), 50, 8);
+            server.assert_running();
+        }
+
+        #[test]
+        fn out_of_descriptors_closes_what_it_cannot_serve_without_spinning() {
+            let Some(mut server) = $crate::echo_check::Server::start_limited(BIN, 1, 64) else {
+                return;
+            };
+            $crate::echo_check::check_out_of_descriptors(&server, 100);
             server.assert_running();
         }
 

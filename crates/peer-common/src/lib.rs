@@ -3,8 +3,8 @@
 //!
 //! - [`Cli`]: the command line every peer takes, `[--listen ADDR] [--workers N] [--buffer
 //!   BYTES]`, with [`parse_args`] behind it.
-//! - [`AcceptErrors`]: what a peer does when an accept fails (pause, and log at most once a
-//!   second), so that running out of descriptors does not spin a core.
+//! - [`AcceptErrors`]: what a peer does when an accept fails (a spare descriptor, a pause, a
+//!   log line at most once a second), so that running out of descriptors does not spin a core.
 //! - [`serve_thread_per_core`]: the startup of the thread-per-core peers, a thread per worker, each
 //!   with its own runtime and listener.
 //! - `echo_check` and `echo_tests!` (feature `testing`): the echo checks every peer's
@@ -293,19 +293,41 @@ impl Drop for Ended {
     }
 }
 
-/// A peer's accept loop after a failed accept: how long to pause, and whether to log it.
+/// A peer's accept loop after a failed accept: what to do next, and whether to log it.
 ///
-/// An accept that fails for want of a resource (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`) fails
-/// again at once while the connection waits in the backlog: retried without a pause, it would
-/// spin a core (and fill stderr). So the loop pauses, 10 ms after the first failure in a row and
-/// twice as long after each next one, up to a second; a connection the peer gave up on
-/// (`ECONNABORTED`) or a signal (`EINTR`) is retried at once. One line is logged per second at
-/// most, with the count of the failures it stands for.
+/// An accept that fails for want of a resource fails again at once, while the connection
+/// waits in the backlog (and on io_uring, with none waiting): retried as it is, it would spin a
+/// core and fill stderr. Out of descriptors (`EMFILE`, `ENFILE`), the loop frees the spare
+/// descriptor it holds for that and accepts again ([`AcceptAction::UseSpare`]); the connection
+/// is kept when the spare can be had back after it, closed when not (so a client sees its
+/// connection refused, not a server hanging). Another resource short (`ENOBUFS`, `ENOMEM`)
+/// pauses the worker thread, 10 ms after the first failure in a row and twice as long after
+/// each next one, up to 100 ms (a thread-per-core runtime serves nothing else meanwhile). A connection the client gave up on (`ECONNABORTED`) or a
+/// signal (`EINTR`) is retried at once. One line is logged per second at most, with the count
+/// of the failures it stands for.
+///
+/// None of this uses a runtime's timer: enabling one costs tokio and monoio CPU time on every
+/// turn of their event loops, which would skew a benchmark of them.
 #[derive(Debug)]
 pub struct AcceptErrors {
     in_a_row: u32,
     unlogged: u64,
     last_log: Option<std::time::Instant>,
+    /// A descriptor held to be freed when the process runs out of them.
+    spare: Option<std::fs::File>,
+}
+
+/// What an accept loop does after [`AcceptErrors::failed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptAction {
+    /// Accept again now.
+    Retry,
+    /// The spare descriptor was freed: accept again, then call [`AcceptErrors::take_spare_back`]
+    /// with what came, and serve the connection only if that says so.
+    UseSpare,
+    /// Sleep this long (the thread, and with it the connections a thread-per-core runtime
+    /// serves on it: no runtime timer), then accept again.
+    Pause(std::time::Duration),
 }
 
 impl Default for AcceptErrors {
@@ -314,16 +336,20 @@ impl Default for AcceptErrors {
     }
 }
 
+/// `EMFILE` and `ENFILE` (Linux).
+const OUT_OF_DESCRIPTORS: [i32; 2] = [24, 23];
+
 impl AcceptErrors {
     /// The first pause, and the longest.
     pub const FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
-    pub const LONGEST_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+    pub const LONGEST_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
     pub fn new() -> Self {
         AcceptErrors {
             in_a_row: 0,
             unlogged: 0,
             last_log: None,
+            spare: std::fs::File::open("/dev/null").ok(),
         }
     }
 
@@ -333,13 +359,8 @@ impl AcceptErrors {
     }
 
     /// An accept failed with `e` at `now`: logs it (named `name`) unless a line went out less
-    /// than a second ago, and returns how long to wait before the next accept.
-    pub fn failed(
-        &mut self,
-        name: &str,
-        e: &io::Error,
-        now: std::time::Instant,
-    ) -> std::time::Duration {
+    /// than a second ago, and says what to do next.
+    pub fn failed(&mut self, name: &str, e: &io::Error, now: std::time::Instant) -> AcceptAction {
         self.unlogged += 1;
         if self
             .last_log
@@ -357,12 +378,55 @@ impl AcceptErrors {
             e.kind(),
             io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
         ) {
-            return std::time::Duration::ZERO;
+            return AcceptAction::Retry;
+        }
+        if e.raw_os_error()
+            .is_some_and(|n| OUT_OF_DESCRIPTORS.contains(&n))
+        {
+            if self.spare.is_none() {
+                // A close may have finished since the spare could not be had back (monoio
+                // closes a dropped stream asynchronously).
+                self.spare = std::fs::File::open("/dev/null").ok();
+            }
+            if self.spare.take().is_some() {
+                return AcceptAction::UseSpare;
+            }
         }
         let pause = Self::FIRST_PAUSE * (1u32 << self.in_a_row.min(7));
         self.in_a_row = self.in_a_row.saturating_add(1);
-        pause.min(Self::LONGEST_PAUSE)
+        AcceptAction::Pause(pause.min(Self::LONGEST_PAUSE))
     }
+
+    /// After [`AcceptAction::UseSpare`]: takes a spare descriptor again, and says whether the
+    /// connection accepted with the freed one (`accepted`) can be kept. When there is no room
+    /// for both, the connection is closed here with `close_now`, which must close it before it
+    /// returns (a runtime that closes a dropped stream later, as monoio does, passes
+    /// [`close_now`]), and the spare taken in its place.
+    pub fn take_spare_back<S>(
+        &mut self,
+        accepted: Option<S>,
+        close_now: impl FnOnce(S),
+    ) -> Option<S> {
+        self.spare = std::fs::File::open("/dev/null").ok();
+        match accepted {
+            Some(conn) if self.spare.is_some() => Some(conn),
+            Some(conn) => {
+                close_now(conn);
+                self.spare = std::fs::File::open("/dev/null").ok();
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// Closes `conn`'s descriptor before returning (where dropping it would leave the close to the
+/// runtime's next turn).
+pub fn close_now<S: std::os::fd::IntoRawFd>(conn: S) {
+    // SAFETY: `into_raw_fd` hands over the descriptor and its ownership: nothing else closes it.
+    drop(unsafe {
+        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(conn.into_raw_fd())
+    });
 }
 
 #[cfg(test)]
@@ -370,24 +434,32 @@ mod tests {
     use std::time::{Duration, Instant};
 
     #[test]
-    fn accept_failures_pause_longer_in_a_row_and_not_for_an_aborted_connection() {
+    fn accept_failures_use_the_spare_or_pause_longer_in_a_row() {
         let mut a = super::AcceptErrors::new();
         let t = Instant::now();
-        // What an accept out of descriptors gives (any kind but the two retried at once).
-        let emfile = io::Error::other("Too many open files (os error 24)");
-        let pauses: Vec<Duration> = (0..10).map(|_| a.failed("test", &emfile, t)).collect();
-        assert_eq!(pauses[0], Duration::from_millis(10));
-        assert_eq!(pauses[1], Duration::from_millis(20));
-        assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
-        assert_eq!(pauses[9], Duration::from_secs(1), "capped");
-        let aborted = io::Error::from(io::ErrorKind::ConnectionAborted);
-        assert_eq!(a.failed("test", &aborted, t), Duration::ZERO);
+        let emfile = io::Error::from_raw_os_error(24);
+        assert_eq!(a.failed("test", &emfile, t), super::AcceptAction::UseSpare);
+        // With room for one, the connection is kept (not closed) and the spare is back.
+        let closed = std::cell::Cell::new(false);
+        let kept = a.take_spare_back(Some("conn"), |_| closed.set(true));
+        assert_eq!((kept, closed.get()), (Some("conn"), false));
+        // Out of descriptors again: the spare again (taken back meanwhile if it was not).
+        assert_eq!(a.failed("test", &emfile, t), super::AcceptAction::UseSpare);
+        assert_eq!(a.failed("test", &emfile, t), super::AcceptAction::UseSpare);
+        // Another resource short: pauses, longer each time in a row, then capped.
+        let nobufs = io::Error::from_raw_os_error(105);
+        let pauses: Vec<_> = (0..10).map(|_| a.failed("test", &nobufs, t)).collect();
+        let ms = |n| super::AcceptAction::Pause(Duration::from_millis(n));
+        assert_eq!(pauses[..4], [ms(10), ms(20), ms(40), ms(80)]);
+        assert_eq!(pauses[9], ms(100), "capped");
         a.accepted();
         assert_eq!(
-            a.failed("test", &emfile, t),
-            Duration::from_millis(10),
-            "reset"
+            a.failed("test", &nobufs, t),
+            ms(10),
+            "after an accept, short again"
         );
+        let aborted = io::Error::from(io::ErrorKind::ConnectionAborted);
+        assert_eq!(a.failed("test", &aborted, t), super::AcceptAction::Retry);
     }
     use super::*;
 

@@ -17,7 +17,7 @@ use compio::io::{AsyncRead, AsyncWriteExt};
 use compio::net::{TcpListener, TcpSocket, TcpStream};
 use compio::runtime::Runtime;
 use compio::BufResult;
-use peer_common::{Bound, Cli};
+use peer_common::{AcceptAction, Bound, Cli};
 
 const NAME: &str = "peer-compio";
 
@@ -61,13 +61,20 @@ fn worker(addr: SocketAddr, bound: Bound, buffer: usize) {
                     })
                     .detach();
                 }
-                // EMFILE and friends: the listener is not lost; the connection waits meanwhile.
-                Err(e) => {
-                    let pause = errors.failed(NAME, &e, std::time::Instant::now());
-                    if !pause.is_zero() {
-                        compio::time::sleep(pause).await;
+                // EMFILE and friends: see `AcceptErrors`.
+                Err(e) => match errors.failed(NAME, &e, std::time::Instant::now()) {
+                    AcceptAction::Retry => {}
+                    AcceptAction::UseSpare => {
+                        let got = listener.accept().await.ok().map(|(s, _)| s);
+                        if let Some(stream) = errors.take_spare_back(got, drop) {
+                            compio::runtime::spawn(async move {
+                                let _ = echo(stream, buffer).await;
+                            })
+                            .detach();
+                        }
                     }
-                }
+                    AcceptAction::Pause(d) => std::thread::sleep(d),
+                },
             }
         }
     });

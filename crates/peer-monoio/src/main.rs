@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use monoio::{FusionDriver, FusionRuntime, RuntimeBuilder};
-use peer_common::{Bound, Cli};
+use peer_common::{AcceptAction, Bound, Cli};
 
 const NAME: &str = "peer-monoio";
 
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
 /// Sends the listener's bound address, or the error that prevented it, on `bound`, then serves
 /// forever.
 fn worker(id: usize, addr: SocketAddr, bound: Bound, buffer: usize) {
-    let mut runtime = match RuntimeBuilder::<FusionDriver>::new().enable_timer().build() {
+    let mut runtime = match RuntimeBuilder::<FusionDriver>::new().build() {
         Ok(runtime) => runtime,
         Err(e) => return bound.fail("cannot start the monoio runtime", e),
     };
@@ -71,13 +71,19 @@ fn worker(id: usize, addr: SocketAddr, bound: Bound, buffer: usize) {
                         let _ = echo(stream, buffer).await;
                     });
                 }
-                // EMFILE and friends: the listener is not lost; the connection waits meanwhile.
-                Err(e) => {
-                    let pause = errors.failed(NAME, &e, std::time::Instant::now());
-                    if !pause.is_zero() {
-                        monoio::time::sleep(pause).await;
+                // EMFILE and friends: see `AcceptErrors`.
+                Err(e) => match errors.failed(NAME, &e, std::time::Instant::now()) {
+                    AcceptAction::Retry => {}
+                    AcceptAction::UseSpare => {
+                        let got = listener.accept().await.ok().map(|(s, _)| s);
+                        if let Some(stream) = errors.take_spare_back(got, peer_common::close_now) {
+                            monoio::spawn(async move {
+                                let _ = echo(stream, buffer).await;
+                            });
+                        }
                     }
-                }
+                    AcceptAction::Pause(d) => std::thread::sleep(d),
+                },
             }
         }
     });

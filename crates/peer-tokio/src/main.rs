@@ -14,7 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use peer_common::Cli;
+use peer_common::{AcceptAction, Cli};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -31,10 +31,7 @@ const CLI: Cli = Cli {
 fn main() -> ExitCode {
     let args = CLI.args();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder
-        .worker_threads(args.workers)
-        .enable_io()
-        .enable_time();
+    builder.worker_threads(args.workers).enable_io();
     if let Some(v) = std::env::var_os(QUEUE_INTERVAL_ENV) {
         match v
             .to_str()
@@ -81,13 +78,19 @@ async fn serve(addr: SocketAddr, buffer: usize) -> io::Result<()> {
                     let _ = echo(stream, buffer).await;
                 });
             }
-            // EMFILE and friends: the listener is not lost; the connection waits meanwhile.
-            Err(e) => {
-                let pause = errors.failed(NAME, &e, std::time::Instant::now());
-                if !pause.is_zero() {
-                    tokio::time::sleep(pause).await;
+            // EMFILE and friends: see `AcceptErrors`.
+            Err(e) => match errors.failed(NAME, &e, std::time::Instant::now()) {
+                AcceptAction::Retry => {}
+                AcceptAction::UseSpare => {
+                    let got = listener.accept().await.ok().map(|(s, _)| s);
+                    if let Some(stream) = errors.take_spare_back(got, drop) {
+                        tokio::spawn(async move {
+                            let _ = echo(stream, buffer).await;
+                        });
+                    }
                 }
-            }
+                AcceptAction::Pause(d) => std::thread::sleep(d),
+            },
         }
     }
 }
