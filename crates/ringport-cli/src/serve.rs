@@ -694,6 +694,8 @@ struct Server {
     rearmed: HashMap<u64, (u64, u64), BuildHasherDefault<IdHasher>>,
     /// A timer is pending to give waiting receives another turn.
     rearm_timer: bool,
+    /// A drain tick is pending (one chain of them at a time).
+    drain_ticking: bool,
     /// While connections wait for the pool: when to close a pool hog if the pool is dry.
     hog_check: Option<Instant>,
     /// Whether a connection was already closed, with a warning, for holding the pool.
@@ -759,6 +761,7 @@ impl Server {
             recv_size: WHOLE_BUFFER,
             rearmed: HashMap::default(),
             rearm_timer: false,
+            drain_ticking: false,
             hog_check: None,
             hog_warned: false,
             to_send: Vec::new(),
@@ -956,7 +959,10 @@ impl Server {
                 self.refusal_timer = None;
                 self.flush_refusals();
             }
-            Io::DrainTick => self.drain_tick(),
+            Io::DrainTick => {
+                self.drain_ticking = false;
+                self.drain_tick();
+            }
             Io::Retry => self.retry_due(),
             Io::Rearm => self.rearm_timer = false,
             Io::Recv => self.received(c),
@@ -1119,9 +1125,9 @@ impl Server {
         let id = self.conns.insert(conn);
         handle.key().0.store(id, Ordering::Relaxed);
         if self.deadline.is_some() && alone {
-            // The drain's ticks stopped with the last connection: they look at this one until
-            // it is done.
-            self.worker.submit(Op::timeout(DRAIN_TICK), Io::DrainTick);
+            // The drain's ticks stop with the last connection: they look at this one until it
+            // is done.
+            self.tick_drain();
         }
     }
 
@@ -1140,6 +1146,10 @@ impl Server {
     /// echo held for input left at an end (`received`; BENCHMARKS.md, I).
     fn arm(&mut self, conn: &mut Conn) {
         self.done_waiting(conn);
+        // Armed again after it ended with input left (a wait for a pool buffer, a yield, a
+        // retry for want of memory) or a pause: busy, whatever its last completion's age. The
+        // idle sweep must not find it stale before its next receive completes.
+        conn.last_active = self.millis(self.now);
         let op = if self.limits.strict {
             let max = u32::try_from(self.limits.conn_buffer + 1).unwrap_or(u32::MAX);
             Op::recv_pooled_max(
@@ -1320,6 +1330,13 @@ impl Server {
             }
         }
         if !self.conns.is_empty() && !self.forced {
+            self.tick_drain();
+        }
+    }
+
+    /// Posts the drain's next tick, unless one is pending.
+    fn tick_drain(&mut self) {
+        if !std::mem::replace(&mut self.drain_ticking, true) {
             self.worker.submit(Op::timeout(DRAIN_TICK), Io::DrainTick);
         }
     }
