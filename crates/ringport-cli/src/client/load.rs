@@ -146,6 +146,8 @@ struct Tally {
     verified: u64,
     /// When the last counted message came back.
     last: Option<Instant>,
+    /// When the worker's loop ended.
+    ended: Option<Instant>,
     latency: Recorder,
     errors: ErrorCounts,
     mismatches: u64,
@@ -257,6 +259,7 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         ..Summary::default()
     };
     let mut last = None;
+    let mut ended = Some(began);
     let mut panicked = false;
     for t in threads {
         let Ok(tally) = t.join() else {
@@ -271,6 +274,7 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         summary.errors.merge(&tally.errors);
         summary.mismatches += tally.mismatches;
         last = last.max(tally.last);
+        ended = ended.max(tally.ended);
     }
     if panicked {
         if start.is_some() && window.is_none() {
@@ -301,6 +305,9 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     }
     summary.setup = start.map_or_else(|| began.elapsed(), |s| s - began);
     if let Some((opened, closed)) = window {
+        // Every worker ended before the deadline: the window closed when the last one did,
+        // not when this thread noticed (up to `END_CHECK` later).
+        let closed = ended.map_or(closed, |e| closed.min(e.max(opened)));
         summary.warmup = opened.saturating_duration_since(start.unwrap_or(opened));
         summary.elapsed = closed.saturating_duration_since(opened);
     } else if let Some(start) = start {
@@ -485,6 +492,7 @@ impl Client {
         }
         // A worker that ends before it has opened everything still lets the others start.
         self.arrive();
+        self.tally.ended = Some(Instant::now());
         self.tally
     }
 
