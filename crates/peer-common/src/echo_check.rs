@@ -218,6 +218,43 @@ pub fn check_out_of_descriptors(server: &Server, connections: usize) {
     );
 }
 
+/// Starts `bin` on the address a running instance of it listens on: the second must exit with
+/// an error naming the address, not share the port with the first.
+pub fn check_busy_address(bin: &str) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let Some(mut first) = Server::start_with(bin, 1, &["--listen", &listen]) else {
+        return;
+    };
+    assert_eq!(first.addr().port(), port);
+    let mut second = KillOnDrop(
+        Command::new(bin)
+            .args(["--listen", &listen])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{bin}: cannot start: {e}")),
+    );
+    let status = wait_exit(&mut second.0, Instant::now() + WAIT);
+    // Still running (the failure this checks for): ended before its stderr is read to the end.
+    let _ = second.0.kill();
+    let _ = second.0.wait();
+    let mut said = String::new();
+    if let Some(mut err) = second.0.stderr.take() {
+        let _ = err.read_to_string(&mut said);
+    }
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "a second instance on {listen} did not fail: {status:?}, {said:?}"
+    );
+    assert!(said.contains(&listen), "{said:?}");
+    first.assert_running();
+}
+
 /// A connection to `addr` whose every read and write times out after [`WAIT`].
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let stream =
@@ -568,6 +605,11 @@ macro_rules! echo_tests {
             };
             $crate::echo_check::check_concurrent(server.addr(), 50, 8);
             server.assert_running();
+        }
+
+        #[test]
+        fn refuses_an_address_another_instance_listens_on() {
+            $crate::echo_check::check_busy_address(BIN);
         }
 
         #[test]

@@ -241,6 +241,15 @@ where
     W: Fn(usize, SocketAddr, Bound) + Clone + Send + 'static,
 {
     let mut addr = args.listen;
+    if addr.port() != 0 {
+        // The workers' `SO_REUSEPORT` would also let them join another process listening on
+        // this address (a leftover instance), the kernel splitting the connections between the
+        // two: a plain bind first finds such a one.
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            eprintln!("{name}: {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     // Each worker says here when it ends, however it ends (a panic included).
     let (ended_tx, ended_rx) = mpsc::channel();
     for id in 0..args.workers {
