@@ -58,17 +58,37 @@ struct BufRing {
     filled: Option<Vec<u32>>,
 }
 
+/// A buffer ring's entry as the kernel lays it out (`struct io_uring_buf`); in the ring's first
+/// entry, `resv` is the ring's tail.
+#[repr(C)]
+struct RingBuf {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    resv: u16,
+}
+
+const _: () = assert!(std::mem::size_of::<RingBuf>() == std::mem::size_of::<types::BufRingEntry>());
+
 impl BufRing {
     /// Puts buffers back in the ring for the kernel to use.
     fn give(&mut self, bids: &[u16]) {
         for &bid in bids {
             self.pool.hold(bid);
-            // SAFETY: the index is masked into the ring's `mask + 1` entries; the entry at the
-            // tail is not one the kernel reads until the tail is published below.
-            let e = unsafe { &mut *self.entries.add(usize::from(self.tail & self.mask)) };
-            e.set_addr(self.pool.addr(bid) as u64);
-            e.set_len(u32::try_from(self.pool.size()).unwrap_or(u32::MAX));
-            e.set_bid(bid);
+            let len = u32::try_from(self.pool.size()).unwrap_or(u32::MAX);
+            // SAFETY: the index is masked into the ring's `mask + 1` entries, each laid out as
+            // `RingBuf`; the entry at the tail is not one the kernel reads until the tail is
+            // published below. The fields are written through the raw pointer, never a
+            // reference to the whole entry: entry 0's last field is the tail the kernel reads.
+            unsafe {
+                let e = self
+                    .entries
+                    .cast::<RingBuf>()
+                    .add(usize::from(self.tail & self.mask));
+                (&raw mut (*e).addr).write(self.pool.addr(bid) as u64);
+                (&raw mut (*e).len).write(len);
+                (&raw mut (*e).bid).write(bid);
+            }
             self.tail = self.tail.wrapping_add(1);
         }
         // SAFETY: `entries` is the ring's first entry, whose reserved field is the shared tail;
