@@ -169,6 +169,28 @@ impl Server {
     }
 }
 
+/// Runs `bin ARGS` and waits up to [`WAIT`] for it to exit: its exit status (`None` if it was
+/// still running, and then killed) and what it wrote on stderr.
+fn run_to_exit(bin: &str, args: &[&str]) -> (Option<ExitStatus>, String) {
+    let mut child = KillOnDrop(
+        Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{bin}: cannot start: {e}")),
+    );
+    let status = wait_exit(&mut child.0, Instant::now() + WAIT);
+    // One still running is ended before its stderr is read to the end.
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+    let mut said = String::new();
+    let mut pipe = child.0.stderr.take().expect("stderr is piped");
+    pipe.read_to_string(&mut said).expect("read stderr");
+    (status, said)
+}
+
 /// Waits for `child` to exit until `deadline`; `None` if it is still running then.
 fn wait_exit(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
     loop {
@@ -230,23 +252,7 @@ pub fn check_busy_address(bin: &str) {
         return;
     };
     assert_eq!(first.addr().port(), port);
-    let mut second = KillOnDrop(
-        Command::new(bin)
-            .args(["--listen", &listen])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{bin}: cannot start: {e}")),
-    );
-    let status = wait_exit(&mut second.0, Instant::now() + WAIT);
-    // Still running (the failure this checks for): ended before its stderr is read to the end.
-    let _ = second.0.kill();
-    let _ = second.0.wait();
-    let mut said = String::new();
-    if let Some(mut err) = second.0.stderr.take() {
-        let _ = err.read_to_string(&mut said);
-    }
+    let (status, said) = run_to_exit(bin, &["--listen", &listen]);
     assert!(
         status.is_some_and(|s| !s.success()),
         "a second instance on {listen} did not fail: {status:?}, {said:?}"
@@ -508,21 +514,7 @@ pub fn check_bad_args(bin: &str) {
         &["--no-such-flag"],
     ];
     for args in cases {
-        let mut child = KillOnDrop(
-            Command::new(bin)
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| panic!("{bin}: cannot start: {e}")),
-        );
-        let status = wait_exit(&mut child.0, Instant::now() + WAIT);
-        let mut stderr = String::new();
-        if status.is_some() {
-            let mut pipe = child.0.stderr.take().expect("stderr is piped");
-            pipe.read_to_string(&mut stderr).expect("read stderr");
-        }
+        let (status, stderr) = run_to_exit(bin, args);
         assert_eq!(
             status.and_then(|s| s.code()),
             Some(2),
