@@ -189,7 +189,8 @@ pub struct BackendArg {
         long = "backend",
         value_name = "NAME",
         default_value = "auto",
-        env = "RINGPORT_BACKEND"
+        env = "RINGPORT_BACKEND",
+        value_parser = parse_backend
     )]
     pub get: ringport::Backend,
 }
@@ -304,6 +305,18 @@ impl ClientArgs {
     }
 }
 
+/// `--backend`, which also comes from `RINGPORT_BACKEND`: an error says so when that is where
+/// the bad value is.
+fn parse_backend(s: &str) -> Result<ringport::Backend, String> {
+    s.parse().map_err(|e: String| {
+        if std::env::var_os("RINGPORT_BACKEND").is_some_and(|v| v == s) {
+            format!("{e}; RINGPORT_BACKEND={s} in the environment")
+        } else {
+            e
+        }
+    })
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .trim()
@@ -322,6 +335,16 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 /// `--connect`: an address, or a host name and port resolved to its first IPv4 address (or,
 /// with none, its first address).
 fn parse_server(s: &str) -> Result<SocketAddr, String> {
+    let addr = resolve_server(s)?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "`{s}`: port 0 names no server (give the port it listens on)"
+        ));
+    }
+    Ok(addr)
+}
+
+fn resolve_server(s: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return Ok(addr);
     }

@@ -272,12 +272,15 @@ struct Totals {
     retried: AtomicU64,
     /// Connections open right now.
     live: AtomicUsize,
+    /// The UDP echo's, with `--udp`.
+    udp: Option<Arc<crate::udp::UdpCounters>>,
 }
 
 impl Totals {
-    fn with_gauges(workers: usize) -> Self {
+    fn new(workers: usize, udp: Option<Arc<crate::udp::UdpCounters>>) -> Self {
         Totals {
             gauges: (0..workers).map(|_| stats::Gauge::default()).collect(),
+            udp,
             ..Totals::default()
         }
     }
@@ -305,7 +308,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         .local_addr()
         .map_err(|e| format!("{}: {}", args.listen, describe(&e)))?;
     // Signals are caught from here on: none can kill the server once it says it listens.
-    let signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+    let signals = signal_hook::iterator::Signals::new(stop_signals())
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let workers = args.workers.map_or(0, usize::from);
     let pool_size = usize::try_from(args.pool_size).unwrap_or(usize::MAX);
@@ -401,11 +404,10 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     })?;
 
     let every = args.stats.filter(|d| !d.is_zero());
-    let totals = Arc::new(Totals::with_gauges(if every.is_some() {
-        workers.len()
-    } else {
-        0
-    }));
+    let totals = Arc::new(Totals::new(
+        if every.is_some() { workers.len() } else { 0 },
+        udp.as_ref().map(crate::udp::Udp::counters),
+    ));
     let stats = every
         .map(|every| {
             let pool_total = workers.len() * usize::from(buffers(pool_buffer));
@@ -471,7 +473,14 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         ));
     }
     if let Some(udp) = udp {
-        let s = udp.stop();
+        let s = match udp.stop() {
+            Ok(s) => s,
+            Err((s, panic)) => {
+                crate::to_stderr(&format!("ringport: the UDP echo failed: {panic}\n"));
+                failed = true;
+                s
+            }
+        };
         summary.push_str(&format!(
             ", UDP: echoed {} datagrams, dropped {} over the rate limit and {} from service \
              ports (below 1024) or this server's own",
@@ -479,6 +488,12 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         ));
         if s.failed > 0 {
             summary.push_str(&format!(", {} receives or echoes failed", s.failed));
+        }
+        if s.unanswered > 0 {
+            summary.push_str(&format!(
+                ", {} received or waiting when the echo stopped (not answered)",
+                s.unanswered
+            ));
         }
     }
     crate::to_stdout(&format!("{summary}\n"));
@@ -527,7 +542,7 @@ fn run_model(
     let local = listener
         .local_addr()
         .map_err(|e| format!("{}: {}", args.listen, describe(&e)))?;
-    let signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+    let signals = signal_hook::iterator::Signals::new(stop_signals())
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let stop = ringport_models::Stop::new().map_err(|e| format!("cannot start: {e}"))?;
     let trigger = stop.clone();
@@ -549,7 +564,29 @@ fn run_model(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs `drain` on the first SIGINT/SIGTERM; a second one exits at once, with status 130.
+/// The signals that start the drain: SIGINT, SIGTERM, and SIGHUP (a closed terminal) unless
+/// the server was started with it ignored (`nohup`), which it then stays.
+fn stop_signals() -> Vec<libc::c_int> {
+    let mut signals = vec![libc::SIGINT, libc::SIGTERM];
+    if !ignored(libc::SIGHUP) {
+        signals.push(libc::SIGHUP);
+    }
+    signals
+}
+
+/// Whether `sig`'s disposition is "ignore" (as inherited across `exec`).
+fn ignored(sig: libc::c_int) -> bool {
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a null new action only reads the current one into `old`, a live, writable
+    // `sigaction` the call fills in.
+    let rc = unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) };
+    // SAFETY: zeroed is a valid `sigaction` (plain integers and a mask), and on success the
+    // kernel wrote the current action into it.
+    rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
+}
+
+/// Runs `drain` on the first stop signal; a second one exits at once, with status 128 + its
+/// number (130 for SIGINT, 143 for SIGTERM).
 fn on_signals(
     mut signals: signal_hook::iterator::Signals,
     drain: impl FnOnce() + Send + 'static,
@@ -566,7 +603,7 @@ fn on_signals(
                 crate::to_stderr(&format!(
                     "ringport: signal {sig} during the drain: exiting now\n"
                 ));
-                std::process::exit(130);
+                std::process::exit(128 + sig);
             }
         })
         .map(drop)
@@ -1959,7 +1996,7 @@ mod tests {
         peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
         let conn = port.associate_with(to, ours, Key::conn()).unwrap();
-        let totals = std::sync::Arc::new(Totals::with_gauges(0));
+        let totals = std::sync::Arc::new(Totals::new(0, None));
         totals
             .live
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

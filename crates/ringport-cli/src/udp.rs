@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,8 +20,8 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// How often the thread checks whether it should stop.
 const POLL: Duration = Duration::from_millis(200);
 
-/// What the UDP echo did.
-#[derive(Debug, Default, Clone, Copy)]
+/// What the UDP echo did, read at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct UdpStats {
     pub echoed: u64,
     pub limited: u64,
@@ -29,16 +29,54 @@ pub struct UdpStats {
     pub from_service_ports: u64,
     /// Receives and echoes that failed (the first is logged as a warning).
     pub failed: u64,
+    /// Received, or waiting in the socket, when the echo stopped: not answered.
+    pub unanswered: u64,
 }
 
-impl UdpStats {
+/// The UDP echo's counters, kept by its thread and read by anyone (`--stats`, the summary).
+#[derive(Debug, Default)]
+pub struct UdpCounters {
+    echoed: AtomicU64,
+    limited: AtomicU64,
+    from_service_ports: AtomicU64,
+    failed: AtomicU64,
+    unanswered: AtomicU64,
+}
+
+impl UdpCounters {
+    pub fn read(&self) -> UdpStats {
+        UdpStats {
+            echoed: self.echoed.load(Ordering::Relaxed),
+            limited: self.limited.load(Ordering::Relaxed),
+            from_service_ports: self.from_service_ports.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            unanswered: self.unanswered.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count(counter: &AtomicU64) -> u64 {
+        // One thread writes: no read-modify-write needed.
+        let n = counter.load(Ordering::Relaxed) + 1;
+        counter.store(n, Ordering::Relaxed);
+        n
+    }
+
     /// Counts a failed receive or echo: a warning the first time, debug after.
-    fn failed(&mut self, what: &str, e: &io::Error) {
-        self.failed += 1;
-        if self.failed == 1 {
+    fn failed(&self, what: &str, e: &io::Error) {
+        if Self::count(&self.failed) == 1 {
             warn!("UDP {what}: {e} (further failures are counted in the exit summary)");
         } else {
             debug!("UDP {what}: {e}");
+        }
+    }
+
+    /// Counts a datagram over the rate limit: noted the first time, counted after.
+    fn limited(&self, from: SocketAddr) {
+        if Self::count(&self.limited) == 1 {
+            info!(
+                "UDP: {from} is over the rate limit; datagrams over it are not answered \
+                 (counted in --stats and the exit summary)"
+            );
         }
     }
 }
@@ -66,7 +104,8 @@ const FIRST_CLIENT_PORT: u16 = 1024;
 /// The running UDP echo.
 pub struct Udp {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<UdpStats>,
+    counters: Arc<UdpCounters>,
+    thread: JoinHandle<()>,
 }
 
 impl Udp {
@@ -77,10 +116,25 @@ impl Udp {
         move || stop.store(true, Ordering::Relaxed)
     }
 
-    /// Stops the echo and returns its totals.
-    pub fn stop(self) -> UdpStats {
+    /// Its counters, for reading while it runs.
+    pub fn counters(&self) -> Arc<UdpCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// Stops the echo and returns its totals, or, should its thread have panicked, what it
+    /// had counted with the panic's message.
+    pub fn stop(self) -> Result<UdpStats, (UdpStats, String)> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or_default()
+        let joined = self.thread.join();
+        let stats = self.counters.read();
+        joined.map(|()| stats).map_err(|panic| {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned());
+            (stats, msg)
+        })
     }
 }
 
@@ -109,15 +163,44 @@ pub fn start(socket: UdpSocket, rate: u32, total: u32) -> io::Result<Udp> {
         socket.local_addr()?
     );
     let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(UdpCounters::default());
     let flag = Arc::clone(&stop);
+    let kept = Arc::clone(&counters);
     let thread = std::thread::Builder::new()
         .name("udp".into())
-        .spawn(move || serve(&socket, Limiter::new(rate, total), &flag))?;
-    Ok(Udp { stop, thread })
+        .spawn(move || {
+            serve(&socket, Limiter::new(rate, total), &flag, &kept);
+            count_unanswered(&socket, &kept);
+        })?;
+    Ok(Udp {
+        stop,
+        counters,
+        thread,
+    })
 }
 
-fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStats {
-    let mut stats = UdpStats::default();
+/// At most this many datagrams waiting in the socket are counted when the echo stops (a
+/// flood could otherwise keep it counting).
+const MAX_UNANSWERED_COUNT: u64 = 1 << 20;
+
+/// Counts the datagrams waiting in the stopped echo's socket, which close with it.
+fn count_unanswered(socket: &UdpSocket, stats: &UdpCounters) {
+    if let Err(e) = socket.set_nonblocking(true) {
+        debug!("UDP: cannot count the datagrams left unanswered: {e}");
+        return;
+    }
+    let mut buf = [0u8; 1];
+    for _ in 0..MAX_UNANSWERED_COUNT {
+        match socket.recv(&mut buf) {
+            // Truncated to a byte: only the count matters.
+            Ok(_) => UdpCounters::count(&stats.unanswered),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+    }
+}
+
+fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool, stats: &UdpCounters) {
     let own = socket.local_addr().map_or(0, |a| a.port());
     let mut buf = vec![0u8; 65536];
     let mut pause = Backoff::default();
@@ -147,22 +230,24 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool) -> UdpStat
         pause = Backoff::default();
         if stop.load(Ordering::Relaxed) {
             // Stopped while this one came in: not answered.
+            UdpCounters::count(&stats.unanswered);
             break;
         }
         if from_service_port(from, own) {
-            stats.from_service_ports += 1;
+            UdpCounters::count(&stats.from_service_ports);
             continue;
         }
         if !limiter.allow(from.ip(), Instant::now()) {
-            stats.limited += 1;
+            stats.limited(from);
             continue;
         }
         match wire::send(socket, &buf[..n], from, dest.as_ref()) {
-            Ok(_) => stats.echoed += 1,
+            Ok(_) => {
+                UdpCounters::count(&stats.echoed);
+            }
             Err(e) => stats.failed(&format!("echo to {from}"), &e),
         }
     }
-    stats
 }
 
 /// The kernel edge: receives that report a datagram's destination address, and replies sent

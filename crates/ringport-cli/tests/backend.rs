@@ -276,4 +276,9 @@ fn unknown_backend_is_a_usage_error() {
     });
     output.assert_no_panic();
     assert_eq!(output.code(), Some(2), "{}", output.describe());
+    assert!(
+        output.stderr.contains("RINGPORT_BACKEND=bogus"),
+        "the error does not say the value came from the environment\n{}",
+        output.describe()
+    );
 }

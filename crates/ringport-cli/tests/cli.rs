@@ -104,6 +104,9 @@ fn client_unknown_flag_is_exit_2() {
 fn client_unparsable_connect_address_is_exit_2() {
     assert_usage_error(&["client", "--connect", "nonsense"]);
     assert_usage_error_naming(&["client", "--connect", "localhost"], "has no port");
+    // Port 0 is no server's: refused as such, not tried and refused by the kernel.
+    assert_usage_error_naming(&["client", "--connect", "127.0.0.1:0"], "port 0");
+    assert_usage_error_naming(&["client", "--connect", "localhost:0"], "port 0");
 }
 
 /// More in flight at once than any machine here has memory for: refused before anything is

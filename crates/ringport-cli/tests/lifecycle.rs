@@ -27,7 +27,10 @@ fn summary(output: &Output) -> (u64, u64) {
 /// that every client reads its data and then a clean EOF, that the server exits 0, and that the
 /// summary counts every connection and byte.
 fn graceful_shutdown(sig: libc::c_int, busy: usize) {
-    let server = Server::start();
+    // SIGHUP's disposition is inherited: the server must start with the default one.
+    let server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
+        sighup_set_to(cmd, libc::SIG_DFL);
+    });
     let addr = server.addr;
     let mut streams: Vec<TcpStream> = (0..=busy).map(|_| connect(addr)).collect();
     let mut total = 0u64;
@@ -87,6 +90,49 @@ fn sigterm_with_open_connections_drains_and_exits_0() {
 
 fn sigint_with_open_connections_drains_and_exits_0() {
     graceful_shutdown(libc::SIGINT, 1);
+}
+
+/// A closed terminal (SIGHUP) drains as SIGTERM does.
+fn sighup_with_open_connections_drains_and_exits_0() {
+    graceful_shutdown(libc::SIGHUP, 2);
+}
+
+/// Makes `cmd`'s process start with SIGHUP's disposition `to` (`SIG_IGN`, as `nohup` does, or
+/// `SIG_DFL`).
+fn sighup_set_to(cmd: &mut std::process::Command, to: libc::sighandler_t) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child before `exec`, and only calls `signal(2)`,
+    // which is async-signal-safe and touches no memory of the parent's.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::signal(libc::SIGHUP, to) == libc::SIG_ERR {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Started with SIGHUP ignored (`nohup ringport serve`), the server stays up when its terminal
+/// goes: SIGHUP neither drains it nor kills it.
+fn sighup_ignored_at_start_stays_ignored() {
+    let mut server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
+        sighup_set_to(cmd, libc::SIG_IGN);
+    });
+    let mut s = connect(server.addr);
+    round_trip(&mut s, b"before");
+    server.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    server.assert_running();
+    round_trip(&mut s, b"after the hangup");
+    assert!(
+        !server.stderr_so_far().contains("draining"),
+        "the server drains on an ignored SIGHUP\n{}",
+        server.stderr_so_far()
+    );
+    drop(s);
+    let output = server.terminate_cleanly(EXIT_GUARD);
+    assert_eq!(summary(&output).0, 1, "{}", output.describe());
 }
 
 fn sigterm_when_idle_exits_0_with_zero_summary() {
@@ -289,6 +335,8 @@ per_backend!(
     every_step_of_a_connection_is_logged_with_vv,
     sigterm_with_open_connections_drains_and_exits_0,
     sigint_with_open_connections_drains_and_exits_0,
+    sighup_with_open_connections_drains_and_exits_0,
+    sighup_ignored_at_start_stays_ignored,
     sigterm_when_idle_exits_0_with_zero_summary,
     sigterm_echoes_backlogged_data_sent_before_the_signal,
     a_client_writing_during_the_drain_gets_all_of_its_echo,
@@ -298,6 +346,8 @@ per_backend!(
 per_model!(
     sigterm_with_open_connections_drains_and_exits_0,
     sigint_with_open_connections_drains_and_exits_0,
+    sighup_with_open_connections_drains_and_exits_0,
+    sighup_ignored_at_start_stays_ignored,
     sigterm_when_idle_exits_0_with_zero_summary,
     sigterm_echoes_backlogged_data_sent_before_the_signal,
     a_client_writing_during_the_drain_gets_all_of_its_echo,

@@ -158,6 +158,56 @@ fn rate_limit_drops_and_counts_the_excess() {
     check_burst_was_limited(server, received, "--udp-rate 10");
 }
 
+/// `--stats` lines count the UDP echo's datagrams as it runs, and the first datagram over the
+/// rate limit is noted when it comes (not only in the exit summary).
+fn stats_lines_count_datagrams_echoed_and_over_the_limit() {
+    let server = Server::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--udp",
+        "--udp-rate",
+        "10",
+        "--stats",
+        "0.05",
+    ]);
+    let sock = udp_client(server.addr);
+    for i in 0..BURST {
+        sock.send(&pattern(i as u64, 32)).unwrap();
+    }
+    let received = collect_echoes(&sock) as u64;
+    assert!(received >= 1, "nothing was echoed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (echoed, limited) = loop {
+        let err = util::strip_ansi(&server.stderr_so_far());
+        let last = err.lines().rev().find(|l| l.contains("stats: open "));
+        let got = last.and_then(|l| {
+            Some((
+                number_between(l, "UDP echoed ", " datagrams")?,
+                // The last item, or one followed by others.
+                number_between(l, "UDP over the rate limit ", "")?,
+            ))
+        });
+        match got {
+            Some((e, l)) if e >= received && e + l >= BURST as u64 => break (e, l),
+            _ if Instant::now() > deadline => {
+                panic!("no --stats line counts the burst within 10 s\n{err}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert_eq!(
+        echoed + limited,
+        BURST as u64,
+        "every datagram of the burst is echoed or over the limit"
+    );
+    assert!(
+        server.stderr_so_far().contains("is over the rate limit"),
+        "the first datagram over the limit was not noted\n{}",
+        server.stderr_so_far()
+    );
+    server.terminate_cleanly(EXIT_GUARD);
+}
+
 /// Checks that some but at most half of a `BURST` came back (`received`) under `limit`, and
 /// that the server's summary counts the rest as dropped.
 fn check_burst_was_limited(server: Server, received: usize, limit: &str) {
@@ -305,11 +355,38 @@ fn sigterm_stops_the_udp_echo_at_once() {
     sock.send(b"after").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
-    expect_no_answer(&sock, "the drain");
+    let refused = match sock.recv(&mut buf) {
+        Ok(n) => panic!("a {n}-byte UDP answer during the drain"),
+        Err(e) => {
+            assert!(
+                matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ),
+                "UDP receive: {e}"
+            );
+            e.kind() == io::ErrorKind::ConnectionRefused
+        }
+    };
     let output = server.wait_exit(EXIT_GUARD);
     writer.join().expect("the TCP writer");
     let (echoed, _) = udp_summary(&output);
     assert_eq!(echoed, 1, "{}", output.describe());
+    // Refused: the socket had closed. Else the stopping echo received it, or found it waiting,
+    // and says so.
+    let unanswered = number_between(
+        &output.stdout,
+        ", ",
+        " received or waiting when the echo stopped",
+    );
+    assert_eq!(
+        unanswered,
+        (!refused).then_some(1),
+        "the datagram sent after the stop (refused: {refused})\n{}",
+        output.describe()
+    );
 }
 
 /// Bound to a wildcard address, the echo answers from the address the datagram was sent to:
@@ -341,6 +418,7 @@ per_backend!(
     datagrams_from_service_ports_are_not_answered,
     datagrams_of_every_size_echo_exactly,
     rate_limit_drops_and_counts_the_excess,
+    stats_lines_count_datagrams_echoed_and_over_the_limit,
     total_rate_limit_caps_every_source_together,
     without_udp_nothing_answers,
 );

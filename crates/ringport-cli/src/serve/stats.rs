@@ -98,6 +98,19 @@ fn line(totals: &Totals, now: Reading, last: Reading, secs: f64, pool_total: usi
             s.push_str(&format!(", {what} {n}"));
         }
     }
+    if let Some(udp) = &totals.udp {
+        let u = udp.read();
+        s.push_str(&format!(", UDP echoed {} datagrams", u.echoed));
+        for (what, n) in [
+            ("over the rate limit", u.limited),
+            ("from service ports", u.from_service_ports),
+            ("failed", u.failed),
+        ] {
+            if n > 0 {
+                s.push_str(&format!(", UDP {what} {n}"));
+            }
+        }
+    }
     s
 }
 
@@ -139,7 +152,7 @@ mod tests {
 
     #[test]
     fn a_line_gives_totals_changes_and_only_the_events_that_happened() {
-        let totals = Totals::with_gauges(2);
+        let totals = Totals::new(2, None);
         totals.gauges[0].publish(3, 1000, 6, 0);
         totals.gauges[1].publish(2, 500, 0, 0);
         totals.live.store(4, Ordering::Relaxed);

@@ -350,13 +350,7 @@ impl Server {
     /// Like [`Server::start_with`], but returns what the child printed when it exits (or is
     /// killed after [`STARTUP_TIMEOUT`]) without reporting a listening address.
     pub fn try_start_with(args: &[&str]) -> Result<Server, Output> {
-        let model: Vec<&str> = MODEL
-            .with(|m| m.get())
-            .map(|m| vec!["--model", m])
-            .unwrap_or_default();
-        Server::try_start_configured(args, |cmd| {
-            cmd.args(model);
-        })
+        Server::try_start_configured(args, |_| {})
     }
 
     pub fn pid(&self) -> i32 {
@@ -942,8 +936,14 @@ impl Server {
     ) -> Result<Server, Output> {
         let mut cmd = Command::new(BIN);
         // The log level is the test's (`-v`): some tests read the server's log.
+        // Under `per_model!`, the model of the test's thread.
+        let model: Vec<&str> = MODEL
+            .with(|m| m.get())
+            .map(|m| vec!["--model", m])
+            .unwrap_or_default();
         cmd.arg("serve")
             .args(args)
+            .args(model)
             .env_remove("RUST_LOG")
             .env("RINGPORT_BACKEND", backend())
             .stdin(Stdio::null())
