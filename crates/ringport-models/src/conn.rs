@@ -380,7 +380,13 @@ impl Acceptor {
     /// limit `accept` fails with `EMFILE` even when nothing is waiting: that failure counts
     /// (a warning, a pause) only when a connection is in fact waiting; otherwise it is the
     /// empty backlog it stands for.
+    ///
+    /// The failures the man page says to retry (a connection's own network error, which takes
+    /// it off the backlog) are retried, but not for ever: [`ACCEPT_TURN`] of them in a row
+    /// pause accepting, as a failure that does not go away (`EPERM` from a security policy,
+    /// `EOPNOTSUPP` on a socket that cannot accept) would otherwise keep the loop here.
     fn accept_one(&mut self) -> io::Result<Option<TcpStream>> {
+        let mut transient = 0;
         loop {
             if self.paused(Instant::now()) {
                 return Ok(None);
@@ -391,7 +397,22 @@ impl Acceptor {
             };
             match sys::classify_accept_error(err.raw_os_error().unwrap_or(0)) {
                 AcceptError::Empty => return Ok(None),
-                AcceptError::Transient => continue,
+                AcceptError::Transient => {
+                    transient += 1;
+                    if transient < ACCEPT_TURN {
+                        continue;
+                    }
+                    if let Some(suppressed) = self.warn.check() {
+                        warn!(
+                            suppressed,
+                            "{}: accept failed {transient} times in a row ({err}); pausing \
+                             accepts for {ACCEPT_BACKOFF:?}",
+                            self.model
+                        );
+                    }
+                    self.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return Ok(None);
+                }
                 AcceptError::Exhausted if !self.has_waiting() => return Ok(None),
                 AcceptError::Exhausted => {
                     if let Some(suppressed) = self.warn.check() {

@@ -43,7 +43,7 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::{debug, error, info, warn};
 
-use crate::conn::{accept_failed, RateLimit, ACCEPT_BACKOFF};
+use crate::conn::{accept_failed, RateLimit, ACCEPT_BACKOFF, ACCEPT_TURN};
 use crate::sys::{self, AcceptError};
 use crate::{Config, Stats, Stop, DRAIN_QUIET, READ_SIZE};
 
@@ -97,6 +97,7 @@ fn serve_here(listener: TcpListener, config: &Config, stop: &Stop) -> io::Result
         deadline_passed: false,
         stats: Stats::default(),
         accept_warnings: RateLimit::new(),
+        accept_failures: 0,
         failed: None,
         backoff: Box::new(timespec(ACCEPT_BACKOFF)),
         drain: Box::new(timespec(config.drain_timeout.min(crate::FAR))),
@@ -166,6 +167,8 @@ struct Server {
     deadline_passed: bool,
     stats: Stats,
     accept_warnings: RateLimit,
+    /// Accepts that failed in a row with an error the man page says to retry.
+    accept_failures: usize,
     /// The listener's failure, reported once the connections are drained.
     failed: Option<io::Error>,
     /// Timeout lengths; the kernel reads them when their requests are submitted, so they live
@@ -203,14 +206,18 @@ impl Server {
                     .completion()
                     .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
             );
-            for &(user_data, res, flags) in &completions {
-                match user_data {
-                    STOP => self.on_stop(stop)?,
-                    ACCEPT => self.on_accept(res, flags)?,
-                    ACCEPT_RETRY => self.on_accept_retry()?,
-                    DEADLINE => self.on_deadline()?,
-                    CANCEL | QUIET => {}
-                    slot => self.on_conn(slot as usize, res)?,
+            for (i, &(user_data, res, flags)) in completions.iter().enumerate() {
+                let handled = match user_data {
+                    STOP => self.on_stop(stop),
+                    ACCEPT => self.on_accept(res, flags),
+                    ACCEPT_RETRY => self.on_accept_retry(),
+                    DEADLINE => self.on_deadline(),
+                    CANCEL | QUIET => Ok(()),
+                    slot => self.on_conn(slot as usize, res),
+                };
+                if let Err(e) = handled {
+                    close_accepted(&completions[i + 1..]);
+                    return Err(e);
                 }
             }
         }
@@ -358,6 +365,7 @@ impl Server {
             self.accept = Accept::Off;
         }
         if res >= 0 {
+            self.accept_failures = 0;
             // SAFETY: a successful accept completion is a new descriptor that nothing else owns.
             let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(res) });
             sys::prepare(&stream);
@@ -367,7 +375,25 @@ impl Server {
         } else if !(self.stopping && -res == libc::ECANCELED) {
             let err = io::Error::from_raw_os_error(-res);
             match sys::classify_accept_error(-res) {
-                AcceptError::Empty | AcceptError::Transient => {}
+                AcceptError::Empty => {}
+                // Retried, but not for ever: a failure that does not go away (`EPERM` from a
+                // security policy, `EOPNOTSUPP` on a socket that cannot accept) would have the
+                // accept armed again and failing at once, round after round.
+                AcceptError::Transient => {
+                    self.accept_failures += 1;
+                    // (While the multishot accept goes on, it is not armed again.)
+                    if self.accept_failures >= ACCEPT_TURN && !more {
+                        self.accept_failures = 0;
+                        if let Some(suppressed) = self.accept_warnings.check() {
+                            warn!(
+                                suppressed,
+                                "uring: accept failed {ACCEPT_TURN} times in a row ({err}); \
+                                 pausing accepts for {ACCEPT_BACKOFF:?}"
+                            );
+                        }
+                        self.back_off_accepts(more)?;
+                    }
+                }
                 AcceptError::Exhausted => {
                     // io_uring takes the new descriptor before it looks at the backlog: out of
                     // them, the accept fails with nobody connecting. Paused either way (armed
@@ -385,15 +411,7 @@ impl Server {
                             "uring: accept: {err}; pausing accepts for {ACCEPT_BACKOFF:?}"
                         );
                     }
-                    // Stopping: the accept stays off and the listener closes below.
-                    if !more && !self.stopping {
-                        let retry = opcode::Timeout::new(&*self.backoff)
-                            .build()
-                            .user_data(ACCEPT_RETRY);
-                        // SAFETY: `self.backoff` is boxed and lives as long as the server.
-                        unsafe { self.push(&[retry])? };
-                        self.accept = Accept::Backoff;
-                    }
+                    self.back_off_accepts(more)?;
                 }
                 AcceptError::Fatal => {
                     // The connections are drained as on a stop, and the error reported then.
@@ -409,6 +427,20 @@ impl Server {
             } else {
                 self.arm_accept()?;
             }
+        }
+        Ok(())
+    }
+
+    /// Arms the accept again only after [`ACCEPT_BACKOFF`], once the multishot accept has
+    /// ended (`more` false); stopping, the accept stays off and the listener closes.
+    fn back_off_accepts(&mut self, more: bool) -> io::Result<()> {
+        if !more && !self.stopping {
+            let retry = opcode::Timeout::new(&*self.backoff)
+                .build()
+                .user_data(ACCEPT_RETRY);
+            // SAFETY: `self.backoff` is boxed and lives as long as the server.
+            unsafe { self.push(&[retry])? };
+            self.accept = Accept::Backoff;
         }
         Ok(())
     }
@@ -578,10 +610,16 @@ impl Server {
                 self.close(slot, Some(e));
                 Ok(())
             }
+            // Cannot happen (each operation completes once); were it to, a connection left
+            // with nothing in flight would never end, and neither would a drain.
             None => {
                 warn!(
-                    "uring: completion for socket {} with nothing in flight",
+                    "uring: completion for socket {} with nothing in flight; closing it",
                     c.stream.as_raw_fd()
+                );
+                self.close(
+                    slot,
+                    Some(io::Error::other("a completion with nothing in flight")),
                 );
                 Ok(())
             }
@@ -637,6 +675,18 @@ impl Server {
                 debug!("closing socket {fd}: {e}");
                 drop(c.stream);
             }
+        }
+    }
+}
+
+/// Closes the connections accepted in `completions`, which are left unserved: the server
+/// failed (its connections are dropped when it is).
+fn close_accepted(completions: &[(u64, i32, u32)]) {
+    for &(user_data, res, _) in completions {
+        if user_data == ACCEPT && res >= 0 {
+            // SAFETY: a successful accept completion is a new descriptor that nothing else
+            // owns; it was not handled, so nothing took it.
+            drop(unsafe { OwnedFd::from_raw_fd(res) });
         }
     }
 }

@@ -5,8 +5,8 @@
 mod util;
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Mutex;
 use std::thread;
 use std::time::Duration;
@@ -124,6 +124,24 @@ mod cases {
         );
         let err = server.wait().expect_err("serve returned no error");
         assert!(err.to_string().contains("accept"), "{model}: {err}");
+    }
+
+    /// A listener whose every accept fails with an error the man page says to retry (here
+    /// `EOPNOTSUPP`: a datagram socket, readable with a datagram in it) does not keep the
+    /// model in its accept loop: the stop still ends it.
+    pub fn accepts_that_keep_failing_do_not_keep_out_the_stop(model: Model) {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("a UDP socket");
+        let addr = socket.local_addr().expect("local_addr");
+        UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.send_to(b"readable", addr))
+            .expect("a datagram");
+        let listener = TcpListener::from(OwnedFd::from(socket));
+        let Some(server) = util::start_on(model, listener) else {
+            return;
+        };
+        thread::sleep(Duration::from_millis(300));
+        // Panics should `serve` not return.
+        server.stop();
     }
 
     pub fn pipelined(model: Model) {
@@ -438,6 +456,10 @@ macro_rules! conformance {
                 #[test]
                 fn a_backlog_larger_than_a_turn_is_served() {
                     cases::a_backlog_larger_than_a_turn_is_served(MODEL);
+                }
+                #[test]
+                fn accepts_that_keep_failing_do_not_keep_out_the_stop() {
+                    cases::accepts_that_keep_failing_do_not_keep_out_the_stop(MODEL);
                 }
                 #[test]
                 fn pipelined() {

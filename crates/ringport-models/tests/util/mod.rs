@@ -60,6 +60,24 @@ pub fn start_keeping_listener(model: Model) -> Option<(Server, TcpListener)> {
     })
 }
 
+/// Starts `model` (see [`start`]) on `listener`, whatever socket it is.
+pub fn start_on(model: Model, listener: TcpListener) -> Option<Server> {
+    init_tracing();
+    if let Some(why) = unsupported(model) {
+        eprintln!("SKIPPED: {model}: {why}");
+        return None;
+    }
+    let config = Config {
+        drain_timeout: Duration::from_secs(10),
+    };
+    Some(spawn(
+        model,
+        config,
+        listener,
+        Stop::new().expect("Stop::new"),
+    ))
+}
+
 /// Starts `model` with `config` (see [`start`]) once `before` has run with its listener.
 fn start_on_listener<T>(
     model: Model,
