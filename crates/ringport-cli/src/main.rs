@@ -170,8 +170,9 @@ pub struct ServeArgs {
     pub udp_rate_total: u32,
 
     /// Log one line of statistics every SECS seconds: connections open and accepted, bytes
-    /// echoed and the rate, receive-pool buffers in use, and counts of refused and closed
-    /// connections and of waits for a pool buffer (0: off; else at least 0.01) [default: off].
+    /// echoed and the rate, receive-pool buffers in use, counts of refused and closed
+    /// connections and of waits for a pool buffer, and with --udp the datagrams echoed and
+    /// not answered (0: off; else at least 0.01) [default: off].
     #[arg(long, value_name = "SECS", value_parser = parse_period)]
     pub stats: Option<Duration>,
 

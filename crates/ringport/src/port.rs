@@ -1193,7 +1193,7 @@ where
 
     /// The kernel hands the error that ended a connection (a reset, a refusal) to one of its
     /// socket's operations, the first to look; the others find the socket merely shut: a
-    /// receive sees the end of the stream, a connect `ECONNABORTED`. Which one looks first
+    /// receive sees the end of the stream, a send `EPIPE`, a connect `ECONNABORTED`. Which one looks first
     /// differs between the backends (epoll tries receives first; io_uring wakes the operation
     /// that began to wait last). So the error is kept on the handle when first seen, and
     /// reported by those others as well, the same on both backends.
@@ -1213,6 +1213,7 @@ where
         }
         let found_shut = match p.kind {
             OpKind::Recv | OpKind::RecvPooled => ev.res == 0,
+            OpKind::Send => ev.res == -libc::EPIPE,
             OpKind::Connect => ev.res == -libc::ECONNABORTED,
             _ => false,
         };

@@ -170,6 +170,7 @@ per_backend!(
     a_send_cancelled_before_its_part_is_seen_goes_no_further,
     a_send_cut_short_cancels_the_sends_held_behind_it,
     a_reset_reaches_the_waiting_receive,
+    a_reset_reaches_a_send_waiting_beside_a_receive,
     sends_posted_before_a_gap_is_handed_out_are_cancelled,
     sends_posted_before_a_gap_is_handed_out_in_a_batch_are_cancelled,
     a_reset_seen_by_a_send_reaches_a_later_receive,
@@ -1906,6 +1907,39 @@ fn a_reset_reaches_the_waiting_receive(b: Backend) {
         Err(Some(libc::ECONNRESET)),
         "the receive waiting when the peer reset"
     );
+}
+
+/// A peer that resets the connection while a receive waits and a send waits for room with
+/// nothing of it sent (the socket's buffer already full): both report the reset
+/// (`ECONNRESET`), not the send `EPIPE` for finding the socket merely shut after the receive
+/// took the error, whichever operation the kernel hands it to.
+fn a_reset_reaches_a_send_waiting_beside_a_receive(b: Backend) {
+    use std::io::Write;
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (mut ours, peer) = pair();
+    ours.set_nonblocking(true).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    while ours.write(&chunk).is_ok() {}
+    let h = port.associate(ours, ()).unwrap();
+    w.submit(Op::recv(&h, Vec::with_capacity(4096)), 1);
+    w.submit(Op::send(&h, numbered(1000, 3), 0), 3);
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(200))),
+        Err(WaitError::TimedOut)
+    ));
+    socket2::SockRef::from(&peer)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(peer);
+    for _ in 0..2 {
+        let c = next(&mut w);
+        assert_eq!(
+            os_result(&c),
+            Err(Some(libc::ECONNRESET)),
+            "operation {} when the peer reset",
+            c.data
+        );
+    }
 }
 
 /// A connection whose peer resets it (`SO_LINGER` 0) while a 64 MiB send (data 2) waits for
