@@ -486,6 +486,12 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
              ports (below 1024) or this server's own",
             s.echoed, s.limited, s.from_service_ports
         ));
+        if s.to_groups > 0 {
+            summary.push_str(&format!(
+                ", {} sent to a broadcast or multicast address (not answered)",
+                s.to_groups
+            ));
+        }
         if s.failed > 0 {
             summary.push_str(&format!(", {} receives or echoes failed", s.failed));
         }

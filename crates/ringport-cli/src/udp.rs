@@ -27,6 +27,8 @@ pub struct UdpStats {
     pub limited: u64,
     /// From service ports (below 1024) or from this server's own port, not answered.
     pub from_service_ports: u64,
+    /// Sent to a broadcast or multicast address, not answered.
+    pub to_groups: u64,
     /// Receives and echoes that failed (the first is logged as a warning).
     pub failed: u64,
     /// Received, or waiting in the socket, when the echo stopped: not answered.
@@ -39,6 +41,7 @@ pub struct UdpCounters {
     echoed: AtomicU64,
     limited: AtomicU64,
     from_service_ports: AtomicU64,
+    to_groups: AtomicU64,
     failed: AtomicU64,
     unanswered: AtomicU64,
 }
@@ -49,6 +52,7 @@ impl UdpCounters {
             echoed: self.echoed.load(Ordering::Relaxed),
             limited: self.limited.load(Ordering::Relaxed),
             from_service_ports: self.from_service_ports.load(Ordering::Relaxed),
+            to_groups: self.to_groups.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             unanswered: self.unanswered.load(Ordering::Relaxed),
         }
@@ -237,6 +241,12 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool, stats: &Ud
             UdpCounters::count(&stats.from_service_ports);
             continue;
         }
+        // One datagram to a broadcast or multicast address would be answered by every host
+        // that serves the echo there: a spoofed source gets them all ("fraggle").
+        if dest.as_ref().is_some_and(wire::Dest::is_group) {
+            UdpCounters::count(&stats.to_groups);
+            continue;
+        }
         if !limiter.allow(from.ip(), Instant::now()) {
             stats.limited(from);
             continue;
@@ -266,6 +276,19 @@ mod wire {
     pub enum Dest {
         V4(libc::in_pktinfo),
         V6(libc::in6_pktinfo),
+    }
+
+    impl Dest {
+        /// Whether the datagram was sent to a group: an IPv4 broadcast (limited or directed)
+        /// or a multicast address. For IPv4 the kernel says so: the local address it reports
+        /// (`ipi_spec_dst`) is the destination itself only for a datagram sent to this host
+        /// alone.
+        pub fn is_group(&self) -> bool {
+            match self {
+                Dest::V4(info) => info.ipi_addr.s_addr != info.ipi_spec_dst.s_addr,
+                Dest::V6(info) => std::net::Ipv6Addr::from(info.ipi6_addr.s6_addr).is_multicast(),
+            }
+        }
     }
 
     /// Room for both control messages an IPv4 datagram brings to a dual-stack socket
@@ -375,9 +398,9 @@ mod wire {
     }
 
     /// The destination to answer from, as the control message that asks for it: for IPv4
-    /// the local address the datagram was delivered to (for a broadcast, the receiving
-    /// interface's), on whatever interface the route picks; for IPv6 the destination itself,
-    /// with its interface only where a link-local address needs one. `None` where the route
+    /// the local address the datagram was delivered to, on whatever interface the route
+    /// picks; for IPv6 the destination itself, with its interface only where a link-local
+    /// address needs one. `None` where the route
     /// back's choice stands: an IPv6 multicast destination cannot be a source.
     fn reply_from(dest: &Dest) -> Option<Dest> {
         match *dest {

@@ -389,6 +389,46 @@ fn sigterm_stops_the_udp_echo_at_once() {
     );
 }
 
+/// A datagram sent to a broadcast address (loopback's, 127.255.255.255, reaches a wildcard
+/// socket) is not answered, and is counted: every host serving the echo there would answer
+/// one datagram with a spoofed source. One sent to the host alone still is.
+#[test]
+fn datagrams_to_a_broadcast_address_are_not_answered() {
+    let server = Server::start_with(&["--listen", "0.0.0.0:0", "--udp"]);
+    let port = server.addr.port();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_broadcast(true).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    sock.send_to(b"to everyone", ("127.255.255.255", port))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match sock.recv_from(&mut buf) {
+        Ok((n, from)) => panic!("a {n}-byte answer from {from} to a broadcast"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "UDP receive: {e}"
+        ),
+    }
+    sock.connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(ECHO_WAIT)).unwrap();
+    assert_eq!(
+        echo_of(&sock, b"to this host").as_deref(),
+        Some(&b"to this host"[..]),
+        "no echo of a datagram sent to the host alone"
+    );
+    let output = server.terminate_cleanly(EXIT_GUARD);
+    let groups = number_between(
+        &output.stdout,
+        ", ",
+        " sent to a broadcast or multicast address",
+    );
+    assert_eq!(groups, Some(1), "{}", output.describe());
+}
+
 /// Bound to a wildcard address, the echo answers from the address the datagram was sent to:
 /// a client connected to 127.0.0.2 drops an answer from 127.0.0.1, the source the route back
 /// to it (from 127.0.0.1) would choose. On `0.0.0.0` and, as IPv4-mapped, on `[::]`.

@@ -104,6 +104,7 @@ fn line(totals: &Totals, now: Reading, last: Reading, secs: f64, pool_total: usi
         for (what, n) in [
             ("over the rate limit", u.limited),
             ("from service ports", u.from_service_ports),
+            ("to broadcast or multicast addresses", u.to_groups),
             ("failed", u.failed),
         ] {
             if n > 0 {
