@@ -629,10 +629,12 @@ pub fn port_error(e: &io::Error, workers: Option<usize>) -> String {
     if msg.contains("io_uring is not available") {
         msg.push_str(" (run with --backend auto or --backend epoll)");
     }
+    // (A refused ring keeps only the kind of its error: ENOMEM's.)
     if matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
-    ) {
+    ) || e.kind() == io::ErrorKind::OutOfMemory
+    {
         msg.push_str(
             " (each worker takes descriptors and memory of its own: lower --workers, or raise \
              the limit)",

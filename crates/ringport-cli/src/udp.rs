@@ -187,8 +187,20 @@ pub fn start(socket: UdpSocket, rate: u32, total: u32) -> io::Result<Udp> {
 /// flood could otherwise keep it counting).
 const MAX_UNANSWERED_COUNT: u64 = 1 << 20;
 
-/// Counts the datagrams waiting in the stopped echo's socket, which close with it.
+/// Counts the datagrams waiting in the stopped echo's socket, which close with it. The socket
+/// is first connected to its own address, so that the kernel refuses what comes after (its
+/// sender hears "port unreachable"), rather than queue it where nothing counts it.
 fn count_unanswered(socket: &UdpSocket, stats: &UdpCounters) {
+    if let Ok(own) = socket.local_addr() {
+        let ip = match own.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        if let Err(e) = socket.connect(SocketAddr::new(ip, own.port())) {
+            debug!("UDP: cannot close the stopped echo to new datagrams: {e}");
+        }
+    }
     if let Err(e) = socket.set_nonblocking(true) {
         debug!("UDP: cannot count the datagrams left unanswered: {e}");
         return;

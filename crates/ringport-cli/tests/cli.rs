@@ -138,14 +138,14 @@ fn client_more_in_flight_than_memory_is_refused() {
         "the error does not name the flags\n{}",
         output.describe()
     );
-    // One-byte messages, but each one's send time is kept too: about 118 GB in flight.
+    // One-byte messages, but each one's send time is kept too: about 1.2 TB in flight.
     let output = run_cli(
         &[
             "client",
             "--connect",
             &addr,
             "--connections",
-            "100000",
+            "1000000",
             "--size",
             "1",
             "--pipeline",
@@ -159,7 +159,7 @@ fn client_more_in_flight_than_memory_is_refused() {
     assert!(
         output
             .stderr
-            .contains("--connections 100000 x --size 1 x --pipeline 65536"),
+            .contains("--connections 1000000 x --size 1 x --pipeline 65536"),
         "the error does not name the flags\n{}",
         output.describe()
     );

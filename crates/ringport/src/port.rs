@@ -405,6 +405,11 @@ impl Builder {
         match self.backend {
             Backend::Epoll => epoll(),
             Backend::Uring => uring().map_err(|e| {
+                // Out of descriptors is no refusal of io_uring: the caller may ask for fewer
+                // workers, which it can tell from the errno.
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    return e;
+                }
                 io::Error::new(
                     e.kind(),
                     format!(
@@ -601,7 +606,10 @@ where
     }
 
     /// Shuts the port down: every worker cancels what it has in flight, delivers those
-    /// completions (with `ECANCELED`), and then answers [`WaitError::Shutdown`]. Operations
+    /// completions, and then answers [`WaitError::Shutdown`]. A cancelled operation fails with
+    /// `ECANCELED`; one that ended first keeps its result: a send already part-way out
+    /// completes `Ok` with the count that went (check it against the buffer's length, not
+    /// [`Completion::is_cancelled`]), a timeout that was due `Ok(0)`. Operations
     /// posted afterwards complete at once with `ECANCELED`; once a worker has answered
     /// `Shutdown`, work sent to it from other threads comes back instead: in the [`Rejected`]
     /// from [`Port::submit`], [`Port::post`] and [`Worker::post`], and as an `ECANCELED`

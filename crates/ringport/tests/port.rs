@@ -178,6 +178,7 @@ per_backend!(
     cancels_from_any_thread_reach_the_home_worker,
     accept_and_connect,
     multishot_accept_takes_every_connection_until_cancelled,
+    multishot_submitted_from_another_thread_completes_on_the_home_worker,
     connect_refused_is_named,
     a_socket_connected_again_after_a_refusal_ends_cleanly,
     connect_refused_completes_beside_a_receive,
@@ -1195,6 +1196,46 @@ fn accept_and_connect(b: Backend) {
     assert_eq!(&got, b"ping");
 }
 
+/// A multishot operation posted through the `Port` from a thread that is no worker's: it
+/// runs on its socket's home worker, every completion but the last marked `more`, each with a
+/// clone of the per-I/O data.
+fn multishot_submitted_from_another_thread_completes_on_the_home_worker(b: Backend) {
+    let (port, mut w) = one_worker::<&'static str, u8>(b);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let l = port.associate(listener, "listener").unwrap();
+    let id = std::thread::scope(|s| {
+        s.spawn(|| port.submit_multishot(Op::accept_multishot(&l), 5))
+            .join()
+            .unwrap()
+    })
+    .unwrap_or_else(|_| panic!("the worker is gone"));
+    let clients: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut peers = Vec::new();
+    for _ in 0..2 {
+        let c = next(&mut w);
+        assert_eq!((c.id, c.kind, c.data), (id, OpKind::Accept, 5));
+        assert!(c.more, "the accept stays armed");
+        peers.push(c.accepted.expect("a connection").peer_addr().unwrap());
+    }
+    let mut want: Vec<_> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+    peers.sort();
+    want.sort();
+    assert_eq!(peers, want);
+    w.cancel(id);
+    let last = next(&mut w);
+    assert_eq!((last.id, last.more), (id, false));
+    assert!(last.is_cancelled(), "{:?}", last.result);
+}
+
+/// `workers(0)` builds one worker per core the process may run on.
+#[test]
+fn zero_workers_means_one_per_core() {
+    let (port, workers) = Port::builder().workers(0).build::<(), ()>().unwrap();
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!((port.workers(), workers.len()), (cores, cores));
+}
+
 fn multishot_accept_takes_every_connection_until_cancelled(b: Backend) {
     let (port, mut w) = one_worker::<&'static str, u8>(b);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1918,8 +1959,19 @@ fn a_reset_reaches_a_send_waiting_beside_a_receive(b: Backend) {
     let (port, mut w) = one_worker::<(), u8>(b);
     let (mut ours, peer) = pair();
     ours.set_nonblocking(true).unwrap();
+    // Full for good: written until a write finds no room even after a pause (the first
+    // `EAGAIN` may come while acknowledgements on their way would free room).
     let chunk = vec![0u8; 64 << 10];
-    while ours.write(&chunk).is_ok() {}
+    for _ in 0..200 {
+        let mut wrote = false;
+        while ours.write(&chunk).is_ok() {
+            wrote = true;
+        }
+        if !wrote {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let h = port.associate(ours, ()).unwrap();
     w.submit(Op::recv(&h, Vec::with_capacity(4096)), 1);
     w.submit(Op::send(&h, numbered(1000, 3), 0), 3);
