@@ -165,15 +165,54 @@ fn one_worker_with_pool(bytes: &str, more: &[&str]) -> Server {
 /// gets its echo.
 fn peers_that_never_read_cannot_starve_the_others() {
     // 16 buffers of 64 KiB: a handful of flooding peers is enough to take them all.
-    let server = one_worker_with_pool("1048576", &[]);
-    let mut hogs = Vec::new();
-    for _ in 0..8 {
-        let mut s = connect(server.addr);
-        // Closed by the server before it pushes back: that is what this test is about.
-        let _ = write_until_pushed_back(&mut s);
-        hogs.push(s);
-    }
+    let server = one_worker_with_pool("1048576", &["--stats", "0.05"]);
+    let hogs = hogs_until_the_pool_is_dry(&server, 8);
     still_served_and_a_holder_closed(server, hogs);
+}
+
+/// The server's latest `--stats` line.
+fn last_stats(server: &Server) -> Option<String> {
+    let err = util::strip_ansi(&server.stderr_so_far());
+    err.lines()
+        .rev()
+        .find(|l| l.contains("stats: open "))
+        .map(str::to_owned)
+}
+
+/// Whether the server's latest `--stats` line has its whole receive pool in use.
+fn pool_dry(server: &Server) -> bool {
+    last_stats(server).is_some_and(|l| {
+        let used = util::number_between(&l, "pool ", "/");
+        used.is_some_and(|u| l.contains(&format!("pool {u}/{u} ")))
+    })
+}
+
+/// Connects `n` peers that write and never read, and writes to them in turn until the
+/// server's `--stats` lines show its whole receive pool in use (so that a server slow to run
+/// cannot pass for one that pushes back), for at most 15 s.
+fn hogs_until_the_pool_is_dry(server: &Server, n: usize) -> Vec<std::net::TcpStream> {
+    let mut hogs: Vec<std::net::TcpStream> = (0..n)
+        .map(|_| {
+            let s = connect(server.addr);
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let chunk = vec![0x5au8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !pool_dry(server) {
+        assert!(
+            Instant::now() < deadline,
+            "the peers never took the whole pool: {:?}",
+            last_stats(server)
+        );
+        for h in &mut hogs {
+            // Pushed back, or closed for holding the pool (the tests look for that later).
+            let _ = h.write(&chunk);
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    hogs
 }
 
 /// Peers that stop sending while each still holds less than `--conn-buffer` (so that none is
@@ -259,38 +298,8 @@ fn peers_that_stop_short_of_the_bound_cannot_starve_the_others() {
 /// connection being reset, its input unread, when the drain times out.
 fn a_connection_waiting_for_the_pool_is_echoed_during_a_drain() {
     let server = one_worker_with_pool("1048576", &["--drain-timeout", "8", "--stats", "0.05"]);
-    let last_stats = |server: &Server| {
-        let err = util::strip_ansi(&server.stderr_so_far());
-        err.lines()
-            .rev()
-            .find(|l| l.contains("stats: open "))
-            .map(str::to_owned)
-    };
-    let pool_dry = |server: &Server| {
-        last_stats(server).is_some_and(|l| {
-            let used = util::number_between(&l, "pool ", "/");
-            used.is_some_and(|u| l.contains(&format!("pool {u}/{u} ")))
-        })
-    };
-    let mut hogs = Vec::new();
-    for _ in 0..8 {
-        let mut s = connect(server.addr);
-        // Closed by the server before it pushes back only once others wait: none do yet.
-        let _ = write_until_pushed_back(&mut s);
-        hogs.push(s);
-        if pool_dry(&server) {
-            break;
-        }
-    }
+    let hogs = hogs_until_the_pool_is_dry(&server, 8);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !pool_dry(&server) {
-        assert!(
-            Instant::now() < deadline,
-            "the peers never took the whole pool: {:?}",
-            last_stats(&server)
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
     let open = hogs.len() as u64 + 1;
     let mut client = connect(server.addr);
     let message = util::pattern(7, 1024);
