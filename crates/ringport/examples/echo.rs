@@ -1,12 +1,20 @@
-//! The book's completion-port echo server on ringport, in a page: `cargo run -p ringport --example echo`,
-//! then `cargo run -- client` from the workspace root.
+//! The book's completion-port echo server on ringport, in a page: `cargo run -p ringport
+//! --example echo [ADDR]` (default 127.0.0.1:5150), then `cargo run -- client` from the
+//! workspace root.
 
 use ringport::{Handle, Op, OpKind, Port, Worker};
 use std::net::TcpListener;
 use std::time::Duration;
 
 fn main() -> std::io::Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:5150")?;
+    let addr = std::env::args().nth(1);
+    let listener = TcpListener::bind(addr.as_deref().unwrap_or("127.0.0.1:5150"))?;
+    println!("listening on {}", listener.local_addr()?);
+    run(listener)
+}
+
+/// Serves `listener` until a worker fails.
+pub fn run(listener: TcpListener) -> std::io::Result<()> {
     // Completion key and per-I/O data: none needed beyond the socket and the operation.
     let (port, workers) = Port::builder().build::<(), ()>()?;
     let listener = port.associate(listener, ())?;
