@@ -319,9 +319,10 @@ fn parse_backend(s: &str) -> Result<ringport::Backend, String> {
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .trim()
-        .trim_end_matches('s')
+    let trimmed = s.trim();
+    let secs: f64 = trimmed
+        .strip_suffix('s')
+        .unwrap_or(trimmed)
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     let d =

@@ -80,13 +80,12 @@ fn serve_keepalive_out_of_range_is_exit_2_naming_the_flag() {
 }
 
 fn serve_non_numeric_drain_timeout_is_exit_2() {
-    assert_usage_error(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--drain-timeout",
-        "soon",
-    ]);
+    for secs in ["soon", "5ss"] {
+        assert_usage_error_naming(
+            &["serve", "--listen", "127.0.0.1:0", "--drain-timeout", secs],
+            "--drain-timeout",
+        );
+    }
 }
 
 fn serve_unknown_flag_is_exit_2() {
