@@ -305,10 +305,43 @@ impl<K> Drop for Inner<K> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// Every connection holds one of these: with a one-word key it stays at 32 bytes (48 with
     /// the reference counts).
     #[test]
     fn handle_records_stay_small() {
         assert!(std::mem::size_of::<super::Inner<u64>>() <= 32);
+    }
+
+    /// The error that ended a connection shares a byte with the busy sides: the first one
+    /// seen is kept (the last of the list too, whose code fills the field), an error that
+    /// ends nothing is not, neither disturbs the sides, and clearing it leaves them be. The
+    /// home worker's load counts the handle while it lives.
+    #[test]
+    fn the_first_ending_is_kept_beside_the_busy_sides() {
+        let fd: OwnedFd = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().into();
+        let load = Arc::new(AtomicUsize::new(0));
+        let h = Handle::new(fd, (), 0, Arc::clone(&load));
+        assert_eq!(load.load(Ordering::Relaxed), 1);
+        h.set_busy(1, true);
+        h.set_busy(4, true);
+        assert!(!h.note_ending(libc::EPIPE));
+        assert_eq!(h.ending(), None);
+        assert!(h.note_ending(libc::ENETUNREACH));
+        assert!(
+            h.note_ending(libc::ECONNRESET),
+            "an ending, though not kept"
+        );
+        assert_eq!(h.ending(), Some(libc::ENETUNREACH));
+        assert!(h.busy(1) && !h.busy(2) && h.busy(4));
+        h.set_busy(1, false);
+        h.set_busy(2, true);
+        assert_eq!(h.ending(), Some(libc::ENETUNREACH));
+        h.clear_ending();
+        assert_eq!(h.ending(), None);
+        assert!(!h.busy(1) && h.busy(2) && h.busy(4));
+        drop(h);
+        assert_eq!(load.load(Ordering::Relaxed), 0);
     }
 }

@@ -127,7 +127,13 @@ impl Pool {
     /// The driver will not write buffer `bid` again: it is free once its slices are dropped.
     pub(crate) fn release(&self, bid: u16) {
         let old = self.refs[usize::from(bid)].fetch_and(!HELD, Ordering::AcqRel);
-        debug_assert!(old & HELD != 0, "buffer {bid} released twice");
+        if old & HELD == 0 {
+            // Released already (a driver bug): given back a second time, the buffer would be
+            // on the free list twice, and two receives could write it at once.
+            debug_assert!(false, "buffer {bid} released twice");
+            tracing::error!("receive pool: buffer {bid} released twice; the second is ignored");
+            return;
+        }
         if old & !HELD == 0 {
             self.give_back(bid);
         } else {

@@ -1529,12 +1529,6 @@ where
                 .ready
                 .push_back(p.into_completion(id, Err(errno(libc::EBADF))));
         }
-        if p.kind == OpKind::Connect {
-            // A new connection: what ended an earlier one on the socket is no longer news.
-            if let Some(h) = &p.handle {
-                h.clear_ending();
-            }
-        }
         if p.kind == OpKind::Send && p.handle.as_ref().is_some_and(|h| h.busy(SEND_GAP)) {
             // Its bytes would follow the gap a send before it left (see `open_gap`).
             return self
@@ -1596,6 +1590,13 @@ where
                 self.held.entry(h.serial()).or_default()[index].push_back(id);
                 self.inflight.insert(id, p);
                 return;
+            }
+        }
+        if p.kind == OpKind::Connect {
+            // A new connection: what ended an earlier one on the socket is no longer news
+            // (once the operations before it, which may still meet that ending, are done).
+            if let Some(h) = &p.handle {
+                h.clear_ending();
             }
         }
         if let Some(f) = &self.faults {

@@ -923,6 +923,35 @@ mod tests {
         free_unregistered(b);
     }
 
+    /// With incremental consumption a buffer's completions follow one another in it: each
+    /// starts where the one before ended; an empty one moves nothing and, with or without
+    /// `BUF_MORE`, leaves the buffer in the ring; the first that consumed bytes without
+    /// `BUF_MORE` takes it off the ring, and its next use starts at 0.
+    #[test]
+    fn incremental_completions_follow_one_another_in_a_buffer() {
+        const BUF_MORE: u32 = 1 << 4;
+        assert!(cqueue::buffer_more(BUF_MORE));
+        let pool = Pool::new(4096, 4, 4).unwrap();
+        let mut b = unregistered(&pool, 4);
+        b.filled = Some(vec![0; 4]);
+        b.recycle();
+        let at = |f: Filled| (f.bid, f.off, f.released);
+        assert_eq!(at(b.filled(2, 100, BUF_MORE)), (2, 0, false));
+        assert_eq!(at(b.filled(2, 50, BUF_MORE)), (2, 100, false));
+        assert_eq!(
+            at(b.filled(2, 0, 0)),
+            (2, 150, false),
+            "an empty completion"
+        );
+        assert_eq!(at(b.filled(2, 0, BUF_MORE)), (2, 150, false));
+        // Another buffer's completions do not move this one's offset.
+        assert_eq!(at(b.filled(3, 10, BUF_MORE)), (3, 0, false));
+        assert_eq!(at(b.filled(2, 4096 - 150, 0)), (2, 150, true));
+        assert_eq!(at(b.filled(2, 7, BUF_MORE)), (2, 0, false), "used again");
+        assert_eq!(at(b.filled(3, 5, BUF_MORE)), (3, 10, false));
+        free_unregistered(b);
+    }
+
     /// However many receives found the ring empty between two top-ups, the ring's target
     /// doubles once at the next.
     #[test]
