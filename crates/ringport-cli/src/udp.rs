@@ -412,8 +412,8 @@ mod wire {
     /// The destination to answer from, as the control message that asks for it: for IPv4
     /// the local address the datagram was delivered to, on whatever interface the route
     /// picks; for IPv6 the destination itself, with its interface only where a link-local
-    /// address needs one. `None` where the route
-    /// back's choice stands: an IPv6 multicast destination cannot be a source.
+    /// address needs one. `None` where the route back's choice stands: an IPv6 multicast
+    /// destination cannot be a source.
     fn reply_from(dest: &Dest) -> Option<Dest> {
         match *dest {
             Dest::V4(info) => Some(Dest::V4(libc::in_pktinfo {

@@ -41,9 +41,9 @@
 //!   (`CancelIoEx`); cancelled operations still complete, with `ECANCELED`.
 //! * [`Port::shutdown`] cancels everything in flight; each worker delivers those completions
 //!   (with `ECANCELED`, or the result of what ended first, such as a send's count that went
-//!   part-way), then reports [`WaitError::Shutdown`]. Dropping a [`Worker`] cancels and *waits for* its
-//!   operations before their memory is freed (and leaks rather than frees, should the kernel
-//!   never give one back).
+//!   part-way), then reports [`WaitError::Shutdown`]. Dropping a [`Worker`] cancels and *waits
+//!   for* its operations before their memory is freed (and leaks rather than frees, should the
+//!   kernel never give one back).
 //!
 //! # Threads
 //!

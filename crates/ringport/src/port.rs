@@ -1201,9 +1201,9 @@ where
 
     /// The kernel hands the error that ended a connection (a reset, a refusal) to one of its
     /// socket's operations, the first to look; the others find the socket merely shut: a
-    /// receive sees the end of the stream, a send `EPIPE`, a connect `ECONNABORTED`. Which one looks first
-    /// differs between the backends (epoll tries receives first; io_uring wakes the operation
-    /// that began to wait last). So the error is kept on the handle when first seen, and
+    /// receive sees the end of the stream, a send `EPIPE`, a connect `ECONNABORTED`. Which one
+    /// looks first differs between the backends (epoll tries receives first; io_uring wakes
+    /// the operation that began to wait last). So the error is kept on the handle when first seen, and
     /// reported by those others as well, the same on both backends.
     fn carry_ending(&self, ev: &mut Event) {
         let Some(p) = self.inflight.get(ev.id) else {

@@ -1975,14 +1975,7 @@ fn a_reset_reaches_a_send_waiting_beside_a_receive(b: Backend) {
     let h = port.associate(ours, ()).unwrap();
     w.submit(Op::recv(&h, Vec::with_capacity(4096)), 1);
     w.submit(Op::send(&h, numbered(1000, 3), 0), 3);
-    assert!(matches!(
-        w.dequeue(Some(Duration::from_millis(200))),
-        Err(WaitError::TimedOut)
-    ));
-    socket2::SockRef::from(&peer)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(peer);
+    reset_once_all_wait(&mut w, peer);
     for _ in 0..2 {
         let c = next(&mut w);
         assert_eq!(
@@ -1992,6 +1985,19 @@ fn a_reset_reaches_a_send_waiting_beside_a_receive(b: Backend) {
             c.data
         );
     }
+}
+
+/// Checks that nothing completes for 200 ms (what was posted waits), then has `peer` reset
+/// the connection (`SO_LINGER` 0).
+fn reset_once_all_wait(w: &mut Worker<(), u8>, peer: TcpStream) {
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(200))),
+        Err(WaitError::TimedOut)
+    ));
+    socket2::SockRef::from(&peer)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(peer);
 }
 
 /// A connection whose peer resets it (`SO_LINGER` 0) while a 64 MiB send (data 2) waits for
@@ -2008,14 +2014,7 @@ fn reset_while_a_send_waits(
         w.submit(Op::recv(&h, Vec::with_capacity(4096)), 1);
     }
     w.submit(Op::send(&h, numbered(64 << 20, 2), 0), 2);
-    assert!(matches!(
-        w.dequeue(Some(Duration::from_millis(200))),
-        Err(WaitError::TimedOut)
-    ));
-    socket2::SockRef::from(&peer)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(peer);
+    reset_once_all_wait(&mut w, peer);
     (port, w, h)
 }
 
