@@ -78,7 +78,7 @@
 //! Where io_uring is refused: Docker's default seccomp profile (`EPERM`), the sysctl
 //! `kernel.io_uring_disabled` (Linux 6.6+), kernels older than the features above (`ENOSYS`,
 //! `EINVAL`, missing opcodes; a port with a receive pool also needs multishot receives, Linux
-//! 6.0), or a low `RLIMIT_MEMLOCK` on kernels before 5.12 (`ENOMEM`). The
+//! 6.0), or memory the kernel will not give the ring (`ENOMEM`). The
 //! environment variable named by [`FAULT_URING_SETUP_ENV`] makes the probe fail on purpose, to
 //! test the fallback.
 //!
