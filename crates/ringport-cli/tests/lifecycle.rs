@@ -261,9 +261,8 @@ fn write_until_stuck(stream: &mut TcpStream) -> usize {
     written
 }
 
-/// Once draining, the server takes no new connection (its listener is closed; one that got
-/// into the backlog before is reset, never served), while a connection it cannot finish
-/// keeps the drain going.
+/// Once draining, the server takes no new connection (its listener is closed), while a
+/// connection it cannot finish keeps the drain going.
 fn the_drain_takes_no_new_connection() {
     let mut server = Server::start_with(&["--listen", "127.0.0.1:0", "--drain-timeout", "30"]);
     let mut stuck = connect_with_recv_buffer(server.addr, 4096);
@@ -280,16 +279,10 @@ fn the_drain_takes_no_new_connection() {
         match TcpStream::connect_timeout(&server.addr, Duration::from_secs(5)) {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
             Err(e) => panic!("connect during the drain: {e}"),
-            Ok(mut late) => {
-                // In the backlog before the listener closed: reset or closed, never echoed.
-                late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let _ = late.write_all(b"late");
-                let mut buf = [0u8; 4];
-                match late.read(&mut buf) {
-                    Ok(0) | Err(_) => {}
-                    Ok(n) => panic!("a connection made during the drain was echoed {n} bytes"),
-                }
-            }
+            // Taken before the drain began (the signal is logged before the workers hear of
+            // it), or in the backlog when the listener closed (then reset): either way,
+            // dropped here, and the next try comes.
+            Ok(late) => drop(late),
         }
         assert!(
             std::time::Instant::now() < deadline,
