@@ -194,7 +194,12 @@ fn run_with_timeout(
         while written < len {
             let cut = arm(&stream, &report)?;
             match stream.write(&message[written..]) {
-                Ok(0) => return Err(io_fail("send", &io::ErrorKind::WriteZero.into())),
+                Ok(0) => {
+                    return Err(io_fail(
+                        &format!("send (message {round})"),
+                        &io::ErrorKind::WriteZero.into(),
+                    ))
+                }
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_timeout(&e) && cut => return Err(late(&report)),
@@ -210,11 +215,11 @@ fn run_with_timeout(
                 }
                 Err(e) if is_timeout(&e) => {
                     return Err(fail(format!(
-                        "send timed out after {} s",
+                        "send timed out after {} s (message {round})",
                         timeout.as_secs_f64()
                     )))
                 }
-                Err(e) => return Err(io_fail("send", &e)),
+                Err(e) => return Err(io_fail(&format!("send (message {round})"), &e)),
             }
         }
         report.sent += 1;
@@ -224,33 +229,40 @@ fn run_with_timeout(
             continue;
         }
 
-        // The echo may come back in several pieces: read until all of it is here.
+        // The echo may come back in several pieces: read until all of it is here. A wrong
+        // byte in what came is the first thing wrong, whatever ends the wait for the rest.
+        let mismatch = |echo: &[u8]| {
+            let at = message.iter().zip(echo).position(|(m, e)| m != e)?;
+            Some(fail(format!(
+                "echo mismatch at byte {at} of message {round}: sent 0x{:02x}, got 0x{:02x}",
+                message[at], echo[at]
+            )))
+        };
         let mut filled = 0;
         while filled < len {
             let cut = arm(&stream, &report)?;
-            match stream.read(&mut echo[filled..]) {
-                Ok(0) => {
-                    return Err(fail(format!(
-                        "server closed the connection after {filled} of {len} bytes"
-                    )))
+            let err = match stream.read(&mut echo[filled..]) {
+                Ok(0) => fail(format!(
+                    "server closed the connection after {filled} of the {len} bytes of \
+                     message {round}'s echo"
+                )),
+                Ok(n) => {
+                    filled += n;
+                    continue;
                 }
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) && cut => return Err(late(&report)),
-                Err(e) if is_timeout(&e) => {
-                    return Err(fail(format!(
-                        "receive timed out after {} s with {filled} of {len} bytes echoed",
-                        timeout.as_secs_f64()
-                    )))
-                }
-                Err(e) => return Err(io_fail("receive", &e)),
-            }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_timeout(&e) && cut => late(&report),
+                Err(e) if is_timeout(&e) => fail(format!(
+                    "receive timed out after {} s with {filled} of the {len} bytes of message \
+                     {round}'s echo",
+                    timeout.as_secs_f64()
+                )),
+                Err(e) => io_fail(&format!("receive (message {round})"), &e),
+            };
+            return Err(mismatch(&echo[..filled]).unwrap_or(err));
         }
-        if let Some(at) = message.iter().zip(&echo).position(|(m, e)| m != e) {
-            return Err(fail(format!(
-                "echo mismatch at byte {at} of message {round}: sent 0x{:02x}, got 0x{:02x}",
-                message[at], echo[at]
-            )));
+        if let Some(err) = mismatch(&echo) {
+            return Err(err);
         }
         report.received += 1;
         writeln!(
@@ -270,8 +282,14 @@ fn run_with_timeout(
         // The echoes were not read: read (and drop) them until the server closes its side, so
         // that closing ours is a FIN. With echoes unread, the kernel would close it with a
         // reset, which also discards whatever of the messages it has not sent yet.
+        // A reset instead says the server dropped what it had not read: lost, not sent.
         if let Ok(left) = wait(&report) {
-            bytes_before_close(&mut stream, left);
+            if let (_, End::Failed(e)) = bytes_before_close(&mut stream, left) {
+                return Err(io_fail(
+                    "receive, after the last message (the server may not have read them all)",
+                    &e,
+                ));
+            }
         }
     } else {
         // Every echo came back: the server has nothing more to send, and closes its side once
@@ -673,9 +691,75 @@ mod tests {
         let err = run_to_string(&BookOptions::new(addr)).0.unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!("{addr}: server closed the connection after 13 of 26 bytes")
+            format!(
+                "{addr}: server closed the connection after 13 of the 26 bytes of message 1's echo"
+            )
         );
         assert!(err.to_string().contains("closed"));
+    }
+
+    /// The third echo ends part-way: the error names the message whose echo was cut short.
+    #[test]
+    fn an_early_close_names_the_message() {
+        let (addr, _server) = server(|mut stream| {
+            let mut buf = [0u8; 26];
+            for _ in 0..2 {
+                stream.read_exact(&mut buf).unwrap();
+                stream.write_all(&buf).unwrap();
+            }
+            stream.read_exact(&mut buf).unwrap();
+            stream.write_all(&buf[..7]).unwrap();
+        });
+        let err = run_to_string(&BookOptions::new(addr)).0.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{addr}: server closed the connection after 7 of the 26 bytes of message 3's \
+                 echo"
+            )
+        );
+    }
+
+    /// A wrong byte in an echo cut short is the error reported, not the close after it.
+    #[test]
+    fn a_wrong_byte_before_a_close_is_a_mismatch() {
+        let (addr, _server) = server(|mut stream| {
+            let mut buf = [0u8; 26];
+            stream.read_exact(&mut buf).unwrap();
+            buf[5] ^= 0x20;
+            stream.write_all(&buf[..6]).unwrap();
+        });
+        let err = run_to_string(&BookOptions::new(addr)).0.unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{addr}: echo mismatch at byte 5 of message 1")),
+            "{err}"
+        );
+    }
+
+    /// With `--send-only`, a server that resets the connection (closing with input unread)
+    /// dropped what it had not read: an error, not a run that sent everything.
+    #[test]
+    fn send_only_reports_a_server_that_reset_with_input_unread() {
+        let (addr, _server) = server(|mut stream| {
+            let mut buf = [0u8; 10];
+            stream.read_exact(&mut buf).unwrap();
+            // Time for every message to be written before the reset.
+            thread::sleep(Duration::from_millis(300));
+            socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        });
+        let opts = BookOptions {
+            send_only: true,
+            ..BookOptions::new(addr)
+        };
+        let err = run_to_string(&opts).0.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("connection reset by peer (ECONNRESET)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -735,8 +819,9 @@ mod tests {
         let mut out = Vec::new();
         let err = run_with_timeout(&opts, &mut out, Duration::from_millis(100)).unwrap_err();
         assert!(
-            err.to_string()
-                .starts_with(&format!("{addr}: receive timed out after 0.1 s")),
+            err.to_string().starts_with(&format!(
+                "{addr}: receive timed out after 0.1 s with 0 of the 26 bytes of message 1's echo"
+            )),
             "{err}"
         );
         server.join().unwrap();
