@@ -90,7 +90,9 @@ impl From<BookError> for io::Error {
 /// Fails, with a message naming the server address, when the connection cannot be made, a send or
 /// receive fails or times out, the server closes the connection before the whole echo is back, the
 /// echo differs from the message, the server sends more after the last echo (before it closes,
-/// or within [`IO_TIMEOUT`]), or writing to `out` fails.
+/// or within [`IO_TIMEOUT`]), with `send_only` the server resets the connection rather than
+/// close it (dropping what it had not read), or writing to `out` fails. A send or receive
+/// error names the message it was on.
 pub fn run(opts: &BookOptions, out: &mut dyn Write) -> Result<BookReport, BookError> {
     run_with_timeout(opts, out, IO_TIMEOUT)
 }
