@@ -572,7 +572,7 @@ fn run_model(
 
 /// The signals that start the drain: SIGINT, SIGTERM, and SIGHUP (a closed terminal) unless
 /// the server was started with it ignored (`nohup`), which it then stays.
-fn stop_signals() -> Vec<libc::c_int> {
+pub(crate) fn stop_signals() -> Vec<libc::c_int> {
     let mut signals = vec![libc::SIGINT, libc::SIGTERM];
     if !ignored(libc::SIGHUP) {
         signals.push(libc::SIGHUP);
@@ -594,20 +594,32 @@ fn ignored(sig: libc::c_int) -> bool {
 /// Runs `drain` on the first stop signal; a second one exits at once, with status 128 + its
 /// number (130 for SIGINT, 143 for SIGTERM).
 fn on_signals(
-    mut signals: signal_hook::iterator::Signals,
+    signals: signal_hook::iterator::Signals,
     drain: impl FnOnce() + Send + 'static,
+) -> Result<(), String> {
+    on_stop_signals(signals, "the drain", move |sig| {
+        info!("signal {sig}: draining (stopped accepting; a second signal exits at once)");
+        drain();
+    })
+}
+
+/// Runs `first` with the number of the first of `signals` (see [`stop_signals`]); a second
+/// one exits at once, with status 128 + its number, saying it cut `during` short.
+pub(crate) fn on_stop_signals(
+    mut signals: signal_hook::iterator::Signals,
+    during: &'static str,
+    first: impl FnOnce(i32) + Send + 'static,
 ) -> Result<(), String> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let mut forever = signals.forever();
             if let Some(sig) = forever.next() {
-                info!("signal {sig}: draining (stopped accepting; a second signal exits at once)");
-                drain();
+                first(sig);
             }
             if let Some(sig) = forever.next() {
                 crate::to_stderr(&format!(
-                    "ringport: signal {sig} during the drain: exiting now\n"
+                    "ringport: signal {sig} during {during}: exiting now\n"
                 ));
                 std::process::exit(128 + sig);
             }

@@ -465,6 +465,86 @@ fn errors_named(report: &Json, needle: &str) -> f64 {
         .sum()
 }
 
+/// A stop signal (SIGINT, SIGTERM) ends a load run early: the window closes then, the echoes
+/// in flight are checked, the report covers what was measured, and the exit status (128 + the
+/// signal) says the run was cut short. Both in a duration's window and with a message count.
+fn load_mode_stops_early_on_a_signal_with_its_report() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let server = Server::start();
+    let addr = server.addr.to_string();
+    for (sig, until) in [
+        (libc::SIGINT, ["--duration", "30"]),
+        (libc::SIGTERM, ["--messages", "100000000"]),
+    ] {
+        let mut child = Command::new(util::BIN)
+            .args([
+                "client",
+                "--connect",
+                &addr,
+                "--connections",
+                "4",
+                "--size",
+                "64",
+            ])
+            .args(until)
+            .args(["--warmup", "0.2", "--json", "--mark-window"])
+            .env("RINGPORT_BACKEND", util::backend())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the client");
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        // A hang guard: the client is killed should it not end within 20 s of the signal.
+        let (ended, watch) = std::sync::mpsc::channel::<()>();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut err = String::new();
+        while !err.contains("window open") {
+            let mut line = String::new();
+            if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            err.push_str(&line);
+        }
+        assert!(err.contains("window open"), "no window opened\n{err}");
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill(2) on our child's pid, not yet reaped (`child` still owns it).
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+        std::thread::spawn(move || {
+            if watch.recv_timeout(Duration::from_secs(20)).is_err() {
+                // SAFETY: as above; should the test have reaped it, the guard was told first.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        stderr.read_to_string(&mut err).unwrap();
+        let status = child.wait().unwrap();
+        let _ = ended.send(());
+        let output = Output {
+            status,
+            stdout: out,
+            stderr: err,
+        };
+        output.assert_no_panic();
+        let d = output.describe();
+        assert_eq!(output.code(), Some(128 + sig), "{d}");
+        assert!(output.stderr.contains("the load ended early"), "{d}");
+        assert_window_marked(&output);
+        let report = json_report(&output);
+        assert_eq!(report.get("ok"), Some(&Json::Bool(true)), "{d}");
+        assert!(json_num(&report, "messages") > 0.0, "{d}");
+        assert_eq!(json_num(&report, "mismatches"), 0.0, "{d}");
+        assert_eq!(json_num(&report, "error_total"), 0.0, "{d}");
+    }
+    server.terminate_cleanly(Duration::from_secs(15));
+}
+
 per_backend!(
     load_mode_that_checks_nothing_fails,
     load_mode_that_measures_nothing_fails,
@@ -480,4 +560,5 @@ per_backend!(
     book_mode_against_resetting_server_fails_and_names_the_reset,
     load_mode_counts_resets,
     load_mode_detects_corrupted_echo,
+    load_mode_stops_early_on_a_signal_with_its_report,
 );

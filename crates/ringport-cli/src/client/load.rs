@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,20 @@ enum Until {
         open: Instant,
         close: Instant,
     },
+}
+
+impl Until {
+    /// The same load, ended at `now` (a window no later than that; a message count as it is,
+    /// the caller sending no more).
+    fn cut_short(self, now: Instant) -> Until {
+        match self {
+            Until::Window { open, close } => Until::Window {
+                open: open.min(now),
+                close: close.min(now),
+            },
+            messages => messages,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +121,9 @@ impl Drop for ShutdownOnPanic {
 enum Io {
     /// The custom packet that starts the load.
     Start(Until),
+    /// The custom packet that ends it early (a signal): no new message goes out, and each
+    /// connection closes once its echoes are back.
+    Stop,
     Connect,
     Recv,
     /// `sent` bytes of the buffer are out.
@@ -200,6 +217,21 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         .backend(args.backend.get)
         .build::<u32, Io>()
         .map_err(|e| crate::serve::port_error(&e, Some(plan.workers)))?;
+    // A stop signal ends the load early, with the report of what was measured until then.
+    let signalled = Arc::new(AtomicI32::new(0));
+    let signals = signal_hook::iterator::Signals::new(crate::serve::stop_signals())
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    {
+        let signalled = Arc::clone(&signalled);
+        let port = port.clone();
+        crate::serve::on_stop_signals(signals, "the load's end", move |sig| {
+            signalled.store(sig, Ordering::Release);
+            for w in 0..port.workers() {
+                // A worker gone already has nothing left to stop.
+                let _ = port.post(w, Packet::new(Io::Stop));
+            }
+        })?;
+    }
     let began = Instant::now();
     let (started, start_rx) = mpsc::channel();
     let gate = Arc::new(Gate {
@@ -244,9 +276,9 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     if let Some(start) = start {
         match plan.until(start) {
             Until::Window { open, close } => {
-                let opened = wait_until(open, &threads);
+                let opened = wait_until(open, &threads, &signalled);
                 mark(WINDOW_OPEN);
-                let closed = wait_until(close, &threads);
+                let closed = wait_until(close, &threads, &signalled);
                 mark(WINDOW_CLOSED);
                 window = Some((opened, closed));
             }
@@ -320,10 +352,19 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     } else {
         crate::to_stdout(&summary.render_text());
     }
-    Ok(if summary.ok() {
-        ExitCode::SUCCESS
-    } else {
+    let sig = signalled.load(Ordering::Acquire);
+    if sig != 0 {
+        crate::to_stderr(&format!(
+            "ringport: signal {sig}: the load ended early; the report covers it until then\n"
+        ));
+    }
+    Ok(if !summary.ok() {
         ExitCode::FAILURE
+    } else if sig != 0 {
+        // Every echo checked, but not the run asked for: a script must not take it for one.
+        ExitCode::from(u8::try_from(128 + sig).unwrap_or(1))
+    } else {
+        ExitCode::SUCCESS
     })
 }
 
@@ -370,12 +411,18 @@ fn cgroup_room(max: &str, current: &str) -> Option<u64> {
     Some(max.saturating_sub(current))
 }
 
-/// Sleeps until `deadline` or until every worker has ended, whichever comes first, and returns
-/// that moment.
-fn wait_until(deadline: Instant, threads: &[std::thread::JoinHandle<Tally>]) -> Instant {
+/// Sleeps until `deadline`, until every worker has ended or until a signal stopped the load
+/// (`signalled` non-zero), whichever comes first, and returns that moment.
+fn wait_until(
+    deadline: Instant,
+    threads: &[std::thread::JoinHandle<Tally>],
+    signalled: &AtomicI32,
+) -> Instant {
     loop {
         let now = Instant::now();
-        if threads.iter().all(std::thread::JoinHandle::is_finished) {
+        if signalled.load(Ordering::Acquire) != 0
+            || threads.iter().all(std::thread::JoinHandle::is_finished)
+        {
             return now.min(deadline);
         }
         if now >= deadline {
@@ -394,6 +441,8 @@ struct Client {
     arrived: bool,
     /// The end of the load, once it has started.
     until: Option<Until>,
+    /// Told to stop early (see [`Io::Stop`]).
+    stopped: bool,
     /// The next connection index this worker opens.
     next: u32,
     connecting: usize,
@@ -417,6 +466,7 @@ impl Client {
             gate,
             arrived: false,
             until: None,
+            stopped: false,
             next: index,
             connecting: 0,
             conns: HashMap::new(),
@@ -582,7 +632,16 @@ impl Client {
 
     /// Starts the load on every open connection.
     fn start(&mut self, until: Until) {
-        self.until = Some(until);
+        self.until = Some(if self.stopped {
+            until.cut_short(Instant::now())
+        } else {
+            until
+        });
+        self.each_connection();
+    }
+
+    /// Sends what each open connection may, and closes those done.
+    fn each_connection(&mut self) {
         let open: Vec<u32> = self.conns.keys().copied().collect();
         for index in open {
             self.try_send(index);
@@ -590,17 +649,27 @@ impl Client {
         }
     }
 
+    /// Ends the load early: a window closes now; no new message goes out.
+    fn stop(&mut self) {
+        self.stopped = true;
+        if let Some(until) = self.until {
+            self.until = Some(until.cut_short(Instant::now()));
+            self.each_connection();
+        }
+    }
+
     fn complete(&mut self, c: Completion<u32, Io>) {
-        if let Io::Start(until) = c.data {
-            self.start(until);
-            return;
+        match c.data {
+            Io::Start(until) => return self.start(until),
+            Io::Stop => return self.stop(),
+            _ => {}
         }
         let Some(handle) = c.handle.clone() else {
             return;
         };
         let index = *handle.key();
         match c.data {
-            Io::Start(_) => {}
+            Io::Start(_) | Io::Stop => {}
             Io::Connect => {
                 self.connecting -= 1;
                 match c.result {
@@ -662,6 +731,7 @@ impl Client {
         let credit = self.plan.pipeline - (conn.sent_msgs - completed);
         let left = match self.until {
             None => 0,
+            _ if self.stopped => 0,
             Some(Until::Messages(m)) => m - conn.sent_msgs,
             Some(Until::Window { close, .. }) if Instant::now() < close => u64::MAX,
             Some(Until::Window { .. }) => 0,
@@ -787,12 +857,13 @@ impl Client {
             return;
         }
         let size = self.plan.size as u64;
+        let drained = conn.received >= conn.sent_msgs * size && !conn.sending;
         let done = match self.until {
             None => false,
-            Some(Until::Messages(m)) => conn.received >= m.saturating_mul(size),
-            Some(Until::Window { close, .. }) => {
-                Instant::now() >= close && conn.received >= conn.sent_msgs * size && !conn.sending
+            Some(Until::Messages(m)) => {
+                conn.received >= m.saturating_mul(size) || (self.stopped && drained)
             }
+            Some(Until::Window { close, .. }) => Instant::now() >= close && drained,
         };
         if done {
             conn.closing = true;
