@@ -469,69 +469,19 @@ fn errors_named(report: &Json, needle: &str) -> f64 {
 /// in flight are checked, the report covers what was measured, and the exit status (128 + the
 /// signal) says the run was cut short. Both in a duration's window and with a message count.
 fn load_mode_stops_early_on_a_signal_with_its_report() {
-    use std::io::{BufRead, BufReader, Read};
-    use std::process::{Command, Stdio};
     let server = Server::start();
     let addr = server.addr.to_string();
     for (sig, until) in [
-        (libc::SIGINT, ["--duration", "30"]),
-        (libc::SIGTERM, ["--messages", "100000000"]),
+        (libc::SIGINT, ["--duration", "30", "--warmup", "0.2"]),
+        (
+            libc::SIGTERM,
+            ["--messages", "100000000", "--warmup", "0.2"],
+        ),
     ] {
-        let mut child = Command::new(util::BIN)
-            .args([
-                "client",
-                "--connect",
-                &addr,
-                "--connections",
-                "4",
-                "--size",
-                "64",
-            ])
-            .args(until)
-            .args(["--warmup", "0.2", "--json", "--mark-window"])
-            .env("RINGPORT_BACKEND", util::backend())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the client");
-        let pid = libc::pid_t::try_from(child.id()).unwrap();
-        // A hang guard: the client is killed should it not end within 20 s of the signal.
-        let (ended, watch) = std::sync::mpsc::channel::<()>();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut err = String::new();
-        while !err.contains("window open") {
-            let mut line = String::new();
-            if stderr.read_line(&mut line).unwrap_or(0) == 0 {
-                break;
-            }
-            err.push_str(&line);
-        }
-        assert!(err.contains("window open"), "no window opened\n{err}");
+        let mut client = Signalled::start(&addr, &until);
+        client.wait_for("window open");
         std::thread::sleep(Duration::from_millis(300));
-        // SAFETY: kill(2) on our child's pid, not yet reaped (`child` still owns it).
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-        std::thread::spawn(move || {
-            if watch.recv_timeout(Duration::from_secs(20)).is_err() {
-                // SAFETY: as above; should the test have reaped it, the guard was told first.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        });
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        stderr.read_to_string(&mut err).unwrap();
-        let status = child.wait().unwrap();
-        let _ = ended.send(());
-        let output = Output {
-            status,
-            stdout: out,
-            stderr: err,
-        };
-        output.assert_no_panic();
+        let output = client.signal(sig);
         let d = output.describe();
         assert_eq!(output.code(), Some(128 + sig), "{d}");
         assert!(output.stderr.contains("the load ended early"), "{d}");
@@ -543,6 +493,107 @@ fn load_mode_stops_early_on_a_signal_with_its_report() {
         assert_eq!(json_num(&report, "error_total"), 0.0, "{d}");
     }
     server.terminate_cleanly(Duration::from_secs(15));
+}
+
+/// A stop signal during the warm-up ends the run with nothing measured, and says that the
+/// signal is why (not the window).
+fn load_mode_stopped_in_its_warm_up_says_so() {
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "-v"]);
+    let addr = server.addr.to_string();
+    let client = Signalled::start(&addr, &["--warmup", "30", "--duration", "1"]);
+    // Every connection open: the client is in its warm-up (or about to start it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.stderr_so_far().matches(" connected").count() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client's connections were not all accepted\n{}",
+            server.stderr_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let output = client.signal(libc::SIGINT);
+    let d = output.describe();
+    assert_eq!(output.code(), Some(1), "{d}");
+    assert!(
+        output
+            .combined()
+            .contains("signal 2 ended the load before any echo counted"),
+        "{d}"
+    );
+    let report = json_report(&output);
+    assert_eq!(report.get("ok"), Some(&Json::Bool(false)), "{d}");
+    server.terminate_cleanly(Duration::from_secs(15));
+}
+
+/// A load run of `ringport client` (4 connections of 64 bytes, `--json --mark-window`, and
+/// `more`), to be stopped by a signal.
+struct Signalled {
+    child: std::process::Child,
+    stderr: std::io::BufReader<std::process::ChildStderr>,
+    err: String,
+}
+
+impl Signalled {
+    fn start(addr: &str, more: &[&str]) -> Signalled {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(util::BIN)
+            .args(["client", "--connect", addr, "--connections", "4"])
+            .args(["--size", "64", "--json", "--mark-window"])
+            .args(more)
+            .env("RINGPORT_BACKEND", util::backend())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the client");
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        Signalled {
+            child,
+            stderr,
+            err: String::new(),
+        }
+    }
+
+    /// Reads the client's stderr until a line contains `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        use std::io::BufRead;
+        while !self.err.contains(needle) {
+            let mut line = String::new();
+            if self.stderr.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            self.err.push_str(&line);
+        }
+        assert!(self.err.contains(needle), "no `{needle}`\n{}", self.err);
+    }
+
+    /// Sends `sig` and collects what the client printed and how it exited (killed should it
+    /// not end within 20 s).
+    fn signal(mut self, sig: libc::c_int) -> Output {
+        use std::io::Read;
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on our child's pid, not yet reaped (`self.child` still owns it).
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+        let (ended, watch) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if watch.recv_timeout(Duration::from_secs(20)).is_err() {
+                // SAFETY: as above; once the test has reaped it, the guard was told first.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        let mut stdout = String::new();
+        let mut out = self.child.stdout.take().unwrap();
+        out.read_to_string(&mut stdout).unwrap();
+        self.stderr.read_to_string(&mut self.err).unwrap();
+        let status = self.child.wait().unwrap();
+        let _ = ended.send(());
+        let output = Output {
+            status,
+            stdout,
+            stderr: self.err,
+        };
+        output.assert_no_panic();
+        output
+    }
 }
 
 per_backend!(
@@ -561,4 +612,5 @@ per_backend!(
     load_mode_counts_resets,
     load_mode_detects_corrupted_echo,
     load_mode_stops_early_on_a_signal_with_its_report,
+    load_mode_stopped_in_its_warm_up_says_so,
 );

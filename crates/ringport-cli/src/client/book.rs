@@ -92,7 +92,7 @@ impl From<BookError> for io::Error {
 /// echo differs from the message, the server sends more after the last echo (before it closes,
 /// or within [`IO_TIMEOUT`]), with `send_only` the server resets the connection rather than
 /// close it (dropping what it had not read), or writing to `out` fails. A send or receive
-/// error names the message it was on.
+/// that fails names the message it was on.
 pub fn run(opts: &BookOptions, out: &mut dyn Write) -> Result<BookReport, BookError> {
     run_with_timeout(opts, out, IO_TIMEOUT)
 }
@@ -208,8 +208,8 @@ fn run_with_timeout(
                 Err(e) if is_timeout(&e) && opts.send_only => {
                     let unread = report.sent * len as u64 + written as u64;
                     return Err(fail(format!(
-                        "send timed out after {} s: with --send-only the echo goes unread \
-                         ({unread} bytes sent so far), and once the buffers on the way are \
+                        "send timed out after {} s (message {round}): with --send-only the echo \
+                         goes unread ({unread} bytes sent so far), and once the buffers on the way are \
                          full the server stops reading (its backpressure); send less \
                          (--count, --message) or drop --send-only",
                         timeout.as_secs_f64()

@@ -168,6 +168,8 @@ struct Tally {
     latency: Recorder,
     errors: ErrorCounts,
     mismatches: u64,
+    /// A stop signal ended the load before its end (not only after it).
+    cut_short: bool,
 }
 
 pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
@@ -293,6 +295,7 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     let mut last = None;
     let mut ended = Some(began);
     let mut panicked = false;
+    let mut cut_short = false;
     for t in threads {
         let Ok(tally) = t.join() else {
             panicked = true;
@@ -307,7 +310,13 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         summary.mismatches += tally.mismatches;
         last = last.max(tally.last);
         ended = ended.max(tally.ended);
+        cut_short |= tally.cut_short;
     }
+    // A signal that came once the load was over (its last echoes coming back) cut nothing.
+    let sig = match signalled.load(Ordering::Acquire) {
+        sig if cut_short => sig,
+        _ => 0,
+    };
     if panicked {
         if start.is_some() && window.is_none() {
             // A harness that saw the window open waits for it to close.
@@ -324,6 +333,9 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     if summary.connections > 0 && counted == 0 && summary.ok() {
         // Connections opened, but nothing was measured: a run of no messages does not pass.
         summary.errors.add_kind(&match plan.duration {
+            _ if sig != 0 => {
+                format!("nothing measured: signal {sig} ended the load before any echo counted")
+            }
             Some(d) if summary.verified == 0 => format!(
                 "nothing checked: --duration {} s ended before the first message went out",
                 d.as_secs_f64()
@@ -352,7 +364,6 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     } else {
         crate::to_stdout(&summary.render_text());
     }
-    let sig = signalled.load(Ordering::Acquire);
     if sig != 0 {
         crate::to_stderr(&format!(
             "ringport: signal {sig}: the load ended early; the report covers it until then\n"
@@ -649,11 +660,25 @@ impl Client {
         }
     }
 
-    /// Ends the load early: a window closes now; no new message goes out.
+    /// Ends the load early: a window closes now; no new message goes out; the connections not
+    /// opened yet are not (the load starts, and ends at once, on those open).
     fn stop(&mut self) {
+        let now = Instant::now();
+        let step = self.plan.workers as u32;
+        let cut = match self.until {
+            None => true,
+            Some(Until::Window { close, .. }) => now < close,
+            Some(Until::Messages(m)) => self.conns.values().any(|c| c.sent_msgs < m),
+        };
+        self.tally.cut_short |= cut;
         self.stopped = true;
+        if self.next < self.plan.connections {
+            self.owned -= (self.plan.connections - self.next).div_ceil(step);
+            self.next = self.plan.connections;
+            self.arrive_when_open();
+        }
         if let Some(until) = self.until {
-            self.until = Some(until.cut_short(Instant::now()));
+            self.until = Some(until.cut_short(now));
             self.each_connection();
         }
     }
