@@ -5,8 +5,8 @@ mod util;
 use std::time::Duration;
 
 use util::{
-    json_num, json_report, number_between, run_cli, unused_port, BadServer, Json, Output, Server,
-    BOOK_MESSAGE, CLI_TIMEOUT, JSON_KEYS,
+    json_num, json_report, number_between, run_cli, unused_port, BadServer, Json, Output, Running,
+    Server, BOOK_MESSAGE, CLI_TIMEOUT, JSON_KEYS,
 };
 
 /// Hang guard for load runs (they take well under a second when things work).
@@ -478,10 +478,14 @@ fn load_mode_stops_early_on_a_signal_with_its_report() {
             ["--messages", "100000000", "--warmup", "0.2"],
         ),
     ] {
-        let mut client = Signalled::start(&addr, &until);
-        client.wait_for("window open");
+        let client = load_run(&addr, &until);
+        assert!(
+            client.wait_for_stderr("window open", Duration::from_secs(20)),
+            "no window opened\n{}",
+            client.stderr_so_far()
+        );
         std::thread::sleep(Duration::from_millis(300));
-        let output = client.signal(sig);
+        let output = signal_and_wait(client, sig);
         let d = output.describe();
         assert_eq!(output.code(), Some(128 + sig), "{d}");
         assert!(output.stderr.contains("the load ended early"), "{d}");
@@ -500,7 +504,7 @@ fn load_mode_stops_early_on_a_signal_with_its_report() {
 fn load_mode_stopped_in_its_warm_up_says_so() {
     let server = Server::start_with(&["--listen", "127.0.0.1:0", "-v"]);
     let addr = server.addr.to_string();
-    let client = Signalled::start(&addr, &["--warmup", "30", "--duration", "1"]);
+    let client = load_run(&addr, &["--warmup", "30", "--duration", "1"]);
     // Every connection open: the client is in its warm-up (or about to start it).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while server.stderr_so_far().matches(" connected").count() < 4 {
@@ -511,7 +515,7 @@ fn load_mode_stopped_in_its_warm_up_says_so() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let output = client.signal(libc::SIGINT);
+    let output = signal_and_wait(client, libc::SIGINT);
     let d = output.describe();
     assert_eq!(output.code(), Some(1), "{d}");
     assert!(
@@ -525,75 +529,29 @@ fn load_mode_stopped_in_its_warm_up_says_so() {
     server.terminate_cleanly(Duration::from_secs(15));
 }
 
-/// A load run of `ringport client` (4 connections of 64 bytes, `--json --mark-window`, and
-/// `more`), to be stopped by a signal.
-struct Signalled {
-    child: std::process::Child,
-    stderr: std::io::BufReader<std::process::ChildStderr>,
-    err: String,
+/// `ringport client` against `addr` with 4 connections of 64 bytes, `--json --mark-window` and
+/// `more`, running (to be stopped by a signal).
+fn load_run(addr: &str, more: &[&str]) -> Running {
+    let mut args = vec![
+        "client",
+        "--connect",
+        addr,
+        "--connections",
+        "4",
+        "--size",
+        "64",
+    ];
+    args.extend_from_slice(&["--json", "--mark-window"]);
+    args.extend_from_slice(more);
+    Running::spawn(&args)
 }
 
-impl Signalled {
-    fn start(addr: &str, more: &[&str]) -> Signalled {
-        use std::process::{Command, Stdio};
-        let mut child = Command::new(util::BIN)
-            .args(["client", "--connect", addr, "--connections", "4"])
-            .args(["--size", "64", "--json", "--mark-window"])
-            .args(more)
-            .env("RINGPORT_BACKEND", util::backend())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the client");
-        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-        Signalled {
-            child,
-            stderr,
-            err: String::new(),
-        }
-    }
-
-    /// Reads the client's stderr until a line contains `needle`.
-    fn wait_for(&mut self, needle: &str) {
-        use std::io::BufRead;
-        while !self.err.contains(needle) {
-            let mut line = String::new();
-            if self.stderr.read_line(&mut line).unwrap_or(0) == 0 {
-                break;
-            }
-            self.err.push_str(&line);
-        }
-        assert!(self.err.contains(needle), "no `{needle}`\n{}", self.err);
-    }
-
-    /// Sends `sig` and collects what the client printed and how it exited (killed should it
-    /// not end within 20 s).
-    fn signal(mut self, sig: libc::c_int) -> Output {
-        use std::io::Read;
-        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
-        // SAFETY: kill(2) on our child's pid, not yet reaped (`self.child` still owns it).
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-        let (ended, watch) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            if watch.recv_timeout(Duration::from_secs(20)).is_err() {
-                // SAFETY: as above; once the test has reaped it, the guard was told first.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        });
-        let mut stdout = String::new();
-        let mut out = self.child.stdout.take().unwrap();
-        out.read_to_string(&mut stdout).unwrap();
-        self.stderr.read_to_string(&mut self.err).unwrap();
-        let status = self.child.wait().unwrap();
-        let _ = ended.send(());
-        let output = Output {
-            status,
-            stdout,
-            stderr: self.err,
-        };
-        output.assert_no_panic();
-        output
-    }
+/// Sends `sig` to `client` and collects how it ended (killed should it not within 20 s).
+fn signal_and_wait(client: Running, sig: libc::c_int) -> Output {
+    client.signal(sig);
+    let output = client.wait_exit(Duration::from_secs(20));
+    output.assert_no_panic();
+    output
 }
 
 per_backend!(

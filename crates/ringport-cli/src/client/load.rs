@@ -313,9 +313,10 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         cut_short |= tally.cut_short;
     }
     // A signal that came once the load was over (its last echoes coming back) cut nothing.
-    let sig = match signalled.load(Ordering::Acquire) {
-        sig if cut_short => sig,
-        _ => 0,
+    let sig = if cut_short {
+        signalled.load(Ordering::Acquire)
+    } else {
+        0
     };
     if panicked {
         if start.is_some() && window.is_none() {

@@ -318,15 +318,123 @@ pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
+/// A running `ringport` child, its output collected as it comes. Dropping it kills the child.
+pub struct Running {
+    child: Option<Child>,
+    out: Drain,
+    err: Drain,
+    /// What it is, for messages ("the server").
+    what: String,
+}
+
+impl Running {
+    /// `ringport ARGS`, with the test's backend.
+    pub fn spawn(args: &[&str]) -> Running {
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RINGPORT_BACKEND", backend())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the ringport binary");
+        Running::collect(child, None, format!("`ringport {}`", args.join(" ")))
+    }
+
+    /// Takes `child`'s output pipes, stderr's lines also sent to `lines`.
+    fn collect(mut child: Child, lines: Option<mpsc::Sender<String>>, what: String) -> Running {
+        let out = Drain::spawn(child.stdout.take().unwrap(), None);
+        let err = Drain::spawn(child.stderr.take().unwrap(), lines);
+        Running {
+            child: Some(child),
+            out,
+            err,
+            what,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("child still owned").id() as i32
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGTERM`) to the child.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) takes plain integers; the pid is that of our own child, which has not
+        // been reaped yet (the `Child` is still owned), so it cannot name another process.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({}, {sig}): {}",
+            self.pid(),
+            io::Error::last_os_error()
+        );
+    }
+
+    /// `None` while the child runs; its exit status once it has exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().unwrap().try_wait().expect("try_wait")
+    }
+
+    /// Stdout so far.
+    pub fn stdout_so_far(&self) -> String {
+        self.out.text()
+    }
+
+    /// Stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        self.err.text()
+    }
+
+    /// Waits (bounded) until the child's stderr contains `needle`; returns whether it did.
+    pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if strip_ansi(&self.err.text()).contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits up to `timeout` for the child to exit; kills it and panics if it overruns.
+    pub fn wait_exit(mut self, timeout: Duration) -> Output {
+        let mut child = self.child.take().unwrap();
+        match wait_deadline(
+            &mut child,
+            &mut self.out,
+            &mut self.err,
+            Instant::now() + timeout,
+        ) {
+            Ok(output) => output,
+            Err(output) => panic!(
+                "{} did not exit within {timeout:?}; killed it\n{}",
+                self.what,
+                output.describe()
+            ),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A running `ringport serve` child. Dropping it kills the child.
 pub struct Server {
-    child: Option<Child>,
+    run: Running,
     /// The address the server reported in its `listening on` line.
     pub addr: SocketAddr,
     /// The raw `listening on` line.
     pub listening_line: String,
-    out: Drain,
-    err: Drain,
 }
 
 impl Server {
@@ -354,26 +462,17 @@ impl Server {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().expect("child still owned").id() as i32
+        self.run.pid()
     }
 
     /// Sends `sig` (e.g. `libc::SIGTERM`) to the server.
     pub fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) takes plain integers; the pid is that of our own child, which has not
-        // been reaped yet (the `Child` is still owned), so it cannot name another process.
-        let rc = unsafe { libc::kill(self.pid(), sig) };
-        assert_eq!(
-            rc,
-            0,
-            "kill({}, {sig}): {}",
-            self.pid(),
-            io::Error::last_os_error()
-        );
+        self.run.signal(sig);
     }
 
     /// `None` while the server runs; its exit status once it has exited.
     pub fn try_status(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().unwrap().try_wait().expect("try_wait")
+        self.run.try_status()
     }
 
     /// Asserts that the server is still running.
@@ -381,15 +480,15 @@ impl Server {
         if let Some(status) = self.try_status() {
             panic!(
                 "the server exited unexpectedly with {status:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                self.out.text(),
-                self.err.text()
+                self.run.stdout_so_far(),
+                self.run.stderr_so_far()
             );
         }
     }
 
     /// Stderr so far.
     pub fn stderr_so_far(&self) -> String {
-        self.err.text()
+        self.run.stderr_so_far()
     }
 
     /// Sends SIGTERM and checks the server exits 0 within `timeout`, without a panic.
@@ -402,29 +501,8 @@ impl Server {
     }
 
     /// Waits up to `timeout` for the server to exit; kills it and panics if it overruns.
-    pub fn wait_exit(mut self, timeout: Duration) -> Output {
-        let mut child = self.child.take().unwrap();
-        match wait_deadline(
-            &mut child,
-            &mut self.out,
-            &mut self.err,
-            Instant::now() + timeout,
-        ) {
-            Ok(output) => output,
-            Err(output) => panic!(
-                "the server did not exit within {timeout:?}; killed it\n{}",
-                output.describe()
-            ),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    pub fn wait_exit(self, timeout: Duration) -> Output {
+        self.run.wait_exit(timeout)
     }
 }
 
@@ -950,10 +1028,9 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         configure(&mut cmd);
-        let mut child = cmd.spawn().expect("spawn `ringport serve`");
+        let child = cmd.spawn().expect("spawn `ringport serve`");
         let (tx, rx) = mpsc::channel();
-        let mut out = Drain::spawn(child.stdout.take().unwrap(), None);
-        let mut err = Drain::spawn(child.stderr.take().unwrap(), Some(tx));
+        let mut run = Running::collect(child, Some(tx), "the server".to_owned());
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -961,20 +1038,21 @@ impl Server {
                 Ok(line) => {
                     if let Some(addr) = parse_listening_line(&line) {
                         return Ok(Server {
-                            child: Some(child),
+                            run,
                             addr,
                             listening_line: line,
-                            out,
-                            err,
                         });
                     }
                 }
                 // Timed out, or stderr closed (the child is exiting): collect what it printed.
                 Err(_) => {
                     let grace = Instant::now() + Duration::from_secs(2);
-                    return Err(match wait_deadline(&mut child, &mut out, &mut err, grace) {
-                        Ok(output) | Err(output) => output,
-                    });
+                    let mut child = run.child.take().unwrap();
+                    return Err(
+                        match wait_deadline(&mut child, &mut run.out, &mut run.err, grace) {
+                            Ok(output) | Err(output) => output,
+                        },
+                    );
                 }
             }
         }
@@ -982,21 +1060,12 @@ impl Server {
 
     /// Stdout so far.
     pub fn stdout_so_far(&self) -> String {
-        self.out.text()
+        self.run.stdout_so_far()
     }
 
     /// Waits (bounded) until the server's stderr contains `needle`; returns whether it did.
     pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if strip_ansi(&self.err.text()).contains(needle) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        self.run.wait_for_stderr(needle, timeout)
     }
 }
 
