@@ -76,8 +76,13 @@ pub struct ModeArgs {
 /// Options of `ringport serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on (IPv4 or IPv6, e.g. [::1]:5150).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5150")]
+    /// Address to listen on (IPv4 or IPv6).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:5150",
+        help = "Address to listen on (IPv4 or IPv6, e.g. [::1]:5150)"
+    )]
     pub listen: SocketAddr,
 
     /// Worker threads, each with its own ring [default: the number of available cores].
