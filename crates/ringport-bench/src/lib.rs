@@ -271,6 +271,20 @@ fn default_idle(nofile: u64, ports: Option<u64>) -> u64 {
     room(nofile).min(ports.map_or(u64::MAX, room))
 }
 
+/// Refuses an `--idle` that the descriptor limit `nofile` cannot hold: the harness holds those
+/// connections itself, and would run out of descriptors before reading the server's memory.
+fn check_idle(idle: Option<u64>, nofile: u64) -> Result<(), String> {
+    let most = default_idle(nofile, None);
+    match idle {
+        Some(n) if n > most => Err(format!(
+            "--idle {n}: the descriptor limit (RLIMIT_NOFILE {nofile}) allows at most {most} \
+             idle connections, with room kept for the rest of the harness (raise the hard limit, \
+             or ask for fewer)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The warning for a binary directory of unoptimised (debug) builds, if `bin_dir` is one.
 fn debug_build_warning(bin_dir: &Path) -> Option<String> {
     matrix::is_debug_dir(bin_dir).then(|| {
@@ -294,6 +308,7 @@ impl Setup {
         check_secs(common)?;
         check_out(&common.out)?;
         let (_, nofile) = proc::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
+        check_idle(common.idle, nofile)?;
         let machine = proc::available_cpus().map_err(|e| format!("sched_getaffinity: {e}"))?;
         let mut notes = Vec::new();
         let server_cpus = match &common.server_cpus {
@@ -602,6 +617,18 @@ mod tests {
             "{err}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_idle_count_past_the_descriptor_limit_is_refused() {
+        assert_eq!(check_idle(None, 1024), Ok(()));
+        assert_eq!(check_idle(Some(512), 1024), Ok(()));
+        assert_eq!(check_idle(Some(18_000), 20_000), Ok(()));
+        let e = check_idle(Some(18_001), 20_000).unwrap_err();
+        assert!(
+            e.contains("--idle 18001") && e.contains("at most 18000"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -359,8 +359,9 @@ impl Sample {
             mb_per_s: m(|s| s.mb_per_s)?,
             p50_us: m(|s| s.p50_us)?,
             p99_us: m(|s| s.p99_us)?,
-            cpu_us_per_msg: m(|s| s.cpu_us_per_msg)?,
-            // Memory that could not be read leaves the other figures standing.
+            // CPU time or memory that could not be read (no CPU time in any round: see
+            // `run_cell`) leaves the other figures standing.
+            cpu_us_per_msg: m(|s| s.cpu_us_per_msg).unwrap_or(f64::NAN),
             rss_bytes: m(|s| s.rss_bytes).unwrap_or(f64::NAN),
             rss_per_conn: m(|s| s.rss_per_conn).unwrap_or(f64::NAN),
         })
@@ -1132,6 +1133,10 @@ mod tests {
             "rounds without the figure are left out"
         );
         assert_eq!(Sample::median(&[]), None);
+        let unread = Sample::median(&[s(1.0, f64::NAN), s(3.0, f64::NAN)])
+            .expect("rounds measured without a CPU reading are still measured");
+        assert_eq!(unread.msgs_per_s, 2.0);
+        assert!(unread.cpu_us_per_msg.is_nan());
     }
 
     #[test]
