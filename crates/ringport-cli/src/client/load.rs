@@ -461,6 +461,10 @@ struct Client {
     conns: HashMap<u32, Conn>,
     /// Connections finished (successfully or not).
     done: u32,
+    /// When the batch being handled was taken: the time its echoes arrived, for every one of
+    /// them (handling the batch's earlier completions, which verify and refill, is not the
+    /// later ones' latency).
+    taken: Instant,
     /// How many connections this worker owns.
     owned: u32,
     tally: Tally,
@@ -483,6 +487,7 @@ impl Client {
             connecting: 0,
             conns: HashMap::new(),
             done: 0,
+            taken: Instant::now(),
             owned,
             tally: Tally::default(),
         }
@@ -532,6 +537,7 @@ impl Client {
             };
             match self.worker.dequeue_batch(&mut batch, 64, limit) {
                 Ok(_) => {
+                    self.taken = Instant::now();
                     for c in batch.drain(..) {
                         self.complete(c);
                     }
@@ -840,7 +846,7 @@ impl Client {
                 let before = conn.received / size;
                 conn.received += buf.len() as u64;
                 self.tally.verified += buf.len() as u64;
-                let now = Instant::now();
+                let now = self.taken;
                 let counted = match self.until {
                     Some(Until::Window { open, close }) => open <= now && now < close,
                     _ => true,
