@@ -529,6 +529,31 @@ fn load_mode_stopped_in_its_warm_up_says_so() {
     server.terminate_cleanly(Duration::from_secs(15));
 }
 
+/// A message count cut short by a signal gives what is in flight 10 s to come back, as a
+/// duration's deadline does: a server that keeps the echo trickling in (never silent for the
+/// 30 s stall limit) does not hold the client after the signal.
+fn load_mode_stopped_gives_the_echo_in_flight_10_s() {
+    let bad = BadServer::trickling();
+    let addr = bad.addr.to_string();
+    // 64 x 64 bytes in flight on each connection: 82 s at 20 ms a byte.
+    let client = load_run(&addr, &["--messages", "100000", "--pipeline", "64"]);
+    assert!(
+        client.wait_for_stderr("window open", Duration::from_secs(20)),
+        "the load did not start\n{}",
+        client.stderr_so_far()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let output = signal_and_wait(client, libc::SIGINT);
+    let d = output.describe();
+    assert_eq!(output.code(), Some(1), "{d}");
+    let report = json_report(&output);
+    assert_eq!(
+        errors_named(&report, "not finished 10 s after the stop signal"),
+        4.0,
+        "{d}"
+    );
+}
+
 /// `ringport client` against `addr` with 4 connections of 64 bytes, `--json --mark-window` and
 /// `more`, running (to be stopped by a signal).
 fn load_run(addr: &str, more: &[&str]) -> Running {
@@ -571,4 +596,5 @@ per_backend!(
     load_mode_detects_corrupted_echo,
     load_mode_stops_early_on_a_signal_with_its_report,
     load_mode_stopped_in_its_warm_up_says_so,
+    load_mode_stopped_gives_the_echo_in_flight_10_s,
 );

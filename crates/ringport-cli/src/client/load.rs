@@ -453,8 +453,8 @@ struct Client {
     arrived: bool,
     /// The end of the load, once it has started.
     until: Option<Until>,
-    /// Told to stop early (see [`Io::Stop`]).
-    stopped: bool,
+    /// When it was told to stop early (see [`Io::Stop`]).
+    stopped: Option<Instant>,
     /// The next connection index this worker opens.
     next: u32,
     connecting: usize,
@@ -482,7 +482,7 @@ impl Client {
             gate,
             arrived: false,
             until: None,
-            stopped: false,
+            stopped: None,
             next: index,
             connecting: 0,
             conns: HashMap::new(),
@@ -505,8 +505,11 @@ impl Client {
             } else {
                 Some(STALL_LIMIT)
             };
-            let window_end = match self.until {
-                Some(Until::Window { close, .. }) => Some(crate::later(close, FINISH_LIMIT)),
+            // What is in flight has 10 s to come back once the load has ended: at the
+            // window's close, or, for a message count, at the stop signal.
+            let window_end = match (self.until, self.stopped) {
+                (Some(Until::Window { close, .. }), _) => Some(crate::later(close, FINISH_LIMIT)),
+                (_, Some(at)) => Some(crate::later(at, FINISH_LIMIT)),
                 _ => None,
             };
             let given_up = self.plan.limit.map(|(_, at)| at);
@@ -524,10 +527,17 @@ impl Client {
                 break;
             }
             if finish_by.is_some_and(|t| now >= t) {
-                self.give_up(
-                    "within 10 s of the deadline",
-                    "echo incomplete 10 s after the deadline",
-                );
+                if matches!(self.until, Some(Until::Window { .. })) {
+                    self.give_up(
+                        "within 10 s of the deadline",
+                        "echo incomplete 10 s after the deadline",
+                    );
+                } else {
+                    self.give_up(
+                        "within 10 s of the stop signal",
+                        "not finished 10 s after the stop signal",
+                    );
+                }
                 break;
             }
             let limit = match (limit, finish_by) {
@@ -650,7 +660,7 @@ impl Client {
 
     /// Starts the load on every open connection.
     fn start(&mut self, until: Until) {
-        self.until = Some(if self.stopped {
+        self.until = Some(if self.stopped.is_some() {
             until.cut_short(Instant::now())
         } else {
             until
@@ -678,7 +688,7 @@ impl Client {
             Some(Until::Messages(m)) => self.conns.values().any(|c| c.sent_msgs < m),
         };
         self.tally.cut_short |= cut;
-        self.stopped = true;
+        self.stopped.get_or_insert(now);
         if self.next < self.plan.connections {
             self.owned -= (self.plan.connections - self.next).div_ceil(step);
             self.next = self.plan.connections;
@@ -763,7 +773,7 @@ impl Client {
         let credit = self.plan.pipeline - (conn.sent_msgs - completed);
         let left = match self.until {
             None => 0,
-            _ if self.stopped => 0,
+            _ if self.stopped.is_some() => 0,
             Some(Until::Messages(m)) => m - conn.sent_msgs,
             Some(Until::Window { close, .. }) if Instant::now() < close => u64::MAX,
             Some(Until::Window { .. }) => 0,
@@ -893,7 +903,7 @@ impl Client {
         let done = match self.until {
             None => false,
             Some(Until::Messages(m)) => {
-                conn.received >= m.saturating_mul(size) || (self.stopped && drained)
+                conn.received >= m.saturating_mul(size) || (self.stopped.is_some() && drained)
             }
             Some(Until::Window { close, .. }) => Instant::now() >= close && drained,
         };
