@@ -661,7 +661,11 @@ where
 /// [`Builder::single_thread_workers`]); the kernel still finishes the network operations
 /// that the old thread submitted on that thread, when it next enters the kernel or sleeps, so
 /// a thread that hands a worker on and then computes for long without a system call delays
-/// those completions as long.
+/// those completions as long. Should that thread exit first, the kernel cancels what it
+/// submitted; the worker starts those operations again from the thread it is on (receives,
+/// accepts and sends, which had done nothing yet), so that they complete as if it had not, but
+/// a connect still in progress then completes with `ECANCELED` (its handshake goes on in the
+/// kernel, and the socket is best closed).
 pub struct Worker<K, D> {
     index: usize,
     /// The receive pool, when the port has one.
@@ -726,6 +730,11 @@ const SEND_SIDE: u8 = 2;
 /// completion that says so has not been handed out yet. Until it is, the socket's sends are
 /// cancelled (see [`Worker::open_gap`]).
 const SEND_GAP: u8 = 4;
+
+/// A bit of the handle's busy mask: every operation of the socket was asked to be cancelled
+/// ([`Worker::cancel_all`], or a close). From then on an `ECANCELED` on the socket is taken as
+/// asked for (see [`Worker::restart_orphaned`]).
+const CANCEL_ASKED: u8 = 64;
 
 /// A cancel the driver could not queue. A socket's is kept with a clone of its handle, so that
 /// its descriptor number cannot go to another socket before the cancel is queued.
@@ -1122,7 +1131,7 @@ where
             };
             // Before the caller's clone, which may panic: a connection accepted is closed then.
             let (result, accepted) = p.outcome(ev.res);
-            let data = match (p.multishot, self.shared.clone.get()) {
+            let data = match (p.multishot(), self.shared.clone.get()) {
                 (true, Some(clone)) => clone(&p.data),
                 // Not submitted as multishot: only the last completion is reported (and a
                 // connection accepted meanwhile is closed).
@@ -1142,6 +1151,8 @@ where
             });
         } else if ev.res > 0 && self.send_goes_on(ev.id, ev.res as usize) {
             // The rest of the send is in the kernel again: no completion yet.
+        } else if ev.res == -libc::ECANCELED && self.restart_orphaned(ev.id) {
+            // In the kernel again, started from this thread: no completion yet.
         } else if let Some(mut p) = self.inflight.remove(ev.id) {
             if p.kind == OpKind::RecvPooled && ev.res == -libc::ENOBUFS {
                 self.driver.pool_starved();
@@ -1167,7 +1178,7 @@ where
             // A send that failed, or was cancelled after part of it went out, leaves a gap in
             // the stream. (One cancelled before any of it went is only taken out, as a held
             // one is.)
-            let gap = (p.kind == OpKind::Send && !p.partial)
+            let gap = (p.kind == OpKind::Send && !p.partial())
                 .then(|| {
                     // Out of the kernel now: its body may be read.
                     let left = p.body.as_mut().map_or(0, |b| b.get_mut().unsent_len());
@@ -1230,6 +1241,60 @@ where
         }
     }
 
+    /// Starts again, from this thread, an operation that the kernel cancelled though nobody
+    /// asked: on io_uring, the kernel cancels what a thread submitted when that thread exits,
+    /// and a worker may have moved on to another thread and live on. Nothing of such an
+    /// operation was done (its receive or send was not made), so it starts again as it was: a
+    /// receive, a pooled receive, an accept (multishot or not), a send (from where it got to).
+    /// Not one whose cancel was asked (of it, of its socket, a close, the shutdown), and not a
+    /// connect, whose handshake the kernel goes on with: started again, it would find it in
+    /// progress and fail with `EALREADY`; it completes with `ECANCELED`. Whether it started.
+    fn restart_orphaned(&mut self, id: u64) -> bool {
+        if self.shutting_down || self.shared.shutdown.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some(p) = self.inflight.get_mut(id) else {
+            return false;
+        };
+        let restartable = matches!(
+            p.kind,
+            OpKind::Recv | OpKind::RecvPooled | OpKind::Accept | OpKind::Send
+        );
+        if p.flags & CANCEL_ASKED_OP != 0 || !restartable {
+            return false;
+        }
+        let Some(h) = p
+            .handle
+            .as_ref()
+            .filter(|h| !h.is_closed() && !h.busy(CANCEL_ASKED))
+        else {
+            return false;
+        };
+        let target = Target {
+            fd: h.as_raw_fd(),
+            serial: h.serial(),
+            stream: h.is_stream(),
+            tcp: h.is_tcp(),
+        };
+        // A pooled receive's body is not boxed (see `start`).
+        let mut pooled_body = OpBody::RecvPooled(p.limit);
+        let body = match p.body.as_mut() {
+            Some(b) => b.get_mut(),
+            None if p.kind == OpKind::RecvPooled => &mut pooled_body,
+            None => return false,
+        };
+        let started = self.driver.start(id, target, body).is_ok();
+        if started {
+            tracing::debug!(
+                "worker {}: operation {id:#x} ({:?}) cancelled by the kernel unasked (the \
+                 thread that started it exited): started again",
+                self.index,
+                p.kind
+            );
+        }
+        started
+    }
+
     /// A send on a stream that the kernel took only `n` bytes of goes on from there in the same
     /// operation, as a completion port's send does: it completes once all of its bytes are
     /// sent, or it fails or is cancelled part-way. Held sends behind it stay held, so their
@@ -1247,7 +1312,7 @@ where
             return false;
         };
         if p.kind != OpKind::Send
-            || p.partial
+            || p.partial()
             || p.handle
                 .as_ref()
                 .is_some_and(|h| self.sockets_cancelled.contains(&h.serial()))
@@ -1402,12 +1467,11 @@ where
         if self.cancel_held(id) {
             return;
         }
-        if self
-            .inflight
-            .get(id)
-            .is_some_and(|p| p.kind == OpKind::Send)
-        {
-            self.sends_cancelled.insert(id);
+        if let Some(p) = self.inflight.get_mut(id) {
+            p.flags |= CANCEL_ASKED_OP;
+            if p.kind == OpKind::Send {
+                self.sends_cancelled.insert(id);
+            }
         }
         if !self.driver.cancel(Cancel::Op(id)) {
             self.unsent_cancels.push(Unsent::Op(id));
@@ -1417,6 +1481,7 @@ where
     /// Asks the driver to cancel every operation on `socket`, as [`Self::cancel_op_in_driver`].
     fn cancel_socket_in_driver(&mut self, socket: &Handle<K>) {
         self.cancel_held_of(socket);
+        socket.set_busy(CANCEL_ASKED, true);
         if socket.busy(SEND_SIDE) {
             self.sockets_cancelled.insert(socket.serial());
         }
@@ -1547,7 +1612,7 @@ where
             // included (io_uring's own timer would report it only a turn later).
             return self.ready.push_back(p.into_completion(id, Ok(0)));
         }
-        if matches!(body, OpBody::RecvPooled(_) | OpBody::AcceptMulti) && !p.multishot {
+        if matches!(body, OpBody::RecvPooled(_) | OpBody::AcceptMulti) && p.flags & MULTISHOT == 0 {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "a multishot operation completes many times: post it with submit_multishot",
@@ -1610,7 +1675,7 @@ where
                 // One byte goes out at once, and the send goes on from there as after any
                 // short send (`send_goes_on`).
                 Some((Effect::Short, rule)) => match sys::send_one(fd, body.unsent_head()) {
-                    Some(Ok(n)) if p.partial => {
+                    Some(Ok(n)) if p.flags & PARTIAL != 0 => {
                         return self.ready.push_back(p.into_completion(id, Ok(n)))
                     }
                     Some(Ok(n)) => {
@@ -1642,7 +1707,7 @@ where
     /// Completes operation `p`, which could not start, with `res`; a send on a stream (not
     /// `partial`) leaves a gap in it, as when the kernel fails one (see `open_gap`).
     fn fail_start(&mut self, id: u64, p: Pending<K, D>, res: io::Result<usize>, stream: bool) {
-        let gap = (p.kind == OpKind::Send && !p.partial && stream)
+        let gap = (p.kind == OpKind::Send && !p.partial() && stream)
             .then(|| p.handle.clone())
             .flatten();
         self.ready.push_back(p.into_completion(id, res));
@@ -1755,16 +1820,33 @@ struct Pending<K, D> {
     handle: Option<Handle<K>>,
     body: Option<OpBox>,
     data: D,
-    /// Submitted as multishot: each intermediate completion gets a clone of `data`.
-    multishot: bool,
-    /// A send that completes with what the kernel takes at once ([`Op::partial`]).
-    partial: bool,
+    /// [`MULTISHOT`], [`PARTIAL`], [`CANCEL_ASKED_OP`]: one byte, so that with a small `D` the
+    /// record fits in three words (an idle connection's armed receive keeps one).
+    flags: u8,
     /// A pooled receive's byte limit ([`Op::recv_pooled_max`]; 0: none). Kept here rather than
     /// in a boxed body: it fits in the record's padding.
     limit: u32,
 }
 
+/// `Pending::flags`: submitted as multishot: each intermediate completion gets a clone of the
+/// per-I/O data.
+const MULTISHOT: u8 = 1;
+/// `Pending::flags`: a send that completes with what the kernel takes at once
+/// ([`Op::partial`]).
+const PARTIAL: u8 = 2;
+/// `Pending::flags`: asked to be cancelled ([`Worker::cancel`], [`Port::cancel`]): its
+/// `ECANCELED` is delivered, not taken for the kernel's own (see [`Worker::restart_orphaned`]).
+const CANCEL_ASKED_OP: u8 = 4;
+
 impl<K, D> Pending<K, D> {
+    fn multishot(&self) -> bool {
+        self.flags & MULTISHOT != 0
+    }
+
+    fn partial(&self) -> bool {
+        self.flags & PARTIAL != 0
+    }
+
     /// The operation and its per-I/O data as they were posted (for one that never started).
     fn into_parts(self) -> (Op<K>, D) {
         let body = match self.body {
@@ -1777,7 +1859,7 @@ impl<K, D> Pending<K, D> {
             handle: self.handle,
             kind: self.kind,
             body,
-            partial: self.partial,
+            partial: self.flags & PARTIAL != 0,
         };
         (op, self.data)
     }
@@ -1979,8 +2061,8 @@ impl<K, D> Shared<K, D> {
                 .filter(|b| !matches!(b, OpBody::RecvPooled(_)))
                 .map(OpBox::new),
             data,
-            multishot: clone.is_some(),
-            partial: op.partial,
+            flags: if clone.is_some() { MULTISHOT } else { 0 }
+                | if op.partial { PARTIAL } else { 0 },
             limit,
         }
     }
@@ -2132,6 +2214,14 @@ pub(crate) fn set_nonblocking(fd: &OwnedFd, on: bool) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// The record every idle connection's armed receive keeps (with a small per-I/O data, as
+    /// `ringport serve`'s): its flags share one word with the receive's byte limit.
+    #[test]
+    fn an_operation_record_stays_within_three_words() {
+        assert!(std::mem::size_of::<super::Pending<u32, u8>>() <= 24);
+        assert!(std::mem::size_of::<Option<super::Pending<u32, u8>>>() <= 24);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

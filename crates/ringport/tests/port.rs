@@ -208,6 +208,7 @@ per_backend!(
     closing_a_socket_with_a_pooled_receive_armed_gives_every_buffer_back,
     wake_ups_are_not_lost_when_the_submission_queue_fills,
     a_worker_moves_to_another_thread_after_use,
+    a_worker_outlives_the_thread_that_started_its_operations,
     huge_timeouts_wait_instead_of_panicking,
     cancelling_on_the_home_worker_reaches_operations_still_in_its_queue,
     send_offset_past_the_end_is_refused,
@@ -2957,6 +2958,86 @@ fn a_worker_moves_to_another_thread_after_use(b: Backend) {
     let (buf, w) = t.join().unwrap();
     assert_eq!(buf, b"moved");
     drop(w);
+}
+
+/// A worker whose operations were started by a thread that has since exited still completes
+/// them with their own results, not `ECANCELED`: a receive, a pooled multishot receive, a
+/// multishot accept and a send waiting for room.
+fn a_worker_outlives_the_thread_that_started_its_operations(b: Backend) {
+    let (port, mut workers) = Port::builder()
+        .workers(1)
+        .backend(b)
+        .recv_pool(4096, 16)
+        .build::<u8, u8>()
+        .unwrap();
+    let w = workers.pop().unwrap();
+    let (ours, mut peer) = pair();
+    let (pooled, mut pooled_peer) = pair();
+    let (full, full_peer) = pair();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h = port.associate(ours, 0).unwrap();
+    let p = port.associate(pooled, 1).unwrap();
+    let f = port.associate(full, 2).unwrap();
+    let l = port.associate(listener, 3).unwrap();
+    // Fill the socket's send buffer, so that the send below waits for room.
+    let mut filler = TcpStream::from(f.as_fd().try_clone_to_owned().unwrap());
+    filler.set_nonblocking(true).unwrap();
+    let mut stuffed = 0usize;
+    loop {
+        match filler.write(&[7u8; 65536]) {
+            Ok(n) => stuffed += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the send buffer: {e}"),
+        }
+    }
+    drop(filler);
+    let mut w = std::thread::spawn(move || {
+        let mut w = w;
+        w.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
+        w.submit_multishot(Op::recv_pooled(&p), 2);
+        w.submit_multishot(Op::accept_multishot(&l), 3);
+        w.submit(Op::send(&f, b"after".to_vec(), 0), 4);
+        w.submit(Op::timeout(Duration::from_millis(300)), 5);
+        assert!(matches!(
+            w.dequeue(Some(Duration::ZERO)),
+            Err(WaitError::TimedOut)
+        ));
+        w
+    })
+    .join()
+    .unwrap();
+    peer.write_all(b"moved").unwrap();
+    pooled_peer.write_all(b"pooled").unwrap();
+    let _client = TcpStream::connect(addr).unwrap();
+    let drainer = std::thread::spawn(move || {
+        let mut full_peer = full_peer;
+        let mut got = vec![0u8; stuffed + 5];
+        full_peer.read_exact(&mut got).unwrap();
+        got[stuffed..].to_vec()
+    });
+    let mut seen = [false; 5];
+    while seen.iter().any(|s| !s) {
+        let c = next(&mut w);
+        let i = c.data as usize - 1;
+        assert!(
+            !seen[i],
+            "a second completion for operation {}: {c:?}",
+            i + 1
+        );
+        seen[i] = true;
+        match c.data {
+            1 => {
+                assert_eq!(c.result.as_ref().ok(), Some(&5), "the receive: {c:?}");
+                assert_eq!(c.buf.unwrap(), b"moved");
+            }
+            2 => assert_eq!(&c.pooled.expect("pooled data")[..], b"pooled"),
+            3 => assert!(c.accepted.is_some(), "{c:?}"),
+            4 => assert_eq!(c.result.as_ref().ok(), Some(&5), "the send: {c:?}"),
+            _ => assert_eq!(c.result.as_ref().ok(), Some(&0), "the timeout: {c:?}"),
+        }
+    }
+    assert_eq!(drainer.join().unwrap(), b"after");
 }
 
 /// With `single_thread_workers`, a worker serves from the thread that first waits on it (what
