@@ -787,6 +787,11 @@ where
 
     /// Posts an operation that may complete many times, such as [`Op::recv_pooled`]: every
     /// completion but the last has [`Completion::more`] set and carries a clone of `data`.
+    ///
+    /// Should that clone panic, the panic reaches the caller of the dequeue, and the completion
+    /// it was for is lost (the bytes it brought, or the connection it accepted, which is
+    /// closed); the operation is cancelled, so that it ends (with `ECANCELED`) rather than
+    /// going on past the gap. The other completions are kept for the next dequeue.
     pub fn submit_multishot(&mut self, op: Op<K>, data: D) -> OpId
     where
         D: Clone,
@@ -1069,7 +1074,7 @@ where
 
     fn complete_events(&mut self) {
         let mut events = std::mem::take(&mut self.events);
-        let mut served = 0;
+        let mut served: usize = 0;
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             // A window at a time (a reap can bring thousands): its records are loaded
             // together, the in-flight slots and then the handles the completions clone, before
@@ -1093,7 +1098,14 @@ where
             // The caller's code panicked (a multishot completion's clone of its per-I/O data):
             // the events after that one are kept for the next turn, or for the drain when the
             // worker is dropped, rather than lost with their records, pool buffers and
-            // accepted connections.
+            // accepted connections. That one's completion is lost (its bytes, or its
+            // connection, closed): its operation is cancelled, so that what it brings next is
+            // not taken for what follows (the caller sees it end with `ECANCELED`).
+            if let Some(ev) = served.checked_sub(1).map(|i| events[i]) {
+                if ev.more {
+                    self.cancel_op_in_driver(ev.id);
+                }
+            }
             events.drain(..served);
             self.events = events;
             std::panic::resume_unwind(panic);
@@ -2339,6 +2351,7 @@ mod tests {
 
     /// A panic in the caller's clone of a multishot completion's per-I/O data loses none of
     /// the other events reaped with it: the next dequeue brings the other connection's data.
+    /// The operation whose completion was lost is cancelled.
     #[test]
     fn a_panicking_clone_loses_no_other_completion_of_its_batch() {
         let (port, mut workers) = Port::builder()
@@ -2372,6 +2385,12 @@ mod tests {
         assert!(panicked.is_err(), "Fussy(1)'s clone panics");
         let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
         assert_eq!((c.data.0, c.result.unwrap()), (2, 4));
+        // The receive whose completion was lost ends, rather than going on past the bytes
+        // that completion held.
+        std::io::Write::write_all(&mut peers[0], b"more").unwrap();
+        let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(c.data.0, 1);
+        assert!(!c.more && c.is_cancelled(), "{c:?}");
     }
 
     /// An operation posted from another thread whose id has come round to that of one still
