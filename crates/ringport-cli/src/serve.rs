@@ -270,6 +270,9 @@ struct Totals {
     hogs_closed: AtomicU64,
     /// Sends and receives tried again after failing for want of memory.
     retried: AtomicU64,
+    /// Closed because a send or receive failed for want of a resource (descriptors, memory,
+    /// buffers).
+    resource_closed: AtomicU64,
     /// Connections open right now.
     live: AtomicUsize,
     /// The UDP echo's, with `--udp`.
@@ -470,6 +473,13 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     if retried > 0 {
         summary.push_str(&format!(
             ", tried {retried} sends or receives again after the system ran short of memory"
+        ));
+    }
+    let short = totals.resource_closed.load(Ordering::Relaxed);
+    if short > 0 {
+        summary.push_str(&format!(
+            ", closed {short} whose sends or receives failed for want of a resource (memory, \
+             descriptors, buffers)"
         ));
     }
     if let Some(udp) = udp {
@@ -1870,12 +1880,15 @@ impl Server {
     /// a resource running out is the server's problem, and the first such close is a warning.
     fn close_failed(&mut self, id: u64, conn: Conn, what: &str, e: &io::Error) {
         let why = format!("{what}: {}", describe(e));
-        if is_resource(e) && !std::mem::replace(&mut self.resource_warned, true) {
-            warn!(
-                "socket {}: {why}: closing the connection (later closes for want of a resource \
-                 are logged at debug)",
-                conn.handle.as_raw_fd()
-            );
+        if is_resource(e) {
+            self.totals.resource_closed.fetch_add(1, Ordering::Relaxed);
+            if !std::mem::replace(&mut self.resource_warned, true) {
+                warn!(
+                    "socket {}: {why}: closing the connection (later closes for want of a \
+                     resource are counted in the exit summary and --stats, and logged at debug)",
+                    conn.handle.as_raw_fd()
+                );
+            }
         }
         self.close_conn(id, conn, &why);
     }

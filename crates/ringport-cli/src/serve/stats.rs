@@ -92,6 +92,7 @@ fn line(totals: &Totals, now: Reading, last: Reading, secs: f64, pool_total: usi
         ("closed idle", &totals.idle_closed),
         ("closed holding the pool", &totals.hogs_closed),
         ("retried for want of memory", &totals.retried),
+        ("closed for want of a resource", &totals.resource_closed),
     ] {
         let n = n.load(Ordering::Relaxed);
         if n > 0 {
