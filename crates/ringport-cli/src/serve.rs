@@ -421,19 +421,27 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     for worker in workers {
         let listener = listener.clone();
         let totals = Arc::clone(&totals);
-        let t = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("worker-{}", worker.index()))
             .spawn(move || {
                 let _guard = DrainOnPanic(worker.port());
                 Server::new(worker, listener, limits, totals).run()
-            })
-            .map_err(|e| {
-                format!(
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // The workers already serving may have taken connections: they echo what they
+                // hold and close them (the drain) before the error ends the run.
+                drain_every_worker(&port);
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(format!(
                     "--workers {}: cannot start a worker thread: {e}",
                     port.workers()
-                )
-            })?;
-        threads.push(t);
+                ));
+            }
+        }
     }
     drop(listener);
     let mut failed = false;
