@@ -17,6 +17,9 @@ const STREAM_KNOWN: u8 = 2;
 const STREAM: u8 = 4;
 /// `Inner::state`: the socket is a TCP socket (asked with `STREAM`).
 const TCP: u8 = 8;
+/// `Inner::state`, bits 4-7: how many times every operation of the socket was asked to be
+/// cancelled (`Worker::cancel_all`, a close), modulo 16.
+const CANCELS_SHIFT: u8 = 4;
 
 /// `Inner::busy`, bits 3-5: the error that ended the connection, as an index into this list
 /// plus one (0: none seen).
@@ -50,7 +53,7 @@ pub(crate) struct Inner<K> {
     key: K,
     /// The home worker (a port has fewer than 2^16, see `Builder::build`).
     worker: u16,
-    /// `CLOSED`, `STREAM_KNOWN`, `STREAM` and `TCP`.
+    /// `CLOSED`, `STREAM_KNOWN`, `STREAM` and `TCP`, and in bits 4-7 a count of cancels.
     state: AtomicU8,
     /// The sides with an operation in the kernel (the value 1: receives; 2: sends and
     /// connects): the port starts the next operation on a side only once that one completes.
@@ -179,6 +182,19 @@ impl<K> Handle<K> {
     /// another port, whose worker numbers mean nothing here.
     pub(crate) fn has_home(&self, load: &Arc<AtomicUsize>) -> bool {
         Arc::ptr_eq(&self.inner.load, load)
+    }
+
+    /// How many times (modulo 16) every operation of the socket was asked to be cancelled.
+    pub(crate) fn cancels(&self) -> u8 {
+        self.inner.state.load(Ordering::Relaxed) >> CANCELS_SHIFT
+    }
+
+    /// Counts a cancel of every operation of the socket (by its home worker).
+    pub(crate) fn count_cancel(&self) {
+        // Wraps within the top four bits: the carry out of the byte is dropped.
+        self.inner
+            .state
+            .fetch_add(1 << CANCELS_SHIFT, Ordering::Relaxed);
     }
 
     pub(crate) fn mark_closed(&self) -> bool {

@@ -344,6 +344,8 @@ impl Builder {
                 inflight: Inflight::new(),
                 ready: VecDeque::new(),
                 handed_out: 0,
+                thread: None,
+                moved: false,
                 owed: 0,
                 events: Vec::new(),
                 shutting_down: false,
@@ -665,7 +667,9 @@ where
 /// submitted; the worker starts those operations again from the thread it is on (receives,
 /// accepts and sends, which had done nothing yet), so that they complete as if it had not, but
 /// a connect still in progress then completes with `ECANCELED` (its handshake goes on in the
-/// kernel, and the socket is best closed).
+/// kernel, and the socket is best closed). Packets and operations posted from other threads
+/// wake the worker through a read that the thread which last dequeued armed, so they wait on
+/// that thread in the same way.
 pub struct Worker<K, D> {
     index: usize,
     /// The receive pool, when the port has one.
@@ -681,6 +685,11 @@ pub struct Worker<K, D> {
     ready: VecDeque<Completion<K, D>>,
     /// Completions handed out since the driver last submitted and reaped.
     handed_out: usize,
+    /// The thread that last dequeued from this worker.
+    thread: Option<std::thread::ThreadId>,
+    /// Operations may have gone into the kernel from a thread other than the one dequeuing
+    /// now (see [`Worker::restart_orphaned`]).
+    moved: bool,
     /// Of the completions queued when the driver last took in new input, how many are still
     /// to be handed out (counted down a turn at a time). While a turn's worth is left, the
     /// turns between them only flush ([`Driver::flush`]): completions the worker queues for
@@ -730,11 +739,6 @@ const SEND_SIDE: u8 = 2;
 /// completion that says so has not been handed out yet. Until it is, the socket's sends are
 /// cancelled (see [`Worker::open_gap`]).
 const SEND_GAP: u8 = 4;
-
-/// A bit of the handle's busy mask: every operation of the socket was asked to be cancelled
-/// ([`Worker::cancel_all`], or a close). From then on an `ECANCELED` on the socket is taken as
-/// asked for (see [`Worker::restart_orphaned`]).
-const CANCEL_ASKED: u8 = 64;
 
 /// A cancel the driver could not queue. A socket's is kept with a clone of its handle, so that
 /// its descriptor number cannot go to another socket before the cancel is queued.
@@ -995,6 +999,13 @@ where
 
     /// Waits until `ready` holds at least one completion.
     fn fill(&mut self, timeout: Option<Duration>) -> Result<(), WaitError> {
+        let me = std::thread::current().id();
+        if self.thread != Some(me) {
+            // On another thread than before, or the first time with operations posted
+            // (which another thread may have put into the kernel, should the queue have filled).
+            self.moved |= self.thread.is_some() || !self.inflight.is_empty();
+            self.thread = Some(me);
+        }
         // A timeout too long to represent waits forever.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
@@ -1258,9 +1269,13 @@ where
     /// and a worker may have moved on to another thread and live on. Nothing of such an
     /// operation was done (its receive or send was not made), so it starts again as it was: a
     /// receive, a pooled receive, an accept (multishot or not), a send (from where it got to).
-    /// Not one whose cancel was asked (of it, of its socket, a close, the shutdown), and not a
-    /// connect, whose handshake the kernel goes on with: started again, it would find it in
-    /// progress and fail with `EALREADY`; it completes with `ECANCELED`. Whether it started.
+    /// Only on a worker that more than one thread has used (`moved`); not one whose cancel
+    /// was asked (of it, of its socket since it went into the kernel, a close, the shutdown);
+    /// and not a connect, whose handshake the kernel goes on with: started again, it would
+    /// find it in progress and fail with `EALREADY`; it completes with `ECANCELED`. A pooled
+    /// receive with a byte limit counts it afresh. (A cancel of every operation of a socket
+    /// also reaches those of a duplicate of its descriptor on the same worker, which have
+    /// their own handle: on a worker that moved, those are started again.) Whether it started.
     fn restart_orphaned(&mut self, id: u64) -> bool {
         if self.shutting_down || self.shared.shutdown.load(Ordering::Acquire) {
             return false;
@@ -1272,13 +1287,13 @@ where
             p.kind,
             OpKind::Recv | OpKind::RecvPooled | OpKind::Accept | OpKind::Send
         );
-        if p.flags & CANCEL_ASKED_OP != 0 || !restartable {
+        if !self.moved || p.flags & CANCEL_ASKED_OP != 0 || !restartable {
             return false;
         }
         let Some(h) = p
             .handle
             .as_ref()
-            .filter(|h| !h.is_closed() && !h.busy(CANCEL_ASKED))
+            .filter(|h| !h.is_closed() && h.cancels() == p.cancels_seen())
         else {
             return false;
         };
@@ -1492,8 +1507,13 @@ where
 
     /// Asks the driver to cancel every operation on `socket`, as [`Self::cancel_op_in_driver`].
     fn cancel_socket_in_driver(&mut self, socket: &Handle<K>) {
+        if !socket.has_home(&self.shared.slots[self.index].load) {
+            // Another port's socket: none of its operations are here, and its state is
+            // that port's worker's to change.
+            return;
+        }
         self.cancel_held_of(socket);
-        socket.set_busy(CANCEL_ASKED, true);
+        socket.count_cancel();
         if socket.busy(SEND_SIDE) {
             self.sockets_cancelled.insert(socket.serial());
         }
@@ -1702,6 +1722,9 @@ where
         }
         match self.driver.start(id, target, body) {
             Ok(()) => {
+                if let Some(h) = &p.handle {
+                    p.flags = (p.flags & !CANCELS_SEEN) | (h.cancels() << 3);
+                }
                 if let Some(((_, bit), h)) = side {
                     h.set_busy(bit, true);
                 }
@@ -1832,8 +1855,10 @@ struct Pending<K, D> {
     handle: Option<Handle<K>>,
     body: Option<OpBox>,
     data: D,
-    /// [`MULTISHOT`], [`PARTIAL`], [`CANCEL_ASKED_OP`]: one byte, so that with a small `D` the
-    /// record fits in three words (an idle connection's armed receive keeps one).
+    /// [`MULTISHOT`], [`PARTIAL`], [`CANCEL_ASKED_OP`], and in the bits of [`CANCELS_SEEN`] the
+    /// socket's count of cancels ([`Handle::cancels`]) when the operation went into the
+    /// kernel: one byte, so that with a small `D` the record fits in three words (an idle
+    /// connection's armed receive keeps one).
     flags: u8,
     /// A pooled receive's byte limit ([`Op::recv_pooled_max`]; 0: none). Kept here rather than
     /// in a boxed body: it fits in the record's padding.
@@ -1849,6 +1874,10 @@ const PARTIAL: u8 = 2;
 /// `Pending::flags`: asked to be cancelled ([`Worker::cancel`], [`Port::cancel`]): its
 /// `ECANCELED` is delivered, not taken for the kernel's own (see [`Worker::restart_orphaned`]).
 const CANCEL_ASKED_OP: u8 = 4;
+/// `Pending::flags`: the bits that hold [`Handle::cancels`] as the operation went into the
+/// kernel: a cancel of every operation of its socket asked since then (the count moved on)
+/// asked for its `ECANCELED` too.
+const CANCELS_SEEN: u8 = 0xF << 3;
 
 impl<K, D> Pending<K, D> {
     fn multishot(&self) -> bool {
@@ -1857,6 +1886,11 @@ impl<K, D> Pending<K, D> {
 
     fn partial(&self) -> bool {
         self.flags & PARTIAL != 0
+    }
+
+    /// The socket's count of cancels when the operation went into the kernel.
+    fn cancels_seen(&self) -> u8 {
+        (self.flags & CANCELS_SEEN) >> 3
     }
 
     /// The operation and its per-I/O data as they were posted (for one that never started).
@@ -2391,6 +2425,27 @@ mod tests {
         let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
         assert_eq!(c.data.0, 1);
         assert!(!c.more && c.is_cancelled(), "{c:?}");
+    }
+
+    /// A cancel of every operation of another port's socket, asked of this port, changes
+    /// nothing of that socket's state (which is its own worker's to change).
+    #[test]
+    fn cancelling_another_ports_socket_leaves_it_alone() {
+        let build = || {
+            Port::builder()
+                .workers(1)
+                .backend(Backend::Epoll)
+                .build::<(), u8>()
+                .unwrap()
+        };
+        let (_ours, mut ours_w) = build();
+        let (theirs, _theirs_w) = build();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let h = theirs.associate(s, ()).unwrap();
+        ours_w[0].cancel_all(&h);
+        assert_eq!(h.cancels(), 0);
     }
 
     /// An operation posted from another thread whose id has come round to that of one still

@@ -2961,8 +2961,9 @@ fn a_worker_moves_to_another_thread_after_use(b: Backend) {
 }
 
 /// A worker whose operations were started by a thread that has since exited still completes
-/// them with their own results, not `ECANCELED`: a receive, a pooled multishot receive, a
-/// multishot accept and a send waiting for room.
+/// them with their own results, not `ECANCELED`: a receive (on a socket whose operations were
+/// all cancelled once before), a pooled multishot receive, a multishot accept and a send
+/// waiting for room.
 fn a_worker_outlives_the_thread_that_started_its_operations(b: Backend) {
     let (port, mut workers) = Port::builder()
         .workers(1)
@@ -2992,6 +2993,10 @@ fn a_worker_outlives_the_thread_that_started_its_operations(b: Backend) {
         }
     }
     drop(filler);
+    // A cancel of everything on a socket before its operations were posted concerns none of
+    // them.
+    let mut w = w;
+    w.cancel_all(&h);
     let mut w = std::thread::spawn(move || {
         let mut w = w;
         w.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
