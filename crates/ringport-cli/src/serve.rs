@@ -1806,8 +1806,12 @@ impl Server {
     /// either starting the count again), up to `RETRY_LIMIT`. Returns whether a retry is due;
     /// `false` for any other error, or once the failures in a row reach the limit.
     fn retry_later(&mut self, conn: &mut Conn, id: u64, op: u8, what: &str, e: &io::Error) -> bool {
-        let transient = matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::ENOBUFS))
-            && !(op == Retry::RECV && e.raw_os_error() == Some(libc::ENOBUFS));
+        // `EAGAIN` reaches a send or receive only when it could not start: io_uring short of
+        // memory for the request (a socket that is not ready waits in the kernel).
+        let transient = matches!(
+            e.raw_os_error(),
+            Some(libc::ENOMEM | libc::ENOBUFS | libc::EAGAIN)
+        ) && !(op == Retry::RECV && e.raw_os_error() == Some(libc::ENOBUFS));
         if !transient || !conn.retry.failed(op) {
             return false;
         }

@@ -215,6 +215,13 @@ fn receives_cancelled_from_elsewhere_lose_nothing() {
     faults_lose_nothing("recv=ECANCELED/3", 9500);
 }
 
+/// A send or receive that could not start because io_uring was short of memory for the
+/// request (`EAGAIN`) is tried again after a pause, as for `ENOMEM`: no connection is cut.
+fn sends_and_receives_the_kernel_could_not_take_are_retried_and_lose_nothing() {
+    let output = faults_lose_nothing("send=EAGAIN/7,recv=EAGAIN/11", 11500);
+    assert!(retries_in_summary(&output) > 0, "{}", output.describe());
+}
+
 /// A send or receive that fails for want of memory (`ENOMEM`) is tried again after a pause:
 /// no connection is cut, every byte comes back in order, and the summary counts the retries.
 fn sends_and_receives_that_run_out_of_memory_are_retried_and_lose_nothing() {
@@ -380,6 +387,7 @@ per_backend!(
     receives_that_find_no_buffer_lose_nothing,
     receives_cancelled_from_elsewhere_lose_nothing,
     sends_and_receives_that_run_out_of_memory_are_retried_and_lose_nothing,
+    sends_and_receives_the_kernel_could_not_take_are_retried_and_lose_nothing,
     sends_that_keep_running_out_of_memory_close_their_connection,
     a_worker_that_cannot_wait_stops_the_server_with_status_1,
     bad_fault_spec_is_named,

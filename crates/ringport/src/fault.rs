@@ -10,7 +10,8 @@ use crate::op::OpKind;
 /// comma-separated list of `OP=EFFECT/N` rules, where `OP` is `accept`, `connect`, `recv` or
 /// `send` (pooled variants included), or `wait` (a worker's wait for completions), `EFFECT` an
 /// errno name (`ECONNRESET`, `EPIPE`, `ENOBUFS`, `ECANCELED`, `EMFILE`, `ENFILE`, `ENOMEM`,
-/// `ETIMEDOUT`, `ECONNREFUSED`, `ECONNABORTED`, `EIO`) or `short` (a send whose first part is
+/// `EAGAIN` (as where io_uring cannot allocate for a request), `ETIMEDOUT`, `ECONNREFUSED`,
+/// `ECONNABORTED`, `EIO`) or `short` (a send whose first part is
 /// one byte),
 /// and `N` makes every Nth such operation fail (default 1: all); `N*K` stops after K failures.
 /// A rule counts over all of a port's workers (which worker's wait fails is not chosen), and
@@ -193,6 +194,7 @@ fn errno_by_name(name: &str) -> Option<i32> {
         "EMFILE" => libc::EMFILE,
         "ENFILE" => libc::ENFILE,
         "ENOMEM" => libc::ENOMEM,
+        "EAGAIN" => libc::EAGAIN,
         "ETIMEDOUT" => libc::ETIMEDOUT,
         "ECONNREFUSED" => libc::ECONNREFUSED,
         "ECONNABORTED" => libc::ECONNABORTED,
