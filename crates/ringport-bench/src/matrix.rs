@@ -708,7 +708,8 @@ impl Harness {
 
     /// Runs one round: each cell on every server in turn (so that the servers' figures for a
     /// cell are taken within seconds of each other, whatever the machine does over minutes),
-    /// in alternating order, then the idle measurement on each.
+    /// in alternating order, then the idle measurement on each (a fresh process, the servers
+    /// in alternating order from round to round).
     pub fn run_round(
         &self,
         servers: &[Ready],
@@ -764,16 +765,24 @@ impl Harness {
                 res.cells[i].rounds.push(outcome);
             }
         }
-        for ((ready, res), (mut server, mut start_error)) in
-            servers.iter().zip(results.iter_mut()).zip(live)
-        {
-            // A fresh server, so that memory kept from the busy cells does not hide the growth.
+        // A fresh server for the idle measurement, so that memory kept from the busy cells does
+        // not hide the growth: the busy ones stop first.
+        for (server, _) in &mut live {
             if let Some(s) = server.take() {
                 s.stop();
             }
-            if plan.idle == 0 {
-                continue;
-            }
+        }
+        if plan.idle == 0 {
+            return;
+        }
+        // In alternating order from round to round, as the cells.
+        let mut order: Vec<usize> = (0..servers.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (ready, res) = (&servers[i], &mut results[i]);
+            let (server, start_error) = &mut live[i];
             progress.step(&format!(
                 "round {}/{} {} idle x{}",
                 round + 1,
@@ -781,7 +790,7 @@ impl Harness {
                 ready.spec.label,
                 plan.idle
             ));
-            let idle = match self.ensure_server(ready, plan, res, &mut server, &mut start_error) {
+            let idle = match self.ensure_server(ready, plan, res, server, start_error) {
                 Ok(s) => idle_connections(s, plan.idle),
                 Err(e) => Err(e),
             };
