@@ -2,7 +2,7 @@
 //! --example echo [ADDR]` (default 127.0.0.1:5150), then `cargo run -- client` from the
 //! workspace root.
 
-use ringport::{Handle, Op, OpKind, Port, Worker};
+use ringport::{Handle, Op, OpKind, Port, WaitError, Worker};
 use std::net::TcpListener;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ fn main() -> std::io::Result<()> {
     run(listener)
 }
 
-/// Serves `listener` until a worker fails.
+/// Serves `listener` until a worker fails, and returns its error (the others stop with it).
 pub fn run(listener: TcpListener) -> std::io::Result<()> {
     // Completion key and per-I/O data: none needed beyond the socket and the operation.
     let (port, workers) = Port::builder().build::<(), ()>()?;
@@ -25,19 +25,33 @@ pub fn run(listener: TcpListener) -> std::io::Result<()> {
             if worker.index() == listener.worker() {
                 worker.submit(Op::accept(&listener), ());
             }
-            serve(&mut worker, &listener)
+            let served = serve(&mut worker, &listener);
+            if served.is_err() {
+                // The sockets at home on this worker could not go on without it.
+                worker.port().shutdown();
+            }
+            served
         }));
     }
+    let mut first_failure = Ok(());
     for t in threads {
-        t.join().expect("worker panicked")?;
+        let served = t.join().expect("worker panicked");
+        if first_failure.is_ok() {
+            first_failure = served;
+        }
     }
-    Ok(())
+    first_failure
 }
 
 fn serve(worker: &mut Worker<(), ()>, listener: &Handle<()>) -> std::io::Result<()> {
     let port = worker.port();
     loop {
-        let c = worker.dequeue(None)?;
+        let c = match worker.dequeue(None) {
+            Ok(c) => c,
+            // Another worker failed, and shut the port down.
+            Err(WaitError::Shutdown) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
         if c.kind == OpKind::Timeout {
             // The pause after a failed accept is over.
             worker.submit(Op::accept(listener), ());

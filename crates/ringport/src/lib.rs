@@ -16,7 +16,8 @@
 //!   handles of one socket, associated from duplicated descriptors, run side by side; on
 //!   io_uring, though, closing one, or cancelling all of its operations, also cancels the
 //!   other's operations in the kernel on the same worker: the kernel matches the socket, not
-//!   the descriptor.) Accepts on a listener run side by side too. A send on a stream completes
+//!   the descriptor; on a worker that has moved between threads, those are started again,
+//!   see [`Worker`].) Accepts on a listener run side by side too. A send on a stream completes
 //!   once all of its bytes have gone out, as a completion port's does: where the kernel takes
 //!   only part, the port sends the rest before the socket's next send, so several sends
 //!   posted together go out whole and in order. One that fails, or is cancelled after part of

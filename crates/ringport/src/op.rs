@@ -74,8 +74,9 @@ pub enum OpKind {
     /// connection's stream reports the error too.)
     Recv,
     /// [`Op::send`], [`Op::send_pooled`] or [`Op::send_pooled_gather`]: on a stream, the byte
-    /// count is all that was asked unless the send was cancelled after part of it went, or was
-    /// posted with [`Op::partial`].
+    /// count is all that was asked unless the send failed or was cancelled (by a cancel, a
+    /// close or the port's shutdown) after part of it went, or was posted with
+    /// [`Op::partial`]: check it against what was asked.
     Send,
     /// [`Op::recv_pooled`]: each completion carries [`Completion::pooled`]; `0` means the peer
     /// closed (an error that ended the connection is reported as for [`OpKind::Recv`]); `ENOBUFS` means no buffer was free (post it again, see [`Op::recv_pooled`]).
@@ -230,7 +231,8 @@ impl<K> Op<K> {
     /// them all and, as for [`Op::send`], falls short only if the send fails or is cancelled
     /// part-way (or was posted with [`Op::partial`]); the buffers come back, in order, in
     /// [`Completion::gathered`] (and the `Vec`, to be reused for the next send). With one
-    /// buffer this is [`Op::send_pooled`]; past 1024 buffers (the kernel's `UIO_MAXIOV`) the
+    /// buffer it sends as [`Op::send_pooled`] does (the buffer still comes back in
+    /// [`Completion::gathered`]); past 1024 buffers (the kernel's `UIO_MAXIOV`) the
     /// rest goes in further `sendmsg` calls (with [`Op::partial`], it completes after the
     /// first, its count saying how far that got). An
     /// `offset` past the end of the first buffer completes at once with `InvalidInput`.
@@ -243,7 +245,9 @@ impl<K> Op<K> {
     }
 
     /// Close: cancel every operation still outstanding on the socket (each completes with
-    /// `ECANCELED`), refuse new ones, a second close included (`EBADF`), and release the
+    /// `ECANCELED`, unless it ended first: one that had finished keeps its result, and a send
+    /// part-way out completes `Ok` with the count that went, as for
+    /// [`Port::cancel`](crate::Port::cancel)), refuse new ones, a second close included (`EBADF`), and release the
     /// descriptor (FIN) once the last [`Handle`] clone is dropped and every operation holding
     /// one has completed.
     pub fn close(socket: &Handle<K>) -> Self {

@@ -114,7 +114,8 @@ impl<T> From<Rejected<T>> for io::Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Backend {
-    /// io_uring when the kernel allows it, else epoll (logged once, with the reason).
+    /// io_uring when the kernel allows it, else epoll (logged once, with the reason: whatever
+    /// it is, running out of descriptors included).
     #[default]
     Auto,
     /// io_uring, or an error saying why it cannot start.
@@ -287,9 +288,13 @@ impl Builder {
     /// `InvalidInput`: 65,536 workers or more; a receive pool ([`Builder::recv_pool`]) of no
     /// buffers, of more than 32,768, or of buffers of 0 bytes or of 2 GiB or more; a malformed
     /// [`FAULTS_ENV`](crate::FAULTS_ENV). `OutOfMemory`: a receive pool too large to allocate.
-    /// Otherwise, creating a worker's eventfd, ring, epoll instance or pool failed. With [`Backend::Uring`], the error says why io_uring was
-    /// refused (`EPERM` from a seccomp profile or `kernel.io_uring_disabled`, `ENOSYS`,
-    /// `ENOMEM` from `RLIMIT_MEMLOCK`, a missing opcode).
+    /// Otherwise, creating a worker's eventfd, ring, epoll instance or pool failed. With
+    /// [`Backend::Uring`], the error says why io_uring was refused (`EPERM` from a seccomp
+    /// profile or `kernel.io_uring_disabled`, `ENOSYS`, `ENOMEM` from `RLIMIT_MEMLOCK`, a
+    /// missing opcode): its message names the errno, and its [`kind`](io::Error::kind) is the
+    /// errno's (`PermissionDenied`, `Unsupported`, `OutOfMemory`), but
+    /// [`raw_os_error`](io::Error::raw_os_error) is `None`, except for `EMFILE` and `ENFILE`
+    /// (out of descriptors: ask for fewer workers), which come back as they are.
     #[allow(clippy::type_complexity)] // The pair is the API: one port, its workers.
     pub fn build<K, D>(self) -> io::Result<(Port<K, D>, Vec<Worker<K, D>>)>
     where
@@ -667,7 +672,11 @@ where
 /// submitted; the worker starts those operations again from the thread it is on (receives,
 /// accepts and sends, which had done nothing yet), so that they complete as if it had not, but
 /// a connect still in progress then completes with `ECANCELED` (its handshake goes on in the
-/// kernel, and the socket is best closed). Packets and operations posted from other threads
+/// kernel, and the socket is best closed). (The port tells such cancels from those asked for
+/// only on a worker that has been used from more than one thread, and by handle: there, the
+/// operations of another handle of the same socket, from a duplicated descriptor, which a
+/// close or [`Worker::cancel_all`] of one handle cancels in the kernel, are started again.)
+/// Packets and operations posted from other threads
 /// wake the worker through a read that the thread which last dequeued armed, so they wait on
 /// that thread in the same way.
 pub struct Worker<K, D> {
@@ -782,7 +791,10 @@ where
 
     /// Posts an operation with its per-I/O data. Returns at once; the result arrives as a
     /// [`Completion`] on the socket's home worker (this one for timeouts). Never fails here:
-    /// a failure to start is reported as that operation's completion, with its buffer.
+    /// a failure to start is reported as that operation's completion, with its buffer. Among
+    /// those, `InvalidInput` for an operation that completes many times ([`Op::recv_pooled`],
+    /// [`Op::accept_multishot`]: post it with [`Worker::submit_multishot`]) and for a socket
+    /// associated with another port.
     pub fn submit(&mut self, op: Op<K>, data: D) -> OpId {
         let worker = op.handle.as_ref().map_or(self.index, Handle::worker);
         let pending = self.shared.record(op, data, None);
@@ -927,7 +939,8 @@ where
     /// Cancels every operation outstanding on `socket`. (Should the kernel not take the request
     /// at once, it is tried again on the next turn, and then also cancels what was posted on
     /// the socket meanwhile. On io_uring, the operations in the kernel of another handle of the
-    /// same socket on this worker, from a duplicated descriptor, are cancelled too.)
+    /// same socket on this worker, from a duplicated descriptor, are cancelled too, unless the
+    /// worker has moved between threads: see [`Worker`].)
     pub fn cancel_all(&mut self, socket: &Handle<K>) {
         if socket.worker() == self.index {
             // Operations posted from other threads first, so that they are cancelled too.
@@ -2260,16 +2273,16 @@ pub(crate) fn set_nonblocking(fd: &OwnedFd, on: bool) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
     /// The record every idle connection's armed receive keeps (with a small per-I/O data, as
     /// `ringport serve`'s): its flags share one word with the receive's byte limit.
     #[test]
     fn an_operation_record_stays_within_three_words() {
-        assert!(std::mem::size_of::<super::Pending<u32, u8>>() <= 24);
-        assert!(std::mem::size_of::<Option<super::Pending<u32, u8>>>() <= 24);
+        assert!(std::mem::size_of::<Pending<u32, u8>>() <= 24);
+        assert!(std::mem::size_of::<Option<Pending<u32, u8>>>() <= 24);
     }
-
-    use super::*;
-    use proptest::prelude::*;
 
     /// A port, its one worker, our end of a connection associated with it, and the peer's end.
     type Faulty = (Port<(), u8>, Worker<(), u8>, Handle<()>, TcpStream);
