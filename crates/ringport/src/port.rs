@@ -749,6 +749,16 @@ const SEND_SIDE: u8 = 2;
 /// cancelled (see [`Worker::open_gap`]).
 const SEND_GAP: u8 = 4;
 
+/// What the driver is told of an operation's socket (`h`), or of none (a timeout).
+fn target_of<K>(h: Option<&Handle<K>>) -> Target {
+    Target {
+        fd: h.map_or(-1, AsRawFd::as_raw_fd),
+        serial: h.map_or(0, Handle::serial),
+        stream: h.is_some_and(Handle::is_stream),
+        tcp: h.is_some_and(Handle::is_tcp),
+    }
+}
+
 /// A cancel the driver could not queue. A socket's is kept with a clone of its handle, so that
 /// its descriptor number cannot go to another socket before the cancel is queued.
 enum Unsent<K> {
@@ -1310,12 +1320,7 @@ where
         else {
             return false;
         };
-        let target = Target {
-            fd: h.as_raw_fd(),
-            serial: h.serial(),
-            stream: h.is_stream(),
-            tcp: h.is_tcp(),
-        };
+        let target = target_of(Some(h));
         // A pooled receive's body is not boxed (see `start`).
         let mut pooled_body = OpBody::RecvPooled(p.limit);
         let body = match p.body.as_mut() {
@@ -1366,12 +1371,7 @@ where
         else {
             return false;
         };
-        let target = Target {
-            fd: h.as_raw_fd(),
-            serial: h.serial(),
-            stream: true,
-            tcp: h.is_tcp(),
-        };
+        let target = target_of(Some(h));
         let Some(body) = p.body.as_mut().map(|b| b.get_mut()) else {
             return false;
         };
@@ -1615,12 +1615,7 @@ where
                 return self.ready.push_back(p.into_completion(id, Err(e)));
             }
         }
-        let target = Target {
-            fd: p.handle.as_ref().map_or(-1, AsRawFd::as_raw_fd),
-            serial: p.handle.as_ref().map_or(0, Handle::serial),
-            stream: p.handle.as_ref().is_some_and(Handle::is_stream),
-            tcp: p.handle.as_ref().is_some_and(Handle::is_tcp),
-        };
+        let target = target_of(p.handle.as_ref());
         let fd = target.fd;
         if p.kind == OpKind::Close {
             // A second close is an operation posted after the first: `EBADF`.
