@@ -254,9 +254,10 @@ impl<K> Op<K> {
         Op::new(Some(socket), OpKind::Close, None)
     }
 
-    /// Complete after `after`, with `Ok(0)`; `ECANCELED` when cancelled first (a cancel that
-    /// comes once it is due finds it expired: `Ok(0)`). A timeout too long for the kernel to
-    /// represent never fires.
+    /// Complete `after` from when it is posted (not from the worker's next wait), with `Ok(0)`;
+    /// `ECANCELED` when cancelled first. A cancel asked once it is due finds it expired
+    /// (`Ok(0)`), and one asked before cancels it, however late the worker's next wait comes
+    /// (the shutdown's too). A timeout too long for the kernel to represent never fires.
     pub fn timeout(after: Duration) -> Self {
         // The kernel's seconds are signed: more would be read as a negative time.
         let secs = after.as_secs().min(i64::MAX as u64);

@@ -144,6 +144,8 @@ per_backend!(
     timeout_operation_expires_with_zero,
     a_zero_timeout_is_ready_for_the_next_poll,
     cancelling_a_timeout_that_is_due_finds_it_expired,
+    a_cancelled_timeout_ends_as_it_stood_when_the_cancel_was_asked,
+    a_timeout_runs_from_when_it_is_posted,
     batch_dequeue_returns_many,
     packets_posted_from_other_threads_wake_a_waiting_worker,
     posts_racing_the_shutdown_neither_hang_the_worker_nor_get_lost,
@@ -345,6 +347,50 @@ fn cancelling_a_timeout_that_is_due_finds_it_expired(b: Backend) {
     w.cancel(id);
     let c = next(&mut w);
     assert_eq!((c.id, c.result.unwrap()), (id, 0));
+}
+
+/// A timeout cancelled when it was due has expired (`Ok(0)`), and one cancelled before it was
+/// due is cancelled, however late the worker's next wait comes: what counts is when the cancel
+/// was asked, on both backends (on io_uring the kernel takes both requests only at that wait).
+fn a_cancelled_timeout_ends_as_it_stood_when_the_cancel_was_asked(b: Backend) {
+    let (_port, mut w) = one_worker::<(), u8>(b);
+    // Due before the cancel, both posted before the next wait.
+    let due = w.submit(Op::timeout(Duration::from_millis(1)), 1);
+    std::thread::sleep(Duration::from_millis(30));
+    w.cancel(due);
+    let c = next(&mut w);
+    assert_eq!(
+        (c.id, c.result.ok()),
+        (due, Some(0)),
+        "a timeout due at the cancel"
+    );
+    // Cancelled well before it is due; the wait that takes the cancel to the kernel comes after.
+    let early = w.submit(Op::timeout(Duration::from_millis(300)), 2);
+    assert!(matches!(
+        w.dequeue(Some(Duration::ZERO)),
+        Err(WaitError::TimedOut)
+    ));
+    w.cancel(early);
+    std::thread::sleep(Duration::from_millis(400));
+    let c = next(&mut w);
+    assert_eq!(c.id, early);
+    assert!(
+        c.is_cancelled(),
+        "a timeout cancelled before it was due: {c:?}"
+    );
+}
+
+/// A timeout runs from when it is posted, not from the worker's next wait: one posted first
+/// and due first fires first, though another, shorter, was posted in the meantime.
+fn a_timeout_runs_from_when_it_is_posted(b: Backend) {
+    let (_port, mut w) = one_worker::<(), u8>(b);
+    // Due at 40 ms; the second at 30 ms or later plus 20 ms.
+    w.submit(Op::timeout(Duration::from_millis(40)), 1);
+    std::thread::sleep(Duration::from_millis(30));
+    w.submit(Op::timeout(Duration::from_millis(20)), 2);
+    let first = next(&mut w);
+    let second = next(&mut w);
+    assert_eq!((first.data, second.data), (1, 2));
 }
 
 fn batch_dequeue_returns_many(b: Backend) {

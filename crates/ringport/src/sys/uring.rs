@@ -2,6 +2,7 @@
 //! operation's id, and every CQE is one [`Event`].
 
 use std::alloc::{self, Layout};
+use std::collections::HashMap;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -206,6 +207,9 @@ pub(crate) struct Uring {
     disabled: bool,
     /// Made single-issuer with deferred task work.
     single: bool,
+    /// The timeouts in the kernel, by id: when each is due, and, once a cancel was asked, how
+    /// it ends (see [`Timer`]).
+    timers: HashMap<u64, Timer>,
     /// A buffer ring the kernel refused to unregister (see `Drop`): freed after `ring`, whose
     /// descriptor's close tears the registration down, as fields drop in declaration order.
     unregistered_late: Option<LateBufRing>,
@@ -317,6 +321,7 @@ impl Uring {
             wake_armed: false,
             quiescing: false,
             stash: Vec::new(),
+            timers: HashMap::new(),
             bufs: None,
             abandoned: false,
         })
@@ -395,7 +400,14 @@ impl Uring {
                 }
                 CANCEL => {}
                 id => {
-                    let res = cqe.result();
+                    let mut res = cqe.result();
+                    if !self.timers.is_empty() {
+                        if let Some(Timer { ends: Some(e), .. }) = self.timers.remove(&id) {
+                            if res == -libc::ETIME || res == -libc::ECANCELED {
+                                res = -e;
+                            }
+                        }
+                    }
                     let flags = cqe.flags();
                     let buf = match (cqueue::buffer_select(flags), &mut self.bufs) {
                         (Some(bid), Some(b)) => Some(b.filled(bid, res, flags)),
@@ -415,6 +427,29 @@ impl Uring {
             b.in_ring = b.in_ring.saturating_sub(taken);
         }
     }
+}
+
+/// A timeout in the kernel.
+struct Timer {
+    /// When it is due, on the monotonic clock (`None`: never, too far to represent).
+    due: Option<Duration>,
+    /// How it ends, once a cancel was asked (`ETIME`: it was due; `ECANCELED`).
+    ends: Option<i32>,
+}
+
+/// The monotonic clock's time (`CLOCK_MONOTONIC`, the clock of `Instant` and of the kernel's
+/// absolute timeouts).
+fn monotonic_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live local that clock_gettime writes.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// What an `io_uring_enter` returned, with the outcomes that only end it early taken as done:
@@ -600,7 +635,24 @@ impl Driver for Uring {
                 opcode::Recv::new(fd, spare.as_mut_ptr().cast(), len).build()
             }
             OpBody::Send(..) | OpBody::SendPooled(..) => send_sqe(fd, body.unsent_head()),
-            OpBody::Timeout(_, ts) => opcode::Timeout::new(ts).build(),
+            OpBody::Timeout(after, ts) => {
+                // Due `after` from now, as on epoll: an absolute time on the monotonic clock,
+                // not a relative one, which the kernel would count from when it takes the
+                // request (the worker's next wait).
+                let due = monotonic_now().checked_add(*after);
+                let at = due.unwrap_or(Duration::MAX);
+                *ts = types::Timespec::new()
+                    .sec(at.as_secs().min(i64::MAX as u64))
+                    .nsec(at.subsec_nanos());
+                let sqe = opcode::Timeout::new(ts)
+                    .flags(types::TimeoutFlags::ABS)
+                    .build();
+                // SAFETY: `ts` is in the body that the port keeps boxed, untouched, until this
+                // id's event has been reaped.
+                unsafe { self.push(&sqe.user_data(id))? };
+                self.timers.insert(id, Timer { due, ends: None });
+                return Ok(());
+            }
             OpBody::RecvPooled(limit) => {
                 let sqe = opcode::RecvMulti::new(fd, POOL_GROUP).build();
                 match *limit {
@@ -622,6 +674,21 @@ impl Driver for Uring {
 
     fn cancel(&mut self, what: Cancel) -> bool {
         let all = matches!(what, Cancel::All);
+        // A timeout ends as it stood when the cancel was asked, whenever the kernel gets to
+        // the request: expired if it was due, else cancelled.
+        let now = monotonic_now();
+        let decide = |t: &mut Timer| {
+            t.ends.get_or_insert(if t.due.is_some_and(|d| d <= now) {
+                libc::ETIME
+            } else {
+                libc::ECANCELED
+            });
+        };
+        match what {
+            Cancel::Op(id) => self.timers.get_mut(&id).into_iter().for_each(decide),
+            Cancel::All => self.timers.values_mut().for_each(decide),
+            Cancel::Fd(_) => {}
+        }
         let builder = match what {
             Cancel::Op(id) => types::CancelBuilder::user_data(id),
             Cancel::Fd(fd) => types::CancelBuilder::fd(types::Fd(fd)).all(),
