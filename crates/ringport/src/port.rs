@@ -925,7 +925,12 @@ where
     /// Cancels one operation; it still completes (with `ECANCELED` unless already finished).
     /// Says whether it was in flight: [`CancelOutcome::NotFound`] is where IOCP's `CancelIoEx`
     /// fails with `ERROR_NOT_FOUND`. An operation of another worker's socket is cancelled
-    /// there ([`CancelOutcome::Forwarded`]).
+    /// there ([`CancelOutcome::Forwarded`]). Which of the two a receive or an accept whose
+    /// input arrives about the time of the cancel gets can differ between the backends: on
+    /// io_uring the kernel takes the request at the worker's next wait, after an operation
+    /// posted in the same turn, which then finds the input that came meanwhile; on epoll the
+    /// cancel takes effect at once. (A timeout ends as it stood when the cancel was asked, on
+    /// both: see [`Op::timeout`].)
     pub fn cancel(&mut self, id: OpId) -> CancelOutcome {
         let worker = id_worker(id.get());
         if worker == self.index {
