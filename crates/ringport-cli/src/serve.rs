@@ -23,7 +23,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -418,21 +418,35 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         })
         .transpose()?;
     let mut threads = Vec::new();
+    // The workers start serving once every one of them is running: should a thread fail to
+    // start, none has taken a connection (or been handed one) by then.
+    let gate = Arc::new((std::sync::RwLock::new(()), AtomicBool::new(false)));
+    let closed = gate
+        .0
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for worker in workers {
         let listener = listener.clone();
         let totals = Arc::clone(&totals);
+        let gate = Arc::clone(&gate);
         let spawned = std::thread::Builder::new()
             .name(format!("worker-{}", worker.index()))
             .spawn(move || {
+                drop(
+                    gate.0
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                if !gate.1.load(Ordering::Acquire) {
+                    return Ok(());
+                }
                 let _guard = DrainOnPanic(worker.port());
                 Server::new(worker, listener, limits, totals).run()
             });
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
-                // The workers already serving may have taken connections: they echo what they
-                // hold and close them (the drain) before the error ends the run.
-                drain_every_worker(&port);
+                drop(closed);
                 for t in threads {
                     let _ = t.join();
                 }
@@ -443,6 +457,8 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
             }
         }
     }
+    gate.1.store(true, Ordering::Release);
+    drop(closed);
     drop(listener);
     let mut failed = false;
     for t in threads {
