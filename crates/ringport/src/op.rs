@@ -254,7 +254,9 @@ impl<K> Op<K> {
         Op::new(Some(socket), OpKind::Close, None)
     }
 
-    /// Complete `after` from when it is posted (not from the worker's next wait), with `Ok(0)`;
+    /// Complete `after` from when its worker starts it (not from the worker's next wait: at
+    /// once when posted on that worker; when the worker takes it from its queue when posted
+    /// from another thread), with `Ok(0)`;
     /// `ECANCELED` when cancelled first. A cancel asked once it is due finds it expired
     /// (`Ok(0)`), and one asked before cancels it, however late the worker's next wait comes
     /// (the shutdown's too). A timeout too long for the kernel to represent never fires.

@@ -694,7 +694,8 @@ pub struct Worker<K, D> {
     ready: VecDeque<Completion<K, D>>,
     /// Completions handed out since the driver last submitted and reaped.
     handed_out: usize,
-    /// The thread that last dequeued from this worker.
+    /// The thread that last dequeued from this worker (before any dequeue, the first that
+    /// submitted).
     thread: Option<std::thread::ThreadId>,
     /// Operations may have gone into the kernel from a thread other than the one dequeuing
     /// now (see [`Worker::restart_orphaned`]).
@@ -865,6 +866,10 @@ where
     }
 
     fn submit_pending(&mut self, worker: usize, pending: Pending<K, D>) -> OpId {
+        if self.thread.is_none() {
+            // The first thread to use the worker (see `moved`).
+            self.thread = Some(std::thread::current().id());
+        }
         if worker == self.index {
             // Operations posted through the port wait in this worker's queue: started first,
             // they keep their place ahead of this one on the same socket.
@@ -1029,9 +1034,9 @@ where
     fn fill(&mut self, timeout: Option<Duration>) -> Result<(), WaitError> {
         let me = std::thread::current().id();
         if self.thread != Some(me) {
-            // On another thread than before, or the first time with operations posted
-            // (which another thread may have put into the kernel, should the queue have filled).
-            self.moved |= self.thread.is_some() || !self.inflight.is_empty();
+            // On another thread than the one that last dequeued or (before any dequeue) first
+            // submitted, which may have put operations into the kernel.
+            self.moved |= self.thread.is_some();
             self.thread = Some(me);
         }
         // A timeout too long to represent waits forever.
@@ -1142,6 +1147,9 @@ where
             // not taken for what follows (the caller sees it end with `ECANCELED`).
             if let Some(ev) = served.checked_sub(1).map(|i| events[i]) {
                 if ev.more {
+                    if let Some(p) = self.inflight.get_mut(ev.id) {
+                        p.flags |= LOST;
+                    }
                     self.cancel_op_in_driver(ev.id);
                 }
             }
@@ -1182,6 +1190,10 @@ where
             };
             // Before the caller's clone, which may panic: a connection accepted is closed then.
             let (result, accepted) = p.outcome(ev.res);
+            if p.flags & LOST != 0 {
+                // After a gap (see `LOST`): dropped, the buffer and connection with it.
+                return;
+            }
             let data = match (p.multishot(), self.shared.clone.get()) {
                 (true, Some(clone)) => clone(&p.data),
                 // Not submitted as multishot: only the last completion is reported (and a
@@ -1535,6 +1547,12 @@ where
         if socket.busy(SEND_SIDE) {
             self.sockets_cancelled.insert(socket.serial());
         }
+        self.cancel_fd_in_driver(socket);
+    }
+
+    /// Asks the driver to cancel what is in the kernel on `socket`'s descriptor; if it cannot
+    /// queue the request now, it is tried again on the next turn.
+    fn cancel_fd_in_driver(&mut self, socket: &Handle<K>) {
         if !self.driver.cancel(Cancel::Fd(socket.as_raw_fd())) {
             self.unsent_cancels.push(Unsent::Socket(socket.clone()));
         }
@@ -1550,7 +1568,8 @@ where
                 Unsent::Op(id) if self.inflight.contains(id) => self.cancel_op_in_driver(id),
                 // Completed meanwhile: nothing to cancel.
                 Unsent::Op(_) => {}
-                Unsent::Socket(h) => self.cancel_socket_in_driver(&h),
+                // Counted and taken out of the held queue when asked: only the kernel's part.
+                Unsent::Socket(h) => self.cancel_fd_in_driver(&h),
             }
         }
     }
@@ -1868,7 +1887,7 @@ struct Pending<K, D> {
     handle: Option<Handle<K>>,
     body: Option<OpBox>,
     data: D,
-    /// [`MULTISHOT`], [`PARTIAL`], [`CANCEL_ASKED_OP`], and in the bits of [`CANCELS_SEEN`] the
+    /// [`MULTISHOT`], [`PARTIAL`], [`CANCEL_ASKED_OP`], [`LOST`], and in the bits of [`CANCELS_SEEN`] the
     /// socket's count of cancels ([`Handle::cancels`]) when the operation went into the
     /// kernel: one byte, so that with a small `D` the record fits in three words (an idle
     /// connection's armed receive keeps one).
@@ -1891,6 +1910,11 @@ const CANCEL_ASKED_OP: u8 = 4;
 /// kernel: a cancel of every operation of its socket asked since then (the count moved on)
 /// asked for its `ECANCELED` too.
 const CANCELS_SEEN: u8 = 0xF << 3;
+/// `Pending::flags`: a completion of this multishot operation was lost (the caller's clone of
+/// its data panicked), and the operation is being cancelled: its later intermediate
+/// completions, whose bytes would follow the gap, are dropped (their buffers and connections
+/// released).
+const LOST: u8 = 0x80;
 
 impl<K, D> Pending<K, D> {
     fn multishot(&self) -> bool {
@@ -2438,6 +2462,68 @@ mod tests {
         let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
         assert_eq!(c.data.0, 1);
         assert!(!c.more && c.is_cancelled(), "{c:?}");
+    }
+
+    /// Per-I/O data whose clone panics the first time only (of all its values).
+    #[derive(Debug)]
+    struct PanicsOnce(u8);
+
+    static PANICKED_ONCE: AtomicBool = AtomicBool::new(false);
+
+    impl Clone for PanicsOnce {
+        fn clone(&self) -> Self {
+            assert!(
+                PANICKED_ONCE.swap(true, Ordering::SeqCst),
+                "the first clone panics"
+            );
+            PanicsOnce(self.0)
+        }
+    }
+
+    /// The completions of a multishot receive that come after the one lost to a panic in the
+    /// caller's clone (already reaped with it, or arriving before the cancel takes effect) are
+    /// dropped, not handed out: their bytes would follow the gap. The receive ends cancelled.
+    #[test]
+    fn completions_after_one_lost_to_a_panicking_clone_are_dropped() {
+        for backend in [Backend::Epoll, Backend::Uring] {
+            let built = Port::builder()
+                .workers(1)
+                .backend(backend)
+                .recv_pool(4, 8)
+                .build::<(), PanicsOnce>();
+            let (port, mut workers) = match built {
+                Err(e)
+                    if backend == Backend::Uring && peer_common::uring_check::refusal_skips() =>
+                {
+                    println!("SKIPPED (io_uring): {e}");
+                    continue;
+                }
+                b => b.unwrap(),
+            };
+            PANICKED_ONCE.store(false, Ordering::SeqCst);
+            let mut w = workers.pop().unwrap();
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (ours, _) = l.accept().unwrap();
+            let h = port.associate(ours, ()).unwrap();
+            w.submit_multishot(Op::recv_pooled(&h), PanicsOnce(1));
+            assert!(matches!(
+                w.dequeue(Some(Duration::ZERO)),
+                Err(WaitError::TimedOut)
+            ));
+            // Three 4-byte pool buffers' worth, before the worker waits again.
+            std::io::Write::write_all(&mut peer, b"aaaabbbbcccc").unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                w.dequeue(Some(Duration::from_secs(10)))
+            }));
+            assert!(panicked.is_err(), "{backend}: the first clone panics");
+            let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
+            assert!(
+                !c.more && c.is_cancelled(),
+                "{backend}: the receive ends, nothing after the gap: {c:?}"
+            );
+        }
     }
 
     /// A cancel of every operation of another port's socket, asked of this port, changes

@@ -211,6 +211,7 @@ per_backend!(
     wake_ups_are_not_lost_when_the_submission_queue_fills,
     a_worker_moves_to_another_thread_after_use,
     a_worker_outlives_the_thread_that_started_its_operations,
+    cancelling_one_handle_of_a_duplicated_socket_on_one_thread,
     huge_timeouts_wait_instead_of_panicking,
     cancelling_on_the_home_worker_reaches_operations_still_in_its_queue,
     send_offset_past_the_end_is_refused,
@@ -3089,6 +3090,33 @@ fn a_worker_outlives_the_thread_that_started_its_operations(b: Backend) {
         }
     }
     assert_eq!(drainer.join().unwrap(), b"after");
+}
+
+/// On a worker only one thread has used, cancelling every operation of one handle of a socket
+/// reaches, on io_uring, those of another handle of it from a duplicated descriptor (the kernel
+/// matches the socket), as documented: that receive completes cancelled, and is not taken
+/// for one the kernel cancelled on its own and started again.
+fn cancelling_one_handle_of_a_duplicated_socket_on_one_thread(b: Backend) {
+    let (port, mut w) = one_worker::<u8, u8>(b);
+    let (ours, _peer) = pair();
+    let dup = ours.try_clone().unwrap();
+    let first = port.associate(ours, 1).unwrap();
+    let second = port.associate(dup, 2).unwrap();
+    let recv = w.submit(Op::recv(&second, Vec::with_capacity(8)), 2);
+    assert!(matches!(
+        w.dequeue(Some(Duration::ZERO)),
+        Err(WaitError::TimedOut)
+    ));
+    w.cancel_all(&first);
+    match w.dequeue(Some(Duration::from_millis(500))) {
+        Ok(c) => {
+            assert_eq!(b, Backend::Uring, "epoll cancels by handle: {c:?}");
+            assert_eq!(c.id, recv);
+            assert!(c.is_cancelled(), "{c:?}");
+        }
+        Err(WaitError::TimedOut) => assert_eq!(b, Backend::Epoll, "the receive never ended"),
+        Err(e) => panic!("dequeue: {e}"),
+    }
 }
 
 /// With `single_thread_workers`, a worker serves from the thread that first waits on it (what

@@ -3,6 +3,7 @@
 
 use std::alloc::{self, Layout};
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -12,6 +13,7 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::{Cancel, Driver, Event, Filled, OpBody, Target};
+use crate::op::IdHasher;
 use crate::pool::{Circulation, Pool};
 
 /// The buffer group id of the worker's receive pool.
@@ -209,7 +211,7 @@ pub(crate) struct Uring {
     single: bool,
     /// The timeouts in the kernel, by id: when each is due, and, once a cancel was asked, how
     /// it ends (see [`Timer`]).
-    timers: HashMap<u64, Timer>,
+    timers: HashMap<u64, Timer, BuildHasherDefault<IdHasher>>,
     /// A buffer ring the kernel refused to unregister (see `Drop`): freed after `ring`, whose
     /// descriptor's close tears the registration down, as fields drop in declaration order.
     unregistered_late: Option<LateBufRing>,
@@ -321,7 +323,7 @@ impl Uring {
             wake_armed: false,
             quiescing: false,
             stash: Vec::new(),
-            timers: HashMap::new(),
+            timers: HashMap::default(),
             bufs: None,
             abandoned: false,
         })
