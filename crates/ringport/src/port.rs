@@ -349,7 +349,7 @@ impl Builder {
                 inflight: Inflight::new(),
                 ready: VecDeque::new(),
                 handed_out: 0,
-                thread: None,
+                thread: 0,
                 moved: false,
                 owed: 0,
                 events: Vec::new(),
@@ -694,9 +694,8 @@ pub struct Worker<K, D> {
     ready: VecDeque<Completion<K, D>>,
     /// Completions handed out since the driver last submitted and reaped.
     handed_out: usize,
-    /// The thread that last dequeued from this worker (before any dequeue, the first that
-    /// submitted).
-    thread: Option<std::thread::ThreadId>,
+    /// The thread that last used this worker ([`thread_token`]; 0: none yet).
+    thread: u64,
     /// Operations may have gone into the kernel from a thread other than the one dequeuing
     /// now (see [`Worker::restart_orphaned`]).
     moved: bool,
@@ -749,6 +748,17 @@ const SEND_SIDE: u8 = 2;
 /// completion that says so has not been handed out yet. Until it is, the socket's sends are
 /// cancelled (see [`Worker::open_gap`]).
 const SEND_GAP: u8 = 4;
+
+/// A number for the calling thread, never given to another, even once it has exited (a
+/// thread id's number could come back); `u64::MAX` where thread-local storage is gone (a
+/// thread-local destructor), which counts as another thread.
+fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TOKEN.try_with(|t| *t).unwrap_or(u64::MAX)
+}
 
 /// What the driver is told of an operation's socket (`h`), or of none (a timeout).
 fn target_of<K>(h: Option<&Handle<K>>) -> Target {
@@ -866,10 +876,6 @@ where
     }
 
     fn submit_pending(&mut self, worker: usize, pending: Pending<K, D>) -> OpId {
-        if self.thread.is_none() {
-            // The first thread to use the worker (see `moved`).
-            self.thread = Some(std::thread::current().id());
-        }
         if worker == self.index {
             // Operations posted through the port wait in this worker's queue: started first,
             // they keep their place ahead of this one on the same socket.
@@ -1032,13 +1038,6 @@ where
 
     /// Waits until `ready` holds at least one completion.
     fn fill(&mut self, timeout: Option<Duration>) -> Result<(), WaitError> {
-        let me = std::thread::current().id();
-        if self.thread != Some(me) {
-            // On another thread than the one that last dequeued or (before any dequeue) first
-            // submitted, which may have put operations into the kernel.
-            self.moved |= self.thread.is_some();
-            self.thread = Some(me);
-        }
         // A timeout too long to represent waits forever.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
@@ -1147,7 +1146,12 @@ where
             // not taken for what follows (the caller sees it end with `ECANCELED`).
             if let Some(ev) = served.checked_sub(1).map(|i| events[i]) {
                 if ev.more {
-                    if let Some(p) = self.inflight.get_mut(ev.id) {
+                    if let Some(p) = self
+                        .inflight
+                        .get_mut(ev.id)
+                        .filter(|p| p.kind == OpKind::RecvPooled)
+                    {
+                        // Its bytes leave a gap (an accept's connections are each their own).
                         p.flags |= LOST;
                     }
                     self.cancel_op_in_driver(ev.id);
@@ -1253,6 +1257,14 @@ where
                 })
                 .flatten();
             let mut result = p.result(ev.res);
+            let pooled = if p.flags & LOST != 0 && ev.res > 0 {
+                // The last bytes of a receive that lost some (see `LOST`): they would follow
+                // the gap.
+                result = Err(errno(libc::ECANCELED));
+                None
+            } else {
+                pooled
+            };
             if let Some(before) = self.sent_before.remove(&ev.id) {
                 // The count is the operation's: what went out before this last part, and, should
                 // this part have failed (or been cancelled), just that, so that the caller knows
@@ -1547,12 +1559,6 @@ where
         if socket.busy(SEND_SIDE) {
             self.sockets_cancelled.insert(socket.serial());
         }
-        self.cancel_fd_in_driver(socket);
-    }
-
-    /// Asks the driver to cancel what is in the kernel on `socket`'s descriptor; if it cannot
-    /// queue the request now, it is tried again on the next turn.
-    fn cancel_fd_in_driver(&mut self, socket: &Handle<K>) {
         if !self.driver.cancel(Cancel::Fd(socket.as_raw_fd())) {
             self.unsent_cancels.push(Unsent::Socket(socket.clone()));
         }
@@ -1568,8 +1574,9 @@ where
                 Unsent::Op(id) if self.inflight.contains(id) => self.cancel_op_in_driver(id),
                 // Completed meanwhile: nothing to cancel.
                 Unsent::Op(_) => {}
-                // Counted and taken out of the held queue when asked: only the kernel's part.
-                Unsent::Socket(h) => self.cancel_fd_in_driver(&h),
+                // Asked again: it also cancels what was posted on the socket meanwhile (those
+                // held, and those in the kernel, whose `ECANCELED` the new count says was asked).
+                Unsent::Socket(h) => self.cancel_socket_in_driver(&h),
             }
         }
     }
@@ -1590,7 +1597,18 @@ where
         }
     }
 
+    /// Notes the calling thread: `moved` once a second one uses the worker. Every call that can
+    /// put operations into the kernel comes through [`Worker::take_remote`], which calls this.
+    fn note_thread(&mut self) {
+        let me = thread_token();
+        if self.thread != me {
+            self.moved |= self.thread != 0;
+            self.thread = me;
+        }
+    }
+
     fn take_remote(&mut self) {
+        self.note_thread();
         let slot = &self.shared.slots[self.index];
         // A load first: this runs for every operation a worker posts, and the queue is
         // usually empty.
@@ -1910,10 +1928,10 @@ const CANCEL_ASKED_OP: u8 = 4;
 /// kernel: a cancel of every operation of its socket asked since then (the count moved on)
 /// asked for its `ECANCELED` too.
 const CANCELS_SEEN: u8 = 0xF << 3;
-/// `Pending::flags`: a completion of this multishot operation was lost (the caller's clone of
-/// its data panicked), and the operation is being cancelled: its later intermediate
-/// completions, whose bytes would follow the gap, are dropped (their buffers and connections
-/// released).
+/// `Pending::flags`: a completion of this pooled receive was lost (the caller's clone of its
+/// data panicked), and the receive is being cancelled: its later intermediate completions,
+/// whose bytes would follow the gap, are dropped (their buffers released), and a last one
+/// that brings bytes ends it with `ECANCELED` instead.
 const LOST: u8 = 0x80;
 
 impl<K, D> Pending<K, D> {
@@ -2485,7 +2503,9 @@ mod tests {
     /// dropped, not handed out: their bytes would follow the gap. The receive ends cancelled.
     #[test]
     fn completions_after_one_lost_to_a_panicking_clone_are_dropped() {
-        for backend in [Backend::Epoll, Backend::Uring] {
+        let cases = [Backend::Epoll, Backend::Uring].map(|b| [(b, false), (b, true)]);
+        // With a byte limit (12), the receive's last completion brings the last bytes.
+        for (backend, limited) in cases.into_iter().flatten() {
             let built = Port::builder()
                 .workers(1)
                 .backend(backend)
@@ -2506,7 +2526,12 @@ mod tests {
             let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
             let (ours, _) = l.accept().unwrap();
             let h = port.associate(ours, ()).unwrap();
-            w.submit_multishot(Op::recv_pooled(&h), PanicsOnce(1));
+            let op = if limited {
+                Op::recv_pooled_max(&h, std::num::NonZeroU32::new(12).unwrap())
+            } else {
+                Op::recv_pooled(&h)
+            };
+            w.submit_multishot(op, PanicsOnce(1));
             assert!(matches!(
                 w.dequeue(Some(Duration::ZERO)),
                 Err(WaitError::TimedOut)
@@ -2521,7 +2546,7 @@ mod tests {
             let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
             assert!(
                 !c.more && c.is_cancelled(),
-                "{backend}: the receive ends, nothing after the gap: {c:?}"
+                "{backend} (limited: {limited}): the receive ends, nothing after the gap: {c:?}"
             );
         }
     }
