@@ -439,6 +439,25 @@ struct Timer {
     ends: Option<i32>,
 }
 
+/// Whether this process reads the monotonic clock as the kernel's timers do: not in a time
+/// namespace with an offset for it (`/proc/self/timens_offsets`, Linux 5.6).
+fn monotonic_is_the_kernels() -> bool {
+    static SAME: OnceLock<bool> = OnceLock::new();
+    *SAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/timens_offsets")
+            .map_or(true, |offsets| no_monotonic_offset(&offsets))
+    })
+}
+
+/// Whether `timens_offsets` (lines of a clock's name, seconds and nanoseconds) moves the
+/// monotonic clock by nothing.
+fn no_monotonic_offset(timens_offsets: &str) -> bool {
+    timens_offsets.lines().all(|line| {
+        let mut words = line.split_whitespace();
+        words.next() != Some("monotonic") || words.all(|w| w == "0")
+    })
+}
+
 /// The monotonic clock's time (`CLOCK_MONOTONIC`, the clock of `Instant` and of the kernel's
 /// absolute timeouts).
 fn monotonic_now() -> Duration {
@@ -640,15 +659,19 @@ impl Driver for Uring {
             OpBody::Timeout(after, ts) => {
                 // Due `after` from now, as on epoll: an absolute time on the monotonic clock,
                 // not a relative one, which the kernel would count from when it takes the
-                // request (the worker's next wait).
+                // request (the worker's next wait). Relative in a time namespace that moves
+                // the monotonic clock, whose offset the kernel leaves out of io_uring's
+                // absolute timeouts.
                 let due = monotonic_now().checked_add(*after);
-                let at = due.unwrap_or(Duration::MAX);
+                let (at, flags) = if monotonic_is_the_kernels() {
+                    (due.unwrap_or(Duration::MAX), types::TimeoutFlags::ABS)
+                } else {
+                    (*after, types::TimeoutFlags::empty())
+                };
                 *ts = types::Timespec::new()
                     .sec(at.as_secs().min(i64::MAX as u64))
                     .nsec(at.subsec_nanos());
-                let sqe = opcode::Timeout::new(ts)
-                    .flags(types::TimeoutFlags::ABS)
-                    .build();
+                let sqe = opcode::Timeout::new(ts).flags(flags).build();
                 // SAFETY: `ts` is in the body that the port keeps boxed, untouched, until this
                 // id's event has been reaped.
                 unsafe { self.push(&sqe.user_data(id))? };
@@ -1039,6 +1062,17 @@ mod tests {
         b.recycle();
         assert_eq!(b.target, 8, "doubled again without a starved receive");
         free_unregistered(b);
+    }
+
+    /// A time namespace's offset for the monotonic clock is seen in `timens_offsets`.
+    #[test]
+    fn a_time_namespace_that_moves_the_monotonic_clock_is_seen() {
+        use super::no_monotonic_offset;
+        assert!(no_monotonic_offset("monotonic 0 0\nboottime 0 0\n"));
+        assert!(no_monotonic_offset(""));
+        assert!(no_monotonic_offset("boottime 86400 0\n"));
+        assert!(!no_monotonic_offset("monotonic 86400 0\nboottime 0 0\n"));
+        assert!(!no_monotonic_offset("monotonic 0 5\n"));
     }
 
     /// A wait of centuries (still a valid `Instant` away) is cut to one the kernel can add to
