@@ -332,10 +332,16 @@ fn a_connection_waiting_for_the_pool_is_echoed_during_a_drain() {
     assert_eq!(output.code(), Some(0), "{}", output.describe());
 }
 
-/// A well-behaved client is answered while `peers` hold the pool (`connect` sets a 10 s read
-/// timeout: the hang guard), and the server closed at least one of them for holding it.
+/// A well-behaved client is answered while `peers` hold the pool, and the server closed at
+/// least one of them for holding it. The hang guard is 30 s: the client waits for a holder to
+/// be found stale (its echo unmoved for 2 s) and closed, which a loaded machine slows.
 fn still_served_and_a_holder_closed<P>(server: Server, peers: P) {
-    echo_exact(server.addr, b"still served");
+    let mut client = connect(server.addr);
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    client.write_all(b"still served").unwrap();
+    assert_eq!(util::read_exact_len(&mut client, 12), b"still served");
     drop(peers);
     let output = server.terminate_cleanly(EXIT_GUARD);
     assert!(
