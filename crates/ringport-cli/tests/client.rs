@@ -478,14 +478,7 @@ fn load_mode_stops_early_on_a_signal_with_its_report() {
             ["--messages", "100000000", "--warmup", "0.2"],
         ),
     ] {
-        let client = load_run(&addr, &until);
-        assert!(
-            client.wait_for_stderr("window open", Duration::from_secs(20)),
-            "no window opened\n{}",
-            client.stderr_so_far()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-        let output = signal_and_wait(client, sig);
+        let output = signal_once_the_load_runs(load_run(&addr, &until), sig);
         let d = output.describe();
         assert_eq!(output.code(), Some(128 + sig), "{d}");
         assert!(output.stderr.contains("the load ended early"), "{d}");
@@ -537,13 +530,7 @@ fn load_mode_stopped_gives_the_echo_in_flight_10_s() {
     let addr = bad.addr.to_string();
     // 64 x 64 bytes in flight on each connection: 82 s at 20 ms a byte.
     let client = load_run(&addr, &["--messages", "100000", "--pipeline", "64"]);
-    assert!(
-        client.wait_for_stderr("window open", Duration::from_secs(20)),
-        "the load did not start\n{}",
-        client.stderr_so_far()
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let output = signal_and_wait(client, libc::SIGINT);
+    let output = signal_once_the_load_runs(client, libc::SIGINT);
     let d = output.describe();
     assert_eq!(output.code(), Some(1), "{d}");
     let report = json_report(&output);
@@ -569,6 +556,18 @@ fn load_run(addr: &str, more: &[&str]) -> Running {
     args.extend_from_slice(&["--json", "--mark-window"]);
     args.extend_from_slice(more);
     Running::spawn(&args)
+}
+
+/// Sends `sig` to `client` 300 ms after its window opened (with `--messages`, once the load
+/// started), and collects how it ended.
+fn signal_once_the_load_runs(client: Running, sig: libc::c_int) -> Output {
+    assert!(
+        client.wait_for_stderr("window open", Duration::from_secs(20)),
+        "the load did not start\n{}",
+        client.stderr_so_far()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    signal_and_wait(client, sig)
 }
 
 /// Sends `sig` to `client` and collects how it ended (killed should it not within 20 s).

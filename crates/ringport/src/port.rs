@@ -760,6 +760,22 @@ fn thread_token() -> u64 {
     TOKEN.try_with(|t| *t).unwrap_or(u64::MAX)
 }
 
+/// The body of an operation of `kind` to hand the driver: its boxed `body`, or, for a pooled
+/// receive, whose body is not boxed (the driver keeps no pointer into it), `scratch`
+/// (`OpBody::RecvPooled(limit)`); `None` for an operation without one. (Fields, not the
+/// record: the caller reads the record's other fields meanwhile.)
+fn driver_body<'a>(
+    body: &'a mut Option<OpBox>,
+    kind: OpKind,
+    scratch: &'a mut OpBody,
+) -> Option<&'a mut OpBody> {
+    match body.as_mut() {
+        Some(b) => Some(b.get_mut()),
+        None if kind == OpKind::RecvPooled => Some(scratch),
+        None => None,
+    }
+}
+
 /// What the driver is told of an operation's socket (`h`), or of none (a timeout).
 fn target_of<K>(h: Option<&Handle<K>>) -> Target {
     Target {
@@ -1350,12 +1366,9 @@ where
             return false;
         };
         let target = target_of(Some(h));
-        // A pooled receive's body is not boxed (see `start`).
-        let mut pooled_body = OpBody::RecvPooled(p.limit);
-        let body = match p.body.as_mut() {
-            Some(b) => b.get_mut(),
-            None if p.kind == OpKind::RecvPooled => &mut pooled_body,
-            None => return false,
+        let mut scratch = OpBody::RecvPooled(p.limit);
+        let Some(body) = driver_body(&mut p.body, p.kind, &mut scratch) else {
+            return false;
         };
         let started = self.driver.start(id, target, body).is_ok();
         if started {
@@ -1682,12 +1695,9 @@ where
                 .ready
                 .push_back(p.into_completion(id, Err(errno(libc::ECANCELED))));
         }
-        // A pooled receive's body is not boxed (the driver keeps no pointer into it).
-        let mut pooled_body = OpBody::RecvPooled(p.limit);
-        let body = match p.body.as_mut() {
-            Some(b) => b.get_mut(),
-            None if p.kind == OpKind::RecvPooled => &mut pooled_body,
-            None => return self.ready.push_back(p.into_completion(id, Ok(0))),
+        let mut scratch = OpBody::RecvPooled(p.limit);
+        let Some(body) = driver_body(&mut p.body, p.kind, &mut scratch) else {
+            return self.ready.push_back(p.into_completion(id, Ok(0)));
         };
         if matches!(body, OpBody::Timeout(after, _) if after.is_zero()) {
             // Due as it is posted, on both backends alike: ready for the next dequeue, a poll

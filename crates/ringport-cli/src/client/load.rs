@@ -507,13 +507,13 @@ impl Client {
             };
             // What is in flight has 10 s to come back once the load has ended: at the
             // window's close, or, for a message count, at the stop signal.
-            let window_end = match (self.until, self.stopped) {
+            let load_end_limit = match (self.until, self.stopped) {
                 (Some(Until::Window { close, .. }), _) => Some(crate::later(close, FINISH_LIMIT)),
                 (_, Some(at)) => Some(crate::later(at, FINISH_LIMIT)),
                 _ => None,
             };
             let given_up = self.plan.limit.map(|(_, at)| at);
-            let finish_by = match (window_end, given_up) {
+            let finish_by = match (load_end_limit, given_up) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
