@@ -450,6 +450,13 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
                 for t in threads {
                     let _ = t.join();
                 }
+                // Nothing was served: stop what runs beside the workers before saying so.
+                if let Some(stats) = stats {
+                    stats.stop();
+                }
+                if let Some(udp) = udp {
+                    let _ = udp.stop();
+                }
                 return Err(format!(
                     "--workers {}: cannot start a worker thread: {e}",
                     port.workers()
@@ -2113,16 +2120,41 @@ mod tests {
     fn a_worker_waits_for_the_last_connection_handed_over_before_it_finishes() {
         use super::{Io, Server};
         use std::io::Read;
+        use std::io::Write;
         use std::time::Duration;
         // The listener's home is worker 0, which this test plays; worker 1 runs the server.
         let (port, mut workers, listener, mut peer, conn, limits, totals) = handed_over(2, 1);
+        // A first connection, handed over as the drain begins, shows the worker has taken the
+        // drain: it is echoed and closed, and leaves the worker with no connection.
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut first_peer = std::net::TcpStream::connect(first.local_addr().unwrap()).unwrap();
+        first_peer.write_all(b"first").unwrap();
+        first_peer
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let first = port
+            .associate_with(1, first.accept().unwrap().0, super::Key::conn())
+            .unwrap();
+        totals
+            .live
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         post_to(&port, 1, Io::Drain, None);
+        post_to(&port, 1, Io::Adopt, Some(first));
         let worker = workers.pop().unwrap();
         assert_eq!(worker.index(), 1);
         let server =
             std::thread::spawn(move || Server::new(worker, listener, limits, totals).run());
+        let mut echo = Vec::new();
+        first_peer
+            .read_to_end(&mut echo)
+            .expect("a FIN, not a reset");
+        assert_eq!(echo, b"first");
         // Time for a worker that did not wait to have finished.
         std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !server.is_finished(),
+            "finished before the listener's worker handed over its last connection"
+        );
         post_to(&port, 1, Io::Adopt, Some(conn));
         post_to(&port, 1, Io::HandedOver, None);
         let mut echo = Vec::new();

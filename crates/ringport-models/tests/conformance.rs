@@ -139,7 +139,12 @@ mod cases {
         let Some(server) = util::start_on(model, listener) else {
             return;
         };
-        thread::sleep(Duration::from_millis(300));
+        // The model has been round its accept loop: it paused accepts, saying why.
+        let warning = [&format!("{model}: accept failed") as &str, "not supported"];
+        assert!(
+            util::warned(&warning),
+            "no warning {warning:?} while every accept fails"
+        );
         // Panics should `serve` not return.
         server.stop();
     }

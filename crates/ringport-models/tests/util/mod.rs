@@ -216,10 +216,61 @@ fn probe_uring() -> Option<String> {
 
 /// Logs to the test's output at the level `RUST_LOG` asks for (none by default).
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(tracing_subscriber::EnvFilter::from_default_env()),
+        )
+        .with(Warnings)
         .try_init();
+}
+
+/// Every warning logged so far in this test process, by any test.
+static WARNINGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Keeps the message of every event at `WARN` or above in [`WARNINGS`].
+struct Warnings;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        if *event.metadata().level() <= tracing::Level::WARN {
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            WARNINGS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(message.0);
+        }
+    }
+}
+
+/// Waits (up to [`WAIT`]) for a warning containing every one of `texts` to be logged; false if
+/// none was.
+pub fn warned(texts: &[&str]) -> bool {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let seen = WARNINGS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|w| texts.iter().all(|t| w.contains(t)));
+        if seen || std::time::Instant::now() >= deadline {
+            return seen;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A connected client whose reads and writes time out after [`WAIT`].
