@@ -118,24 +118,22 @@ impl<T> Inflight<T> {
     /// gives an id that names no record (see `contains`); should one be there all the same, it
     /// is leaked rather than dropped, as the kernel may still use what it owns.
     pub(crate) fn insert(&mut self, id: u64, value: T) {
-        let displaced = if is_local(id) {
+        // (Each record is in place, or leaked, before a debug build's assertion unwinds.)
+        let (displaced, reserved) = if is_local(id) {
             match self.slot(id) {
-                Some(slot) => slot.value.replace(value),
-                None => {
-                    debug_assert!(false, "slot of id {id:#x} was not reserved");
-                    self.map.insert(id, value)
-                }
+                Some(slot) => (slot.value.replace(value), true),
+                None => (self.map.insert(id, value), false),
             }
         } else {
-            self.map.insert(id, value)
+            (self.map.insert(id, value), true)
         };
+        let in_use = displaced.is_some();
         match displaced {
-            Some(old) => {
-                debug_assert!(false, "id {id:#x} was in use");
-                std::mem::forget(old);
-            }
+            Some(old) => std::mem::forget(old),
             None => self.len += 1,
         }
+        debug_assert!(reserved, "slot of id {id:#x} was not reserved");
+        debug_assert!(!in_use, "id {id:#x} was in use");
     }
 
     pub(crate) fn get(&self, id: u64) -> Option<&T> {

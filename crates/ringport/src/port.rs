@@ -1678,6 +1678,7 @@ where
                 Some(h) if !h.mark_closed() => Err(errno(libc::EBADF)),
                 Some(h) => {
                     self.cancel_socket_in_driver(h);
+                    self.driver.closed(target);
                     Ok(0)
                 }
                 None => Ok(0),

@@ -792,6 +792,27 @@ impl Driver for Epoll {
         Ok(())
     }
 
+    fn closed(&mut self, target: Target) {
+        let Some(state) = usize::try_from(target.fd)
+            .ok()
+            .and_then(|i| self.fds.get_mut(i))
+            .filter(|s| s.registered && s.serial == target.serial)
+        else {
+            return;
+        };
+        state.registered = false;
+        // SAFETY: `target.fd` is open (the close's handle holds it); `EPOLL_CTL_DEL` reads no
+        // event. A failure leaves the entry to go with the socket, as it would have.
+        unsafe {
+            libc::epoll_ctl(
+                self.epfd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                target.fd,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
     fn cancel(&mut self, what: Cancel) -> bool {
         match what {
             Cancel::Op(id) => self.cancel_op(id),
@@ -973,6 +994,50 @@ mod tests {
             pooled: true,
             connecting: false,
         }
+    }
+
+    /// The descriptors this epoll instance watches (`tfd` in its `/proc/self/fdinfo`).
+    fn watched(ep: &super::Epoll) -> Vec<i32> {
+        use std::os::fd::AsRawFd;
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", ep.epfd.as_raw_fd())).unwrap();
+        info.lines()
+            .filter_map(|l| l.strip_prefix("tfd:"))
+            .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
+            .collect()
+    }
+
+    /// A closed socket leaves the epoll set, though another descriptor of it stays open (the
+    /// kernel drops the entry only when the socket itself goes): its events would otherwise go
+    /// on arriving under the closed descriptor's number, which a new socket may take.
+    #[test]
+    fn a_closed_socket_leaves_the_set_while_a_duplicate_stays_open() {
+        use crate::sys::{Driver, OpBody, Target};
+        use std::os::fd::AsRawFd;
+        let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut ep = super::Epoll::new(wake.as_raw_fd()).unwrap();
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let duplicate = sock.try_clone().unwrap();
+        let target = Target {
+            fd: sock.as_raw_fd(),
+            serial: 1,
+            stream: false,
+            tcp: false,
+        };
+        let mut body = OpBody::Recv(Vec::with_capacity(16));
+        ep.start(1, target, &mut body).unwrap();
+        assert!(
+            watched(&ep).contains(&target.fd),
+            "registered by its receive"
+        );
+        assert!(ep.cancel(crate::sys::Cancel::Fd(target.fd)));
+        ep.closed(target);
+        assert!(
+            !watched(&ep).contains(&target.fd),
+            "still watched once closed"
+        );
+        drop((sock, duplicate, body));
     }
 
     /// A descriptor number registered for one socket and then reused by another whose

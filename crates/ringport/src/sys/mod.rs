@@ -239,6 +239,11 @@ pub(crate) trait Driver: Send {
     /// queued (io_uring: the submission failed); it may be asked again.
     fn cancel(&mut self, what: Cancel) -> bool;
 
+    /// The socket `target` was closed (its operations cancelled, none to come): forget it.
+    /// epoll takes it out of its set, where it would otherwise stay, under its old descriptor
+    /// number, while another descriptor of the same socket is open.
+    fn closed(&mut self, _target: Target) {}
+
     /// Submits queued work and waits up to `timeout` (`None`: forever) for at least one event
     /// or a wake-up; appends the events to `out`.
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()>;

@@ -134,6 +134,18 @@ impl BufRing {
 
     /// Where a completion with buffer `bid` put its `res` bytes, and whether the buffer left
     /// the ring with it.
+    ///
+    /// With incremental buffers the place is the sum of the buffer's earlier completions, so
+    /// this needs the kernel to post the completions that take from one buffer in the order
+    /// it filled it, whichever receives they belong to. Linux flushes its deferred completions
+    /// (such as a multishot receive's last one, which carries data when its byte limit ends
+    /// it) before a multishot operation posts another (Linux 6.15, commit 687b2bae0eff,
+    /// "io_uring: ensure deferred completions are flushed for multishot", marked for the
+    /// stable kernels from 6.1), and byte limits are passed only from Linux 6.17. Without that
+    /// commit, a receive whose next completion could not be posted (its last one then carries
+    /// data) might be posted after a later receive's from the same buffer, and the two would be
+    /// given each other's place in it. The slices stay within the buffer whatever the sum
+    /// (`Pool::buf`).
     fn filled(&mut self, bid: u16, res: i32, flags: u32) -> Filled {
         let Some(filled) = &mut self.filled else {
             self.circulation.lent(bid);
