@@ -18,7 +18,9 @@
 //!
 //! Once stopped, a thread goes on echoing until its connection is idle: all it read is sent,
 //! nothing is left to read (`FIONREAD` is 0), and no input came for [`DRAIN_QUIET`] (it waits
-//! for that in `poll` on its socket alone). Then it closes the connection with a FIN. The
+//! for that in `poll` on its socket alone, after a read that timed out and, once stopped, after
+//! each echo too, so that a peer that pauses for [`DRAIN_QUIET`] but never for [`STOP_CHECK`]
+//! is closed as the other models close it). Then it closes the connection with a FIN. The
 //! acceptor closes the listener and waits for the threads until the drain deadline, then shuts
 //! down both sides of the connections still open, which fails their writes and ends their
 //! reads. Then it joins every thread.
@@ -210,13 +212,7 @@ fn echo(stream: &TcpStream, shared: &Shared) -> io::Result<()> {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                if shared.stop.is_triggered()
-                    && !wait_for_input(stream, None, Some(DRAIN_QUIET))?
-                    && sys::unread(stream)? == 0
-                    && sys::unacked(stream)? == 0
-                {
-                    // Stopping, everything read is echoed, no more input came, and the peer
-                    // has taken all of the echo.
+                if idle_once_stopped(stream, shared)? {
                     return Ok(());
                 }
                 continue;
@@ -236,7 +232,22 @@ fn echo(stream: &TcpStream, shared: &Shared) -> io::Result<()> {
                 Err(e) => return Err(e),
             }
         }
+        // Input that keeps coming more often than `STOP_CHECK` never lets a read time out:
+        // once stopped, each echo is followed by the same look for a pause.
+        if idle_once_stopped(stream, shared)? {
+            return Ok(());
+        }
     }
+}
+
+/// Whether the server is stopping and `stream` is done with: everything read is echoed (the
+/// caller's part), no more input came for [`DRAIN_QUIET`], and the peer has taken all of the
+/// echo.
+fn idle_once_stopped(stream: &TcpStream, shared: &Shared) -> io::Result<bool> {
+    Ok(shared.stop.is_triggered()
+        && !wait_for_input(stream, None, Some(DRAIN_QUIET))?
+        && sys::unread(stream)? == 0
+        && sys::unacked(stream)? == 0)
 }
 
 /// Blocks until `stream` has input (or an error, or end-of-file), the stop (if given) is

@@ -336,6 +336,92 @@ mod cases {
         );
     }
 
+    /// A peer that pauses between messages for longer than the quiet a drain waits for
+    /// (250 ms), but never for a second, is closed with a FIN at a pause once the server stops,
+    /// not kept until the drain's deadline (a minute here).
+    pub fn stop_closes_a_peer_at_its_first_pause(model: Model) {
+        let Some(server) = start_with(
+            model,
+            Config {
+                drain_timeout: Duration::from_secs(60),
+            },
+        ) else {
+            return;
+        };
+        let mut stream = server.connect();
+        round_trip(&mut stream, b"before the stop");
+        server.stop.trigger();
+        // One message every 500 ms, each echoed, until the server closes: 20 at most (10 s).
+        let mut closed = false;
+        for i in 0..20 {
+            thread::sleep(Duration::from_millis(500));
+            let msg = format!("heartbeat {i}");
+            if stream.write_all(msg.as_bytes()).is_err() {
+                closed = true;
+                break;
+            }
+            let mut echo = vec![0u8; msg.len()];
+            match stream.read(&mut echo[..]) {
+                // Closed at the pause before this message.
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => {
+                    stream
+                        .read_exact(&mut echo[n..])
+                        .expect("the rest of the echo");
+                    assert_eq!(echo, msg.as_bytes(), "{model}: echo of {msg}");
+                }
+                // Closed at the pause, and this message then reset the connection.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    closed = true;
+                    break;
+                }
+                Err(e) => panic!("{model}: echo of {msg}: {e}"),
+            }
+        }
+        assert!(
+            closed,
+            "{model}: still open after 20 messages 500 ms apart, the server stopping"
+        );
+        server.stop();
+    }
+
+    /// A peer that sends without reading is not read from without bound: once the server holds
+    /// echo it cannot send, it stops reading, and the peer's sends stall within the socket
+    /// buffers (megabytes), long before 256 MiB.
+    pub fn a_peer_that_does_not_read_is_not_read_without_bound(model: Model) {
+        const CAP: usize = 256 << 20;
+        let Some(server) = start(model) else { return };
+        let mut stream = server.connect();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(1)))
+            .expect("write timeout");
+        let chunk = pattern(64 << 10, 11);
+        let mut sent = 0;
+        while sent < CAP {
+            match stream.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => panic!("{model}: write after {sent} bytes: {e}"),
+            }
+        }
+        assert!(
+            sent < 64 << 20,
+            "{model}: took {sent} bytes from a peer that reads none of its echo"
+        );
+        reset(stream);
+        server.stop();
+    }
+
     pub fn drain_timeout_bounds_the_stop(model: Model) {
         let Some(server) = start_with(
             model,
@@ -493,6 +579,14 @@ macro_rules! conformance {
                 #[test]
                 fn stop_echoes_everything_sent_before_it() {
                     cases::stop_echoes_everything_sent_before_it(MODEL);
+                }
+                #[test]
+                fn stop_closes_a_peer_at_its_first_pause() {
+                    cases::stop_closes_a_peer_at_its_first_pause(MODEL);
+                }
+                #[test]
+                fn a_peer_that_does_not_read_is_not_read_without_bound() {
+                    cases::a_peer_that_does_not_read_is_not_read_without_bound(MODEL);
                 }
                 #[test]
                 fn drain_timeout_bounds_the_stop() {
