@@ -157,12 +157,19 @@ impl CommonArgs {
             .unwrap_or(if self.quick { 0.1 } else { 1.0 })
     }
 
-    /// `--connections` etc. when given, else the mode's default.
+    /// `--connections` etc. when given (each value once, in the order given), else the mode's
+    /// default.
     fn list(given: &[u32], default: &[u32]) -> Vec<u32> {
         if given.is_empty() {
             default.to_vec()
         } else {
-            given.to_vec()
+            let mut once = Vec::with_capacity(given.len());
+            for &v in given {
+                if !once.contains(&v) {
+                    once.push(v);
+                }
+            }
+            once
         }
     }
 }
@@ -617,6 +624,17 @@ mod tests {
             "{err}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A value given twice (`--connections 5,5`) is one cell, not the same cell measured twice.
+    #[test]
+    fn a_list_takes_each_value_once_in_the_order_given() {
+        assert_eq!(CommonArgs::list(&[5, 5, 1, 5, 3], &[9]), [5, 1, 3]);
+        assert_eq!(
+            CommonArgs::list(&[], &[9, 9]),
+            [9, 9],
+            "the default as it is"
+        );
     }
 
     #[test]

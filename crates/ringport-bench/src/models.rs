@@ -12,7 +12,9 @@ pub const MODELS: [&str; 6] = ["blocking", "select", "sigio", "poll", "epoll", "
 
 /// `ringport-bench models`: I/O models against the completion port.
 #[derive(Debug, Parser)]
+// A negative number is read as a flag's value, so that the error names the flag.
 #[command(
+    allow_negative_numbers = true,
     name = "ringport-bench models",
     about = "ringport serve --model X against the completion port"
 )]

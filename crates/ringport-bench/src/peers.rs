@@ -9,7 +9,9 @@ use crate::{CommonArgs, Setup};
 
 /// `ringport-bench peers`: the peer matrix.
 #[derive(Debug, Parser)]
+// A negative number is read as a flag's value, so that the error names the flag.
 #[command(
+    allow_negative_numbers = true,
     name = "ringport-bench peers",
     about = "ringport serve against tokio, monoio and compio echo servers"
 )]

@@ -9,7 +9,9 @@ use crate::{ChartSpec, CommonArgs, Setup};
 
 /// `ringport-bench scaling`: messages/s and CPU per message against worker threads.
 #[derive(Debug, Parser)]
+// A negative number is read as a flag's value, so that the error names the flag.
 #[command(
+    allow_negative_numbers = true,
     name = "ringport-bench scaling",
     about = "every server with 1, 2, 4, 8 workers"
 )]
@@ -213,6 +215,20 @@ mod tests {
         let (fit, note) = fitting_workers(&[1, 2, 4, 8], 8);
         assert_eq!(fit, vec![1, 2, 4, 8]);
         assert_eq!(note, None);
+    }
+
+    /// A negative value is the flag's (the error names the flag), not an unknown flag.
+    #[test]
+    fn a_negative_value_is_refused_naming_its_flag() {
+        let args = ["scaling", "--warmup-secs", "-0.5"];
+        let parsed = ScalingArgs::try_parse_from(args).expect("a value");
+        let err = crate::check_secs(&parsed.common).unwrap_err();
+        assert!(err.starts_with("--warmup-secs -0.5:"), "{err}");
+        for flag in ["--rounds", "--idle", "--connections"] {
+            let err = ScalingArgs::try_parse_from(["scaling", flag, "-3"]).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{err}");
+            assert!(err.to_string().contains(flag), "{err}");
+        }
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub struct ServeArgs {
         long,
         value_name = "ADDR",
         default_value = "127.0.0.1:5150",
+        value_parser = parse_listen,
         help = "Address to listen on (IPv4 or IPv6, e.g. [::1]:5150)"
     )]
     pub listen: SocketAddr,
@@ -341,6 +342,26 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 
 /// `--connect`: an address, or a host name and port resolved to its first IPv4 address (or,
 /// with none, its first address).
+/// An address to listen on: an IP address and a port. A host name is refused, saying so (it
+/// could name several addresses, or none of this machine's).
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    const FORM: &str = "IP:PORT, e.g. 127.0.0.1:5150, [::1]:5150, or [::]:5150 for every address";
+    s.parse::<SocketAddr>()
+        .map_err(|_| match s.rsplit_once(':') {
+            None => format!("`{s}` has no port ({FORM})"),
+            Some((host, port))
+                if port.parse::<u16>().is_ok()
+                    && host.parse::<std::net::IpAddr>().is_err()
+                    && !host.starts_with('[') =>
+            {
+                format!(
+                    "`{s}`: `{host}` is not an IP address; a host name is not taken here ({FORM})"
+                )
+            }
+            Some(_) => format!("`{s}` is not an IP address and port ({FORM})"),
+        })
+}
+
 fn parse_server(s: &str) -> Result<SocketAddr, String> {
     let addr = resolve_server(s)?;
     if addr.port() == 0 {
@@ -426,30 +447,48 @@ pub(crate) fn later(t: std::time::Instant, d: Duration) -> std::time::Instant {
         .unwrap_or_else(|| t + Duration::from_secs(365 * 24 * 3600))
 }
 
-/// Writes `text` to standard output. A reader that has gone away (a closed pipe) is no reason
-/// to panic: what cannot be written is dropped.
-pub(crate) fn to_stdout(text: &str) {
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+/// Writes `text` to standard output (a report or summary, the run's result), without the
+/// panic of `print!` should that fail: the error names the output and why (a full disk, say),
+/// so that a run whose result was lost does not exit 0. A reader that has gone away (a closed
+/// pipe, `EPIPE`) no longer wants it: that is not an error.
+pub(crate) fn to_stdout(text: &str) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("writing output: {}", client::errors::describe(&e)))
+        }
+        _ => Ok(()),
+    }
 }
 
-/// Writes `text` to standard error, like [`to_stdout`].
+/// Writes `text` to standard error. A log reader that has gone away is no reason to panic, nor
+/// is there anywhere left to say so: what cannot be written is dropped.
 pub(crate) fn to_stderr(text: &str) {
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
 /// Raises the soft descriptor limit to the hard one: each connection is a descriptor.
 fn raise_nofile_limit() {
+    let Some(mut lim) = nofile() else { return };
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the local struct passed by pointer.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
+
+/// The descriptors this process may open (`RLIMIT_NOFILE`'s soft limit), if it can tell.
+pub(crate) fn nofile_limit() -> Option<u64> {
+    nofile().map(|lim| lim.rlim_cur)
+}
+
+fn nofile() -> Option<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit/setrlimit read and write the local struct passed by pointer.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    // SAFETY: getrlimit writes the local struct passed by pointer.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
 }
 
 /// The `serve` flags that only the completion-port server reads: the chapter's other models
@@ -470,18 +509,37 @@ const PORT_ONLY_FLAGS: [&str; 13] = [
     "stats",
 ];
 
-/// Checks what clap cannot say in attributes: a flag given on the command line that the
-/// chosen mode would ignore. Exits 2 with the usage, as clap does for its own errors.
-fn check_ignored_flags(matches: &ArgMatches) {
-    let conflict = |subcommand: &str, message: String| -> ! {
-        let mut cli = Cli::command();
-        cli.build();
-        match cli.find_subcommand_mut(subcommand) {
-            Some(sub) => sub.error(ErrorKind::ArgumentConflict, message).exit(),
-            None => cli.error(ErrorKind::ArgumentConflict, message).exit(),
-        }
+/// Exits 2 with `message` and `subcommand`'s usage, as clap does for its own errors.
+fn usage_error(subcommand: &str, kind: ErrorKind, message: String) -> ! {
+    let mut cli = Cli::command();
+    cli.build();
+    match cli.find_subcommand_mut(subcommand) {
+        Some(sub) => sub.error(kind, message).exit(),
+        None => cli.error(kind, message).exit(),
+    }
+}
+
+/// Checks what clap cannot say in attributes: values that do not go together, and a flag given
+/// on the command line that the chosen mode would ignore. Exits 2 with the usage, as clap does
+/// for its own errors.
+fn check_flags(matches: &ArgMatches) {
+    let conflict = |subcommand: &str, message: String| {
+        usage_error(subcommand, ErrorKind::ArgumentConflict, message)
     };
     if let Some(("client", client)) = matches.subcommand() {
+        // One send carries up to `--pipeline` messages: keep that buffer reasonable.
+        let size = client.get_one::<u32>("size").copied().unwrap_or(64);
+        let pipeline = client.get_one::<u32>("pipeline").copied().unwrap_or(1);
+        if u64::from(size) * u64::from(pipeline) > 1 << 30 {
+            usage_error(
+                "client",
+                ErrorKind::ValueValidation,
+                format!(
+                    "--size {size} x --pipeline {pipeline}: more than 1 GiB in flight per \
+                     connection"
+                ),
+            );
+        }
         // `--backend` makes the client the load generator (clap cannot say so itself: from
         // `RINGPORT_BACKEND` it does not), which has no use for the book's flags.
         let given = |id: &str| client.value_source(id) == Some(ValueSource::CommandLine);
@@ -531,7 +589,7 @@ fn check_ignored_flags(matches: &ArgMatches) {
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
-    check_ignored_flags(&matches);
+    check_flags(&matches);
     // `--backend` on the command line (not from `RINGPORT_BACKEND`) picks the load generator:
     // the book's client uses plain sockets.
     let backend_given = matches

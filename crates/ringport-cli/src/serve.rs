@@ -543,7 +543,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
             ));
         }
     }
-    crate::to_stdout(&format!("{summary}\n"));
+    crate::to_stdout(&format!("{summary}\n"))?;
     Ok(if failed {
         ExitCode::FAILURE
     } else {
@@ -607,7 +607,7 @@ fn run_model(
     if stats.refused > 0 {
         summary.push_str(&format!(", refused {} ({model} limits)", stats.refused));
     }
-    crate::to_stdout(&format!("{summary}\n"));
+    crate::to_stdout(&format!("{summary}\n"))?;
     Ok(ExitCode::SUCCESS)
 }
 

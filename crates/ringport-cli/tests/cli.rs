@@ -41,7 +41,16 @@ fn serve_unparsable_listen_address_is_exit_2() {
 }
 
 fn serve_listen_address_without_port_is_exit_2() {
-    assert_usage_error(&["serve", "--listen", "1.2.3.4"]);
+    assert_usage_error_naming(&["serve", "--listen", "1.2.3.4"], "has no port");
+}
+
+/// `--listen` takes an IP address: a host name is refused, saying so (the client's
+/// `--connect` resolves one).
+fn serve_listen_host_name_is_exit_2_saying_so() {
+    assert_usage_error_naming(
+        &["serve", "--listen", "localhost:5150"],
+        "`localhost` is not an IP address",
+    );
 }
 
 fn serve_non_numeric_workers_is_exit_2() {
@@ -106,6 +115,15 @@ fn client_unparsable_connect_address_is_exit_2() {
     // Port 0 is no server's: refused as such, not tried and refused by the kernel.
     assert_usage_error_naming(&["client", "--connect", "127.0.0.1:0"], "port 0");
     assert_usage_error_naming(&["client", "--connect", "localhost:0"], "port 0");
+}
+
+/// A message size and pipeline that put more than 1 GiB into one connection's send are a
+/// bad pair of flags, whatever the machine: exit 2, naming them.
+fn client_size_times_pipeline_over_1_gib_is_exit_2() {
+    assert_usage_error_naming(
+        &["client", "--size", "16385", "--pipeline", "65536"],
+        "--size 16385 x --pipeline 65536",
+    );
 }
 
 /// More in flight at once than any machine here has memory for: refused before anything is
@@ -513,6 +531,7 @@ per_backend!(
     serve_udp_rates_need_udp,
     serve_unparsable_listen_address_is_exit_2,
     serve_listen_address_without_port_is_exit_2,
+    serve_listen_host_name_is_exit_2_saying_so,
     serve_non_numeric_workers_is_exit_2,
     serve_zero_workers_is_exit_2,
     serve_pool_size_out_of_range_is_exit_2_naming_the_flag,
@@ -525,6 +544,7 @@ per_backend!(
     client_unparsable_connect_address_is_exit_2,
     client_warmup_without_duration_is_exit_2,
     client_more_in_flight_than_memory_is_refused,
+    client_size_times_pipeline_over_1_gib_is_exit_2,
     flags_the_mode_would_ignore_are_exit_2_naming_them,
     client_book_run_that_checks_nothing_is_exit_2,
     negative_numbers_are_exit_2_naming_the_flag,

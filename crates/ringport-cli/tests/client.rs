@@ -541,6 +541,43 @@ fn load_mode_stopped_gives_the_echo_in_flight_10_s() {
     );
 }
 
+/// A report that cannot be written (here to `/dev/full`) is an error naming the output and
+/// why, not a run that exits 0 with its result lost; so is the server's exit summary.
+fn a_report_that_cannot_be_written_fails_the_run() {
+    let full = || std::fs::File::create("/dev/full").expect("/dev/full");
+    let server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
+        cmd.stdout(full());
+    });
+    let addr = server.addr.to_string();
+    for report in [&["--json"][..], &[]] {
+        let mut args = vec!["client", "--connect", &addr, "--messages", "5"];
+        args.extend_from_slice(report);
+        let output = util::run_cli_configured(&args, LOAD_TIMEOUT, |cmd| {
+            cmd.stdout(full());
+        });
+        output.assert_no_panic();
+        assert_eq!(output.code(), Some(1), "{}", output.describe());
+        assert!(
+            output
+                .stderr
+                .contains("writing output: no space left on device (ENOSPC)"),
+            "{}",
+            output.describe()
+        );
+    }
+    server.signal(libc::SIGTERM);
+    let output = server.wait_exit(Duration::from_secs(15));
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(1), "server exit\n{}", output.describe());
+    assert!(
+        output
+            .stderr
+            .contains("writing output: no space left on device (ENOSPC)"),
+        "{}",
+        output.describe()
+    );
+}
+
 /// `ringport client` against `addr` with 4 connections of 64 bytes, `--json --mark-window` and
 /// `more`, running (to be stopped by a signal).
 fn load_run(addr: &str, more: &[&str]) -> Running {
@@ -596,4 +633,5 @@ per_backend!(
     load_mode_stops_early_on_a_signal_with_its_report,
     load_mode_stopped_in_its_warm_up_says_so,
     load_mode_stopped_gives_the_echo_in_flight_10_s,
+    a_report_that_cannot_be_written_fails_the_run,
 );

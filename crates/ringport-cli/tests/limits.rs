@@ -451,7 +451,38 @@ fn too_many_workers_for_the_descriptor_limit_names_the_flag() {
     }
 }
 
+/// A load with more connections than the client may open descriptors for is refused before
+/// any is opened, naming `--connections` and the limit, rather than run smaller than asked.
+fn client_connections_past_the_descriptor_limit_are_refused_up_front() {
+    // Nothing listens there: a run that went ahead would fail to connect instead.
+    let (addr, _held) = util::unused_port();
+    let addr = addr.to_string();
+    let output = util::run_cli_configured(
+        &[
+            "client",
+            "--connect",
+            &addr,
+            "--connections",
+            "100",
+            "--messages",
+            "1",
+        ],
+        Duration::from_secs(30),
+        |cmd| limit_descriptors(cmd, 64),
+    );
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(1), "{}", output.describe());
+    assert!(
+        output.stderr.contains("--connections 100:")
+            && output.stderr.contains("RLIMIT_NOFILE 64")
+            && !output.stderr.contains("connect:"),
+        "{}",
+        output.describe()
+    );
+}
+
 per_backend!(
+    client_connections_past_the_descriptor_limit_are_refused_up_front,
     max_connections_refuses_the_excess_and_recovers,
     idle_timeout_closes_idle_connections_only,
     out_of_descriptors_backs_off_warns_once_and_recovers,

@@ -90,8 +90,9 @@ impl From<BookError> for io::Error {
 /// Fails, with a message naming the server address, when the connection cannot be made, a send or
 /// receive fails or times out, the server closes the connection before the whole echo is back, the
 /// echo differs from the message, the server sends more after the last echo (before it closes,
-/// or within [`IO_TIMEOUT`]), with `send_only` the server resets the connection rather than
-/// close it (dropping what it had not read), or writing to `out` fails. A send or receive
+/// or within [`IO_TIMEOUT`]), the server keeps its side open for [`IO_TIMEOUT`] after ours
+/// closed, with `send_only` the server resets the connection rather than close it (dropping
+/// what it had not read), or writing to `out` fails. A send or receive
 /// that fails names the message it was on.
 pub fn run(opts: &BookOptions, out: &mut dyn Write) -> Result<BookReport, BookError> {
     run_with_timeout(opts, out, IO_TIMEOUT)
@@ -127,20 +128,25 @@ fn run_with_timeout(
             opts.count
         ))
     };
-    // Every echo came back, but the server kept its side open after ours closed: for `timeout`
-    // (10 s), or until `--timeout` passed (`cut`).
+    // Every echo came back (every message went out, with `send_only`), but the server kept
+    // its side open after ours closed: for `timeout` (10 s), or until `--timeout` passed
+    // (`cut`).
     let not_closed = |cut: bool| {
         let n = opts.count;
+        let done = if opts.send_only {
+            format!("all {n} messages sent")
+        } else {
+            format!("all {n} echoes came back")
+        };
         if cut {
             let limit = opts.limit.unwrap_or_default().as_secs_f64();
             fail(format!(
                 "timed out: --timeout {limit} s passed before the server closed its side \
-                 (all {n} echoes came back)"
+                 ({done})"
             ))
         } else {
             fail(format!(
-                "the server did not close its side within {} s of ours (all {n} echoes came \
-                 back)",
+                "the server did not close its side within {} s of ours ({done})",
                 timeout.as_secs_f64()
             ))
         }
@@ -284,14 +290,18 @@ fn run_with_timeout(
         // The echoes were not read: read (and drop) them until the server closes its side, so
         // that closing ours is a FIN. With echoes unread, the kernel would close it with a
         // reset, which also discards whatever of the messages it has not sent yet.
-        // A reset instead says the server dropped what it had not read: lost, not sent.
-        if let Ok(left) = wait(&report) {
-            if let (_, End::Failed(e)) = bytes_before_close(&mut stream, left) {
+        // A reset instead says the server dropped what it had not read: lost, not sent; a
+        // side it keeps open, that it may not have (and the close would then be a reset).
+        let left = wait(&report).map_err(|_| not_closed(true))?;
+        match bytes_before_close(&mut stream, left) {
+            (_, End::Closed) => {}
+            (_, End::Failed(e)) => {
                 return Err(io_fail(
                     "receive, after the last message (the server may not have read them all)",
                     &e,
                 ));
             }
+            (_, End::Open) => return Err(not_closed(left < timeout)),
         }
     } else {
         // Every echo came back: the server has nothing more to send, and closes its side once
@@ -547,6 +557,33 @@ mod tests {
             })
         );
         assert_eq!(server.join().unwrap(), Ok(()), "the server saw a reset");
+    }
+
+    /// Send-only against a server that reads every message but keeps its side open: the
+    /// client cannot tell it took them all, and says so, as it does for echoes.
+    #[test]
+    fn send_only_reports_a_server_that_keeps_its_side_open() {
+        let (addr, server) = server(|mut stream| {
+            let mut all = Vec::new();
+            stream.read_to_end(&mut all).unwrap();
+            thread::sleep(Duration::from_secs(2));
+            all.len()
+        });
+        let opts = BookOptions {
+            count: 3,
+            send_only: true,
+            ..BookOptions::new(addr)
+        };
+        let mut out = Vec::new();
+        let result = run_with_timeout(&opts, &mut out, Duration::from_millis(300));
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            format!(
+                "{addr}: the server did not close its side within 0.3 s of ours (all 3 \
+                 messages sent)"
+            )
+        );
+        assert_eq!(server.join().unwrap(), 3 * 26);
     }
 
     #[test]

@@ -40,6 +40,14 @@ struct Drain {
 }
 
 impl Drain {
+    /// Drains a child's stdout, or nothing where the test sent it elsewhere (a file).
+    fn spawn_or_empty(pipe: Option<std::process::ChildStdout>) -> Drain {
+        match pipe {
+            Some(pipe) => Drain::spawn(pipe, None),
+            None => Drain::spawn(io::empty(), None),
+        }
+    }
+
     fn spawn<R: Read + Send + 'static>(pipe: R, notify: Option<mpsc::Sender<String>>) -> Drain {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);
@@ -343,7 +351,7 @@ impl Running {
 
     /// Takes `child`'s output pipes, stderr's lines also sent to `lines`.
     fn collect(mut child: Child, lines: Option<mpsc::Sender<String>>, what: String) -> Running {
-        let out = Drain::spawn(child.stdout.take().unwrap(), None);
+        let out = Drain::spawn_or_empty(child.stdout.take());
         let err = Drain::spawn(child.stderr.take().unwrap(), lines);
         Running {
             child: Some(child),
@@ -1083,7 +1091,7 @@ pub fn run_cli_configured(
         .stderr(Stdio::piped());
     configure(&mut cmd);
     let mut child = cmd.spawn().expect("spawn the ringport binary");
-    let mut out = Drain::spawn(child.stdout.take().unwrap(), None);
+    let mut out = Drain::spawn_or_empty(child.stdout.take());
     let mut err = Drain::spawn(child.stderr.take().unwrap(), None);
     match wait_deadline(&mut child, &mut out, &mut err, Instant::now() + timeout) {
         Ok(output) => output,
