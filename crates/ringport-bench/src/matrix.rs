@@ -845,7 +845,9 @@ impl Harness {
         cell: &Cell,
     ) -> Outcome {
         let failed = |why: String| Outcome::Failed { why, client: None };
-        let need = u64::from(cell.connections) + 64;
+        // The load generator's own reserve (`ringport client` refuses a load past it), and
+        // room for the harness.
+        let need = u64::from(cell.connections) + 16 + 3 * u64::from(plan.client_workers);
         if need + 64 > plan.nofile {
             return failed(format!(
                 "needs {need} descriptors, RLIMIT_NOFILE is {} (raise the hard limit)",

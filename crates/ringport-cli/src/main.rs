@@ -340,28 +340,34 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// `--connect`: an address, or a host name and port resolved to its first IPv4 address (or,
-/// with none, its first address).
 /// An address to listen on: an IP address and a port. A host name is refused, saying so (it
 /// could name several addresses, or none of this machine's).
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     const FORM: &str = "IP:PORT, e.g. 127.0.0.1:5150, [::1]:5150, or [::]:5150 for every address";
-    s.parse::<SocketAddr>()
-        .map_err(|_| match s.rsplit_once(':') {
+    s.parse::<SocketAddr>().map_err(|_| {
+        let bracketed = s.starts_with('[') && s.ends_with(']');
+        match s.rsplit_once(':') {
             None => format!("`{s}` has no port ({FORM})"),
+            _ if bracketed || s.parse::<std::net::IpAddr>().is_ok() => {
+                format!("`{s}` has no port ({FORM})")
+            }
+            // Letters in it, and no colon: a name, not a malformed address.
             Some((host, port))
                 if port.parse::<u16>().is_ok()
-                    && host.parse::<std::net::IpAddr>().is_err()
-                    && !host.starts_with('[') =>
+                    && !host.contains([':', '['])
+                    && host.chars().any(|c| c.is_ascii_alphabetic()) =>
             {
                 format!(
                     "`{s}`: `{host}` is not an IP address; a host name is not taken here ({FORM})"
                 )
             }
             Some(_) => format!("`{s}` is not an IP address and port ({FORM})"),
-        })
+        }
+    })
 }
 
+/// `--connect`: an address, or a host name and port resolved to its first IPv4 address (or,
+/// with none, its first address).
 fn parse_server(s: &str) -> Result<SocketAddr, String> {
     let addr = resolve_server(s)?;
     if addr.port() == 0 {

@@ -155,13 +155,12 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
 pub fn start(socket: UdpSocket, rate: u32, total: u32) -> io::Result<Udp> {
     let addr = socket.local_addr()?;
     socket.set_read_timeout(Some(POLL))?;
-    // On a wildcard address the reply's source would be chosen by the route back, which on a
-    // host with several addresses need not be the one the client sent to (and a connected
-    // client drops a reply from any other): ask for each datagram's destination.
-    let wildcard = addr.ip().is_unspecified();
-    if wildcard {
-        wire::want_destinations(&socket, addr.is_ipv6())?;
-    }
+    // Each datagram's destination: on a wildcard address the reply is sent from it (the route
+    // back would choose the source, which on a host with several addresses need not be the one
+    // the client sent to, and a connected client drops a reply from any other); on any address
+    // it tells a datagram sent to a group (a socket bound to a broadcast or multicast address
+    // gets nothing else).
+    wire::want_destinations(&socket, addr.is_ipv6())?;
     info!(
         "UDP echo on {} (at most {rate} datagrams/s per source, {total} in all; 0: no limit)",
         socket.local_addr()?
@@ -218,6 +217,8 @@ fn count_unanswered(socket: &UdpSocket, stats: &UdpCounters) {
 
 fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool, stats: &UdpCounters) {
     let own = socket.local_addr().map_or(0, |a| a.port());
+    // Bound to one address, the reply goes from it without being told.
+    let wildcard = socket.local_addr().is_ok_and(|a| a.ip().is_unspecified());
     let mut buf = vec![0u8; 65536];
     let mut pause = Backoff::default();
     while !stop.load(Ordering::Relaxed) {
@@ -263,7 +264,7 @@ fn serve(socket: &UdpSocket, mut limiter: Limiter, stop: &AtomicBool, stats: &Ud
             stats.limited(from);
             continue;
         }
-        match wire::send(socket, &buf[..n], from, dest.as_ref()) {
+        match wire::send(socket, &buf[..n], from, dest.as_ref().filter(|_| wildcard)) {
             Ok(_) => {
                 UdpCounters::count(&stats.echoed);
             }

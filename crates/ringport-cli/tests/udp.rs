@@ -96,7 +96,8 @@ fn datagrams_of_every_size_echo_exactly() {
     let server = Server::start_with(&["--listen", "127.0.0.1:0", "--udp", "--udp-rate", "0"]);
     let sock = udp_client(server.addr);
     sock.set_read_timeout(Some(ECHO_WAIT)).unwrap();
-    let sizes = [1usize, 1000, 60_000];
+    // Up to the largest an IPv4 datagram carries, and none.
+    let sizes = [0usize, 1, 1000, 60_000, 65_507];
     for (i, &len) in sizes.iter().enumerate() {
         let msg = pattern(500 + i as u64, len);
         let echoed = echo_of(&sock, &msg)
@@ -409,6 +410,63 @@ fn datagrams_to_a_broadcast_address_are_not_answered() {
         Some(&b"to this host"[..]),
         "no echo of a datagram sent to the host alone"
     );
+    let output = server.terminate_cleanly(EXIT_GUARD);
+    let groups = number_between(
+        &output.stdout,
+        ", ",
+        " sent to a broadcast or multicast address",
+    );
+    assert_eq!(groups, Some(1), "{}", output.describe());
+}
+
+/// Over IPv6, bound to the loopback address or to `[::]`, datagrams of every size up to the
+/// largest (65,527 bytes) and of none come back whole, from the address they were sent to.
+#[test]
+fn ipv6_datagrams_echo_exactly() {
+    if let Err(e) = UdpSocket::bind("[::1]:0") {
+        println!("SKIPPED ipv6_datagrams_echo_exactly: cannot bind [::1]:0 here ({e})");
+        return;
+    }
+    for listen in ["[::1]:0", "[::]:0"] {
+        let server = Server::start_with(&["--listen", listen, "--udp", "--udp-rate", "0"]);
+        let to = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, server.addr.port()));
+        let sock = UdpSocket::bind("[::1]:0").unwrap();
+        sock.connect(to).unwrap();
+        sock.set_read_timeout(Some(ECHO_WAIT)).unwrap();
+        for len in [0, 1, 1000, 65_527] {
+            let msg = pattern(len as u64, len);
+            assert_eq!(
+                echo_of(&sock, &msg).map(|e| e == msg),
+                Some(true),
+                "the echo of {len} bytes on {listen}\n{}",
+                server.stderr_so_far()
+            );
+        }
+        server.terminate_cleanly(EXIT_GUARD);
+    }
+}
+
+/// Bound to a broadcast address (a subnet's, say; here loopback's), the echo gets only datagrams
+/// sent to everyone there: none is answered, each is counted.
+#[test]
+fn an_echo_bound_to_a_broadcast_address_answers_nothing() {
+    let server = Server::start_with(&["--listen", "127.255.255.255:0", "--udp"]);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_broadcast(true).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    sock.send_to(b"to everyone", server.addr).unwrap();
+    let mut buf = [0u8; 64];
+    match sock.recv_from(&mut buf) {
+        Ok((n, from)) => panic!("a {n}-byte answer from {from} to a broadcast"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "UDP receive: {e}"
+        ),
+    }
     let output = server.terminate_cleanly(EXIT_GUARD);
     let groups = number_between(
         &output.stdout,

@@ -554,9 +554,11 @@ pub(crate) fn wait_timeout(
     sys::until(now, [deadline, paused, quiet])
 }
 
-/// Edge-triggered loops, after a wait: drives the connections that were on `ready` before it
-/// (not those queued again meanwhile), then, while `draining`, those whose quiet period is
-/// over (driven without an event, they close).
+/// Edge-triggered loops, after a wait and its events: drives each connection on `ready` once
+/// (those that yielded before the wait, and those that yielded while their events were handled,
+/// which so get a second turn in this pass; those these turns queue again wait for the next
+/// pass), then, while `draining`, those whose quiet period is over (driven without an event,
+/// they close).
 pub(crate) fn turn_pending(
     conns: &mut HashMap<RawFd, Conn>,
     ready: &mut VecDeque<RawFd>,

@@ -126,9 +126,9 @@ pub(crate) fn serve(listener: TcpListener, config: &Config, stop: &Stop) -> io::
                 }
             }
         }
-        // The connections that yielded before this wait (not those queued just now), then,
-        // while draining, those whose quiet period is over. (Closing a connection's descriptor
-        // also removes it from the epoll set.)
+        // The connections waiting for a turn (see `turn_pending`), then, while draining, those
+        // whose quiet period is over. (Closing a connection's descriptor also removes it from
+        // the epoll set.)
         turn_pending(
             &mut conns,
             &mut ready,

@@ -189,7 +189,11 @@ impl Server {
         let mut completions: Vec<(u64, i32, u32)> = Vec::with_capacity(2 * ENTRIES as usize);
         while !(self.stopping && self.live == 0 && self.accept == Accept::Off) {
             self.feed_backlog();
-            match self.ring.submit_and_wait(1) {
+            // With entries still waiting for room, submit without waiting: the next turn moves
+            // them to the ring, where otherwise they would wait for a completion that may
+            // never come (every connection idle).
+            let wait = usize::from(self.backlog.is_empty());
+            match self.ring.submit_and_wait(wait) {
                 Ok(_) => {}
                 // EBUSY: completions are waiting to be reaped; reap them below.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}

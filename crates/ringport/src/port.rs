@@ -2524,7 +2524,9 @@ mod tests {
                 .build::<(), PanicsOnce>();
             let (port, mut workers) = match built {
                 Err(e)
-                    if backend == Backend::Uring && peer_common::uring_check::refusal_skips() =>
+                    if backend == Backend::Uring
+                        && peer_common::uring_check::refusal_skips()
+                        && peer_common::uring_check::names_refusal(&e.to_string()) =>
                 {
                     println!("SKIPPED (io_uring): {e}");
                     continue;

@@ -292,23 +292,36 @@ fn run_with_timeout(
         // reset, which also discards whatever of the messages it has not sent yet.
         // A reset instead says the server dropped what it had not read: lost, not sent; a
         // side it keeps open, that it may not have (and the close would then be a reset).
+        // The echoes still on their way may be megabytes: the wait runs from the latest byte,
+        // up to `--timeout`, and ends once more has come than was sent.
         let left = wait(&report).map_err(|_| not_closed(true))?;
-        match bytes_before_close(&mut stream, left) {
-            (_, End::Closed) => {}
-            (_, End::Failed(e)) => {
+        let sent = report.sent.saturating_mul(opts.message.len() as u64);
+        let (echoed, end) = bytes_before_close(&mut stream, left, until, Some(sent));
+        if echoed > sent {
+            return Err(fail(format!(
+                "the server sent {} bytes more than it was sent",
+                echoed - sent
+            )));
+        }
+        match end {
+            End::Closed => {}
+            End::Failed(e) => {
                 return Err(io_fail(
                     "receive, after the last message (the server may not have read them all)",
                     &e,
                 ));
             }
-            (_, End::Open) => return Err(not_closed(left < timeout)),
+            End::Open => {
+                let cut = until.is_some_and(|t| Instant::now() >= t);
+                return Err(not_closed(cut));
+            }
         }
     } else {
         // Every echo came back: the server has nothing more to send, and closes its side once
         // it sees ours closed. Anything else it sends is an echo of nothing; a side it keeps
         // open is an error too, as in load mode.
         let left = wait(&report).map_err(|_| not_closed(true))?;
-        let (extra, end) = bytes_before_close(&mut stream, left);
+        let (extra, end) = bytes_before_close(&mut stream, left, None, None);
         if extra > 0 {
             return Err(fail(format!(
                 "the server sent {extra} bytes more than it was sent, after the last echo"
@@ -336,24 +349,39 @@ enum End {
     Open,
 }
 
-/// Reads until the server closes its side, an error, or `timeout` has passed; returns the bytes
+/// Reads until the server closes its side, an error, or `wait` has passed; returns the bytes
 /// read, and how the server's side ended. A server that keeps its side open, or keeps sending,
-/// is not waited for longer.
-fn bytes_before_close(stream: &mut TcpStream, timeout: Duration) -> (u64, End) {
-    let deadline = std::time::Instant::now() + timeout;
-    let mut extra = 0u64;
+/// is not waited for longer. With `expected` (the bytes still to come, at most), `wait` runs
+/// from the latest byte read, up to `until`, and the reading stops once more than that came.
+fn bytes_before_close(
+    stream: &mut TcpStream,
+    wait: Duration,
+    until: Option<Instant>,
+    expected: Option<u64>,
+) -> (u64, End) {
+    let mut deadline = Instant::now() + wait;
+    let mut read = 0u64;
     let mut buf = [0u8; 4096];
     loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return (extra, End::Open);
+            return (read, End::Open);
         }
         match stream.read(&mut buf) {
-            Ok(0) => return (extra, End::Closed),
-            Ok(n) => extra += n as u64,
+            Ok(0) => return (read, End::Closed),
+            Ok(n) => {
+                read += n as u64;
+                if let Some(expected) = expected {
+                    if read > expected {
+                        return (read, End::Open);
+                    }
+                    let next = crate::later(Instant::now(), wait);
+                    deadline = until.map_or(next, |t| next.min(t));
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => return (extra, End::Open),
-            Err(e) => return (extra, End::Failed(e)),
+            Err(e) if is_timeout(&e) => return (read, End::Open),
+            Err(e) => return (read, End::Failed(e)),
         }
     }
 }
@@ -527,19 +555,26 @@ mod tests {
     fn send_only_ends_with_a_fin_against_an_echo_server() {
         let (addr, server) = server(|mut stream| {
             let mut buf = [0u8; 64];
+            // The last 8 bytes read, held back.
+            let mut held = Vec::new();
             loop {
                 match stream.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(n) => stream.write_all(&buf[..n]).map_err(|e| e.kind())?,
+                    Ok(n) => {
+                        held.extend_from_slice(&buf[..n]);
+                        let now = held.len().saturating_sub(8);
+                        stream.write_all(&held[..now]).map_err(|e| e.kind())?;
+                        held.drain(..now);
+                    }
                     Err(e) => return Err(e.kind()),
                 }
             }
-            // The client's FIN is in; the echo of the last bytes may still be on its way, as
-            // from a server that is slow to send. A client that has closed its socket answers
-            // them with a reset, which the next send reports.
-            for _ in 0..2 {
+            // The client's FIN is in; the echo of the last bytes is still on its way, as from
+            // a server that is slow to send. A client that has closed its socket answers them
+            // with a reset, which the next send reports.
+            for piece in held.chunks(4) {
                 thread::sleep(Duration::from_millis(50));
-                stream.write_all(b"late").map_err(|e| e.kind())?;
+                stream.write_all(piece).map_err(|e| e.kind())?;
             }
             Ok(())
         });
@@ -584,6 +619,49 @@ mod tests {
             )
         );
         assert_eq!(server.join().unwrap(), 3 * 26);
+    }
+
+    /// Send-only: echoes that keep coming after the last message, for longer than the I/O
+    /// timeout in all but never stalling that long, are read to the server's close; more than
+    /// was sent is an error.
+    #[test]
+    fn send_only_reads_a_slow_echo_to_the_end_but_no_more_than_was_sent() {
+        for extra in [0usize, 1] {
+            let (addr, server) = server(move |mut stream| {
+                let mut all = Vec::new();
+                stream.read_to_end(&mut all).unwrap();
+                all.extend(std::iter::repeat_n(b'!', extra));
+                // A piece every 100 ms: 1.3 s in all, against a 300 ms I/O timeout.
+                for piece in all.chunks(40) {
+                    thread::sleep(Duration::from_millis(100));
+                    if stream.write_all(piece).is_err() {
+                        return;
+                    }
+                }
+            });
+            let opts = BookOptions {
+                count: 20,
+                send_only: true,
+                ..BookOptions::new(addr)
+            };
+            let mut out = Vec::new();
+            let result = run_with_timeout(&opts, &mut out, Duration::from_millis(300));
+            if extra == 0 {
+                assert_eq!(
+                    result,
+                    Ok(BookReport {
+                        sent: 20,
+                        received: 0
+                    })
+                );
+            } else {
+                assert_eq!(
+                    result.unwrap_err().to_string(),
+                    format!("{addr}: the server sent 1 bytes more than it was sent")
+                );
+            }
+            server.join().unwrap();
+        }
     }
 
     #[test]

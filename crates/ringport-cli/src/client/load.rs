@@ -198,8 +198,10 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         || std::thread::available_parallelism().map_or(1, usize::from),
         usize::from,
     );
-    // Each connection is a descriptor; the port and the client keep a few of their own.
-    let spare = 32 + 4 * workers.min(connections as usize) as u64;
+    // Each connection is a descriptor; the client keeps a few of its own (standard streams,
+    // the signal thread's pipe), and each port worker two or three (its ring or epoll
+    // instance, its wake-up eventfd).
+    let spare = 16 + 3 * workers.min(connections as usize) as u64;
     if let Some(limit) = crate::nofile_limit() {
         if u64::from(connections) + spare > limit {
             return Err(format!(

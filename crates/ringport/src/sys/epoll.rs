@@ -1,8 +1,9 @@
 //! The epoll backend: the same completions, produced from readiness.
 //!
 //! One epoll instance per worker. A socket is registered once, edge-triggered for both
-//! directions, the first time an operation is started on it, and stays registered: no
-//! `epoll_ctl` per message. Each socket has two queues of operations in posting order, one per
+//! directions, the first time an operation is started on it, and stays registered until an
+//! [`Op::close`](crate::Op::close) (or the close of its last descriptor): no `epoll_ctl` per
+//! message. Each socket has two queues of operations in posting order, one per
 //! direction (accept and receive read; connect and send write). A started operation is tried at
 //! once when it is first in its queue; otherwise, and after `EAGAIN`, it waits for the next edge,
 //! at which the queue is run in order until an operation would block again. A finished operation

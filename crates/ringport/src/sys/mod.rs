@@ -239,9 +239,11 @@ pub(crate) trait Driver: Send {
     /// queued (io_uring: the submission failed); it may be asked again.
     fn cancel(&mut self, what: Cancel) -> bool;
 
-    /// The socket `target` was closed (its operations cancelled, none to come): forget it.
-    /// epoll takes it out of its set, where it would otherwise stay, under its old descriptor
-    /// number, while another descriptor of the same socket is open.
+    /// The socket `target` was closed with `Op::close` (its operations cancelled, none to
+    /// come): forget it. epoll takes it out of its set, where it would otherwise stay, under its
+    /// old descriptor number, while another descriptor of the same socket is open. (A handle
+    /// dropped without a close leaves that to the kernel, which drops the entry with the
+    /// socket's last descriptor.)
     fn closed(&mut self, _target: Target) {}
 
     /// Submits queued work and waits up to `timeout` (`None`: forever) for at least one event
