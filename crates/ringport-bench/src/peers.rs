@@ -44,6 +44,18 @@ pub struct PeerBuffer {
     pub peer_buffer: Option<u32>,
 }
 
+impl PeerBuffer {
+    /// What the report says of the peers' reads.
+    pub fn note(self) -> Option<String> {
+        Some(match self.peer_buffer {
+            None => "the peers read 8192 bytes at a time (their default), ringport serve into \
+                     64 KiB pool buffers: --peer-buffer 65536 gives the peers reads of that size"
+                .to_owned(),
+            Some(b) => format!("the peers read {b} bytes at a time (--peer-buffer)"),
+        })
+    }
+}
+
 /// The peer table: label, role, binary, package and argv of each server.
 pub fn specs(workers: u16, peer_buffer: PeerBuffer) -> Vec<ServerSpec> {
     let buffer = peer_buffer.peer_buffer.map(|b| b.to_string());
@@ -88,6 +100,20 @@ pub fn specs(workers: u16, peer_buffer: PeerBuffer) -> Vec<ServerSpec> {
     ]
 }
 
+/// Refuses more workers than server CPUs: the figures would measure the workers' contention
+/// for a core, which the runtimes handle differently, more than the servers.
+fn check_workers(workers: u16, server_cpus: &[usize]) -> Result<(), String> {
+    if usize::from(workers) > server_cpus.len() {
+        return Err(format!(
+            "--workers {workers}: more than the {} server CPU(s) ({}); give --server-cpus as \
+             many",
+            server_cpus.len(),
+            crate::proc::format_cpu_list(server_cpus)
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `ringport-bench peers ARGS` (arguments without the program and mode names) and returns
 /// the exit code.
 pub fn peers_main(prog: &str, args: &[String]) -> i32 {
@@ -98,6 +124,7 @@ fn run(args: &PeersArgs) -> Result<i32, String> {
     let c = &args.common;
     let specs = specs(args.workers, args.peer_buffer);
     let setup = Setup::new(c, |m| m.iter().copied().take(1).collect(), &specs)?;
+    check_workers(args.workers, &setup.server_cpus)?;
     let (ready, skipped) = setup.resolve(c, &specs);
     let (conns, sizes, pipes): (&[u32], &[u32], &[u32]) = if c.quick {
         (&[1, 50], &[64], &[1, 16])
@@ -133,7 +160,12 @@ fn run(args: &PeersArgs) -> Result<i32, String> {
         plan,
         machine_cpus: setup.machine.clone(),
         clock_ticks_per_sec: crate::proc::clock_ticks_per_sec(),
-        notes: setup.notes.clone(),
+        notes: setup
+            .notes
+            .iter()
+            .cloned()
+            .chain(args.peer_buffer.note())
+            .collect(),
         warnings: setup.warnings.clone(),
         skipped,
         compare_same_workers: false,
@@ -141,4 +173,35 @@ fn run(args: &PeersArgs) -> Result<i32, String> {
     };
     let charts = crate::connection_charts("peers", &report.servers);
     Ok(crate::finish(&report, &c.out, charts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_workers_than_server_cpus_are_refused() {
+        assert_eq!(check_workers(1, &[0]), Ok(()));
+        assert_eq!(check_workers(2, &[0, 3]), Ok(()));
+        let e = check_workers(4, &[0, 1]).unwrap_err();
+        assert!(
+            e.starts_with("--workers 4: more than the 2 server CPU(s) (0-1)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_report_says_how_the_peers_read() {
+        let default = PeerBuffer { peer_buffer: None }.note().unwrap();
+        assert!(
+            default.contains("8192") && default.contains("--peer-buffer 65536"),
+            "{default}"
+        );
+        let given = PeerBuffer {
+            peer_buffer: Some(65536),
+        }
+        .note()
+        .unwrap();
+        assert!(given.contains("65536 bytes at a time"), "{given}");
+    }
 }

@@ -93,6 +93,7 @@ fn run(args: &ScalingArgs) -> Result<i32, String> {
     }
     let mut notes = setup.notes.clone();
     notes.extend(note);
+    notes.extend(args.peer_buffer.note());
     let specs = with_workers(&base, &workers);
     let (ready, skipped) = setup.resolve(c, &specs);
     if ready.is_empty() && skipped.is_empty() {
