@@ -15,7 +15,9 @@ use crate::sys::{Gather, OpBody};
 /// a completion with what was posted. Unique among a port's operations in flight; once an
 /// operation has completed, its id may in time (after many later operations) be given to
 /// another, as an `OVERLAPPED` address is reused on Windows: cancel only operations whose last
-/// completion has not been dequeued.
+/// completion has not been dequeued. An id means something only to the port that gave it: the
+/// ports of a process number their operations alike, so given to another port's cancel it can
+/// name one of that port's operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OpId(NonZeroU64);
 

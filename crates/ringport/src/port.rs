@@ -673,7 +673,9 @@ where
 /// accepts and sends, which had done nothing yet), so that they complete as if it had not, but
 /// a connect still in progress then completes with `ECANCELED` (its handshake goes on in the
 /// kernel, and the socket is best closed). (The port tells such cancels from those asked for
-/// only on a worker that has been used from more than one thread, and by handle: there, the
+/// only on io_uring, on a worker that has been used from more than one thread, and by handle
+/// (counting a socket's cancels modulo 16: sixteen [`Worker::cancel_all`]s of one socket while
+/// one of its `ECANCELED`s waits unreaped make it look unasked): there, the
 /// operations of another handle of the same socket, from a duplicated descriptor, which a
 /// close or [`Worker::cancel_all`] of one handle cancels in the kernel, are started again.)
 /// Packets and operations posted from other threads
@@ -917,9 +919,17 @@ where
             .shared
             .send(worker, pending, |pending| Remote::Op(id, pending))
         {
-            // The home worker is gone: the operation fails here, and gives its buffer back.
-            self.ready
-                .push_back(pending.into_completion(id, Err(errno(libc::ECANCELED))));
+            // The home worker is gone, or this port has none of that index (another port's
+            // socket): the operation fails here, and gives its buffer back.
+            let e = if worker < self.shared.slots.len() {
+                errno(libc::ECANCELED)
+            } else {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the socket was associated with another port",
+                )
+            };
+            self.ready.push_back(pending.into_completion(id, Err(e)));
         }
         OpId::from_raw(id)
     }
@@ -1337,7 +1347,8 @@ where
     /// and a worker may have moved on to another thread and live on. Nothing of such an
     /// operation was done (its receive or send was not made), so it starts again as it was: a
     /// receive, a pooled receive, an accept (multishot or not), a send (from where it got to).
-    /// Only on a worker that more than one thread has used (`moved`); not one whose cancel
+    /// Only on io_uring, on a worker that more than one thread has used (`moved`); not one
+    /// whose cancel
     /// was asked (of it, of its socket since it went into the kernel, a close, the shutdown);
     /// and not a connect, whose handshake the kernel goes on with: started again, it would
     /// find it in progress and fail with `EALREADY`; it completes with `ECANCELED`. A pooled
@@ -1345,7 +1356,10 @@ where
     /// also reaches those of a duplicate of its descriptor on the same worker, which have
     /// their own handle: on a worker that moved, those are started again.) Whether it started.
     fn restart_orphaned(&mut self, id: u64) -> bool {
-        if self.shutting_down || self.shared.shutdown.load(Ordering::Acquire) {
+        if self.shutting_down
+            || self.shared.shutdown.load(Ordering::Acquire)
+            || !self.driver.cancels_at_thread_exit()
+        {
             return false;
         }
         let Some(p) = self.inflight.get_mut(id) else {
@@ -1582,6 +1596,8 @@ where
         if self.unsent_cancels.is_empty() {
             return;
         }
+        // (Handles dropped once every cancel is asked again, as in `take_remote`.)
+        let mut asked = Vec::new();
         for what in std::mem::take(&mut self.unsent_cancels) {
             match what {
                 Unsent::Op(id) if self.inflight.contains(id) => self.cancel_op_in_driver(id),
@@ -1589,9 +1605,13 @@ where
                 Unsent::Op(_) => {}
                 // Asked again: it also cancels what was posted on the socket meanwhile (those
                 // held, and those in the kernel, whose `ECANCELED` the new count says was asked).
-                Unsent::Socket(h) => self.cancel_socket_in_driver(&h),
+                Unsent::Socket(h) => {
+                    self.cancel_socket_in_driver(&h);
+                    asked.push(h);
+                }
             }
         }
+        drop(asked);
     }
 
     /// Before the worker answers [`WaitError::Shutdown`]: closes its mailbox under the lock,
@@ -1629,6 +1649,10 @@ where
             return;
         }
         let items = std::mem::take(&mut *lock(&slot.queue));
+        // The handles of the cancels, dropped once every item is dealt with: one may be a
+        // socket's last, and a panic in its key's `drop` must not take the rest of the queue
+        // with it.
+        let mut cancelled = Vec::new();
         for item in items {
             match item {
                 Remote::Op(id, p) if self.inflight.contains(id) => {
@@ -1649,9 +1673,13 @@ where
                         self.cancel_op_in_driver(id);
                     }
                 }
-                Remote::CancelAll(h) => self.cancel_socket_in_driver(&h),
+                Remote::CancelAll(h) => {
+                    self.cancel_socket_in_driver(&h);
+                    cancelled.push(h);
+                }
             }
         }
+        drop(cancelled);
     }
 
     /// Starts an operation on this worker's ring, or completes it at once when it cannot start.
@@ -2491,6 +2519,89 @@ mod tests {
         let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
         assert_eq!(c.data.0, 1);
         assert!(!c.more && c.is_cancelled(), "{c:?}");
+    }
+
+    /// On epoll, which cancels nothing when a thread exits, an `ECANCELED` is never taken for
+    /// the kernel's own and started again: not even on a worker that moved between threads
+    /// after sixteen cancels of its socket, which bring a socket's count of them round.
+    #[test]
+    fn epoll_never_undoes_a_cancel() {
+        let (port, mut workers) = Port::builder()
+            .workers(1)
+            .backend(Backend::Epoll)
+            .build::<(), u8>()
+            .unwrap();
+        let w = workers.pop().unwrap();
+        // Used from a second thread, then this one: a worker that moved.
+        let mut w = std::thread::spawn(move || {
+            let mut w = w;
+            assert!(matches!(
+                w.dequeue(Some(Duration::ZERO)),
+                Err(WaitError::TimedOut)
+            ));
+            w
+        })
+        .join()
+        .unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        let h = port.associate(ours, ()).unwrap();
+        w.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
+        for _ in 0..16 {
+            w.cancel_all(&h);
+        }
+        let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
+        assert!(c.is_cancelled(), "{:?}", c.result);
+    }
+
+    /// A key whose `drop` panics (when it was made to).
+    struct PanicsOnDrop(bool);
+
+    impl Drop for PanicsOnDrop {
+        fn drop(&mut self) {
+            assert!(!self.0, "the key's drop panics");
+        }
+    }
+
+    /// A cancel from another thread whose handle is the socket's last: the key's `drop`, run
+    /// by the worker as it takes its mailbox, panics, and what was queued behind the cancel is
+    /// still delivered.
+    #[test]
+    fn a_key_that_panics_when_dropped_loses_nothing_queued_behind_it() {
+        for backend in [Backend::Epoll, Backend::Uring] {
+            let built = Port::builder()
+                .workers(1)
+                .backend(backend)
+                .build::<PanicsOnDrop, u8>();
+            let (port, mut workers) = match built {
+                Err(e)
+                    if backend == Backend::Uring
+                        && peer_common::uring_check::refusal_skips()
+                        && peer_common::uring_check::names_refusal(&e.to_string()) =>
+                {
+                    println!("SKIPPED (io_uring): {e}");
+                    continue;
+                }
+                b => b.unwrap(),
+            };
+            let mut w = workers.pop().unwrap();
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let _peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (ours, _) = l.accept().unwrap();
+            let h = port.associate(ours, PanicsOnDrop(true)).unwrap();
+            port.cancel_all(&h);
+            drop(h);
+            assert!(port.post(0, Packet::new(7)).is_ok());
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                w.dequeue(Some(Duration::from_secs(10)))
+            }));
+            assert!(panicked.is_err(), "{backend}: the key's drop panics");
+            let c = w
+                .dequeue(Some(Duration::from_secs(10)))
+                .unwrap_or_else(|e| panic!("{backend}: the packet posted after it: {e}"));
+            assert_eq!(c.data, 7, "{backend}");
+        }
     }
 
     /// Per-I/O data whose clone panics the first time only (of all its values).

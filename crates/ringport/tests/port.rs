@@ -889,6 +889,24 @@ fn a_socket_of_another_port_is_refused(b: Backend) {
     peer.write_all(b"mine").unwrap();
     let c = next(&mut w);
     assert_eq!((c.data, c.buf.unwrap()), (1, b"mine".to_vec()));
+    // A socket of a port with more workers than this one, at an index this port lacks: the
+    // same refusal.
+    let (wide, mut wide_workers) = Port::builder()
+        .workers(2)
+        .backend(b)
+        .build::<(), u8>()
+        .unwrap();
+    let (theirs, _their_peer) = pair();
+    let far = wide.associate_with(1, theirs, ()).unwrap();
+    w2.submit(Op::recv(&far, Vec::with_capacity(4)), 4);
+    let c = next(&mut w2);
+    assert_eq!(c.data, 4);
+    assert_eq!(
+        c.result.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::InvalidInput)
+    );
+    assert!(c.buf.is_some(), "its buffer comes back");
+    drop((far, wide_workers.pop()));
 }
 
 /// Ids of finished operations stay dead: cancelling one, from this thread or another, leaves

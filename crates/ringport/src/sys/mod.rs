@@ -239,6 +239,12 @@ pub(crate) trait Driver: Send {
     /// queued (io_uring: the submission failed); it may be asked again.
     fn cancel(&mut self, what: Cancel) -> bool;
 
+    /// Whether the kernel cancels what a thread started when that thread exits (io_uring): an
+    /// `ECANCELED` nobody asked for can come only from such a driver.
+    fn cancels_at_thread_exit(&self) -> bool {
+        false
+    }
+
     /// The socket `target` was closed with `Op::close` (its operations cancelled, none to
     /// come): forget it. epoll takes it out of its set, where it would otherwise stay, under its
     /// old descriptor number, while another descriptor of the same socket is open. (A handle

@@ -650,6 +650,10 @@ fn probe_multishot_recv(ring: &mut IoUring, limit: u32) -> io::Result<bool> {
 }
 
 impl Driver for Uring {
+    fn cancels_at_thread_exit(&self) -> bool {
+        true
+    }
+
     fn start(&mut self, id: u64, target: Target, body: &mut OpBody) -> io::Result<()> {
         let fd = types::Fd(target.fd);
         let sqe = match body {
