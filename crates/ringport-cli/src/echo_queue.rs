@@ -37,6 +37,9 @@ pub struct EchoQueue<B> {
     buffers: usize,
     /// The buffer of the last slice pushed, while any is held.
     last: Option<usize>,
+    /// The owner's note of how far the echo had got in the kernel when it last looked (see
+    /// `Server::echo_moving`): whatever the owner keeps there.
+    pub mark: Option<(u64, usize)>,
 }
 
 impl<B: Slice> EchoQueue<B> {
@@ -49,6 +52,7 @@ impl<B: Slice> EchoQueue<B> {
             pending: 0,
             buffers: 0,
             last: None,
+            mark: None,
         }
     }
 

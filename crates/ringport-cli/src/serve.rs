@@ -1195,7 +1195,9 @@ impl Server {
         }
         let fd = handle.as_raw_fd();
         if self.forced {
-            debug!("closing socket {fd} (the drain timed out)");
+            // Handed over as the others were closed: closed with them, and counted.
+            warn!("drain timeout: closing socket {fd}, handed over after the others were closed");
+            self.connections += 1;
             self.totals.live.fetch_sub(1, Ordering::Relaxed);
             return;
         }
@@ -1545,6 +1547,35 @@ impl Server {
     /// little of it they carry (a slice kept back keeps its whole buffer out of the pool, so
     /// this is the bound that holds whatever the other connections do), and at least
     /// `SLICE_CHARGE` per slice.
+    /// Whether the peer of a connection whose echo has not moved for a while (`last_active`
+    /// unchanged: no send completed) still takes it, however slowly: a send waiting for room
+    /// completes only once a good part of the socket's send buffer (megabytes) has drained,
+    /// so between completions progress shows only in the kernel, as fewer bytes sent and not
+    /// yet acknowledged (`SIOCOUTQ`; with no send completing, none are added). The first look
+    /// since the last activity notes the count, and, if any is outstanding, gives the
+    /// connection as long again (it counts as active from `now`); a later one, whether the
+    /// count went down since, and if it did, as long again from `now`. So a peer taking its
+    /// echo however slowly stays, and one taking none of it is found out a period later than
+    /// by its last completion alone.
+    fn echo_moving(conn: &mut Conn, now: u64) -> bool {
+        let Some(q) = conn.out.as_mut() else {
+            return false;
+        };
+        let Ok(unacked) = conn.handle.unacked_bytes() else {
+            return false;
+        };
+        let moved = match q.mark {
+            Some((at, before)) if at == conn.last_active => unacked < before,
+            // A first look since the last activity: the count to compare with next time.
+            _ => unacked > 0,
+        };
+        if moved {
+            conn.last_active = now;
+        }
+        q.mark = Some((conn.last_active, unacked));
+        moved
+    }
+
     fn held_bytes(&self, conn: &Conn) -> usize {
         conn.out.as_ref().map_or(0, |q| {
             (q.buffers() * self.limits.pool_buffer).max(q.held() * SLICE_CHARGE)
@@ -1736,9 +1767,14 @@ impl Server {
             .take_while(|(h, _)| *h > 2 * self.limits.conn_buffer)
             .count();
         for (bytes, id) in held.into_iter().take(1 + over) {
-            let Some(conn) = self.conns.take(id) else {
+            let Some(mut conn) = self.conns.take(id) else {
                 continue;
             };
+            if Self::echo_moving(&mut conn, now) {
+                // A slow reader: its peer still takes the echo (looked at again next time).
+                self.conns.put(id, conn);
+                continue;
+            }
             if !std::mem::replace(&mut self.hog_warned, true) {
                 warn!(
                     "socket {}: closing it: it holds {bytes} bytes of the receive pool and \
@@ -1779,21 +1815,26 @@ impl Server {
         };
         let now = self.millis(Instant::now());
         let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-        let stale: Vec<u64> = self
+        let quiet: Vec<u64> = self
             .conns
             .iter()
-            // One waiting for a pool buffer, or to try again what failed for want of memory,
-            // has input its peer sent: busy, not idle.
-            .filter(|(_, c)| {
-                !c.starved && !c.retry.pending() && now.saturating_sub(c.last_active) >= idle_ms
-            })
+            // One that waits to try again what failed for want of memory is busy, not idle.
+            .filter(|(_, c)| !c.retry.pending() && now.saturating_sub(c.last_active) >= idle_ms)
             .map(|(id, _)| id)
             .collect();
-        for id in stale {
-            if let Some(conn) = self.conns.take(id) {
-                self.totals.idle_closed.fetch_add(1, Ordering::Relaxed);
-                self.close_conn(id, conn, "idle timeout");
+        for id in quiet {
+            let Some(mut conn) = self.conns.take(id) else {
+                continue;
+            };
+            // Nor is one waiting for a pool buffer with input its peer sent, nor one whose
+            // peer is still taking its echo, however slowly.
+            let waits_with_input = conn.starved && !self.nothing_waiting(&conn);
+            if waits_with_input || Self::echo_moving(&mut conn, now) {
+                self.conns.put(id, conn);
+                continue;
             }
+            self.totals.idle_closed.fetch_add(1, Ordering::Relaxed);
+            self.close_conn(id, conn, "idle timeout");
         }
         if self.deadline.is_none() {
             self.sweep = Some(
@@ -1879,8 +1920,10 @@ impl Server {
             let Some(mut conn) = self.conns.take(id) else {
                 continue; // Closed meanwhile.
             };
-            // Whatever waits goes now, even if this entry was the other operation's.
+            // Whatever waits goes now, even if this entry was the other operation's; the
+            // connection is busy from here, not idle since before its failures.
             let ops = conn.retry.take();
+            conn.last_active = now;
             let mut retried = 0;
             if ops & Retry::SEND != 0 && !self.idle(&conn) {
                 self.wants_send(id, &mut conn);

@@ -481,7 +481,67 @@ fn client_connections_past_the_descriptor_limit_are_refused_up_front() {
     );
 }
 
+/// A peer that takes its echo slowly but steadily is not idle, though the server's sends to it
+/// complete seconds apart (a send waiting for room completes once a good part of the socket's
+/// send buffer has drained): it gets all of its echo.
+fn idle_timeout_spares_a_slow_reader_taking_its_echo() {
+    // More than the server's send buffer can take (4 MiB at most here): a send stays in
+    // flight while the echo drains.
+    const TOTAL: usize = 8 << 20;
+    // Room for all of it in the server (no pause): after the input, only sends move.
+    let server = Server::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--idle-timeout",
+        "0.5",
+        "--conn-buffer",
+        "8388608",
+        "--pool-size",
+        "67108864",
+    ]);
+    let stream = connect(server.addr);
+    // A small receive buffer here (no autotuning), so that the echo waits in the server's
+    // send buffer rather than in this one.
+    socket2::SockRef::from(&stream)
+        .set_recv_buffer_size(64 << 10)
+        .unwrap();
+    let data = pattern(7, TOTAL);
+    let writer = thread::spawn({
+        let mut stream = stream;
+        let data = data.clone();
+        move || {
+            stream.write_all(&data).unwrap();
+            stream
+        }
+    });
+    // Once all of it is in, 64 KiB every 30 ms: about 2 MB/s, some 4 s in all, without a
+    // pause of 0.5 s (a send waiting for room then completes about as far apart).
+    let stream = writer.join().unwrap();
+    let mut reader = stream;
+    reader
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::with_capacity(TOTAL);
+    let mut chunk = vec![0u8; 64 << 10];
+    while got.len() < TOTAL {
+        thread::sleep(Duration::from_millis(30));
+        match reader.read(&mut chunk) {
+            Ok(0) => panic!(
+                "closed after {} of {TOTAL} bytes of echo\n{}",
+                got.len(),
+                server.stderr_so_far()
+            ),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("after {} of {TOTAL} bytes of echo: {e}", got.len()),
+        }
+    }
+    assert!(got == data, "the echo differs");
+    drop(reader);
+    server.terminate_cleanly(EXIT_GUARD);
+}
+
 per_backend!(
+    idle_timeout_spares_a_slow_reader_taking_its_echo,
     client_connections_past_the_descriptor_limit_are_refused_up_front,
     max_connections_refuses_the_excess_and_recovers,
     idle_timeout_closes_idle_connections_only,
