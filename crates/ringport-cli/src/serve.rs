@@ -1196,7 +1196,7 @@ impl Server {
         let fd = handle.as_raw_fd();
         if self.forced {
             // Handed over as the others were closed: closed with them, and counted.
-            warn!("drain timeout: closing socket {fd}, handed over after the others were closed");
+            debug!("closing socket {fd}, handed over after the drain timed out");
             self.connections += 1;
             self.totals.live.fetch_sub(1, Ordering::Relaxed);
             return;
@@ -1524,9 +1524,11 @@ impl Server {
         });
         if !idle {
             self.wants_send(id, &mut conn);
-        } else if let Some(out) = conn.out.take() {
-            // Nothing left to echo: the queue goes back to the spares.
+        } else if let Some(mut out) = conn.out.take() {
+            // Nothing left to echo: the queue goes back to the spares (without this
+            // connection's mark).
             debug_assert_eq!(out.pending(), 0);
+            out.mark = None;
             if self.spare_queues.len() < SPARE_LISTS {
                 self.spare_queues.push(out);
             }
@@ -1543,20 +1545,17 @@ impl Server {
         u64::try_from(t.saturating_duration_since(self.start).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Pool memory the connection may hold: each pool buffer its slices are in, whole, however
-    /// little of it they carry (a slice kept back keeps its whole buffer out of the pool, so
-    /// this is the bound that holds whatever the other connections do), and at least
-    /// `SLICE_CHARGE` per slice.
     /// Whether the peer of a connection whose echo has not moved for a while (`last_active`
     /// unchanged: no send completed) still takes it, however slowly: a send waiting for room
     /// completes only once a good part of the socket's send buffer (megabytes) has drained,
-    /// so between completions progress shows only in the kernel, as fewer bytes sent and not
-    /// yet acknowledged (`SIOCOUTQ`; with no send completing, none are added). The first look
-    /// since the last activity notes the count, and, if any is outstanding, gives the
-    /// connection as long again (it counts as active from `now`); a later one, whether the
-    /// count went down since, and if it did, as long again from `now`. So a peer taking its
-    /// echo however slowly stays, and one taking none of it is found out a period later than
-    /// by its last completion alone.
+    /// so between completions progress shows only in the kernel, in its count of the bytes
+    /// sent and not yet acknowledged (`SIOCOUTQ`). The first look since the last activity
+    /// notes the count, and, if any is outstanding, gives the connection as long again (it
+    /// counts as active from `now`); a later one, whether the count changed since, and if it
+    /// did, as long again from `now`. So a peer taking its echo however slowly stays, and one
+    /// taking none of it is found out a period later than by its last completion alone. (Echo
+    /// already all in the socket, with no queue left here, is not looked at: a connection
+    /// closed then still delivers it, before its FIN.)
     fn echo_moving(conn: &mut Conn, now: u64) -> bool {
         let Some(q) = conn.out.as_mut() else {
             return false;
@@ -1565,7 +1564,9 @@ impl Server {
             return false;
         };
         let moved = match q.mark {
-            Some((at, before)) if at == conn.last_active => unacked < before,
+            // Down as the peer takes it, or up as a send whose completion is not in yet put
+            // more in: either way it moves (a peer that takes none leaves it as it was).
+            Some((at, before)) if at == conn.last_active => unacked != before,
             // A first look since the last activity: the count to compare with next time.
             _ => unacked > 0,
         };
@@ -1576,6 +1577,10 @@ impl Server {
         moved
     }
 
+    /// Pool memory the connection may hold: each pool buffer its slices are in, whole, however
+    /// little of it they carry (a slice kept back keeps its whole buffer out of the pool, so
+    /// this is the bound that holds whatever the other connections do), and at least
+    /// `SLICE_CHARGE` per slice.
     fn held_bytes(&self, conn: &Conn) -> usize {
         conn.out.as_ref().map_or(0, |q| {
             (q.buffers() * self.limits.pool_buffer).max(q.held() * SLICE_CHARGE)

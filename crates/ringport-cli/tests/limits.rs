@@ -485,8 +485,8 @@ fn client_connections_past_the_descriptor_limit_are_refused_up_front() {
 /// complete seconds apart (a send waiting for room completes once a good part of the socket's
 /// send buffer has drained): it gets all of its echo.
 fn idle_timeout_spares_a_slow_reader_taking_its_echo() {
-    // More than the server's send buffer can take (4 MiB at most here): a send stays in
-    // flight while the echo drains.
+    // More than the server's send buffer takes (a few MiB at most): a send stays in flight
+    // while the echo drains.
     const TOTAL: usize = 8 << 20;
     // Room for all of it in the server (no pause): after the input, only sends move.
     let server = Server::start_with(&[
@@ -495,9 +495,9 @@ fn idle_timeout_spares_a_slow_reader_taking_its_echo() {
         "--idle-timeout",
         "0.5",
         "--conn-buffer",
-        "8388608",
+        "16777216",
         "--pool-size",
-        "67108864",
+        "134217728",
     ]);
     let stream = connect(server.addr);
     // A small receive buffer here (no autotuning), so that the echo waits in the server's

@@ -311,10 +311,7 @@ fn run_with_timeout(
                     &e,
                 ));
             }
-            End::Open => {
-                let cut = until.is_some_and(|t| Instant::now() >= t);
-                return Err(not_closed(cut));
-            }
+            End::Open { cut } => return Err(not_closed(cut)),
         }
     } else {
         // Every echo came back: the server has nothing more to send, and closes its side once
@@ -333,7 +330,7 @@ fn run_with_timeout(
             End::Failed(e) => {
                 return Err(io_fail("receive, after the last echo", &e));
             }
-            End::Open => return Err(not_closed(left < timeout)),
+            End::Open { .. } => return Err(not_closed(left < timeout)),
         }
     }
     Ok(report)
@@ -345,8 +342,8 @@ enum End {
     Closed,
     /// With a reset or another error.
     Failed(io::Error),
-    /// It did not, within the time given.
-    Open,
+    /// It did not, within the time given (`cut`: the time `until` gave, not the wait).
+    Open { cut: bool },
 }
 
 /// Reads until the server closes its side, an error, or `wait` has passed; returns the bytes
@@ -360,12 +357,13 @@ fn bytes_before_close(
     expected: Option<u64>,
 ) -> (u64, End) {
     let mut deadline = Instant::now() + wait;
+    let mut cut = until.is_some_and(|t| t <= deadline);
     let mut read = 0u64;
     let mut buf = [0u8; 4096];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return (read, End::Open);
+            return (read, End::Open { cut });
         }
         match stream.read(&mut buf) {
             Ok(0) => return (read, End::Closed),
@@ -373,14 +371,15 @@ fn bytes_before_close(
                 read += n as u64;
                 if let Some(expected) = expected {
                     if read > expected {
-                        return (read, End::Open);
+                        return (read, End::Open { cut: false });
                     }
                     let next = crate::later(Instant::now(), wait);
+                    cut = until.is_some_and(|t| t <= next);
                     deadline = until.map_or(next, |t| next.min(t));
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => return (read, End::Open),
+            Err(e) if is_timeout(&e) => return (read, End::Open { cut }),
             Err(e) => return (read, End::Failed(e)),
         }
     }
