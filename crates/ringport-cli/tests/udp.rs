@@ -379,6 +379,32 @@ fn sigterm_stops_the_udp_echo_at_once() {
     );
 }
 
+/// Nothing comes back to `sock` (within its read timeout) for what it sent to a broadcast
+/// address.
+fn assert_no_answer_to_a_broadcast(sock: &UdpSocket) {
+    let mut buf = [0u8; 64];
+    match sock.recv_from(&mut buf) {
+        Ok((n, from)) => panic!("a {n}-byte answer from {from} to a broadcast"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "UDP receive: {e}"
+        ),
+    }
+}
+
+/// The exit summary counts one datagram sent to a broadcast or multicast address.
+fn assert_one_to_a_group(output: &Output) {
+    let groups = number_between(
+        &output.stdout,
+        ", ",
+        " sent to a broadcast or multicast address",
+    );
+    assert_eq!(groups, Some(1), "{}", output.describe());
+}
+
 /// A datagram sent to a broadcast address (loopback's, 127.255.255.255, reaches a wildcard
 /// socket) is not answered, and is counted: every host serving the echo there would answer
 /// one datagram with a spoofed source. One sent to the host alone still is.
@@ -392,17 +418,7 @@ fn datagrams_to_a_broadcast_address_are_not_answered() {
         .unwrap();
     sock.send_to(b"to everyone", ("127.255.255.255", port))
         .unwrap();
-    let mut buf = [0u8; 64];
-    match sock.recv_from(&mut buf) {
-        Ok((n, from)) => panic!("a {n}-byte answer from {from} to a broadcast"),
-        Err(e) => assert!(
-            matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ),
-            "UDP receive: {e}"
-        ),
-    }
+    assert_no_answer_to_a_broadcast(&sock);
     sock.connect(("127.0.0.1", port)).unwrap();
     sock.set_read_timeout(Some(ECHO_WAIT)).unwrap();
     assert_eq!(
@@ -410,13 +426,7 @@ fn datagrams_to_a_broadcast_address_are_not_answered() {
         Some(&b"to this host"[..]),
         "no echo of a datagram sent to the host alone"
     );
-    let output = server.terminate_cleanly(EXIT_GUARD);
-    let groups = number_between(
-        &output.stdout,
-        ", ",
-        " sent to a broadcast or multicast address",
-    );
-    assert_eq!(groups, Some(1), "{}", output.describe());
+    assert_one_to_a_group(&server.terminate_cleanly(EXIT_GUARD));
 }
 
 /// Over IPv6, bound to the loopback address or to `[::]`, datagrams of every size up to the
@@ -456,24 +466,8 @@ fn an_echo_bound_to_a_broadcast_address_answers_nothing() {
     sock.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     sock.send_to(b"to everyone", server.addr).unwrap();
-    let mut buf = [0u8; 64];
-    match sock.recv_from(&mut buf) {
-        Ok((n, from)) => panic!("a {n}-byte answer from {from} to a broadcast"),
-        Err(e) => assert!(
-            matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ),
-            "UDP receive: {e}"
-        ),
-    }
-    let output = server.terminate_cleanly(EXIT_GUARD);
-    let groups = number_between(
-        &output.stdout,
-        ", ",
-        " sent to a broadcast or multicast address",
-    );
-    assert_eq!(groups, Some(1), "{}", output.describe());
+    assert_no_answer_to_a_broadcast(&sock);
+    assert_one_to_a_group(&server.terminate_cleanly(EXIT_GUARD));
 }
 
 /// Bound to a wildcard address, the echo answers from the address the datagram was sent to:

@@ -2555,6 +2555,26 @@ mod tests {
         assert!(c.is_cancelled(), "{:?}", c.result);
     }
 
+    /// What `built` built, or `None` (saying `SKIPPED`) where io_uring was refused and the
+    /// tests may skip it.
+    #[allow(clippy::type_complexity)]
+    fn built_or_skipped<K, D>(
+        backend: Backend,
+        built: io::Result<(Port<K, D>, Vec<Worker<K, D>>)>,
+    ) -> Option<(Port<K, D>, Vec<Worker<K, D>>)> {
+        match built {
+            Err(e)
+                if backend == Backend::Uring
+                    && peer_common::uring_check::refusal_skips()
+                    && peer_common::uring_check::names_refusal(&e.to_string()) =>
+            {
+                println!("SKIPPED (io_uring): {e}");
+                None
+            }
+            b => Some(b.unwrap()),
+        }
+    }
+
     /// A key whose `drop` panics (when it was made to).
     struct PanicsOnDrop(bool);
 
@@ -2570,20 +2590,10 @@ mod tests {
     #[test]
     fn a_key_that_panics_when_dropped_loses_nothing_queued_behind_it() {
         for backend in [Backend::Epoll, Backend::Uring] {
-            let built = Port::builder()
-                .workers(1)
-                .backend(backend)
-                .build::<PanicsOnDrop, u8>();
-            let (port, mut workers) = match built {
-                Err(e)
-                    if backend == Backend::Uring
-                        && peer_common::uring_check::refusal_skips()
-                        && peer_common::uring_check::names_refusal(&e.to_string()) =>
-                {
-                    println!("SKIPPED (io_uring): {e}");
-                    continue;
-                }
-                b => b.unwrap(),
+            let Some((port, mut workers)) =
+                built_or_skipped(backend, Port::builder().workers(1).backend(backend).build())
+            else {
+                continue;
             };
             let mut w = workers.pop().unwrap();
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -2633,16 +2643,8 @@ mod tests {
                 .backend(backend)
                 .recv_pool(4, 8)
                 .build::<(), PanicsOnce>();
-            let (port, mut workers) = match built {
-                Err(e)
-                    if backend == Backend::Uring
-                        && peer_common::uring_check::refusal_skips()
-                        && peer_common::uring_check::names_refusal(&e.to_string()) =>
-                {
-                    println!("SKIPPED (io_uring): {e}");
-                    continue;
-                }
-                b => b.unwrap(),
+            let Some((port, mut workers)) = built_or_skipped(backend, built) else {
+                continue;
             };
             PANICKED_ONCE.store(false, Ordering::SeqCst);
             let mut w = workers.pop().unwrap();
