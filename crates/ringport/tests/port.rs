@@ -137,6 +137,11 @@ macro_rules! per_backend {
 }
 
 per_backend!(
+    shutdown_keeps_a_part_way_send_and_a_due_timeout,
+    a_receive_keeps_its_socket_open_after_every_handle_is_dropped,
+    a_receive_appends_to_its_buffer,
+    a_send_posted_behind_a_connect_follows_it,
+    a_pool_of_single_accepts_takes_one_connection_each,
     dropping_a_port_leaves_the_dropping_thread_uninterrupted,
     recv_and_send_carry_key_data_and_buffer,
     peer_close_is_a_zero_byte_receive,
@@ -1234,6 +1239,155 @@ fn a_send_cancelled_part_way_reports_what_went(b: Backend) {
     );
     drop((c, h));
     assert_peer_got_exactly(peer, &data[..n]);
+}
+
+/// Shutdown with a send part-way out and a timeout already due: the send completes `Ok` with
+/// the count that went (the peer gets exactly those bytes), the timeout `Ok(0)`.
+fn shutdown_keeps_a_part_way_send_and_a_due_timeout(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (ours, peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let data = numbered(64 << 20, 5);
+    w.submit(Op::send(&h, data.clone(), 0), 1);
+    // The send goes part of the way (the peer reads nothing); then a timeout falls due.
+    assert!(matches!(
+        w.dequeue(Some(Duration::ZERO)),
+        Err(WaitError::TimedOut)
+    ));
+    w.submit(Op::timeout(Duration::from_millis(1)), 2);
+    std::thread::sleep(Duration::from_millis(200));
+    port.shutdown();
+    let mut got = std::collections::HashMap::new();
+    loop {
+        match w.dequeue(WAIT) {
+            Ok(c) => {
+                assert!(got
+                    .insert(c.data, c.result.map_err(|e| e.raw_os_error()))
+                    .is_none());
+            }
+            Err(WaitError::Shutdown) => break,
+            Err(e) => panic!("dequeue: {e}"),
+        }
+    }
+    assert_eq!(got.get(&2), Some(&Ok(0)), "the timeout that was due");
+    let n = match got.get(&1) {
+        Some(Ok(n)) => *n,
+        other => panic!("the send part-way out: {other:?}"),
+    };
+    assert!(
+        n > 0 && n < data.len(),
+        "sent {n} of 64 MiB to a peer that reads nothing"
+    );
+    drop((h, w, port));
+    assert_peer_got_exactly(peer, &data[..n]);
+}
+
+/// Every handle of a socket dropped while a receive waits on it: the descriptor stays open
+/// (its number is not given to another socket) until the receive completes, which it does
+/// with the peer's bytes; then the socket closes.
+fn a_receive_keeps_its_socket_open_after_every_handle_is_dropped(b: Backend) {
+    use std::os::fd::AsRawFd;
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let fd = h.as_raw_fd();
+    w.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
+    drop(h);
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    assert_ne!(
+        other.as_raw_fd(),
+        fd,
+        "the number was given to another socket"
+    );
+    peer.write_all(b"hi").unwrap();
+    let c = next(&mut w);
+    assert_eq!(
+        (c.data, c.result.as_ref().ok(), c.buf.as_deref()),
+        (1, Some(&2), Some(&b"hi"[..]))
+    );
+    assert!(c.handle.is_some(), "the completion carries the handle");
+    drop(c);
+    let mut rest = Vec::new();
+    peer.read_to_end(&mut rest)
+        .expect("a FIN once the last handle went");
+    assert!(rest.is_empty());
+}
+
+/// A receive appends what it reads to what its buffer already holds.
+fn a_receive_appends_to_its_buffer(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let (ours, mut peer) = pair();
+    let h = port.associate(ours, ()).unwrap();
+    let mut buf = Vec::with_capacity(16);
+    buf.extend_from_slice(b"ab");
+    w.submit(Op::recv(&h, buf), 1);
+    peer.write_all(b"cd").unwrap();
+    let c = next(&mut w);
+    assert_eq!(c.result.unwrap(), 2);
+    assert_eq!(c.buf.as_deref(), Some(&b"abcd"[..]));
+}
+
+/// A send posted right after a connect, before it completes, follows it (a connect counts as
+/// one of the socket's sends): it goes out on the connection, not fails for want of one.
+fn a_send_posted_behind_a_connect_follows_it(b: Backend) {
+    let (port, mut w) = one_worker::<&'static str, u8>(b);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let l = port.associate(listener, "listener").unwrap();
+    w.submit(Op::accept(&l), 0);
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let s = port.associate(sock, "client").unwrap();
+    w.submit(Op::connect(&s, addr), 1);
+    w.submit(Op::send(&s, b"ping".to_vec(), 0), 2);
+    let mut accepted = None;
+    let mut results = [None, None, None];
+    for _ in 0..3 {
+        let c = next(&mut w);
+        results[usize::from(c.data)] = Some(c.result.map_err(|e| e.raw_os_error()));
+        if let Some(a) = c.accepted {
+            accepted = Some(a);
+        }
+    }
+    assert_eq!(results[1], Some(Ok(0)), "the connect");
+    assert_eq!(results[2], Some(Ok(4)), "the send behind it");
+    let mut a = accepted.expect("the accept");
+    let mut got = [0u8; 4];
+    a.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+}
+
+/// Several single accepts posted on one listener (a pool of pending accepts, as with
+/// `AcceptEx`): each takes one connection, none twice, and none is left for a connection
+/// beyond them.
+fn a_pool_of_single_accepts_takes_one_connection_each(b: Backend) {
+    let (port, mut w) = one_worker::<(), u8>(b);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let l = port.associate(listener, ()).unwrap();
+    for i in 0..4 {
+        w.submit(Op::accept(&l), i);
+    }
+    let clients: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut from = Vec::new();
+    let mut which = Vec::new();
+    for _ in 0..4 {
+        let c = next(&mut w);
+        assert_eq!(c.kind, OpKind::Accept);
+        c.result.as_ref().unwrap();
+        which.push(c.data);
+        from.push(c.accepted.expect("a connection").peer_addr().unwrap());
+    }
+    which.sort_unstable();
+    assert_eq!(which, [0, 1, 2, 3], "each accept completes once");
+    let mut want: Vec<_> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+    from.sort();
+    want.sort();
+    assert_eq!(from, want, "one connection each");
+    let _fifth = TcpStream::connect(addr).unwrap();
+    assert!(matches!(
+        w.dequeue(Some(Duration::from_millis(50))),
+        Err(WaitError::TimedOut)
+    ));
 }
 
 fn accept_and_connect(b: Backend) {
