@@ -2394,6 +2394,38 @@ mod tests {
         Some((port, w, h, peer))
     }
 
+    /// An injected receive error does not end the connection, and a failing wait loses
+    /// nothing: the receive waiting in the kernel as it failed gets the peer's bytes after it.
+    #[test]
+    fn injected_wait_and_receive_failures_lose_nothing() {
+        use std::io::Write;
+        for backend in [Backend::Epoll, Backend::Uring] {
+            let Some((_port, mut w, h, mut peer)) =
+                faulty_pair(backend, "recv=ECONNRESET/1*1,wait=EIO/1*1")
+            else {
+                continue;
+            };
+            w.submit(Op::recv(&h, Vec::with_capacity(8)), 10);
+            let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!(
+                (c.data, c.result.map_err(|e| e.raw_os_error()).err()),
+                (10, Some(Some(libc::ECONNRESET))),
+                "{backend}"
+            );
+            assert!(c.buf.is_some(), "{backend}: its buffer comes back");
+            // A receive waiting in the kernel as the wait fails: it is still there after.
+            w.submit(Op::recv(&h, Vec::with_capacity(16)), 11);
+            match w.dequeue(Some(Duration::from_secs(10))) {
+                Err(WaitError::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::EIO)),
+                other => panic!("{backend}: the failing wait: {:?}", other.map(|c| c.data)),
+            }
+            peer.write_all(b"still here").unwrap();
+            let c = w.dequeue(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!(c.data, 11);
+            assert_eq!(c.buf.as_deref(), Some(&b"still here"[..]), "{backend}");
+        }
+    }
+
     /// A `short` fault sends one byte of a send at once: a send then goes on and completes
     /// whole, every byte in order, on both backends; one posted with `Op::partial` completes
     /// with that byte.

@@ -137,6 +137,7 @@ macro_rules! per_backend {
 }
 
 per_backend!(
+    shutdown_ends_armed_multishot_operations_on_every_worker,
     shutdown_keeps_a_part_way_send_and_a_due_timeout,
     a_receive_keeps_its_socket_open_after_every_handle_is_dropped,
     a_receive_appends_to_its_buffer,
@@ -1388,6 +1389,93 @@ fn a_pool_of_single_accepts_takes_one_connection_each(b: Backend) {
         w.dequeue(Some(Duration::from_millis(50))),
         Err(WaitError::TimedOut)
     ));
+}
+
+/// Shutdown with multishot operations armed on two workers with receive pools (a pooled
+/// receive whose peer keeps sending, a multishot accept): on each worker every one of them
+/// ends exactly once, its last completion not `more`, before the worker says `Shutdown`, and
+/// once the completions are dropped each pool has every buffer back.
+fn shutdown_ends_armed_multishot_operations_on_every_worker(b: Backend) {
+    let (port, workers) = Port::builder()
+        .workers(2)
+        .backend(b)
+        .recv_pool(4096, 16)
+        .build::<u8, u8>()
+        .unwrap();
+    let mut writers = Vec::new();
+    let mut keep = Vec::new();
+    for (i, w) in workers.iter().enumerate() {
+        let (ours, peer) = pair();
+        let h = port.associate_with(i, ours, 0).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l = port.associate_with(i, listener, 1).unwrap();
+        assert_eq!((h.worker(), l.worker()), (w.index(), w.index()));
+        keep.push((h, l));
+        writers.push(std::thread::spawn(move || {
+            let mut peer = peer;
+            peer.set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            // Until the socket is full, or 4 MiB.
+            for _ in 0..1024 {
+                if peer.write_all(&[9u8; 4096]).is_err() {
+                    break;
+                }
+            }
+            peer
+        }));
+    }
+    let mut workers = workers;
+    // The completions, kept (with their pool buffers) until the end.
+    let mut held = Vec::new();
+    for (w, (h, l)) in workers.iter_mut().zip(&keep) {
+        w.submit_multishot(Op::recv_pooled(h), 0);
+        w.submit_multishot(Op::accept_multishot(l), 1);
+        // Armed, and some input taken.
+        let c = next(w);
+        assert!(c.more && c.pooled.is_some(), "{:?}", c.result);
+        held.push(c);
+    }
+    port.shutdown();
+    for w in &mut workers {
+        let mut ended = [0u32; 2];
+        loop {
+            match w.dequeue(WAIT) {
+                Ok(c) => {
+                    let data = usize::from(c.data);
+                    assert_eq!(ended[data], 0, "operation {data} completed after its last");
+                    if !c.more {
+                        ended[data] += 1;
+                    }
+                    held.push(c);
+                }
+                Err(WaitError::Shutdown) => break,
+                Err(e) => panic!("dequeue: {e}"),
+            }
+        }
+        assert_eq!(
+            ended,
+            [1, 1],
+            "worker {}: each armed operation ended once",
+            w.index()
+        );
+        assert!(matches!(
+            w.dequeue(Some(Duration::ZERO)),
+            Err(WaitError::Shutdown)
+        ));
+    }
+    drop(held);
+    for w in &workers {
+        assert_eq!(
+            w.pool_available(),
+            16,
+            "worker {}: every buffer back",
+            w.index()
+        );
+    }
+    drop(keep);
+    for wr in writers {
+        wr.join().unwrap();
+    }
 }
 
 fn accept_and_connect(b: Backend) {
