@@ -141,8 +141,10 @@ fn idle_timeout_closes_idle_connections_only() {
     let server = Server::start_with(&["--listen", "127.0.0.1:0", "--idle-timeout", "4"]);
     let addr = server.addr;
     let mut idle = connect(addr);
-    round_trip(&mut idle, b"then silence");
+    // Taken before the last traffic: the server's last activity on this connection comes
+    // after it, whatever this thread's pace.
     let since = Instant::now();
+    round_trip(&mut idle, b"then silence");
     let mut active = connect(addr);
     round_trip(&mut active, b"keep-alive");
 
@@ -163,11 +165,11 @@ fn idle_timeout_closes_idle_connections_only() {
 
     expect_closed_by_server(&mut idle, "idle connection");
     let idle_for = since.elapsed();
-    // A lower bound only: the server was last active on the idle connection before `since`
-    // was taken, so it cannot close it sooner than 4 s after, less the time this thread took
-    // to see the echo and read the clock (2.5 s leaves 1.5 s for that).
+    // A lower bound only: the server was last active on the idle connection after `since`
+    // was taken, so it cannot have closed it sooner than 4 s after (less the clocks'
+    // millisecond rounding).
     assert!(
-        idle_for >= Duration::from_millis(2500),
+        idle_for >= Duration::from_millis(3900),
         "the idle connection was closed after {idle_for:?}, before its 4 s timeout"
     );
     done.store(true, Ordering::Relaxed);
@@ -487,13 +489,13 @@ fn client_connections_past_the_descriptor_limit_are_refused_up_front() {
 fn idle_timeout_spares_a_slow_reader_taking_its_echo() {
     // More than the server's send buffer takes (a few MiB at most): a send stays in flight
     // while the echo drains.
-    const TOTAL: usize = 8 << 20;
+    const TOTAL: usize = 6 << 20;
     // Room for all of it in the server (no pause): after the input, only sends move.
     let server = Server::start_with(&[
         "--listen",
         "127.0.0.1:0",
         "--idle-timeout",
-        "0.5",
+        "1",
         "--conn-buffer",
         "16777216",
         "--pool-size",
@@ -514,8 +516,8 @@ fn idle_timeout_spares_a_slow_reader_taking_its_echo() {
             stream
         }
     });
-    // Once all of it is in, 64 KiB every 30 ms: about 2 MB/s, some 4 s in all, without a
-    // pause of 0.5 s (a send waiting for room then completes about as far apart).
+    // Once all of it is in, 64 KiB every 60 ms: about 1 MB/s, some 6 s in all, without a
+    // pause near 1 s (a send waiting for room then completes more than 1 s apart).
     let stream = writer.join().unwrap();
     let mut reader = stream;
     reader
@@ -524,7 +526,7 @@ fn idle_timeout_spares_a_slow_reader_taking_its_echo() {
     let mut got = Vec::with_capacity(TOTAL);
     let mut chunk = vec![0u8; 64 << 10];
     while got.len() < TOTAL {
-        thread::sleep(Duration::from_millis(30));
+        thread::sleep(Duration::from_millis(60));
         match reader.read(&mut chunk) {
             Ok(0) => panic!(
                 "closed after {} of {TOTAL} bytes of echo\n{}",

@@ -621,8 +621,8 @@ mod tests {
     }
 
     /// Send-only: echoes that keep coming after the last message, for longer than the I/O
-    /// timeout in all but never stalling that long, are read to the server's close; more than
-    /// was sent is an error.
+    /// timeout in all but never stalling near that long, are read to the server's close; more
+    /// than was sent is an error.
     #[test]
     fn send_only_reads_a_slow_echo_to_the_end_but_no_more_than_was_sent() {
         for extra in [0usize, 1] {
@@ -630,9 +630,9 @@ mod tests {
                 let mut all = Vec::new();
                 stream.read_to_end(&mut all).unwrap();
                 all.extend(std::iter::repeat_n(b'!', extra));
-                // A piece every 100 ms: 1.3 s in all, against a 300 ms I/O timeout.
-                for piece in all.chunks(40) {
-                    thread::sleep(Duration::from_millis(100));
+                // A piece every 50 ms: 1.6 s in all, against a 1 s I/O timeout.
+                for piece in all.chunks(16) {
+                    thread::sleep(Duration::from_millis(50));
                     if stream.write_all(piece).is_err() {
                         return;
                     }
@@ -644,7 +644,7 @@ mod tests {
                 ..BookOptions::new(addr)
             };
             let mut out = Vec::new();
-            let result = run_with_timeout(&opts, &mut out, Duration::from_millis(300));
+            let result = run_with_timeout(&opts, &mut out, Duration::from_secs(1));
             if extra == 0 {
                 assert_eq!(
                     result,
