@@ -407,9 +407,9 @@ impl Server {
                         .listener
                         .as_ref()
                         .is_some_and(|l| sys::has_waiting(l.as_raw_fd()));
-                    if let Some(suppressed) =
-                        waiting.then(|| self.accept_warnings.check()).flatten()
-                    {
+                    if !waiting {
+                        debug!("uring: accept: {err} with no connection waiting; pausing accepts");
+                    } else if let Some(suppressed) = self.accept_warnings.check() {
                         warn!(
                             suppressed,
                             "uring: accept: {err}; pausing accepts for {ACCEPT_BACKOFF:?}"
