@@ -2368,6 +2368,13 @@ mod tests {
     /// A port, its one worker, our end of a connection associated with it, and the peer's end.
     type Faulty = (Port<(), u8>, Worker<(), u8>, Handle<()>, TcpStream);
 
+    /// A connected TCP pair: (our end, the peer's end).
+    fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (l.accept().unwrap().0, peer)
+    }
+
     /// A one-worker port on `backend` whose worker injects `faults`, and a connected TCP pair
     /// (our end associated); `None` where the kernel refuses io_uring (the caller skips it).
     fn faulty_pair(backend: Backend, faults: &str) -> Option<Faulty> {
@@ -2387,9 +2394,7 @@ mod tests {
         };
         let mut w = workers.pop().unwrap();
         w.faults = Some(Arc::new(Faults::parse(faults).unwrap()));
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (ours, _) = l.accept().unwrap();
+        let (ours, peer) = tcp_pair();
         let h = port.associate(ours, ()).unwrap();
         Some((port, w, h, peer))
     }
@@ -2575,9 +2580,7 @@ mod tests {
         })
         .join()
         .unwrap();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (ours, _) = l.accept().unwrap();
+        let (ours, _peer) = tcp_pair();
         let h = port.associate(ours, ()).unwrap();
         w.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
         for _ in 0..16 {
@@ -2628,9 +2631,7 @@ mod tests {
                 continue;
             };
             let mut w = workers.pop().unwrap();
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let _peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (ours, _) = l.accept().unwrap();
+            let (ours, _peer) = tcp_pair();
             let h = port.associate(ours, PanicsOnDrop(true)).unwrap();
             port.cancel_all(&h);
             drop(h);
@@ -2680,9 +2681,7 @@ mod tests {
             };
             PANICKED_ONCE.store(false, Ordering::SeqCst);
             let mut w = workers.pop().unwrap();
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (ours, _) = l.accept().unwrap();
+            let (ours, mut peer) = tcp_pair();
             let h = port.associate(ours, ()).unwrap();
             let op = if limited {
                 Op::recv_pooled_max(&h, std::num::NonZeroU32::new(12).unwrap())
@@ -2722,9 +2721,7 @@ mod tests {
         };
         let (_ours, mut ours_w) = build();
         let (theirs, _theirs_w) = build();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (s, _) = l.accept().unwrap();
+        let (s, _peer) = tcp_pair();
         let h = theirs.associate(s, ()).unwrap();
         ours_w[0].cancel_all(&h);
         assert_eq!(h.cancels(), 0);
@@ -2741,9 +2738,7 @@ mod tests {
             .build::<(), u8>()
             .unwrap();
         let mut w = workers.pop().unwrap();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (ours, _) = l.accept().unwrap();
+        let (ours, mut peer) = tcp_pair();
         let h = port.associate(ours, ()).unwrap();
         let seq = port.shared.next_seq.load(Ordering::Relaxed);
         let first = port

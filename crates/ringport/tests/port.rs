@@ -876,17 +876,21 @@ fn work_posted_after_shutdown_is_cancelled(b: Backend) {
 fn a_socket_of_another_port_is_refused(b: Backend) {
     let (port, mut w) = one_worker::<(), u8>(b);
     let (other, mut w2) = one_worker::<(), u8>(b);
+    // Posted on `w2`, a receive on `h` fails at once with `InvalidInput`, its buffer back.
+    let refused_on_w2 = |w2: &mut Worker<(), u8>, h: &Handle<()>, data: u8| {
+        w2.submit(Op::recv(h, Vec::with_capacity(4)), data);
+        let c = next(w2);
+        assert_eq!(c.data, data);
+        assert_eq!(
+            c.result.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::InvalidInput)
+        );
+        assert!(c.buf.is_some(), "its buffer comes back");
+    };
     let (ours, mut peer) = pair();
     let h = port.associate(ours, ()).unwrap();
     w.submit(Op::recv(&h, Vec::with_capacity(4)), 1);
-    w2.submit(Op::recv(&h, Vec::with_capacity(4)), 2);
-    let c = next(&mut w2);
-    assert_eq!(c.data, 2);
-    assert_eq!(
-        c.result.map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::InvalidInput)
-    );
-    assert!(c.buf.is_some(), "its buffer comes back");
+    refused_on_w2(&mut w2, &h, 2);
     assert_eq!(w2.in_flight(), 0);
     let refused = other
         .submit(Op::recv(&h, Vec::with_capacity(4)), 3)
@@ -898,22 +902,14 @@ fn a_socket_of_another_port_is_refused(b: Backend) {
     assert_eq!((c.data, c.buf.unwrap()), (1, b"mine".to_vec()));
     // A socket of a port with more workers than this one, at an index this port lacks: the
     // same refusal.
-    let (wide, mut wide_workers) = Port::builder()
+    let (wide, _wide_workers) = Port::builder()
         .workers(2)
         .backend(b)
         .build::<(), u8>()
         .unwrap();
     let (theirs, _their_peer) = pair();
     let far = wide.associate_with(1, theirs, ()).unwrap();
-    w2.submit(Op::recv(&far, Vec::with_capacity(4)), 4);
-    let c = next(&mut w2);
-    assert_eq!(c.data, 4);
-    assert_eq!(
-        c.result.map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::InvalidInput)
-    );
-    assert!(c.buf.is_some(), "its buffer comes back");
-    drop((far, wide_workers.pop()));
+    refused_on_w2(&mut w2, &far, 4);
 }
 
 /// Ids of finished operations stay dead: cancelling one, from this thread or another, leaves

@@ -997,6 +997,14 @@ mod tests {
         }
     }
 
+    /// A driver, and the socket that stands in for its wake-up descriptor (kept open with it).
+    fn epoll() -> (std::net::UdpSocket, super::Epoll) {
+        use std::os::fd::AsRawFd;
+        let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let ep = super::Epoll::new(wake.as_raw_fd()).unwrap();
+        (wake, ep)
+    }
+
     /// The descriptors this epoll instance watches (`tfd` in its `/proc/self/fdinfo`).
     fn watched(ep: &super::Epoll) -> Vec<i32> {
         use std::os::fd::AsRawFd;
@@ -1015,8 +1023,7 @@ mod tests {
     fn a_closed_socket_leaves_the_set_while_a_duplicate_stays_open() {
         use crate::sys::{Driver, OpBody, Target};
         use std::os::fd::AsRawFd;
-        let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut ep = super::Epoll::new(wake.as_raw_fd()).unwrap();
+        let (_wake, mut ep) = epoll();
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.set_nonblocking(true).unwrap();
         let duplicate = sock.try_clone().unwrap();
@@ -1047,8 +1054,7 @@ mod tests {
     #[test]
     fn a_failed_registration_is_tried_again() {
         use std::os::fd::AsRawFd;
-        let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut ep = super::Epoll::new(wake.as_raw_fd()).unwrap();
+        let (_wake, mut ep) = epoll();
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let fd = sock.as_raw_fd();
         let target = |serial| crate::sys::Target {
@@ -1081,8 +1087,7 @@ mod tests {
     fn a_connect_that_cannot_be_watched_is_not_issued() {
         use crate::sys::{Driver, OpBody, Target};
         use std::os::fd::AsRawFd;
-        let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut ep = super::Epoll::new(wake.as_raw_fd()).unwrap();
+        let (_wake, mut ep) = epoll();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let sock = socket2::Socket::new(
@@ -1148,9 +1153,7 @@ mod tests {
     #[test]
     fn cancelled_timeouts_do_not_pile_up() {
         use crate::sys::{Cancel, Driver, OpBody, Target};
-        use std::os::fd::AsRawFd;
-        let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut ep = super::Epoll::new(wake.as_raw_fd()).unwrap();
+        let (_wake, mut ep) = epoll();
         let target = Target {
             fd: -1,
             serial: 0,
