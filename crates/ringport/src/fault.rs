@@ -8,7 +8,8 @@ use crate::op::OpKind;
 
 /// The environment variable that turns fault injection on when a port is built: a
 /// comma-separated list of `OP=EFFECT/N` rules, where `OP` is `accept`, `connect`, `recv` or
-/// `send` (pooled variants included), or `wait` (a worker's wait for completions), `EFFECT` an
+/// `send` (pooled variants included), `wait` (a worker's wait for completions), or `cancel` (a
+/// worker's request to cancel, with the effect `EAGAIN` only), `EFFECT` an
 /// errno name (`ECONNRESET`, `EPIPE`, `ENOBUFS`, `ECANCELED`, `EMFILE`, `ENFILE`, `ENOMEM`,
 /// `EAGAIN` (as where io_uring cannot allocate for a request), `ETIMEDOUT`, `ECONNREFUSED`,
 /// `ECONNABORTED`, `EIO`) or `short` (a send whose first part is
@@ -32,7 +33,9 @@ use crate::op::OpKind;
 /// completion, are cancelled (see [`Op::send`](crate::Op::send)). A failing
 /// wait makes [`Worker::dequeue`](crate::Worker::dequeue) (or `dequeue_batch`) return
 /// [`WaitError::Io`](crate::WaitError::Io) with the error, as a failing `io_uring_enter` or
-/// `epoll_wait` would; nothing is lost, and the next wait may succeed.
+/// `epoll_wait` would; nothing is lost, and the next wait may succeed. A failing cancel is one
+/// the kernel would not queue (io_uring's submission queue full, and `EAGAIN` each time it was
+/// submitted): the worker keeps it and asks again, within a millisecond, until it is queued.
 pub const FAULTS_ENV: &str = "RINGPORT_FAULTS";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,10 +46,12 @@ pub(crate) enum Effect {
 
 #[derive(Debug)]
 struct Rule {
-    /// The operations it applies to; none for a `wait` rule.
+    /// The operations it applies to; none for a `wait` or `cancel` rule.
     ops: &'static [OpKind],
     /// A `wait` rule.
     wait: bool,
+    /// A `cancel` rule.
+    cancel: bool,
     effect: Effect,
     every: u64,
     seen: AtomicU64,
@@ -127,9 +132,17 @@ impl Faults {
                 "connect" => &[OpKind::Connect],
                 "recv" => &[OpKind::Recv, OpKind::RecvPooled],
                 "send" => &[OpKind::Send],
-                "wait" => &[],
-                _ => return Err(bad(rule, "OP is accept, connect, recv, send or wait")),
+                "wait" | "cancel" => &[],
+                _ => {
+                    return Err(bad(
+                        rule,
+                        "OP is accept, connect, recv, send, wait or cancel",
+                    ))
+                }
             };
+            if op == "cancel" && effect != "EAGAIN" {
+                return Err(bad(rule, "a cancel can only go unqueued: cancel=EAGAIN"));
+            }
             let effect = match effect {
                 "short" if op == "send" => Effect::Short,
                 "short" => return Err(bad(rule, "only sends can be short")),
@@ -140,6 +153,7 @@ impl Faults {
             rules.push(Rule {
                 ops,
                 wait: op == "wait",
+                cancel: op == "cancel",
                 effect,
                 every,
                 seen: AtomicU64::new(0),
@@ -164,6 +178,11 @@ impl Faults {
                 Effect::Errno(e) => Some(e),
                 Effect::Short => None,
             })
+    }
+
+    /// Whether this request to cancel is to go unqueued, as one the kernel would not take.
+    pub(crate) fn check_cancel(&self) -> bool {
+        self.first_fired(|r| r.cancel).is_some()
     }
 
     /// Rule `rule` fired, but its effect could not be had (a short send that would block):
@@ -247,6 +266,14 @@ mod tests {
         assert!(Faults::parse("send=EPIPE/1*x").is_err());
         let no_n = Faults::parse("send=EPIPE*2").unwrap_err().to_string();
         assert!(no_n.contains("K needs N"), "{no_n}");
+
+        // A cancel rule keeps requests from the kernel, and touches nothing else.
+        let f = Faults::parse("cancel=EAGAIN/2").unwrap();
+        let cancels: Vec<_> = (0..4).map(|_| f.check_cancel()).collect();
+        assert_eq!(cancels, vec![false, true, false, true]);
+        assert_eq!((f.check_wait(), f.check(OpKind::Recv, true)), (None, None));
+        let err = Faults::parse("cancel=ECONNRESET").unwrap_err().to_string();
+        assert!(err.contains("cancel=EAGAIN"), "{err}");
     }
 
     /// Every rule counts every operation it applies to, whichever fires: the second rule

@@ -171,7 +171,7 @@ impl<K> Op<K> {
     /// part-way, with that count too, or with the error if none of it went. Either way its
     /// bytes are not all in the stream: the socket's sends queued behind it, and any posted
     /// before its completion is dequeued, complete with `ECANCELED`, as their bytes would
-    /// follow the gap; what the caller sends once it has that completion goes. (Cancelled
+    /// follow the gap (a connect queued among them still runs); what the caller sends once it has that completion goes. (Cancelled
     /// before any of it went, it is only taken out, as a send still queued is.) An `offset`
     /// past the end of `buf` completes at once with `InvalidInput`.
     pub fn send(socket: &Handle<K>, buf: Vec<u8>, offset: usize) -> Self {

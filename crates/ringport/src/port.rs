@@ -23,6 +23,10 @@ const ID_WORKER_SHIFT: u32 = 48;
 /// leaks their memory rather than free it under the kernel.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
+/// How long a worker waits for completions, at most, while a cancel it could not queue waits
+/// to be asked again.
+const CANCEL_RETRY: Duration = Duration::from_millis(1);
+
 /// Why [`Worker::dequeue`] returned without a completion.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -1075,7 +1079,7 @@ where
             }
             if self.shared.shutdown.load(Ordering::Acquire) && !self.shutting_down {
                 // Tried again on the next turn if the request could not be queued.
-                self.shutting_down = self.driver.cancel(Cancel::All);
+                self.shutting_down = self.ask_cancel(Cancel::All);
             }
             if !self.ready.is_empty() {
                 if self.handed_out >= TURN {
@@ -1127,7 +1131,16 @@ where
             if let Some(e) = self.faults.as_ref().and_then(|f| f.check_wait()) {
                 return Err(WaitError::Io(errno(e)));
             }
-            let waited = self.driver.wait(remaining, &mut self.events);
+            // A cancel not queued yet is asked again on the next turn, which a wait for
+            // completions must not put off: the operations it is for may never complete.
+            let unsent = !self.unsent_cancels.is_empty()
+                || (self.shared.shutdown.load(Ordering::Acquire) && !self.shutting_down);
+            let wait = if unsent {
+                Some(remaining.map_or(CANCEL_RETRY, |r| r.min(CANCEL_RETRY)))
+            } else {
+                remaining
+            };
+            let waited = self.driver.wait(wait, &mut self.events);
             // What was reaped before a failure is still handed out.
             self.complete_events();
             self.owed = self.ready.len();
@@ -1531,12 +1544,17 @@ where
         }
     }
 
-    /// Completes the sends (and connects) held on socket `serial` with `ECANCELED`.
+    /// Completes the sends held on socket `serial` with `ECANCELED`. A connect held among them
+    /// stays (it would not follow the gap: it carries no data), as one posted later runs.
     fn cancel_held_sends(&mut self, serial: u64) {
         let Some(queues) = self.held.get_mut(&serial) else {
             return;
         };
-        let sends = std::mem::take(&mut queues[1]);
+        let inflight = &self.inflight;
+        let (connects, sends): (VecDeque<u64>, VecDeque<u64>) = std::mem::take(&mut queues[1])
+            .into_iter()
+            .partition(|&id| inflight.get(id).is_some_and(|p| p.kind == OpKind::Connect));
+        queues[1] = connects;
         if queues.iter().all(VecDeque::is_empty) {
             self.held.remove(&serial);
         }
@@ -1569,7 +1587,7 @@ where
                 self.sends_cancelled.insert(id);
             }
         }
-        if !self.driver.cancel(Cancel::Op(id)) {
+        if !self.ask_cancel(Cancel::Op(id)) {
             self.unsent_cancels.push(Unsent::Op(id));
         }
     }
@@ -1586,9 +1604,18 @@ where
         if socket.busy(SEND_SIDE) {
             self.sockets_cancelled.insert(socket.serial());
         }
-        if !self.driver.cancel(Cancel::Fd(socket.as_raw_fd())) {
+        if !self.ask_cancel(Cancel::Fd(socket.as_raw_fd())) {
             self.unsent_cancels.push(Unsent::Socket(socket.clone()));
         }
+    }
+
+    /// Asks the driver to cancel `what`; `false` if it could not queue the request (nor, with
+    /// fault injection, one the faults keep from it).
+    fn ask_cancel(&mut self, what: Cancel) -> bool {
+        if self.faults.as_ref().is_some_and(|f| f.check_cancel()) {
+            return false;
+        }
+        self.driver.cancel(what)
     }
 
     /// Tries again the cancels the driver could not queue.
@@ -2397,6 +2424,56 @@ mod tests {
         let (ours, peer) = tcp_pair();
         let h = port.associate(ours, ()).unwrap();
         Some((port, w, h, peer))
+    }
+
+    /// A cancel the kernel would not queue is asked again while the worker waits, not after a
+    /// completion that may never come: an idle receive's cancel, and a shutdown's (its wake-up
+    /// taken by a wait before), each kept from the kernel twice, still end the receive and the
+    /// worker's wait.
+    #[test]
+    fn a_cancel_left_unqueued_is_asked_again_without_waiting_on_a_completion() {
+        for backend in [Backend::Epoll, Backend::Uring] {
+            for shutdown in [false, true] {
+                let Some((port, mut w, h, _peer)) = faulty_pair(backend, "cancel=EAGAIN/1*2")
+                else {
+                    continue;
+                };
+                let what = format!("{backend}, shutdown {shutdown}");
+                let id = w.submit(Op::recv(&h, Vec::with_capacity(8)), 1);
+                if shutdown {
+                    port.shutdown();
+                    // Takes the wake-up, and the shutdown's first cancel fails.
+                    assert!(
+                        matches!(w.dequeue(Some(Duration::ZERO)), Err(WaitError::TimedOut)),
+                        "{what}"
+                    );
+                } else {
+                    assert_eq!(w.cancel(id), CancelOutcome::Requested, "{what}");
+                }
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let first = w.dequeue(None);
+                    let _ = tx.send(format!(
+                        "{:?}",
+                        first.map(|c| (c.data, c.result.map_err(|e| e.raw_os_error())))
+                    ));
+                    port.shutdown();
+                    let second = w.dequeue(None);
+                    let _ = tx.send(format!("{:?}", second.map(|c| c.data)));
+                });
+                // Bounds for a hang, not timings: each takes a millisecond or two.
+                let first = rx.recv_timeout(Duration::from_secs(20));
+                let cancelled = format!(
+                    "{:?}",
+                    Ok::<_, ()>((1, Err::<(), _>(Some(libc::ECANCELED))))
+                );
+                assert_eq!(first, Ok(cancelled), "{what}: the cancelled receive");
+                let second = rx.recv_timeout(Duration::from_secs(20));
+                let shut = format!("{:?}", Err::<u8, _>(WaitError::Shutdown));
+                assert_eq!(second, Ok(shut), "{what}: the shutdown");
+                drop(h);
+            }
+        }
     }
 
     /// An injected receive error does not end the connection, and a failing wait loses

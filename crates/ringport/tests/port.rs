@@ -143,6 +143,7 @@ per_backend!(
     a_receive_keeps_its_socket_open_after_every_handle_is_dropped,
     a_receive_appends_to_its_buffer,
     a_send_posted_behind_a_connect_follows_it,
+    a_connect_held_behind_a_failed_send_still_runs,
     a_pool_of_single_accepts_takes_one_connection_each,
     dropping_a_port_leaves_the_dropping_thread_uninterrupted,
     recv_and_send_carry_key_data_and_buffer,
@@ -1352,6 +1353,30 @@ fn a_send_posted_behind_a_connect_follows_it(b: Backend) {
     let mut got = [0u8; 4];
     a.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"ping");
+}
+
+/// A connect posted behind a send that fails (on a socket not connected yet) is not taken for
+/// one of the sends behind the gap: it runs, as one posted after the failure would.
+fn a_connect_held_behind_a_failed_send_still_runs(b: Backend) {
+    let (port, mut w) = one_worker::<&'static str, u8>(b);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let s = port.associate(sock, "client").unwrap();
+    w.submit(Op::send(&s, b"too soon".to_vec(), 0), 0);
+    w.submit(Op::connect(&s, addr), 1);
+    let mut results = [None, None];
+    for _ in 0..2 {
+        let c = next(&mut w);
+        results[usize::from(c.data)] = Some(c.result.map_err(|e| e.raw_os_error()));
+    }
+    assert!(
+        matches!(results[0], Some(Err(Some(e))) if e != libc::ECANCELED),
+        "the send fails: {:?}",
+        results[0]
+    );
+    assert_eq!(results[1], Some(Ok(0)), "the connect behind it");
+    assert!(listener.accept().is_ok());
 }
 
 /// Several single accepts posted on one listener (a pool of pending accepts, as with
