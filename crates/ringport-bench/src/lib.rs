@@ -544,11 +544,24 @@ fn finish(report: &Report, out: &Path, charts: Vec<ChartSpec>) -> i32 {
         let path = out.join(format!("{}-{}.svg", report.mode, c.suffix));
         match chart::line_chart(&path, &c.title, c.x_desc, c.y_desc, &c.series) {
             Ok(true) => written.push(path),
-            Ok(false) => errln!(
-                "ringport-bench: {} not drawn: this run measured none of its cells ({})",
-                path.display(),
-                c.title
-            ),
+            Ok(false) => {
+                errln!(
+                    "ringport-bench: {} not drawn: this run measured none of its cells ({})",
+                    path.display(),
+                    c.title
+                );
+                // An earlier run's chart would sit next to this run's report as if it were its.
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        errln!(
+                            "ringport-bench: {}: an earlier run's chart, not removed: {e}",
+                            path.display()
+                        );
+                        failed = true;
+                    }
+                    _ => {}
+                }
+            }
             Err(e) => {
                 errln!("ringport-bench: chart {e}");
                 failed = true;

@@ -722,6 +722,24 @@ impl Harness {
         let mut live: Vec<(Option<Server>, Option<String>)> =
             servers.iter().map(|_| (None, None)).collect();
         for (i, cell) in plan.cells.iter().enumerate() {
+            // A cell this process cannot open is refused before any server takes it: those
+            // running keep what earlier cells paged in, as in every other cell.
+            if let Some(why) = lacks_descriptors(plan, cell) {
+                for (ready, res) in servers.iter().zip(results.iter_mut()) {
+                    progress.step(&format!(
+                        "round {}/{} {} {}: refused",
+                        round + 1,
+                        plan.rounds,
+                        ready.spec.label,
+                        cell.label()
+                    ));
+                    res.cells[i].rounds.push(Outcome::Failed {
+                        why: why.clone(),
+                        client: None,
+                    });
+                }
+                continue;
+            }
             // Forward and backward in turn, from cell to cell and round to round: whatever the
             // machine drifts through during a cell's pass does not always fall on the same
             // server.
@@ -845,15 +863,6 @@ impl Harness {
         cell: &Cell,
     ) -> Outcome {
         let failed = |why: String| Outcome::Failed { why, client: None };
-        // The load generator's own reserve (`ringport client` refuses a load past it), and
-        // room for the harness.
-        let need = u64::from(cell.connections) + 16 + 3 * u64::from(plan.client_workers);
-        if need + 64 > plan.nofile {
-            return failed(format!(
-                "needs {need} descriptors, RLIMIT_NOFILE is {} (raise the hard limit)",
-                plan.nofile
-            ));
-        }
         let s = match self.ensure_server(ready, plan, res, server, start_error) {
             Ok(s) => s,
             Err(e) => return failed(e),
@@ -1105,6 +1114,19 @@ pub fn run(harness: &Harness, servers: &[Ready], plan: &Plan) -> Vec<ServerResul
     }
     progress.finish();
     results
+}
+
+/// Why `cell` cannot be run under this process's `RLIMIT_NOFILE`, if it cannot: its
+/// connections, the load generator's own reserve (`ringport client` refuses a load past it), and
+/// room for the harness.
+fn lacks_descriptors(plan: &Plan, cell: &Cell) -> Option<String> {
+    let need = u64::from(cell.connections) + 16 + 3 * u64::from(plan.client_workers);
+    (need + 64 > plan.nofile).then(|| {
+        format!(
+            "needs {need} descriptors, RLIMIT_NOFILE is {} (raise the hard limit)",
+            plan.nofile
+        )
+    })
 }
 
 #[cfg(test)]

@@ -599,17 +599,19 @@ impl<T> Default for Window<T> {
     }
 }
 
-/// Runs the load generator `program args` on `cpus` to completion (or kills it after
-/// `timeout`).
-///
 /// Starts `program` pinned to `cpus`, stdin closed, stderr piped, `stdout` as given.
+///
+/// Its log level is the default one, whatever `RUST_LOG` says here: `ringport serve` says where it
+/// listens at that level, and a more verbose one would charge its logging to the server's
+/// figures (the peers log nothing either way).
 fn start(program: &Path, args: &[String], cpus: &[usize], stdout: Stdio) -> Result<Child, String> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(Stdio::piped())
-        .env("NO_COLOR", "1");
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG");
     pin(&mut cmd, cpus);
     cmd.spawn()
         .map_err(|e| format!("{}: cannot start: {e}", program.display()))

@@ -546,6 +546,26 @@ fn check_flags(matches: &ArgMatches) {
                 ),
             );
         }
+        // A duration's load runs until its window closes: a `--timeout` that comes first (it
+        // counts from the start, before the connections open) would fail every run.
+        let secs = |id: &str| client.get_one::<Duration>(id).copied();
+        if let (Some(limit), Some(duration)) = (secs("timeout"), secs("duration")) {
+            let warmup = secs("warmup").unwrap_or(Duration::ZERO);
+            if limit <= warmup.saturating_add(duration) {
+                usage_error(
+                    "client",
+                    ErrorKind::ArgumentConflict,
+                    format!(
+                        "--timeout {} s would end the load before --warmup {} s and --duration \
+                         {} s are over (it counts from the start, the connections' opening \
+                         included): give it more than that, or drop it",
+                        limit.as_secs_f64(),
+                        warmup.as_secs_f64(),
+                        duration.as_secs_f64()
+                    ),
+                );
+            }
+        }
         // `--backend` makes the client the load generator (clap cannot say so itself: from
         // `RINGPORT_BACKEND` it does not), which has no use for the book's flags.
         let given = |id: &str| client.value_source(id) == Some(ValueSource::CommandLine);

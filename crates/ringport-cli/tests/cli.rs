@@ -233,6 +233,21 @@ fn flags_the_mode_would_ignore_are_exit_2_naming_them() {
         &["client", "--message", "hi", "--backend", "auto"],
         "--message",
     );
+    // A `--timeout` that would end every duration run before its window closes.
+    for timeout in ["3", "2.5"] {
+        assert_usage_error_naming(
+            &[
+                "client",
+                "--duration",
+                "2",
+                "--warmup",
+                "1",
+                "--timeout",
+                timeout,
+            ],
+            "--timeout",
+        );
+    }
 }
 
 /// A book run that would check nothing: no message, or an empty one.
@@ -596,4 +611,54 @@ fn bench_error_with_its_output_readers_gone_is_exit_2() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(2), "{status}");
+}
+
+/// The harness starts the servers at their default log level whatever `RUST_LOG` says (at
+/// `warn`, `ringport serve` would not say where it listens, and the harness would wait for
+/// that), and a chart this run does not draw is not left from an earlier run beside its report.
+#[test]
+fn bench_runs_under_any_rust_log_and_leaves_no_stale_chart() {
+    let out = std::env::temp_dir().join(format!("ringport-bench-rust-log-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let stale = out.join("peers-msgs.svg");
+    std::fs::write(&stale, "<svg>an earlier run's</svg>").unwrap();
+    let out_arg = out.to_string_lossy().into_owned();
+    let output = util::run_cli_configured(
+        &[
+            "bench",
+            "peers",
+            "--quick",
+            "--only",
+            "ringport-epoll",
+            "--connections",
+            "2",
+            "--sizes",
+            "64",
+            "--pipelines",
+            "1",
+            "--idle",
+            "0",
+            "--no-bulk",
+            "--cell-secs",
+            "0.3",
+            "--warmup-secs",
+            "0.05",
+            "--out",
+            &out_arg,
+        ],
+        Duration::from_secs(60),
+        |cmd| {
+            cmd.env("RUST_LOG", "warn");
+        },
+    );
+    let report = std::fs::read_to_string(out.join("peers.md")).unwrap_or_default();
+    let stale_left = stale.exists();
+    let _ = std::fs::remove_dir_all(&out);
+    output.assert_no_panic();
+    assert_eq!(output.code(), Some(0), "{}\n{report}", output.describe());
+    assert!(
+        report.contains("| 2c 64B p1 | ringport-epoll |") && !report.contains("failed"),
+        "{report}"
+    );
+    assert!(!stale_left, "an earlier run's chart was left in --out");
 }

@@ -89,11 +89,12 @@ impl From<BookError> for io::Error {
 ///
 /// Fails, with a message naming the server address, when the connection cannot be made, a send or
 /// receive fails or times out, the server closes the connection before the whole echo is back, the
-/// echo differs from the message, the server sends more after the last echo (before it closes,
+/// echo differs from the message (with `send_only`, a byte of what is read back at the end), the
+/// server sends more after the last echo (before it closes,
 /// or within [`IO_TIMEOUT`]), the server keeps its side open for [`IO_TIMEOUT`] after ours
 /// closed, with `send_only` the server resets the connection rather than close it (dropping
-/// what it had not read), or writing to `out` fails. A send or receive
-/// that fails names the message it was on.
+/// what it had not read), or writing to `out` fails (other than with `EPIPE`: a reader gone
+/// from `out` ends the printing only). A send or receive that fails names the message it was on.
 pub fn run(opts: &BookOptions, out: &mut dyn Write) -> Result<BookReport, BookError> {
     run_with_timeout(opts, out, IO_TIMEOUT)
 }
@@ -109,8 +110,13 @@ fn run_with_timeout(
         message: format!("{addr}: {what}"),
     };
     let io_fail = |what: &str, err: &io::Error| fail(format!("{what}: {}", describe(err)));
-    let print_fail = |err: io::Error| BookError {
-        message: format!("writing output: {}", describe(&err)),
+    // A reader gone from our output (`ringport client | head -1`) ends the printing, not the
+    // conversation: the echoes are still checked, and the exit status says how that went.
+    let say = |out: &mut dyn Write, line: fmt::Arguments<'_>| match out.write_fmt(line) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(BookError {
+            message: format!("writing output: {}", describe(&e)),
+        }),
+        _ => Ok(()),
     };
 
     // `--timeout`: every wait ends by then.
@@ -231,7 +237,7 @@ fn run_with_timeout(
             }
         }
         report.sent += 1;
-        writeln!(out, "Sent {len} bytes: '{}'", opts.message).map_err(print_fail)?;
+        say(out, format_args!("Sent {len} bytes: '{}'\n", opts.message))?;
 
         if opts.send_only {
             continue;
@@ -273,12 +279,13 @@ fn run_with_timeout(
             return Err(err);
         }
         report.received += 1;
-        writeln!(
+        say(
             out,
-            "Received {len} bytes: '{}'",
-            String::from_utf8_lossy(&echo)
-        )
-        .map_err(print_fail)?;
+            format_args!(
+                "Received {len} bytes: '{}'\n",
+                String::from_utf8_lossy(&echo)
+            ),
+        )?;
     }
 
     match stream.shutdown(Shutdown::Write) {
@@ -296,7 +303,16 @@ fn run_with_timeout(
         // up to `--timeout`, and ends once more has come than was sent.
         let left = wait(&report).map_err(|_| not_closed(true))?;
         let sent = report.sent.saturating_mul(opts.message.len() as u64);
-        let (echoed, end) = bytes_before_close(&mut stream, left, until, Some(sent));
+        let (echoed, end) = bytes_before_close(&mut stream, left, until, Some((sent, message)));
+        if let End::Wrong { at, got } = end {
+            let want = message[(at % len as u64) as usize];
+            return Err(fail(format!(
+                "echo mismatch at byte {} of message {} (read after the last message): sent \
+                 0x{want:02x}, got 0x{got:02x}",
+                at % len as u64,
+                at / len as u64 + 1
+            )));
+        }
         if echoed > sent {
             return Err(fail(format!(
                 "the server sent {} bytes more than it was sent",
@@ -304,7 +320,7 @@ fn run_with_timeout(
             )));
         }
         match end {
-            End::Closed => {}
+            End::Closed | End::Wrong { .. } => {}
             End::Failed(e) => {
                 return Err(io_fail(
                     "receive, after the last message (the server may not have read them all)",
@@ -313,6 +329,11 @@ fn run_with_timeout(
             }
             End::Open { cut } => return Err(not_closed(cut)),
         }
+        // Not an error when short: the server may be one that echoes nothing (a discard server).
+        say(
+            out,
+            format_args!("Read back {echoed} of the {sent} bytes sent, then the server closed\n"),
+        )?;
     } else {
         // Every echo came back: the server has nothing more to send, and closes its side once
         // it sees ours closed. Anything else it sends is an echo of nothing; a side it keeps
@@ -325,7 +346,7 @@ fn run_with_timeout(
             )));
         }
         match end {
-            End::Closed => {}
+            End::Closed | End::Wrong { .. } => {}
             // As in load mode: the echo is whole, but the connection did not end well.
             End::Failed(e) => {
                 return Err(io_fail("receive, after the last echo", &e));
@@ -344,17 +365,21 @@ enum End {
     Failed(io::Error),
     /// It did not, within the time given (`cut`: the time `until` gave, not the wait).
     Open { cut: bool },
+    /// Byte `at` of what came back (counted from the first) was `got`, not the message's.
+    Wrong { at: u64, got: u8 },
 }
 
 /// Reads until the server closes its side, an error, or `wait` has passed; returns the bytes
 /// read, and how the server's side ended. A server that keeps its side open, or keeps sending,
-/// is not waited for longer. With `expected` (the bytes still to come, at most), `wait` runs
-/// from the latest byte read, up to `until`, and the reading stops once more than that came.
+/// is not waited for longer. With `expected` (the bytes still to come, at most, and the message
+/// they repeat), `wait` runs from the latest byte read, up to `until`, the reading stops once
+/// more than that came, and each byte is checked against the message's (the first wrong one
+/// ends the reading).
 fn bytes_before_close(
     stream: &mut TcpStream,
     wait: Duration,
     until: Option<Instant>,
-    expected: Option<u64>,
+    expected: Option<(u64, &[u8])>,
 ) -> (u64, End) {
     let mut deadline = Instant::now() + wait;
     let mut cut = until.is_some_and(|t| t <= deadline);
@@ -368,8 +393,24 @@ fn bytes_before_close(
         match stream.read(&mut buf) {
             Ok(0) => return (read, End::Closed),
             Ok(n) => {
+                if let Some((expected, message)) = expected {
+                    // Past what was sent, a byte is one too many, whatever its value.
+                    let echo = (expected.saturating_sub(read)).min(n as u64) as usize;
+                    let wrong = buf[..echo].iter().enumerate().find(|&(i, &b)| {
+                        b != message[((read + i as u64) % message.len() as u64) as usize]
+                    });
+                    if let Some((i, &got)) = wrong {
+                        return (
+                            read + i as u64,
+                            End::Wrong {
+                                at: read + i as u64,
+                                got,
+                            },
+                        );
+                    }
+                }
                 read += n as u64;
-                if let Some(expected) = expected {
+                if let Some((expected, _)) = expected {
                     if read > expected {
                         return (read, End::Open { cut: false });
                     }
@@ -582,13 +623,17 @@ mod tests {
             send_only: true,
             ..BookOptions::new(addr)
         };
-        let (result, _) = run_to_string(&opts);
+        let (result, text) = run_to_string(&opts);
         assert_eq!(
             result,
             Ok(BookReport {
                 sent: 50,
                 received: 0
             })
+        );
+        assert!(
+            text.ends_with("'\nRead back 1300 of the 1300 bytes sent, then the server closed\n"),
+            "{text}"
         );
         assert_eq!(server.join().unwrap(), Ok(()), "the server saw a reset");
     }
@@ -663,6 +708,72 @@ mod tests {
         }
     }
 
+    /// Send-only: what comes back before the server closes need not be whole, but each byte of
+    /// it is checked; a wrong one is a mismatch, naming the message and byte.
+    #[test]
+    fn send_only_checks_every_byte_it_reads_back() {
+        let (addr, server) = server(|mut stream| {
+            let mut all = Vec::new();
+            stream.read_to_end(&mut all).unwrap();
+            // Byte 4 of the second message.
+            all[26 + 4] ^= 0x20;
+            let _ = stream.write_all(&all);
+        });
+        let opts = BookOptions {
+            count: 3,
+            send_only: true,
+            ..BookOptions::new(addr)
+        };
+        let (result, _) = run_to_string(&opts);
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            format!(
+                "{addr}: echo mismatch at byte 4 of message 2 (read after the last message): \
+                 sent 0x73, got 0x53"
+            )
+        );
+        server.join().unwrap();
+    }
+
+    /// Output that fails.
+    struct FailingOutput(io::ErrorKind);
+
+    impl Write for FailingOutput {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(self.0.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(self.0.into())
+        }
+    }
+
+    /// A reader of the output that has gone (`| head -1`) ends the printing only: every echo is
+    /// still read and checked. Output that fails otherwise is an error, named.
+    #[test]
+    fn a_closed_output_pipe_does_not_end_the_conversation() {
+        let (addr, echo) = server(echo_in_pieces);
+        let opts = BookOptions {
+            count: 3,
+            ..BookOptions::new(addr)
+        };
+        let mut out = FailingOutput(io::ErrorKind::BrokenPipe);
+        let result = run_with_timeout(&opts, &mut out, Duration::from_secs(5));
+        assert_eq!(
+            result,
+            Ok(BookReport {
+                sent: 3,
+                received: 3
+            })
+        );
+        assert_eq!(echo.join().unwrap(), 3 * 26);
+
+        let (addr, _echo) = server(echo_in_pieces);
+        let opts = BookOptions::new(addr);
+        let mut out = FailingOutput(io::ErrorKind::StorageFull);
+        let err = run_with_timeout(&opts, &mut out, Duration::from_secs(5)).unwrap_err();
+        assert!(err.message.starts_with("writing output: "), "{err}");
+    }
+
     #[test]
     fn send_only_skips_reading() {
         let (addr, server) = server(|mut stream| {
@@ -684,7 +795,11 @@ mod tests {
                 received: 0
             })
         );
-        assert_eq!(text, "Sent 2 bytes: 'hi'\n".repeat(3));
+        assert_eq!(
+            text,
+            "Sent 2 bytes: 'hi'\n".repeat(3)
+                + "Read back 0 of the 6 bytes sent, then the server closed\n"
+        );
         assert_eq!(server.join().unwrap(), b"hihihi");
     }
 

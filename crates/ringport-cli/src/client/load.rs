@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ringport::{Completion, Handle, Op, Packet, Port, Worker};
@@ -121,9 +121,9 @@ impl Drop for ShutdownOnPanic {
 enum Io {
     /// The custom packet that starts the load.
     Start(Until),
-    /// The custom packet that ends it early (a signal): no new message goes out, and each
-    /// connection closes once its echoes are back.
-    Stop,
+    /// The custom packet that ends it early (a signal, at the moment given): no new message
+    /// goes out, and each connection closes once its echoes are back.
+    Stop(Instant),
     Connect,
     Recv,
     /// `sent` bytes of the buffer are out.
@@ -212,6 +212,17 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
             ));
         }
     }
+    // Every connection goes to the one address, so each needs a local port of its own.
+    if let Some((low, high)) = local_port_range() {
+        let ports = u64::from(high.saturating_sub(low)) + 1;
+        if u64::from(connections) > ports {
+            return Err(format!(
+                "--connections {connections}: more than the {ports} local ports a connection to \
+                 one address can take (net.ipv4.ip_local_port_range {low}-{high}); open fewer, \
+                 or widen the range"
+            ));
+        }
+    }
     let plan = Plan {
         addr: args.connect,
         connections,
@@ -230,16 +241,21 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
         .map_err(|e| crate::serve::port_error(&e, Some(plan.workers)))?;
     // A stop signal ends the load early, with the report of what was measured until then.
     let signalled = Arc::new(AtomicI32::new(0));
+    // When the first stop signal came: every worker's window, and this thread's, close then.
+    let stopped_at = Arc::new(OnceLock::new());
     let signals = signal_hook::iterator::Signals::new(crate::serve::stop_signals())
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     {
         let signalled = Arc::clone(&signalled);
+        let stopped_at = Arc::clone(&stopped_at);
         let port = port.clone();
         crate::serve::on_stop_signals(signals, "the load's end", move |sig| {
+            let at = *stopped_at.get_or_init(Instant::now);
+            // Set after the moment, which whoever sees it may then read.
             signalled.store(sig, Ordering::Release);
             for w in 0..port.workers() {
                 // A worker gone already has nothing left to stop.
-                let _ = port.post(w, Packet::new(Io::Stop));
+                let _ = port.post(w, Packet::new(Io::Stop(at)));
             }
         })?;
     }
@@ -287,9 +303,9 @@ pub fn run(args: &ClientArgs) -> Result<ExitCode, String> {
     if let Some(start) = start {
         match plan.until(start) {
             Until::Window { open, close } => {
-                let opened = wait_until(open, &threads, &signalled);
+                let opened = wait_until(open, &threads, &signalled, &stopped_at);
                 mark(WINDOW_OPEN);
-                let closed = wait_until(close, &threads, &signalled);
+                let closed = wait_until(close, &threads, &signalled, &stopped_at);
                 mark(WINDOW_CLOSED);
                 window = Some((opened, closed));
             }
@@ -417,6 +433,22 @@ fn available_memory() -> Option<u64> {
     }
 }
 
+/// The range of local ports the kernel picks from for a connection
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, which IPv6 uses too); `None` where it cannot be
+/// read.
+fn local_port_range() -> Option<(u16, u16)> {
+    port_range(&std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?)
+}
+
+/// The two ports of an `ip_local_port_range` text, low first.
+fn port_range(text: &str) -> Option<(u16, u16)> {
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(low)), Some(Ok(high)), None) = (ports.next(), ports.next(), ports.next()) else {
+        return None;
+    };
+    Some((low.min(high), low.max(high)))
+}
+
 /// `MemAvailable` of a `/proc/meminfo` text, in bytes.
 fn mem_available(meminfo: &str) -> Option<u64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -433,17 +465,20 @@ fn cgroup_room(max: &str, current: &str) -> Option<u64> {
 }
 
 /// Sleeps until `deadline`, until every worker has ended or until a signal stopped the load
-/// (`signalled` non-zero), whichever comes first, and returns that moment.
+/// (`signalled` non-zero), whichever comes first, and returns that moment (for a signal, when
+/// it came: `stopped_at`, not when this thread noticed).
 fn wait_until(
     deadline: Instant,
     threads: &[std::thread::JoinHandle<Tally>],
     signalled: &AtomicI32,
+    stopped_at: &OnceLock<Instant>,
 ) -> Instant {
     loop {
         let now = Instant::now();
-        if signalled.load(Ordering::Acquire) != 0
-            || threads.iter().all(std::thread::JoinHandle::is_finished)
-        {
+        if signalled.load(Ordering::Acquire) != 0 {
+            return stopped_at.get().copied().unwrap_or(now).min(deadline);
+        }
+        if threads.iter().all(std::thread::JoinHandle::is_finished) {
             return now.min(deadline);
         }
         if now >= deadline {
@@ -669,10 +704,9 @@ impl Client {
 
     /// Starts the load on every open connection.
     fn start(&mut self, until: Until) {
-        self.until = Some(if self.stopped.is_some() {
-            until.cut_short(Instant::now())
-        } else {
-            until
+        self.until = Some(match self.stopped {
+            Some(at) => until.cut_short(at),
+            None => until,
         });
         self.each_connection();
     }
@@ -686,10 +720,10 @@ impl Client {
         }
     }
 
-    /// Ends the load early: a window closes now; no new message goes out; the connections not
-    /// opened yet are not (the load starts, and ends at once, on those open).
-    fn stop(&mut self) {
-        let now = Instant::now();
+    /// Ends the load early: a window closes at `now` (when the signal came); no new message goes
+    /// out; the connections not opened yet are not (the load starts, and ends at once, on those
+    /// open).
+    fn stop(&mut self, now: Instant) {
         let step = self.plan.workers as u32;
         let cut = match self.until {
             None => true,
@@ -712,7 +746,7 @@ impl Client {
     fn complete(&mut self, c: Completion<u32, Io>) {
         match c.data {
             Io::Start(until) => return self.start(until),
-            Io::Stop => return self.stop(),
+            Io::Stop(at) => return self.stop(at),
             _ => {}
         }
         let Some(handle) = c.handle.clone() else {
@@ -720,7 +754,7 @@ impl Client {
         };
         let index = *handle.key();
         match c.data {
-            Io::Start(_) | Io::Stop => {}
+            Io::Start(_) | Io::Stop(_) => {}
             Io::Connect => {
                 self.connecting -= 1;
                 match c.result {
@@ -957,5 +991,14 @@ mod tests {
         // No limit, or over it already.
         assert_eq!(cgroup_room("max\n", "73741824\n"), None);
         assert_eq!(cgroup_room("100\n", "200\n"), Some(0));
+    }
+
+    #[test]
+    fn the_local_port_range_is_read_low_first() {
+        assert_eq!(port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(port_range("61000 1024"), Some((1024, 61000)));
+        assert_eq!(port_range("32768\n"), None);
+        assert_eq!(port_range("1 2 3"), None);
+        assert_eq!(port_range("1024 70000"), None);
     }
 }
