@@ -17,6 +17,15 @@ fn main() -> std::io::Result<()> {
 pub fn run(listener: TcpListener) -> std::io::Result<()> {
     // Completion key and per-I/O data: none needed beyond the socket and the operation.
     let (port, workers) = Port::builder().build::<(), ()>()?;
+    serve_on(&port, workers, listener)
+}
+
+/// Serves `listener` with `workers` until one fails, or the port is shut down.
+pub fn serve_on(
+    port: &Port<(), ()>,
+    workers: Vec<Worker<(), ()>>,
+    listener: TcpListener,
+) -> std::io::Result<()> {
     let listener = port.associate(listener, ())?;
     let mut threads = Vec::new();
     for mut worker in workers {
@@ -48,10 +57,18 @@ fn serve(worker: &mut Worker<(), ()>, listener: &Handle<()>) -> std::io::Result<
     loop {
         let c = match worker.dequeue(None) {
             Ok(c) => c,
-            // Another worker failed, and shut the port down.
+            // Another worker failed, and shut the port down (or the owner of the port did).
             Err(WaitError::Shutdown) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
+        // Cancelled: the port is shutting down (another worker failed). Nothing is started
+        // again: the worker answers `Shutdown` once its operations are all back.
+        if c.result
+            .as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::ECANCELED))
+        {
+            continue;
+        }
         if c.kind == OpKind::Timeout {
             // The pause after a failed accept is over.
             worker.submit(Op::accept(listener), ());

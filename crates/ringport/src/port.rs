@@ -35,7 +35,12 @@ pub enum WaitError {
     TimedOut,
     /// [`Port::shutdown`] was called and this worker has delivered every completion it owed.
     Shutdown,
-    /// Waiting on the kernel failed.
+    /// Waiting on the kernel failed. What was reaped before the failure is still handed out,
+    /// and the next wait may succeed. One error says more was lost: on io_uring, `EBADR`
+    /// (`raw_os_error`) means the kernel dropped completions (its completion queue overflowed
+    /// while it was short of memory). The operations they were for never complete: their
+    /// sockets and buffers stay held until the worker is dropped, which waits for them (up to
+    /// 10 s) and then leaks them rather than free them. Treat such a worker as lost.
     Io(io::Error),
 }
 
@@ -196,8 +201,10 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// The number of workers (the port's concurrency); `0`, the default, means one per
-    /// available core.
+    /// The number of workers, each with its own ring (or epoll instance) and the sockets placed
+    /// on it; `0`, the default, means one per available core. (A completion port's concurrency
+    /// value lets any of its threads take any completion; here a worker takes only its own
+    /// sockets', so one that blocks holds those up: see the porting guide.)
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
         self

@@ -42,3 +42,39 @@ fn the_front_page_example_echoes_every_byte() {
         );
     }
 }
+
+/// Shut down while serving, with a connection open on each of two workers: every worker stops
+/// (the accept and the receives come back cancelled, and nothing is started again), and
+/// `serve_on` returns.
+#[test]
+fn the_front_page_example_stops_at_a_shutdown() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (port, workers) = ringport::Port::builder()
+        .workers(2)
+        .build::<(), ()>()
+        .unwrap();
+    let serving = port.clone();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(echo::serve_on(&serving, workers, listener).map_err(|e| e.to_string()));
+    });
+    let mut open = Vec::new();
+    for i in 0..2u8 {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&[i]).unwrap();
+        let mut back = [0u8; 1];
+        s.read_exact(&mut back).expect("the echo");
+        assert_eq!(back, [i]);
+        open.push(s);
+    }
+    port.shutdown();
+    // A bound for a hang, not a timing: the workers stop at once.
+    let result = finished.recv_timeout(Duration::from_secs(30));
+    assert_eq!(
+        result,
+        Ok(Ok(())),
+        "the example did not stop at the shutdown"
+    );
+}
