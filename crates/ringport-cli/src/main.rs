@@ -123,7 +123,7 @@ pub struct ServeArgs {
     /// at most an eighth of --pool-size) before the server stops reading from it: a peer that
     /// sends without reading cannot make the server buffer more.
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024,
-          value_parser = clap::value_parser!(usize))]
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub conn_buffer: usize,
 
     /// Do not end each armed receive after --conn-buffer bytes. By default receives end there
@@ -191,12 +191,13 @@ pub struct ServeArgs {
 /// The `--backend` option, shared by `serve` and `client`.
 #[derive(Debug, Args)]
 pub struct BackendArg {
-    /// Completion backend: auto (io_uring, or epoll where io_uring is refused), uring or epoll.
+    /// Completion backend: auto (io_uring, or epoll where io_uring is refused), uring or epoll
+    /// [default: RINGPORT_BACKEND where it is set and not empty, else auto].
     #[arg(
         long = "backend",
         value_name = "NAME",
         default_value = "auto",
-        env = "RINGPORT_BACKEND",
+        hide_default_value = true,
         value_parser = parse_backend
     )]
     pub get: ringport::Backend,
@@ -225,7 +226,8 @@ pub struct ClientArgs {
     )]
     pub message: String,
 
-    /// Book mode: only send, do not read the echoes back.
+    /// Book mode: read no echo while sending; at the end, read and check what comes back
+    /// until the server closes.
     #[arg(long, conflicts_with_all = LOAD_FLAGS)]
     pub send_only: bool,
 
@@ -312,16 +314,32 @@ impl ClientArgs {
     }
 }
 
-/// `--backend`, which also comes from `RINGPORT_BACKEND`: an error says so when that is where
-/// the bad value is.
 fn parse_backend(s: &str) -> Result<ringport::Backend, String> {
-    s.parse().map_err(|e: String| {
-        if std::env::var_os("RINGPORT_BACKEND").is_some_and(|v| v == s) {
-            format!("{e}; RINGPORT_BACKEND={s} in the environment")
-        } else {
-            e
-        }
-    })
+    s.parse()
+}
+
+/// The backend `RINGPORT_BACKEND` names, for a `subcommand` that uses one and was given no
+/// `--backend`: `None` where it is unset or empty; a value it cannot use exits 2, naming it.
+fn env_backend(subcommand: &str) -> Option<ringport::Backend> {
+    let value = std::env::var_os("RINGPORT_BACKEND")?;
+    if value.is_empty() {
+        return None;
+    }
+    let parsed = value
+        .to_str()
+        .ok_or_else(|| "not valid UTF-8".to_owned())
+        .and_then(|v| v.parse::<ringport::Backend>());
+    match parsed {
+        Ok(backend) => Some(backend),
+        Err(e) => usage_error(
+            subcommand,
+            ErrorKind::InvalidValue,
+            format!(
+                "RINGPORT_BACKEND={} in the environment: {e}",
+                value.to_string_lossy()
+            ),
+        ),
+    }
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -384,6 +402,9 @@ fn resolve_server(s: &str) -> Result<SocketAddr, String> {
     }
     if !s.contains(':') {
         return Err(format!("`{s}` has no port (HOST:PORT or IP:PORT)"));
+    }
+    if s.starts_with(':') {
+        return Err(format!("`{s}` has no host (HOST:PORT or IP:PORT)"));
     }
     let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(s)
         .map_err(|e| format!("`{s}`: cannot resolve: {e}"))?
@@ -621,10 +642,36 @@ fn main() -> ExitCode {
     let backend_given = matches
         .subcommand_matches("client")
         .is_some_and(|c| c.value_source("get") == Some(ValueSource::CommandLine));
-    let cli = match Cli::from_arg_matches(&matches) {
+    let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    // `RINGPORT_BACKEND` stands in for `--backend` where a backend is used: the
+    // completion-port server and the load generator (not the other models, nor the book's
+    // client).
+    let backend_from_env = |sub: &str| {
+        let given = matches
+            .subcommand_matches(sub)
+            .is_some_and(|m| m.value_source("get") == Some(ValueSource::CommandLine));
+        if given {
+            None
+        } else {
+            env_backend(sub)
+        }
+    };
+    match &mut cli.command {
+        Command::Serve(args) if args.model == "completion-port" => {
+            if let Some(b) = backend_from_env("serve") {
+                args.backend.get = b;
+            }
+        }
+        Command::Client(args) if args.is_load() => {
+            if let Some(b) = backend_from_env("client") {
+                args.backend.get = b;
+            }
+        }
+        _ => {}
+    }
     init_logging(cli.verbose);
     raise_nofile_limit();
     let result = match cli.command {

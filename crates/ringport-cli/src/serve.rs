@@ -1553,16 +1553,21 @@ impl Server {
     /// notes the count, and, if any is outstanding, gives the connection as long again (it
     /// counts as active from `now`); a later one, whether the count changed since, and if it
     /// did, as long again from `now`. So a peer taking its echo however slowly stays, and one
-    /// taking none of it is found out a period later than by its last completion alone. (Echo
-    /// already all in the socket, with no queue left here, is not looked at: a connection
-    /// closed then still delivers it, before its FIN.)
-    fn echo_moving(conn: &mut Conn, now: u64) -> bool {
-        let Some(q) = conn.out.as_mut() else {
-            return false;
-        };
+    /// taking none of it is found out a period later than by its last completion alone. Echo
+    /// all in the socket, with no queue left here, is looked at too (an empty queue from
+    /// `spare`, or a new one, holds the count): closed, the socket would still send it before
+    /// its FIN, but anything more its peer sent would draw a reset that drops the rest.
+    #[allow(clippy::vec_box)] // `Worker::spare_queues`.
+    fn echo_moving(conn: &mut Conn, now: u64, spare: &mut Vec<Box<EchoQueue<PoolBuf>>>) -> bool {
         let Ok(unacked) = conn.handle.unacked_bytes() else {
             return false;
         };
+        if conn.out.is_none() && unacked == 0 {
+            return false;
+        }
+        let q = conn
+            .out
+            .get_or_insert_with(|| spare.pop().unwrap_or_else(|| Box::new(EchoQueue::new())));
         let moved = match q.mark {
             // Down as the peer takes it, or up as a send whose completion is not in yet put
             // more in: either way it moves (a peer that takes none leaves it as it was).
@@ -1775,7 +1780,7 @@ impl Server {
             let Some(mut conn) = self.conns.take(id) else {
                 continue;
             };
-            if Self::echo_moving(&mut conn, now) {
+            if Self::echo_moving(&mut conn, now, &mut self.spare_queues) {
                 // A slow reader: its peer still takes the echo (looked at again next time).
                 self.conns.put(id, conn);
                 continue;
@@ -1834,7 +1839,7 @@ impl Server {
             // Nor is one waiting for a pool buffer with input its peer sent, nor one whose
             // peer is still taking its echo, however slowly.
             let waits_with_input = conn.starved && !self.nothing_waiting(&conn);
-            if waits_with_input || Self::echo_moving(&mut conn, now) {
+            if waits_with_input || Self::echo_moving(&mut conn, now, &mut self.spare_queues) {
                 self.conns.put(id, conn);
                 continue;
             }

@@ -282,3 +282,52 @@ fn unknown_backend_is_a_usage_error() {
         output.describe()
     );
 }
+
+/// `RINGPORT_BACKEND` is read only where a backend is used: set but empty, it is as if unset
+/// (`auto`); the chapter's other models do not read it, nor does the book's client.
+#[test]
+fn the_backend_variable_is_read_only_where_a_backend_is_used() {
+    let server = Server::start_configured(&["--listen", "127.0.0.1:0"], |cmd| {
+        cmd.env("RINGPORT_BACKEND", "");
+    });
+    echo_exact(server.addr, b"empty is unset");
+    server.terminate_cleanly(EXIT_GUARD);
+    let server = Server::start_configured(&["--listen", "127.0.0.1:0", "--model", "poll"], |cmd| {
+        cmd.env("RINGPORT_BACKEND", "bogus");
+    });
+    echo_exact(server.addr, b"not read by the poll model");
+    let addr = server.addr.to_string();
+    let book = run_cli_configured(
+        &["client", "--connect", &addr, "--count", "2"],
+        CLI_TIMEOUT,
+        |cmd| {
+            cmd.env("RINGPORT_BACKEND", "bogus");
+        },
+    );
+    book.assert_no_panic();
+    assert_eq!(
+        book.code(),
+        Some(0),
+        "the book's client\n{}",
+        book.describe()
+    );
+    let load = run_cli_configured(
+        &["client", "--connect", &addr, "--messages", "2"],
+        CLI_TIMEOUT,
+        |cmd| {
+            cmd.env("RINGPORT_BACKEND", "bogus");
+        },
+    );
+    assert_eq!(
+        load.code(),
+        Some(2),
+        "the load generator\n{}",
+        load.describe()
+    );
+    assert!(
+        load.stderr.contains("RINGPORT_BACKEND=bogus"),
+        "{}",
+        load.describe()
+    );
+    server.terminate_cleanly(EXIT_GUARD);
+}

@@ -542,8 +542,57 @@ fn idle_timeout_spares_a_slow_reader_taking_its_echo() {
     server.terminate_cleanly(EXIT_GUARD);
 }
 
+/// A peer that takes its echo slowly, once all of it is in the server's socket (nothing left
+/// queued in the server), is not idle either: closed, the socket would send the rest before
+/// its FIN, but what the peer sent next would draw a reset that drops it.
+fn idle_timeout_spares_a_slow_reader_whose_echo_is_all_in_the_socket() {
+    // Less than the server's send buffer grows to: its queue empties at once.
+    const TOTAL: usize = 1 << 20;
+    const MORE: &[u8] = b"and then some";
+    let server = Server::start_with(&["--listen", "127.0.0.1:0", "--idle-timeout", "1"]);
+    let stream = connect(server.addr);
+    socket2::SockRef::from(&stream)
+        .set_recv_buffer_size(8 << 10)
+        .unwrap();
+    let data = pattern(11, TOTAL);
+    let mut writer = stream.try_clone().unwrap();
+    writer.write_all(&data).unwrap();
+    let mut reader = stream;
+    reader
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // 8 KiB every 20 ms: about 400 KB/s, some 3 s in all; more input half-way through.
+    let mut got = Vec::with_capacity(TOTAL + MORE.len());
+    let mut chunk = vec![0u8; 8 << 10];
+    let mut more_sent = false;
+    while got.len() < TOTAL + MORE.len() {
+        if !more_sent && got.len() >= TOTAL / 2 {
+            writer.write_all(MORE).unwrap();
+            more_sent = true;
+        }
+        thread::sleep(Duration::from_millis(20));
+        match reader.read(&mut chunk) {
+            Ok(0) => panic!(
+                "closed after {} of {} bytes of echo\n{}",
+                got.len(),
+                TOTAL + MORE.len(),
+                server.stderr_so_far()
+            ),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("after {} bytes of echo: {e}", got.len()),
+        }
+    }
+    assert!(
+        got[..TOTAL] == data[..] && &got[TOTAL..] == MORE,
+        "the echo differs"
+    );
+    drop((reader, writer));
+    server.terminate_cleanly(EXIT_GUARD);
+}
+
 per_backend!(
     idle_timeout_spares_a_slow_reader_taking_its_echo,
+    idle_timeout_spares_a_slow_reader_whose_echo_is_all_in_the_socket,
     client_connections_past_the_descriptor_limit_are_refused_up_front,
     max_connections_refuses_the_excess_and_recovers,
     idle_timeout_closes_idle_connections_only,

@@ -9,7 +9,7 @@ use crate::op::OpKind;
 /// The environment variable that turns fault injection on when a port is built: a
 /// comma-separated list of `OP=EFFECT/N` rules, where `OP` is `accept`, `connect`, `recv` or
 /// `send` (pooled variants included), `wait` (a worker's wait for completions), or `cancel` (a
-/// worker's request to cancel, with the effect `EAGAIN` only), `EFFECT` an
+/// worker's request to cancel, with the effect `EAGAIN` only, and a `*K`), `EFFECT` an
 /// errno name (`ECONNRESET`, `EPIPE`, `ENOBUFS`, `ECANCELED`, `EMFILE`, `ENFILE`, `ENOMEM`,
 /// `EAGAIN` (as where io_uring cannot allocate for a request), `ETIMEDOUT`, `ECONNREFUSED`,
 /// `ECONNABORTED`, `EIO`) or `short` (a send whose first part is
@@ -143,6 +143,10 @@ impl Faults {
             if op == "cancel" && effect != "EAGAIN" {
                 return Err(bad(rule, "a cancel can only go unqueued: cancel=EAGAIN"));
             }
+            if op == "cancel" && limit == u64::MAX {
+                // Every try failing, no cancel would ever be queued: nothing would shut down.
+                return Err(bad(rule, "a cancel rule needs K: cancel=EAGAIN/N*K"));
+            }
             let effect = match effect {
                 "short" if op == "send" => Effect::Short,
                 "short" => return Err(bad(rule, "only sends can be short")),
@@ -268,9 +272,10 @@ mod tests {
         assert!(no_n.contains("K needs N"), "{no_n}");
 
         // A cancel rule keeps requests from the kernel, and touches nothing else.
-        let f = Faults::parse("cancel=EAGAIN/2").unwrap();
-        let cancels: Vec<_> = (0..4).map(|_| f.check_cancel()).collect();
-        assert_eq!(cancels, vec![false, true, false, true]);
+        let f = Faults::parse("cancel=EAGAIN/2*2").unwrap();
+        let cancels: Vec<_> = (0..6).map(|_| f.check_cancel()).collect();
+        assert_eq!(cancels, vec![false, true, false, true, false, false]);
+        assert!(Faults::parse("cancel=EAGAIN/2").is_err(), "never queued");
         assert_eq!((f.check_wait(), f.check(OpKind::Recv, true)), (None, None));
         let err = Faults::parse("cancel=ECONNRESET").unwrap_err().to_string();
         assert!(err.contains("cancel=EAGAIN"), "{err}");

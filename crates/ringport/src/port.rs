@@ -1607,11 +1607,15 @@ where
             return;
         }
         self.cancel_held_of(socket);
-        socket.count_cancel();
         if socket.busy(SEND_SIDE) {
             self.sockets_cancelled.insert(socket.serial());
         }
-        if !self.ask_cancel(Cancel::Fd(socket.as_raw_fd())) {
+        // Counted once the request is queued (its `ECANCELED`s are reaped later): counted at
+        // each try, a count of 16 tries would wrap back to what an operation in the kernel
+        // saw at its start, and its `ECANCELED` would look unasked.
+        if self.ask_cancel(Cancel::Fd(socket.as_raw_fd())) {
+            socket.count_cancel();
+        } else {
             self.unsent_cancels.push(Unsent::Socket(socket.clone()));
         }
     }
