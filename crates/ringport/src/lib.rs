@@ -66,15 +66,15 @@
 //!
 //! # Backends
 //!
-//! Both backends produce the same completions through the same API; [`Port::backend`] says which
-//! one runs. [`Builder::backend`] chooses: [`Backend::Auto`] (the default) probes io_uring when
+//! Both backends produce the same completions through the same API, but for the known
+//! differences below; [`Port::backend`] says which one runs. [`Builder::backend`] chooses: [`Backend::Auto`] (the default) probes io_uring when
 //! the port is built (ring creation, the `EXT_ARG` and `NODROP` features, and every opcode the
 //! port uses) and falls back to epoll when it is refused, logging the reason once.
 //!
 //! | backend | kernel | how | known differences |
 //! |---|---|---|---|
-//! | `io_uring` | Linux 5.19+ (`EXT_ARG`, `NODROP`, `ASYNC_CANCEL` by fd and "any") | one ring per worker; an operation's SQEs carry its [`OpId`] as `user_data` (a send on a stream that the kernel takes in parts is sent on in further SQEs; a multishot operation completes once per CQE); sockets are kept in blocking mode (the ring waits on them) | the kernel owns an operation's buffer until its last CQE: cancellation and shutdown wait for it |
-//! | `epoll` | any Linux | one epoll instance per worker; each socket registered once, edge-triggered for both directions, until its close (no `epoll_ctl` per message); per socket, one queue of operations per direction, run in posting order until `EAGAIN` (a pooled receive that fills less than a buffer ends the turn: the next arrival raises a new edge); timeouts from a timer heap; sockets are put in non-blocking mode | an operation that can finish at once does so inside `submit` (its completion is still queued, never skipped), unless it waits behind another on its socket; cancellation is immediate |
+//! | `io_uring` | Linux 5.19+ (`EXT_ARG`, `NODROP`, `ASYNC_CANCEL` by fd and "any") | one ring per worker; an operation's SQEs carry its [`OpId`] as `user_data` (a send on a stream that the kernel takes in parts is sent on in further SQEs; a multishot operation completes once per CQE); sockets are kept in blocking mode (the ring waits on them) | the kernel owns an operation's buffer until its last CQE: cancellation and shutdown wait for it; an accept takes `RLIMIT_NOFILE` as it is when posted, and with no descriptor free under it fails with `EMFILE` at once, a connection waiting or not; in a time namespace that moves the monotonic clock, a timeout counts from the worker's next wait, not from its start |
+//! | `epoll` | any Linux | one epoll instance per worker; each socket registered once, edge-triggered for both directions, until its close (no `epoll_ctl` per message); per socket, one queue of operations per direction, run in posting order until `EAGAIN` (a pooled receive that fills less than a buffer ends the turn: the next arrival raises a new edge); timeouts from a timer heap; sockets are put in non-blocking mode | an operation that can finish at once does so inside `submit` (its completion is still queued, never skipped), unless it waits behind another on its socket; cancellation is immediate; with no descriptor free, the accepts on a listener fail with `EMFILE` when a connection comes, every one then posted; timeouts and waits count whole milliseconds; a socket is registered when its first operation starts, which fails with `ENOSPC` (`fs.epoll.max_user_watches`) or `ENOMEM` should that registration fail |
 //!
 //! Where io_uring is refused: Docker's default seccomp profile (`EPERM`), the sysctl
 //! `kernel.io_uring_disabled` (Linux 6.6+), kernels older than the features above (`ENOSYS`,
