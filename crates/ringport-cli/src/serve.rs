@@ -1162,13 +1162,15 @@ impl Server {
         self.totals.refused.fetch_add(1, Ordering::Relaxed);
         self.refusals.0 += 1;
         let now = Instant::now();
-        if self
+        if self.refusal_timer.is_some() {
+            // Logged with the others when the timer fires (a second after the last line).
+        } else if self
             .refusals
             .1
             .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY)
         {
             self.flush_refusals();
-        } else if self.refusal_timer.is_none() {
+        } else {
             // Logged once the second is up, even if no other refusal comes.
             let timer = self
                 .worker
@@ -1265,6 +1267,15 @@ impl Server {
     fn received(&mut self, c: Completion<Key, Io>) {
         let Some(id) = conn_id(&c) else { return };
         let Some(mut conn) = self.conns.take(id) else {
+            // Closed meanwhile (its close already said how much echo it left): what came in
+            // after that goes unanswered.
+            if let (Some(buf), Some(h)) = (&c.pooled, &c.handle) {
+                debug!(
+                    "socket {}: {} bytes received after its close, not echoed",
+                    h.as_raw_fd(),
+                    buf.len()
+                );
+            }
             return;
         };
         if std::mem::take(&mut conn.hold) && !matches!(c.result, Ok(n) if n > 0) {
@@ -1991,7 +2002,8 @@ impl Server {
         let fd = conn.handle.as_raw_fd();
         match conn.out.as_ref().map_or(0, |q| q.pending()) {
             0 => debug!("closing socket {fd} ({why})"),
-            n => debug!("closing socket {fd} ({why}), {n} bytes not echoed"),
+            // (A part of it may be going out in a send in flight.)
+            n => debug!("closing socket {fd} ({why}), up to {n} bytes not echoed"),
         }
         // FIN now, after everything already echoed, even if input is still unread.
         let _ = conn.handle.shutdown(Shutdown::Write);
