@@ -680,8 +680,10 @@ where
 /// that the old thread submitted on that thread, when it next enters the kernel or sleeps, so
 /// a thread that hands a worker on and then computes for long without a system call delays
 /// those completions as long. Should that thread exit first, the kernel cancels what it
-/// submitted; the worker starts those operations again from the thread it is on (receives,
-/// accepts and sends, which had done nothing yet), so that they complete as if it had not, but
+/// submitted (a send it was running in one of its own threads, waiting for room, is
+/// interrupted there, which the port takes for the same cancel); the worker starts those
+/// operations again from the thread it is on (receives, accepts, and sends from where they got
+/// to), so that they complete as if it had not, but
 /// a connect still in progress then completes with `ECANCELED` (its handshake goes on in the
 /// kernel, and the socket is best closed). (The port tells such cancels from those asked for
 /// only on io_uring, on a worker that has been used from more than one thread, and by handle
@@ -1214,6 +1216,12 @@ where
 
     /// Turns one event from the driver into a completion.
     fn complete_event(&mut self, mut ev: Event) {
+        if ev.res == -libc::EINTR && self.driver.cancels_at_thread_exit() {
+            // An operation the kernel ran in one of its own threads (a send waiting for room,
+            // say) and interrupted there to cancel it, asked or at the exit of the thread that
+            // submitted it: a cancel as any other, started again or completed as one.
+            ev.res = -libc::ECANCELED;
+        }
         if ev.res <= 0 {
             self.carry_ending(&mut ev);
         }
@@ -1788,8 +1796,9 @@ where
         if matches!(body, OpBody::RecvPooled(_)) && !target.stream {
             let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "pooled receive on a socket that is not a stream: receives share pool buffers, \
-                 which would cut datagrams short (use Op::recv)",
+                "pooled receive on a descriptor that is not a stream socket: receives share \
+                 pool buffers, which would cut datagrams short (on a datagram socket, use \
+                 Op::recv)",
             );
             return self.ready.push_back(p.into_completion(id, Err(e)));
         }

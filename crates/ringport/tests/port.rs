@@ -219,6 +219,7 @@ per_backend!(
     wake_ups_are_not_lost_when_the_submission_queue_fills,
     a_worker_moves_to_another_thread_after_use,
     a_worker_outlives_the_thread_that_started_its_operations,
+    sends_outlive_the_threads_that_post_them,
     cancelling_one_handle_of_a_duplicated_socket_on_one_thread,
     huge_timeouts_wait_instead_of_panicking,
     cancelling_on_the_home_worker_reaches_operations_still_in_its_queue,
@@ -3462,6 +3463,77 @@ fn a_worker_outlives_the_thread_that_started_its_operations(b: Backend) {
         }
     }
     assert_eq!(drainer.join().unwrap(), b"after");
+}
+
+/// Sends waiting for room, each posted from a thread that then exits, to a peer that has shut
+/// its side: each completes whole, every time. (On io_uring such a send may be running in one
+/// of the kernel's own threads when its submitter exits; interrupted there, it is started
+/// again from where it got to, as a cancelled one is, not ended with `EINTR` or a short
+/// count.) Bounded by a count of sends and by time.
+fn sends_outlive_the_threads_that_post_them(b: Backend) {
+    let (port, mut w) = one_worker::<(), usize>(b);
+    let (ours, mut peer) = pair();
+    socket2::SockRef::from(&ours)
+        .set_send_buffer_size(16 << 10)
+        .unwrap();
+    let h = port.associate(ours, ()).unwrap();
+    peer.shutdown(std::net::Shutdown::Write).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n) = peer.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        total
+    });
+    let (mut sent, mut whole, mut in_flight) = (0u64, 0u32, false);
+    let start = std::time::Instant::now();
+    let mut len = 1usize;
+    while whole < 50_000 && start.elapsed() < Duration::from_secs(8) {
+        len = (len * 7919 + 12_345) % 60_000 + 1;
+        let h = h.clone();
+        let post = !in_flight;
+        // Each turn on a thread of its own, which then exits.
+        let (back, done) = std::thread::spawn(move || {
+            if post {
+                w.submit(Op::send(&h, vec![7u8; len], 0), len);
+            }
+            let c = w.dequeue(Some(Duration::from_millis(1))).ok();
+            (w, c)
+        })
+        .join()
+        .unwrap();
+        w = back;
+        in_flight = true;
+        if let Some(c) = done {
+            in_flight = false;
+            let asked = c.data;
+            assert_eq!(
+                c.result.map_err(|e| e.raw_os_error()),
+                Ok(asked),
+                "{b}: send {} of {asked} bytes",
+                whole + 1
+            );
+            sent += asked as u64;
+            whole += 1;
+        }
+    }
+    // The one still in flight, if any, on this thread.
+    if in_flight {
+        let c = next(&mut w);
+        assert_eq!(
+            c.result.map_err(|e| e.raw_os_error()),
+            Ok(c.data),
+            "{b}: the last"
+        );
+        sent += c.data as u64;
+    }
+    drop(h);
+    drop(w);
+    assert_eq!(reader.join().unwrap(), sent, "{b}: bytes the peer read");
 }
 
 /// On a worker only one thread has used, cancelling every operation of one handle of a socket
