@@ -730,10 +730,20 @@ fn bind_udp_beside(
 }
 
 /// The listening socket. Its keepalive settings (`keepalive` seconds idle, 0: off) pass to
-/// every connection it accepts, at no cost per connection.
+/// every connection it accepts, at no cost per connection, and so does `SO_OOBINLINE`: TCP
+/// urgent data stays in the stream, so it is echoed like the rest (without it the kernel takes
+/// the urgent byte out, and no receive sees it). Set on the listener, it holds from the
+/// connection's first byte: set on a connection once accepted, an urgent byte that came
+/// before would be lost to a second one.
 fn bind(addr: SocketAddr, keepalive: u32) -> io::Result<TcpListener> {
     let socket = socket_for(addr, socket2::Type::STREAM)?;
     socket.set_reuse_address(true)?;
+    if let Err(e) = socket.set_out_of_band_inline(true) {
+        warn!(
+            "cannot keep urgent data inline (SO_OOBINLINE): {e}; an urgent byte from a peer \
+             would not be echoed"
+        );
+    }
     if keepalive > 0 {
         let idle = Duration::from_secs(u64::from(keepalive));
         let probes = socket2::TcpKeepalive::new()
@@ -1130,14 +1140,6 @@ impl Server {
         }
         let _ = stream.set_nodelay(true);
         let fd = stream.as_raw_fd();
-        // TCP urgent data stays in the stream, so it is echoed like the rest (without this
-        // the kernel takes the urgent byte out, and no receive ever sees it).
-        if let Err(e) = socket2::SockRef::from(&stream).set_out_of_band_inline(true) {
-            warn!(
-                "socket {fd}: cannot keep urgent data inline (SO_OOBINLINE): {e}; an urgent \
-                 byte from this peer would not be echoed"
-            );
-        }
         match self.port.associate(stream, Key::conn()) {
             Ok(h) => {
                 self.totals.live.fetch_add(1, Ordering::Relaxed);
@@ -1563,7 +1565,9 @@ impl Server {
     /// sent and not yet acknowledged (`SIOCOUTQ`). The first look since the last activity
     /// notes the count, and, if any is outstanding, gives the connection as long again (it
     /// counts as active from `now`); a later one, whether the count changed since, and if it
-    /// did, as long again from `now`. So a peer taking its echo however slowly stays, and one
+    /// did, as long again from `now`. So a peer taking its echo however slowly stays (as long as
+    /// its window opens within the period: its kernel reopens it only once about half its
+    /// receive buffer is free, and until then its reading does not show here), and one
     /// taking none of it is found out a period later than by its last completion alone. Echo
     /// all in the socket, with no queue left here, is looked at too (an empty queue from
     /// `spare`, or a new one, holds the count): closed, the socket would still send it before

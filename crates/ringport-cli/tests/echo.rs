@@ -165,6 +165,26 @@ fn urgent_data_is_echoed_in_place() {
     assert_bytes_eq(&read_to_eof(&mut s), b"hello!world", "the echo");
 }
 
+/// Urgent bytes at the very start of a connection, one after another, sent at once after the
+/// connect (before the server has taken the connection): each is echoed in its place.
+fn urgent_data_first_is_echoed_in_place() {
+    let server = Server::start();
+    for round in 0..20 {
+        let mut s = connect(server.addr);
+        s.set_nodelay(true).unwrap();
+        let oob = socket2::SockRef::from(&s);
+        oob.send_out_of_band(b"A").unwrap();
+        oob.send_out_of_band(b"B").unwrap();
+        s.write_all(b"cdef").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        assert_bytes_eq(
+            &read_to_eof(&mut s),
+            b"ABcdef",
+            &format!("the echo, round {round}"),
+        );
+    }
+}
+
 per_backend!(
     echo_1_byte,
     echo_1_kib,
@@ -179,6 +199,7 @@ per_backend!(
     ipv6_loopback_echo,
     ipv6_wildcard_takes_ipv4_too,
     urgent_data_is_echoed_in_place,
+    urgent_data_first_is_echoed_in_place,
 );
 
 per_model!(
@@ -194,4 +215,5 @@ per_model!(
     ipv6_loopback_echo,
     ipv6_wildcard_takes_ipv4_too,
     urgent_data_is_echoed_in_place,
+    urgent_data_first_is_echoed_in_place,
 );

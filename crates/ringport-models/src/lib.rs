@@ -320,6 +320,10 @@ pub fn serve(
         Ok(addr) => tracing::info!("{model} echo server on {addr}"),
         Err(_) => tracing::info!("{model} echo server"),
     }
+    // Inherited by the connections it accepts from now on, so urgent data stays in their
+    // stream from the first byte (each connection is set up again as accepted, for those
+    // already queued: see `sys::prepare`).
+    let _ = socket2::SockRef::from(&listener).set_out_of_band_inline(true);
     let stats = match model {
         Model::Blocking => blocking::serve(listener, config, stop),
         Model::Select => select::serve(listener, config, stop),
