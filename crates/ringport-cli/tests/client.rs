@@ -351,6 +351,33 @@ fn load_mode_detects_corrupted_echo() {
         "no mismatch counted\n{d}"
     );
     assert_eq!(report.get("ok"), Some(&Json::Bool(false)), "{d}");
+
+    // Sixteen 16-byte messages in flight, echoed together: the six before the flipped byte
+    // (offset 100) came back right, and count, however the reads fell.
+    let output = run_load_json(
+        &addr,
+        &[
+            "--connections",
+            "1",
+            "--size",
+            "16",
+            "--messages",
+            "32",
+            "--pipeline",
+            "16",
+        ],
+    );
+    let report = json_report(&output);
+    let d = output.describe();
+    assert_eq!(json_num(&report, "mismatches"), 1.0, "{d}");
+    assert_eq!(
+        (
+            json_num(&report, "messages"),
+            json_num(&report, "verified_bytes")
+        ),
+        (6.0, 100.0),
+        "the echoes before the wrong byte\n{d}"
+    );
 }
 
 /// Bytes the server sends once every echo is back are counted as a mismatch, in both of the

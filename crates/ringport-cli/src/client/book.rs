@@ -204,10 +204,29 @@ fn run_with_timeout(
 
     for round in 1..=opts.count {
         // One write at a time, so that `--timeout` bounds a send that a slow reader stretches.
+        // The whole message goes out within `timeout` (the kernel taking it in parts would
+        // otherwise start the socket's timeout afresh with each).
+        let send_by = crate::later(Instant::now(), timeout);
         let mut written = 0;
         while written < len {
-            let cut = arm(&stream, &report)?;
-            match stream.write(&message[written..]) {
+            let limit_cut = arm(&stream, &report)?;
+            let armed = match until {
+                Some(_) => wait(&report)?,
+                None => timeout,
+            };
+            let left = send_by.saturating_duration_since(Instant::now());
+            let send_cut = left < armed;
+            // Timed out on `--timeout` rather than on this message's send.
+            let cut = limit_cut && !send_cut;
+            let result = if left.is_zero() {
+                Err(io::ErrorKind::TimedOut.into())
+            } else {
+                stream
+                    .set_write_timeout(Some(left.min(armed)))
+                    .map_err(|e| io_fail("set write timeout", &e))?;
+                stream.write(&message[written..])
+            };
+            match result {
                 Ok(0) => {
                     return Err(io_fail(
                         &format!("send (message {round})"),
@@ -586,6 +605,43 @@ mod tests {
             "{err}"
         );
         server.join().unwrap();
+    }
+
+    /// A message the server takes in parts, each well within the I/O timeout, but the whole
+    /// of it not: the send times out after that timeout, not after however many parts.
+    #[test]
+    fn a_message_sent_in_slow_parts_times_out_as_a_whole() {
+        let (gone, client_gone) = std::sync::mpsc::channel::<()>();
+        let (addr, server) = server(move |mut stream| {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut total = 0usize;
+            // 64 KiB every 50 ms (1.3 MB/s: all of it would take seconds), until the client
+            // has given up.
+            while client_gone.try_recv().is_err() {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            total
+        });
+        let opts = BookOptions {
+            count: 1,
+            message: "x".repeat(16 << 20),
+            send_only: true,
+            ..BookOptions::new(addr)
+        };
+        let mut out = Vec::new();
+        let result = run_with_timeout(&opts, &mut out, Duration::from_secs(1));
+        drop(gone);
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{addr}: send timed out after 1 s (message 1)")),
+            "{err}"
+        );
+        let taken = server.join().unwrap();
+        assert!(taken < 16 << 20, "the server took all of it: {taken}");
     }
 
     /// Send-only against an echo server: the echoes go unread while sending, but the client
