@@ -1165,7 +1165,7 @@ impl Server {
         self.refusals.0 += 1;
         let now = Instant::now();
         if self.refusal_timer.is_some() {
-            // Logged with the others when the timer fires (a second after the last line).
+            // Logged with the others when the pending timer fires.
         } else if self
             .refusals
             .1
@@ -1566,8 +1566,9 @@ impl Server {
     /// notes the count, and, if any is outstanding, gives the connection as long again (it
     /// counts as active from `now`); a later one, whether the count changed since, and if it
     /// did, as long again from `now`. So a peer taking its echo however slowly stays (as long as
-    /// its window opens within the period: its kernel reopens it only once about half its
-    /// receive buffer is free, and until then its reading does not show here), and one
+    /// its window opens within the period: once shut, its kernel reopens it only when a full
+    /// segment's worth is free, about 64 KiB on loopback, and until then its reading does not
+    /// show here), and one
     /// taking none of it is found out a period later than by its last completion alone. Echo
     /// all in the socket, with no queue left here, is looked at too (an empty queue from
     /// `spare`, or a new one, holds the count): closed, the socket would still send it before

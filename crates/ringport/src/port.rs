@@ -681,7 +681,9 @@ where
 /// a thread that hands a worker on and then computes for long without a system call delays
 /// those completions as long. Should that thread exit first, the kernel cancels what it
 /// submitted (a send it was running in one of its own threads, waiting for room, is
-/// interrupted there, which the port takes for the same cancel); the worker starts those
+/// interrupted there with `EINTR`, as a stop of the process can interrupt it too: such a one,
+/// nothing of it done, is started again on any worker, unless a cancel was asked, which it
+/// then completes as, with `ECANCELED`); the worker starts those
 /// operations again from the thread it is on (receives, accepts, and sends from where they got
 /// to), so that they complete as if it had not, but
 /// a connect still in progress then completes with `ECANCELED` (its handshake goes on in the
@@ -1216,12 +1218,6 @@ where
 
     /// Turns one event from the driver into a completion.
     fn complete_event(&mut self, mut ev: Event) {
-        if ev.res == -libc::EINTR && self.driver.cancels_at_thread_exit() {
-            // An operation the kernel ran in one of its own threads (a send waiting for room,
-            // say) and interrupted there to cancel it, asked or at the exit of the thread that
-            // submitted it: a cancel as any other, started again or completed as one.
-            ev.res = -libc::ECANCELED;
-        }
         if ev.res <= 0 {
             self.carry_ending(&mut ev);
         }
@@ -1272,9 +1268,15 @@ where
             });
         } else if ev.res > 0 && self.send_goes_on(ev.id, ev.res as usize) {
             // The rest of the send is in the kernel again: no completion yet.
-        } else if ev.res == -libc::ECANCELED && self.restart_orphaned(ev.id) {
+        } else if (ev.res == -libc::ECANCELED && self.restart_orphaned(ev.id, false))
+            || (ev.res == -libc::EINTR && self.restart_orphaned(ev.id, true))
+        {
             // In the kernel again, started from this thread: no completion yet.
         } else if let Some(mut p) = self.inflight.remove(ev.id) {
+            if ev.res == -libc::EINTR && self.cancel_explains(&p, ev.id) {
+                // Interrupted in one of the kernel's threads by the cancel asked of it.
+                ev.res = -libc::ECANCELED;
+            }
             if p.kind == OpKind::RecvPooled && ev.res == -libc::ENOBUFS {
                 self.driver.pool_starved();
             }
@@ -1383,7 +1385,11 @@ where
     /// receive with a byte limit counts it afresh. (A cancel of every operation of a socket
     /// also reaches those of a duplicate of its descriptor on the same worker, which have
     /// their own handle: on a worker that moved, those are started again.) Whether it started.
-    fn restart_orphaned(&mut self, id: u64) -> bool {
+    ///
+    /// `interrupted`: it ended with `EINTR` instead, interrupted in one of the kernel's own
+    /// threads (a send waiting for room, say), by such a cancel or by a stop of the process
+    /// (`SIGSTOP`, a freeze): nothing of it was done either, and it starts again on any worker.
+    fn restart_orphaned(&mut self, id: u64, interrupted: bool) -> bool {
         if self.shutting_down
             || self.shared.shutdown.load(Ordering::Acquire)
             || !self.driver.cancels_at_thread_exit()
@@ -1397,7 +1403,7 @@ where
             p.kind,
             OpKind::Recv | OpKind::RecvPooled | OpKind::Accept | OpKind::Send
         );
-        if !self.moved || p.flags & CANCEL_ASKED_OP != 0 || !restartable {
+        if !(self.moved || interrupted) || p.flags & CANCEL_ASKED_OP != 0 || !restartable {
             return false;
         }
         let Some(h) = p
@@ -1422,6 +1428,20 @@ where
             );
         }
         started
+    }
+
+    /// Whether a cancel asked for accounts for operation `id` (`p`, out of the in-flight table)
+    /// ending: of it, of its socket since it started, a close, or the shutdown.
+    fn cancel_explains(&self, p: &Pending<K, D>, id: u64) -> bool {
+        self.shutting_down
+            || self.shared.shutdown.load(Ordering::Acquire)
+            || p.flags & CANCEL_ASKED_OP != 0
+            || self.sends_cancelled.contains(&id)
+            || p.handle.as_ref().is_some_and(|h| {
+                h.is_closed()
+                    || h.cancels() != p.cancels_seen()
+                    || self.sockets_cancelled.contains(&h.serial())
+            })
     }
 
     /// A send on a stream that the kernel took only `n` bytes of goes on from there in the same

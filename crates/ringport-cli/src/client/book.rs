@@ -617,10 +617,21 @@ mod tests {
             let mut total = 0usize;
             // 64 KiB every 50 ms (1.3 MB/s: all of it would take seconds), until the client
             // has given up.
-            while client_gone.try_recv().is_err() {
+            stream
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let gone = || {
+                !matches!(
+                    client_gone.try_recv(),
+                    Err(std::sync::mpsc::TryRecvError::Empty)
+                )
+            };
+            while !gone() {
                 match stream.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => break,
                     Ok(n) => total += n,
+                    Err(e) if is_timeout(&e) => {}
+                    Err(_) => break,
                 }
                 thread::sleep(Duration::from_millis(50));
             }

@@ -895,7 +895,7 @@ impl Client {
                     Some(Until::Window { open, close }) => open <= now && now < close,
                     _ => true,
                 };
-                if counted {
+                if counted && good > 0 {
                     self.tally.bytes += good;
                     self.tally.last = Some(now);
                 }
