@@ -186,16 +186,17 @@ fn run_with_timeout(
             .map_err(|e| io_fail("set write timeout", &e))
     };
     set_timeouts(&stream, first)?;
-    // Before each read or write with `--timeout`: cuts the socket's timeouts to what is left,
-    // and says whether they were cut (a wait cut short that times out ran into `--timeout`:
-    // the kernel may end it a tick early, before the clock says the limit passed).
-    let arm = |stream: &TcpStream, report: &BookReport| -> Result<bool, BookError> {
+    // Before each read or write with `--timeout`: cuts the socket's timeouts to what is left;
+    // the timeout they have now, and whether it was cut (a wait cut short that times out ran
+    // into `--timeout`: the kernel may end it a tick early, before the clock says the limit
+    // passed).
+    let arm = |stream: &TcpStream, report: &BookReport| -> Result<(Duration, bool), BookError> {
         if until.is_none() {
-            return Ok(false);
+            return Ok((timeout, false));
         }
         let d = wait(report)?;
         set_timeouts(stream, d)?;
-        Ok(d < timeout)
+        Ok((d, d < timeout))
     };
 
     let message = opts.message.as_bytes();
@@ -209,11 +210,7 @@ fn run_with_timeout(
         let send_by = crate::later(Instant::now(), timeout);
         let mut written = 0;
         while written < len {
-            let limit_cut = arm(&stream, &report)?;
-            let armed = match until {
-                Some(_) => wait(&report)?,
-                None => timeout,
-            };
+            let (armed, limit_cut) = arm(&stream, &report)?;
             let left = send_by.saturating_duration_since(Instant::now());
             let send_cut = left < armed;
             // Timed out on `--timeout` rather than on this message's send.
@@ -273,7 +270,7 @@ fn run_with_timeout(
         };
         let mut filled = 0;
         while filled < len {
-            let cut = arm(&stream, &report)?;
+            let (_, cut) = arm(&stream, &report)?;
             let err = match stream.read(&mut echo[filled..]) {
                 Ok(0) => fail(format!(
                     "server closed the connection after {filled} of the {len} bytes of \
