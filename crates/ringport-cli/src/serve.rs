@@ -398,10 +398,12 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
     let signal_port = port.clone();
     let stop_udp = udp.as_ref().map(crate::udp::Udp::stopper);
     on_signals(signals, move || {
-        drain_every_worker(&signal_port);
-        // The drain answers no new datagram either.
+        // The drain answers no new datagram either: stopped first, at once.
         if let Some(stop) = &stop_udp {
             stop();
+        }
+        drain_every_worker(&signal_port);
+        if stop_udp.is_some() {
             info!("UDP echo stopped");
         }
     })?;
@@ -524,7 +526,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, String> {
         };
         summary.push_str(&format!(
             ", UDP: echoed {} datagrams, dropped {} over the rate limit and {} from service \
-             ports (below 1024) or this server's own",
+             ports (below 1024) or this server's own port",
             s.echoed, s.limited, s.from_service_ports
         ));
         if s.to_groups > 0 {
@@ -639,8 +641,9 @@ fn on_signals(
     drain: impl FnOnce() + Send + 'static,
 ) -> Result<(), String> {
     on_stop_signals(signals, "the drain", move |sig| {
-        info!("signal {sig}: draining (stopped accepting; a second signal exits at once)");
+        // Started before it is logged: stopping is what the signal asks for at once.
         drain();
+        info!("signal {sig}: draining (stopped accepting; a second signal exits at once)");
     })
 }
 

@@ -440,8 +440,9 @@ mod wire {
     }
 
     /// Sends `data` to `to`, from the address `dest` names where it is given. Should the
-    /// kernel refuse that source (`EINVAL`: an IPv4 broadcast reaching an IPv6 socket, say),
-    /// the route back's choice answers instead.
+    /// kernel refuse that source (`EINVAL`: a loopback address as the source of a reply that
+    /// would leave the host, for a spoofed datagram), the echo fails: answered from another
+    /// address, as the route back would pick, it would not be the answer to what was sent.
     pub fn send(
         socket: &UdpSocket,
         data: &[u8],
@@ -502,11 +503,7 @@ mod wire {
         if n >= 0 {
             return Ok(n as usize);
         }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EINVAL) {
-            return socket.send_to(data, to);
-        }
-        Err(e)
+        Err(io::Error::last_os_error())
     }
 }
 
