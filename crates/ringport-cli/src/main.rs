@@ -639,9 +639,12 @@ fn main() -> ExitCode {
     check_flags(&matches);
     // `--backend` on the command line (not from `RINGPORT_BACKEND`) picks the load generator:
     // the book's client uses plain sockets.
-    let backend_given = matches
-        .subcommand_matches("client")
-        .is_some_and(|c| c.value_source("get") == Some(ValueSource::CommandLine));
+    let backend_flag = |sub: &str| {
+        matches
+            .subcommand_matches(sub)
+            .is_some_and(|m| m.value_source("get") == Some(ValueSource::CommandLine))
+    };
+    let backend_given = backend_flag("client");
     let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -650,10 +653,7 @@ fn main() -> ExitCode {
     // completion-port server and the load generator (not the other models, nor the book's
     // client).
     let backend_from_env = |sub: &str| {
-        let given = matches
-            .subcommand_matches(sub)
-            .is_some_and(|m| m.value_source("get") == Some(ValueSource::CommandLine));
-        if given {
+        if backend_flag(sub) {
             None
         } else {
             env_backend(sub)

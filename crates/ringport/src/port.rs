@@ -1403,14 +1403,10 @@ where
             p.kind,
             OpKind::Recv | OpKind::RecvPooled | OpKind::Accept | OpKind::Send
         );
-        if !(self.moved || interrupted) || p.flags & CANCEL_ASKED_OP != 0 || !restartable {
+        if !(self.moved || interrupted) || p.cancel_asked() || !restartable {
             return false;
         }
-        let Some(h) = p
-            .handle
-            .as_ref()
-            .filter(|h| !h.is_closed() && h.cancels() == p.cancels_seen())
-        else {
+        let Some(h) = p.handle.as_ref() else {
             return false;
         };
         let target = target_of(Some(h));
@@ -1435,13 +1431,11 @@ where
     fn cancel_explains(&self, p: &Pending<K, D>, id: u64) -> bool {
         self.shutting_down
             || self.shared.shutdown.load(Ordering::Acquire)
-            || p.flags & CANCEL_ASKED_OP != 0
+            || p.cancel_asked()
             || self.sends_cancelled.contains(&id)
-            || p.handle.as_ref().is_some_and(|h| {
-                h.is_closed()
-                    || h.cancels() != p.cancels_seen()
-                    || self.sockets_cancelled.contains(&h.serial())
-            })
+            || p.handle
+                .as_ref()
+                .is_some_and(|h| self.sockets_cancelled.contains(&h.serial()))
     }
 
     /// A send on a stream that the kernel took only `n` bytes of goes on from there in the same
@@ -2047,6 +2041,16 @@ impl<K, D> Pending<K, D> {
 
     fn partial(&self) -> bool {
         self.flags & PARTIAL != 0
+    }
+
+    /// Whether a cancel was asked of the operation since it went into the kernel: of it, of
+    /// its socket (the socket's count of cancels moved on), or a close of the socket.
+    fn cancel_asked(&self) -> bool {
+        self.flags & CANCEL_ASKED_OP != 0
+            || self
+                .handle
+                .as_ref()
+                .is_some_and(|h| h.is_closed() || h.cancels() != self.cancels_seen())
     }
 
     /// The socket's count of cancels when the operation went into the kernel.
